@@ -1,0 +1,86 @@
+"""Session fixtures: a Kubernetes API server for every integration test.
+
+By default the local control plane (etcd + kube-apiserver + kube-controller-manager
+built by hack/build-control-plane) is started once per session and torn down at the
+end, with its logs kept when a test failed.  `--kubeconfig PATH` uses an existing
+cluster instead, and `--kind` a kind cluster through pytest-kind (needs Docker).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kube import Cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("meshward")
+    group.addoption("--kubeconfig", default=None,
+                    help="run integration tests against this existing cluster instead of the local one")
+    group.addoption("--kind", action="store_true", default=False,
+                    help="run integration tests on a kind cluster (pytest-kind; needs a Docker engine)")
+
+
+def tool_paths() -> dict[str, str]:
+    """Build (cached, idempotent) and return the control-plane programs from hack/."""
+    build = ROOT / "hack" / "build-control-plane"
+    for what in ("etcd", "kube", "helm"):
+        # Progress goes to stderr, which pytest shows when the build fails.
+        subprocess.run([str(build), what], check=True, stdout=sys.stderr)
+    out = subprocess.run([str(build), "paths"], check=True, capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def _failed(session: pytest.Session) -> bool:
+    return bool(session.testsfailed)
+
+
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A Kubernetes API server with an admin kubeconfig, shared by the whole session."""
+    kubeconfig_opt = request.config.getoption("--kubeconfig")
+    use_kind = request.config.getoption("--kind")
+    if kubeconfig_opt and use_kind:
+        pytest.fail("--kubeconfig and --kind are exclusive: pick one cluster")
+    paths = tool_paths()
+    if kubeconfig_opt:
+        yield Cluster(Path(kubeconfig_opt).resolve(), paths["kubectl"], paths["helm"], "external")
+        return
+    if use_kind:
+        try:
+            from pytest_kind import KindCluster  # type: ignore[import-untyped]
+        except ImportError as e:
+            pytest.fail(f"--kind needs pytest-kind: pip install -e '.[kind]' ({e})")
+        if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
+            pytest.fail("--kind needs a running Docker engine; use the default local control plane instead")
+        kind = KindCluster("meshward-test")
+        kind.create()
+        try:
+            yield Cluster(Path(kind.kubeconfig_path), paths["kubectl"], paths["helm"], "kind")
+        finally:
+            kind.delete()
+        return
+
+    from meshward.localcluster import Binaries, down, up
+
+    directory = Path(tempfile.mkdtemp(prefix="meshward-cluster-"))
+    state = up(directory, Binaries(Path(paths["etcd"]), Path(paths["kube-apiserver"]),
+                                   Path(paths["kube-controller-manager"])),
+               progress=lambda m: print(f"[cluster] {m}", file=sys.stderr))
+    try:
+        yield Cluster(Path(state.kubeconfig), paths["kubectl"], paths["helm"], "local")
+    finally:
+        keep = _failed(request.session) or bool(os.environ.get("MESHWARD_KEEP_CLUSTER_LOGS"))
+        down(directory, keep_logs=keep)
+        if keep:
+            print(f"\n[cluster] control-plane logs kept in {directory / 'logs'}", file=sys.stderr)

@@ -1,0 +1,28 @@
+"""Fixtures shared by the integration tests: the CRDs installed once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.kube import Cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> Cluster:
+    """The cluster with Meshward's CRDs applied and Established."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/authpolicies.meshward.io", "crd/serviceidentities.meshward.io")
+    return cluster
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> str:
+    """A fresh namespace for one test (deleted without waiting afterwards)."""
+    ns = cluster.new_namespace()
+    yield ns  # type: ignore[misc]
+    cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
