@@ -8,6 +8,7 @@ cluster instead, and `--kind` a kind cluster through pytest-kind (needs Docker).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from tests.kube import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_SEEN = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,6 +47,20 @@ def _failed(session: pytest.Session) -> bool:
     return bool(session.testsfailed)
 
 
+def _describe(config: pytest.Config, c: Cluster) -> Cluster:
+    """Remember which API server the integration tests used, for the terminal summary."""
+    version = json.loads(c.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
+    server = c.kubectl("config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}").stdout
+    config.stash[CLUSTER_SEEN] = f"{c.flavour} kube-apiserver {version} at {server}"
+    return c
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    seen = config.stash.get(CLUSTER_SEEN, None)
+    if seen:
+        terminalreporter.write_line(f"integration tests ran against: {seen}")
+
+
 @pytest.fixture(scope="session")
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """A Kubernetes API server with an admin kubeconfig, shared by the whole session."""
@@ -54,11 +70,12 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         pytest.fail("--kubeconfig and --kind are exclusive: pick one cluster")
     paths = tool_paths()
     if kubeconfig_opt:
-        yield Cluster(Path(kubeconfig_opt).resolve(), paths["kubectl"], paths["helm"], "external")
+        yield _describe(request.config,
+                        Cluster(Path(kubeconfig_opt).resolve(), paths["kubectl"], paths["helm"], "external"))
         return
     if use_kind:
         try:
-            from pytest_kind import KindCluster  # type: ignore[import-untyped]
+            from pytest_kind import KindCluster
         except ImportError as e:
             pytest.fail(f"--kind needs pytest-kind: pip install -e '.[kind]' ({e})")
         if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
@@ -66,7 +83,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         kind = KindCluster("meshward-test")
         kind.create()
         try:
-            yield Cluster(Path(kind.kubeconfig_path), paths["kubectl"], paths["helm"], "kind")
+            yield _describe(request.config,
+                            Cluster(Path(kind.kubeconfig_path), paths["kubectl"], paths["helm"], "kind"))
         finally:
             kind.delete()
         return
@@ -78,7 +96,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
                                    Path(paths["kube-controller-manager"])),
                progress=lambda m: print(f"[cluster] {m}", file=sys.stderr))
     try:
-        yield Cluster(Path(state.kubeconfig), paths["kubectl"], paths["helm"], "local")
+        yield _describe(request.config, Cluster(Path(state.kubeconfig), paths["kubectl"], paths["helm"], "local"))
     finally:
         keep = _failed(request.session) or bool(os.environ.get("MESHWARD_KEEP_CLUSTER_LOGS"))
         down(directory, keep_logs=keep)

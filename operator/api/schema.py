@@ -71,14 +71,9 @@ def array(items: Schema, description: str, max_items: int, **extra: Any) -> Sche
     return {"type": "array", "description": description, "items": items, "maxItems": max_items, **extra}
 
 
-def obj(description: str, properties: dict[str, Schema], required: list[str] | None = None,
-        **extra: Any) -> Schema:
-    """Return an object schema with the given properties."""
-    s: Schema = {"type": "object", "description": description, "properties": properties}
-    if required:
-        s["required"] = required
-    s.update(extra)
-    return s
+def obj(description: str, properties: dict[str, Schema], **extra: Any) -> Schema:
+    """Return an object schema with the given properties (`required=[...]` and other keywords pass through)."""
+    return {"type": "object", "description": description, "properties": properties, **extra}
 
 
 def rule(expr: str, message: str, **extra: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ def crds(cluster: Cluster) -> Cluster:
 
 
 @pytest.fixture
-def namespace(cluster: Cluster) -> str:
+def namespace(cluster: Cluster) -> Iterator[str]:
     """A fresh namespace for one test (deleted without waiting afterwards)."""
     ns = cluster.new_namespace()
-    yield ns  # type: ignore[misc]
+    yield ns
     cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

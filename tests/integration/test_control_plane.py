@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -11,11 +12,12 @@ from tests.kube import Cluster, wait_until
 pytestmark = pytest.mark.integration
 
 
-def token_review(cluster: Cluster, token: str, audiences: list[str]) -> dict:
+def token_review(cluster: Cluster, token: str, audiences: list[str]) -> dict[str, Any]:
     review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
               "spec": {"token": token, "audiences": audiences}}
     out = cluster.kubectl("create", "-f", "-", "-o", "json", stdin=json.dumps(review)).stdout
-    return json.loads(out)["status"]
+    status: dict[str, Any] = json.loads(out)["status"]
+    return status
 
 
 def test_server_reports_kubernetes_1_34(cluster: Cluster) -> None:

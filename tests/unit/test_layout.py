@@ -35,12 +35,21 @@ def test_top_level_code_folders_are_not_regular_packages() -> None:
     assert not (ROOT / "sidecar" / "__init__.py").exists()
 
 
-def test_meshward_operator_maps_to_the_top_level_folder() -> None:
-    import meshward.operator.main
-    import meshward.sidecar.main
+def test_top_level_code_folders_hold_only_subpackages() -> None:
+    """import-linter (grimp) only sees modules inside regular subpackages of a namespace portion."""
+    for folder in ("operator", "sidecar"):
+        assert sorted(p.name for p in (ROOT / folder).glob("*.py")) == []
+        for sub in (ROOT / folder).iterdir():
+            if sub.is_dir() and sub.name != "__pycache__":
+                assert (sub / "__init__.py").exists(), sub
 
-    assert Path(meshward.operator.main.__file__).resolve() == ROOT / "operator" / "main.py"
-    assert Path(meshward.sidecar.main.__file__).resolve() == ROOT / "sidecar" / "main.py"
+
+def test_meshward_operator_maps_to_the_top_level_folder() -> None:
+    import meshward.operator.entrypoints.main
+    import meshward.sidecar.entrypoints.main
+
+    assert Path(meshward.operator.entrypoints.main.__file__).resolve() == ROOT / "operator/entrypoints/main.py"
+    assert Path(meshward.sidecar.entrypoints.main.__file__).resolve() == ROOT / "sidecar/entrypoints/main.py"
 
 
 @pytest.mark.parametrize("program", ["meshward", "meshward-operator", "meshward-sidecar"])

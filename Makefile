@@ -1,0 +1,54 @@
+# Meshward developer entry points. The README's two commands are `make dev` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install control-plane dev down lint test test-unit crds bench clean help
+
+help:
+	@echo "make dev        install, build the local control plane, start it, apply CRDs + examples"
+	@echo "make test       lint, then every test (unit + integration against a real kube-apiserver)"
+	@echo "make test-unit  only the tests that need no cluster (-m 'not integration')"
+	@echo "make lint       ruff, mypy --strict, import-linter, CRD drift, helm lint"
+	@echo "make crds       regenerate crds/ and the chart's CRDs from operator/api/schema.py"
+	@echo "make down       stop the local cluster started by make dev"
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+control-plane:
+	hack/build-control-plane all
+
+dev: install control-plane
+	hack/dev
+
+down:
+	hack/cluster down
+
+crds: install
+	$(BIN)/python -m meshward.operator.api.crdgen
+
+lint: install control-plane
+	$(BIN)/ruff check operator sidecar src tests hack bench
+	$(BIN)/mypy -p meshward -p tests
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python -m meshward.operator.api.crdgen --check
+	"$$(hack/build-control-plane paths | sed -n 's/^helm=//p')" lint --strict charts/meshward
+
+test: lint
+	$(BIN)/pytest
+
+test-unit: install
+	$(BIN)/pytest -m "not integration"
+
+bench: install
+	@echo "No benchmarks yet: the authz (issue 3) and identity (issue 4) benchmarks land in bench/."
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

@@ -1,0 +1,1 @@
+"""Entry points of the per-pod agent: argument parsing and start-up, nothing else."""
