@@ -1,29 +1,121 @@
-"""`meshward-sidecar`: the entry point of the per-pod agent.
+"""`meshward-sidecar`: the per-pod agent, Envoy's external authorization server.
 
-The agent (Envoy ext_authz server, SDS, JWKS cache) arrives with later issues;
-for now the entry point exists so that packaging and injection can refer to it.
+It reads its policy from a config file (the contract the operator compiles
+AuthPolicies into, docs/sidecar-config.md), reloads it when it changes, fetches
+JWKS in the background, and serves ext_authz over HTTP/1.1 (default, fastest)
+and/or gRPC, plus /healthz, /readyz and /metrics on an admin port. Audit lines go
+to stdout, logs to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import logging
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
 
 from meshward._version import __version__
+from meshward.sidecar.clients.fetch import HttpFetcher
+from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
+from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
+from meshward.sidecar.server.admin import Admin
+from meshward.sidecar.server.authz import GrpcAuthz, HttpAuthz, serve_grpc
+from meshward.sidecar.server.http1 import Handler, serve_tcp, serve_unix
 
-USAGE = "usage: meshward-sidecar [--version]  (runs the Meshward per-pod agent)"
+USAGE = ("usage: meshward-sidecar --config FILE [--http-listen ADDR] [--grpc-listen ADDR] "
+         "[--admin-listen ADDR]  (ADDR: host:port or unix:/path)")
+log = logging.getLogger("meshward.sidecar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshward-sidecar", usage=USAGE.removeprefix("usage: "),
+                                description="Meshward's per-pod agent: Envoy ext_authz server.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--config", type=Path, help="SidecarConfig file (YAML or JSON), reloaded on change")
+    p.add_argument("--http-listen", default="127.0.0.1:9191",
+                   help="HTTP/1.1 ext_authz address (default 127.0.0.1:9191; 'off' to disable)")
+    p.add_argument("--grpc-listen", default="off", help="gRPC ext_authz address (default off)")
+    p.add_argument("--admin-listen", default="127.0.0.1:9192", help="health/ready/metrics address")
+    p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config file checks")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+async def _listen(handler: Handler, addr: str) -> asyncio.Server:
+    if addr.startswith("unix:"):
+        return await serve_unix(handler, addr.removeprefix("unix:"))
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"meshward-sidecar: {addr!r} is not host:port or unix:/path")
+    return await serve_tcp(handler, host.strip("[]"), int(port))
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Start every server and run until SIGTERM/SIGINT."""
+    config_path: Path = args.config
+    try:
+        snapshot = load_snapshot(config_path.read_text())
+    except OSError as e:
+        print(f"meshward-sidecar: cannot read --config {config_path}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ConfigRejected as e:
+        print(f"meshward-sidecar: invalid config {config_path}: {e}", file=sys.stderr)
+        return 2
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    fetcher = HttpFetcher()
+    agent = Agent(snapshot, fetcher, metrics, JsonLineAudit(sys.stdout))
+    servers: list[asyncio.Server] = []
+    tasks = [asyncio.create_task(agent.keys.run(), name="jwks"),
+             asyncio.create_task(agent.watch(config_path, args.reload_interval), name="reload")]
+    grpc_server = None
+    try:
+        if args.http_listen != "off":
+            servers.append(await _listen(HttpAuthz(lambda: agent.pipeline), args.http_listen))
+        if args.grpc_listen != "off":
+            grpc_server = await serve_grpc(GrpcAuthz(lambda: agent.pipeline), args.grpc_listen)
+        servers.append(await _listen(Admin(lambda: agent.ready, agent.readiness, registry), args.admin_listen))
+        log.info("meshward-sidecar %s serving: http=%s grpc=%s admin=%s", __version__, args.http_listen,
+                 args.grpc_listen, args.admin_listen)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in servers:
+            s.close()
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1)
+        with contextlib.suppress(Exception):
+            await fetcher.close()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and report the version and usage."""
-    parser = argparse.ArgumentParser(prog="meshward-sidecar", usage=USAGE.removeprefix("usage: "))
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    args = parser.parse_args(argv)
-    print(f"meshward-sidecar {__version__}")
-    if not args.version:
-        print(USAGE)
-    return 0
+    """Run the agent; without --config, print the version and usage."""
+    args = _parser().parse_args(argv)
+    if args.version or args.config is None:
+        print(f"meshward-sidecar {__version__}")
+        if not args.version:
+            print(USAGE)
+        return 0
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        return uvloop.run(run(args))
+    except ImportError:
+        return asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The sidecar config schema: the versioned contract between the operator and the agent."""

@@ -1,0 +1,402 @@
+"""The sidecar's policy config: the versioned contract the operator compiles AuthPolicies into.
+
+Why: the agent must run without Kubernetes (tests, the local mesh, benchmarks), and
+the operator must have one precise target to compile `AuthPolicy` objects into.
+This module parses and validates that document (YAML or JSON) into frozen
+dataclasses, with errors that name the field path and the fix. It is pure: no I/O,
+so the same function validates a file on hot reload and a snapshot from the
+operator. The format is documented in docs/sidecar-config.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+API_VERSION = "sidecar.meshward.io/v1alpha1"
+KIND = "SidecarConfig"
+
+# The only algorithms a JWT may use; `none` and HMAC never (RFC 8725 §3.1, §2.1).
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"})
+DEFAULT_ALGORITHMS = ("RS256", "ES256")
+# Every header Meshward sets carries this prefix, so one rule strips client-sent copies.
+HEADER_PREFIX = "x-meshward-"
+# Tokens larger than this are rejected before any parsing (Envoy's own default header limit is 60 KiB).
+DEFAULT_MAX_TOKEN_BYTES = 8192
+# Enough for a busy pod's distinct users; each entry is a few hundred bytes.
+DEFAULT_TOKEN_CACHE_SIZE = 10_000
+DEFAULT_CLOCK_SKEW_S = 30.0
+# How often the JWKS is refreshed in the background; unknown `kid`s trigger earlier refetches.
+DEFAULT_JWKS_REFRESH_S = 300.0
+# At most one unknown-kid refetch per issuer per this many seconds (a flood of random kids
+# must not turn the sidecar into a load generator against the IdP).
+DEFAULT_JWKS_MIN_REFETCH_S = 5.0
+DEFAULT_JWKS_TIMEOUT_S = 5.0
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_LOOPBACK_HTTP = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?(/.*)?$")
+
+Mode = Literal["Enforce", "Audit"]
+Action = Literal["Allow", "Deny"]
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names the field path and the fix."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """Where a JWT is read from: a header (with an optional prefix) or a cookie."""
+
+    header: str | None = None
+    prefix: str = ""
+    cookie: str | None = None
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """A trusted end-user JWT issuer."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None
+    algorithms: frozenset[str]
+    sources: tuple[TokenSource, ...]
+    forward_original_token: bool = False
+    clock_skew_s: float = DEFAULT_CLOCK_SKEW_S
+    max_lifetime_s: float | None = None
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class From:
+    """Who calls: peer principals, end-user principals, peer namespaces (each ORed within)."""
+
+    principals: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class To:
+    """What is called: methods, paths, hosts, ports (each ORed within)."""
+
+    methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One authorization rule; it matches when every part given matches."""
+
+    name: str
+    action: Action
+    mode: Mode
+    from_: From = field(default_factory=From)
+    to: To = field(default_factory=To)
+    when: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One compiled AuthPolicy as it applies to this workload."""
+
+    name: str
+    mode: Mode
+    issuers: tuple[Issuer, ...]
+    require_jwt: bool
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class Revocations:
+    """Tokens denied everywhere: by `jti`, by subject (`iss/sub` or bare `sub`), or by session `sid`."""
+
+    jti: frozenset[str] = frozenset()
+    sub: frozenset[str] = frozenset()
+    sid: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class JwksSettings:
+    """How keys are fetched."""
+
+    refresh_s: float = DEFAULT_JWKS_REFRESH_S
+    min_refetch_s: float = DEFAULT_JWKS_MIN_REFETCH_S
+    timeout_s: float = DEFAULT_JWKS_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """The whole validated config."""
+
+    workload: str
+    policies: tuple[Policy, ...]
+    identity_headers: Mapping[str, str]
+    revocations: Revocations = field(default_factory=Revocations)
+    jwks: JwksSettings = field(default_factory=JwksSettings)
+    max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
+    token_cache_size: int = DEFAULT_TOKEN_CACHE_SIZE
+    generation: str = ""
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+class _Reader:
+    """Typed access to one mapping of the document, tracking the field path for errors."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(path, f"must be a mapping, got {type(data).__name__}")
+        self.data = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        self.seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            if required:
+                raise ConfigError(self.at(key), "is required")
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise ConfigError(self.at(key), f"must be a {names}, got {type(value).__name__}")
+        return value
+
+    def strings(self, key: str, *, required: bool = False, pattern: re.Pattern[str] | None = None,
+                hint: str = "") -> tuple[str, ...]:
+        items = self.get(key, list, [], required=required)
+        out = []
+        for n, item in enumerate(items):
+            p = f"{self.at(key)}[{n}]"
+            if not isinstance(item, str) or not item:
+                raise ConfigError(p, "must be a non-empty string")
+            if pattern and not pattern.match(item):
+                raise ConfigError(p, f"{item!r} is invalid{hint}")
+            out.append(item)
+        return tuple(out)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(self.at(unknown[0]), "unknown field (check the spelling against "
+                                                   "docs/sidecar-config.md)")
+
+
+def _positive(r: _Reader, key: str, default: float, *, maximum: float | None = None) -> float:
+    v = float(r.get(key, float, default))
+    if v <= 0 or (maximum is not None and v > maximum):
+        bound = f" and at most {maximum:g}" if maximum is not None else ""
+        raise ConfigError(r.at(key), f"must be greater than 0{bound}, got {v:g}")
+    return v
+
+
+def _url(r: _Reader, key: str, *, required: bool) -> str | None:
+    v = r.get(key, str, required=required)
+    if v is not None and not (v.startswith("https://") or _LOOPBACK_HTTP.match(v)):
+        raise ConfigError(r.at(key), f"{v!r} must be an https URL (plain http only on loopback)")
+    return v  # type: ignore[no-any-return]
+
+
+def _issuer(data: Any, path: str) -> Issuer:
+    r = _Reader(data, path)
+    issuer = _url(r, "issuer", required=True)
+    assert issuer is not None
+    audiences = r.strings("audiences", required=True)
+    if not audiences:
+        raise ConfigError(r.at("audiences"), "must list at least one audience")
+    algorithms = r.strings("algorithms") or DEFAULT_ALGORITHMS
+    for n, alg in enumerate(algorithms):
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise ConfigError(f"{r.at('algorithms')}[{n}]", f"{alg!r} is not allowed; use one of "
+                                                             f"{', '.join(sorted(ASYMMETRIC_ALGORITHMS))}")
+    sources: list[TokenSource] = []
+    for n, h in enumerate(r.get("fromHeaders", list, [])):
+        hr = _Reader(h, f"{r.at('fromHeaders')}[{n}]")
+        name = hr.get("name", str, required=True).lower()
+        if not _HEADER.match(name):
+            raise ConfigError(hr.at("name"), f"{name!r} is not a valid header name")
+        sources.append(TokenSource(header=name, prefix=hr.get("prefix", str, "")))
+        hr.done()
+    for cookie in r.strings("fromCookies"):
+        sources.append(TokenSource(cookie=cookie))
+    if not sources:
+        sources.append(TokenSource(header="authorization", prefix="Bearer "))
+    skew = float(r.get("clockSkewSeconds", float, DEFAULT_CLOCK_SKEW_S))
+    if not 0 <= skew <= 300:
+        raise ConfigError(r.at("clockSkewSeconds"), f"must be between 0 and 300, got {skew:g}")
+    max_life = r.get("maxLifetimeSeconds", float)
+    if max_life is not None and max_life <= 0:
+        raise ConfigError(r.at("maxLifetimeSeconds"), "must be greater than 0")
+    out = Issuer(
+        issuer=issuer, audiences=audiences, jwks_uri=_url(r, "jwksUri", required=False),
+        algorithms=frozenset(algorithms), sources=tuple(sources),
+        forward_original_token=bool(r.get("forwardOriginalToken", bool, False)),
+        clock_skew_s=skew, max_lifetime_s=max_life, ca_file=r.get("caFile", str),
+    )
+    r.done()
+    return out
+
+
+def _principal_ok(p: str) -> bool:
+    if p == "*":
+        return True
+    body = p[1:] if p.startswith("*") else p[:-1] if p.endswith("*") else p
+    return "*" not in body and (p.startswith("*") or p.startswith("spiffe://"))
+
+
+def _rule(data: Any, path: str, policy_mode: Mode) -> Rule:
+    r = _Reader(data, path)
+    name = r.get("name", str, required=True)
+    if not _NAME.match(name):
+        raise ConfigError(r.at("name"), f"{name!r} must be lowercase letters, digits and '-'")
+    action = r.get("action", str, "Allow")
+    if action not in ("Allow", "Deny"):
+        raise ConfigError(r.at("action"), f"{action!r} must be Allow or Deny")
+    mode = r.get("mode", str, policy_mode)
+    if mode not in ("Enforce", "Audit"):
+        raise ConfigError(r.at("mode"), f"{mode!r} must be Enforce or Audit")
+    frm = From()
+    if "from" in r.data:
+        fr = _Reader(r.get("from", Mapping), r.at("from"))
+        principals = fr.strings("principals")
+        for n, p in enumerate(principals):
+            if not _principal_ok(p):
+                raise ConfigError(f"{fr.at('principals')}[{n}]",
+                                  f"{p!r}: use a SPIFFE ID with at most one '*' at its start or end, or '*'")
+        frm = From(principals, fr.strings("requestPrincipals"), fr.strings("namespaces", pattern=_NAME))
+        fr.done()
+    to = To()
+    if "to" in r.data:
+        tr = _Reader(r.get("to", Mapping), r.at("to"))
+        methods = tr.strings("methods")
+        for n, m in enumerate(methods):
+            if m not in HTTP_METHODS:
+                raise ConfigError(f"{tr.at('methods')}[{n}]", f"{m!r} is not an uppercase HTTP method")
+        paths = tr.strings("paths")
+        for n, p in enumerate(paths):
+            if not (p.startswith("/") or p == "*"):
+                raise ConfigError(f"{tr.at('paths')}[{n}]", f"{p!r} must start with '/' (or be '*')")
+        ports = tuple(tr.get("ports", list, []))
+        for n, port in enumerate(ports):
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                raise ConfigError(f"{tr.at('ports')}[{n}]", f"{port!r} must be a port number 1..65535")
+        to = To(methods, paths, tuple(h.lower() for h in tr.strings("hosts")), ports)
+        tr.done()
+    when = r.strings("when")
+    r.done()
+    return Rule(name=name, action=action, mode=mode, from_=frm, to=to, when=when)
+
+
+def _policy(data: Any, path: str) -> Policy:
+    r = _Reader(data, path)
+    name = r.get("name", str, required=True)
+    mode = r.get("mode", str, "Enforce")
+    if mode not in ("Enforce", "Audit"):
+        raise ConfigError(r.at("mode"), f"{mode!r} must be Enforce or Audit")
+    issuers = tuple(_issuer(d, f"{r.at('jwt')}[{n}]") for n, d in enumerate(r.get("jwt", list, [])))
+    seen: set[str] = set()
+    for n, i in enumerate(issuers):
+        if i.issuer in seen:
+            raise ConfigError(f"{r.at('jwt')}[{n}].issuer", f"{i.issuer!r} is listed twice; merge the entries")
+        seen.add(i.issuer)
+    require_jwt = r.get("requireJwt", bool, bool(issuers))
+    if require_jwt and not issuers:
+        raise ConfigError(r.at("requireJwt"), "true needs at least one issuer in jwt")
+    rules = tuple(_rule(d, f"{r.at('rules')}[{n}]", mode) for n, d in enumerate(r.get("rules", list, [])))
+    names = [x.name for x in rules]
+    for n, x in enumerate(names):
+        if names.index(x) != n:
+            raise ConfigError(f"{r.at('rules')}[{n}].name", f"{x!r} is used twice; rule names must be unique")
+    for n, rule in enumerate(rules):
+        if rule.from_.request_principals and not issuers:
+            raise ConfigError(f"{r.at('rules')}[{n}].from.requestPrincipals", "needs jwt issuers in this policy")
+    r.done()
+    return Policy(name=name, mode=mode, issuers=issuers, require_jwt=require_jwt, rules=rules)
+
+
+def parse_config(doc: Any) -> SidecarConfig:
+    """Validate a decoded config document and return it typed; raise ConfigError naming the field."""
+    r = _Reader(doc, "")
+    api = r.get("apiVersion", str, required=True)
+    if api != API_VERSION:
+        raise ConfigError("apiVersion", f"{api!r} is not supported; this sidecar reads {API_VERSION}")
+    kind = r.get("kind", str, required=True)
+    if kind != KIND:
+        raise ConfigError("kind", f"{kind!r} must be {KIND}")
+    workload = r.get("workload", str, required=True)
+    policies = tuple(_policy(d, f"policies[{n}]") for n, d in enumerate(r.get("policies", list, [])))
+    pnames = [p.name for p in policies]
+    for n, x in enumerate(pnames):
+        if pnames.index(x) != n:
+            raise ConfigError(f"policies[{n}].name", f"{x!r} is used twice")
+    headers_raw = r.get("identityHeaders", Mapping, {"x-meshward-sub": "sub", "x-meshward-iss": "iss"})
+    headers: dict[str, str] = {}
+    for h, claim in headers_raw.items():
+        p = f"identityHeaders.{h}"
+        if not isinstance(h, str) or not h.startswith(HEADER_PREFIX) or not _HEADER.match(h):
+            raise ConfigError(p, f"header names must be lowercase and start with {HEADER_PREFIX!r}")
+        if not isinstance(claim, str) or not claim:
+            raise ConfigError(p, "must name a claim, e.g. sub")
+        headers[h] = claim
+    rev = Revocations()
+    if "revocations" in r.data:
+        rr = _Reader(r.get("revocations", Mapping), "revocations")
+        rev = Revocations(frozenset(rr.strings("jti")), frozenset(rr.strings("sub")), frozenset(rr.strings("sid")))
+        rr.done()
+    jwks = JwksSettings()
+    if "jwks" in r.data:
+        jr = _Reader(r.get("jwks", Mapping), "jwks")
+        jwks = JwksSettings(
+            refresh_s=_positive(jr, "refreshSeconds", DEFAULT_JWKS_REFRESH_S),
+            min_refetch_s=_positive(jr, "minRefetchSeconds", DEFAULT_JWKS_MIN_REFETCH_S),
+            timeout_s=_positive(jr, "timeoutSeconds", DEFAULT_JWKS_TIMEOUT_S, maximum=60),
+        )
+        jr.done()
+    limits = _Reader(r.get("limits", Mapping, {}), "limits")
+    max_token = int(limits.get("maxTokenBytes", int, DEFAULT_MAX_TOKEN_BYTES))
+    if not 512 <= max_token <= 65536:
+        raise ConfigError("limits.maxTokenBytes", f"must be between 512 and 65536, got {max_token}")
+    cache = int(limits.get("tokenCacheSize", int, DEFAULT_TOKEN_CACHE_SIZE))
+    if not 0 <= cache <= 1_000_000:
+        raise ConfigError("limits.tokenCacheSize", f"must be between 0 and 1000000, got {cache}")
+    limits.done()
+    generation = str(r.get("generation", (str, int), ""))
+    r.done()
+    first: dict[str, tuple[int, int, Issuer]] = {}
+    for pn, pol in enumerate(policies):
+        for jn, iss in enumerate(pol.issuers):
+            if iss.issuer in first and first[iss.issuer][2] != iss:
+                fp, fj, _ = first[iss.issuer]
+                raise ConfigError(f"policies[{pn}].jwt[{jn}]",
+                                  f"issuer {iss.issuer!r} is configured differently in policies[{fp}].jwt[{fj}]; "
+                                  "one issuer must have one definition per workload")
+            first.setdefault(iss.issuer, (pn, jn, iss))
+    return SidecarConfig(workload=workload, policies=policies, identity_headers=headers, revocations=rev,
+                         jwks=jwks, max_token_bytes=max_token, token_cache_size=cache, generation=generation)
+
+
+def issuers_of(policies: Sequence[Policy]) -> dict[str, Issuer]:
+    """Every issuer by `iss` across `policies` (first definition wins)."""
+    out: dict[str, Issuer] = {}
+    for p in policies:
+        for i in p.issuers:
+            out.setdefault(i.issuer, i)
+    return out

@@ -1,0 +1,1 @@
+"""Pure decision logic of the agent: tokens, rules, decisions. No I/O."""

@@ -1,0 +1,68 @@
+"""Outcomes and their wire codes: the one place that maps a decision to HTTP and gRPC.
+
+Like Authorino's auth_pipeline.go, every phase returns an outcome, and only this
+table knows what status each transport sends for it, so the two transports can
+never disagree.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+
+
+class Outcome(enum.Enum):
+    """What the pipeline decided."""
+
+    ALLOW = "allow"
+    UNAUTHENTICATED = "unauthenticated"  # no/invalid credentials where they are required
+    FORBIDDEN = "forbidden"              # authenticated, but no rule allows it (or a rule denies it)
+    UNAVAILABLE = "unavailable"          # the agent cannot decide (keys not loaded, internal error)
+
+
+@dataclass(frozen=True, slots=True)
+class WireCode:
+    """The HTTP status and gRPC status code one outcome maps to."""
+
+    http: int
+    grpc: int
+
+
+# gRPC codes: OK=0, PERMISSION_DENIED=7, UNAVAILABLE=14, UNAUTHENTICATED=16.
+WIRE: dict[Outcome, WireCode] = {
+    Outcome.ALLOW: WireCode(200, 0),
+    Outcome.UNAUTHENTICATED: WireCode(401, 16),
+    Outcome.FORBIDDEN: WireCode(403, 7),
+    Outcome.UNAVAILABLE: WireCode(503, 14),
+}
+
+
+@dataclass(slots=True)
+class Decision:
+    """The pipeline's answer for one request, ready for either transport."""
+
+    outcome: Outcome
+    decision_id: str
+    reason: str
+    policy: str = ""
+    rule: str = ""
+    # Set on the upstream request when allowed (identity headers).
+    headers_to_set: list[tuple[str, str]] = field(default_factory=list)
+    # Removed from the upstream request when allowed (original token, spoofed x-meshward-*).
+    headers_to_remove: list[str] = field(default_factory=list)
+    # Sent to the client when denied (WWW-Authenticate).
+    deny_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Audit: the outcome an all-Enforce evaluation would have had, when Audit mode let it through.
+    would_deny: bool = False
+    subject: str = ""
+
+    @property
+    def wire(self) -> WireCode:
+        """The HTTP and gRPC codes for this decision."""
+        return WIRE[self.outcome]
+
+    def body(self) -> bytes:
+        """The small JSON body of a denial: reason and decision id, never token contents."""
+        return json.dumps({"error": self.outcome.value, "reason": self.reason,
+                           "decision_id": self.decision_id}, separators=(",", ":")).encode()

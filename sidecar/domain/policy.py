@@ -1,0 +1,267 @@
+"""Authorization: rules compiled once at config load, evaluated per request.
+
+Semantics (docs/decisions.md):
+- Deny rules are evaluated before Allow rules and win.
+- When any Enforce-mode policy selects the workload and no enforced Allow rule
+  matches, the request is denied (default deny). With no policy at all, allow.
+- Audit mode (per policy or per rule) is observed, never enforced: audit rules
+  neither deny nor allow. The outcome an all-Enforce evaluation would have had is
+  reported as `would_deny` for logs and metrics.
+- Errors never grant access: a `when` expression that fails makes an Allow rule
+  not match and a Deny rule match.
+
+Matching is precompiled into sets, prefix tuples and regexes so that a request
+costs a few dict and string operations per rule; CEL `when` conditions are
+compiled once (Rust CEL, ~20 µs per evaluation, vs ~545 µs for cel-python measured
+on the same machine) and evaluated only when the rest of the rule matched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cel
+
+from meshward.sidecar.config.schema import ConfigError, Policy, Rule
+from meshward.sidecar.domain.jwt import VerifiedToken
+from meshward.sidecar.domain.request import CheckInput
+
+Matcher = Callable[[CheckInput, "VerifiedToken | None"], bool]
+
+# Paths with dot segments, backslashes or encoded dots are refused outright: Envoy normalizes
+# paths in the configs we generate, so these only arrive from a misconfigured or bypassing proxy.
+_UNSAFE_PATH = re.compile(r"(^|/)\.\.?(/|$)|\\|%2e|%5c", re.IGNORECASE)
+
+
+def path_is_safe(path: str) -> bool:
+    """Whether a request path is free of traversal tricks (dot segments, backslashes, %2e)."""
+    return _UNSAFE_PATH.search(path) is None
+
+
+def _wildcard(values: Sequence[str]) -> Callable[[str | None], bool]:
+    """Match exact values, `prefix*`, `*suffix`, or `*` (anything present)."""
+    exact = frozenset(v for v in values if "*" not in v)
+    prefixes = tuple(v[:-1] for v in values if v.endswith("*") and v != "*")
+    suffixes = tuple(v[1:] for v in values if v.startswith("*") and v != "*")
+    anything = "*" in values
+
+    def match(value: str | None) -> bool:
+        if value is None:
+            return False
+        return (anything or value in exact or (bool(prefixes) and value.startswith(prefixes))
+                or (bool(suffixes) and value.endswith(suffixes)))
+
+    return match
+
+
+def compile_path(pattern: str) -> Callable[[str], bool]:
+    """Compile a path pattern: exact, `prefix/*` (any depth), `*`, or a glob (`*` one segment, `**` any)."""
+    if pattern == "*":
+        return lambda _p: True
+    if "*" not in pattern:
+        return lambda p: p == pattern
+    if pattern.endswith("*") and "*" not in pattern[:-1]:
+        prefix = pattern[:-1]
+        return lambda p: p.startswith(prefix)
+    regex = "".join(".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part)
+                    for part in re.split(r"(\*\*|\*)", pattern))
+    compiled = re.compile(f"^{regex}$")
+    return lambda p: compiled.match(p) is not None
+
+
+def _host_matcher(hosts: Sequence[str]) -> Callable[[str], bool]:
+    exact = frozenset(h for h in hosts if not h.startswith("*."))
+    suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
+
+    def match(host: str) -> bool:
+        h = host.lower()
+        if h.startswith("["):  # [v6]:port
+            h = h[: h.find("]") + 1]
+        elif ":" in h:
+            h = h.rsplit(":", 1)[0]
+        return h in exact or (bool(suffixes) and h.endswith(suffixes))
+
+    return match
+
+
+def _split(value: str, sep: str) -> list[str]:
+    return value.split(sep)
+
+
+def cel_context(inp: CheckInput, token: VerifiedToken | None) -> dict[str, Any]:
+    """The variables a `when` expression sees: request, claims, source."""
+    return {
+        "request": {"method": inp.method, "path": inp.path, "host": inp.host, "headers": inp.headers},
+        "claims": dict(token.claims) if token else {},
+        "source": {"principal": inp.peer or "", "namespace": inp.peer_namespace or ""},
+    }
+
+
+def compile_when(expr: str, path: str) -> Any:
+    """Compile one CEL expression or raise ConfigError naming `path`."""
+    try:
+        program = cel.compile(expr)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(path, f"CEL does not compile: {str(e).splitlines()[0][:200]}") from e
+    unknown = set(program.variables()) - {"request", "claims", "source"}
+    if unknown:
+        raise ConfigError(path, f"CEL refers to {', '.join(sorted(unknown))}; use request, claims or source")
+    return program
+
+
+def _eval_when(programs: Sequence[Any], inp: CheckInput, token: VerifiedToken | None) -> bool | None:
+    """True if all hold, False if one is false, None if one failed to evaluate."""
+    ctx = cel.Context()
+    ctx.add_function("split", _split)
+    ctx.update(cel_context(inp, token))
+    for program in programs:
+        try:
+            if program.execute(ctx) is not True:
+                return False
+        except Exception:  # missing claim, type error: the rule cannot be decided
+            return None
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """A rule with its matchers precompiled."""
+
+    policy: str
+    name: str
+    deny: bool
+    enforced: bool
+    checks: tuple[Matcher, ...]
+    when: tuple[Any, ...]
+
+    def matches(self, inp: CheckInput, token: VerifiedToken | None) -> bool:
+        """Whether the request matches this rule (errors: Deny matches, Allow does not)."""
+        for check in self.checks:
+            if not check(inp, token):
+                return False
+        if not self.when:
+            return True
+        result = _eval_when(self.when, inp, token)
+        return self.deny if result is None else result
+
+
+def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
+    """Precompile one rule's matchers."""
+    checks: list[Matcher] = []
+    f, t = rule.from_, rule.to
+    if f.principals:
+        m = _wildcard(f.principals)
+        checks.append(lambda i, _t: m(i.peer))
+    if f.request_principals:
+        rp = _wildcard(f.request_principals)
+        checks.append(lambda _i, tok: tok is not None and rp(f"{tok.issuer}/{tok.subject}"))
+    if f.namespaces:
+        ns = frozenset(f.namespaces)
+        checks.append(lambda i, _t: i.peer_namespace in ns)
+    if t.methods:
+        methods = frozenset(t.methods)
+        checks.append(lambda i, _t: i.method in methods)
+    if t.paths:
+        pms = tuple(compile_path(p) for p in t.paths)
+        checks.append(lambda i, _t: any(pm(i.path) for pm in pms))
+    if t.hosts:
+        hm = _host_matcher(t.hosts)
+        checks.append(lambda i, _t: hm(i.host))
+    if t.ports:
+        ports = frozenset(t.ports)
+        checks.append(lambda i, _t: i.port in ports)
+    when = tuple(compile_when(w, f"{path}.when[{n}]") for n, w in enumerate(rule.when))
+    return CompiledRule(policy=policy.name, name=rule.name, deny=rule.action == "Deny",
+                        enforced=rule.mode == "Enforce" and policy.mode == "Enforce",
+                        checks=tuple(checks), when=when)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzResult:
+    """The authorization phase's verdict."""
+
+    allowed: bool
+    policy: str
+    rule: str
+    reason: str
+    would_deny: bool = False
+    audit_policy: str = ""
+    audit_rule: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicies:
+    """Every rule of every policy selecting this workload, ready to evaluate."""
+
+    deny: tuple[CompiledRule, ...]
+    allow: tuple[CompiledRule, ...]
+    default_deny_policy: str | None     # the first Enforce policy, if any: its presence means default deny
+    audit_default_deny_policy: str | None  # the first policy of any mode
+    has_audit: bool
+
+    def _evaluate(self, inp: CheckInput, token: VerifiedToken | None, enforced_only: bool,
+                  default_policy: str | None) -> AuthzResult:
+        for r in self.deny:
+            if (r.enforced or not enforced_only) and r.matches(inp, token):
+                return AuthzResult(False, r.policy, r.name, "denied by rule")
+        for r in self.allow:
+            if (r.enforced or not enforced_only) and r.matches(inp, token):
+                return AuthzResult(True, r.policy, r.name, "allowed by rule")
+        if default_policy is not None:
+            return AuthzResult(False, default_policy, "", "no rule allows this request")
+        return AuthzResult(True, "", "", "no policy selects this workload")
+
+    def evaluate(self, inp: CheckInput, token: VerifiedToken | None) -> AuthzResult:
+        """Return the enforced verdict, flagged `would_deny` when Audit rules would have denied."""
+        enforced = self._evaluate(inp, token, True, self.default_deny_policy)
+        if not self.has_audit or not enforced.allowed:
+            return enforced
+        full = self._evaluate(inp, token, False, self.audit_default_deny_policy)
+        if full.allowed:
+            return enforced
+        return AuthzResult(True, enforced.policy, enforced.rule, enforced.reason, would_deny=True,
+                           audit_policy=full.policy, audit_rule=full.rule)
+
+
+def compile_policies(policies: Sequence[Policy]) -> CompiledPolicies:
+    """Compile every policy's rules; raise ConfigError for CEL that does not compile."""
+    deny: list[CompiledRule] = []
+    allow: list[CompiledRule] = []
+    for pn, p in enumerate(policies):
+        for rn, r in enumerate(p.rules):
+            c = compile_rule(p, r, f"policies[{pn}].rules[{rn}]")
+            (deny if c.deny else allow).append(c)
+    enforce = next((p.name for p in policies if p.mode == "Enforce"), None)
+    has_audit = any(p.mode == "Audit" or any(r.mode == "Audit" for r in p.rules) for p in policies)
+    return CompiledPolicies(tuple(deny), tuple(allow), enforce, policies[0].name if policies else None,
+                            has_audit)
+
+
+def identity_headers(headers: Mapping[str, str], token: VerifiedToken) -> list[tuple[str, str]]:
+    """The configured identity headers for a verified token; values made header-safe."""
+    out = []
+    for header, claim in headers.items():
+        if claim == "iss":
+            value: Any = token.issuer
+        else:
+            value = token.claims.get(claim)
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else _json(value)
+        out.append((header, _header_safe(text)))
+    return out
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _header_safe(text: str) -> str:
+    """Percent-encode control and non-ASCII characters (no header injection) and bound the length."""
+    if text.isascii() and text.isprintable():
+        return text[:1024]
+    return "".join(ch if " " <= ch < "\x7f" else "".join(f"%{b:02X}" for b in ch.encode()) for ch in text)[:1024]

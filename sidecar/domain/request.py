@@ -1,0 +1,42 @@
+"""What the pipeline decides on: one request, as either Envoy transport reports it.
+
+Both transports (HTTP/1.1 `http_service` and gRPC `Check`) build a `CheckInput`,
+so every phase after this point is shared and transport-blind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class CheckInput:
+    """One request to decide on; header names are lowercase."""
+
+    method: str
+    path: str
+    host: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    peer: str | None = None
+    request_id: str = ""
+    port: int | None = None
+
+    @property
+    def peer_namespace(self) -> str | None:
+        """The namespace in the peer's SPIFFE ID (spiffe://td/ns/<ns>/sa/<sa>), if any."""
+        if not self.peer:
+            return None
+        parts = self.peer.split("/")
+        # ['spiffe:', '', td, 'ns', ns, 'sa', sa]
+        if len(parts) >= 7 and parts[3] == "ns":
+            return parts[4]
+        return None
+
+
+def split_path(raw: str) -> str:
+    """Return the path without query string or fragment (rules match paths only)."""
+    for sep in ("?", "#"):
+        i = raw.find(sep)
+        if i >= 0:
+            raw = raw[:i]
+    return raw or "/"

