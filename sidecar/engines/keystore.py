@@ -92,6 +92,13 @@ class KeyStore:
         st = self._issuers.get(issuer)
         return bool(st and st.loaded)
 
+    def may_refetch(self, issuer: str) -> bool:
+        """Whether an unknown kid may trigger a refetch now (one in flight, or none within minRefetchSeconds)."""
+        st = self._issuers.get(issuer)
+        if st is None:
+            return False
+        return st.inflight is not None or self._clock() - st.last_attempt >= self._settings.min_refetch_s
+
     @property
     def ready(self) -> bool:
         """True once every issuer's keys were fetched at least once."""
@@ -139,9 +146,7 @@ class KeyStore:
         st = self._issuers.get(issuer)
         if st is None:
             return False
-        if st.inflight is not None:
-            return await asyncio.shield(st.inflight)
-        if self._clock() - st.last_attempt < self._settings.min_refetch_s:
+        if not self.may_refetch(issuer):
             return False
         return await self.refresh(issuer)
 

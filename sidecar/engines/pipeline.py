@@ -111,7 +111,7 @@ class JwtAuthenticator:
             except UnknownKey as e:
                 if not self._keys.loaded(e.issuer):
                     return Identity(failure="signing keys not loaded yet", unavailable=True)
-                if may_refetch:
+                if may_refetch and self._keys.may_refetch(e.issuer):
                     return NeedKeys(e.issuer)
                 return Identity(failure=e.reason, enforced=s.jwt_enforced)
             except JwtError as e:

@@ -78,6 +78,7 @@ class _Protocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._reset()
         self._pending: asyncio.Task[None] | None = None
+        self._limit_status = 0
 
     def _reset(self) -> None:
         self._url = b""
@@ -101,10 +102,9 @@ class _Protocol(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400)
-        except httptools.HttpParserError:
-            self._fail(400)
-        except _TooLarge as e:
-            self._fail(e.status)
+        except (httptools.HttpParserError, _TooLarge):
+            # httptools wraps exceptions raised in callbacks; the limit that tripped is remembered.
+            self._fail(self._limit_status or 400)
 
     # httptools callbacks
     def on_url(self, url: bytes) -> None:
@@ -114,7 +114,8 @@ class _Protocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value))
         if len(self._headers) >= MAX_HEADERS:
-            raise _TooLarge(431)
+            self._limit_status = 431
+            raise _TooLarge
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         prev = self._headers.get(key)
@@ -123,7 +124,8 @@ class _Protocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
         if self._body_bytes > MAX_BODY_BYTES:
-            raise _TooLarge(413)
+            self._limit_status = 413
+            raise _TooLarge
 
     def on_message_complete(self) -> None:
         req = Request(self._parser.get_method().decode("latin-1"), self._url.decode("latin-1"), self._headers)
@@ -155,7 +157,8 @@ class _Protocol(asyncio.Protocol):
     def _count(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > MAX_HEADER_BYTES:
-            raise _TooLarge(431)
+            self._limit_status = 431
+            raise _TooLarge
 
     def _send(self, resp: Response, keep_alive: bool) -> None:
         if self._transport is None:
@@ -171,9 +174,7 @@ class _Protocol(asyncio.Protocol):
 
 
 class _TooLarge(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
+    """A request exceeded a limit; the protocol answers with `status` and closes."""
 
 
 async def serve_tcp(handler: Handler, host: str, port: int) -> asyncio.Server:

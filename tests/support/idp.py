@@ -47,7 +47,7 @@ class IdP:
         idp = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if idp.down:
                     self.send_response(503)
                     self.end_headers()

@@ -44,7 +44,7 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 30, proc: su
 
 def http_status(url: str, timeout: float = 2) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback test URL
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return int(r.status)
     except urllib.error.HTTPError as e:
         return int(e.code)
@@ -66,7 +66,7 @@ class Echo:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_GET = do_POST = do_DELETE = do_PUT = _answer  # noqa: N815
+            do_GET = do_POST = do_DELETE = do_PUT = _answer
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -145,7 +145,7 @@ class Agent:
         tmp.replace(self.config_file)
 
     def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(self.url("/metrics"), timeout=2) as r:  # noqa: S310
+        with urllib.request.urlopen(self.url("/metrics"), timeout=2) as r:
             text = r.read().decode()
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         total = 0.0
@@ -155,9 +155,7 @@ class Agent:
             metric, _, value = line.rpartition(" ")
             if metric.split("{")[0] != name:
                 continue
-            if want and all(f'{k}="{v}"' in metric for k, v in labels.items()):
-                total += float(value)
-            elif not want:
+            if (want and all(f'{k}="{v}"' in metric for k, v in labels.items())) or not want:
                 total += float(value)
         return total
 

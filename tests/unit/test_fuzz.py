@@ -1,0 +1,157 @@
+"""Property-based fuzzing: garbage tokens, CheckRequests and HTTP bytes never escape as exceptions or allows."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+from envoy.service.auth.v3 import external_auth_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshward.sidecar.domain.decision import Decision, Outcome
+from meshward.sidecar.server.authz import grpc_response, http_response, input_from_grpc
+from meshward.sidecar.server.http1 import Request, Response, _Protocol
+from tests.support.idp import SigningKey
+from tests.support.sidecar import ISSUER, Clock, config, issuer, pipeline, policy, request
+
+KEY = SigningKey("RS256", kid="k1")
+PIPE, _audit, _metrics = pipeline(config(policy(jwt=[issuer()], rules=[{"name": "all"}])), jwks={ISSUER: [KEY.jwk]},
+                      clock=Clock(1_800_000_000))
+for _st in PIPE._keys._issuers.values():
+    _st.last_attempt = 1_800_000_000  # unknown kids are rate-limited: decide_now must always answer
+
+b64 = st.binary(max_size=200).map(lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode())
+json_segment = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                            max_leaves=10).map(lambda v: base64.urlsafe_b64encode(json.dumps(v).encode())
+                                               .rstrip(b"=").decode())
+tokens = st.one_of(
+    st.text(max_size=400),
+    st.tuples(b64, b64, b64).map(".".join),
+    st.tuples(json_segment, json_segment, b64).map(".".join),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tokens)
+def test_garbage_tokens_are_always_denied(tok: str) -> None:
+    d = PIPE.decide_now(request(token=tok), "http")
+    assert isinstance(d, Decision)
+    assert d.outcome in (Outcome.UNAUTHENTICATED, Outcome.UNAVAILABLE), d
+
+
+headers = st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=60), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(method=st.text(max_size=10), path=st.text(max_size=80), host=st.text(max_size=30), hdrs=headers,
+       principal=st.text(max_size=60), port=st.integers(min_value=0, max_value=65535))
+def test_arbitrary_check_requests_never_raise(method: str, path: str, host: str, hdrs: dict[str, str],
+                                              principal: str, port: int) -> None:
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path, http.host = method, path, host
+    for k, v in hdrs.items():
+        http.headers[k] = v
+    req.attributes.source.principal = principal
+    req.attributes.destination.address.socket_address.port_value = port
+    d = PIPE.decide_now(input_from_grpc(req), "grpc")
+    assert isinstance(d, Decision)
+    if "authorization" not in {k.lower() for k in hdrs}:
+        assert d.outcome is not Outcome.ALLOW  # a token is required
+    grpc_response(d)
+    http_response(d)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def write(self, b: bytes) -> None:
+        self.data += b
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=6))
+def test_http1_server_survives_arbitrary_bytes(chunks: list[bytes]) -> None:
+    """Random bytes in any chunking: every answer is a well-formed status line, nothing raises."""
+    seen: list[Request] = []
+
+    def handler(r: Request) -> Response:
+        seen.append(r)
+        return Response(200)
+
+    proto = _Protocol(handler)
+    sink = _Sink()
+    proto.connection_made(sink)  # type: ignore[arg-type]
+    for c in chunks:
+        if sink.closed:
+            break
+        proto.data_received(c)
+    for line in sink.data.split(b"\r\n\r\n"):
+        if line:
+            assert line.startswith(b"HTTP/1.1 ") or line == b""
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=40),
+       st.text(max_size=100))
+def test_http1_requests_round_trip(path: str, value: str) -> None:
+    seen: list[Request] = []
+    proto = _Protocol(lambda r: seen.append(r) or Response(204))  # type: ignore[func-returns-value]
+    sink = _Sink()
+    proto.connection_made(sink)  # type: ignore[arg-type]
+    safe_value = "".join(ch for ch in value if " " <= ch <= "~").strip()
+    proto.data_received(f"GET /{path} HTTP/1.1\r\nHost: x\r\nX-A: {safe_value}\r\n\r\n".encode())
+    if seen:
+        assert seen[0].target == f"/{path}"
+        assert seen[0].headers["x-a"] == safe_value
+        assert sink.data.startswith(b"HTTP/1.1 204")
+    else:
+        assert sink.data.startswith(b"HTTP/1.1 400")
+
+
+def test_http1_limits_header_size() -> None:
+    proto = _Protocol(lambda r: Response(200))
+    sink = _Sink()
+    proto.connection_made(sink)  # type: ignore[arg-type]
+    proto.data_received(b"GET / HTTP/1.1\r\n" + b"".join(b"x-%d: %s\r\n" % (i, b"a" * 1000) for i in range(80)))
+    assert sink.data.startswith(b"HTTP/1.1 431") and sink.closed
+
+
+def test_http1_slow_decisions_keep_order() -> None:
+    async def main() -> bytes:
+        async def slow() -> Response:
+            await asyncio.sleep(0)
+            return Response(401)
+
+        calls: list[Any] = []
+
+        def handler(r: Request) -> Any:
+            calls.append(r.target)
+            return slow() if r.target == "/slow" else Response(200)
+
+        proto = _Protocol(handler)
+        sink = _Sink()
+        proto.connection_made(sink)  # type: ignore[arg-type]
+        proto.data_received(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert proto._pending is not None
+        await proto._pending
+        proto.data_received(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sink.data
+
+    data = asyncio.run(main())
+    assert data.index(b"401") < data.index(b"200")
