@@ -31,6 +31,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run integration tests against this existing cluster instead of the local one")
     group.addoption("--kind", action="store_true", default=False,
                     help="run integration tests on a kind cluster (pytest-kind; needs a Docker engine)")
+    group.addoption("--update-golden", action="store_true", default=False,
+                    help="rewrite tests/golden/ files from the builders instead of comparing")
 
 
 def tool_paths() -> dict[str, str]:
