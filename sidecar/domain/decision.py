@@ -55,7 +55,8 @@ class Decision:
     deny_headers: list[tuple[str, str]] = field(default_factory=list)
     # Audit: the outcome an all-Enforce evaluation would have had, when Audit mode let it through.
     would_deny: bool = False
-    subject: str = ""
+    # SHA-256 (truncated) of `iss/sub`: audit logs correlate users without naming them.
+    subject_hash: str = ""
 
     @property
     def wire(self) -> WireCode:
@@ -66,3 +67,24 @@ class Decision:
         """The small JSON body of a denial: reason and decision id, never token contents."""
         return json.dumps({"error": self.outcome.value, "reason": self.reason,
                            "decision_id": self.decision_id}, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One decision's audit line (docs/decisions.md lists the fields); never a token or a query string."""
+
+    ts: float
+    decision_id: str
+    workload: str
+    transport: str
+    outcome: str
+    would_deny: bool
+    policy: str
+    rule: str
+    reason: str
+    peer: str
+    subject_hash: str
+    method: str
+    path: str
+    request_id: str
+    latency_us: float

@@ -23,7 +23,7 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -91,6 +91,9 @@ class VerifiedToken:
     claims: Mapping[str, Any]
     expires_at: float
     subject: str
+    # Per-token results derived under one config (identity headers, subject hash); the
+    # token cache lives and dies with its config, so this memo never outlives it.
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def jti(self) -> str | None:

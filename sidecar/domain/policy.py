@@ -24,9 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cel
-
 from meshward.sidecar.config.schema import ConfigError, Policy, Rule
+from meshward.sidecar.domain.cel_engine import cel
 from meshward.sidecar.domain.jwt import VerifiedToken
 from meshward.sidecar.domain.request import CheckInput
 
@@ -71,6 +70,20 @@ def compile_path(pattern: str) -> Callable[[str], bool]:
                     for part in re.split(r"(\*\*|\*)", pattern))
     compiled = re.compile(f"^{regex}$")
     return lambda p: compiled.match(p) is not None
+
+
+def compile_paths(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """Compile a list of path patterns (ORed) into one matcher: a set, a prefix tuple and one regex."""
+    if "*" in patterns:
+        return lambda _p: True
+    exact = frozenset(p for p in patterns if "*" not in p)
+    prefixes = tuple(p[:-1] for p in patterns if p.endswith("*") and "*" not in p[:-1])
+    globs = [compile_path(p) for p in patterns if "*" in p and not (p.endswith("*") and "*" not in p[:-1])]
+    if not globs:
+        if not prefixes:
+            return exact.__contains__
+        return lambda p: p in exact or p.startswith(prefixes)
+    return lambda p: p in exact or (bool(prefixes) and p.startswith(prefixes)) or any(g(p) for g in globs)
 
 
 def _host_matcher(hosts: Sequence[str]) -> Callable[[str], bool]:
@@ -166,8 +179,8 @@ def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
         methods = frozenset(t.methods)
         checks.append(lambda i, _t: i.method in methods)
     if t.paths:
-        pms = tuple(compile_path(p) for p in t.paths)
-        checks.append(lambda i, _t: any(pm(i.path) for pm in pms))
+        pm = compile_paths(t.paths)
+        checks.append(lambda i, _t: pm(i.path))
     if t.hosts:
         hm = _host_matcher(t.hosts)
         checks.append(lambda i, _t: hm(i.host))

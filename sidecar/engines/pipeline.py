@@ -19,9 +19,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from meshward.sidecar.domain.decision import Decision, Outcome
+from meshward.sidecar.domain.decision import AuditRecord, Decision, Outcome
 from meshward.sidecar.domain.jwt import JwtError, UnknownKey, VerifiedToken, parse, verify
 from meshward.sidecar.domain.policy import AuthzResult, identity_headers, path_is_safe
 from meshward.sidecar.domain.request import CheckInput
@@ -71,7 +71,7 @@ class Authorizer(Protocol):
 class AuditSink(Protocol):
     """Receives one record per decision."""
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, r: AuditRecord) -> None:
         """Record a decision."""
         ...
 
@@ -208,13 +208,13 @@ class Pipeline:
         token = identity.token
         if not authz.allowed:
             d = self._deny(Outcome.FORBIDDEN, authz.reason, authz.policy, authz.rule)
-            d.subject = f"{token.issuer}/{token.subject}" if token else ""
+            d.subject_hash = self._memo(token)[1] if token else ""
             return d
         d = Decision(Outcome.ALLOW, self._ids(), authz.reason, authz.policy, authz.rule,
                      would_deny=authz.would_deny or identity.failure is not None)
         if token is not None:
-            d.headers_to_set = identity_headers(s.config.identity_headers, token)
-            d.subject = f"{token.issuer}/{token.subject}"
+            headers, d.subject_hash = self._memo(token)
+            d.headers_to_set = list(headers)
         set_names = {h for h, _ in d.headers_to_set}
         d.headers_to_remove = [h for h in s.owned_headers if h not in set_names]
         d.headers_to_remove.extend(s.token_headers_to_strip)
@@ -224,28 +224,24 @@ class Pipeline:
             d.reason = f"audit: would be denied ({identity.failure})"
         return d
 
+    def _memo(self, token: VerifiedToken) -> tuple[list[tuple[str, str]], str]:
+        """Identity headers and subject hash of a token, computed once per cached token."""
+        m = token.memo
+        hit: tuple[list[tuple[str, str]], str] | None = m.get("identity")
+        if hit is None:
+            subject = f"{token.issuer}/{token.subject}"
+            hit = m["identity"] = (identity_headers(self.snapshot.config.identity_headers, token),
+                                   hashlib.sha256(subject.encode()).hexdigest()[:16])
+        return hit
+
     def _finish(self, inp: CheckInput, transport: str, t0: float, identity: Identity,
                 decision: Decision | None) -> Decision:
         if decision is None:
             decision = self._respond(inp, identity)
         elapsed = time.perf_counter() - t0
         self._observer.observe(decision, transport, elapsed)
-        subject = decision.subject
-        self._audit.write({
-            "ts": round(self._clock(), 3),
-            "decision_id": decision.decision_id,
-            "workload": self._workload,
-            "transport": transport,
-            "outcome": decision.outcome.value,
-            "would_deny": decision.would_deny,
-            "policy": decision.policy,
-            "rule": decision.rule,
-            "reason": decision.reason,
-            "peer": inp.peer or "",
-            "subject_hash": hashlib.sha256(subject.encode()).hexdigest()[:16] if subject else "",
-            "method": inp.method,
-            "path": inp.path,
-            "request_id": inp.request_id,
-            "latency_us": round(elapsed * 1e6, 1),
-        })
+        self._audit.write(AuditRecord(
+            round(self._clock(), 3), decision.decision_id, self._workload, transport, decision.outcome.value,
+            decision.would_deny, decision.policy, decision.rule, decision.reason, inp.peer or "",
+            decision.subject_hash, inp.method, inp.path, inp.request_id, round(elapsed * 1e6, 1)))
         return decision

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -25,7 +26,7 @@ from meshward.sidecar.clients.fetch import HttpFetcher
 from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
 from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
 from meshward.sidecar.server.admin import Admin
-from meshward.sidecar.server.authz import GrpcAuthz, HttpAuthz, serve_grpc
+from meshward.sidecar.server.authz_http import HttpAuthz
 from meshward.sidecar.server.http1 import Handler, serve_tcp, serve_unix
 
 USAGE = ("usage: meshward-sidecar --config FILE [--http-listen ADDR] [--grpc-listen ADDR] "
@@ -79,8 +80,14 @@ async def run(args: argparse.Namespace) -> int:
         if args.http_listen != "off":
             servers.append(await _listen(HttpAuthz(lambda: agent.pipeline), args.http_listen))
         if args.grpc_listen != "off":
+            # Imported only when used: gRPC and the Envoy protos cost ~15 MB of RSS.
+            from meshward.sidecar.server.authz_grpc import GrpcAuthz, serve_grpc
+
             grpc_server = await serve_grpc(GrpcAuthz(lambda: agent.pipeline), args.grpc_listen)
         servers.append(await _listen(Admin(lambda: agent.ready, agent.readiness, registry), args.admin_listen))
+        # Start-up objects (modules, protos, compiled policies) never die: keep them out of GC scans.
+        gc.collect()
+        gc.freeze()
         log.info("meshward-sidecar %s serving: http=%s grpc=%s admin=%s", __version__, args.http_listen,
                  args.grpc_listen, args.admin_listen)
         stop = asyncio.Event()

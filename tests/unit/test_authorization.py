@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from meshward.sidecar.domain.decision import WIRE, Decision, Outcome
-from meshward.sidecar.domain.policy import compile_path, path_is_safe
+from meshward.sidecar.domain.policy import compile_path, compile_paths, path_is_safe
 from meshward.sidecar.domain.request import CheckInput
-from meshward.sidecar.server.authz import grpc_response, http_response
+from meshward.sidecar.server.authz_grpc import grpc_response
+from meshward.sidecar.server.authz_http import http_response
 from tests.support.idp import SigningKey
 from tests.support.sidecar import ISSUER, Clock, config, issuer, pipeline, policy, request
 
@@ -50,6 +51,8 @@ def decide(rules: list[dict[str, Any]], inp: CheckInput, *policies: dict[str, An
 ])
 def test_path_patterns(pattern: str, path: str, matches: bool) -> None:
     assert compile_path(pattern)(path) is matches
+    assert compile_paths([pattern])(path) is matches
+    assert compile_paths(["/never", pattern, "/nope/*"])(path) is matches
 
 
 @pytest.mark.parametrize(("path", "safe"), [

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshward.sidecar.domain.decision import Decision, Outcome
-from meshward.sidecar.server.authz import grpc_response, http_response, input_from_grpc
+from meshward.sidecar.server.authz_grpc import grpc_response, input_from_grpc
+from meshward.sidecar.server.authz_http import http_response
 from meshward.sidecar.server.http1 import Request, Response, _Protocol
 from tests.support.idp import SigningKey
 from tests.support.sidecar import ISSUER, Clock, config, issuer, pipeline, policy, request

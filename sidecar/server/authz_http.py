@@ -1,0 +1,65 @@
+"""The HTTP/1.1 ext_authz transport (Envoy `http_service`), the default and fast path.
+
+The request line and headers are the original request's; peer, port and host arrive
+in `x-meshward-authz-*` headers that Envoy sets itself (client-sent `x-meshward-*`
+headers are stripped by Envoy before any filter). Importing this module loads no gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from meshward.sidecar.domain.decision import Decision, Outcome
+from meshward.sidecar.domain.envoy import ATTR_HOST, ATTR_PEER, ATTR_PORT
+from meshward.sidecar.domain.request import CheckInput, split_path
+from meshward.sidecar.engines.pipeline import Pipeline
+from meshward.sidecar.server.http1 import Request, Response
+
+JSON_HEADER = ("content-type", "application/json")
+
+
+def _port(value: str | None) -> int | None:
+    if value and value.isdigit() and len(value) <= 5:
+        return int(value)
+    return None
+
+
+def input_from_http(req: Request) -> CheckInput:
+    """Build the pipeline input from an HTTP ext_authz request."""
+    h = req.headers
+    peer = h.pop(ATTR_PEER, None)
+    port = _port(h.pop(ATTR_PORT, None))
+    host = h.pop(ATTR_HOST, None) or h.get("host", "")
+    return CheckInput(method=req.method, path=split_path(req.target), host=host, headers=h,
+                      peer=peer if peer and peer != "-" else None, request_id=h.get("x-request-id", ""), port=port)
+
+
+def http_response(d: Decision) -> Response:
+    """Frame a decision for the HTTP transport."""
+    if d.outcome is Outcome.ALLOW:
+        headers = list(d.headers_to_set)
+        headers.append(("x-meshward-decision-id", d.decision_id))
+        if d.headers_to_remove:
+            headers.append(("x-envoy-auth-headers-to-remove", ", ".join(d.headers_to_remove)))
+        return Response(200, headers)
+    headers = [*d.deny_headers, JSON_HEADER, ("x-meshward-decision-id", d.decision_id)]
+    return Response(d.wire.http, headers, d.body())
+
+
+class HttpAuthz:
+    """The HTTP/1.1 ext_authz handler."""
+
+    def __init__(self, pipeline: Callable[[], Pipeline]) -> None:
+        self._pipeline = pipeline
+
+    def __call__(self, req: Request) -> Response | Awaitable[Response]:
+        """Decide on one request: synchronously unless keys must be refetched."""
+        pipeline = self._pipeline()
+        inp = input_from_http(req)
+        d = pipeline.decide_now(inp, "http")
+        if isinstance(d, Decision):
+            return http_response(d)
+        return self._slow(pipeline, inp)
+
+    async def _slow(self, pipeline: Pipeline, inp: CheckInput) -> Response:
+        return http_response(await pipeline.decide(inp, "http"))
