@@ -13,6 +13,7 @@ help:
 	@echo "make lint       ruff, mypy --strict, import-linter, CRD drift, helm lint"
 	@echo "make crds       regenerate crds/ and the chart's CRDs from operator/api/schema.py"
 	@echo "make down       stop the local cluster started by make dev"
+	@echo "make bench      the authorization benchmark against Envoy's native jwt_authn (needs wrk)"
 
 install: $(VENV)/.installed
 
@@ -48,7 +49,8 @@ test-unit: install
 	$(BIN)/pytest -m "not integration"
 
 bench: install
-	@echo "No benchmarks yet: the authz (issue 3) and identity (issue 4) benchmarks land in bench/."
+	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 2; }
+	$(BIN)/python bench/authz_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache
