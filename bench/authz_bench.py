@@ -191,7 +191,8 @@ class Agent:
         exe = Path(sys.executable).parent / "meshward-sidecar"
         self.proc = subprocess.Popen(
             [str(exe), "--config", str(cfg_file), "--http-listen", f"unix:{self.sock}", "--grpc-listen",
-             f"127.0.0.1:{self.grpc_port}" if grpc else "off", "--admin-listen", f"127.0.0.1:{self.admin}", "--log-level", "WARNING"],
+             f"127.0.0.1:{self.grpc_port}" if grpc else "off", "--admin-listen", f"127.0.0.1:{self.admin}",
+             "--log-level", "WARNING"],
             stdout=(workdir / f"{name}-audit.jsonl").open("wb"), stderr=(workdir / f"{name}.log").open("wb"))
         wait_for(f"{name} ready", lambda: http_status(f"http://127.0.0.1:{self.admin}/readyz") == 200,
                  proc=self.proc, log=workdir / f"{name}.log")
