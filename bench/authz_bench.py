@@ -248,22 +248,17 @@ def main() -> int:
             envoy(meshward_bootstrap(p, a, ep, transport), a, f"c-noop-{transport}")
             results.append(measure(f"c  no-op authorizer ({transport})", p, token, args.seconds, noop.pid))
 
-        cfg = sidecar_config(jwks.port, 10_000)
-        agent = Agent(wd, cfg, "hot")
-        cleanup.append(agent)
-        for transport in ("http", "grpc"):
-            ep = Endpoint(unix=str(agent.sock)) if transport == "http" else Endpoint(port=agent.grpc_port)
-            p, a = free_port(), free_port()
-            envoy(meshward_bootstrap(p, a, ep, transport), a, f"d-meshward-{transport}")
-            results.append(measure(f"d  meshward hot token ({transport})", p, token, args.seconds, agent.proc.pid))
-        cold = Agent(wd, sidecar_config(jwks.port, 0), "cold")
-        cleanup.append(cold)
-        for transport in ("http", "grpc"):
-            ep = Endpoint(unix=str(cold.sock)) if transport == "http" else Endpoint(port=cold.grpc_port)
-            p, a = free_port(), free_port()
-            envoy(meshward_bootstrap(p, a, ep, transport), a, f"e-meshward-{transport}")
-            results.append(measure(f"e  meshward fresh token ({transport})", p, token, args.seconds, cold.proc.pid))
-
+        # One agent per transport, as deployed: an agent serves the transport its Envoy uses
+        # (a grpc.aio server in the same process costs the HTTP path ~7 µs per request).
+        for label, cache in (("d  meshward hot token", 10_000), ("e  meshward fresh token", 0)):
+            for transport in ("http", "grpc"):
+                agent = Agent(wd, sidecar_config(jwks.port, cache), f"{label[0]}-{transport}",
+                              grpc=transport == "grpc")
+                cleanup.append(agent)
+                ep = Endpoint(unix=str(agent.sock)) if transport == "http" else Endpoint(port=agent.grpc_port)
+                p, a = free_port(), free_port()
+                envoy(meshward_bootstrap(p, a, ep, transport), a, f"{label[0]}-meshward-{transport}")
+                results.append(measure(f"{label} ({transport})", p, token, args.seconds, agent.proc.pid))
         # RSS with 10,000 distinct cached tokens (ES256 to mint them quickly), through the HTTP path.
         ekey = SigningKey("ES256", kid="bench-ec")
         jwks2 = JwksServer(ekey.jwk)
