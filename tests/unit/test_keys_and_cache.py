@@ -1,0 +1,167 @@
+"""The key store against a real HTTPS IdP, the token cache, token sources, and errors that deny."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meshward.sidecar.clients.fetch import HttpFetcher
+from meshward.sidecar.config.schema import Issuer, JwksSettings, TokenSource
+from meshward.sidecar.domain.decision import Decision, Outcome
+from meshward.sidecar.domain.jwt import VerifiedToken
+from meshward.sidecar.domain.snapshot import extract_token
+from meshward.sidecar.engines.keystore import KeyStore
+from meshward.sidecar.engines.pipeline import Pipeline
+from meshward.sidecar.engines.token_cache import TokenCache
+from tests.support.idp import IdP
+from tests.support.pki import TestCA
+from tests.support.sidecar import Clock, config, issuer, pipeline, policy, request
+
+
+@pytest.fixture(scope="module")
+def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdP]:
+    i = IdP(TestCA(tmp_path_factory.mktemp("pki")))
+    yield i
+    i.close()
+
+
+def issuer_cfg(idp: IdP, jwks_uri: str | None) -> Issuer:
+    return Issuer(issuer=idp.issuer, audiences=("orders",), jwks_uri=jwks_uri, algorithms=frozenset({"RS256"}),
+                  sources=(TokenSource(header="authorization", prefix="Bearer "),), ca_file=idp.ca_file)
+
+
+def test_oidc_discovery_finds_the_jwks(idp: IdP) -> None:
+    store = KeyStore({idp.issuer: issuer_cfg(idp, None)}, JwksSettings(), HttpFetcher(), time.monotonic)
+    assert asyncio.run(store.refresh(idp.issuer)) is True
+    assert store.ready
+    assert store.keys_of(idp.issuer, idp.signer.kid)
+
+
+def test_tls_to_the_idp_is_verified(idp: IdP) -> None:
+    cfg = issuer_cfg(idp, idp.jwks_uri)
+    cfg = Issuer(**{**cfg.__dict__, "ca_file": None})
+    store = KeyStore({idp.issuer: cfg}, JwksSettings(timeout_s=2), HttpFetcher(), time.monotonic)
+    assert asyncio.run(store.refresh(idp.issuer)) is False
+    assert "CERTIFICATE_VERIFY_FAILED" in store.status()[idp.issuer]["last_error"]  # type: ignore[operator]
+    assert not store.ready
+
+
+def test_unknown_kid_refetches_are_rate_limited(idp: IdP) -> None:
+    clock = Clock(1000.0)
+    store = KeyStore({idp.issuer: issuer_cfg(idp, idp.jwks_uri)}, JwksSettings(min_refetch_s=5), HttpFetcher(), clock)
+
+    async def flood() -> list[bool]:
+        await store.refresh(idp.issuer)
+        before = idp.jwks_requests
+        results = [await store.refetch_for_unknown_kid(idp.issuer) for _ in range(50)]
+        assert idp.jwks_requests == before  # all within minRefetchSeconds of the first fetch
+        clock.now += 5
+        results.append(await store.refetch_for_unknown_kid(idp.issuer))
+        assert idp.jwks_requests == before + 1
+        return results
+
+    results = asyncio.run(flood())
+    assert results[:-1] == [False] * 50 and results[-1] is True
+
+
+def test_concurrent_refetches_share_one_request(idp: IdP) -> None:
+    store = KeyStore({idp.issuer: issuer_cfg(idp, idp.jwks_uri)}, JwksSettings(min_refetch_s=0), HttpFetcher(),
+                     time.monotonic)
+
+    async def burst() -> None:
+        before = idp.jwks_requests
+        assert all(await asyncio.gather(*(store.refresh(idp.issuer) for _ in range(20))))
+        assert idp.jwks_requests == before + 1
+
+    asyncio.run(burst())
+
+
+def test_failed_fetch_keeps_the_last_good_keys(idp: IdP) -> None:
+    store = KeyStore({idp.issuer: issuer_cfg(idp, idp.jwks_uri)}, JwksSettings(), HttpFetcher(), time.monotonic)
+    assert asyncio.run(store.refresh(idp.issuer))
+    gen = store.generation(idp.issuer)
+    idp.down = True
+    try:
+        assert asyncio.run(store.refresh(idp.issuer)) is False
+    finally:
+        idp.down = False
+    assert store.keys_of(idp.issuer, idp.signer.kid)
+    assert store.generation(idp.issuer) == gen
+
+
+def vt(exp: float, issuer: str = "i") -> VerifiedToken:
+    return VerifiedToken(issuer=issuer, claims={}, expires_at=exp, subject="s")
+
+
+def test_token_cache_is_bounded_lru() -> None:
+    cache = TokenCache(2, lambda: 0.0, lambda _i: 1)
+    for n in range(3):
+        cache.put(TokenCache.key(f"t{n}"), vt(100))
+    assert len(cache) == 2
+    assert cache.get(TokenCache.key("t0")) is None
+    assert cache.get(TokenCache.key("t2")) is not None
+
+
+def test_token_cache_never_serves_past_exp() -> None:
+    clock = Clock(99.0)
+    cache = TokenCache(10, clock, lambda _i: 1)
+    cache.put(TokenCache.key("t"), vt(100))
+    assert cache.get(TokenCache.key("t")) is not None
+    clock.now = 100.0
+    assert cache.get(TokenCache.key("t")) is None
+
+
+def test_token_cache_drops_entries_when_the_key_set_changes() -> None:
+    gen = {"i": 1}
+    cache = TokenCache(10, lambda: 0.0, lambda i: gen[i])
+    cache.put(TokenCache.key("t"), vt(100))
+    gen["i"] = 2
+    assert cache.get(TokenCache.key("t")) is None
+
+
+def test_token_cache_keys_are_hashes_not_tokens() -> None:
+    key = TokenCache.key("secret.token.value")
+    assert len(key) == 32 and b"secret" not in key
+
+
+@pytest.mark.parametrize(("sources", "headers", "expected"), [
+    ((TokenSource(header="authorization", prefix="Bearer "),), {"authorization": "Bearer abc"}, "abc"),
+    ((TokenSource(header="authorization", prefix="Bearer "),), {"authorization": "bearer abc"}, "abc"),
+    ((TokenSource(header="authorization", prefix="Bearer "),), {"authorization": "Basic abc"}, None),
+    ((TokenSource(header="x-token"),), {"x-token": " abc "}, "abc"),
+    ((TokenSource(cookie="session"),), {"cookie": "a=1; session=abc; b=2"}, "abc"),
+    ((TokenSource(cookie="session"),), {"cookie": "sessionx=abc"}, None),
+    ((TokenSource(header="x-token"), TokenSource(cookie="session")), {"cookie": "session=c", "x-token": "h"}, "h"),
+])
+def test_token_sources(sources: tuple[TokenSource, ...], headers: dict[str, str], expected: str | None) -> None:
+    assert extract_token(sources, headers)[0] == expected
+
+
+def test_token_from_a_cookie_authenticates(idp: IdP) -> None:
+    import json
+
+    cfg = config(policy(jwt=[issuer(idp.issuer, fromCookies=["session"], jwksUri=idp.jwks_uri)],
+                        rules=[{"name": "all"}]))
+    p, _, _ = pipeline(cfg, jwks={idp.issuer: [idp.signer.jwk]}, clock=Clock(time.time()))
+    d = p.decide_now(request(cookie=f"session={idp.token()}"), "http")
+    assert isinstance(d, Decision) and d.outcome is Outcome.ALLOW, json.dumps(str(d))
+
+
+class Exploding:
+    def authorize(self, inp: Any, identity: Any) -> Any:
+        raise RuntimeError("bug")
+
+
+def test_an_internal_error_denies_with_503() -> None:
+    p, _, _ = pipeline(config(policy(rules=[{"name": "all"}])))
+    broken = Pipeline(p.snapshot, p._keys, TokenCache(1, time.time, p._keys.generation), clock=time.time,
+                      ids=lambda: "x", audit=p._audit, observer=p._observer, authorizer=Exploding())
+    d = broken.decide_now(request(), "http")
+    assert isinstance(d, Decision)
+    assert (d.outcome, d.wire.http, d.wire.grpc) == (Outcome.UNAVAILABLE, 503, 14)
+
+
