@@ -1,0 +1,1 @@
+"""Pure logic of the operator: the mesh CA, CSR checks, issuance. No I/O."""

@@ -1,0 +1,1 @@
+"""Operator orchestration: certificate issuance and, later, policy compilation and distribution."""

@@ -1,0 +1,167 @@
+"""Certificate issuance: authenticate the caller, find its ServiceIdentity, check the CSR, sign.
+
+The order matters: the token is authenticated (TokenReview, bound audience) before
+anything else is looked at, so an anonymous caller learns nothing about which
+ServiceIdentities exist. Results of TokenReview are cached briefly by token hash so
+a burst of renewals costs one API call per workload. Each ServiceAccount has its
+own token bucket, so one misbehaving workload cannot starve the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives import serialization
+
+from meshward.operator.clients.kube import KubeError, TokenReviewResult
+from meshward.operator.domain.ca import (
+    DEFAULT_TTL,
+    MAX_TTL,
+    MIN_TTL,
+    CertificateAuthority,
+    CsrRejected,
+    check_csr,
+    issue_leaf,
+    parse_ttl,
+    spiffe_id,
+)
+
+# The audience a workload's projected ServiceAccount token must be bound to.
+AUDIENCE = "meshward"
+# How long a positive TokenReview is reused (the token itself lives for minutes to hours).
+REVIEW_CACHE_S = 10.0
+# Per-ServiceAccount issuance budget: a burst for a rollout, then a steady rate.
+BURST = 50
+RATE_PER_S = 10.0
+
+
+class IssuanceError(Exception):
+    """Issuance refused; `code` is the gRPC status name the signing service answers with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class KubeApi(Protocol):
+    """The Kubernetes calls issuance needs (clients.kube.KubeClient)."""
+
+    def token_review(self, token: str, audiences: list[str]) -> TokenReviewResult:
+        """Authenticate a token."""
+        ...
+
+    def service_identities(self, namespace: str) -> list[dict[str, Any]]:
+        """List ServiceIdentities."""
+        ...
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A signed workload certificate and what the workload needs with it."""
+
+    spiffe_id: str
+    certificate_pem: str
+    trust_bundle_pem: str
+    not_after: dt.datetime
+
+
+class _Bucket:
+    def __init__(self, now: float) -> None:
+        self.tokens = float(BURST)
+        self.at = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(BURST, self.tokens + (now - self.at) * RATE_PER_S)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class IssuanceEngine:
+    """Signs workload certificates for authenticated, admitted ServiceAccounts."""
+
+    def __init__(self, kube: KubeApi, ca: Callable[[], CertificateAuthority | None],
+                 bundle: Callable[[], str], trust_domain: str, clock: Callable[[], dt.datetime],
+                 serial: Callable[[], int], monotonic: Callable[[], float],
+                 min_ttl: dt.timedelta = MIN_TTL) -> None:
+        self._kube = kube
+        self._ca = ca
+        self._bundle = bundle
+        self._trust_domain = trust_domain
+        self._clock = clock
+        self._serial = serial
+        self._monotonic = monotonic
+        self._min_ttl = min_ttl
+        self._reviews: dict[bytes, tuple[float, TokenReviewResult]] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self.issued = 0
+
+    async def _review(self, token: str) -> TokenReviewResult:
+        key = hashlib.sha256(token.encode()).digest()
+        now = self._monotonic()
+        hit = self._reviews.get(key)
+        if hit and now - hit[0] < REVIEW_CACHE_S:
+            return hit[1]
+        try:
+            result = await asyncio.to_thread(self._kube.token_review, token, [AUDIENCE])
+        except KubeError as e:
+            raise IssuanceError("UNAVAILABLE", f"cannot authenticate the token now: {e}") from e
+        if result.authenticated:
+            if len(self._reviews) > 10_000:
+                self._reviews.clear()
+            self._reviews[key] = (now, result)
+        return result
+
+    async def sign(self, token: str, csr_pem: bytes) -> Issued:
+        """Authenticate `token`, admit its ServiceAccount, check `csr_pem` and sign it."""
+        ca = self._ca()
+        if ca is None:
+            raise IssuanceError("UNAVAILABLE", "the mesh CA is not loaded yet; retry")
+        if not token:
+            raise IssuanceError("UNAUTHENTICATED", "no ServiceAccount token: send the pod's projected token "
+                                                   f"(audience {AUDIENCE!r}) as 'authorization: Bearer <token>'")
+        review = await self._review(token)
+        if not review.authenticated:
+            raise IssuanceError("UNAUTHENTICATED", f"token rejected by the API server: {review.error}")
+        if AUDIENCE not in review.audiences:
+            raise IssuanceError("UNAUTHENTICATED", f"token is not bound to the audience {AUDIENCE!r}")
+        parts = review.username.split(":")
+        if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"]:
+            raise IssuanceError("PERMISSION_DENIED", f"{review.username!r} is not a ServiceAccount")
+        namespace, sa = parts[2], parts[3]
+        bucket = self._buckets.setdefault(f"{namespace}/{sa}", _Bucket(self._monotonic()))
+        if not bucket.take(self._monotonic()):
+            raise IssuanceError("RESOURCE_EXHAUSTED", f"too many certificate requests for {namespace}/{sa}; "
+                                                      "retry with backoff")
+        try:
+            identities = await asyncio.to_thread(self._kube.service_identities, namespace)
+        except KubeError as e:
+            raise IssuanceError("UNAVAILABLE", str(e)) from e
+        identity = next((i for i in identities if i.get("spec", {}).get("serviceAccountName") == sa
+                         and not i["metadata"].get("deletionTimestamp")), None)
+        if identity is None:
+            raise IssuanceError("PERMISSION_DENIED", f"no ServiceIdentity in namespace {namespace} admits "
+                                                     f"ServiceAccount {sa}: create one with "
+                                                     f"spec.serviceAccountName: {sa}")
+        expected = spiffe_id(self._trust_domain, namespace, sa)
+        try:
+            ttl_text = identity.get("spec", {}).get("certificate", {}).get("ttl")
+            ttl = parse_ttl(ttl_text, self._min_ttl, MAX_TTL) if ttl_text else DEFAULT_TTL
+        except ValueError as e:
+            raise IssuanceError("FAILED_PRECONDITION", f"ServiceIdentity {namespace}/"
+                                                       f"{identity['metadata']['name']}: {e}") from e
+        try:
+            csr = check_csr(csr_pem, expected)
+            cert = issue_leaf(ca, csr, expected, ttl, self._clock(), self._serial)
+        except CsrRejected as e:
+            raise IssuanceError("INVALID_ARGUMENT", str(e)) from e
+        self.issued += 1
+        return Issued(expected, cert.public_bytes(serialization.Encoding.PEM).decode(), self._bundle(),
+                      cert.not_valid_after_utc)

@@ -1,0 +1,172 @@
+"""Certificate issuance against the real API server: TokenRequest tokens, real TokenReview."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshward.operator.clients.kube import KubeClient
+from meshward.operator.domain.ca import CertificateAuthority, generate_root, random_serial
+from meshward.operator.engines.issuance import BURST, IssuanceEngine, IssuanceError
+from tests.kube import Cluster
+
+pytestmark = pytest.mark.integration
+API = "meshward.io/v1alpha1"
+
+
+def csr_for(spiffe: str) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]), critical=False)
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+def engine(cluster: Cluster, ca: CertificateAuthority | None) -> IssuanceEngine:
+    return IssuanceEngine(KubeClient.from_kubeconfig(str(cluster.kubeconfig)), lambda: ca,
+                          lambda: ca.cert_pem().decode() if ca else "", "cluster.local",
+                          lambda: dt.datetime.now(dt.UTC), random_serial(os.urandom), time.monotonic)
+
+
+def identity(ns: str, sa: str, name: str | None = None, ttl: str = "2h") -> dict[str, object]:
+    return {"apiVersion": API, "kind": "ServiceIdentity", "metadata": {"name": name or sa, "namespace": ns},
+            "spec": {"serviceAccountName": sa, "certificate": {"ttl": ttl}}}
+
+
+def token(cluster: Cluster, ns: str, sa: str, audience: str = "meshward") -> str:
+    return cluster.kubectl("-n", ns, "create", "token", sa, "--audience", audience).stdout.strip()
+
+
+def refused(e: IssuanceEngine, tok: str, csr: bytes) -> IssuanceError:
+    with pytest.raises(IssuanceError) as err:
+        asyncio.run(e.sign(tok, csr))
+    return err.value
+
+
+@pytest.fixture
+def orders(crds: Cluster, namespace: str) -> str:
+    crds.kubectl("-n", namespace, "create", "serviceaccount", "orders")
+    crds.apply(identity(namespace, "orders"))
+    return namespace
+
+
+def test_admitted_service_account_gets_its_spiffe_certificate(crds: Cluster, orders: str) -> None:
+    ca = generate_root("cluster.local", dt.datetime.now(dt.UTC))
+    me = f"spiffe://cluster.local/ns/{orders}/sa/orders"
+    issued = asyncio.run(engine(crds, ca).sign(token(crds, orders, "orders"), csr_for(me)))
+    cert = x509.load_pem_x509_certificate(issued.certificate_pem.encode())
+    cert.verify_directly_issued_by(ca.cert)
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier) == [me]
+    lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    assert dt.timedelta(minutes=119) < lifetime <= dt.timedelta(hours=2)  # the ServiceIdentity's 2h
+    assert issued.trust_bundle_pem == ca.cert_pem().decode()
+
+
+def test_token_for_another_audience_is_refused(crds: Cluster, orders: str) -> None:
+    ca = generate_root("cluster.local", dt.datetime.now(dt.UTC))
+    err = refused(engine(crds, ca), token(crds, orders, "orders", audience="vault"),
+                  csr_for(f"spiffe://cluster.local/ns/{orders}/sa/orders"))
+    assert err.code == "UNAUTHENTICATED"
+    assert "audience" in str(err)
+
+
+def test_forged_token_is_refused(crds: Cluster, orders: str) -> None:
+    ca = generate_root("cluster.local", dt.datetime.now(dt.UTC))
+    tok = token(crds, orders, "orders")
+    head, body, _ = tok.split(".")
+    forged = jwt.encode({"sub": f"system:serviceaccount:{orders}:orders"}, ec.generate_private_key(ec.SECP256R1()),
+                        algorithm="ES256")
+    err = refused(engine(crds, ca), f"{head}.{body}.{forged.split('.')[2]}",
+                  csr_for(f"spiffe://cluster.local/ns/{orders}/sa/orders"))
+    assert err.code == "UNAUTHENTICATED"
+
+
+@pytest.mark.localcluster
+def test_expired_token_is_refused(crds: Cluster, orders: str) -> None:
+    """An expired token signed with the cluster's real ServiceAccount key (TokenRequest cannot mint one)."""
+    sa_key = serialization.load_pem_private_key((Path(crds.kubeconfig).parent / "pki" / "sa.key").read_bytes(), None)
+    real = jwt.decode(token(crds, orders, "orders"), options={"verify_signature": False})
+    header = jwt.get_unverified_header(token(crds, orders, "orders"))
+    now = int(time.time())
+    expired = jwt.encode({**real, "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600}, sa_key,  # type: ignore[arg-type]
+                         algorithm="ES256", headers={"kid": header["kid"]})
+    err = refused(engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC))), expired,
+                  csr_for(f"spiffe://cluster.local/ns/{orders}/sa/orders"))
+    assert err.code == "UNAUTHENTICATED"
+    assert "expired" in str(err)
+
+
+def test_service_account_without_service_identity_is_refused(crds: Cluster, namespace: str) -> None:
+    crds.kubectl("-n", namespace, "create", "serviceaccount", "batch")
+    err = refused(engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC))),
+                  token(crds, namespace, "batch"), csr_for(f"spiffe://cluster.local/ns/{namespace}/sa/batch"))
+    assert err.code == "PERMISSION_DENIED"
+    assert f"no ServiceIdentity in namespace {namespace} admits ServiceAccount batch" in str(err)
+
+
+def test_service_identity_in_another_namespace_does_not_count(crds: Cluster, namespace: str) -> None:
+    other = crds.new_namespace()
+    try:
+        crds.kubectl("-n", namespace, "create", "serviceaccount", "orders")
+        crds.apply(identity(other, "orders"))
+        err = refused(engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC))),
+                      token(crds, namespace, "orders"), csr_for(f"spiffe://cluster.local/ns/{namespace}/sa/orders"))
+        assert err.code == "PERMISSION_DENIED"
+        # Nor may the workload ask for the other namespace's identity.
+        crds.apply(identity(namespace, "orders"))
+        err = refused(engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC))),
+                      token(crds, namespace, "orders"), csr_for(f"spiffe://cluster.local/ns/{other}/sa/orders"))
+        assert err.code == "INVALID_ARGUMENT"
+    finally:
+        crds.kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def test_csr_for_another_identity_is_refused(crds: Cluster, orders: str) -> None:
+    err = refused(engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC))),
+                  token(crds, orders, "orders"), csr_for(f"spiffe://cluster.local/ns/{orders}/sa/admin"))
+    assert err.code == "INVALID_ARGUMENT"
+    assert "must be exactly" in str(err)
+
+
+def test_deleting_the_service_identity_stops_issuance(crds: Cluster, orders: str) -> None:
+    e = engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC)))
+    tok, me = token(crds, orders, "orders"), f"spiffe://cluster.local/ns/{orders}/sa/orders"
+    asyncio.run(e.sign(tok, csr_for(me)))
+    crds.kubectl("-n", orders, "delete", "serviceidentity", "orders")
+    assert refused(e, tok, csr_for(me)).code == "PERMISSION_DENIED"
+
+
+def test_per_service_account_rate_limit(crds: Cluster, orders: str) -> None:
+    e = engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC)))
+    tok, me = token(crds, orders, "orders"), f"spiffe://cluster.local/ns/{orders}/sa/orders"
+    req = csr_for(me)
+
+    async def burst() -> list[str]:
+        codes = []
+        for _ in range(BURST + 5):
+            try:
+                await e.sign(tok, req)
+                codes.append("OK")
+            except IssuanceError as err:
+                codes.append(err.code)
+        return codes
+
+    codes = asyncio.run(burst())
+    assert codes.count("OK") >= BURST
+    assert "RESOURCE_EXHAUSTED" in codes
+
+
+def test_no_ca_yet_means_unavailable() -> None:
+    e = IssuanceEngine(None, lambda: None, lambda: "", "cluster.local",  # type: ignore[arg-type]
+                       lambda: dt.datetime.now(dt.UTC), random_serial(os.urandom), time.monotonic)
+    err = refused(e, "t", b"")
+    assert err.code == "UNAVAILABLE"
