@@ -147,7 +147,7 @@ def test_spiffe_ids(td: str, ns: str, sa: str, ok: bool) -> None:
     if ok:
         assert spiffe_id(td, ns, sa) == f"spiffe://{td}/ns/{ns}/sa/{sa}"
     else:
-        with pytest.raises(ValueError, match="must be lowercase|is not a valid Kubernetes name"):
+        with pytest.raises(ValueError, match=r"must be lowercase|is not a valid Kubernetes name"):
             spiffe_id(td, ns, sa)
 
 
