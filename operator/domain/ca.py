@@ -14,6 +14,7 @@ The clock and randomness come in as arguments.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -183,3 +184,25 @@ def issue_leaf(ca: CertificateAuthority, csr: x509.CertificateSigningRequest, sp
 def random_serial(randbytes: Callable[[int], bytes]) -> Callable[[], int]:
     """A serial source: 128 random bits (CA/B Forum asks for at least 64), never zero."""
     return lambda: int.from_bytes(randbytes(16), "big") or 1
+
+
+def issue_server_cert(ca: CertificateAuthority, key: ec.EllipticCurvePrivateKey, dns: tuple[str, ...],
+                      ips: tuple[str, ...], ttl: dt.timedelta, now: dt.datetime,
+                      serial: Callable[[], int]) -> x509.Certificate:
+    """Sign a serving certificate (the operator's own endpoints) for DNS names and IPs."""
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0] if dns else "meshward")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial())
+        .not_valid_before(max(now - BACKDATE, ca.cert.not_valid_before_utc))
+        .not_valid_after(min(now + ttl, ca.cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )

@@ -170,3 +170,58 @@ def test_no_ca_yet_means_unavailable() -> None:
                        lambda: dt.datetime.now(dt.UTC), random_serial(os.urandom), time.monotonic)
     err = refused(e, "t", b"")
     assert err.code == "UNAVAILABLE"
+
+
+def test_signing_service_over_tls(crds: Cluster, orders: str) -> None:
+    """The gRPC signing service: TLS with a mesh-CA serving certificate, token in metadata, statuses mapped."""
+    import json
+
+    import grpc
+
+    from meshward.operator.domain.ca import issue_server_cert
+    from meshward.operator.servers.signing import METHOD, serve
+    from tests.support.procs import free_port
+
+    ca = generate_root("cluster.local", dt.datetime.now(dt.UTC))
+    key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = issue_server_cert(ca, key, ("meshward-identity.meshward-system.svc",), ("127.0.0.1",),
+                                    dt.timedelta(hours=1), dt.datetime.now(dt.UTC), random_serial(os.urandom))
+    port = free_port()
+    me = f"spiffe://cluster.local/ns/{orders}/sa/orders"
+    tok = token(crds, orders, "orders")
+
+    async def main() -> list[object]:
+        server = await serve(engine(crds, ca), f"127.0.0.1:{port}", server_cert.public_bytes(serialization.Encoding.PEM),
+                             key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        out: list[object] = []
+        try:
+            creds = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem())
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds) as ch:
+                sign = ch.unary_unary(METHOD, request_serializer=lambda v: json.dumps(v).encode(),
+                                      response_deserializer=json.loads)
+                out.append(await sign({"csr": csr_for(me).decode()}, metadata=(("authorization", f"Bearer {tok}"),)))
+                for meta, body in ((("authorization", f"Bearer {tok}"),), {"csr": 7}), ((), {"csr": "x"}):
+                    try:
+                        await sign(body, metadata=meta)
+                    except grpc.aio.AioRpcError as e:
+                        out.append((e.code(), e.details()))
+            untrusted = grpc.ssl_channel_credentials(root_certificates=generate_root(
+                "cluster.local", dt.datetime.now(dt.UTC)).cert_pem())
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", untrusted) as ch:
+                try:
+                    await ch.unary_unary(METHOD, request_serializer=lambda v: json.dumps(v).encode())(
+                        {"csr": "x"}, timeout=5)
+                except grpc.aio.AioRpcError as e:
+                    out.append(e.code())
+        finally:
+            await server.stop(None)
+        return out
+
+    ok, bad_request, no_token, untrusted_code = asyncio.run(main())
+    assert isinstance(ok, dict) and ok["spiffeId"] == me
+    x509.load_pem_x509_certificate(ok["certificateChain"].encode()).verify_directly_issued_by(ca.cert)
+    assert bad_request == (grpc.StatusCode.INVALID_ARGUMENT, 'request must be {"csr": "<PEM>"}')
+    assert no_token[0] == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[index]
+    assert "projected token" in no_token[1]  # type: ignore[index]
+    assert untrusted_code == grpc.StatusCode.UNAVAILABLE  # the client refuses a server it cannot verify

@@ -1,0 +1,1 @@
+"""Network servers of the operator: the certificate signing service."""
