@@ -58,9 +58,10 @@ class JwtError(Exception):
 class UnknownKey(JwtError):
     """The token names a `kid` this issuer's key set does not have (maybe yet)."""
 
-    def __init__(self, issuer: str) -> None:
+    def __init__(self, issuer: str, kid: str | None) -> None:
         super().__init__("signing key not found")
         self.issuer = issuer
+        self.kid = kid
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +305,7 @@ def verify(token: ParsedToken, issuers: Mapping[str, Issuer], keys_of: Any, now:
     kid = token.header.get("kid")
     candidates = keys_of(iss, kid)
     if candidates is None:
-        raise UnknownKey(iss)
+        raise UnknownKey(iss, kid if isinstance(kid, str) else None)
     fitting = [k for k in candidates if key_fits(alg, k)][:MAX_KEYS_WITHOUT_KID if kid is None else None]
     if not fitting:
         raise JwtError("no key of the issuer fits the signing algorithm")

@@ -51,6 +51,9 @@ class IssuerKeys:
     generation: int = 0
     loaded: bool = False
     last_attempt: float = float("-inf")
+    # Rate limit of unknown-kid refetches, counted apart from scheduled refreshes: a refresh
+    # that ran just before the IdP published a new key must not delay that key's first use.
+    last_kid_refetch: float = float("-inf")
     last_success: float | None = None
     last_error: str = ""
     jwks_uri: str | None = None
@@ -97,7 +100,7 @@ class KeyStore:
         st = self._issuers.get(issuer)
         if st is None:
             return False
-        return st.inflight is not None or self._clock() - st.last_attempt >= self._settings.min_refetch_s
+        return st.inflight is not None or self._clock() - st.last_kid_refetch >= self._settings.min_refetch_s
 
     @property
     def ready(self) -> bool:
@@ -141,13 +144,21 @@ class KeyStore:
             fut.set_result(ok)
         return ok
 
-    async def refetch_for_unknown_kid(self, issuer: str) -> bool:
-        """Refetch because a token named an unknown kid, unless one ran within minRefetchSeconds."""
+    async def refetch_for_unknown_kid(self, issuer: str, kid: str | None = None) -> bool:
+        """Refetch because a token named an unknown kid, unless such a refetch ran within minRefetchSeconds.
+
+        A fetch already in flight is joined first; if it brought the kid, no new fetch is made.
+        """
         st = self._issuers.get(issuer)
         if st is None:
             return False
-        if not self.may_refetch(issuer):
+        if st.inflight is not None:
+            await asyncio.shield(st.inflight)
+            if kid is not None and kid in st.by_kid:
+                return True
+        if self._clock() - st.last_kid_refetch < self._settings.min_refetch_s:
             return False
+        st.last_kid_refetch = self._clock()
         return await self.refresh(issuer)
 
     async def _fetch(self, st: IssuerKeys) -> bool:

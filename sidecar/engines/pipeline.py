@@ -50,6 +50,7 @@ class NeedKeys:
     """The token names a key the store does not have yet; a refetch may find it."""
 
     issuer: str
+    kid: str | None = None
 
 
 class Authenticator(Protocol):
@@ -112,7 +113,7 @@ class JwtAuthenticator:
                 if not self._keys.loaded(e.issuer):
                     return Identity(failure="signing keys not loaded yet", unavailable=True)
                 if may_refetch and self._keys.may_refetch(e.issuer):
-                    return NeedKeys(e.issuer)
+                    return NeedKeys(e.issuer, e.kid)
                 return Identity(failure=e.reason, enforced=s.jwt_enforced)
             except JwtError as e:
                 return Identity(failure=e.reason, enforced=s.jwt_enforced)
@@ -180,7 +181,7 @@ class Pipeline:
             return first
         t0 = time.perf_counter()
         try:
-            await self._keys.refetch_for_unknown_kid(first.issuer)
+            await self._keys.refetch_for_unknown_kid(first.issuer, first.kid)
             identity = self._authn.authenticate(inp, False)
             assert isinstance(identity, Identity)
             return self._finish(inp, transport, t0, identity, None)

@@ -22,7 +22,7 @@ KEY = SigningKey("RS256", kid="k1")
 PIPE, _audit, _metrics = pipeline(config(policy(jwt=[issuer()], rules=[{"name": "all"}])), jwks={ISSUER: [KEY.jwk]},
                       clock=Clock(1_800_000_000))
 for _st in PIPE._keys._issuers.values():
-    _st.last_attempt = 1_800_000_000  # unknown kids are rate-limited: decide_now must always answer
+    _st.last_kid_refetch = 1_800_000_000  # unknown kids are rate-limited: decide_now must always answer
 
 b64 = st.binary(max_size=200).map(lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode())
 json_segment = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),

@@ -173,7 +173,7 @@ def make(**issuer_extra: Any) -> Any:
     p, audit, _ = pipeline(cfg, jwks={ISSUER: [KEY.jwk], OTHER: [OTHER_KEY.jwk, EC_KEY.jwk]}, clock=Clock(NOW))
     # A refetch for unknown kids just happened, so attack tokens cannot trigger another one.
     for st in p._keys._issuers.values():
-        st.last_attempt = NOW
+        st.last_kid_refetch = NOW
     return p, audit
 
 
