@@ -29,8 +29,6 @@ from meshward.sidecar.domain.cel_engine import cel
 from meshward.sidecar.domain.jwt import VerifiedToken
 from meshward.sidecar.domain.request import CheckInput
 
-Matcher = Callable[[CheckInput, "VerifiedToken | None"], bool]
-
 # Paths with dot segments, backslashes or encoded dots are refused outright: Envoy normalizes
 # paths in the configs we generate, so these only arrive from a misconfigured or bypassing proxy.
 _UNSAFE_PATH = re.compile(r"(^|/)\.\.?(/|$)|\\|%2e|%5c", re.IGNORECASE)
@@ -142,55 +140,81 @@ def _eval_when(programs: Sequence[Any], inp: CheckInput, token: VerifiedToken | 
 
 @dataclass(frozen=True, slots=True)
 class CompiledRule:
-    """A rule with its matchers precompiled."""
+    """A rule as a conjunction of precompiled conditions.
+
+    Each part is an expression template over `inp` and `token` with one constant
+    (`{c}`): a set, a matcher function, a compiled CEL condition. The templates are
+    fixed strings of this module; config values only ever become constants.
+    """
 
     policy: str
     name: str
     deny: bool
     enforced: bool
-    checks: tuple[Matcher, ...]
-    when: tuple[Any, ...]
+    parts: tuple[tuple[str, Any], ...]
 
     def matches(self, inp: CheckInput, token: VerifiedToken | None) -> bool:
-        """Whether the request matches this rule (errors: Deny matches, Allow does not)."""
-        for check in self.checks:
-            if not check(inp, token):
-                return False
-        if not self.when:
-            return True
-        result = _eval_when(self.when, inp, token)
-        return self.deny if result is None else result
+        """Whether the request matches this rule (errors in `when`: Deny matches, Allow does not)."""
+        return bool(_generate([(self, True)], False)(inp, token))
+
+
+def _when_part(programs: tuple[Any, ...], deny: bool) -> Callable[[CheckInput, VerifiedToken | None], bool]:
+    def check(inp: CheckInput, token: VerifiedToken | None) -> bool:
+        result = _eval_when(programs, inp, token)
+        return deny if result is None else result
+
+    return check
 
 
 def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
-    """Precompile one rule's matchers."""
-    checks: list[Matcher] = []
+    """Precompile one rule's conditions."""
+    parts: list[tuple[str, Any]] = []
     f, t = rule.from_, rule.to
+    deny = rule.action == "Deny"
     if f.principals:
-        m = _wildcard(f.principals)
-        checks.append(lambda i, _t: m(i.peer))
+        parts.append(("{c}(inp.peer)", _wildcard(f.principals)))
     if f.request_principals:
-        rp = _wildcard(f.request_principals)
-        checks.append(lambda _i, tok: tok is not None and rp(f"{tok.issuer}/{tok.subject}"))
+        parts.append(("(token is not None and {c}(token.issuer + '/' + token.subject))",
+                      _wildcard(f.request_principals)))
     if f.namespaces:
-        ns = frozenset(f.namespaces)
-        checks.append(lambda i, _t: i.peer_namespace in ns)
+        parts.append(("inp.peer_namespace in {c}", frozenset(f.namespaces)))
     if t.methods:
-        methods = frozenset(t.methods)
-        checks.append(lambda i, _t: i.method in methods)
+        parts.append(("inp.method in {c}", frozenset(t.methods)))
     if t.paths:
-        pm = compile_paths(t.paths)
-        checks.append(lambda i, _t: pm(i.path))
+        parts.append(("{c}(inp.path)", compile_paths(t.paths)))
     if t.hosts:
-        hm = _host_matcher(t.hosts)
-        checks.append(lambda i, _t: hm(i.host))
+        parts.append(("{c}(inp.host)", _host_matcher(t.hosts)))
     if t.ports:
-        ports = frozenset(t.ports)
-        checks.append(lambda i, _t: i.port in ports)
+        parts.append(("inp.port in {c}", frozenset(t.ports)))
     when = tuple(compile_when(w, f"{path}.when[{n}]") for n, w in enumerate(rule.when))
-    return CompiledRule(policy=policy.name, name=rule.name, deny=rule.action == "Deny",
-                        enforced=rule.mode == "Enforce" and policy.mode == "Enforce",
-                        checks=tuple(checks), when=when)
+    if when:
+        # Last: CEL costs ~20 µs, so it runs only when everything else matched.
+        parts.append(("{c}(inp, token)", _when_part(when, deny)))
+    return CompiledRule(policy=policy.name, name=rule.name, deny=deny,
+                        enforced=rule.mode == "Enforce" and policy.mode == "Enforce", parts=tuple(parts))
+
+
+def _generate(rules: Sequence[tuple[CompiledRule, Any]], default: Any
+              ) -> Callable[[CheckInput, VerifiedToken | None], Any]:
+    """Build one function that tries `rules` in order and returns the paired result of the first match.
+
+    One flat function instead of a loop over rules and closures per condition: the rules
+    cost ~1 µs instead of ~6 on the hot path. Only fixed templates become code.
+    """
+    namespace: dict[str, Any] = {"default": default}
+    lines = ["def evaluate(inp, token):"]
+    for n, (rule, result) in enumerate(rules):
+        conds = []
+        for m, (template, const) in enumerate(rule.parts):
+            namespace[f"c{n}_{m}"] = const
+            conds.append(template.format(c=f"c{n}_{m}"))
+        namespace[f"r{n}"] = result
+        lines.append(f"    if {' and '.join(conds) or 'True'}:")
+        lines.append(f"        return r{n}")
+    lines.append("    return default")
+    exec("\n".join(lines), namespace)  # noqa: S102 - generated from fixed templates; config values are constants
+    fn: Callable[[CheckInput, VerifiedToken | None], Any] = namespace["evaluate"]
+    return fn
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,34 +230,34 @@ class AuthzResult:
     audit_rule: str = ""
 
 
-@dataclass(frozen=True, slots=True)
 class CompiledPolicies:
-    """Every rule of every policy selecting this workload, ready to evaluate."""
+    """Every rule of every policy selecting this workload, compiled into two flat functions."""
 
-    deny: tuple[CompiledRule, ...]
-    allow: tuple[CompiledRule, ...]
-    default_deny_policy: str | None     # the first Enforce policy, if any: its presence means default deny
-    audit_default_deny_policy: str | None  # the first policy of any mode
-    has_audit: bool
+    def __init__(self, deny: Sequence[CompiledRule], allow: Sequence[CompiledRule], default_deny_policy: str | None,
+                 audit_default_deny_policy: str | None, has_audit: bool) -> None:
+        self.deny = tuple(deny)
+        self.allow = tuple(allow)
+        self.has_audit = has_audit
 
-    def _evaluate(self, inp: CheckInput, token: VerifiedToken | None, enforced_only: bool,
-                  default_policy: str | None) -> AuthzResult:
-        for r in self.deny:
-            if (r.enforced or not enforced_only) and r.matches(inp, token):
-                return AuthzResult(False, r.policy, r.name, "denied by rule")
-        for r in self.allow:
-            if (r.enforced or not enforced_only) and r.matches(inp, token):
-                return AuthzResult(True, r.policy, r.name, "allowed by rule")
-        if default_policy is not None:
-            return AuthzResult(False, default_policy, "", "no rule allows this request")
-        return AuthzResult(True, "", "", "no policy selects this workload")
+        def results(rules: Sequence[CompiledRule]) -> list[tuple[CompiledRule, AuthzResult]]:
+            return [(r, AuthzResult(not r.deny, r.policy, r.name, "denied by rule" if r.deny else "allowed by rule"))
+                    for r in rules]
+
+        def default(policy: str | None) -> AuthzResult:
+            if policy is not None:
+                return AuthzResult(False, policy, "", "no rule allows this request")
+            return AuthzResult(True, "", "", "no policy selects this workload")
+
+        ordered = [*self.deny, *self.allow]
+        self._enforced = _generate(results([r for r in ordered if r.enforced]), default(default_deny_policy))
+        self._all = _generate(results(ordered), default(audit_default_deny_policy))
 
     def evaluate(self, inp: CheckInput, token: VerifiedToken | None) -> AuthzResult:
         """Return the enforced verdict, flagged `would_deny` when Audit rules would have denied."""
-        enforced = self._evaluate(inp, token, True, self.default_deny_policy)
+        enforced: AuthzResult = self._enforced(inp, token)
         if not self.has_audit or not enforced.allowed:
             return enforced
-        full = self._evaluate(inp, token, False, self.audit_default_deny_policy)
+        full: AuthzResult = self._all(inp, token)
         if full.allowed:
             return enforced
         return AuthzResult(True, enforced.policy, enforced.rule, enforced.reason, would_deny=True,

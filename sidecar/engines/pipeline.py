@@ -158,6 +158,7 @@ class Pipeline:
         self._authn = authenticator or JwtAuthenticator(snapshot, keys, cache, clock)
         self._authz = authorizer or PolicyAuthorizer(snapshot)
         self._workload = snapshot.config.workload
+        self._remove_without_token = [*snapshot.owned_headers, *snapshot.token_headers_to_strip]
 
     def decide_now(self, inp: CheckInput, transport: str) -> Decision | NeedKeys:
         """Decide without I/O, or return NeedKeys when a key refetch could change the answer."""
@@ -194,7 +195,6 @@ class Pipeline:
 
     def _respond(self, inp: CheckInput, identity: Identity) -> Decision:
         """Response phase: turn identity and authorization into a decision with headers."""
-        s = self.snapshot
         if identity.unavailable:
             return self._deny(Outcome.UNAVAILABLE, identity.failure or "unavailable")
         if identity.failure and (identity.enforced or identity.revoked):
@@ -209,30 +209,32 @@ class Pipeline:
         token = identity.token
         if not authz.allowed:
             d = self._deny(Outcome.FORBIDDEN, authz.reason, authz.policy, authz.rule)
-            d.subject_hash = self._memo(token)[1] if token else ""
+            d.subject_hash = self._memo(token)[2] if token else ""
             return d
-        d = Decision(Outcome.ALLOW, self._ids(), authz.reason, authz.policy, authz.rule,
-                     would_deny=authz.would_deny or identity.failure is not None)
         if token is not None:
-            headers, d.subject_hash = self._memo(token)
-            d.headers_to_set = list(headers)
-        set_names = {h for h, _ in d.headers_to_set}
-        d.headers_to_remove = [h for h in s.owned_headers if h not in set_names]
-        d.headers_to_remove.extend(s.token_headers_to_strip)
+            to_set, to_remove, subject_hash = self._memo(token)
+        else:
+            to_set, to_remove, subject_hash = [], self._remove_without_token, ""
+        # The header lists are shared by every decision for this token: transports only read them.
+        d = Decision(Outcome.ALLOW, self._ids(), authz.reason, authz.policy, authz.rule, to_set, to_remove,
+                     would_deny=authz.would_deny or identity.failure is not None, subject_hash=subject_hash)
         if authz.would_deny:
             d.reason = f"audit: would be denied by {authz.audit_policy}/{authz.audit_rule or 'default deny'}"
         elif identity.failure:
             d.reason = f"audit: would be denied ({identity.failure})"
         return d
 
-    def _memo(self, token: VerifiedToken) -> tuple[list[tuple[str, str]], str]:
-        """Identity headers and subject hash of a token, computed once per cached token."""
+    def _memo(self, token: VerifiedToken) -> tuple[list[tuple[str, str]], list[str], str]:
+        """Headers to set and remove, and the subject hash, computed once per cached token."""
         m = token.memo
-        hit: tuple[list[tuple[str, str]], str] | None = m.get("identity")
+        hit: tuple[list[tuple[str, str]], list[str], str] | None = m.get("identity")
         if hit is None:
+            s = self.snapshot
             subject = f"{token.issuer}/{token.subject}"
-            hit = m["identity"] = (identity_headers(self.snapshot.config.identity_headers, token),
-                                   hashlib.sha256(subject.encode()).hexdigest()[:16])
+            to_set = identity_headers(s.config.identity_headers, token)
+            set_names = {h for h, _ in to_set}
+            to_remove = [h for h in s.owned_headers if h not in set_names] + list(s.token_headers_to_strip)
+            hit = m["identity"] = (to_set, to_remove, hashlib.sha256(subject.encode()).hexdigest()[:16])
         return hit
 
     def _finish(self, inp: CheckInput, transport: str, t0: float, identity: Identity,
