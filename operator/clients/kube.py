@@ -35,6 +35,7 @@ class KubeClient:
     def __init__(self, api: client.ApiClient) -> None:
         self._auth = client.AuthenticationV1Api(api)
         self._custom = client.CustomObjectsApi(api)
+        self._core = client.CoreV1Api(api)
 
     @classmethod
     def from_kubeconfig(cls, path: str | None = None) -> KubeClient:
@@ -68,3 +69,25 @@ class KubeClient:
             raise KubeError(f"listing ServiceIdentities in {namespace} failed: HTTP {e.status} {e.reason}") from e
         items: list[dict[str, Any]] = cast(dict[str, Any], out).get("items", [])
         return items
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's data (base64 values as stored), or None when it does not exist."""
+        try:
+            secret = self._core.read_namespaced_secret(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise KubeError(f"reading Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        return dict(secret.data or {})
+
+    def create_secret(self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]) -> bool:
+        """Create a Secret with base64 `data`; False when one of that name already exists (nothing written)."""
+        body = client.V1Secret(metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=labels),
+                               type="Opaque", data=data)
+        try:
+            self._core.create_namespaced_secret(namespace, body)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise KubeError(f"creating Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        return True
