@@ -78,12 +78,12 @@ class KubeClient:
             if e.status == 404:
                 return None
             raise KubeError(f"reading Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
-        return dict(secret.data or {})
+        return {k: v.decode() if isinstance(v, bytes) else v for k, v in (secret.data or {}).items()}
 
     def create_secret(self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]) -> bool:
         """Create a Secret with base64 `data`; False when one of that name already exists (nothing written)."""
         body = client.V1Secret(metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=labels),
-                               type="Opaque", data=data)
+                               type="Opaque", data=dict[str, bytes | str](data))
         try:
             self._core.create_namespaced_secret(namespace, body)
         except ApiException as e:

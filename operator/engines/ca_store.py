@@ -16,7 +16,7 @@ from typing import Protocol
 
 from meshward.operator.domain.ca import CertificateAuthority, generate_root
 
-SECRET_NAME = "meshward-mesh-ca"
+SECRET_NAME = "meshward-mesh-ca"  # noqa: S105 - a resource name, not a password
 LABELS = {"app.kubernetes.io/part-of": "meshward", "app.kubernetes.io/component": "mesh-ca"}
 
 
