@@ -48,9 +48,10 @@ test: lint
 test-unit: install
 	$(BIN)/pytest -m "not integration"
 
-bench: install
+bench: install control-plane
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 2; }
 	$(BIN)/python bench/authz_bench.py
+	$(BIN)/python bench/issuance_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

@@ -47,6 +47,8 @@ class KubeClient:
             if path:
                 raise
             config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        # One pooled connection per issuance worker thread (the default pool is smaller).
+        cfg.connection_pool_maxsize = 16
         return cls(client.ApiClient(cfg))
 
     def token_review(self, token: str, audiences: list[str]) -> TokenReviewResult:

@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -99,6 +100,9 @@ class IssuanceEngine:
         self._serial = serial
         self._monotonic = monotonic
         self._min_ttl = min_ttl
+        # The Kubernetes client blocks; its calls run on a pool sized for a rollout's burst of
+        # renewals rather than asyncio's small default executor.
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kube-api")
         self._reviews: dict[bytes, tuple[float, TokenReviewResult]] = {}
         self._buckets: dict[str, _Bucket] = {}
         self.issued = 0
@@ -110,7 +114,8 @@ class IssuanceEngine:
         if hit and now - hit[0] < REVIEW_CACHE_S:
             return hit[1]
         try:
-            result = await asyncio.to_thread(self._kube.token_review, token, [AUDIENCE])
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, self._kube.token_review, token,
+                                                                      [AUDIENCE])
         except KubeError as e:
             raise IssuanceError("UNAVAILABLE", f"cannot authenticate the token now: {e}") from e
         if result.authenticated:
@@ -141,7 +146,8 @@ class IssuanceEngine:
             raise IssuanceError("RESOURCE_EXHAUSTED", f"too many certificate requests for {namespace}/{sa}; "
                                                       "retry with backoff")
         try:
-            identities = await asyncio.to_thread(self._kube.service_identities, namespace)
+            identities = await asyncio.get_running_loop().run_in_executor(self._pool, self._kube.service_identities,
+                                                                          namespace)
         except KubeError as e:
             raise IssuanceError("UNAVAILABLE", str(e)) from e
         identity = next((i for i in identities if i.get("spec", {}).get("serviceAccountName") == sa
