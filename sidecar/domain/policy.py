@@ -55,33 +55,38 @@ def _wildcard(values: Sequence[str]) -> Callable[[str | None], bool]:
     return match
 
 
-def compile_path(pattern: str) -> Callable[[str], bool]:
-    """Compile a path pattern: exact, `prefix/*` (any depth), `*`, or a glob (`*` one segment, `**` any)."""
-    if pattern == "*":
-        return lambda _p: True
-    if "*" not in pattern:
-        return lambda p: p == pattern
-    if pattern.endswith("*") and "*" not in pattern[:-1]:
-        prefix = pattern[:-1]
-        return lambda p: p.startswith(prefix)
-    regex = "".join(".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part)
-                    for part in re.split(r"(\*\*|\*)", pattern))
-    compiled = re.compile(f"^{regex}$")
-    return lambda p: compiled.match(p) is not None
+def _glob_regex(pattern: str) -> str:
+    """A path glob as a regex: `*` is one segment, `**` any number of them."""
+    return "".join(".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part)
+                   for part in re.split(r"(\*\*|\*)", pattern))
+
+
+def _is_prefix(pattern: str) -> bool:
+    """`/orders/*`: one trailing `*` and no other, matching any depth below."""
+    return pattern.endswith("*") and "*" not in pattern[:-1]
 
 
 def compile_paths(patterns: Sequence[str]) -> Callable[[str], bool]:
-    """Compile a list of path patterns (ORed) into one matcher: a set, a prefix tuple and one regex."""
+    """Compile path patterns (ORed) into one matcher: exact paths, `prefix*` (any depth), `*`, and globs.
+
+    Exact paths become a set, prefixes one `str.startswith` tuple, globs one regex.
+    """
     if "*" in patterns:
         return lambda _p: True
     exact = frozenset(p for p in patterns if "*" not in p)
-    prefixes = tuple(p[:-1] for p in patterns if p.endswith("*") and "*" not in p[:-1])
-    globs = [compile_path(p) for p in patterns if "*" in p and not (p.endswith("*") and "*" not in p[:-1])]
+    prefixes = tuple(p[:-1] for p in patterns if _is_prefix(p))
+    globs = [p for p in patterns if "*" in p and not _is_prefix(p)]
     if not globs:
         if not prefixes:
             return exact.__contains__
         return lambda p: p in exact or p.startswith(prefixes)
-    return lambda p: p in exact or (bool(prefixes) and p.startswith(prefixes)) or any(g(p) for g in globs)
+    glob = re.compile("^(?:" + "|".join(_glob_regex(g) for g in globs) + ")$")
+    return lambda p: p in exact or (bool(prefixes) and p.startswith(prefixes)) or glob.match(p) is not None
+
+
+def compile_path(pattern: str) -> Callable[[str], bool]:
+    """Compile one path pattern (see compile_paths)."""
+    return compile_paths([pattern])
 
 
 def _host_matcher(hosts: Sequence[str]) -> Callable[[str], bool]:
@@ -152,10 +157,6 @@ class CompiledRule:
     deny: bool
     enforced: bool
     parts: tuple[tuple[str, Any], ...]
-
-    def matches(self, inp: CheckInput, token: VerifiedToken | None) -> bool:
-        """Whether the request matches this rule (errors in `when`: Deny matches, Allow does not)."""
-        return bool(_generate([(self, True)], False)(inp, token))
 
 
 def _when_part(programs: tuple[Any, ...], deny: bool) -> Callable[[CheckInput, VerifiedToken | None], bool]:
