@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from kubernetes import client  # noqa: E402
+from tests.support.pki import spiffe_csr  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
 
 from meshward.localcluster import Binaries, down, up  # noqa: E402
@@ -34,13 +34,6 @@ from meshward.operator.clients.kube import KubeClient  # noqa: E402
 from meshward.operator.domain.ca import generate_root, issue_server_cert, random_serial  # noqa: E402
 from meshward.operator.engines.issuance import IssuanceEngine  # noqa: E402
 from meshward.operator.servers.signing import METHOD, serve  # noqa: E402
-
-
-def csr(spiffe: str) -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]), critical=False)
-            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
 
 
 async def run(kubeconfig: str, requests: int, concurrency: int, accounts: int) -> list[float]:
@@ -57,7 +50,7 @@ async def run(kubeconfig: str, requests: int, concurrency: int, accounts: int) -
         custom.create_namespaced_custom_object("meshward.io", "v1alpha1", ns, "serviceidentities", {
             "apiVersion": "meshward.io/v1alpha1", "kind": "ServiceIdentity", "metadata": {"name": sa},
             "spec": {"serviceAccountName": sa}})
-        request = csr(f"spiffe://cluster.local/ns/{ns}/sa/{sa}")
+        request = spiffe_csr(f"spiffe://cluster.local/ns/{ns}/sa/{sa}").decode()
         for _ in range(per_account):
             tr = core.create_namespaced_service_account_token(sa, ns, client.AuthenticationV1TokenRequest(
                 spec=client.V1TokenRequestSpec(audiences=["meshward"], expiration_seconds=3600)))

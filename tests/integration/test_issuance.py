@@ -11,23 +11,17 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshward.operator.clients.kube import KubeClient
 from meshward.operator.domain.ca import CertificateAuthority, generate_root, random_serial
 from meshward.operator.engines.issuance import BURST, IssuanceEngine, IssuanceError
 from tests.kube import Cluster
+from tests.support.pki import spiffe_csr as csr_for
 
 pytestmark = pytest.mark.integration
 API = "meshward.io/v1alpha1"
-
-
-def csr_for(spiffe: str) -> bytes:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]), critical=False)
-            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
 
 
 def engine(cluster: Cluster, ca: CertificateAuthority | None) -> IssuanceEngine:

@@ -6,10 +6,11 @@ import datetime as dt
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -59,3 +60,19 @@ class TestCA:
         key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
         return CertFiles(cert_file, key_file, self.ca_file)
+
+
+def make_csr(sans: list[x509.GeneralName] | None, key: Any = None, cn: str | None = None) -> bytes:
+    """A PEM CSR with these SANs (None: no SAN extension), signed by `key` (default: a new P-256 key)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    b = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []))
+    if sans is not None:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    algo = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return b.sign(key, algo).public_bytes(serialization.Encoding.PEM)
+
+
+def spiffe_csr(spiffe: str) -> bytes:
+    """A P-256 CSR whose only SAN is the URI `spiffe`."""
+    return make_csr([x509.UniformResourceIdentifier(spiffe)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -18,11 +17,9 @@ from typing import Any
 
 import yaml
 
+from meshward.localcluster import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["Agent", "Echo", "free_port", "http_status", "run_envoy", "wait_for"]
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 30, proc: subprocess.Popen[bytes] | None = None,

@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
 
 from meshward.operator.domain.ca import (
     CertificateAuthority,
@@ -22,19 +21,10 @@ from meshward.operator.domain.ca import (
     random_serial,
     spiffe_id,
 )
+from tests.support.pki import make_csr as csr
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 ME = "spiffe://cluster.local/ns/shop/sa/orders"
-
-
-def csr(sans: list[x509.GeneralName] | None = None, key: Any = None, cn: str | None = None) -> bytes:
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    b = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []))
-    if sans is not None:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    algo = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return b.sign(key, algo).public_bytes(serialization.Encoding.PEM)
 
 
 def uri(u: str) -> x509.GeneralName:
