@@ -1,4 +1,4 @@
-"""Kubernetes API calls the operator makes: TokenReview and ServiceIdentity lookups.
+"""Kubernetes API calls the operator makes: TokenReview, ServiceIdentities, the CA Secret, bundles.
 
 The official client is synchronous; callers on an event loop run these methods in
 a worker thread (`asyncio.to_thread`). Errors surface as KubeError, chained.
@@ -27,6 +27,15 @@ class TokenReviewResult:
     username: str = ""
     audiences: tuple[str, ...] = ()
     error: str = ""
+
+
+@dataclass(frozen=True)
+class StoredSecret:
+    """A Secret as read: base64 data, annotations, and the version a replace must match."""
+
+    data: dict[str, str]
+    annotations: dict[str, str]
+    resource_version: str = ""
 
 
 class KubeClient:
@@ -72,15 +81,72 @@ class KubeClient:
         items: list[dict[str, Any]] = cast(dict[str, Any], out).get("items", [])
         return items
 
-    def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        """The Secret's data (base64 values as stored), or None when it does not exist."""
+    def read_secret(self, namespace: str, name: str) -> StoredSecret | None:
+        """The Secret (data as stored, base64), or None when it does not exist."""
         try:
             secret = self._core.read_namespaced_secret(name, namespace)
         except ApiException as e:
             if e.status == 404:
                 return None
             raise KubeError(f"reading Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
-        return {k: v.decode() if isinstance(v, bytes) else v for k, v in (secret.data or {}).items()}
+        meta = secret.metadata or client.V1ObjectMeta()
+        return StoredSecret({k: v.decode() if isinstance(v, bytes) else v for k, v in (secret.data or {}).items()},
+                            dict(meta.annotations or {}), meta.resource_version or "")
+
+    def replace_secret(self, namespace: str, name: str, secret: StoredSecret, labels: dict[str, str]) -> bool:
+        """Replace a Secret if it is still at `secret.resource_version`; False when someone changed it first."""
+        body = client.V1Secret(metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=labels,
+                                                            annotations=secret.annotations,
+                                                            resource_version=secret.resource_version),
+                               type="Opaque", data=dict[str, bytes | str](secret.data))
+        try:
+            self._core.replace_namespaced_secret(name, namespace, body)
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise KubeError(f"updating Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        return True
+
+    def annotate_secret(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """Merge `annotations` into a Secret's metadata."""
+        try:
+            self._core.patch_namespaced_secret(name, namespace, {"metadata": {"annotations": annotations}})
+        except ApiException as e:
+            raise KubeError(f"annotating Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+
+    def service_account_exists(self, namespace: str, name: str) -> bool:
+        """Whether the ServiceAccount exists."""
+        try:
+            self._core.read_namespaced_service_account(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise KubeError(f"reading ServiceAccount {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        return True
+
+    def ensure_configmap(self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]) -> bool:
+        """Create or update a ConfigMap to hold exactly `data`; True when something was written."""
+        try:
+            current = self._core.read_namespaced_config_map(name, namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise KubeError(f"reading ConfigMap {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+            current = None
+        body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=labels),
+                                  data=data)
+        try:
+            if current is None:
+                self._core.create_namespaced_config_map(namespace, body)
+            elif (current.data or {}) != data:
+                body = client.V1ConfigMap(metadata=client.V1ObjectMeta(
+                    name=name, namespace=namespace, labels=labels,
+                    resource_version=(current.metadata or client.V1ObjectMeta()).resource_version), data=data)
+                self._core.replace_namespaced_config_map(name, namespace, body)
+            else:
+                return False
+        except ApiException as e:
+            raise KubeError(f"writing ConfigMap {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        return True
 
     def create_secret(self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]) -> bool:
         """Create a Secret with base64 `data`; False when one of that name already exists (nothing written)."""

@@ -31,6 +31,7 @@ from meshward.operator.domain.ca import (
     parse_ttl,
     spiffe_id,
 )
+from meshward.operator.engines.identities import IdentityDirectory, IssuanceStats
 
 # The audience a workload's projected ServiceAccount token must be bound to.
 AUDIENCE = "meshward"
@@ -91,7 +92,8 @@ class IssuanceEngine:
     def __init__(self, kube: KubeApi, ca: Callable[[], CertificateAuthority | None],
                  bundle: Callable[[], str], trust_domain: str, clock: Callable[[], dt.datetime],
                  serial: Callable[[], int], monotonic: Callable[[], float],
-                 min_ttl: dt.timedelta = MIN_TTL) -> None:
+                 min_ttl: dt.timedelta = MIN_TTL, ttl_cap: dt.timedelta | None = None,
+                 directory: IdentityDirectory | None = None, stats: IssuanceStats | None = None) -> None:
         self._kube = kube
         self._ca = ca
         self._bundle = bundle
@@ -100,6 +102,9 @@ class IssuanceEngine:
         self._serial = serial
         self._monotonic = monotonic
         self._min_ttl = min_ttl
+        self._ttl_cap = ttl_cap
+        self._directory = directory
+        self.stats = stats or IssuanceStats()
         # The Kubernetes client blocks; its calls run on a pool sized for a rollout's burst of
         # renewals rather than asyncio's small default executor.
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kube-api")
@@ -141,17 +146,37 @@ class IssuanceEngine:
         if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"]:
             raise IssuanceError("PERMISSION_DENIED", f"{review.username!r} is not a ServiceAccount")
         namespace, sa = parts[2], parts[3]
-        bucket = self._buckets.setdefault(f"{namespace}/{sa}", _Bucket(self._monotonic()))
-        if not bucket.take(self._monotonic()):
-            raise IssuanceError("RESOURCE_EXHAUSTED", f"too many certificate requests for {namespace}/{sa}; "
-                                                      "retry with backoff")
+        try:
+            issued = await self._admit_and_sign(namespace, sa, csr_pem)
+        except IssuanceError as e:
+            self.stats.refused(namespace, sa, e.code, str(e))
+            raise
+        self.stats.issued(namespace, sa, self._clock())
+        self.issued += 1
+        return issued
+
+    async def _find_identity(self, namespace: str, sa: str) -> dict[str, Any] | None:
+        if self._directory is not None:
+            hit = self._directory.find(namespace, sa)
+            if hit is not None:
+                return hit
         try:
             identities = await asyncio.get_running_loop().run_in_executor(self._pool, self._kube.service_identities,
                                                                           namespace)
         except KubeError as e:
             raise IssuanceError("UNAVAILABLE", str(e)) from e
-        identity = next((i for i in identities if i.get("spec", {}).get("serviceAccountName") == sa
-                         and not i["metadata"].get("deletionTimestamp")), None)
+        return next((i for i in identities if i.get("spec", {}).get("serviceAccountName") == sa
+                     and not i["metadata"].get("deletionTimestamp")), None)
+
+    async def _admit_and_sign(self, namespace: str, sa: str, csr_pem: bytes) -> Issued:
+        ca = self._ca()
+        if ca is None:
+            raise IssuanceError("UNAVAILABLE", "the mesh CA is not loaded yet; retry")
+        bucket = self._buckets.setdefault(f"{namespace}/{sa}", _Bucket(self._monotonic()))
+        if not bucket.take(self._monotonic()):
+            raise IssuanceError("RESOURCE_EXHAUSTED", f"too many certificate requests for {namespace}/{sa}; "
+                                                      "retry with backoff")
+        identity = await self._find_identity(namespace, sa)
         if identity is None:
             raise IssuanceError("PERMISSION_DENIED", f"no ServiceIdentity in namespace {namespace} admits "
                                                      f"ServiceAccount {sa}: create one with "
@@ -160,6 +185,8 @@ class IssuanceEngine:
         try:
             ttl_text = identity.get("spec", {}).get("certificate", {}).get("ttl")
             ttl = parse_ttl(ttl_text, self._min_ttl, MAX_TTL) if ttl_text else DEFAULT_TTL
+            if self._ttl_cap is not None:
+                ttl = min(ttl, self._ttl_cap)
         except ValueError as e:
             raise IssuanceError("FAILED_PRECONDITION", f"ServiceIdentity {namespace}/"
                                                        f"{identity['metadata']['name']}: {e}") from e
@@ -168,6 +195,5 @@ class IssuanceEngine:
             cert = issue_leaf(ca, csr, expected, ttl, self._clock(), self._serial)
         except CsrRejected as e:
             raise IssuanceError("INVALID_ARGUMENT", str(e)) from e
-        self.issued += 1
         return Issued(expected, cert.public_bytes(serialization.Encoding.PEM).decode(), self._bundle(),
                       cert.not_valid_after_utc)

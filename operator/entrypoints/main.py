@@ -1,22 +1,119 @@
-"""`meshward-operator`: the entry point of the Kopf operator.
+"""`meshward-operator`: the Kopf operator that runs the mesh CA and reconciles Meshward's objects.
 
-Reconcilers, the CA and the webhooks arrive with later issues; for now the
-entry point exists so that packaging, the image and the chart can refer to it.
+Builds every collaborator (Kubernetes client, CA keeper, issuance engine, directory),
+registers the handlers on a private Kopf registry (no module-level state) and runs
+Kopf until SIGTERM. Metrics are served on their own port.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Sequence
 
-from meshward._stub import version_and_usage
+import grpc
+import kopf
+from prometheus_client import CollectorRegistry, start_http_server
 
-USAGE = "usage: meshward-operator [--version]  (runs the Meshward Kopf operator)"
+from meshward._version import __version__
+from meshward.operator.clients.kube import KubeClient
+from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, random_serial, spiffe_id
+from meshward.operator.engines.ca_keeper import CaKeeper
+from meshward.operator.engines.identities import IdentityDirectory
+from meshward.operator.engines.issuance import IssuanceEngine
+from meshward.operator.engines.metrics import register_metrics
+from meshward.operator.handlers.identity import Runtime, register
+from meshward.operator.servers.signing import serve_rotating
+
+# The shortest leaf lifetime --max-leaf-ttl accepts (tests and demos only; see docs/identity.md).
+MIN_DEMO_TTL = dt.timedelta(seconds=10)
+log = logging.getLogger("meshward.operator")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshward-operator", description="Meshward's Kopf operator and mesh CA.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--namespace", default=os.environ.get("MESHWARD_NAMESPACE", "meshward-system"),
+                   help="the operator's namespace, home of the CA Secret (default $MESHWARD_NAMESPACE "
+                        "or meshward-system)")
+    p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    p.add_argument("--signer-listen", default="0.0.0.0:15012", help="signing service address (default 0.0.0.0:15012)")
+    p.add_argument("--signer-dns", default="", help="comma-separated DNS names of the signing service's "
+                                                    "certificate (default meshward-signer.<namespace>.svc)")
+    p.add_argument("--signer-ip", default="127.0.0.1", help="comma-separated IPs of the signing service's certificate")
+    p.add_argument("--max-leaf-ttl", default="", help="cap every workload certificate's lifetime, below the 5m "
+                                                      "minimum if need be (e.g. 30s; tests and demos only)")
+    p.add_argument("--status-interval", type=float, default=10.0, help="seconds between status refreshes")
+    p.add_argument("--ca-interval", type=float, default=30.0, help="seconds between CA rotation checks")
+    p.add_argument("--metrics-listen", default="0.0.0.0:15014", help="Prometheus metrics address ('off' to disable)")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, then in-cluster)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    return p
+
+
+def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, CollectorRegistry]:
+    """Build the runtime and the Kopf registry from the command line; raise SystemExit on bad flags."""
+    try:
+        spiffe_id(args.trust_domain, "default", "default")
+    except ValueError as e:
+        raise SystemExit(f"meshward-operator: --trust-domain: {e}") from e
+    cap = None
+    if args.max_leaf_ttl:
+        try:
+            cap = parse_ttl(args.max_leaf_ttl, MIN_DEMO_TTL, MAX_TTL)
+        except ValueError as e:
+            raise SystemExit(f"meshward-operator: --max-leaf-ttl: {e}") from e
+    dns = tuple(d for d in args.signer_dns.split(",") if d) or (f"meshward-signer.{args.namespace}.svc",)
+    ips = tuple(i for i in args.signer_ip.split(",") if i)
+    kube = KubeClient.from_kubeconfig(args.kubeconfig)
+
+    def clock() -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    serial = random_serial(os.urandom)
+    ca = CaKeeper(kube, args.namespace, args.trust_domain, clock, serial, cap or MAX_TTL, dns, ips)
+    directory = IdentityDirectory()
+    engine = IssuanceEngine(kube, ca.signer, ca.bundle_pem, args.trust_domain, clock, serial, time.monotonic,
+                            min_ttl=min(MIN_TTL, cap) if cap else MIN_TTL, ttl_cap=cap, directory=directory)
+    def start_signer() -> Awaitable[grpc.aio.Server]:
+        return serve_rotating(engine, args.signer_listen,
+                              lambda: (ca.server_cert().cert_pem, ca.server_cert().key_pem))
+
+    rt = Runtime(kube, ca, engine, directory, args.namespace, args.trust_domain, start_signer, clock,
+                 status_interval_s=args.status_interval, ca_interval_s=args.ca_interval)
+    registry = kopf.OperatorRegistry()
+    register(registry, rt)
+    metrics = CollectorRegistry()
+    register_metrics(metrics, ca, engine)
+    return registry, rt, metrics
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and report the version and usage."""
-    return version_and_usage("meshward-operator", USAGE, argv)
+    """Run the operator until SIGTERM/SIGINT."""
+    args = _parser().parse_args(argv)
+    if args.version:
+        print(f"meshward-operator {__version__}")
+        return 0
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level.upper() != "DEBUG":
+        # Kopf logs every handler run at INFO (a timer per ServiceIdentity every few seconds).
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    if args.kubeconfig:
+        # Kopf's own login reads $KUBECONFIG; the operator's client takes the path directly.
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    registry, _, metrics = build(args)
+    if args.metrics_listen != "off":
+        host, _, port = args.metrics_listen.rpartition(":")
+        start_http_server(int(port), host or "0.0.0.0", registry=metrics)  # noqa: S104 - scraped in-cluster
+    log.info("meshward-operator %s starting (namespace %s)", __version__, args.namespace)
+    asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True))
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Refusals carry the gRPC status the issuance engine chose, with its message.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -63,9 +64,27 @@ class SigningService:
 
 
 async def serve(engine: IssuanceEngine, address: str, cert_pem: bytes, key_pem: bytes) -> grpc.aio.Server:
-    """Start the signing service with TLS on `address`."""
+    """Start the signing service with TLS on `address` and a fixed certificate."""
+    return await serve_rotating(engine, address, lambda: (cert_pem, key_pem))
+
+
+async def serve_rotating(engine: IssuanceEngine, address: str,
+                         certificate: Callable[[], tuple[bytes, bytes]]) -> grpc.aio.Server:
+    """Start the signing service on `address`; each new handshake uses the current `(chain, key)`."""
+    current = certificate()
+
+    def fetch() -> Any:
+        nonlocal current
+        latest = certificate()
+        if latest == current:
+            return None
+        current = latest
+        return grpc.ssl_server_certificate_configuration([(latest[1], latest[0])])
+
+    creds = grpc.dynamic_ssl_server_credentials(
+        grpc.ssl_server_certificate_configuration([(current[1], current[0])]), fetch)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     server.add_generic_rpc_handlers((SigningService(engine).handler(),))
-    server.add_secure_port(address, grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    server.add_secure_port(address, creds)
     await server.start()
     return server

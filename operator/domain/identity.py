@@ -1,0 +1,73 @@
+"""ServiceIdentity status as a pure function of what the operator observed.
+
+Why pure: `kubectl get serviceidentities` is how a user learns whether a workload can
+get its certificate, so the conditions, their reasons and their transition times are
+decided here, table-tested, and merely patched by the handler.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+READY = "Ready"
+DEGRADED = "Degraded"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the operator saw for one ServiceIdentity."""
+
+    spiffe_id: str
+    generation: int
+    service_account_exists: bool
+    ca_loaded: bool
+    issued: int = 0
+    last_issued_at: dt.datetime | None = None
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(ctype: str, status: bool, reason: str, message: str, generation: int, now: dt.datetime,
+               old: list[dict[str, Any]]) -> dict[str, Any]:
+    text = "True" if status else "False"
+    previous = next((c for c in old if c.get("type") == ctype), None)
+    since = previous["lastTransitionTime"] if previous and previous.get("status") == text else _iso(now)
+    return {"type": ctype, "status": text, "reason": reason, "message": message,
+            "observedGeneration": generation, "lastTransitionTime": since}
+
+
+def identity_status(obs: Observation, namespace: str, service_account: str, old_conditions: list[dict[str, Any]],
+                    now: dt.datetime) -> dict[str, Any]:
+    """Return the ServiceIdentity `.status` for an observation (transition times kept while unchanged)."""
+    if not obs.ca_loaded:
+        ready, reason = False, "CaUnavailable"
+        message = "the mesh CA is not loaded yet; see the operator's log"
+    elif not obs.service_account_exists:
+        ready, reason = False, "ServiceAccountMissing"
+        message = (f"ServiceAccount {namespace}/{service_account} does not exist: create it "
+                   f"(kubectl -n {namespace} create serviceaccount {service_account})")
+    else:
+        ready, reason = True, "Issuing"
+        message = f"pods running as {service_account} get certificates for {obs.spiffe_id}"
+    status: dict[str, Any] = {
+        "observedGeneration": obs.generation,
+        "spiffeID": obs.spiffe_id,
+        "issuedCertificates": obs.issued,
+        "conditions": [
+            _condition(READY, ready, reason, message, obs.generation, now, old_conditions),
+            _condition(DEGRADED, not ready, reason if not ready else "AsExpected",
+                       message if not ready else "nothing to report", obs.generation, now, old_conditions),
+        ],
+    }
+    if obs.last_issued_at is not None:
+        status["lastIssuedAt"] = _iso(obs.last_issued_at)
+    return status
+
+
+def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether patching `new` over `old` would change anything a user sees."""
+    return any(old.get(k) != v for k, v in new.items())
