@@ -6,6 +6,7 @@ a worker thread (`asyncio.to_thread`). Errors surface as KubeError, chained.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -113,6 +114,20 @@ class KubeClient:
             self._core.patch_namespaced_secret(name, namespace, {"metadata": {"annotations": annotations}})
         except ApiException as e:
             raise KubeError(f"annotating Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+
+    def post_event(self, namespace: str, kind: str, name: str, type_: str, reason: str, message: str) -> None:
+        """Record a core/v1 Event about `kind/name` (for objects no Kopf handler is running for)."""
+        now = dt.datetime.now(dt.UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
+            involved_object=client.V1ObjectReference(kind=kind, name=name, namespace=namespace,
+                                                     api_version="v1"),
+            type=type_, reason=reason, message=message[:1024], first_timestamp=now, last_timestamp=now, count=1,
+            source=client.V1EventSource(component="meshward-operator"))
+        try:
+            self._core.create_namespaced_event(namespace, body)
+        except ApiException as e:
+            raise KubeError(f"posting Event on {kind} {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
 
     def service_account_exists(self, namespace: str, name: str) -> bool:
         """Whether the ServiceAccount exists."""

@@ -55,10 +55,15 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # issuedCertificates reported before this operator started, per ServiceIdentity uid.
     issued_before: dict[str, int] = field(default_factory=dict)
+    last_warning: str | None = None
 
 
-def _secret_body(namespace: str) -> kopf.Body:
-    return kopf.Body({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET_NAME, "namespace": namespace}})
+async def _secret_event(rt: Runtime, type_: str, reason: str, message: str) -> None:
+    # The rotation loop runs outside any Kopf handler, so it posts through the client, not kopf.event.
+    try:
+        await asyncio.to_thread(rt.kube.post_event, rt.namespace, "Secret", SECRET_NAME, type_, reason, message)
+    except KubeError as e:
+        log.warning("%s", e)
 
 
 async def _ca_loop(rt: Runtime) -> None:
@@ -71,11 +76,12 @@ async def _ca_loop(rt: Runtime) -> None:
             log.warning("CA check failed, retrying in %s s: %s", rt.ca_interval_s, e)
             continue
         if step is not None:
-            kopf.info(_secret_body(rt.namespace), reason=step.reason, message=step.message)
+            await _secret_event(rt, "Normal", step.reason, step.message)
         warning = rt.ca.expiry_warning()
-        if warning:
+        if warning and warning != rt.last_warning:
             log.warning(warning)
-            kopf.warn(_secret_body(rt.namespace), reason="CaExpiring", message=warning)
+            await _secret_event(rt, "Warning", "CaExpiring", warning)
+        rt.last_warning = warning
 
 
 def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:

@@ -8,7 +8,10 @@ the same Envoy config, whose security properties are the point:
   `x-meshward-authz-*` headers can only come from Envoy's own command operators;
 - paths are normalized (RFC 3986 §6), slashes merged, escaped slashes unescaped
   and redirected, before authorization sees them;
-- the HTTP/1.1 ext_authz transport is the default (measured ~3x the gRPC rate).
+- the HTTP/1.1 ext_authz transport is the default (measured ~3x the gRPC rate);
+- with SDS, the workload certificate and trust bundle come from the agent over a Unix
+  socket and rotate without a restart; inbound admits any SPIFFE ID of the trust
+  domain (policy decides who may call), outbound pins the exact SPIFFE ID of its peer.
 """
 
 from __future__ import annotations
@@ -58,6 +61,30 @@ class Tls:
 
 
 @dataclass(frozen=True)
+class SdsTls:
+    """mTLS with the workload certificate and trust bundle served by the agent over SDS."""
+
+    sds: Endpoint
+    require_client_certificate: bool = True
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A local plaintext listener whose requests go to one peer over mTLS, pinned to its SPIFFE ID."""
+
+    name: str
+    listen: Endpoint
+    upstream: Endpoint
+    peer: str
+    # Recycle upstream connections after this many requests (None: Envoy's default, unlimited).
+    max_requests_per_connection: int | None = None
+
+
+# SDS resource names the agent serves (sidecar/server/sds.py).
+SDS_CERT, SDS_ROOTCA, SDS_BUNDLE = "default", "ROOTCA", "BUNDLE"
+
+
+@dataclass(frozen=True)
 class InboundConfig:
     """The inbound side of one workload's Envoy."""
 
@@ -66,7 +93,10 @@ class InboundConfig:
     app: Endpoint
     authz: Endpoint
     transport: Transport = "http"
-    tls: Tls | None = None
+    tls: Tls | SdsTls | None = None
+    # Envoy's node identity (SDS requires one); the webhook sets <namespace>/<pod>.
+    node: str = "meshward-workload"
+    outbound: tuple[Outbound, ...] = ()
     authz_timeout_s: float = DEFAULT_AUTHZ_TIMEOUT_S
     allowed_headers: tuple[str, ...] = DEFAULT_ALLOWED_HEADERS
 
@@ -122,8 +152,64 @@ def _cluster(name: str, ep: Endpoint, http2: bool) -> dict[str, Any]:
     return c
 
 
+def _sds_secret(name: str) -> dict[str, Any]:
+    return {"name": name, "sds_config": {"resource_api_version": "V3", "api_config_source": {
+        "api_type": "GRPC", "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": "meshward_sds"}}]}}}
+
+
+def _downstream_tls(tls: Tls | SdsTls) -> dict[str, Any]:
+    common: dict[str, Any] = {"tls_params": {"tls_minimum_protocol_version": "TLSv1_2"}}
+    if isinstance(tls, SdsTls):
+        common["tls_certificate_sds_secret_configs"] = [_sds_secret(SDS_CERT)]
+        common["validation_context_sds_secret_config"] = _sds_secret(SDS_ROOTCA)
+    else:
+        common["tls_certificates"] = [{"certificate_chain": {"filename": tls.cert_file},
+                                       "private_key": {"filename": tls.key_file}}]
+        common["validation_context"] = {"trusted_ca": {"filename": tls.ca_file}}
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "require_client_certificate": tls.require_client_certificate,
+        "common_tls_context": common}}
+
+
+def _outbound(out: Outbound) -> tuple[dict[str, Any], dict[str, Any]]:
+    cluster = _cluster(f"outbound_{out.name}", out.upstream, http2=False)
+    cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+            "tls_certificate_sds_secret_configs": [_sds_secret(SDS_CERT)],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": [
+                    {"san_type": "URI", "matcher": {"exact": out.peer}}]},
+                "validation_context_sds_secret_config": _sds_secret(SDS_BUNDLE)},
+        }}}
+    if out.max_requests_per_connection is not None:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "common_http_protocol_options": {"max_requests_per_connection": out.max_requests_per_connection},
+                "explicit_http_config": {"http_protocol_options": {}}}}
+    hcm = {
+        "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                  "HttpConnectionManager"),
+        "stat_prefix": f"outbound_{out.name}",
+        "route_config": {"name": f"outbound_{out.name}", "virtual_hosts": [{
+            "name": out.name, "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": f"outbound_{out.name}"}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    listener = {"name": f"outbound_{out.name}", "address": out.listen.address(), "filter_chains": [{"filters": [
+        {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}
+    return listener, cluster
+
+
 def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
-    """Return the Envoy bootstrap (as data) for a workload's inbound listener."""
+    """Return the Envoy bootstrap (as data) for a workload's inbound listener and its outbound peers."""
+    if cfg.outbound and not isinstance(cfg.tls, SdsTls):
+        raise ValueError("outbound listeners need the workload certificate: set tls=SdsTls(...)")
     hcm: dict[str, Any] = {
         "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                   "HttpConnectionManager"),
@@ -151,22 +237,18 @@ def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
     chain: dict[str, Any] = {"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                           "typed_config": hcm}]}
     if cfg.tls is not None:
-        chain["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "require_client_certificate": cfg.tls.require_client_certificate,
-            "common_tls_context": {
-                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-                "tls_certificates": [{"certificate_chain": {"filename": cfg.tls.cert_file},
-                                      "private_key": {"filename": cfg.tls.key_file}}],
-                "validation_context": {"trusted_ca": {"filename": cfg.tls.ca_file}},
-            }}}
+        chain["transport_socket"] = _downstream_tls(cfg.tls)
+    listeners = [{"name": "inbound", "address": cfg.listen.address(), "filter_chains": [chain]}]
+    clusters = [_cluster("meshward_authz", cfg.authz, http2=cfg.transport == "grpc"),
+                _cluster("app", cfg.app, http2=False)]
+    if isinstance(cfg.tls, SdsTls):
+        clusters.append(_cluster("meshward_sds", cfg.tls.sds, http2=True))
+    for out in cfg.outbound:
+        listener, cluster = _outbound(out)
+        listeners.append(listener)
+        clusters.append(cluster)
     return {
+        "node": {"id": cfg.node, "cluster": cfg.node},
         "admin": {"address": cfg.admin.address()},
-        "static_resources": {
-            "listeners": [{"name": "inbound", "address": cfg.listen.address(), "filter_chains": [chain]}],
-            "clusters": [
-                _cluster("meshward_authz", cfg.authz, http2=cfg.transport == "grpc"),
-                _cluster("app", cfg.app, http2=False),
-            ],
-        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }

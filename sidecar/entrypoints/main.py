@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import gc
+import json
 import logging
+import random
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,7 +26,9 @@ from prometheus_client import CollectorRegistry
 
 from meshward._version import __version__
 from meshward.sidecar.clients.fetch import HttpFetcher
+from meshward.sidecar.clients.signer import SignerClient
 from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
+from meshward.sidecar.engines.identity import IdentityManager
 from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
 from meshward.sidecar.server.admin import Admin
 from meshward.sidecar.server.authz_http import HttpAuthz
@@ -43,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="HTTP/1.1 ext_authz address (default 127.0.0.1:9191; 'off' to disable)")
     p.add_argument("--grpc-listen", default="off", help="gRPC ext_authz address (default off)")
     p.add_argument("--admin-listen", default="127.0.0.1:9192", help="health/ready/metrics address")
+    p.add_argument("--identity-signer", default="off",
+                   help="the operator's signing service, host:port (default off: no workload certificate)")
+    p.add_argument("--identity-signer-name", default="meshward-signer.meshward-system.svc",
+                   help="the DNS name on the signing service's certificate")
+    p.add_argument("--identity-token", type=Path, default=Path("/var/run/secrets/meshward/token"),
+                   help="projected ServiceAccount token (audience meshward), reread for every request")
+    p.add_argument("--trust-bundle", type=Path, default=Path("/var/run/meshward/bundle/ca.crt"),
+                   help="mounted meshward-trust-bundle ConfigMap, to verify the signing service")
+    p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    p.add_argument("--sds-listen", default="unix:/var/run/meshward/sds.sock",
+                   help="Envoy SDS address, unix:/path (used with --identity-signer)")
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config file checks")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
@@ -55,6 +71,24 @@ async def _listen(handler: Handler, addr: str) -> asyncio.Server:
     if not host or not port.isdigit():
         raise SystemExit(f"meshward-sidecar: {addr!r} is not host:port or unix:/path")
     return await serve_tcp(handler, host.strip("[]"), int(port))
+
+
+def _identity(args: argparse.Namespace, registry: CollectorRegistry) -> IdentityManager:
+    """The certificate manager, talking to the signing service with the mounted bundle plus the latest one."""
+    holder: list[IdentityManager] = []
+
+    def roots() -> bytes:
+        mounted = b""
+        with contextlib.suppress(OSError):
+            mounted = args.trust_bundle.read_bytes()
+        latest = holder[0].current.bundle_pem if holder and holder[0].current else b""
+        return mounted + latest
+
+    signer = SignerClient(args.identity_signer, args.identity_signer_name, roots)
+    manager = IdentityManager(signer, args.identity_token.read_text, args.trust_domain,
+                              lambda: dt.datetime.now(dt.UTC), random.random, registry)
+    holder.append(manager)
+    return manager
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -75,7 +109,20 @@ async def run(args: argparse.Namespace) -> int:
     servers: list[asyncio.Server] = []
     tasks = [asyncio.create_task(agent.keys.run(), name="jwks"),
              asyncio.create_task(agent.watch(config_path, args.reload_interval), name="reload")]
-    grpc_server = None
+    grpc_servers = []
+    identity = None
+    if args.identity_signer != "off":
+        identity = _identity(args, registry)
+        tasks.append(asyncio.create_task(identity.run(), name="identity"))
+
+    def ready() -> bool:
+        return agent.ready and (identity is None or identity.current is not None)
+
+    def readiness() -> str:
+        if identity is None:
+            return agent.readiness()
+        return json.dumps({**json.loads(agent.readiness()), "certificate": identity.current is not None})
+
     try:
         if args.http_listen != "off":
             servers.append(await _listen(HttpAuthz(lambda: agent.pipeline), args.http_listen))
@@ -83,13 +130,17 @@ async def run(args: argparse.Namespace) -> int:
             # Imported only when used: gRPC and the Envoy protos cost ~15 MB of RSS.
             from meshward.sidecar.server.authz_grpc import GrpcAuthz, serve_grpc
 
-            grpc_server = await serve_grpc(GrpcAuthz(lambda: agent.pipeline), args.grpc_listen)
-        servers.append(await _listen(Admin(lambda: agent.ready, agent.readiness, registry), args.admin_listen))
+            grpc_servers.append(await serve_grpc(GrpcAuthz(lambda: agent.pipeline), args.grpc_listen))
+        if identity is not None:
+            from meshward.sidecar.server.sds import SecretDiscovery, serve_sds
+
+            grpc_servers.append(await serve_sds(SecretDiscovery(identity, args.trust_domain), args.sds_listen))
+        servers.append(await _listen(Admin(ready, readiness, registry), args.admin_listen))
         # Start-up objects (modules, protos, compiled policies) never die: keep them out of GC scans.
         gc.collect()
         gc.freeze()
-        log.info("meshward-sidecar %s serving: http=%s grpc=%s admin=%s", __version__, args.http_listen,
-                 args.grpc_listen, args.admin_listen)
+        log.info("meshward-sidecar %s serving: http=%s grpc=%s admin=%s identity=%s", __version__,
+                 args.http_listen, args.grpc_listen, args.admin_listen, args.identity_signer)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -100,8 +151,8 @@ async def run(args: argparse.Namespace) -> int:
             t.cancel()
         for s in servers:
             s.close()
-        if grpc_server is not None:
-            await grpc_server.stop(grace=1)
+        for g in grpc_servers:
+            await g.stop(grace=1)
         with contextlib.suppress(Exception):
             await fetcher.close()
     return 0

@@ -19,7 +19,7 @@ import yaml
 
 from meshward.localcluster import free_port
 
-__all__ = ["Agent", "Echo", "free_port", "http_status", "run_envoy", "wait_for"]
+__all__ = ["Agent", "Echo", "Operator", "free_port", "http_status", "metric_value", "run_envoy", "wait_for"]
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 30, proc: subprocess.Popen[bytes] | None = None,
@@ -105,11 +105,71 @@ def run_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int, name: s
             proc.kill()
 
 
+def metric_value(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples of metric `name` with `labels` scraped from `url`."""
+    with urllib.request.urlopen(url, timeout=2) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        metric, _, value = line.rpartition(" ")
+        if metric.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in metric for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+class Operator:
+    """A real `meshward-operator` process against a cluster."""
+
+    def __init__(self, workdir: Path, kubeconfig: Path, namespace: str, *args: str, name: str = "operator") -> None:
+        self.workdir = workdir
+        self.namespace = namespace
+        self.signer_port = free_port()
+        self.metrics_port = free_port()
+        self.log = workdir / f"{name}.log"
+        self.cmd = [str(Path(sys.executable).parent / "meshward-operator"), "--kubeconfig", str(kubeconfig),
+                    "--namespace", namespace, "--signer-listen", f"127.0.0.1:{self.signer_port}",
+                    "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *args]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Operator:
+        with self.log.open("ab") as err:
+            self.proc = subprocess.Popen(self.cmd, stdout=err, stderr=err)
+        wait_for("operator's CA loaded", lambda: self.metric("meshward_ca_expiry_timestamp_seconds") > 0,
+                 proc=self.proc, log=self.log)
+        wait_for("signing service listening", lambda: _connects(self.signer_port), proc=self.proc, log=self.log)
+        return self
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(f"http://127.0.0.1:{self.metrics_port}/metrics", name, **labels)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _connects(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 class Agent:
     """A real `meshward-sidecar` process."""
 
     def __init__(self, workdir: Path, config: dict[str, Any], *, http: str | None = None, grpc: str | None = None,
-                 name: str = "agent") -> None:
+                 name: str = "agent", extra_args: tuple[str, ...] = ()) -> None:
+        self.extra_args = extra_args
         self.workdir = workdir
         self.config_file = workdir / f"{name}-config.yaml"
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -125,7 +185,8 @@ class Agent:
         with self.log.open("ab") as err, self.audit.open("ab") as out:
             self.proc = subprocess.Popen([str(exe), "--config", str(self.config_file), "--http-listen", self.http,
                                           "--grpc-listen", self.grpc, "--admin-listen",
-                                          f"127.0.0.1:{self.admin_port}", "--reload-interval", "0.2"],
+                                          f"127.0.0.1:{self.admin_port}", "--reload-interval", "0.2",
+                                          *self.extra_args],
                                          stdout=out, stderr=err)
         check = (lambda: http_status(self.url("/readyz")) == 200) if wait_ready else \
             (lambda: http_status(self.url("/healthz")) == 200)
@@ -142,19 +203,7 @@ class Agent:
         tmp.replace(self.config_file)
 
     def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(self.url("/metrics"), timeout=2) as r:
-            text = r.read().decode()
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith("#") or not line.startswith(name):
-                continue
-            metric, _, value = line.rpartition(" ")
-            if metric.split("{")[0] != name:
-                continue
-            if (want and all(f'{k}="{v}"' in metric for k, v in labels.items())) or not want:
-                total += float(value)
-        return total
+        return metric_value(self.url("/metrics"), name, **labels)
 
     def audit_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit.read_text().splitlines() if line.strip()]

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 import yaml
 
-from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, Tls, build_inbound_bootstrap
+from meshward.sidecar.domain.envoy import (
+    Endpoint,
+    InboundConfig,
+    Outbound,
+    SdsTls,
+    Tls,
+    build_inbound_bootstrap,
+)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
@@ -21,6 +28,12 @@ CASES = {
         listen=Endpoint(port=15006), admin=Endpoint(port=15000), app=Endpoint(port=8080),
         authz=Endpoint(port=9191), transport="grpc",
         tls=Tls("/var/run/meshward/cert.pem", "/var/run/meshward/key.pem", "/var/run/meshward/bundle.pem")),
+    "mesh-sds": InboundConfig(
+        listen=Endpoint(port=15006), admin=Endpoint(port=15000), app=Endpoint(port=8080),
+        authz=Endpoint(unix="/var/run/meshward/authz.sock"),
+        tls=SdsTls(Endpoint(unix="/var/run/meshward/sds.sock")),
+        outbound=(Outbound("orders", Endpoint(port=15101), Endpoint(host="10.0.0.7", port=15006),
+                           "spiffe://cluster.local/ns/shop/sa/orders"),)),
 }
 
 
@@ -50,3 +63,31 @@ def test_generated_configs_fail_closed(name: str) -> None:
 def test_default_transport_is_http() -> None:
     cfg = InboundConfig(listen=Endpoint(port=1), admin=Endpoint(port=2), app=Endpoint(port=3), authz=Endpoint(port=4))
     assert "http_service" in ext_authz(build_inbound_bootstrap(cfg))
+
+
+def _clusters(boot: dict[str, Any]) -> dict[str, Any]:
+    return {c["name"]: c for c in boot["static_resources"]["clusters"]}
+
+
+def test_sds_inbound_admits_the_trust_domain_and_outbound_pins_the_peer() -> None:
+    boot = build_inbound_bootstrap(CASES["mesh-sds"])
+    inbound = boot["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]["typed_config"]
+    assert inbound["require_client_certificate"] is True
+    common = inbound["common_tls_context"]
+    assert common["validation_context_sds_secret_config"]["name"] == "ROOTCA"
+    assert "tls_certificates" not in common  # no key material in the bootstrap
+    upstream = _clusters(boot)["outbound_orders"]["transport_socket"]["typed_config"]["common_tls_context"]
+    combined = upstream["combined_validation_context"]
+    # Envoy ORs SAN matchers: the outbound side must not merge ROOTCA's trust-domain-wide matcher.
+    assert combined["validation_context_sds_secret_config"]["name"] == "BUNDLE"
+    assert combined["default_validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/shop/sa/orders"}}]
+    assert _clusters(boot)["meshward_sds"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "address"] == {"pipe": {"path": "/var/run/meshward/sds.sock"}}
+
+
+def test_outbound_without_an_sds_certificate_is_refused() -> None:
+    cfg = InboundConfig(listen=Endpoint(port=1), admin=Endpoint(port=2), app=Endpoint(port=3), authz=Endpoint(port=4),
+                        outbound=(Outbound("x", Endpoint(port=5), Endpoint(port=6), "spiffe://td/ns/a/sa/b"),))
+    with pytest.raises(ValueError, match="SdsTls"):
+        build_inbound_bootstrap(cfg)

@@ -1,0 +1,296 @@
+"""Workload identity end to end: the real operator, real agents with SDS, two real Envoys talking mTLS.
+
+The operator runs as a process against the real API server with `--max-leaf-ttl 10s`
+(the demo/test setting that goes below the 5m minimum), so renewals happen every
+~5 s and a whole CA rotation takes ~20 s. Tokens come from the TokenRequest API.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, Outbound, SdsTls, build_inbound_bootstrap
+from tests.kube import Cluster, wait_until
+from tests.support.pki import TestCA
+from tests.support.procs import Agent, Echo, Operator, free_port, run_envoy
+
+pytestmark = pytest.mark.integration
+API = "meshward.io/v1alpha1"
+LEAF_TTL = "10s"
+
+
+def identity(ns: str, sa: str) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "ServiceIdentity", "metadata": {"name": sa, "namespace": ns},
+            "spec": {"serviceAccountName": sa}}
+
+
+def ready_condition(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    status = cluster.get_json("-n", ns, "serviceidentity", name).get("status", {})
+    return next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+
+
+def ca_secret(cluster: Cluster, ns: str) -> dict[str, bytes]:
+    data = cluster.get_json("-n", ns, "secret", "meshward-mesh-ca")["data"]
+    return {k: base64.b64decode(v) for k, v in data.items()}
+
+
+@pytest.fixture(scope="module")
+def operator(crds: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+    ns = crds.new_namespace("mw")
+    op = Operator(tmp_path_factory.mktemp("operator"), crds.kubeconfig, ns, "--max-leaf-ttl", LEAF_TTL,
+                  "--status-interval", "1", "--ca-interval", "0.5").start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@dataclass
+class Workload:
+    name: str
+    spiffe: str
+    agent: Agent
+    admin: int
+
+
+@dataclass
+class Mesh:
+    ns: str
+    workdir: Path
+    frontend: Workload
+    backend: Workload
+    outbound_port: int
+    backend_port: int
+    bundle_file: Path
+    echo: Echo
+    envoy_admin: dict[str, int] = field(default_factory=dict)
+
+    def get(self, path: str = "/orders/1") -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.outbound_port, timeout=5)
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            r.read()
+            return r.status
+        finally:
+            conn.close()
+
+
+def backend_config(principal: str) -> dict[str, Any]:
+    return {"apiVersion": "sidecar.meshward.io/v1alpha1", "kind": "SidecarConfig", "workload": "backend",
+            "policies": [{"name": "callers", "rules": [
+                {"name": "caller-reads", "from": {"principals": [principal]}, "to": {"methods": ["GET"]}}]}]}
+
+
+def start_workload(cluster: Cluster, op: Operator, ns: str, wd: Path, sa: str, bundle: Path,
+                   config: dict[str, Any]) -> Workload:
+    token = wd / f"{sa}.token"
+    token.write_text(cluster.kubectl("-n", ns, "create", "token", sa, "--audience", "meshward",
+                                     "--duration", "1h").stdout.strip())
+    agent = Agent(wd, config, name=sa, extra_args=(
+        "--identity-signer", f"127.0.0.1:{op.signer_port}",
+        "--identity-signer-name", f"meshward-signer.{op.namespace}.svc",
+        "--identity-token", str(token), "--trust-bundle", str(bundle),
+        "--sds-listen", f"unix:{wd / (sa + '-sds.sock')}", "--log-level", "DEBUG")).start()
+    return Workload(sa, f"spiffe://cluster.local/ns/{ns}/sa/{sa}", agent, free_port())
+
+
+@pytest.fixture(scope="module")
+def mesh(crds: Cluster, operator: Operator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    wd = tmp_path_factory.mktemp("idmesh")
+    ns = crds.new_namespace("shop")
+    for sa in ("frontend", "backend"):
+        crds.kubectl("-n", ns, "create", "serviceaccount", sa)
+        crds.apply(identity(ns, sa))
+    bundle = wd / "bundle.crt"
+    bundle.write_text(wait_until("the trust bundle ConfigMap", lambda: crds.get_json(
+        "-n", ns, "configmap", "meshward-trust-bundle").get("data", {}).get("ca.crt"), timeout=30))
+    frontend_id = f"spiffe://cluster.local/ns/{ns}/sa/frontend"
+    backend = start_workload(crds, operator, ns, wd, "backend", bundle, backend_config(frontend_id))
+    frontend = start_workload(crds, operator, ns, wd, "frontend", bundle, {
+        "apiVersion": "sidecar.meshward.io/v1alpha1", "kind": "SidecarConfig", "workload": "frontend",
+        "policies": []})
+    echo = Echo()
+    backend_port, outbound_port = free_port(), free_port()
+    boot_b = build_inbound_bootstrap(InboundConfig(
+        listen=Endpoint(port=backend_port), admin=Endpoint(port=backend.admin), app=Endpoint(port=echo.port),
+        authz=Endpoint(unix=backend.agent.http.removeprefix("unix:")),
+        tls=SdsTls(Endpoint(unix=str(wd / "backend-sds.sock")))))
+    boot_a = build_inbound_bootstrap(InboundConfig(
+        listen=Endpoint(port=free_port()), admin=Endpoint(port=frontend.admin), app=Endpoint(port=echo.port),
+        authz=Endpoint(unix=frontend.agent.http.removeprefix("unix:")),
+        tls=SdsTls(Endpoint(unix=str(wd / "frontend-sds.sock"))),
+        # Recycle connections so rotations are exercised by fresh handshakes, not one long-lived one.
+        outbound=(Outbound("backend", Endpoint(port=outbound_port), Endpoint(port=backend_port), backend.spiffe,
+                           max_requests_per_connection=20),)))
+    m = Mesh(ns, wd, frontend, backend, outbound_port, backend_port, bundle, echo)
+    try:
+        with run_envoy(boot_b, wd, backend.admin, name="envoy-backend"), \
+                run_envoy(boot_a, wd, frontend.admin, name="envoy-frontend"):
+            yield m
+    finally:
+        frontend.agent.stop()
+        backend.agent.stop()
+        echo.close()
+        crds.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def served_leaf(port: int) -> x509.Certificate:
+    """The workload certificate an Envoy presents (TLS 1.3 shows it before the client's is judged)."""
+    return x509.load_pem_x509_certificate(ssl.get_server_certificate(("127.0.0.1", port), timeout=5).encode())
+
+
+def issued_by(port: int, root_pem: bytes) -> bool:
+    try:
+        served_leaf(port).verify_directly_issued_by(x509.load_pem_x509_certificate(root_pem))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+class Load:
+    """Requests in a loop from the frontend's Envoy to the backend; every non-200 is a failure."""
+
+    def __init__(self, mesh: Mesh, workers: int = 2) -> None:
+        self.mesh = mesh
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status = self.mesh.get()
+            except OSError as e:
+                self.failures.append(repr(e))
+                continue
+            if status == 200:
+                self.ok += 1
+            else:
+                self.failures.append(f"HTTP {status}")
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+
+
+def test_operator_bootstraps_the_ca_and_reports_service_identities(crds: Cluster, operator: Operator,
+                                                                    namespace: str) -> None:
+    crds.apply(identity(namespace, "ghost"))
+    cond = wait_until("Ready=False for a missing ServiceAccount",
+                      lambda: (c := ready_condition(crds, namespace, "ghost")).get("status") == "False" and c)
+    assert cond["reason"] == "ServiceAccountMissing"
+    assert f"kubectl -n {namespace} create serviceaccount ghost" in cond["message"]
+    events = wait_until("a Warning Event", lambda: [e for e in crds.get_json("-n", namespace, "events")["items"]
+                                                     if e["reason"] == "ServiceAccountMissing"])
+    assert events[0]["type"] == "Warning"
+    crds.kubectl("-n", namespace, "create", "serviceaccount", "ghost")
+    wait_until("Ready=True once the ServiceAccount exists",
+               lambda: ready_condition(crds, namespace, "ghost").get("status") == "True")
+    si = crds.get_json("-n", namespace, "serviceidentity", "ghost")
+    assert si["status"]["spiffeID"] == f"spiffe://cluster.local/ns/{namespace}/sa/ghost"
+    assert si["status"]["observedGeneration"] == si["metadata"]["generation"]
+    bundle = crds.get_json("-n", namespace, "configmap", "meshward-trust-bundle")["data"]["ca.crt"]
+    assert bundle.encode() == ca_secret(crds, operator.namespace)["tls.crt"]
+
+
+def test_two_envoys_talk_mtls_over_sds_and_authz_sees_the_peer(crds: Cluster, mesh: Mesh) -> None:
+    assert wait_until("a request through both Envoys", lambda: mesh.get() == 200, timeout=30)
+    line = [a for a in mesh.backend.agent.audit_lines() if a["outcome"] == "allow"][-1]
+    assert line["peer"] == mesh.frontend.spiffe  # ext_authz saw the client's SPIFFE ID from the handshake
+    # The policy admits only that peer: name another one and the same call is refused.
+    mesh.backend.agent.write_config(backend_config(f"spiffe://cluster.local/ns/{mesh.ns}/sa/batch"))
+    wait_until("403 once the peer is no longer admitted", lambda: mesh.get() == 403, timeout=10)
+    mesh.backend.agent.write_config(backend_config(mesh.frontend.spiffe))
+    wait_until("200 again", lambda: mesh.get() == 200, timeout=10)
+    si = crds.get_json("-n", mesh.ns, "serviceidentity", "frontend")["status"]
+    assert wait_until("issuance counted in status", lambda: crds.get_json(
+        "-n", mesh.ns, "serviceidentity", "frontend")["status"].get("issuedCertificates", 0) >= 1), si
+
+
+def _handshake(port: int, cert: Path | None, key: Path | None, bundle: Path) -> None:
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    ctx.check_hostname = False  # workload certificates carry SPIFFE IDs, not host names
+    if cert and key:
+        ctx.load_cert_chain(str(cert), str(key))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw) as tls:
+        tls.sendall(b"GET /orders/1 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        if not tls.recv(100):
+            raise ConnectionResetError("closed without an answer")
+
+
+def test_client_certificate_from_another_ca_is_refused(mesh: Mesh) -> None:
+    stranger = TestCA(mesh.workdir / "stranger-ca").issue("stranger", uris=(mesh.frontend.spiffe,))
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        _handshake(mesh.backend_port, stranger.cert, stranger.key, mesh.bundle_file)
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        _handshake(mesh.backend_port, None, None, mesh.bundle_file)  # no client certificate at all
+
+
+def test_certificate_rotation_under_load_drops_nothing(mesh: Mesh) -> None:
+    """Both workloads renew every ~5 s (10 s leaves); traffic flows across three rotations each."""
+    before = {w.name: w.agent.metric("meshward_workload_cert_requests_total", result="ok")
+              for w in (mesh.frontend, mesh.backend)}
+    serial = served_leaf(mesh.backend_port).serial_number
+    with Load(mesh) as load:
+        wait_until("three renewals on each side", lambda: all(
+            w.agent.metric("meshward_workload_cert_requests_total", result="ok") >= before[w.name] + 3
+            for w in (mesh.frontend, mesh.backend)), timeout=60)
+        wait_until("some requests after the last renewal", lambda: load.ok > 200, timeout=30)
+    assert load.failures == []
+    # Envoy took the new certificate over SDS, without a restart.
+    assert served_leaf(mesh.backend_port).serial_number != serial
+
+
+def test_ca_rotation_under_load_drops_nothing(crds: Cluster, operator: Operator, mesh: Mesh) -> None:
+    """Rotate the mesh CA (annotation) while traffic flows: staged, activated, old root retired."""
+    old_root = ca_secret(crds, operator.namespace)["tls.crt"]
+    with Load(mesh) as load:
+        wait_until("traffic", lambda: load.ok > 50)
+        assert issued_by(mesh.backend_port, old_root)
+        crds.kubectl("-n", operator.namespace, "annotate", "secret", "meshward-mesh-ca",
+                     f"meshward.io/rotate-ca={time.time()}")
+        wait_until("the new root staged", lambda: operator.metric("meshward_ca_rotation_phase", phase="staged") == 1)
+        wait_until("the rotation to complete", lambda: operator.metric(
+            "meshward_ca_rotation_phase", phase="steady") == 1 and ca_secret(crds, operator.namespace)[
+            "tls.crt"] != old_root, timeout=90)
+        new_root = ca_secret(crds, operator.namespace)["tls.crt"]
+        wait_until("the backend's Envoy serving a leaf of the new root", lambda: issued_by(
+            mesh.backend_port, new_root), timeout=30)
+        done = load.ok
+        wait_until("traffic after the rotation", lambda: load.ok > done + 100)
+    assert load.failures == []
+    assert "CaRotationCompleted" in {e["reason"] for e in crds.get_json("-n", operator.namespace,
+                                                                         "events")["items"]}
+    bundle = crds.get_json("-n", mesh.ns, "configmap", "meshward-trust-bundle")["data"]["ca.crt"]
+    wait_until("the ConfigMap bundle to hold only the new root", lambda: crds.get_json(
+        "-n", mesh.ns, "configmap", "meshward-trust-bundle")["data"]["ca.crt"].encode() == new_root), bundle
+
+
+def test_operator_restart_keeps_the_ca(crds: Cluster, operator: Operator) -> None:
+    before = ca_secret(crds, operator.namespace)["tls.crt"]
+    operator.stop()
+    operator.start()
+    assert ca_secret(crds, operator.namespace)["tls.crt"] == before
