@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default=os.environ.get("MESHWARD_NAMESPACE", "meshward-system"),
                    help="the operator's namespace, home of the CA Secret (default $MESHWARD_NAMESPACE "
                         "or meshward-system)")
-    p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    p.add_argument("--trust-domain", default=os.environ.get("MESHWARD_TRUST_DOMAIN", "cluster.local"),
+                   help="SPIFFE trust domain (default $MESHWARD_TRUST_DOMAIN or cluster.local)")
     p.add_argument("--signer-listen", default="0.0.0.0:15012", help="signing service address (default 0.0.0.0:15012)")
     p.add_argument("--signer-dns", default="", help="comma-separated DNS names of the signing service's "
                                                     "certificate (default meshward-signer.<namespace>.svc)")
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-interval", type=float, default=30.0, help="seconds between CA rotation checks")
     p.add_argument("--metrics-listen", default="0.0.0.0:15014", help="Prometheus metrics address ('off' to disable)")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, then in-cluster)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--log-level", default=os.environ.get("MESHWARD_LOG_LEVEL", "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default $MESHWARD_LOG_LEVEL or INFO)")
     return p
 
 

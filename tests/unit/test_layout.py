@@ -53,6 +53,13 @@ def test_meshward_operator_maps_to_the_top_level_folder() -> None:
 
 
 @pytest.mark.parametrize("program", ["meshward", "meshward-operator", "meshward-sidecar"])
+def test_console_entry_points_print_their_version(program: str) -> None:
+    exe = Path(sys.executable).parent / program
+    proc = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)
+    assert proc.stdout.splitlines()[0] == f"{program} {__version__}"
+
+
+@pytest.mark.parametrize("program", ["meshward", "meshward-sidecar"])  # the operator runs without arguments
 def test_console_entry_points_print_version_and_usage(program: str) -> None:
     exe = Path(sys.executable).parent / program
     proc = subprocess.run([str(exe)], capture_output=True, text=True, check=True)
