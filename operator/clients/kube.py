@@ -53,10 +53,14 @@ class KubeClient:
         cfg = client.Configuration()
         try:
             config.load_kube_config(config_file=path, client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except config.ConfigException:
+        except config.ConfigException as e:
             if path:
-                raise
-            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+                raise KubeError(f"kubeconfig {path}: {e}") from e
+            try:
+                config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            except config.ConfigException as e2:
+                raise KubeError("no kubeconfig ($KUBECONFIG, ~/.kube/config) and not running in a pod; "
+                                "pass --kubeconfig") from e2
         # One pooled connection per issuance worker thread (the default pool is smaller).
         cfg.connection_pool_maxsize = 16
         return cls(client.ApiClient(cfg))

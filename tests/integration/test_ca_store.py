@@ -50,3 +50,26 @@ def test_a_damaged_ca_secret_is_an_error_with_the_fix(cluster: Cluster, namespac
     cluster.kubectl("-n", namespace, "create", "secret", "generic", SECRET_NAME, "--from-literal=tls.crt=junk")
     with pytest.raises(CaStoreError, match="does not hold a usable CA"):
         load_or_create(KubeClient.from_kubeconfig(str(cluster.kubeconfig)), namespace, "cluster.local", now)
+
+
+def test_a_root_near_its_end_warns_and_starts_rotating_by_itself(cluster: Cluster, namespace: str) -> None:
+    import asyncio
+    import os
+
+    from meshward.operator.domain.ca import generate_root, random_serial
+    from meshward.operator.domain.rotation import CaState
+    from meshward.operator.engines.ca_keeper import CaKeeper
+    from meshward.operator.engines.ca_store import LABELS, encode
+
+    api = KubeClient.from_kubeconfig(str(cluster.kubeconfig))
+    old = CaState(generate_root("cluster.local", now(), lifetime=dt.timedelta(days=20)))
+    api.create_secret(namespace, SECRET_NAME, encode(old), LABELS)
+    keeper = CaKeeper(api, namespace, "cluster.local", now, random_serial(os.urandom), dt.timedelta(hours=1),
+                      ("meshward-signer.x.svc",), ("127.0.0.1",))
+    asyncio.run(keeper.load())
+    warning = keeper.expiry_warning()
+    assert warning is not None and "expires in 19 days" in warning and "meshward ca rotate" in warning
+    step = asyncio.run(keeper.tick())
+    assert step is not None and step.reason == "CaRotationStaged"
+    stored = cluster.get_json("-n", namespace, "secret", SECRET_NAME)["data"]
+    assert "next.crt" in stored and base64.b64decode(stored["tls.crt"]) == old.active.cert_pem()

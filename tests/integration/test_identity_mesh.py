@@ -11,8 +11,9 @@ import base64
 import http.client
 import socket
 import ssl
+import subprocess
+import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,12 @@ def test_two_envoys_talk_mtls_over_sds_and_authz_sees_the_peer(crds: Cluster, me
         "-n", mesh.ns, "serviceidentity", "frontend")["status"].get("issuedCertificates", 0) >= 1), si
 
 
+def meshward(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "meshward"
+    return subprocess.run([str(exe), *args, "--kubeconfig", str(cluster.kubeconfig)], capture_output=True, text=True,
+                          timeout=30)
+
+
 def _handshake(port: int, cert: Path | None, key: Path | None, bundle: Path) -> None:
     ctx = ssl.create_default_context(cafile=str(bundle))
     ctx.check_hostname = False  # workload certificates carry SPIFFE IDs, not host names
@@ -261,7 +268,10 @@ def test_certificate_rotation_under_load_drops_nothing(mesh: Mesh) -> None:
         wait_until("some requests after the last renewal", lambda: load.ok > 200, timeout=30)
     assert load.failures == []
     # Envoy took the new certificate over SDS, without a restart.
-    assert served_leaf(mesh.backend_port).serial_number != serial
+    leaf = served_leaf(mesh.backend_port)
+    assert leaf.serial_number != serial
+    expiry = mesh.backend.agent.metric("meshward_workload_cert_expiry_timestamp_seconds")
+    assert abs(expiry - leaf.not_valid_after_utc.timestamp()) < 15  # the metric follows the served certificate
 
 
 def test_ca_rotation_under_load_drops_nothing(crds: Cluster, operator: Operator, mesh: Mesh) -> None:
@@ -270,9 +280,12 @@ def test_ca_rotation_under_load_drops_nothing(crds: Cluster, operator: Operator,
     with Load(mesh) as load:
         wait_until("traffic", lambda: load.ok > 50)
         assert issued_by(mesh.backend_port, old_root)
-        crds.kubectl("-n", operator.namespace, "annotate", "secret", "meshward-mesh-ca",
-                     f"meshward.io/rotate-ca={time.time()}")
+        assert meshward(crds, "ca", "rotate", "--namespace", operator.namespace).returncode == 0
         wait_until("the new root staged", lambda: operator.metric("meshward_ca_rotation_phase", phase="staged") == 1)
+        status = meshward(crds, "ca", "status", "--namespace", operator.namespace)
+        assert "phase: staged" in status.stdout and "next " in status.stdout
+        again = meshward(crds, "ca", "rotate", "--namespace", operator.namespace)
+        assert again.returncode == 1 and "already in phase" in again.stderr
         wait_until("the rotation to complete", lambda: operator.metric(
             "meshward_ca_rotation_phase", phase="steady") == 1 and ca_secret(crds, operator.namespace)[
             "tls.crt"] != old_root, timeout=90)
@@ -287,6 +300,22 @@ def test_ca_rotation_under_load_drops_nothing(crds: Cluster, operator: Operator,
     bundle = crds.get_json("-n", mesh.ns, "configmap", "meshward-trust-bundle")["data"]["ca.crt"]
     wait_until("the ConfigMap bundle to hold only the new root", lambda: crds.get_json(
         "-n", mesh.ns, "configmap", "meshward-trust-bundle")["data"]["ca.crt"].encode() == new_root), bundle
+
+
+def test_deleting_the_service_identity_stops_issuance(crds: Cluster, operator: Operator, mesh: Mesh) -> None:
+    crds.kubectl("-n", mesh.ns, "create", "serviceaccount", "reports")
+    crds.apply(identity(mesh.ns, "reports"))
+    # What the kubelet does for a mounted ConfigMap (the CA may have rotated since the mesh started).
+    mesh.bundle_file.write_text(crds.get_json("-n", mesh.ns, "configmap", "meshward-trust-bundle")["data"]["ca.crt"])
+    w = start_workload(crds, operator, mesh.ns, mesh.workdir, "reports", mesh.bundle_file, backend_config(mesh.frontend.spiffe))
+    try:
+        crds.kubectl("-n", mesh.ns, "delete", "serviceidentity", "reports")
+        errors = w.agent.metric("meshward_workload_cert_requests_total", result="error")
+        wait_until("a refused renewal", lambda: w.agent.metric(
+            "meshward_workload_cert_requests_total", result="error") > errors, timeout=30)
+        assert "PERMISSION_DENIED: no ServiceIdentity in namespace" in w.agent.log.read_text()
+    finally:
+        w.agent.stop()
 
 
 def test_operator_restart_keeps_the_ca(crds: Cluster, operator: Operator) -> None:
