@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube import Cluster
+from tests.kube import Cluster, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,3 +45,34 @@ def test_second_cluster_runs_beside_the_first_and_down_removes_it(cluster: Clust
     missing = hack_cluster("status", state)
     assert missing.returncode == 1
     assert "no cluster state" in missing.stderr
+
+
+def test_make_dev_starts_a_cluster_with_the_operator_and_down_stops_both(cluster: Cluster, tmp_path: Path) -> None:
+    """`hack/dev` (what `make dev` runs after installing): CRDs, examples, and a running operator."""
+    from tests.support.procs import free_port
+
+    state = tmp_path / "dev"
+    env = {**os.environ, "MESHWARD_CLUSTER_DIR": str(state), "MESHWARD_SIGNER_PORT": str(free_port()),
+           "MESHWARD_METRICS_PORT": str(free_port())}
+    try:
+        dev = subprocess.run([str(ROOT / "hack" / "dev")], env=env, capture_output=True, text=True, timeout=300)
+        assert dev.returncode == 0, dev.stderr
+        assert "meshward ca rotate" in dev.stdout
+        second = Cluster(state / "kubeconfig", cluster.kubectl_bin, cluster.helm_bin, "local")
+        ids = second.get_json("-n", "shop", "serviceidentities")["items"]
+        assert {i["status"]["spiffeID"] for i in ids} == {"spiffe://cluster.local/ns/shop/sa/orders",
+                                                           "spiffe://cluster.local/ns/shop/sa/frontend"}
+        pid = int((state / "operator.pid").read_text())
+        os.kill(pid, 0)  # running
+    finally:
+        down = hack_cluster("down", state)
+    assert down.returncode == 0, down.stderr
+    wait_until("the operator to stop", lambda: not _alive(pid), timeout=20)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
