@@ -383,21 +383,67 @@ def service_identity_status() -> Schema:
     })
 
 
+# ------------------------------------------------------------------- Revocation
+
+# Entries larger than this belong in the IdP (disable the user), not in every sidecar's memory.
+MAX_REVOCATION_ENTRIES = 1000
+
+
+def revocation_spec() -> Schema:
+    """Return the Revocation .spec schema."""
+    one_kind = "[has(self.jti), has(self.sub), has(self.sid)].filter(x, x).size() == 1"
+    return obj(
+        "Tokens, subjects or sessions every sidecar of the mesh denies (401 \"token revoked\") until the "
+        "entry expires.",
+        {
+            "entries": array(obj("One revoked token, subject or session; set exactly one of jti, sub, sid.", {
+                "jti": string("A token id (`jti` claim): revokes that one token.", maxLength=512),
+                "sub": string("A subject (`sub` claim): revokes every token of that user.", maxLength=512),
+                "sid": string("A session id (`sid` claim): revokes every token of that session.", maxLength=512),
+                "issuer": string("Only for sub: the issuer whose subject this is (otherwise any issuer's).",
+                                 maxLength=512),
+                "expiresAt": string("When the entry stops applying (RFC 3339): after the revoked tokens "
+                                    "have expired anyway, so the set stays small.", format="date-time",
+                                    maxLength=64),
+                "reason": string("Why, for the audit trail (e.g. an incident number).", maxLength=1024),
+            }, required=["expiresAt"], **{"x-kubernetes-validations": [
+                rule(one_kind, "spec.entries[]: set exactly one of jti, sub or sid"),
+                rule("!has(self.issuer) || has(self.sub)",
+                     "spec.entries[].issuer applies only to sub entries; remove it or use sub"),
+            ]}), "What to revoke.", max_items=MAX_REVOCATION_ENTRIES, minItems=1),
+        },
+        required=["entries"],
+    )
+
+
+def revocation_status() -> Schema:
+    """Return the Revocation .status schema."""
+    return obj("What the operator reports about this revocation.", {
+        "observedGeneration": observed_generation(),
+        "conditions": conditions_schema(),
+        "activeEntries": {"type": "integer", "minimum": 0, "description": "Entries not yet expired."},
+        "expiredEntries": {"type": "integer", "minimum": 0,
+                           "description": "Entries past expiresAt (no longer sent to sidecars)."},
+        "workloads": string("Connected workloads enforcing this revocation over all connected workloads.",
+                            maxLength=32),
+    })
+
+
 # ------------------------------------------------------------------------- CRDs
 
 _READY = '.status.conditions[?(@.type=="Ready")].status'
 
 
 def crd(kind: str, plural: str, short_names: list[str], description: str, spec: Schema, status: Schema,
-        columns: list[dict[str, Any]]) -> dict[str, Any]:
-    """Return a namespaced, single-version CRD with a status subresource."""
+        columns: list[dict[str, Any]], scope: str = "Namespaced") -> dict[str, Any]:
+    """Return a single-version CRD with a status subresource."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {"name": f"{plural}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "meshward"}},
         "spec": {
             "group": GROUP,
-            "scope": "Namespaced",
+            "scope": scope,
             "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural,
                       "singular": kind.lower(), "shortNames": short_names, "categories": ["meshward"]},
             "versions": [{
@@ -458,9 +504,30 @@ def service_identity_crd() -> dict[str, Any]:
     )
 
 
+def revocation_crd() -> dict[str, Any]:
+    """Return the (cluster-scoped) Revocation CRD."""
+    return crd(
+        "Revocation", "revocations", ["rev"],
+        "Revocation denies tokens, subjects or sessions across the whole mesh within seconds, each entry "
+        "until its expiresAt.",
+        revocation_spec(), revocation_status(),
+        [
+            {"name": "Active", "type": "integer", "jsonPath": ".status.activeEntries",
+             "description": "Entries in force."},
+            {"name": "Ready", "type": "string", "jsonPath": _READY,
+             "description": "Whether every connected workload enforces it."},
+            {"name": "Workloads", "type": "string", "jsonPath": ".status.workloads",
+             "description": "Enforcing / connected workloads."},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        scope="Cluster",
+    )
+
+
 def all_crds() -> dict[str, dict[str, Any]]:
     """Return every CRD keyed by the file name it is written to."""
     return {
         f"{GROUP}_authpolicies.yaml": auth_policy_crd(),
+        f"{GROUP}_revocations.yaml": revocation_crd(),
         f"{GROUP}_serviceidentities.yaml": service_identity_crd(),
     }

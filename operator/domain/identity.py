@@ -31,8 +31,9 @@ def _iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _condition(ctype: str, status: bool, reason: str, message: str, generation: int, now: dt.datetime,
-               old: list[dict[str, Any]]) -> dict[str, Any]:
+def condition(ctype: str, status: bool, reason: str, message: str, generation: int, now: dt.datetime,
+              old: list[dict[str, Any]]) -> dict[str, Any]:
+    """A metav1.Condition whose lastTransitionTime is kept from `old` while its status holds."""
     text = "True" if status else "False"
     previous = next((c for c in old if c.get("type") == ctype), None)
     since = previous["lastTransitionTime"] if previous and previous.get("status") == text else _iso(now)
@@ -58,8 +59,8 @@ def identity_status(obs: Observation, namespace: str, service_account: str, old_
         "spiffeID": obs.spiffe_id,
         "issuedCertificates": obs.issued,
         "conditions": [
-            _condition(READY, ready, reason, message, obs.generation, now, old_conditions),
-            _condition(DEGRADED, not ready, reason if not ready else "AsExpected",
+            condition(READY, ready, reason, message, obs.generation, now, old_conditions),
+            condition(DEGRADED, not ready, reason if not ready else "AsExpected",
                        message if not ready else "nothing to report", obs.generation, now, old_conditions),
         ],
     }

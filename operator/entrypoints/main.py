@@ -27,7 +27,10 @@ from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identities import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
 from meshward.operator.engines.metrics import register_metrics
+from meshward.operator.engines.policy_hub import PolicyHub
+from meshward.operator.handlers import policy as policy_handlers
 from meshward.operator.handlers.identity import Runtime, register
+from meshward.operator.servers.policy import serve_policy
 from meshward.operator.servers.signing import serve_rotating
 
 # The shortest leaf lifetime --max-leaf-ttl accepts (tests and demos only; see docs/identity.md).
@@ -44,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-domain", default=os.environ.get("MESHWARD_TRUST_DOMAIN", "cluster.local"),
                    help="SPIFFE trust domain (default $MESHWARD_TRUST_DOMAIN or cluster.local)")
     p.add_argument("--signer-listen", default="0.0.0.0:15012", help="signing service address (default 0.0.0.0:15012)")
+    p.add_argument("--policy-listen", default="0.0.0.0:15013",
+                   help="policy distribution address, mTLS with workload certificates (default 0.0.0.0:15013)")
     p.add_argument("--signer-dns", default="", help="comma-separated DNS names of the signing service's "
                                                     "certificate (default meshward-signer.<namespace>.svc)")
     p.add_argument("--signer-ip", default="127.0.0.1", help="comma-separated IPs of the signing service's certificate")
@@ -88,8 +93,16 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
 
     rt = Runtime(kube, ca, engine, directory, args.namespace, args.trust_domain, start_signer, clock,
                  status_interval_s=args.status_interval, ca_interval_s=args.ca_interval)
+    hub = PolicyHub(clock)
+
+    def start_policy() -> Awaitable[grpc.aio.Server]:
+        return serve_policy(hub, args.policy_listen, lambda: (ca.server_cert().cert_pem, ca.server_cert().key_pem,
+                                                              ca.bundle_pem().encode()))
+
     registry = kopf.OperatorRegistry()
     register(registry, rt)
+    policy_handlers.register(registry, policy_handlers.PolicyRuntime(hub, clock, start_policy,
+                                                                     status_interval_s=args.status_interval))
     metrics = CollectorRegistry()
     register_metrics(metrics, ca, engine)
     return registry, rt, metrics

@@ -17,6 +17,7 @@ for a known key, and never accept a token because the IdP is unreachable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -72,6 +73,8 @@ class KeyStore:
         self._on_fetch = on_fetch
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._issuers: dict[str, IssuerKeys] = {}
+        # Set when a reload adds an issuer: its keys are fetched at once, not at the next scheduled refresh.
+        self._new_issuer = asyncio.Event()
         self.update(issuers, settings)
 
     # ------------------------------------------------------------------ hot path (sync)
@@ -125,6 +128,7 @@ class KeyStore:
                 new[name] = old
             else:
                 new[name] = IssuerKeys(cfg)
+                self._new_issuer.set()
         self._issuers = new
 
     async def refresh(self, issuer: str) -> bool:
@@ -208,11 +212,13 @@ class KeyStore:
     async def run(self) -> None:
         """Load every issuer, then refresh on schedule (with ±10% jitter) until cancelled."""
         while True:
+            self._new_issuer.clear()
             await asyncio.gather(*(self.refresh(i) for i in list(self._issuers)))
             pending = [i for i, st in self._issuers.items() if not st.loaded]
             # Until every issuer has keys, retry quickly (bounded by minRefetchSeconds).
             delay = (self._settings.min_refetch_s if pending else self._settings.refresh_s)
-            await asyncio.sleep(delay * self._rng.uniform(0.9, 1.1))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_issuer.wait(), delay * self._rng.uniform(0.9, 1.1))
 
 
 def _fingerprint(k: PublicKey) -> int:

@@ -16,6 +16,7 @@ import datetime as dt
 import gc
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -26,17 +27,23 @@ from prometheus_client import CollectorRegistry
 
 from meshward._version import __version__
 from meshward.sidecar.clients.fetch import HttpFetcher
+from meshward.sidecar.clients.policy import PolicyClient
 from meshward.sidecar.clients.signer import SignerClient
 from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
 from meshward.sidecar.engines.identity import IdentityManager
 from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
+from meshward.sidecar.engines.subscription import PolicySubscription
 from meshward.sidecar.server.admin import Admin
 from meshward.sidecar.server.authz_http import HttpAuthz
 from meshward.sidecar.server.http1 import Handler, serve_tcp, serve_unix
 
-USAGE = ("usage: meshward-sidecar --config FILE [--http-listen ADDR] [--grpc-listen ADDR] "
+USAGE = ("usage: meshward-sidecar {--config FILE | --policy-server ADDR} [--http-listen ADDR] [--grpc-listen ADDR] "
          "[--admin-listen ADDR]  (ADDR: host:port or unix:/path)")
 log = logging.getLogger("meshward.sidecar")
+# In force until the operator's first config arrives: a policy with no allow rule denies everything.
+AWAITING_OPERATOR = {"apiVersion": "sidecar.meshward.io/v1alpha1", "kind": "SidecarConfig",
+                     "workload": "awaiting-operator", "generation": "awaiting-operator",
+                     "policies": [{"name": "meshward/awaiting-first-config", "rules": []}]}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument("--sds-listen", default="unix:/var/run/meshward/sds.sock",
                    help="Envoy SDS address, unix:/path (used with --identity-signer)")
+    p.add_argument("--policy-server", default="off",
+                   help="the operator's policy service host:port: subscribe to this workload's config over mTLS "
+                        "(needs --identity-signer; replaces --config)")
+    p.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
+                   help="this pod's name, sent when subscribing (default $POD_NAME)")
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config file checks")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
@@ -91,11 +103,27 @@ def _identity(args: argparse.Namespace, registry: CollectorRegistry) -> Identity
     return manager
 
 
+def _subscription(args: argparse.Namespace, agent: Agent, identity: IdentityManager | None,
+                  registry: CollectorRegistry) -> PolicySubscription:
+    """The operator subscription, authenticated by the workload certificate."""
+    if identity is None:
+        raise SystemExit("meshward-sidecar: --policy-server needs --identity-signer (the subscription is mTLS)")
+    if not args.pod_name:
+        raise SystemExit("meshward-sidecar: --policy-server needs --pod-name (or $POD_NAME)")
+
+    def credentials() -> tuple[bytes, bytes, bytes] | None:
+        cert = identity.current
+        return (cert.bundle_pem, cert.key_pem, cert.chain_pem) if cert else None
+
+    client = PolicyClient(args.policy_server, args.identity_signer_name, credentials)
+    return PolicySubscription(client, agent, args.pod_name, registry)
+
+
 async def run(args: argparse.Namespace) -> int:
     """Start every server and run until SIGTERM/SIGINT."""
-    config_path: Path = args.config
+    config_path: Path | None = args.config
     try:
-        snapshot = load_snapshot(config_path.read_text())
+        snapshot = load_snapshot(config_path.read_text() if config_path else json.dumps(AWAITING_OPERATOR))
     except OSError as e:
         print(f"meshward-sidecar: cannot read --config {config_path}: {e.strerror}", file=sys.stderr)
         return 2
@@ -107,21 +135,31 @@ async def run(args: argparse.Namespace) -> int:
     fetcher = HttpFetcher()
     agent = Agent(snapshot, fetcher, metrics, JsonLineAudit(sys.stdout))
     servers: list[asyncio.Server] = []
-    tasks = [asyncio.create_task(agent.keys.run(), name="jwks"),
-             asyncio.create_task(agent.watch(config_path, args.reload_interval), name="reload")]
+    tasks = [asyncio.create_task(agent.keys.run(), name="jwks")]
+    if config_path is not None:
+        tasks.append(asyncio.create_task(agent.watch(config_path, args.reload_interval), name="reload"))
     grpc_servers = []
     identity = None
     if args.identity_signer != "off":
         identity = _identity(args, registry)
         tasks.append(asyncio.create_task(identity.run(), name="identity"))
 
+    subscription = None
+    if args.policy_server != "off":
+        subscription = _subscription(args, agent, identity, registry)
+        tasks.append(asyncio.create_task(subscription.run(), name="policy"))
+
     def ready() -> bool:
-        return agent.ready and (identity is None or identity.current is not None)
+        return agent.ready and (identity is None or identity.current is not None) and \
+            (subscription is None or subscription.synced)
 
     def readiness() -> str:
-        if identity is None:
-            return agent.readiness()
-        return json.dumps({**json.loads(agent.readiness()), "certificate": identity.current is not None})
+        doc = json.loads(agent.readiness())
+        if identity is not None:
+            doc["certificate"] = identity.current is not None
+        if subscription is not None:
+            doc["policy"] = {"synced": subscription.synced, "connected": subscription.connected}
+        return json.dumps(doc)
 
     try:
         if args.http_listen != "off":
@@ -161,7 +199,7 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; without --config, print the version and usage."""
     args = _parser().parse_args(argv)
-    if args.version or args.config is None:
+    if args.version or (args.config is None and args.policy_server == "off"):
         print(f"meshward-sidecar {__version__}")
         if not args.version:
             print(USAGE)

@@ -17,7 +17,8 @@ def crds(cluster: Cluster) -> Cluster:
     """The cluster with Meshward's CRDs applied and Established."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/authpolicies.meshward.io", "crd/serviceidentities.meshward.io")
+                    "crd/authpolicies.meshward.io", "crd/serviceidentities.meshward.io",
+                    "crd/revocations.meshward.io")
     return cluster
 
 

@@ -20,7 +20,7 @@ def test_chart_renders_the_operator_and_its_rbac(cluster: Cluster) -> None:
                           "--include-crds"], capture_output=True, text=True, check=True).stdout
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(out) if d)
     assert kinds == sorted(["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                            "CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"])
+                            "CustomResourceDefinition", "CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"])
 
 
 def test_chart_refuses_a_cluster_older_than_1_30(cluster: Cluster) -> None:

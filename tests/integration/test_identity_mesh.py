@@ -118,8 +118,9 @@ def mesh(crds: Cluster, operator: Operator, tmp_path_factory: pytest.TempPathFac
         crds.kubectl("-n", ns, "create", "serviceaccount", sa)
         crds.apply(identity(ns, sa))
     bundle = wd / "bundle.crt"
-    bundle.write_text(wait_until("the trust bundle ConfigMap", lambda: crds.get_json(
-        "-n", ns, "configmap", "meshward-trust-bundle").get("data", {}).get("ca.crt"), timeout=30))
+    bundle.write_text(wait_until("the trust bundle ConfigMap", lambda: crds.kubectl(
+        "-n", ns, "get", "configmap", "meshward-trust-bundle", "-o", r"jsonpath={.data.ca\.crt}",
+        check=False).stdout, timeout=30))
     frontend_id = f"spiffe://cluster.local/ns/{ns}/sa/frontend"
     backend = start_workload(crds, operator, ns, wd, "backend", bundle, backend_config(frontend_id))
     frontend = start_workload(crds, operator, ns, wd, "frontend", bundle, {

@@ -36,10 +36,11 @@ class SigningKey:
 class IdP:
     """Issues tokens and serves /.well-known/openid-configuration and /jwks.json over HTTPS."""
 
-    def __init__(self, ca: TestCA, audience: str = "orders") -> None:
+    def __init__(self, ca: TestCA | None, audience: str = "orders") -> None:
+        """Serve over HTTPS with a certificate from `ca`, or plain HTTP on loopback when `ca` is None."""
         self.audience = audience
-        certs = ca.issue("idp", dns=("localhost",), ips=("127.0.0.1",))
-        self.ca_file = str(certs.ca)
+        certs = ca.issue("idp", dns=("localhost",), ips=("127.0.0.1",)) if ca else None
+        self.ca_file = str(certs.ca) if certs else ""
         self.keys: list[SigningKey] = [SigningKey("RS256")]
         self.signer = self.keys[0]
         self.down = False
@@ -71,11 +72,12 @@ class IdP:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(certs.cert), str(certs.key))
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        if certs is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(certs.cert), str(certs.key))
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.issuer = f"https://127.0.0.1:{self.port}"
+        self.issuer = f"{'https' if certs else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -129,10 +129,12 @@ class Operator:
         self.namespace = namespace
         self.signer_port = free_port()
         self.metrics_port = free_port()
+        self.policy_port = free_port()
         self.log = workdir / f"{name}.log"
         self.cmd = [str(Path(sys.executable).parent / "meshward-operator"), "--kubeconfig", str(kubeconfig),
                     "--namespace", namespace, "--signer-listen", f"127.0.0.1:{self.signer_port}",
-                    "--metrics-listen", f"127.0.0.1:{self.metrics_port}", *args]
+                    "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+                    "--policy-listen", f"127.0.0.1:{self.policy_port}", *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Operator:
@@ -141,10 +143,20 @@ class Operator:
         wait_for("operator's CA loaded", lambda: self.metric("meshward_ca_expiry_timestamp_seconds") > 0,
                  proc=self.proc, log=self.log)
         wait_for("signing service listening", lambda: _connects(self.signer_port), proc=self.proc, log=self.log)
+        wait_for("policy service listening", lambda: _connects(self.policy_port), proc=self.proc, log=self.log)
         return self
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(f"http://127.0.0.1:{self.metrics_port}/metrics", name, **labels)
+
+    def agent_args(self, token: Path, bundle: Path, sds: Path, pod: str | None = None) -> tuple[str, ...]:
+        """Command-line flags for an agent that gets its identity (and, with `pod`, its config) here."""
+        args: tuple[str, ...] = ("--identity-signer", f"127.0.0.1:{self.signer_port}",
+                "--identity-signer-name", f"meshward-signer.{self.namespace}.svc",
+                "--identity-token", str(token), "--trust-bundle", str(bundle), "--sds-listen", f"unix:{sds}")
+        if pod:
+            args += ("--policy-server", f"127.0.0.1:{self.policy_port}", "--pod-name", pod)
+        return args
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -167,12 +179,13 @@ def _connects(port: int) -> bool:
 class Agent:
     """A real `meshward-sidecar` process."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], *, http: str | None = None, grpc: str | None = None,
-                 name: str = "agent", extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any] | None, *, http: str | None = None,
+                 grpc: str | None = None, name: str = "agent", extra_args: tuple[str, ...] = ()) -> None:
         self.extra_args = extra_args
         self.workdir = workdir
         self.config_file = workdir / f"{name}-config.yaml"
-        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        if config is not None:
+            self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         self.admin_port = free_port()
         self.http = http or f"unix:{workdir / (name + '.sock')}"
         self.grpc = grpc or f"127.0.0.1:{free_port()}"
@@ -183,7 +196,8 @@ class Agent:
     def start(self, wait_ready: bool = True) -> Agent:
         exe = Path(sys.executable).parent / "meshward-sidecar"
         with self.log.open("ab") as err, self.audit.open("ab") as out:
-            self.proc = subprocess.Popen([str(exe), "--config", str(self.config_file), "--http-listen", self.http,
+            config = ["--config", str(self.config_file)] if self.config_file.exists() else []
+            self.proc = subprocess.Popen([str(exe), *config, "--http-listen", self.http,
                                           "--grpc-listen", self.grpc, "--admin-listen",
                                           f"127.0.0.1:{self.admin_port}", "--reload-interval", "0.2",
                                           *self.extra_args],
@@ -195,6 +209,26 @@ class Agent:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.admin_port}{path}"
+
+    def check(self, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> int:
+        """Ask the agent's HTTP ext_authz transport directly, as Envoy would; return the status it answers."""
+        import http.client
+        import socket
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self_) -> None:
+                self_.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self_.sock.settimeout(5)
+                self_.sock.connect(self.http.removeprefix("unix:"))
+
+        conn = UnixConnection("localhost")
+        try:
+            conn.request(method, path, headers=headers or {})
+            r = conn.getresponse()
+            r.read()
+            return r.status
+        finally:
+            conn.close()
 
     def write_config(self, config: dict[str, Any] | str) -> None:
         text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)

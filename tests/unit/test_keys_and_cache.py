@@ -94,6 +94,24 @@ def test_failed_fetch_keeps_the_last_good_keys(idp: IdP) -> None:
     assert store.generation(idp.issuer) == gen
 
 
+def test_an_issuer_added_by_a_reload_gets_its_keys_at_once_not_at_the_next_refresh(idp: IdP) -> None:
+    """Regression: a config pushed by the operator added an issuer; its keys waited for the 300 s refresh."""
+    async def scenario() -> bool:
+        store = KeyStore({}, JwksSettings(refresh_s=300), HttpFetcher(), time.monotonic)
+        runner = asyncio.create_task(store.run())
+        try:
+            await asyncio.sleep(0)  # let the loop start its (long) wait
+            store.update({idp.issuer: issuer_cfg(idp, idp.jwks_uri)}, JwksSettings(refresh_s=300))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not store.keys_of(idp.issuer, idp.signer.kid):
+                await asyncio.sleep(0.01)
+            return bool(store.keys_of(idp.issuer, idp.signer.kid))
+        finally:
+            runner.cancel()
+
+    assert asyncio.run(scenario())
+
+
 def vt(exp: float, issuer: str = "i") -> VerifiedToken:
     return VerifiedToken(issuer=issuer, claims={}, expires_at=exp, subject="s")
 

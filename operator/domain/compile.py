@@ -1,0 +1,222 @@
+"""AuthPolicies (and Revocations) compiled into per-workload sidecar configs, as pure functions.
+
+Why pure and why here: what each workload enforces must follow from the objects a
+user applied by rules anyone can read and test:
+- a policy selects the pods of its namespace whose labels match `spec.selector`
+  (or all opted-in pods with `spec.namespaceWide`);
+- every selecting policy goes into the workload's config; deny rules win over allow
+  rules and modes stay per policy/rule, exactly as the agent evaluates them;
+- one issuer has one definition per workload: when two policies define the same
+  issuer differently, the oldest policy's definition wins and the other policy reports
+  `IssuerConflict` (its rules still apply, so a conflict never opens access);
+- unexpired Revocation entries go into every workload's config.
+Validation runs the sidecar's own parser and compiler on the translated policy, so a
+policy the operator accepts is a policy every agent accepts (CEL, globs, URLs).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshward.sidecar.config.schema import API_VERSION as SIDECAR_API_VERSION
+from meshward.sidecar.config.schema import KIND as SIDECAR_KIND
+from meshward.sidecar.config.schema import ConfigError, parse_config
+from meshward.sidecar.domain.snapshot import compile_snapshot
+
+# Pods carrying this label have opted in (the injection webhook only mutates those).
+INJECT_LABEL = "meshward.io/inject"
+_GO_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class PolicyInvalid(ValueError):
+    """A policy cannot be compiled; `field` is the path in the AuthPolicy, the message says how to fix it."""
+
+    def __init__(self, field_path: str, problem: str) -> None:
+        super().__init__(f"{field_path}: {problem}")
+        self.field = field_path
+
+
+@dataclass(frozen=True)
+class PolicyObject:
+    """An AuthPolicy as the compiler needs it."""
+
+    namespace: str
+    name: str
+    generation: int
+    created: str
+    spec: Mapping[str, Any]
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`."""
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class RevocationEntry:
+    """One revoked token (`jti`), subject (`sub`, optionally `<iss>/<sub>`) or session (`sid`)."""
+
+    kind: str
+    value: str
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Workload:
+    """An opted-in pod: where it runs, as whom, with which labels."""
+
+    namespace: str
+    pod: str
+    service_account: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """`namespace/pod`."""
+        return f"{self.namespace}/{self.pod}"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A workload's config document, its version, and what it contains."""
+
+    document: dict[str, Any]
+    version: str
+    policies: dict[str, int]
+    conflicts: dict[str, str]
+
+
+def _seconds(text: str) -> float:
+    total, num = 0.0, ""
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c.isdigit() or c == ".":
+            num += c
+            i += 1
+            continue
+        unit = "ms" if text[i:i + 2] == "ms" else c
+        total += float(num) * _GO_UNITS[unit]
+        num = ""
+        i += len(unit)
+    return total
+
+
+def _issuer(doc: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"issuer": doc["issuer"], "audiences": list(doc["audiences"])}
+    for k in ("jwksUri", "algorithms", "fromHeaders", "fromCookies", "forwardOriginalToken"):
+        if k in doc:
+            out[k] = doc[k]
+    if "clockSkew" in doc:
+        out["clockSkewSeconds"] = _seconds(doc["clockSkew"])
+    if "maxTokenLifetime" in doc:
+        out["maxLifetimeSeconds"] = _seconds(doc["maxTokenLifetime"])
+    return out
+
+
+def to_sidecar_policy(p: PolicyObject) -> dict[str, Any]:
+    """Translate one AuthPolicy spec into the sidecar config's policy shape."""
+    spec = p.spec
+    out: dict[str, Any] = {"name": p.key, "mode": spec.get("mode", "Enforce"),
+                           "rules": [dict(r) for r in spec.get("rules", [])]}
+    if spec.get("jwt"):
+        out["jwt"] = [_issuer(i) for i in spec["jwt"]]
+    if "requireJwt" in spec:
+        out["requireJwt"] = bool(spec["requireJwt"])
+    return out
+
+
+def _field_of(config_path: str) -> str:
+    """Map a sidecar config error path (policies[0].rules[1].when[0]) to the AuthPolicy field."""
+    path = config_path.removeprefix("policies[0]").lstrip(".")
+    path = path.replace("clockSkewSeconds", "clockSkew").replace("maxLifetimeSeconds", "maxTokenLifetime")
+    return f"spec.{path}" if path else "spec"
+
+
+def validate(p: PolicyObject) -> None:
+    """Check what the CRD schema cannot (CEL compiles, globs, issuers, selector); raise PolicyInvalid."""
+    spec = p.spec
+    selector = spec.get("selector") or {}
+    if not spec.get("namespaceWide") and not (selector.get("matchLabels") or selector.get("matchExpressions")):
+        raise PolicyInvalid("spec.selector", "must select workloads with matchLabels or matchExpressions; set "
+                                             "spec.namespaceWide: true to protect the whole namespace")
+    for n, req in enumerate(selector.get("matchExpressions") or []):
+        op, values = req.get("operator"), req.get("values") or []
+        if op in ("In", "NotIn") and not values:
+            raise PolicyInvalid(f"spec.selector.matchExpressions[{n}].values", f"{op} needs at least one value")
+        if op in ("Exists", "DoesNotExist") and values:
+            raise PolicyInvalid(f"spec.selector.matchExpressions[{n}].values", f"must be empty with {op}")
+    doc = {"apiVersion": SIDECAR_API_VERSION, "kind": SIDECAR_KIND, "workload": p.key,
+           "policies": [to_sidecar_policy(p)]}
+    try:
+        compile_snapshot(parse_config(doc))
+    except ConfigError as e:
+        raise PolicyInvalid(_field_of(e.path), str(e).removeprefix(f"{e.path}: ")) from e
+
+
+def selects(spec: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """Whether a policy's selector matches a pod's labels (metav1.LabelSelector semantics)."""
+    if spec.get("namespaceWide"):
+        return True
+    selector = spec.get("selector") or {}
+    match = selector.get("matchLabels") or {}
+    exprs = selector.get("matchExpressions") or []
+    if not match and not exprs:
+        return False  # an empty selector selects nothing (validate() refuses it anyway)
+    if any(labels.get(k) != v for k, v in match.items()):
+        return False
+    for req in exprs:
+        key, op, values = req.get("key"), req.get("operator"), set(req.get("values") or [])
+        present = key in labels
+        if (op == "In" and not (present and labels[key] in values)) or \
+                (op == "NotIn" and present and labels[key] in values) or \
+                (op == "Exists" and not present) or (op == "DoesNotExist" and present):
+            return False
+    return True
+
+
+def _revocations(entries: Iterable[RevocationEntry], now: dt.datetime) -> dict[str, list[str]]:
+    out: dict[str, set[str]] = {"jti": set(), "sub": set(), "sid": set()}
+    for e in entries:
+        if e.expires_at > now:
+            out[e.kind].add(e.value)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations: Iterable[RevocationEntry],
+                     now: dt.datetime) -> Compiled:
+    """The sidecar config for one workload: its selecting policies (oldest first) and the revocation set."""
+    chosen = sorted((p for p in policies if p.namespace == w.namespace and selects(p.spec, w.labels)),
+                    key=lambda p: (p.created, p.name))
+    first: dict[str, tuple[str, dict[str, Any]]] = {}
+    conflicts: dict[str, str] = {}
+    docs = []
+    for p in chosen:
+        d = to_sidecar_policy(p)
+        kept = []
+        for iss in d.get("jwt", []):
+            seen = first.get(iss["issuer"])
+            if seen is None:
+                first[iss["issuer"]] = (p.key, iss)
+                kept.append(iss)
+            elif seen[1] != iss:
+                conflicts[p.key] = (f"issuer {iss['issuer']} is defined differently by {seen[0]}, whose "
+                                    f"definition {w.key} uses; make the definitions identical")
+        if "jwt" in d:
+            if kept:
+                d["jwt"] = kept
+            else:
+                del d["jwt"]
+                # Its tokens are still required if the policy required them: the other definition verifies them.
+                d.setdefault("requireJwt", bool(p.spec.get("jwt")))
+        docs.append(d)
+    document: dict[str, Any] = {"apiVersion": SIDECAR_API_VERSION, "kind": SIDECAR_KIND, "workload": w.key,
+                                "policies": docs, "revocations": _revocations(revocations, now)}
+    digest = hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    document["generation"] = digest
+    return Compiled(document, digest, {p.key: p.generation for p in chosen}, conflicts)

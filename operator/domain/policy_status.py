@@ -1,0 +1,78 @@
+"""AuthPolicy and Revocation status as pure functions of what the hub knows.
+
+`kubectl get authpolicies` must tell the truth: READY is True only when every
+selected, connected workload enforces the current generation; otherwise the message
+says which workloads are behind and why, and an invalid update says which generation
+stays in force instead.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from meshward.operator.domain.identity import condition
+
+# Status lists at most this many lagging workloads (the CRD's maxItems).
+MAX_LAGGING = 50
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """What the hub says about one AuthPolicy."""
+
+    generation: int
+    in_force: int | None
+    invalid: str | None
+    selected: list[str]
+    enforcing: list[str]
+    lagging: list[str]
+    conflict: str | None = None
+
+
+def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
+    """The AuthPolicy `.status` (transition times kept while a condition holds)."""
+    n, e = len(v.selected), len(v.enforcing)
+    if v.invalid is not None:
+        ready, reason = False, "InvalidSpec"
+        kept = (f"generation {v.in_force} stays in force" if v.in_force is not None
+                else "nothing of this policy is in force")
+        message = f"generation {v.generation} rejected: {v.invalid}; {kept}"
+    elif e < n:
+        ready, reason = False, "WorkloadsLagging"
+        message = f"{e} of {n} selected workloads enforce generation {v.generation}; " + "; ".join(v.lagging[:5])
+    else:
+        ready, reason = True, "Enforced"
+        message = (f"all {n} selected workloads enforce generation {v.generation}" if n
+                   else "no connected workload is selected yet")
+    degraded = v.invalid is not None or v.conflict is not None
+    d_reason = "InvalidSpec" if v.invalid is not None else "IssuerConflict" if v.conflict else "AsExpected"
+    d_message = message if v.invalid is not None else v.conflict or "nothing to report"
+    return {
+        "observedGeneration": v.generation,
+        "workloads": f"{e}/{n}",
+        "selectedWorkloads": n,
+        "enforcingWorkloads": e,
+        "laggingWorkloads": v.lagging[:MAX_LAGGING],
+        "conditions": [
+            condition("Ready", ready, reason, message, v.generation, now, old_conditions),
+            condition("Degraded", degraded, d_reason, d_message, v.generation, now, old_conditions),
+        ],
+    }
+
+
+def revocation_status(generation: int, active: int, expired: int, connected: list[str], enforcing: list[str],
+                      lagging: list[str], old_conditions: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
+    """The Revocation `.status`."""
+    ready = len(enforcing) == len(connected)
+    message = (f"all {len(connected)} connected workloads deny its {active} active entries" if ready
+               else f"{len(enforcing)} of {len(connected)} connected workloads enforce it; " + "; ".join(lagging[:5]))
+    return {
+        "observedGeneration": generation,
+        "activeEntries": active,
+        "expiredEntries": expired,
+        "workloads": f"{len(enforcing)}/{len(connected)}",
+        "conditions": [condition("Ready", ready, "Enforced" if ready else "WorkloadsLagging", message, generation,
+                                  now, old_conditions)],
+    }

@@ -1,0 +1,58 @@
+"""The client of the operator's policy distribution service (`/meshward.policy.v1.Policy/Subscribe`).
+
+mTLS with the workload certificate the agent holds (the operator learns the agent's
+identity from it); JSON messages, as on the server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+METHOD = "/meshward.policy.v1.Policy/Subscribe"
+
+
+class PolicyStreamError(Exception):
+    """The subscription ended or could not start; `code` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class PolicyClient:
+    """Opens subscriptions to the operator."""
+
+    def __init__(self, address: str, server_name: str,
+                 credentials: Callable[[], tuple[bytes, bytes, bytes] | None]) -> None:
+        self._address = address
+        self._server_name = server_name
+        self._credentials = credentials
+
+    async def subscribe(self, pod: str, on_config: Callable[[str, dict[str, Any]], Awaitable[str | None]],
+                        on_connected: Callable[[], None]) -> None:
+        """Stream configs to `on_config(version, config)` (which returns an error or None) until the stream ends."""
+        creds = self._credentials()
+        if creds is None:
+            raise PolicyStreamError("FAILED_PRECONDITION", "no workload certificate yet")
+        roots, key, chain = creds
+        channel_creds = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
+        options = [("grpc.ssl_target_name_override", self._server_name),
+                   ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                   ("grpc.keepalive_time_ms", 10_000)]
+        try:
+            async with grpc.aio.secure_channel(self._address, channel_creds, options=options) as channel:
+                call = channel.stream_stream(METHOD, request_serializer=lambda d: json.dumps(d).encode(),
+                                             response_deserializer=json.loads)()
+                await call.write({"pod": pod})
+                async for msg in call:
+                    on_connected()
+                    version, config = str(msg.get("version", "")), msg.get("config")
+                    error = await on_config(version, config) if isinstance(config, dict) else "no config in message"
+                    await call.write({"ack": version, **({"error": error} if error else {})})
+        except grpc.aio.AioRpcError as e:
+            raise PolicyStreamError(e.code().name, e.details() or "") from e
+        raise PolicyStreamError("UNAVAILABLE", "the operator closed the subscription")

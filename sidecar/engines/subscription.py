@@ -1,0 +1,100 @@
+"""Keeps the agent subscribed to its workload's config on the operator.
+
+Every config received is validated and compiled by the same code as a config file;
+an accepted one replaces the pipeline atomically and is acknowledged, a rejected one
+is acknowledged with the error and the last good config stays in force. When the
+operator is unreachable the agent keeps enforcing what it has (never allow-all),
+retries with backoff, and reports how stale its config may be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from meshward.sidecar.clients.policy import PolicyClient, PolicyStreamError
+from meshward.sidecar.engines.agent import Agent, ConfigRejected
+
+# Reconnect after BACKOFF_MIN_S doubling to BACKOFF_MAX_S: a restarted operator is found within seconds.
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+log = logging.getLogger("meshward.sidecar.policy")
+
+
+class _Staleness(Collector):
+    def __init__(self, sub: PolicySubscription) -> None:
+        self._sub = sub
+
+    def collect(self) -> list[Metric]:
+        return [
+            GaugeMetricFamily("meshward_policy_connected", "1 while subscribed to the operator.",
+                              value=1.0 if self._sub.connected else 0.0),
+            GaugeMetricFamily("meshward_policy_stale_seconds",
+                              "Seconds since the subscription was last known live (0 while connected).",
+                              value=self._sub.stale_seconds()),
+        ]
+
+
+class PolicySubscription:
+    """Subscribes, applies, acknowledges, reconnects."""
+
+    def __init__(self, client: PolicyClient, agent: Agent, pod: str, registry: CollectorRegistry,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._client = client
+        self._agent = agent
+        self._pod = pod
+        self._monotonic = monotonic
+        self.connected = False
+        self.synced = False
+        self.version: str | None = None
+        self._last_live = monotonic()
+        self._applied = Counter("meshward_policy_snapshots", "Configs received from the operator, by result.",
+                                ["result"], registry=registry)
+        registry.register(_Staleness(self))
+
+    def stale_seconds(self) -> float:
+        """0 while connected, else seconds since the last live moment."""
+        return 0.0 if self.connected else self._monotonic() - self._last_live
+
+    def _connected(self) -> None:
+        self.connected = True
+        self._last_live = self._monotonic()
+
+    async def _apply(self, version: str, config: dict[str, Any]) -> str | None:
+        if version and version == self.version:
+            return None  # a reconnect resumes at the version in force
+        try:
+            self._agent.reload(json.dumps(config))
+        except ConfigRejected as e:
+            self._applied.labels("rejected").inc()
+            return str(e)
+        self.version = version
+        self.synced = True
+        self._applied.labels("applied").inc()
+        return None
+
+    async def run(self) -> None:
+        """Subscribe until cancelled."""
+        delay = BACKOFF_MIN_S
+        while True:
+            try:
+                await self._client.subscribe(self._pod, self._apply, self._connected)
+            except PolicyStreamError as e:
+                if self.connected:
+                    delay = BACKOFF_MIN_S
+                level = logging.WARNING if e.code != "FAILED_PRECONDITION" else logging.DEBUG
+                log.log(level, "policy subscription: %s; keeping config %s, retrying in %.1f s", e, self.version,
+                        delay)
+            if self.connected:
+                self._last_live = self._monotonic()
+            self.connected = False
+            await asyncio.sleep(delay)
+            delay = min(BACKOFF_MAX_S, delay * 2)

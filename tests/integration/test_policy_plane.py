@@ -1,0 +1,276 @@
+"""The policy plane end to end: kubectl apply → operator → real agents (one path through a real Envoy).
+
+The operator runs as a process against the real API server; agents are real
+`meshward-sidecar` processes that get their identity from it and subscribe to their
+workload's config over mTLS. Pods are created through the API (they stay Pending:
+there is no kubelet), which is all the operator needs to know a workload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, build_inbound_bootstrap
+from meshward.sidecar.domain.identity import build_csr, key_pem, new_key
+from tests.kube import Cluster, wait_until
+from tests.support.idp import IdP
+from tests.support.procs import Agent, Echo, Operator, free_port, http_status, run_envoy
+
+pytestmark = pytest.mark.integration
+API = "meshward.io/v1alpha1"
+
+
+def pod(ns: str, name: str, sa: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {"meshward.io/inject": "enabled", **labels}},
+            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}}
+
+
+def policy(ns: str, name: str = "orders-api", *, rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": API, "kind": "AuthPolicy", "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": "orders"}}, "rules": rules, **spec}}
+
+
+READS = [{"name": "reads", "to": {"methods": ["GET"], "paths": ["/orders/*"]}}]
+
+
+def ready(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
+    status = cluster.get_json("-n", ns, "authpolicy", name).get("status", {})
+    cond = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+    return {**status, "ready": cond}
+
+
+@dataclass
+class Plane:
+    cluster: Cluster
+    operator: Operator
+    ns: str
+    workdir: Path
+    agents: list[Agent]
+    idp: IdP
+    token_file: Path
+    bundle: Path
+
+    def all_answer(self, path: str, status: int, headers: dict[str, str] | None = None) -> bool:
+        return all(a.check(path, headers=headers) == status for a in self.agents)
+
+
+@pytest.fixture(scope="module")
+def plane(crds: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plane]:
+    wd = tmp_path_factory.mktemp("plane")
+    op_ns = crds.new_namespace("mw")
+    operator = Operator(wd, crds.kubeconfig, op_ns, "--status-interval", "0.5", "--ca-interval", "1").start()
+    ns = crds.new_namespace("shop")
+    crds.kubectl("-n", ns, "create", "serviceaccount", "orders")
+    crds.apply({"apiVersion": API, "kind": "ServiceIdentity", "metadata": {"name": "orders", "namespace": ns},
+                "spec": {"serviceAccountName": "orders"}},
+               pod(ns, "orders-1", "orders", app="orders"), pod(ns, "orders-2", "orders", app="orders"),
+               pod(ns, "orders-3", "orders", app="orders"))
+    bundle = wd / "bundle.crt"
+    bundle.write_text(wait_until("trust bundle", lambda: crds.kubectl(
+        "-n", ns, "get", "configmap", "meshward-trust-bundle", "-o", r"jsonpath={.data.ca\.crt}", check=False).stdout))
+    token = wd / "orders.token"
+    token.write_text(crds.kubectl("-n", ns, "create", "token", "orders", "--audience", "meshward",
+                                  "--duration", "1h").stdout.strip())
+    agents = [Agent(wd, None, name=p, extra_args=operator.agent_args(token, bundle, wd / f"{p}-sds.sock", p)).start()
+              for p in ("orders-1", "orders-2")]
+    idp = IdP(None)
+    try:
+        yield Plane(crds, operator, ns, wd, agents, idp, token, bundle)
+    finally:
+        for a in agents:
+            a.stop()
+        operator.stop()
+        idp.close()
+        for n in (ns, op_ns):
+            crds.kubectl("delete", "namespace", n, "--wait=false", check=False)
+
+
+def test_agents_enforce_every_applied_version_also_through_envoy(plane: Plane) -> None:
+    c, ns = plane.cluster, plane.ns
+    assert plane.all_answer("/admin", 200)  # no policy selects the workload yet: nothing to enforce
+    c.apply(policy(ns, rules=READS))
+    wait_until("the policy in force", lambda: plane.all_answer("/admin", 403), timeout=10)
+    assert plane.all_answer("/orders/1", 200)
+    echo = Echo()
+    port, admin = free_port(), free_port()
+    boot = build_inbound_bootstrap(InboundConfig(
+        listen=Endpoint(port=port), admin=Endpoint(port=admin), app=Endpoint(port=echo.port),
+        authz=Endpoint(unix=plane.agents[0].http.removeprefix("unix:"))))
+    try:
+        with run_envoy(boot, plane.workdir, admin, name="envoy-plane"):
+            assert http_status(f"http://127.0.0.1:{port}/orders/1") == 200
+            c.apply(policy(ns, rules=[{"name": "no-secrets", "action": "Deny", "to": {"paths": ["/orders/secret"]}},
+                                      *READS]))
+            wait_until("the new version through Envoy", lambda: http_status(
+                f"http://127.0.0.1:{port}/orders/secret") == 403, timeout=10)
+            assert http_status(f"http://127.0.0.1:{port}/orders/1") == 200
+    finally:
+        echo.close()
+    c.kubectl("-n", ns, "delete", "authpolicy", "orders-api")
+    wait_until("the deletion in force", lambda: plane.all_answer("/admin", 200), timeout=10)
+
+
+def _sign(plane: Plane, key: Any) -> tuple[bytes, bytes]:
+    """A workload certificate for ServiceAccount orders, from the operator's signing service."""
+    async def call() -> dict[str, Any]:
+        creds = grpc.ssl_channel_credentials(root_certificates=plane.bundle.read_bytes())
+        opts = [("grpc.ssl_target_name_override", f"meshward-signer.{plane.operator.namespace}.svc")]
+        async with grpc.aio.secure_channel(f"127.0.0.1:{plane.operator.signer_port}", creds, options=opts) as ch:
+            sign = ch.unary_unary("/meshward.identity.v1.Identity/Sign",
+                                  request_serializer=lambda d: json.dumps(d).encode(),
+                                  response_deserializer=json.loads)
+            spiffe = f"spiffe://cluster.local/ns/{plane.ns}/sa/orders"
+            out: dict[str, Any] = await sign({"csr": build_csr(key, spiffe).decode()},
+                                             metadata=(("authorization", f"Bearer {plane.token_file.read_text()}"),))
+            return out
+
+    doc = asyncio.run(call())
+    return doc["certificateChain"].encode(), doc["trustBundle"].encode()
+
+
+class SilentSubscriber:
+    """A subscriber that receives its config and never acknowledges it: an agent stuck behind."""
+
+    def __init__(self, plane: Plane, pod_name: str) -> None:
+        self.plane, self.pod = plane, pod_name
+        self.received: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        import threading
+
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        key = new_key()
+        chain, bundle = _sign(plane, key)
+        self.task = asyncio.run_coroutine_threadsafe(self._run(key_pem(key), chain, bundle), self.loop)
+
+    async def _run(self, key: bytes, chain: bytes, bundle: bytes) -> None:
+        creds = grpc.ssl_channel_credentials(root_certificates=bundle, private_key=key, certificate_chain=chain)
+        opts = [("grpc.ssl_target_name_override", f"meshward-signer.{self.plane.operator.namespace}.svc")]
+        async with grpc.aio.secure_channel(f"127.0.0.1:{self.plane.operator.policy_port}", creds,
+                                           options=opts) as ch:
+            call = ch.stream_stream("/meshward.policy.v1.Policy/Subscribe",
+                                    request_serializer=lambda d: json.dumps(d).encode(),
+                                    response_deserializer=json.loads)()
+            await call.write({"pod": self.pod})
+            async for msg in call:
+                self.received.append(msg["version"])
+
+    def close(self) -> None:
+        import concurrent.futures
+        import contextlib
+
+        self.loop.call_soon_threadsafe(self.task.cancel)
+        with contextlib.suppress(concurrent.futures.CancelledError, grpc.aio.AioRpcError):
+            self.task.result(timeout=10)  # the channel is closed when this returns
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_status_tells_the_truth_through_apply_invalid_spec_lagging_and_gone(plane: Plane) -> None:
+    c, ns = plane.cluster, plane.ns
+    c.apply(policy(ns, "status-demo", rules=READS))
+    st = wait_until("Ready with 2/2", lambda: (s := ready(c, ns, "status-demo"))["ready"].get("status") == "True"
+                    and s.get("workloads") == "2/2" and s)
+    assert st["ready"]["reason"] == "Enforced" and st["observedGeneration"] == 1
+    # An update CEL cannot compile: rejected, named, and generation 1 stays in force.
+    bad = policy(ns, "status-demo", rules=[{"name": "reads", "to": {"paths": ["/orders/*"]},
+                                            "when": ["claims.scope.("]}])
+    c.apply(bad)
+    st = wait_until("InvalidSpec", lambda: (s := ready(c, ns, "status-demo"))["ready"].get("reason") == "InvalidSpec"
+                    and s)
+    assert st["ready"]["status"] == "False"
+    assert "spec.rules[0].when[0]" in st["ready"]["message"]
+    assert "generation 1 stays in force" in st["ready"]["message"]
+    assert plane.all_answer("/admin", 403)  # still enforcing generation 1
+    events = c.get_json("-n", ns, "events")["items"]
+    assert any(e["reason"] == "InvalidSpec" and e["involvedObject"]["name"] == "status-demo" for e in events)
+    c.apply(policy(ns, "status-demo", rules=[*READS, {"name": "writes", "to": {"methods": ["POST"]}}]))
+    wait_until("Ready again at generation 3", lambda: (s := ready(c, ns, "status-demo"))["ready"].get(
+        "status") == "True" and s.get("observedGeneration") == 3)
+    # A third workload that receives configs but never acknowledges them.
+    silent = SilentSubscriber(plane, "orders-3")
+    try:
+        st = wait_until("2/3 with the laggard named", lambda: (s := ready(c, ns, "status-demo")).get(
+            "workloads") == "2/3" and s)
+        assert st["ready"]["reason"] == "WorkloadsLagging"
+        assert any("orders-3" in w for w in st["laggingWorkloads"])
+        assert silent.received  # it did get its config
+    finally:
+        silent.close()
+    wait_until("2/2 once the laggard is gone", lambda: ready(c, ns, "status-demo").get("workloads") == "2/2")
+    c.kubectl("-n", ns, "delete", "authpolicy", "status-demo")
+
+
+def test_a_sidecar_only_gets_a_pod_of_its_own_service_account(plane: Plane) -> None:
+    c, ns = plane.cluster, plane.ns
+    c.kubectl("-n", ns, "create", "serviceaccount", "billing")
+    c.apply(pod(ns, "billing-1", "billing", app="billing"))
+
+    def attempt() -> grpc.aio.AioRpcError | None:
+        silent = SilentSubscriber(plane, "billing-1")  # a certificate of SA orders claiming billing's pod
+        try:
+            silent.task.result(timeout=10)
+        except grpc.aio.AioRpcError as e:
+            return e if e.code() != grpc.StatusCode.NOT_FOUND else None  # NOT_FOUND: the watch is behind
+        finally:
+            silent.close()
+        return None
+
+    err = wait_until("a refusal once the operator knows the pod", attempt, timeout=10)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "runs as ServiceAccount billing, not orders" in (err.details() or "")
+
+
+
+def test_revocation_denies_a_token_everywhere_within_five_seconds(plane: Plane) -> None:
+    c, ns, idp = plane.cluster, plane.ns, plane.idp
+    c.apply(policy(ns, "jwt-demo", rules=READS, jwt=[{"issuer": idp.issuer, "audiences": ["orders"],
+                                                      "jwksUri": idp.jwks_uri}]))
+    tok = idp.token(jti="stolen-1")
+    auth = {"authorization": f"Bearer {tok}"}
+    wait_until("the JWT policy in force", lambda: plane.all_answer("/orders/1", 401), timeout=15)
+    wait_until("the token accepted", lambda: plane.all_answer("/orders/1", 200, auth), timeout=15)
+    expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    c.apply({"apiVersion": API, "kind": "Revocation", "metadata": {"name": "incident-42"},
+             "spec": {"entries": [{"jti": "stolen-1", "expiresAt": expires, "reason": "INC-42"}]}})
+    wait_until("the token denied by every agent", lambda: plane.all_answer("/orders/1", 401, auth), timeout=5)
+    assert plane.all_answer("/orders/1", 200, {"authorization": f"Bearer {idp.token()}"})  # others unaffected
+    st = wait_until("revocation status", lambda: (s := c.get_json("revocation", "incident-42").get("status", {}))
+                    .get("workloads") == "2/2" and s)
+    assert st["activeEntries"] == 1
+    # An entry that expires stops applying by itself (the revoked token would have expired anyway).
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    c.apply({"apiVersion": API, "kind": "Revocation", "metadata": {"name": "incident-42"},
+             "spec": {"entries": [{"jti": "stolen-1", "expiresAt": soon}]}})
+    wait_until("the expired entry dropped", lambda: plane.all_answer("/orders/1", 200, auth), timeout=15)
+    c.kubectl("delete", "revocation", "incident-42")
+    c.kubectl("-n", ns, "delete", "authpolicy", "jwt-demo")
+
+
+def test_agents_keep_enforcing_without_the_operator_and_catch_up_after(plane: Plane) -> None:
+    c, ns = plane.cluster, plane.ns
+    c.apply(policy(ns, "restart-demo", rules=READS))
+    wait_until("in force", lambda: plane.all_answer("/admin", 403), timeout=10)
+    plane.operator.stop()
+    try:
+        wait_until("agents notice", lambda: all(a.metric("meshward_policy_connected") == 0 for a in plane.agents))
+        assert plane.all_answer("/admin", 403) and plane.all_answer("/orders/1", 200)  # last config, never allow-all
+        wait_until("staleness reported", lambda: all(a.metric("meshward_policy_stale_seconds") > 0
+                                                     for a in plane.agents))
+        # A change while the operator is down is not lost.
+        c.apply(policy(ns, "restart-demo", rules=[*READS, {"name": "admin", "to": {"paths": ["/admin"]}}]))
+    finally:
+        plane.operator.start()
+    wait_until("the change delivered after the restart", lambda: plane.all_answer("/admin", 200), timeout=15)
+    assert all(a.metric("meshward_policy_connected") == 1 for a in plane.agents)
+    c.kubectl("-n", ns, "delete", "authpolicy", "restart-demo")
