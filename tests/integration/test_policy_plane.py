@@ -45,7 +45,7 @@ READS = [{"name": "reads", "to": {"methods": ["GET"], "paths": ["/orders/*"]}}]
 
 def ready(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
     status = cluster.get_json("-n", ns, "authpolicy", name).get("status", {})
-    cond = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+    cond: dict[str, Any] = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
     return {**status, "ready": cond}
 
 
