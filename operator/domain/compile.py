@@ -7,8 +7,9 @@ user applied by rules anyone can read and test:
 - every selecting policy goes into the workload's config; deny rules win over allow
   rules and modes stay per policy/rule, exactly as the agent evaluates them;
 - one issuer has one definition per workload: when two policies define the same
-  issuer differently, the oldest policy's definition wins and the other policy reports
-  `IssuerConflict` (its rules still apply, so a conflict never opens access);
+  issuer differently, the oldest policy's definition is used by both and the other
+  policy reports `IssuerConflict` (its rules and token requirement still apply, so a
+  conflict never opens access);
 - unexpired Revocation entries go into every workload's config.
 Validation runs the sidecar's own parser and compiler on the translated policy, so a
 policy the operator accepts is a policy every agent accepts (CEL, globs, URLs).
@@ -198,22 +199,15 @@ def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations:
     docs = []
     for p in chosen:
         d = to_sidecar_policy(p)
-        kept = []
+        merged = []
         for iss in d.get("jwt", []):
-            seen = first.get(iss["issuer"])
-            if seen is None:
-                first[iss["issuer"]] = (p.key, iss)
-                kept.append(iss)
-            elif seen[1] != iss:
+            seen = first.setdefault(iss["issuer"], (p.key, iss))
+            if seen[1] != iss:
                 conflicts[p.key] = (f"issuer {iss['issuer']} is defined differently by {seen[0]}, whose "
                                     f"definition {w.key} uses; make the definitions identical")
-        if "jwt" in d:
-            if kept:
-                d["jwt"] = kept
-            else:
-                del d["jwt"]
-                # Its tokens are still required if the policy required them: the other definition verifies them.
-                d.setdefault("requireJwt", bool(p.spec.get("jwt")))
+            merged.append(seen[1])  # the oldest definition; the policy keeps requiring a token
+        if merged:
+            d["jwt"] = merged
         docs.append(d)
     document: dict[str, Any] = {"apiVersion": SIDECAR_API_VERSION, "kind": SIDECAR_KIND, "workload": w.key,
                                 "policies": docs, "revocations": _revocations(revocations, now)}

@@ -1,0 +1,151 @@
+"""AuthPolicy compilation: selectors, merging, conflicts, revocations, validation messages, the hub's memory."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from meshward.operator.domain.compile import (
+    PolicyInvalid,
+    PolicyObject,
+    RevocationEntry,
+    Workload,
+    compile_workload,
+    selects,
+    validate,
+)
+from meshward.operator.domain.policy_status import PolicyView, policy_status
+from meshward.operator.engines.policy_hub import PolicyHub
+from meshward.sidecar.config.schema import parse_config
+from meshward.sidecar.domain.snapshot import compile_snapshot
+
+NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+IDP = "https://idp.example.com"
+ORDERS = Workload("shop", "orders-1", "orders", {"app": "orders", "tier": "api"})
+
+
+def pol(name: str = "p", created: str = "2026-01-01T00:00:00Z", generation: int = 1, **spec: Any) -> PolicyObject:
+    spec.setdefault("selector", {"matchLabels": {"app": "orders"}})
+    spec.setdefault("rules", [{"name": "r", "to": {"paths": ["/orders/*"]}}])
+    return PolicyObject("shop", name, generation, created, spec)
+
+
+@pytest.mark.parametrize(("selector", "expected"), [
+    ({"matchLabels": {"app": "orders"}}, True),
+    ({"matchLabels": {"app": "billing"}}, False),
+    ({"matchLabels": {"app": "orders", "tier": "db"}}, False),
+    ({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["api", "web"]}]}, True),
+    ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["api"]}]}, False),
+    ({"matchExpressions": [{"key": "canary", "operator": "DoesNotExist"}]}, True),
+    ({"matchExpressions": [{"key": "canary", "operator": "Exists"}]}, False),
+    ({}, False),  # an empty selector selects nothing, never everything
+])
+def test_selector_semantics(selector: dict[str, Any], expected: bool) -> None:
+    assert selects({"selector": selector}, ORDERS.labels) is expected
+
+
+def test_namespace_wide_selects_every_workload_of_its_namespace_only() -> None:
+    p = PolicyObject("shop", "all", 1, "", {"namespaceWide": True, "rules": []})
+    assert compile_workload(ORDERS, [p], [], NOW).policies == {"shop/all": 1}
+    other = Workload("billing", "b-1", "b", {"app": "orders"})
+    assert compile_workload(other, [p], [], NOW).policies == {}
+
+
+def test_compiled_documents_are_accepted_by_the_agent_and_versioned_by_content() -> None:
+    p = pol(jwt=[{"issuer": IDP, "audiences": ["orders"], "clockSkew": "1m30s", "maxTokenLifetime": "1h"}])
+    c = compile_workload(ORDERS, [p], [], NOW)
+    cfg = parse_config(c.document)
+    compile_snapshot(cfg)
+    assert cfg.policies[0].issuers[0].clock_skew_s == 90
+    assert cfg.policies[0].issuers[0].max_lifetime_s == 3600
+    assert compile_workload(ORDERS, [p], [], NOW).version == c.version
+    assert compile_workload(ORDERS, [pol(jwt=[{"issuer": IDP, "audiences": ["x"]}])], [], NOW).version != c.version
+
+
+def test_an_issuer_defined_twice_differently_keeps_the_oldest_definition_and_reports_the_conflict() -> None:
+    old = pol("old", "2026-01-01T00:00:00Z", jwt=[{"issuer": IDP, "audiences": ["orders"]}])
+    new = pol("new", "2026-02-01T00:00:00Z", jwt=[{"issuer": IDP, "audiences": ["anything"]}])
+    c = compile_workload(ORDERS, [new, old], [], NOW)
+    assert "shop/new" in c.conflicts and "shop/old" in c.conflicts["shop/new"]
+    cfg = parse_config(c.document)  # one definition per issuer: the agent accepts it
+    assert [i.audiences for p in cfg.policies for i in p.issuers] == [("orders",), ("orders",)]
+    # The conflicting policy still requires a token: a conflict never opens access.
+    assert [p.require_jwt for p in cfg.policies] == [True, True]
+
+
+def test_revocations_apply_until_they_expire() -> None:
+    live = RevocationEntry("jti", "t-1", NOW + dt.timedelta(seconds=1))
+    gone = RevocationEntry("sub", f"{IDP}/mallory", NOW - dt.timedelta(seconds=1))
+    doc = compile_workload(ORDERS, [], [live, gone], NOW).document
+    assert doc["revocations"] == {"jti": ["t-1"], "sub": [], "sid": []}
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"rules": [{"name": "r", "when": ["claims.scope.("]}]}, "spec.rules[0].when[0]"),
+    ({"rules": [{"name": "r", "to": {"paths": ["orders/*"]}}]}, "spec.rules[0].to.paths[0]"),
+    ({"selector": {"matchLabels": {}}}, "spec.selector"),
+    ({"selector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}, "spec.selector.matchExpressions[0].values"),
+    ({"jwt": [{"issuer": IDP, "audiences": ["o"], "algorithms": ["HS256"]}]}, "spec.jwt[0].algorithms[0]"),
+    ({"jwt": [{"issuer": IDP, "audiences": ["o"], "jwksUri": "http://idp.example.com/jwks"}]}, "spec.jwt[0].jwksUri"),
+])
+def test_invalid_policies_name_the_authpolicy_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(PolicyInvalid) as err:
+        validate(pol(**spec))
+    assert err.value.field == field, str(err.value)
+
+
+def body(p: PolicyObject) -> dict[str, Any]:
+    return {"metadata": {"namespace": p.namespace, "name": p.name, "generation": p.generation,
+                         "creationTimestamp": p.created}, "spec": dict(p.spec)}
+
+
+def test_an_invalid_update_keeps_the_last_valid_generation_in_force() -> None:
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        hub.apply_pod({"metadata": {"namespace": "shop", "name": "orders-1",
+                                    "labels": {"meshward.io/inject": "enabled", "app": "orders"}},
+                       "spec": {"serviceAccountName": "orders"}})
+        assert hub.apply_policy(body(pol("p", generation=1))) is None
+        sub = hub.subscribe("shop", "orders", "orders-1", "spiffe://cluster.local/ns/shop/sa/orders")
+        assert sub.latest is not None and sub.latest.policies == {"shop/p": 1}
+        bad = pol("p", generation=2, rules=[{"name": "r", "when": ["nope("]}])
+        assert isinstance(hub.apply_policy(body(bad)), PolicyInvalid)
+        hub.refresh()
+        assert sub.latest.policies == {"shop/p": 1}  # generation 1 still in force, not dropped
+        assert hub.invalid["shop/p"][0] == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_sidecar_cannot_claim_a_pod_of_another_service_account() -> None:
+    from meshward.operator.engines.policy_hub import SubscriptionRefused
+
+    hub = PolicyHub(lambda: NOW)
+    hub.apply_pod({"metadata": {"namespace": "shop", "name": "billing-1", "labels": {"meshward.io/inject": "enabled"}},
+                   "spec": {"serviceAccountName": "billing"}})
+    with pytest.raises(SubscriptionRefused) as err:
+        hub.subscribe("shop", "orders", "billing-1", "spiffe://cluster.local/ns/shop/sa/orders")
+    assert err.value.code == "PERMISSION_DENIED"
+    with pytest.raises(SubscriptionRefused) as err:
+        hub.subscribe("other", "billing", "billing-1", "spiffe://cluster.local/ns/other/sa/billing")
+    assert err.value.code == "NOT_FOUND"
+
+
+@pytest.mark.parametrize(("view", "ready", "reason", "workloads"), [
+    (PolicyView(1, 1, None, ["a", "b"], ["a", "b"], []), "True", "Enforced", "2/2"),
+    (PolicyView(1, 1, None, [], [], []), "True", "Enforced", "0/0"),
+    (PolicyView(2, 1, None, ["a", "b"], ["a"], ["b: enforces generation 1"]), "False", "WorkloadsLagging", "1/2"),
+    (PolicyView(3, 2, "spec.rules[0].when[0]: CEL does not compile", ["a"], ["a"], []), "False", "InvalidSpec",
+     "1/1"),
+])
+def test_policy_status(view: PolicyView, ready: str, reason: str, workloads: str) -> None:
+    st = policy_status(view, [], NOW)
+    cond = st["conditions"][0]
+    assert (cond["status"], cond["reason"], st["workloads"]) == (ready, reason, workloads)
+    if reason == "InvalidSpec":
+        assert "generation 2 stays in force" in cond["message"] and "spec.rules[0].when[0]" in cond["message"]
+    if reason == "WorkloadsLagging":
+        assert "b: enforces generation 1" in cond["message"]
