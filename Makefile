@@ -13,7 +13,7 @@ help:
 	@echo "make lint       ruff, mypy --strict, import-linter, CRD drift, helm lint"
 	@echo "make crds       regenerate crds/ and the chart's CRDs from operator/api/schema.py"
 	@echo "make down       stop the local cluster started by make dev"
-	@echo "make bench      the authorization benchmark against Envoy's native jwt_authn (needs wrk)"
+	@echo "make bench      authorization (vs Envoy's native jwt_authn; needs wrk), issuance, policy propagation"
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,7 @@ bench: install control-plane
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 2; }
 	$(BIN)/python bench/authz_bench.py
 	$(BIN)/python bench/issuance_bench.py
+	$(BIN)/python bench/policy_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache
