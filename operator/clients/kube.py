@@ -86,6 +86,29 @@ class KubeClient:
         items: list[dict[str, Any]] = cast(dict[str, Any], out).get("items", [])
         return items
 
+    def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Pod as a plain dict, or None when it does not exist."""
+        try:
+            pod = self._core.read_namespaced_pod(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise KubeError(f"reading Pod {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        out: dict[str, Any] = self._core.api_client.sanitize_for_serialization(pod)
+        return out
+
+    def list_custom(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every Meshward object of a kind, in `namespace` or (cluster-scoped) everywhere."""
+        try:
+            if namespace is None:
+                out = self._custom.list_cluster_custom_object(GROUP, VERSION, plural)
+            else:
+                out = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
+        except ApiException as e:
+            raise KubeError(f"listing {plural} failed: HTTP {e.status} {e.reason}") from e
+        items: list[dict[str, Any]] = cast(dict[str, Any], out).get("items", [])
+        return items
+
     def read_secret(self, namespace: str, name: str) -> StoredSecret | None:
         """The Secret (data as stored, base64), or None when it does not exist."""
         try:

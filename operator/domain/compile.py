@@ -181,6 +181,32 @@ def selects(spec: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     return True
 
 
+def revocation_entries(body: Mapping[str, Any]) -> list[RevocationEntry]:
+    """The entries of a Revocation object (`sub` with an issuer becomes `<iss>/<sub>`)."""
+    out = []
+    for e in body.get("spec", {}).get("entries", []):
+        when = dt.datetime.fromisoformat(str(e["expiresAt"]).replace("Z", "+00:00"))
+        for kind in ("jti", "sub", "sid"):
+            if kind in e:
+                value = f"{e['issuer']}/{e['sub']}" if kind == "sub" and e.get("issuer") else str(e[kind])
+                out.append(RevocationEntry(kind, value, when))
+    return out
+
+
+def policy_object(body: Mapping[str, Any]) -> PolicyObject:
+    """An AuthPolicy object as the compiler needs it."""
+    meta = body["metadata"]
+    return PolicyObject(meta["namespace"], meta["name"], int(meta.get("generation") or 0),
+                        str(meta.get("creationTimestamp") or ""), dict(body.get("spec") or {}))
+
+
+def workload_of(pod: Mapping[str, Any]) -> Workload:
+    """The workload a Pod object is."""
+    meta = pod["metadata"]
+    return Workload(meta["namespace"], meta["name"], pod.get("spec", {}).get("serviceAccountName") or "default",
+                    dict(meta.get("labels") or {}))
+
+
 def _revocations(entries: Iterable[RevocationEntry], now: dt.datetime) -> dict[str, list[str]]:
     out: dict[str, set[str]] = {"jti": set(), "sub": set(), "sid": set()}
     for e in entries:

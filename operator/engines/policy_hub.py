@@ -25,8 +25,11 @@ from meshward.operator.domain.compile import (
     RevocationEntry,
     Workload,
     compile_workload,
+    policy_object,
+    revocation_entries,
     selects,
     validate,
+    workload_of,
 )
 
 log = logging.getLogger("meshward.operator.policy")
@@ -79,17 +82,6 @@ def _labels(body: Mapping[str, Any]) -> dict[str, str]:
     return dict(body.get("metadata", {}).get("labels") or {})
 
 
-def _entries(body: Mapping[str, Any]) -> list[RevocationEntry]:
-    out = []
-    for e in body.get("spec", {}).get("entries", []):
-        when = dt.datetime.fromisoformat(str(e["expiresAt"]).replace("Z", "+00:00"))
-        for kind in ("jti", "sub", "sid"):
-            if kind in e:
-                value = f"{e['issuer']}/{e['sub']}" if kind == "sub" and e.get("issuer") else str(e[kind])
-                out.append(RevocationEntry(kind, value, when))
-    return out
-
-
 class PolicyHub:
     """Applied objects, connected sidecars, and the configs between them."""
 
@@ -110,9 +102,7 @@ class PolicyHub:
 
     def apply_policy(self, body: Mapping[str, Any]) -> PolicyInvalid | None:
         """Record an added or changed AuthPolicy; return why it is invalid, if it is."""
-        meta = body["metadata"]
-        p = PolicyObject(meta["namespace"], meta["name"], int(meta.get("generation") or 0),
-                         str(meta.get("creationTimestamp") or ""), dict(body.get("spec") or {}))
+        p = policy_object(body)
         self.generations[p.key] = p.generation
         try:
             validate(p)
@@ -135,7 +125,7 @@ class PolicyHub:
     def apply_revocation(self, body: Mapping[str, Any]) -> None:
         """Record an added or changed Revocation."""
         name = body["metadata"]["name"]
-        self.revocations[name] = _entries(body)
+        self.revocations[name] = revocation_entries(body)
         self.revocation_generations[name] = int(body["metadata"].get("generation") or 0)
         self._dirty.set()
 
@@ -152,8 +142,7 @@ class PolicyHub:
         if _labels(body).get(INJECT_LABEL) != "enabled" or meta.get("deletionTimestamp"):
             self.pods.pop(key, None)
         else:
-            self.pods[key] = Workload(meta["namespace"], meta["name"],
-                                      body.get("spec", {}).get("serviceAccountName") or "default", _labels(body))
+            self.pods[key] = workload_of(body)
         self._dirty.set()
 
     def remove_pod(self, namespace: str, name: str) -> None:

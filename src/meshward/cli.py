@@ -2,7 +2,8 @@
 
 `meshward ca status` shows the mesh CA's roots and rotation phase; `meshward ca rotate`
 asks the operator to rotate it (the same annotation a GitOps repository can set).
-Later issues add `explain`.
+`meshward explain` compiles a pod's config from the cluster exactly as the operator
+does and shows how its agent would decide a request, rule by rule.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Sequence
 
 from meshward._version import __version__
 
-USAGE = "usage: meshward [--version] ca {status,rotate} [--namespace NS] [--kubeconfig FILE]"
+USAGE = ("usage: meshward [--version] {ca {status,rotate} | explain (--pod POD -n NS | --config FILE) "
+         "[--method M] [--path P] [--peer SPIFFE] [--token JWT | --claims JSON]} [--kubeconfig FILE]")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +29,80 @@ def _parser() -> argparse.ArgumentParser:
     ca.add_argument("action", choices=["status", "rotate"], help="status: roots and phase; rotate: start a rotation")
     ca.add_argument("--namespace", default="meshward-system", help="the operator's namespace (default meshward-system)")
     ca.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
+    ex = sub.add_parser("explain", help="how a workload's agent would decide a request, rule by rule")
+    src = ex.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pod", help="the pod whose config to compile from the cluster (with --namespace)")
+    src.add_argument("--config", help="a SidecarConfig file instead of the cluster")
+    ex.add_argument("-n", "--namespace", default="default", help="the pod's namespace (default default)")
+    ex.add_argument("--method", default="GET")
+    ex.add_argument("--path", default="/")
+    ex.add_argument("--host", default="")
+    ex.add_argument("--port", type=int, default=None)
+    ex.add_argument("--peer", default=None, help="the caller's SPIFFE ID (mTLS peer)")
+    who = ex.add_mutually_exclusive_group()
+    who.add_argument("--token", help="an end-user JWT (its signature is not verified by explain)")
+    who.add_argument("--claims", help='end-user claims as JSON, e.g. \'{"iss": "...", "sub": "alice"}\'')
+    ex.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
     return p
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    import jwt
+
+    from meshward.operator.clients.kube import KubeClient, KubeError
+    from meshward.operator.domain.compile import (
+        compile_workload,
+        policy_object,
+        revocation_entries,
+        workload_of,
+    )
+    from meshward.sidecar.config.schema import ConfigError, parse_config
+    from meshward.sidecar.domain.explain import explain, render
+    from meshward.sidecar.domain.jwt import VerifiedToken
+    from meshward.sidecar.domain.request import CheckInput, split_path
+    from meshward.sidecar.domain.snapshot import compile_snapshot
+
+    try:
+        if args.config:
+            import yaml
+
+            with open(args.config) as f:
+                doc = yaml.safe_load(f)
+            source = args.config
+        else:
+            kube = KubeClient.from_kubeconfig(args.kubeconfig)
+            pod = kube.read_pod(args.namespace, args.pod)
+            if pod is None:
+                print(f"meshward: no pod {args.namespace}/{args.pod}", file=sys.stderr)
+                return 1
+            policies = [policy_object(b) for b in kube.list_custom("authpolicies", args.namespace)]
+            revoked = [e for b in kube.list_custom("revocations") for e in revocation_entries(b)]
+            doc = compile_workload(workload_of(pod), policies, revoked, dt.datetime.now(dt.UTC)).document
+            source = f"pod {args.namespace}/{args.pod} ({len(doc['policies'])} selecting policies)"
+        snapshot = compile_snapshot(parse_config(doc))
+        claims = (jwt.decode(args.token, options={"verify_signature": False}) if args.token
+                  else json.loads(args.claims) if args.claims else None)
+    except (KubeError, OSError) as e:
+        print(f"meshward: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, ValueError, jwt.PyJWTError) as e:
+        print(f"meshward: cannot explain: {e}", file=sys.stderr)
+        return 1
+    token = None
+    if isinstance(claims, dict):
+        exp = claims.get("exp")
+        token = VerifiedToken(issuer=str(claims.get("iss", "")), claims=claims,
+                              expires_at=float(exp) if isinstance(exp, (int, float)) else math.inf,
+                              subject=str(claims.get("sub", "")))
+    inp = CheckInput(method=args.method.upper(), path=split_path(args.path), host=args.host, peer=args.peer,
+                     port=args.port)
+    result = explain(snapshot, inp, token)
+    print(f"config: {source}")
+    print(render(result))
+    return 0 if result.status == 200 else 3
 
 
 def _ca(args: argparse.Namespace) -> int:
@@ -78,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.version:
             print(USAGE)
         return 0
+    if args.command == "explain":
+        return _explain(args)
     return _ca(args)
 
 

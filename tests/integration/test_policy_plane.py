@@ -274,3 +274,28 @@ def test_agents_keep_enforcing_without_the_operator_and_catch_up_after(plane: Pl
     wait_until("the change delivered after the restart", lambda: plane.all_answer("/admin", 200), timeout=15)
     assert all(a.metric("meshward_policy_connected") == 1 for a in plane.agents)
     c.kubectl("-n", ns, "delete", "authpolicy", "restart-demo")
+
+
+def test_meshward_explain_reads_the_pods_config_from_the_cluster(plane: Plane) -> None:
+    import subprocess
+    import sys
+
+    c, ns = plane.cluster, plane.ns
+    c.apply(policy(ns, "explain-demo", rules=[{"name": "no-admin", "action": "Deny", "to": {"paths": ["/admin/*"]}},
+                                              *READS]))
+    exe = Path(sys.executable).parent / "meshward"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(exe), "explain", "--pod", "orders-1", "-n", ns, "--kubeconfig",
+                               str(c.kubeconfig), *args], capture_output=True, text=True, timeout=30)
+
+    denied = run("--path", "/admin/users")
+    assert denied.returncode == 3, denied.stderr
+    assert f"decision: FORBIDDEN (403) by {ns}/explain-demo rule no-admin" in denied.stdout
+    allowed = run("--path", "/orders/7")
+    assert allowed.returncode == 0
+    assert "rule reads" in allowed.stdout and "to.paths: '/orders/7' does not match ['/admin/*']" in allowed.stdout
+    # The same answer the agent gives.
+    wait_until("the agent to agree", lambda: plane.agents[0].check("/admin/users") == 403
+               and plane.agents[0].check("/orders/7") == 200, timeout=10)
+    c.kubectl("-n", ns, "delete", "authpolicy", "explain-demo")
