@@ -14,6 +14,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from meshward.operator.api.schema import GROUP, VERSION
+from meshward.operator.domain.lease import LeaseView
 
 
 class KubeError(Exception):
@@ -46,6 +47,7 @@ class KubeClient:
         self._auth = client.AuthenticationV1Api(api)
         self._custom = client.CustomObjectsApi(api)
         self._core = client.CoreV1Api(api)
+        self._coordination = client.CoordinationV1Api(api)
 
     @classmethod
     def from_kubeconfig(cls, path: str | None = None) -> KubeClient:
@@ -85,6 +87,39 @@ class KubeClient:
             raise KubeError(f"listing ServiceIdentities in {namespace} failed: HTTP {e.status} {e.reason}") from e
         items: list[dict[str, Any]] = cast(dict[str, Any], out).get("items", [])
         return items
+
+    def read_lease(self, namespace: str, name: str) -> LeaseView | None:
+        """The Lease, or None when it does not exist."""
+        try:
+            lease = self._coordination.read_namespaced_lease(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise KubeError(f"reading Lease {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        spec = lease.spec or client.V1LeaseSpec()
+        renewed = spec.renew_time or spec.acquire_time or dt.datetime.fromtimestamp(0, dt.UTC)
+        return LeaseView(spec.holder_identity or "", renewed, spec.lease_duration_seconds or 0,
+                         spec.lease_transitions or 0, (lease.metadata or client.V1ObjectMeta()).resource_version or "")
+
+    def write_lease(self, namespace: str, name: str, lease: LeaseView) -> LeaseView | None:
+        """Create the Lease, or replace it at its resourceVersion; the written lease, or None if another writer won."""
+        body = client.V1Lease(
+            metadata=client.V1ObjectMeta(name=name, namespace=namespace,
+                                         resource_version=lease.resource_version or None),
+            spec=client.V1LeaseSpec(holder_identity=lease.holder, lease_duration_seconds=lease.duration_s,
+                                    renew_time=lease.renewed, acquire_time=lease.renewed,
+                                    lease_transitions=lease.transitions))
+        try:
+            if lease.resource_version:
+                out = self._coordination.replace_namespaced_lease(name, namespace, body)
+            else:
+                out = self._coordination.create_namespaced_lease(namespace, body)
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise KubeError(f"writing Lease {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        return LeaseView(lease.holder, lease.renewed, lease.duration_s, lease.transitions,
+                         (out.metadata or client.V1ObjectMeta()).resource_version or "")
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Pod as a plain dict, or None when it does not exist."""

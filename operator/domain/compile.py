@@ -90,6 +90,7 @@ class Compiled:
     version: str
     policies: dict[str, int]
     conflicts: dict[str, str]
+    size: int = 0
 
 
 def _seconds(text: str) -> float:
@@ -237,6 +238,7 @@ def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations:
         docs.append(d)
     document: dict[str, Any] = {"apiVersion": SIDECAR_API_VERSION, "kind": SIDECAR_KIND, "workload": w.key,
                                 "policies": docs, "revocations": _revocations(revocations, now)}
-    digest = hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    encoded = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    digest = hashlib.sha256(encoded).hexdigest()[:16]
     document["generation"] = digest
-    return Compiled(document, digest, {p.key: p.generation for p in chosen}, conflicts)
+    return Compiled(document, digest, {p.key: p.generation for p in chosen}, conflicts, len(encoded))

@@ -5,19 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.issuance import IssuanceEngine
+from meshward.operator.engines.policy_hub import PolicyHub
 
 PHASES = ("steady", "staged", "retiring")
 
 
 class _Collector(Collector):
-    def __init__(self, ca: CaKeeper, engine: IssuanceEngine) -> None:
+    def __init__(self, ca: CaKeeper, engine: IssuanceEngine, hub: PolicyHub | None) -> None:
         self._ca = ca
         self._engine = engine
+        self._hub = hub
 
     def collect(self) -> Iterator[Metric]:
         state = self._ca.state
@@ -34,8 +36,28 @@ class _Collector(Collector):
                                     value=len(state.bundle()))
         yield GaugeMetricFamily("meshward_certificates_issued", "Workload certificates issued since start.",
                                 value=self._engine.issued)
+        hub = self._hub
+        if hub is None:
+            return
+        yield GaugeMetricFamily("meshward_policy_subscribers", "Sidecars subscribed to their config.",
+                                value=len(hub.subscribers))
+        yield GaugeMetricFamily("meshward_policy_subscribers_lagging",
+                                "Subscribed sidecars that have not acknowledged their latest config (version lag).",
+                                value=hub.lagging())
+        sizes = hub.config_bytes()
+        yield GaugeMetricFamily("meshward_policy_config_bytes_max", "The largest config pushed to a sidecar.",
+                                value=max(sizes, default=0))
+        yield SummaryMetricFamily("meshward_policy_recompile_seconds",
+                                  "Time to recompile every connected workload after a change (reconcile latency).",
+                                  count_value=hub.recompiles, sum_value=hub.recompile_seconds)
+        yield CounterMetricFamily("meshward_policy_pushes", "Configs pushed to sidecars.", value=hub.pushes)
+        states = GaugeMetricFamily("meshward_authpolicies", "AuthPolicies by state.", labels=["state"])
+        states.add_metric(["valid"], len(hub.policies))
+        states.add_metric(["invalid"], len(hub.invalid))
+        yield states
 
 
-def register_metrics(registry: CollectorRegistry, ca: CaKeeper, engine: IssuanceEngine) -> None:
+def register_metrics(registry: CollectorRegistry, ca: CaKeeper, engine: IssuanceEngine,
+                     hub: PolicyHub | None = None) -> None:
     """Register the operator's collectors on `registry`."""
-    registry.register(_Collector(ca, engine))
+    registry.register(_Collector(ca, engine, hub))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,8 @@ class PolicyHub:
         self._dirty = asyncio.Event()
         self._compiled_at = clock()
         self.pushes = 0
+        self.recompiles = 0
+        self.recompile_seconds = 0.0
 
     # ---------------------------------------------------------------- watch input
 
@@ -224,7 +227,19 @@ class PolicyHub:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            t0 = time.perf_counter()
             self.refresh()
+            self.recompiles += 1
+            self.recompile_seconds += time.perf_counter() - t0
+
+    def lagging(self) -> int:
+        """Connected sidecars that have not acknowledged their latest config."""
+        return sum(1 for s in self.subscribers.values()
+                   if s.latest is not None and (s.acked is None or s.acked.version != s.latest.version))
+
+    def config_bytes(self) -> list[int]:
+        """The size of each connected sidecar's latest config."""
+        return [s.latest.size for s in self.subscribers.values() if s.latest is not None]
 
     # ---------------------------------------------------------------- status
 

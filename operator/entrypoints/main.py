@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
+import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Sequence
 
 import grpc
 import kopf
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from meshward._version import __version__
 from meshward.operator.clients.kube import KubeClient
@@ -26,6 +29,7 @@ from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, random_seri
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identities import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
+from meshward.operator.engines.leader import LeaderElection
 from meshward.operator.engines.metrics import register_metrics
 from meshward.operator.engines.policy_hub import PolicyHub
 from meshward.operator.handlers import policy as policy_handlers
@@ -57,13 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--status-interval", type=float, default=10.0, help="seconds between status refreshes")
     p.add_argument("--ca-interval", type=float, default=30.0, help="seconds between CA rotation checks")
     p.add_argument("--metrics-listen", default="0.0.0.0:15014", help="Prometheus metrics address ('off' to disable)")
+    p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
+                   help="run as one of several replicas: only the holder of Lease meshward-operator works "
+                        "(default on)")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, then in-cluster)")
     p.add_argument("--log-level", default=os.environ.get("MESHWARD_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING or ERROR (default $MESHWARD_LOG_LEVEL or INFO)")
     return p
 
 
-def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, CollectorRegistry]:
+def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, CollectorRegistry, KubeClient]:
     """Build the runtime and the Kopf registry from the command line; raise SystemExit on bad flags."""
     try:
         spiffe_id(args.trust_domain, "default", "default")
@@ -104,8 +111,8 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     policy_handlers.register(registry, policy_handlers.PolicyRuntime(hub, clock, start_policy,
                                                                      status_interval_s=args.status_interval))
     metrics = CollectorRegistry()
-    register_metrics(metrics, ca, engine)
-    return registry, rt, metrics
+    register_metrics(metrics, ca, engine, hub)
+    return registry, rt, metrics, kube
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,13 +129,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kubeconfig:
         # Kopf's own login reads $KUBECONFIG; the operator's client takes the path directly.
         os.environ["KUBECONFIG"] = args.kubeconfig
-    registry, _, metrics = build(args)
+    registry, _, metrics, kube = build(args)
+    election = None
+    if args.leader_elect:
+        identity = f"{socket.gethostname()}-{os.getpid()}"
+        election = LeaderElection(kube, args.namespace, identity, lambda: dt.datetime.now(dt.UTC), time.monotonic)
+    leader = Gauge("meshward_operator_leader", "1 while this replica leads (holds Lease meshward-operator).",
+                   registry=metrics)
     if args.metrics_listen != "off":
         host, _, port = args.metrics_listen.rpartition(":")
         start_http_server(int(port), host or "0.0.0.0", registry=metrics)  # noqa: S104 - scraped in-cluster
     log.info("meshward-operator %s starting (namespace %s)", __version__, args.namespace)
-    asyncio.run(kopf.operator(registry=registry, clusterwide=True, standalone=True))
-    return 0
+    return asyncio.run(_lead(registry, election, leader))
+
+
+async def _lead(registry: kopf.OperatorRegistry, election: LeaderElection | None, leader: Gauge) -> int:
+    """Wait for the lease (if electing), then run Kopf until SIGTERM or until the lease is lost."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if election is not None and not await election.acquire(stop):
+        return 0
+    leader.set(1)
+    lost = asyncio.Event()
+
+    async def hold() -> None:
+        if election is not None:
+            await election.hold()
+            lost.set()
+
+    holder = asyncio.create_task(hold())
+    try:
+        # Kopf installs its own SIGTERM/SIGINT handlers and stops gracefully on them, or when `lost` is set.
+        await kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=lost)
+    finally:
+        holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder
+        leader.set(0)
+        if election is not None:
+            await election.release()
+    return 1 if lost.is_set() else 0
 
 
 if __name__ == "__main__":

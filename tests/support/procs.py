@@ -137,26 +137,49 @@ class Operator:
                     "--policy-listen", f"127.0.0.1:{self.policy_port}", *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Operator:
+    def start(self, *, standby: bool = False) -> Operator:
         with self.log.open("ab") as err:
             self.proc = subprocess.Popen(self.cmd, stdout=err, stderr=err)
+        if standby:
+            wait_for("standby operator's metrics", lambda: _connects(self.metrics_port), proc=self.proc, log=self.log)
+            return self
+        self.wait_leading()
+        return self
+
+    def wait_leading(self, timeout: float = 30) -> None:
+        """Wait until this replica leads and serves."""
+        assert self.proc is not None
         wait_for("operator's CA loaded", lambda: self.metric("meshward_ca_expiry_timestamp_seconds") > 0,
-                 proc=self.proc, log=self.log)
+                 proc=self.proc, log=self.log, timeout=timeout)
         wait_for("signing service listening", lambda: _connects(self.signer_port), proc=self.proc, log=self.log)
         wait_for("policy service listening", lambda: _connects(self.policy_port), proc=self.proc, log=self.log)
-        return self
 
     def metric(self, name: str, **labels: str) -> float:
         return metric_value(f"http://127.0.0.1:{self.metrics_port}/metrics", name, **labels)
 
-    def agent_args(self, token: Path, bundle: Path, sds: Path, pod: str | None = None) -> tuple[str, ...]:
-        """Command-line flags for an agent that gets its identity (and, with `pod`, its config) here."""
-        args: tuple[str, ...] = ("--identity-signer", f"127.0.0.1:{self.signer_port}",
+    def agent_args(self, token: Path, bundle: Path, sds: Path, pod: str | None = None,
+                   replicas: tuple[Operator, ...] = ()) -> tuple[str, ...]:
+        """Command-line flags for an agent that gets its identity (and, with `pod`, its config) here.
+
+        With `replicas`, the agent is given every replica's address (as a Service would spread them).
+        """
+        ops = (self, *replicas)
+        signer = f"127.0.0.1:{self.signer_port}" if not replicas else \
+            "ipv4:" + ",".join(f"127.0.0.1:{o.signer_port}" for o in ops)
+        policy = f"127.0.0.1:{self.policy_port}" if not replicas else \
+            "ipv4:" + ",".join(f"127.0.0.1:{o.policy_port}" for o in ops)
+        args: tuple[str, ...] = ("--identity-signer", signer,
                 "--identity-signer-name", f"meshward-signer.{self.namespace}.svc",
                 "--identity-token", str(token), "--trust-bundle", str(bundle), "--sds-listen", f"unix:{sds}")
         if pod:
-            args += ("--policy-server", f"127.0.0.1:{self.policy_port}", "--pod-name", pod)
+            args += ("--policy-server", policy, "--pod-name", pod)
         return args
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to release the lease."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
