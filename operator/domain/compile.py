@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ from meshward.sidecar.domain.snapshot import compile_snapshot
 # Pods carrying this label have opted in (the injection webhook only mutates those).
 INJECT_LABEL = "meshward.io/inject"
 _GO_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Claims a CEL condition reads: claims.name or claims['name'].
+_CEL_CLAIM = re.compile(r"""\bclaims(?:\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*['"]([^'"]+)['"]\s*\])""")
 
 
 class PolicyInvalid(ValueError):
@@ -216,8 +219,37 @@ def _revocations(entries: Iterable[RevocationEntry], now: dt.datetime) -> dict[s
     return {k: sorted(v) for k, v in out.items()}
 
 
+def referenced_claims(specs: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Claims the policies let through (spec.context.claims) or read (CEL `when`), always with `sub`."""
+    out = {"sub"}
+    for spec in specs:
+        out.update((spec.get("context") or {}).get("claims") or [])
+        for rule in spec.get("rules") or []:
+            for expr in rule.get("when") or []:
+                out.update(a or b for a, b in _CEL_CLAIM.findall(expr))
+    return sorted(out)
+
+
+def destination_claims(workloads: Iterable[Workload], policies: Sequence[PolicyObject],
+                       trust_domain: str) -> dict[str, list[str]]:
+    """For every identity in the mesh, the claims its selecting policies reference (context minimization)."""
+    by_identity: dict[str, list[Mapping[str, Any]]] = {}
+    for w in workloads:
+        specs = by_identity.setdefault(f"spiffe://{trust_domain}/ns/{w.namespace}/sa/{w.service_account}", [])
+        specs += [p.spec for p in policies if p.namespace == w.namespace and selects(p.spec, w.labels)]
+    return {spiffe: referenced_claims(specs) for spiffe, specs in sorted(by_identity.items())}
+
+
+def _context(chosen: Sequence[PolicyObject], destinations: Mapping[str, list[str]]) -> dict[str, Any]:
+    ttls = [_seconds((p.spec.get("context") or {}).get("ttl", "30s")) for p in chosen]
+    headers = [(p.spec.get("context") or {}).get("header") for p in chosen]
+    return {"claims": referenced_claims(p.spec for p in chosen), "ttlSeconds": min(ttls, default=30.0),
+            "header": next((h for h in headers if h), "x-meshward-context"),
+            "destinations": {k: list(v) for k, v in destinations.items()}}
+
+
 def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations: Iterable[RevocationEntry],
-                     now: dt.datetime) -> Compiled:
+                     now: dt.datetime, destinations: Mapping[str, list[str]] | None = None) -> Compiled:
     """The sidecar config for one workload: its selecting policies (oldest first) and the revocation set."""
     chosen = sorted((p for p in policies if p.namespace == w.namespace and selects(p.spec, w.labels)),
                     key=lambda p: (p.created, p.name))
@@ -237,7 +269,8 @@ def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations:
             d["jwt"] = merged
         docs.append(d)
     document: dict[str, Any] = {"apiVersion": SIDECAR_API_VERSION, "kind": SIDECAR_KIND, "workload": w.key,
-                                "policies": docs, "revocations": _revocations(revocations, now)}
+                                "policies": docs, "revocations": _revocations(revocations, now),
+                                "context": _context(chosen, destinations or {})}
     encoded = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
     digest = hashlib.sha256(encoded).hexdigest()[:16]
     document["generation"] = digest

@@ -26,6 +26,7 @@ from meshward.operator.domain.compile import (
     RevocationEntry,
     Workload,
     compile_workload,
+    destination_claims,
     policy_object,
     revocation_entries,
     selects,
@@ -86,8 +87,10 @@ def _labels(body: Mapping[str, Any]) -> dict[str, str]:
 class PolicyHub:
     """Applied objects, connected sidecars, and the configs between them."""
 
-    def __init__(self, clock: Callable[[], dt.datetime]) -> None:
+    def __init__(self, clock: Callable[[], dt.datetime], trust_domain: str = "cluster.local") -> None:
         self._clock = clock
+        self._trust_domain = trust_domain
+        self._destinations: dict[str, list[str]] | None = None
         self.policies: dict[str, PolicyObject] = {}       # last valid generation of each policy
         self.invalid: dict[str, tuple[int, str]] = {}     # key -> (rejected generation, why)
         self.generations: dict[str, int] = {}             # key -> latest generation applied
@@ -103,6 +106,10 @@ class PolicyHub:
 
     # ---------------------------------------------------------------- watch input
 
+    def _changed(self) -> None:
+        self._destinations = None
+        self._dirty.set()
+
     def apply_policy(self, body: Mapping[str, Any]) -> PolicyInvalid | None:
         """Record an added or changed AuthPolicy; return why it is invalid, if it is."""
         p = policy_object(body)
@@ -114,7 +121,7 @@ class PolicyHub:
             return e
         self.invalid.pop(p.key, None)
         self.policies[p.key] = p
-        self._dirty.set()
+        self._changed()
         return None
 
     def remove_policy(self, namespace: str, name: str) -> None:
@@ -123,20 +130,20 @@ class PolicyHub:
         self.policies.pop(key, None)
         self.invalid.pop(key, None)
         self.generations.pop(key, None)
-        self._dirty.set()
+        self._changed()
 
     def apply_revocation(self, body: Mapping[str, Any]) -> None:
         """Record an added or changed Revocation."""
         name = body["metadata"]["name"]
         self.revocations[name] = revocation_entries(body)
         self.revocation_generations[name] = int(body["metadata"].get("generation") or 0)
-        self._dirty.set()
+        self._changed()
 
     def remove_revocation(self, name: str) -> None:
         """Forget a deleted Revocation."""
         self.revocations.pop(name, None)
         self.revocation_generations.pop(name, None)
-        self._dirty.set()
+        self._changed()
 
     def apply_pod(self, body: Mapping[str, Any]) -> None:
         """Record an opted-in pod (one losing the opt-in label is removed)."""
@@ -146,12 +153,12 @@ class PolicyHub:
             self.pods.pop(key, None)
         else:
             self.pods[key] = workload_of(body)
-        self._dirty.set()
+        self._changed()
 
     def remove_pod(self, namespace: str, name: str) -> None:
         """Forget a deleted pod."""
         self.pods.pop(f"{namespace}/{name}", None)
-        self._dirty.set()
+        self._changed()
 
     def expiry_passed(self, now: dt.datetime) -> bool:
         """Whether a revocation entry expired since the last recompilation."""
@@ -159,7 +166,7 @@ class PolicyHub:
 
     def touch(self) -> None:
         """Recompile on the next loop turn (e.g. a revocation entry expired)."""
-        self._dirty.set()
+        self._changed()
 
     # ---------------------------------------------------------------- sidecars
 
@@ -205,12 +212,17 @@ class PolicyHub:
 
     def compile(self, w: Workload) -> Compiled:
         """The config workload `w` should enforce now."""
-        return compile_workload(w, list(self.policies.values()), self._all_revocations(), self._clock())
+        if self._destinations is None:
+            self._destinations = destination_claims(self.pods.values(), list(self.policies.values()),
+                                                    self._trust_domain)
+        return compile_workload(w, list(self.policies.values()), self._all_revocations(), self._clock(),
+                                self._destinations)
 
     def refresh(self) -> int:
         """Recompile every connected workload, push what changed; return how many were pushed."""
         pushed = 0
         self._compiled_at = self._clock()
+        self._destinations = None
         for sub in list(self.subscribers.values()):
             current = self.pods.get(sub.workload.key)
             if current is not None:

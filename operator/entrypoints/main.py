@@ -100,7 +100,7 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
 
     rt = Runtime(kube, ca, engine, directory, args.namespace, args.trust_domain, start_signer, clock,
                  status_interval_s=args.status_interval, ca_interval_s=args.ca_interval)
-    hub = PolicyHub(clock)
+    hub = PolicyHub(clock, args.trust_domain)
 
     def start_policy() -> Awaitable[grpc.aio.Server]:
         return serve_policy(hub, args.policy_listen, lambda: (ca.server_cert().cert_pem, ca.server_cert().key_pem,

@@ -137,6 +137,20 @@ class JwksSettings:
 
 
 @dataclass(frozen=True)
+class ContextSettings:
+    """The user context this workload receives (minted by its sidecar for context propagation).
+
+    `destinations` maps each mesh identity to the claims its own policies let through, so
+    that on an outbound call the context token is cut down to what the callee needs.
+    """
+
+    claims: tuple[str, ...] = ("sub",)
+    ttl_s: float = 30.0
+    header: str = "x-meshward-context"
+    destinations: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SidecarConfig:
     """The whole validated config."""
 
@@ -148,6 +162,7 @@ class SidecarConfig:
     max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES
     token_cache_size: int = DEFAULT_TOKEN_CACHE_SIZE
     generation: str = ""
+    context: ContextSettings = field(default_factory=ContextSettings)
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -370,6 +385,7 @@ def parse_config(doc: Any) -> SidecarConfig:
             timeout_s=_positive(jr, "timeoutSeconds", DEFAULT_JWKS_TIMEOUT_S, maximum=60),
         )
         jr.done()
+    context = _context(r.get("context", Mapping, {}))
     limits = _Reader(r.get("limits", Mapping, {}), "limits")
     max_token = int(limits.get("maxTokenBytes", int, DEFAULT_MAX_TOKEN_BYTES))
     if not 512 <= max_token <= 65536:
@@ -390,7 +406,27 @@ def parse_config(doc: Any) -> SidecarConfig:
                                   "one issuer must have one definition per workload")
             first.setdefault(iss.issuer, (pn, jn, iss))
     return SidecarConfig(workload=workload, policies=policies, identity_headers=headers, revocations=rev,
-                         jwks=jwks, max_token_bytes=max_token, token_cache_size=cache, generation=generation)
+                         jwks=jwks, max_token_bytes=max_token, token_cache_size=cache, generation=generation,
+                         context=context)
+
+
+def _context(data: Mapping[str, Any]) -> ContextSettings:
+    r = _Reader(data, "context")
+    claims = tuple(r.strings("claims")) or ("sub",)
+    ttl = _positive(r, "ttlSeconds", 30.0, maximum=60)
+    header = r.get("header", str, "x-meshward-context")
+    if not re.match(r"^x-[a-z0-9-]+$", header):
+        raise ConfigError(r.at("header"), f"{header!r} must be a lowercase header name starting with x-")
+    dests: dict[str, tuple[str, ...]] = {}
+    for spiffe, wanted in r.get("destinations", Mapping, {}).items():
+        p = f"context.destinations.{spiffe}"
+        if not isinstance(spiffe, str) or not spiffe.startswith("spiffe://"):
+            raise ConfigError(p, "keys must be SPIFFE IDs (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)")
+        if not isinstance(wanted, list) or not all(isinstance(c, str) and c for c in wanted):
+            raise ConfigError(p, "must be a list of claim names")
+        dests[spiffe] = tuple(wanted)
+    r.done()
+    return ContextSettings(claims, ttl, header, dests)
 
 
 def issuers_of(policies: Sequence[Policy]) -> dict[str, Issuer]:

@@ -149,3 +149,35 @@ def test_policy_status(view: PolicyView, ready: str, reason: str, workloads: str
         assert "generation 2 stays in force" in cond["message"] and "spec.rules[0].when[0]" in cond["message"]
     if reason == "WorkloadsLagging":
         assert "b: enforces generation 1" in cond["message"]
+
+
+def test_each_identity_gets_only_the_claims_its_policies_reference() -> None:
+    from meshward.operator.domain.compile import destination_claims
+
+    orders = pol("orders", context={"claims": ["tenant"]},
+                 rules=[{"name": "r", "when": ["claims.scope == 'x' && claims['org-id'] != ''"]}])
+    billing = PolicyObject("shop", "billing", 1, "", {"selector": {"matchLabels": {"app": "billing"}},
+                                                      "rules": [{"name": "r"}]})
+    pods = [ORDERS, Workload("shop", "billing-1", "billing", {"app": "billing"})]
+    dests = destination_claims(pods, [orders, billing], "cluster.local")
+    assert dests == {"spiffe://cluster.local/ns/shop/sa/billing": ["sub"],
+                     "spiffe://cluster.local/ns/shop/sa/orders": ["org-id", "scope", "sub", "tenant"]}
+    doc = compile_workload(ORDERS, [orders, billing], [], NOW, dests).document
+    cfg = parse_config(doc)  # the agent accepts the context section
+    assert cfg.context.claims == ("org-id", "scope", "sub", "tenant")
+    assert cfg.context.destinations["spiffe://cluster.local/ns/shop/sa/billing"] == ("sub",)
+
+
+@pytest.mark.parametrize(("context", "field"), [
+    ({"header": "Authorization"}, "context.header"),
+    ({"ttlSeconds": 600}, "context.ttlSeconds"),
+    ({"destinations": {"orders": ["sub"]}}, "context.destinations.orders"),
+])
+def test_the_agent_refuses_a_bad_context_section(context: dict[str, Any], field: str) -> None:
+    from meshward.sidecar.config.schema import ConfigError
+
+    doc = {"apiVersion": "sidecar.meshward.io/v1alpha1", "kind": "SidecarConfig", "workload": "w",
+           "context": context}
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert err.value.path == field
