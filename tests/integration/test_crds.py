@@ -155,11 +155,13 @@ def test_every_example_is_accepted(crds: Cluster) -> None:
     for f in files:
         crds.kubectl("apply", "-f", str(f))
     names = crds.kubectl("get", "authpolicies,serviceidentities", "-n", "shop", "-o", "name").stdout.split()
+    names += crds.kubectl("get", "revocations", "-o", "name").stdout.split()
     expected = {f"{d['kind'].lower()}.meshward.io/{d['metadata']['name']}"
                 for f in files for d in yaml.safe_load_all(f.read_text())
                 if d and d["apiVersion"] == API}
     assert expected <= set(names)
     crds.kubectl("delete", "namespace", "shop", "--wait=false")
+    crds.kubectl("delete", "revocation", "inc-4711")
 
 
 def test_kubectl_explain_teaches_the_api(crds: Cluster) -> None:
@@ -200,3 +202,17 @@ def test_status_is_a_subresource(crds: Cluster, namespace: str) -> None:
     p["status"] = {"workloads": "9/9"}
     crds.apply(p)
     assert "workloads" not in crds.get_json("-n", namespace, "authpolicy", "p").get("status", {})
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"jti": "a", "sub": "b", "expiresAt": "2030-01-01T00:00:00Z"}, "set exactly one of jti, sub or sid"),
+    ({"expiresAt": "2030-01-01T00:00:00Z"}, "set exactly one of jti, sub or sid"),
+    ({"jti": "a"}, "expiresAt: Required value"),
+    ({"jti": "a", "issuer": "https://idp", "expiresAt": "2030-01-01T00:00:00Z"},
+     "issuer applies only to sub entries"),
+])
+def test_invalid_revocations_are_rejected_with_the_fix(crds: Cluster, entry: dict[str, Any], message: str) -> None:
+    doc = {"apiVersion": API, "kind": "Revocation", "metadata": {"name": "bad"}, "spec": {"entries": [entry]}}
+    proc = crds.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc), check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
