@@ -29,6 +29,8 @@ class PolicyView:
     enforcing: list[str]
     lagging: list[str]
     conflict: str | None = None
+    # Exact peer principals the rules name for which no ServiceIdentity exists (they can never call).
+    unknown_principals: tuple[str, ...] = ()
 
 
 def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
@@ -46,9 +48,17 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
         ready, reason = True, "Enforced"
         message = (f"all {n} selected workloads enforce generation {v.generation}" if n
                    else "no connected workload is selected yet")
-    degraded = v.invalid is not None or v.conflict is not None
-    d_reason = "InvalidSpec" if v.invalid is not None else "IssuerConflict" if v.conflict else "AsExpected"
-    d_message = message if v.invalid is not None else v.conflict or "nothing to report"
+    degraded = v.invalid is not None or v.conflict is not None or bool(v.unknown_principals)
+    if v.invalid is not None:
+        d_reason, d_message = "InvalidSpec", message
+    elif v.conflict:
+        d_reason, d_message = "IssuerConflict", v.conflict
+    elif v.unknown_principals:
+        d_reason = "UnknownPrincipal"
+        d_message = (f"no ServiceIdentity admits {', '.join(v.unknown_principals[:5])}: these peers cannot get a "
+                     "certificate, so rules naming them never match; check the names or create the ServiceIdentity")
+    else:
+        d_reason, d_message = "AsExpected", "nothing to report"
     return {
         "observedGeneration": v.generation,
         "workloads": f"{e}/{n}",
@@ -76,3 +86,17 @@ def revocation_status(generation: int, active: int, expired: int, connected: lis
         "conditions": [condition("Ready", ready, "Enforced" if ready else "WorkloadsLagging", message, generation,
                                   now, old_conditions)],
     }
+
+
+def exact_principals(spec: dict[str, Any], trust_domain: str) -> list[tuple[str, str, str]]:
+    """(SPIFFE ID, namespace, service account) of every exact in-mesh principal the rules name."""
+    out = []
+    prefix = f"spiffe://{trust_domain}/ns/"
+    for rule in spec.get("rules") or []:
+        for p in (rule.get("from") or {}).get("principals") or []:
+            if "*" in p or not p.startswith(prefix):
+                continue
+            parts = p.removeprefix(prefix).split("/")
+            if len(parts) == 3 and parts[1] == "sa":
+                out.append((p, parts[0], parts[2]))
+    return out

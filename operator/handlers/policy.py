@@ -23,7 +23,8 @@ import kopf
 from meshward.operator.api.schema import GROUP, VERSION
 from meshward.operator.domain.compile import INJECT_LABEL, PolicyInvalid, PolicyObject, validate
 from meshward.operator.domain.identity import status_changed
-from meshward.operator.domain.policy_status import PolicyView, policy_status, revocation_status
+from meshward.operator.domain.policy_status import PolicyView, exact_principals, policy_status, revocation_status
+from meshward.operator.engines.identities import IdentityDirectory
 from meshward.operator.engines.policy_hub import PolicyHub
 
 log = logging.getLogger("meshward.operator.policy")
@@ -37,6 +38,9 @@ class PolicyRuntime:
     clock: Callable[[], dt.datetime]
     # Starts the distribution service (servers.policy, wired by the entry point) once the CA is loaded.
     start_server: Callable[[], Awaitable[grpc.aio.Server]]
+    # ServiceIdentities known from the identity handlers' watch, to flag principals that cannot exist.
+    identities: IdentityDirectory
+    trust_domain: str = "cluster.local"
     status_interval_s: float = 10.0
     server: grpc.aio.Server | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -97,9 +101,11 @@ def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
         enf = hub.policy_enforcement(key)
         conflict = next((s.latest.conflicts[key] for s in hub.subscribers.values()
                          if s.latest and key in s.latest.conflicts), None)
+        unknown = tuple(sorted({p for p, ns, sa in exact_principals(dict(body.get("spec") or {}), rt.trust_domain)
+                                if rt.identities.find(ns, sa) is None}))
         view = PolicyView(generation, in_force.generation if in_force else None,
                           invalid[1] if invalid and invalid[0] == generation else None,
-                          enf.selected, enf.enforcing, enf.lagging, conflict)
+                          enf.selected, enf.enforcing, enf.lagging, conflict, unknown)
         if in_force is not None and in_force.generation != generation and view.invalid is None:
             return  # the watch has not delivered this generation yet; report on the next tick
         old = dict(status)
@@ -131,6 +137,7 @@ def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
                                 enf.enforcing, enf.lagging, list(old.get("conditions") or []), now)
         if status_changed(old, new):
             patch.status.update(new)
+            _post_transition(body, old, new)
 
     @kopf.on.event("", "v1", "pods", id="pod-index", labels={INJECT_LABEL: "enabled"}, registry=registry)
     def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:

@@ -299,3 +299,19 @@ def test_meshward_explain_reads_the_pods_config_from_the_cluster(plane: Plane) -
     wait_until("the agent to agree", lambda: plane.agents[0].check("/admin/users") == 403
                and plane.agents[0].check("/orders/7") == 200, timeout=10)
     c.kubectl("-n", ns, "delete", "authpolicy", "explain-demo")
+
+
+def test_a_rule_naming_a_peer_without_service_identity_is_flagged(plane: Plane) -> None:
+    c, ns = plane.cluster, plane.ns
+    typo = f"spiffe://cluster.local/ns/{ns}/sa/frontnd"
+    c.apply(policy(ns, "typo-demo", rules=[{"name": "peer", "from": {"principals": [
+        typo, f"spiffe://cluster.local/ns/{ns}/sa/orders"]}}]))
+
+    def degraded() -> dict[str, Any]:
+        conds = c.get_json("-n", ns, "authpolicy", "typo-demo").get("status", {}).get("conditions", [])
+        return next((x for x in conds if x["type"] == "Degraded" and x["status"] == "True"), {})
+
+    cond = wait_until("Degraded for the unknown peer", degraded)
+    assert cond["reason"] == "UnknownPrincipal" and typo in cond["message"]
+    assert "sa/orders" not in cond["message"]  # orders has a ServiceIdentity
+    c.kubectl("-n", ns, "delete", "authpolicy", "typo-demo")

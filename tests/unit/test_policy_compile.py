@@ -181,3 +181,17 @@ def test_the_agent_refuses_a_bad_context_section(context: dict[str, Any], field:
     with pytest.raises(ConfigError) as err:
         parse_config(doc)
     assert err.value.path == field
+
+
+def test_principals_without_a_service_identity_are_reported() -> None:
+    from meshward.operator.domain.policy_status import exact_principals
+
+    spec = {"rules": [{"name": "r", "from": {"principals": [
+        "spiffe://cluster.local/ns/shop/sa/frontend", "spiffe://cluster.local/ns/shop/*", "spiffe://other.td/ns/a/sa/b"]}}]}
+    assert exact_principals(spec, "cluster.local") == [("spiffe://cluster.local/ns/shop/sa/frontend", "shop", "frontend")]
+    st = policy_status(PolicyView(1, 1, None, [], [], [], None, ("spiffe://cluster.local/ns/shop/sa/frontnd",)), [],
+                       NOW)
+    degraded = st["conditions"][1]
+    assert (degraded["status"], degraded["reason"]) == ("True", "UnknownPrincipal")
+    assert "spiffe://cluster.local/ns/shop/sa/frontnd" in degraded["message"]
+    assert st["conditions"][0]["status"] == "True"  # still enforced: the rule just never matches
