@@ -205,6 +205,11 @@ def test_status_tells_the_truth_through_apply_invalid_spec_lagging_and_gone(plan
         assert st["ready"]["reason"] == "WorkloadsLagging"
         assert any("orders-3" in w for w in st["laggingWorkloads"])
         assert silent.received  # it did get its config
+        op = plane.operator
+        assert op.metric("meshward_policy_subscribers") == 3
+        assert op.metric("meshward_policy_subscribers_lagging") >= 1  # version lag
+        assert op.metric("meshward_policy_recompile_seconds_count") > 0  # reconcile latency is measured
+        assert op.metric("meshward_policy_config_bytes_max") > 100
     finally:
         silent.close()
     wait_until("2/2 once the laggard is gone", lambda: ready(c, ns, "status-demo").get("workloads") == "2/2")
