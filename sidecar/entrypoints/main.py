@@ -22,20 +22,22 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
 from meshward._version import __version__
 from meshward.sidecar.clients.fetch import HttpFetcher
-from meshward.sidecar.clients.policy import PolicyClient
-from meshward.sidecar.clients.signer import SignerClient
 from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
-from meshward.sidecar.engines.identity import IdentityManager
 from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
-from meshward.sidecar.engines.subscription import PolicySubscription
 from meshward.sidecar.server.admin import Admin
 from meshward.sidecar.server.authz_http import HttpAuthz
 from meshward.sidecar.server.http1 import Handler, serve_tcp, serve_unix
+
+if TYPE_CHECKING:
+    # Imported at run time only when used: gRPC and the Envoy protos cost ~15 MB of RSS.
+    from meshward.sidecar.engines.identity import IdentityManager
+    from meshward.sidecar.engines.subscription import PolicySubscription
 
 USAGE = ("usage: meshward-sidecar {--config FILE | --policy-server ADDR} [--http-listen ADDR] [--grpc-listen ADDR] "
          "[--admin-listen ADDR]  (ADDR: host:port or unix:/path)")
@@ -87,6 +89,9 @@ async def _listen(handler: Handler, addr: str) -> asyncio.Server:
 
 def _identity(args: argparse.Namespace, registry: CollectorRegistry) -> IdentityManager:
     """The certificate manager, talking to the signing service with the mounted bundle plus the latest one."""
+    from meshward.sidecar.clients.signer import SignerClient
+    from meshward.sidecar.engines.identity import IdentityManager
+
     holder: list[IdentityManager] = []
 
     def roots() -> bytes:
@@ -106,6 +111,9 @@ def _identity(args: argparse.Namespace, registry: CollectorRegistry) -> Identity
 def _subscription(args: argparse.Namespace, agent: Agent, identity: IdentityManager | None,
                   registry: CollectorRegistry) -> PolicySubscription:
     """The operator subscription, authenticated by the workload certificate."""
+    from meshward.sidecar.clients.policy import PolicyClient
+    from meshward.sidecar.engines.subscription import PolicySubscription
+
     if identity is None:
         raise SystemExit("meshward-sidecar: --policy-server needs --identity-signer (the subscription is mTLS)")
     if not args.pod_name:

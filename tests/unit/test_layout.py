@@ -73,3 +73,10 @@ def test_console_entry_points_reject_unknown_flags(program: str) -> None:
     proc = subprocess.run([str(exe), "--no-such-flag"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in proc.stderr
+
+
+def test_an_http_only_agent_does_not_load_grpc() -> None:
+    """gRPC and the Envoy protos cost ~15 MB of RSS; they load only for gRPC ext_authz, SDS or the operator link."""
+    code = "import sys, meshward.sidecar.entrypoints.main; print('grpc' in sys.modules, 'envoy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
