@@ -80,6 +80,16 @@ class PolicyService:
             await context.abort(getattr(grpc.StatusCode, e.code), str(e))
             return
 
+        # However the RPC ends (client gone, cancelled, deadline), the subscriber leaves at once:
+        # status must not count a sidecar that is no longer there.
+        ended = asyncio.Event()
+
+        def gone(_ctx: object) -> None:
+            self._hub.unsubscribe(sub)
+            ended.set()
+
+        context.add_done_callback(gone)
+
         async def read() -> None:
             async for msg in requests:
                 if isinstance(msg, dict) and isinstance(msg.get("ack"), str):
@@ -87,11 +97,12 @@ class PolicyService:
                     self._hub.ack(sub, msg["ack"], err if isinstance(err, str) else None)
 
         reader = asyncio.create_task(read())
+        end = asyncio.ensure_future(ended.wait())
         try:
             sent: str | None = None
-            while not reader.done():
+            while not reader.done() and not ended.is_set():
                 waiter = asyncio.ensure_future(sub.next(sent))
-                await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({waiter, reader, end}, return_when=asyncio.FIRST_COMPLETED)
                 if not waiter.done():
                     waiter.cancel()
                     break
@@ -102,6 +113,7 @@ class PolicyService:
                 yield {"version": compiled.version, "config": compiled.document}
         finally:
             reader.cancel()
+            end.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await reader
             self._hub.unsubscribe(sub)

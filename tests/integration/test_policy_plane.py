@@ -95,6 +95,19 @@ def plane(crds: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
             crds.kubectl("delete", "namespace", n, "--wait=false", check=False)
 
 
+@pytest.fixture(autouse=True)
+def clean_slate(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test starts and ends with no AuthPolicy and no test Revocation, so one failure never cascades."""
+    yield
+    if "plane" not in request.fixturenames:
+        return
+    plane: Plane = request.getfixturevalue("plane")
+    plane.cluster.kubectl("-n", plane.ns, "delete", "authpolicies", "--all", check=False)
+    plane.cluster.kubectl("delete", "revocation", "incident-42", "--ignore-not-found", check=False)
+    if plane.operator.proc is not None and plane.operator.proc.poll() is None:
+        wait_until("agents back to no policy", lambda: plane.all_answer("/admin", 200), timeout=15)
+
+
 def test_agents_enforce_every_applied_version_also_through_envoy(plane: Plane) -> None:
     c, ns = plane.cluster, plane.ns
     assert plane.all_answer("/admin", 200)  # no policy selects the workload yet: nothing to enforce
