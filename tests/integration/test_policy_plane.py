@@ -8,19 +8,15 @@ there is no kubelet), which is all the operator needs to know a workload.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, build_inbound_bootstrap
-from meshward.sidecar.domain.identity import build_csr, key_pem, new_key
 from tests.kube import Cluster, wait_until
 from tests.support.idp import IdP
 from tests.support.procs import Agent, Echo, Operator, free_port, http_status, run_envoy
@@ -133,60 +129,34 @@ def test_agents_enforce_every_applied_version_also_through_envoy(plane: Plane) -
     wait_until("the deletion in force", lambda: plane.all_answer("/admin", 200), timeout=10)
 
 
-def _sign(plane: Plane, key: Any) -> tuple[bytes, bytes]:
-    """A workload certificate for ServiceAccount orders, from the operator's signing service."""
-    async def call() -> dict[str, Any]:
-        creds = grpc.ssl_channel_credentials(root_certificates=plane.bundle.read_bytes())
-        opts = [("grpc.ssl_target_name_override", f"meshward-signer.{plane.operator.namespace}.svc")]
-        async with grpc.aio.secure_channel(f"127.0.0.1:{plane.operator.signer_port}", creds, options=opts) as ch:
-            sign = ch.unary_unary("/meshward.identity.v1.Identity/Sign",
-                                  request_serializer=lambda d: json.dumps(d).encode(),
-                                  response_deserializer=json.loads)
-            spiffe = f"spiffe://cluster.local/ns/{plane.ns}/sa/orders"
-            out: dict[str, Any] = await sign({"csr": build_csr(key, spiffe).decode()},
-                                             metadata=(("authorization", f"Bearer {plane.token_file.read_text()}"),))
-            return out
-
-    doc = asyncio.run(call())
-    return doc["certificateChain"].encode(), doc["trustBundle"].encode()
-
-
 class SilentSubscriber:
-    """A subscriber that receives its config and never acknowledges it: an agent stuck behind."""
+    """A subscriber process that receives its configs and never acknowledges them (tests/support)."""
 
     def __init__(self, plane: Plane, pod_name: str) -> None:
-        self.plane, self.pod = plane, pod_name
-        self.received: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        import threading
+        import subprocess
+        import sys
 
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        key = new_key()
-        chain, bundle = _sign(plane, key)
-        self.task = asyncio.run_coroutine_threadsafe(self._run(key_pem(key), chain, bundle), self.loop)
+        self.out = plane.workdir / f"silent-{pod_name}.out"
+        op = plane.operator
+        with self.out.open("wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.silent_subscriber",
+                 "--signer", f"127.0.0.1:{op.signer_port}", "--policy", f"127.0.0.1:{op.policy_port}",
+                 "--server-name", f"meshward-signer.{op.namespace}.svc", "--bundle", str(plane.bundle),
+                 "--token", str(plane.token_file), "--spiffe", f"spiffe://cluster.local/ns/{plane.ns}/sa/orders",
+                 "--pod", pod_name], stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
 
-    async def _run(self, key: bytes, chain: bytes, bundle: bytes) -> None:
-        creds = grpc.ssl_channel_credentials(root_certificates=bundle, private_key=key, certificate_chain=chain)
-        opts = [("grpc.ssl_target_name_override", f"meshward-signer.{self.plane.operator.namespace}.svc")]
-        async with grpc.aio.secure_channel(f"127.0.0.1:{self.plane.operator.policy_port}", creds,
-                                           options=opts) as ch:
-            call = ch.stream_stream("/meshward.policy.v1.Policy/Subscribe",
-                                    request_serializer=lambda d: json.dumps(d).encode(),
-                                    response_deserializer=json.loads)()
-            await call.write({"pod": self.pod})
-            async for msg in call:
-                self.received.append(msg["version"])
+    def lines(self) -> list[str]:
+        return self.out.read_text().splitlines()
+
+    @property
+    def received(self) -> list[str]:
+        return [x.split()[1] for x in self.lines() if x.startswith("version ")]
 
     def close(self) -> None:
-        import concurrent.futures
-        import contextlib
-
-        self.loop.call_soon_threadsafe(self.task.cancel)
-        with contextlib.suppress(concurrent.futures.CancelledError, grpc.aio.AioRpcError):
-            self.task.result(timeout=10)  # the channel is closed when this returns
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        if self.proc.poll() is None:
+            self.proc.kill()  # gone, like a crashed agent
+        self.proc.wait(10)
 
 
 def test_status_tells_the_truth_through_apply_invalid_spec_lagging_and_gone(plane: Plane) -> None:
@@ -234,19 +204,18 @@ def test_a_sidecar_only_gets_a_pod_of_its_own_service_account(plane: Plane) -> N
     c.kubectl("-n", ns, "create", "serviceaccount", "billing")
     c.apply(pod(ns, "billing-1", "billing", app="billing"))
 
-    def attempt() -> grpc.aio.AioRpcError | None:
+    def attempt() -> str | None:
         silent = SilentSubscriber(plane, "billing-1")  # a certificate of SA orders claiming billing's pod
         try:
-            silent.task.result(timeout=10)
-        except grpc.aio.AioRpcError as e:
-            return e if e.code() != grpc.StatusCode.NOT_FOUND else None  # NOT_FOUND: the watch is behind
+            silent.proc.wait(30)
         finally:
             silent.close()
-        return None
+        last = silent.lines()[-1] if silent.lines() else ""
+        return None if last.startswith("error NOT_FOUND") else last  # NOT_FOUND: the watch is behind
 
-    err = wait_until("a refusal once the operator knows the pod", attempt, timeout=10)
-    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "runs as ServiceAccount billing, not orders" in (err.details() or "")
+    err = wait_until("a refusal once the operator knows the pod", attempt, timeout=30)
+    assert err.startswith("error PERMISSION_DENIED"), err
+    assert "runs as ServiceAccount billing, not orders" in err
 
 
 
