@@ -93,9 +93,7 @@ class PolicyHub:
         self._destinations: dict[str, list[str]] | None = None
         self.policies: dict[str, PolicyObject] = {}       # last valid generation of each policy
         self.invalid: dict[str, tuple[int, str]] = {}     # key -> (rejected generation, why)
-        self.generations: dict[str, int] = {}             # key -> latest generation applied
         self.revocations: dict[str, list[RevocationEntry]] = {}
-        self.revocation_generations: dict[str, int] = {}
         self.pods: dict[str, Workload] = {}
         self.subscribers: dict[str, Subscriber] = {}
         self._dirty = asyncio.Event()
@@ -113,7 +111,6 @@ class PolicyHub:
     def apply_policy(self, body: Mapping[str, Any]) -> PolicyInvalid | None:
         """Record an added or changed AuthPolicy; return why it is invalid, if it is."""
         p = policy_object(body)
-        self.generations[p.key] = p.generation
         try:
             validate(p)
         except PolicyInvalid as e:
@@ -129,20 +126,17 @@ class PolicyHub:
         key = f"{namespace}/{name}"
         self.policies.pop(key, None)
         self.invalid.pop(key, None)
-        self.generations.pop(key, None)
         self._changed()
 
     def apply_revocation(self, body: Mapping[str, Any]) -> None:
         """Record an added or changed Revocation."""
         name = body["metadata"]["name"]
         self.revocations[name] = revocation_entries(body)
-        self.revocation_generations[name] = int(body["metadata"].get("generation") or 0)
         self._changed()
 
     def remove_revocation(self, name: str) -> None:
         """Forget a deleted Revocation."""
         self.revocations.pop(name, None)
-        self.revocation_generations.pop(name, None)
         self._changed()
 
     def apply_pod(self, body: Mapping[str, Any]) -> None:
