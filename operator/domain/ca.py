@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshward.operator.domain.duration import parse_duration
+
 # Workload keys the mesh accepts: NIST P-256 (the default everywhere) and P-384.
 ALLOWED_CURVES = ("secp256r1", "secp384r1")
 # Tolerance for workloads whose clock runs slightly behind the CA's.
@@ -36,7 +38,6 @@ DEFAULT_TTL = dt.timedelta(hours=1)
 ROOT_LIFETIME = dt.timedelta(days=365)
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 
 
 class CsrRejected(Exception):
@@ -83,17 +84,7 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
 
 def parse_ttl(text: str, minimum: dt.timedelta = MIN_TTL, maximum: dt.timedelta = MAX_TTL) -> dt.timedelta:
     """Parse a Go-style duration ("1h", "90m", "1h30m") and check it lies within [minimum, maximum]."""
-    total, rest = 0.0, text
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    if not rest:
-        raise ValueError("empty duration")
-    while rest:
-        m = _DURATION.match(rest)
-        if not m:
-            raise ValueError(f"{text!r} is not a duration such as 1h or 30m")
-        total += float(m.group(1)) * units[m.group(2)]
-        rest = rest[m.end():]
-    ttl = dt.timedelta(seconds=total)
+    ttl = parse_duration(text)
     if not minimum <= ttl <= maximum:
         raise ValueError(f"{text!r} must be between {minimum} and {maximum}")
     return ttl

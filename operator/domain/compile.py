@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshward.operator.domain.duration import parse_duration
 from meshward.sidecar.config.schema import API_VERSION as SIDECAR_API_VERSION
 from meshward.sidecar.config.schema import KIND as SIDECAR_KIND
 from meshward.sidecar.config.schema import ConfigError, parse_config
@@ -32,7 +33,6 @@ from meshward.sidecar.domain.snapshot import compile_snapshot
 
 # Pods carrying this label have opted in (the injection webhook only mutates those).
 INJECT_LABEL = "meshward.io/inject"
-_GO_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Claims a CEL condition reads: claims.name or claims['name'].
 _CEL_CLAIM = re.compile(r"""\bclaims(?:\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*['"]([^'"]+)['"]\s*\])""")
 
@@ -97,19 +97,7 @@ class Compiled:
 
 
 def _seconds(text: str) -> float:
-    total, num = 0.0, ""
-    i = 0
-    while i < len(text):
-        c = text[i]
-        if c.isdigit() or c == ".":
-            num += c
-            i += 1
-            continue
-        unit = "ms" if text[i:i + 2] == "ms" else c
-        total += float(num) * _GO_UNITS[unit]
-        num = ""
-        i += len(unit)
-    return total
+    return parse_duration(text).total_seconds()
 
 
 def _issuer(doc: Mapping[str, Any]) -> dict[str, Any]:
