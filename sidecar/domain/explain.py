@@ -14,20 +14,12 @@ from typing import Any
 
 from meshward.sidecar.config.schema import Rule
 from meshward.sidecar.domain.jwt import VerifiedToken
+from meshward.sidecar.domain.policy import PART_TEMPLATES
 from meshward.sidecar.domain.request import CheckInput
-from meshward.sidecar.domain.snapshot import Snapshot
+from meshward.sidecar.domain.snapshot import Snapshot, is_revoked
 
-# The compiled-rule templates of domain/policy.py, by the rule field they check.
-_FIELDS = {
-    "{c}(inp.peer)": "from.principals",
-    "(token is not None and {c}(token.issuer + '/' + token.subject))": "from.requestPrincipals",
-    "inp.peer_namespace in {c}": "from.namespaces",
-    "inp.method in {c}": "to.methods",
-    "{c}(inp.path)": "to.paths",
-    "{c}(inp.host)": "to.hosts",
-    "inp.port in {c}": "to.ports",
-    "{c}(inp, token)": "when",
-}
+# Which rule field a compiled part checks (the inverse of policy.PART_TEMPLATES).
+_FIELDS = {template: name for name, template in PART_TEMPLATES.items()}
 
 
 @dataclass(frozen=True)
@@ -67,12 +59,6 @@ def _actual(inp: CheckInput, token: VerifiedToken | None, field_name: str) -> An
             "to.hosts": inp.host, "to.ports": inp.port, "when": "false (or could not be evaluated)"}[field_name]
 
 
-def _revoked(snapshot: Snapshot, token: VerifiedToken) -> bool:
-    rev = snapshot.config.revocations
-    return bool((rev.jti and token.jti in rev.jti) or (rev.sid and token.sid in rev.sid) or (
-        rev.sub and (token.subject in rev.sub or f"{token.issuer}/{token.subject}" in rev.sub)))
-
-
 def explain(snapshot: Snapshot, inp: CheckInput, token: VerifiedToken | None) -> Explanation:
     """Decide `inp` as the agent would (identity taken as given) and trace every rule."""
     rules_by_name = {(p.name, r.name): r for p in snapshot.config.policies for r in p.rules}
@@ -83,7 +69,7 @@ def explain(snapshot: Snapshot, inp: CheckInput, token: VerifiedToken | None) ->
         for template, const in cr.parts:
             ok = eval(template.format(c="c"), {"c": const, "inp": inp, "token": token})  # noqa: S307 - fixed templates
             if not ok:
-                name = _FIELDS.get(template, template)
+                name = _FIELDS[template]
                 cfg = _configured(rules_by_name[(cr.policy, cr.name)], name)
                 why = f"{name}: {_actual(inp, token, name)!r} does not match {list(cfg)}"
                 break
@@ -92,7 +78,7 @@ def explain(snapshot: Snapshot, inp: CheckInput, token: VerifiedToken | None) ->
                                 rule.mode if modes[cr.policy] == "Enforce" else "Audit", why == "matched", why))
     if token is not None and token.issuer not in snapshot.issuers and snapshot.issuers:
         return Explanation(401, "unauthenticated", "", "", f"issuer {token.issuer} is not trusted here", traces)
-    if token is not None and _revoked(snapshot, token):
+    if token is not None and is_revoked(snapshot.config.revocations, token):
         return Explanation(401, "unauthenticated", "", "", "token revoked", traces)
     if token is None and snapshot.require_jwt_enforced:
         return Explanation(401, "unauthenticated", "", "", "missing token (a policy requires a JWT)", traces)

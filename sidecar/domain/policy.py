@@ -143,6 +143,21 @@ def _eval_when(programs: Sequence[Any], inp: CheckInput, token: VerifiedToken | 
     return True
 
 
+# The condition each rule field compiles to, over `inp`, `token` and one constant `{c}`. Fixed
+# strings of this module: config values only ever become constants. `meshward explain` reads
+# the same table to say which field failed.
+PART_TEMPLATES = {
+    "from.principals": "{c}(inp.peer)",
+    "from.requestPrincipals": "(token is not None and {c}(token.issuer + '/' + token.subject))",
+    "from.namespaces": "inp.peer_namespace in {c}",
+    "to.methods": "inp.method in {c}",
+    "to.paths": "{c}(inp.path)",
+    "to.hosts": "{c}(inp.host)",
+    "to.ports": "inp.port in {c}",
+    "when": "{c}(inp, token)",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledRule:
     """A rule as a conjunction of precompiled conditions.
@@ -172,25 +187,25 @@ def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
     parts: list[tuple[str, Any]] = []
     f, t = rule.from_, rule.to
     deny = rule.action == "Deny"
+    T = PART_TEMPLATES
     if f.principals:
-        parts.append(("{c}(inp.peer)", _wildcard(f.principals)))
+        parts.append((T["from.principals"], _wildcard(f.principals)))
     if f.request_principals:
-        parts.append(("(token is not None and {c}(token.issuer + '/' + token.subject))",
-                      _wildcard(f.request_principals)))
+        parts.append((T["from.requestPrincipals"], _wildcard(f.request_principals)))
     if f.namespaces:
-        parts.append(("inp.peer_namespace in {c}", frozenset(f.namespaces)))
+        parts.append((T["from.namespaces"], frozenset(f.namespaces)))
     if t.methods:
-        parts.append(("inp.method in {c}", frozenset(t.methods)))
+        parts.append((T["to.methods"], frozenset(t.methods)))
     if t.paths:
-        parts.append(("{c}(inp.path)", compile_paths(t.paths)))
+        parts.append((T["to.paths"], compile_paths(t.paths)))
     if t.hosts:
-        parts.append(("{c}(inp.host)", _host_matcher(t.hosts)))
+        parts.append((T["to.hosts"], _host_matcher(t.hosts)))
     if t.ports:
-        parts.append(("inp.port in {c}", frozenset(t.ports)))
+        parts.append((T["to.ports"], frozenset(t.ports)))
     when = tuple(compile_when(w, f"{path}.when[{n}]") for n, w in enumerate(rule.when))
     if when:
         # Last: CEL costs ~20 µs, so it runs only when everything else matched.
-        parts.append(("{c}(inp, token)", _when_part(when, deny)))
+        parts.append((T["when"], _when_part(when, deny)))
     return CompiledRule(policy=policy.name, name=rule.name, deny=deny,
                         enforced=rule.mode == "Enforce" and policy.mode == "Enforce", parts=tuple(parts))
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshward.sidecar.config.schema import Issuer, SidecarConfig, TokenSource, issuers_of
+from meshward.sidecar.config.schema import Issuer, Revocations, SidecarConfig, TokenSource, issuers_of
+from meshward.sidecar.domain.jwt import VerifiedToken
 from meshward.sidecar.domain.policy import CompiledPolicies, compile_policies
 
 
@@ -75,3 +76,9 @@ def extract_token(sources: tuple[TokenSource, ...], headers: dict[str, str]) -> 
                 if name == s.cookie and v:
                     return v, None
     return None, None
+
+
+def is_revoked(rev: Revocations, token: VerifiedToken) -> bool:
+    """Whether a verified token is revoked by jti, by session, or by subject (bare `sub` or `iss/sub`)."""
+    return bool((rev.jti and token.jti in rev.jti) or (rev.sid and token.sid in rev.sid) or (
+        rev.sub and (token.subject in rev.sub or f"{token.issuer}/{token.subject}" in rev.sub)))

@@ -25,7 +25,7 @@ from meshward.sidecar.domain.decision import AuditRecord, Decision, Outcome
 from meshward.sidecar.domain.jwt import JwtError, UnknownKey, VerifiedToken, parse, verify
 from meshward.sidecar.domain.policy import AuthzResult, identity_headers, path_is_safe
 from meshward.sidecar.domain.request import CheckInput
-from meshward.sidecar.domain.snapshot import Snapshot, extract_token
+from meshward.sidecar.domain.snapshot import Snapshot, extract_token, is_revoked
 from meshward.sidecar.engines.keystore import KeyStore
 from meshward.sidecar.engines.token_cache import TokenCache
 
@@ -118,9 +118,7 @@ class JwtAuthenticator:
             except JwtError as e:
                 return Identity(failure=e.reason, enforced=s.jwt_enforced)
             self._cache.put(key, token)
-        rev = s.config.revocations
-        if (rev.jti and token.jti in rev.jti) or (rev.sid and token.sid in rev.sid) or (
-                rev.sub and (token.subject in rev.sub or f"{token.issuer}/{token.subject}" in rev.sub)):
+        if is_revoked(s.config.revocations, token):
             return Identity(token=None, failure="token revoked", revoked=True)
         return Identity(token=token)
 
