@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,18 +21,11 @@ import grpc
 from cryptography import x509
 
 from meshward.operator.engines.policy_hub import PolicyHub, SubscriptionRefused
+from meshward.operator.servers.wire import dumps, loads, rotating_credentials
 
 SERVICE = "meshward.policy.v1.Policy"
 _SPIFFE = re.compile(r"^spiffe://[^/]+/ns/([^/]+)/sa/([^/]+)$")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
-def _loads(data: bytes) -> Any:
-    return json.loads(data) if data else {}
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> tuple[str, str, str] | None:
@@ -121,27 +113,14 @@ class PolicyService:
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler registering Subscribe."""
         return grpc.method_handlers_generic_handler(SERVICE, {
-            "Subscribe": grpc.stream_stream_rpc_method_handler(self.subscribe, request_deserializer=_loads,
-                                                               response_serializer=_dumps)})
+            "Subscribe": grpc.stream_stream_rpc_method_handler(self.subscribe, request_deserializer=loads,
+                                                               response_serializer=dumps)})
 
 
 async def serve_policy(hub: PolicyHub, address: str,
                        credentials: Callable[[], tuple[bytes, bytes, bytes]]) -> grpc.aio.Server:
     """Start the service on `address`; `credentials()` gives (chain, key, trust bundle), reread per handshake."""
-    current = credentials()
-
-    def config(c: tuple[bytes, bytes, bytes]) -> Any:
-        return grpc.ssl_server_certificate_configuration([(c[1], c[0])], root_certificates=c[2])
-
-    def fetch() -> Any:
-        nonlocal current
-        latest = credentials()
-        if latest == current:
-            return None
-        current = latest
-        return config(latest)
-
-    creds = grpc.dynamic_ssl_server_credentials(config(current), fetch, require_client_authentication=True)
+    creds = rotating_credentials(credentials)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.keepalive_time_ms", 10_000)])
     server.add_generic_rpc_handlers((PolicyService(hub).handler(),))

@@ -10,26 +10,18 @@ Refusals carry the gRPC status the issuance engine chose, with its message.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from meshward.operator.engines.issuance import IssuanceEngine, IssuanceError
+from meshward.operator.servers.wire import dumps, loads, rotating_credentials
 
 SERVICE = "meshward.identity.v1.Identity"
 METHOD = f"/{SERVICE}/Sign"
 # Requests larger than this are not CSRs.
 MAX_MESSAGE_BYTES = 64 * 1024
-
-
-def _loads(data: bytes) -> Any:
-    return json.loads(data) if data else {}
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
 
 
 class SigningService:
@@ -59,8 +51,8 @@ class SigningService:
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler registering the Sign method."""
         return grpc.method_handlers_generic_handler(SERVICE, {
-            "Sign": grpc.unary_unary_rpc_method_handler(self.sign, request_deserializer=_loads,
-                                                        response_serializer=_dumps)})
+            "Sign": grpc.unary_unary_rpc_method_handler(self.sign, request_deserializer=loads,
+                                                        response_serializer=dumps)})
 
 
 async def serve(engine: IssuanceEngine, address: str, cert_pem: bytes, key_pem: bytes) -> grpc.aio.Server:
@@ -71,18 +63,7 @@ async def serve(engine: IssuanceEngine, address: str, cert_pem: bytes, key_pem: 
 async def serve_rotating(engine: IssuanceEngine, address: str,
                          certificate: Callable[[], tuple[bytes, bytes]]) -> grpc.aio.Server:
     """Start the signing service on `address`; each new handshake uses the current `(chain, key)`."""
-    current = certificate()
-
-    def fetch() -> Any:
-        nonlocal current
-        latest = certificate()
-        if latest == current:
-            return None
-        current = latest
-        return grpc.ssl_server_certificate_configuration([(latest[1], latest[0])])
-
-    creds = grpc.dynamic_ssl_server_credentials(
-        grpc.ssl_server_certificate_configuration([(current[1], current[0])]), fetch)
+    creds = rotating_credentials(lambda: (*certificate(), None))
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     server.add_generic_rpc_handlers((SigningService(engine).handler(),))
     server.add_secure_port(address, creds)
