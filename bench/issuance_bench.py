@@ -13,9 +13,7 @@ import datetime as dt
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,10 +24,10 @@ import grpc  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from kubernetes import client  # noqa: E402
+from tests.kube import throwaway_cluster  # noqa: E402
 from tests.support.pki import spiffe_csr  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
 
-from meshward.localcluster import Binaries, down, up  # noqa: E402
 from meshward.operator.clients.kube import KubeClient  # noqa: E402
 from meshward.operator.domain.ca import generate_root, issue_server_cert, random_serial  # noqa: E402
 from meshward.operator.engines.issuance import IssuanceEngine  # noqa: E402
@@ -93,20 +91,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--accounts", type=int, default=50, help="ServiceAccounts (each has its own rate limit)")
     args = ap.parse_args()
-    out = subprocess.run([str(ROOT / "hack" / "build-control-plane"), "paths"], capture_output=True, text=True,
-                         check=True).stdout
-    paths = dict(line.split("=", 1) for line in out.splitlines())
-    state = Path(tempfile.mkdtemp(prefix="meshward-bench-cluster-"))
-    cluster = up(state, Binaries(Path(paths["etcd"]), Path(paths["kube-apiserver"]),
-                                 Path(paths["kube-controller-manager"])))
-    try:
-        subprocess.run([paths["kubectl"], "--kubeconfig", cluster.kubeconfig, "apply", "-f", str(ROOT / "crds")],
-                       check=True, capture_output=True)
-        subprocess.run([paths["kubectl"], "--kubeconfig", cluster.kubeconfig, "wait", "--for=condition=Established",
-                        "crd/serviceidentities.meshward.io"], check=True, capture_output=True)
-        lat = asyncio.run(run(cluster.kubeconfig, args.requests, args.concurrency, args.accounts))
-    finally:
-        down(state)
+    with throwaway_cluster() as cluster:
+        lat = asyncio.run(run(str(cluster.kubeconfig), args.requests, args.concurrency, args.accounts))
     wall, lat = lat[-1], sorted(lat[:-1])
     rate = len(lat) / wall
     print(f"signed {len(lat)} CSRs in {wall:.2f} s with {args.concurrency} concurrent clients, "

@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
-import subprocess
+import functools
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
@@ -31,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kubernetes import client, config, watch  # noqa: E402
+from tests.kube import opted_in_pod, service_identity, throwaway_cluster, wait_until  # noqa: E402
 from tests.support.fleet import Fleet, has_rule, percentile, sign  # noqa: E402
 from tests.support.procs import Operator  # noqa: E402
 
-from meshward.localcluster import Binaries, down, up  # noqa: E402
 from meshward.operator.domain.compile import PolicyObject, Workload, compile_workload, validate  # noqa: E402
 
 API = "meshward.io/v1alpha1"
@@ -88,93 +86,59 @@ def policy(ns: str, rule: str) -> dict[str, Any]:
 
 
 def bench_propagation(subscribers: int, changes: int) -> float:
-    out = subprocess.run([str(ROOT / "hack" / "build-control-plane"), "paths"], capture_output=True, text=True,
-                         check=True).stdout
-    paths = dict(line.split("=", 1) for line in out.splitlines())
-    state = Path(tempfile.mkdtemp(prefix="meshward-bench-cluster-"))
-    cluster = up(state, Binaries(Path(paths["etcd"]), Path(paths["kube-apiserver"]),
-                                 Path(paths["kube-controller-manager"])))
-    kubectl = [paths["kubectl"], "--kubeconfig", cluster.kubeconfig]
-
-    def apply(*docs: dict[str, Any]) -> None:
-        subprocess.run([*kubectl, "apply", "-f", "-"], input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                                         "items": list(docs)}),
-                       text=True, check=True, capture_output=True)
-
-    operator = None
-    fleet = None
-    try:
-        subprocess.run([*kubectl, "apply", "-f", str(ROOT / "crds")], check=True, capture_output=True)
-        subprocess.run([*kubectl, "wait", "--for=condition=Established", "crd/authpolicies.meshward.io",
-                        "crd/serviceidentities.meshward.io", "crd/revocations.meshward.io"],
-                       check=True, capture_output=True)
+    lat: list[float] = []
+    base: list[float] = []
+    with throwaway_cluster() as cluster:
         for n in ("meshward-system", "bench"):
-            subprocess.run([*kubectl, "create", "namespace", n], check=True, capture_output=True)
-        operator = Operator(state, Path(cluster.kubeconfig), "meshward-system", "--status-interval", "5").start()
-        subprocess.run([*kubectl, "-n", "bench", "create", "serviceaccount", "bench"], check=True, capture_output=True)
-        pods = [f"bench-{i}" for i in range(subscribers)]
-        apply({"apiVersion": API, "kind": "ServiceIdentity", "metadata": {"name": "bench", "namespace": "bench"},
-               "spec": {"serviceAccountName": "bench"}},
-              *[{"apiVersion": "v1", "kind": "Pod",
-                 "metadata": {"name": p, "namespace": "bench",
-                              "labels": {"meshward.io/inject": "enabled", "app": "bench"}},
-                 "spec": {"serviceAccountName": "bench", "containers": [{"name": "a", "image": "x.invalid/a"}]}}
-                for p in pods])
-        bundle = ""
-        deadline = time.monotonic() + 30
-        while not bundle and time.monotonic() < deadline:
-            bundle = subprocess.run([*kubectl, "-n", "bench", "get", "configmap", "meshward-trust-bundle", "-o",
-                                     r"jsonpath={.data.ca\.crt}"], capture_output=True, text=True).stdout
-        token = subprocess.run([*kubectl, "-n", "bench", "create", "token", "bench", "--audience", "meshward"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        name = "meshward-signer.meshward-system.svc"
-        creds = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), token,
-                                 "spiffe://cluster.local/ns/bench/sa/bench"))
-        fleet = Fleet(f"127.0.0.1:{operator.policy_port}", name, pods, creds)
-        deadline = time.monotonic() + 60
-        while not all(s.synced for s in fleet.subs):
-            if time.monotonic() > deadline:
-                raise SystemExit("subscribers did not sync within 60 s")
-            time.sleep(0.05)
+            cluster.kubectl("create", "namespace", n)
+        operator = Operator(cluster.kubeconfig.parent, cluster.kubeconfig, "meshward-system",
+                            "--status-interval", "5").start()
+        fleet = None
+        try:
+            cluster.kubectl("-n", "bench", "create", "serviceaccount", "bench")
+            pods = [f"bench-{i}" for i in range(subscribers)]
+            cluster.apply(service_identity("bench", "bench"),
+                          *[opted_in_pod("bench", p, "bench", app="bench") for p in pods])
+            bundle = cluster.trust_bundle("bench")
+            token = cluster.kubectl("-n", "bench", "create", "token", "bench", "--audience", "meshward").stdout.strip()
+            name = "meshward-signer.meshward-system.svc"
+            creds = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), token,
+                                     "spiffe://cluster.local/ns/bench/sa/bench"))
+            fleet = Fleet(f"127.0.0.1:{operator.policy_port}", name, pods, creds)
+            f = fleet
+            wait_until("every subscriber synced", lambda: all(s.synced for s in f.subs), timeout=60)
 
-        # Baseline: a plain watch on AuthPolicies in this process.
-        seen: dict[str, float] = {}
-        api = client.CustomObjectsApi(config.new_client_from_config(cluster.kubeconfig))
-        w = watch.Watch()
+            # Baseline: a plain watch on AuthPolicies in this process.
+            seen: dict[str, float] = {}
+            api = client.CustomObjectsApi(config.new_client_from_config(str(cluster.kubeconfig)))
+            w = watch.Watch()
 
-        def watcher() -> None:
-            try:
-                for ev in w.stream(api.list_namespaced_custom_object, "meshward.io", "v1alpha1", "bench",
-                                   "authpolicies"):
-                    for r in ev["object"]["spec"].get("rules", []):
-                        seen.setdefault(r["name"], time.monotonic())
-            except Exception:  # the cluster goes away at the end of the run
-                return
+            def watcher() -> None:
+                try:
+                    for ev in w.stream(api.list_namespaced_custom_object, "meshward.io", "v1alpha1", "bench",
+                                       "authpolicies"):
+                        for r in ev["object"]["spec"].get("rules", []):
+                            seen.setdefault(r["name"], time.monotonic())
+                except Exception:  # the cluster goes away at the end of the run
+                    return
 
-        threading.Thread(target=watcher, daemon=True).start()
-        time.sleep(1)  # let the watch start before the first change
-        lat: list[float] = []
-        base: list[float] = []
-        for i in range(changes):
-            rule = f"change-{i}"
-            marker = has_rule(rule)
-            start = time.monotonic()
-            apply(policy("bench", rule))
-            deadline = start + 30
-            while not fleet.all_applied(marker):
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{rule} did not reach every subscriber within 30 s")
-                time.sleep(0.005)
-            lat += [t - start for p in fleet.applied if (t := fleet.first_time(p, marker)) is not None]
-            base.append(seen.get(rule, float("nan")) - start)
-            time.sleep(0.2)
-        w.stop()
-    finally:
-        if fleet is not None:
-            fleet.close()
-        if operator is not None:
+            threading.Thread(target=watcher, daemon=True).start()
+            time.sleep(1)  # let the watch start before the first change
+            for i in range(changes):
+                rule = f"change-{i}"
+                marker = has_rule(rule)
+                start = time.monotonic()
+                cluster.apply(policy("bench", rule))
+                wait_until(f"{rule} at every subscriber", functools.partial(f.all_applied, marker), timeout=30,
+                           interval=0.005)
+                lat += [t - start for p in f.applied if (t := f.first_time(p, marker)) is not None]
+                base.append(seen.get(rule, float("nan")) - start)
+                time.sleep(0.2)
+            w.stop()
+        finally:
+            if fleet is not None:
+                fleet.close()
             operator.stop()
-        down(state)
     p50, p99 = percentile(lat, 0.5) * 1000, percentile(lat, 0.99) * 1000
     b50 = percentile(base, 0.5) * 1000
     print(f"{changes} applies x {subscribers} subscribers: p50_ms={p50:.1f} p99_ms={p99:.1f}; baseline (plain API "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube import Cluster
+from tests.kube import Cluster, tool_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SEEN = pytest.StashKey[str]()
@@ -33,16 +33,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run integration tests on a kind cluster (pytest-kind; needs a Docker engine)")
     group.addoption("--update-golden", action="store_true", default=False,
                     help="rewrite tests/golden/ files from the builders instead of comparing")
-
-
-def tool_paths() -> dict[str, str]:
-    """Build (cached, idempotent) and return the control-plane programs from hack/."""
-    build = ROOT / "hack" / "build-control-plane"
-    for what in ("etcd", "kube", "helm"):
-        # Progress goes to stderr, which pytest shows when the build fails.
-        subprocess.run([str(build), what], check=True, stdout=sys.stderr)
-    out = subprocess.run([str(build), "paths"], check=True, capture_output=True, text=True).stdout
-    return dict(line.split("=", 1) for line in out.splitlines())
 
 
 def _failed(session: pytest.Session) -> bool:
@@ -94,9 +84,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     from meshward.localcluster import Binaries, down, up
 
     directory = Path(tempfile.mkdtemp(prefix="meshward-cluster-"))
-    state = up(directory, Binaries(Path(paths["etcd"]), Path(paths["kube-apiserver"]),
-                                   Path(paths["kube-controller-manager"])),
-               progress=lambda m: print(f"[cluster] {m}", file=sys.stderr))
+    state = up(directory, Binaries.from_paths(paths), progress=lambda m: print(f"[cluster] {m}", file=sys.stderr))
     try:
         yield _describe(request.config, Cluster(Path(state.kubeconfig), paths["kubectl"], paths["helm"], "local"))
     finally:

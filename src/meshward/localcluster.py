@@ -29,7 +29,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,6 +61,11 @@ class Binaries:
     etcd: Path
     kube_apiserver: Path
     kube_controller_manager: Path
+
+    @classmethod
+    def from_paths(cls, paths: Mapping[str, str]) -> Binaries:
+        """From the `name=path` lines `hack/build-control-plane paths` prints, parsed into a mapping."""
+        return cls(Path(paths["etcd"]), Path(paths["kube-apiserver"]), Path(paths["kube-controller-manager"]))
 
     def check(self) -> None:
         """Raise ClusterError naming the first binary that is missing."""

@@ -24,18 +24,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, Outbound, SdsTls, build_inbound_bootstrap
-from tests.kube import Cluster, wait_until
+from tests.kube import Cluster, service_identity, wait_until
 from tests.support.pki import TestCA
 from tests.support.procs import Agent, Echo, Operator, free_port, run_envoy
 
 pytestmark = pytest.mark.integration
 API = "meshward.io/v1alpha1"
 LEAF_TTL = "10s"
-
-
-def identity(ns: str, sa: str) -> dict[str, Any]:
-    return {"apiVersion": API, "kind": "ServiceIdentity", "metadata": {"name": sa, "namespace": ns},
-            "spec": {"serviceAccountName": sa}}
 
 
 def ready_condition(cluster: Cluster, ns: str, name: str) -> dict[str, Any]:
@@ -103,10 +98,7 @@ def start_workload(cluster: Cluster, op: Operator, ns: str, wd: Path, sa: str, b
     token.write_text(cluster.kubectl("-n", ns, "create", "token", sa, "--audience", "meshward",
                                      "--duration", "1h").stdout.strip())
     agent = Agent(wd, config, name=sa, extra_args=(
-        "--identity-signer", f"127.0.0.1:{op.signer_port}",
-        "--identity-signer-name", f"meshward-signer.{op.namespace}.svc",
-        "--identity-token", str(token), "--trust-bundle", str(bundle),
-        "--sds-listen", f"unix:{wd / (sa + '-sds.sock')}", "--log-level", "DEBUG")).start()
+        *op.agent_args(token, bundle, wd / f"{sa}-sds.sock"), "--log-level", "DEBUG")).start()
     return Workload(sa, f"spiffe://cluster.local/ns/{ns}/sa/{sa}", agent, free_port())
 
 
@@ -116,11 +108,9 @@ def mesh(crds: Cluster, operator: Operator, tmp_path_factory: pytest.TempPathFac
     ns = crds.new_namespace("shop")
     for sa in ("frontend", "backend"):
         crds.kubectl("-n", ns, "create", "serviceaccount", sa)
-        crds.apply(identity(ns, sa))
+        crds.apply(service_identity(ns, sa))
     bundle = wd / "bundle.crt"
-    bundle.write_text(wait_until("the trust bundle ConfigMap", lambda: crds.kubectl(
-        "-n", ns, "get", "configmap", "meshward-trust-bundle", "-o", r"jsonpath={.data.ca\.crt}",
-        check=False).stdout, timeout=30))
+    bundle.write_text(crds.trust_bundle(ns))
     frontend_id = f"spiffe://cluster.local/ns/{ns}/sa/frontend"
     backend = start_workload(crds, operator, ns, wd, "backend", bundle, backend_config(frontend_id))
     frontend = start_workload(crds, operator, ns, wd, "frontend", bundle, {
@@ -199,7 +189,7 @@ class Load:
 
 def test_operator_bootstraps_the_ca_and_reports_service_identities(crds: Cluster, operator: Operator,
                                                                     namespace: str) -> None:
-    crds.apply(identity(namespace, "ghost"))
+    crds.apply(service_identity(namespace, "ghost"))
     cond = wait_until("Ready=False for a missing ServiceAccount",
                       lambda: (c := ready_condition(crds, namespace, "ghost")).get("status") == "False" and c)
     assert cond["reason"] == "ServiceAccountMissing"
@@ -213,7 +203,7 @@ def test_operator_bootstraps_the_ca_and_reports_service_identities(crds: Cluster
     si = crds.get_json("-n", namespace, "serviceidentity", "ghost")
     assert si["status"]["spiffeID"] == f"spiffe://cluster.local/ns/{namespace}/sa/ghost"
     assert si["status"]["observedGeneration"] == si["metadata"]["generation"]
-    bundle = crds.get_json("-n", namespace, "configmap", "meshward-trust-bundle")["data"]["ca.crt"]
+    bundle = crds.trust_bundle(namespace)
     assert bundle.encode() == ca_secret(crds, operator.namespace)["tls.crt"]
 
 
@@ -305,9 +295,9 @@ def test_ca_rotation_under_load_drops_nothing(crds: Cluster, operator: Operator,
 
 def test_deleting_the_service_identity_stops_issuance(crds: Cluster, operator: Operator, mesh: Mesh) -> None:
     crds.kubectl("-n", mesh.ns, "create", "serviceaccount", "reports")
-    crds.apply(identity(mesh.ns, "reports"))
+    crds.apply(service_identity(mesh.ns, "reports"))
     # What the kubelet does for a mounted ConfigMap (the CA may have rotated since the mesh started).
-    mesh.bundle_file.write_text(crds.get_json("-n", mesh.ns, "configmap", "meshward-trust-bundle")["data"]["ca.crt"])
+    mesh.bundle_file.write_text(crds.trust_bundle(mesh.ns))
     w = start_workload(crds, operator, mesh.ns, mesh.workdir, "reports", mesh.bundle_file, backend_config(mesh.frontend.spiffe))
     try:
         crds.kubectl("-n", mesh.ns, "delete", "serviceidentity", "reports")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.kube import Cluster, wait_until
+from tests.kube import Cluster, opted_in_pod, service_identity, wait_until
 from tests.support.procs import Agent, Operator
 
 pytestmark = pytest.mark.integration
@@ -44,17 +44,10 @@ def test_the_standby_takes_over_a_crashed_leader_and_no_update_is_lost(
     lease = crds.get_json("-n", a.namespace, "lease", "meshward-operator")
     assert lease["spec"]["holderIdentity"].endswith(str(a.proc.pid if a.proc else ""))
     crds.kubectl("-n", namespace, "create", "serviceaccount", "orders")
-    crds.apply({"apiVersion": API, "kind": "ServiceIdentity", "metadata": {"name": "orders", "namespace": namespace},
-                "spec": {"serviceAccountName": "orders"}},
-               {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "orders-1", "namespace": namespace,
-                                                                "labels": {"meshward.io/inject": "enabled",
-                                                                           "app": "orders"}},
-                "spec": {"serviceAccountName": "orders", "containers": [{"name": "a", "image": "x.invalid/a"}]}},
+    crds.apply(service_identity(namespace, "orders"), opted_in_pod(namespace, "orders-1", "orders", app="orders"),
                policy(namespace, ["/orders/*"]))
     bundle = tmp_path / "bundle.crt"
-    bundle.write_text(wait_until("trust bundle", lambda: crds.kubectl(
-        "-n", namespace, "get", "configmap", "meshward-trust-bundle", "-o", r"jsonpath={.data.ca\.crt}",
-        check=False).stdout))
+    bundle.write_text(crds.trust_bundle(namespace))
     token = tmp_path / "token"
     token.write_text(crds.kubectl("-n", namespace, "create", "token", "orders", "--audience", "meshward").stdout)
     agent = Agent(tmp_path, None, name="orders-1", extra_args=a.agent_args(

@@ -17,18 +17,12 @@ from typing import Any
 import pytest
 
 from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, build_inbound_bootstrap
-from tests.kube import Cluster, wait_until
+from tests.kube import Cluster, opted_in_pod, service_identity, wait_until
 from tests.support.idp import IdP
 from tests.support.procs import Agent, Echo, Operator, free_port, http_status, run_envoy
 
 pytestmark = pytest.mark.integration
 API = "meshward.io/v1alpha1"
-
-
-def pod(ns: str, name: str, sa: str, **labels: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": {"meshward.io/inject": "enabled", **labels}},
-            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}}
 
 
 def policy(ns: str, name: str = "orders-api", *, rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
@@ -67,13 +61,11 @@ def plane(crds: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     operator = Operator(wd, crds.kubeconfig, op_ns, "--status-interval", "0.5", "--ca-interval", "1").start()
     ns = crds.new_namespace("shop")
     crds.kubectl("-n", ns, "create", "serviceaccount", "orders")
-    crds.apply({"apiVersion": API, "kind": "ServiceIdentity", "metadata": {"name": "orders", "namespace": ns},
-                "spec": {"serviceAccountName": "orders"}},
-               pod(ns, "orders-1", "orders", app="orders"), pod(ns, "orders-2", "orders", app="orders"),
-               pod(ns, "orders-3", "orders", app="orders"))
+    crds.apply(service_identity(ns, "orders"),
+               opted_in_pod(ns, "orders-1", "orders", app="orders"), opted_in_pod(ns, "orders-2", "orders", app="orders"),
+               opted_in_pod(ns, "orders-3", "orders", app="orders"))
     bundle = wd / "bundle.crt"
-    bundle.write_text(wait_until("trust bundle", lambda: crds.kubectl(
-        "-n", ns, "get", "configmap", "meshward-trust-bundle", "-o", r"jsonpath={.data.ca\.crt}", check=False).stdout))
+    bundle.write_text(crds.trust_bundle(ns))
     token = wd / "orders.token"
     token.write_text(crds.kubectl("-n", ns, "create", "token", "orders", "--audience", "meshward",
                                   "--duration", "1h").stdout.strip())
@@ -202,7 +194,7 @@ def test_status_tells_the_truth_through_apply_invalid_spec_lagging_and_gone(plan
 def test_a_sidecar_only_gets_a_pod_of_its_own_service_account(plane: Plane) -> None:
     c, ns = plane.cluster, plane.ns
     c.kubectl("-n", ns, "create", "serviceaccount", "billing")
-    c.apply(pod(ns, "billing-1", "billing", app="billing"))
+    c.apply(opted_in_pod(ns, "billing-1", "billing", app="billing"))
 
     def attempt() -> str | None:
         silent = SilentSubscriber(plane, "billing-1")  # a certificate of SA orders claiming billing's pod

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.kube import Cluster, wait_until
+from tests.kube import Cluster, opted_in_pod, service_identity, wait_until
 from tests.support.fleet import Fleet, has_rule, percentile, sign
 from tests.support.procs import Operator
 
@@ -38,14 +38,8 @@ def fleet(crds: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     operator = Operator(wd, crds.kubeconfig, op_ns, "--status-interval", "2").start()
     crds.kubectl("-n", ns, "create", "serviceaccount", "fleet")
     pods = [f"fleet-{i}" for i in range(N)]
-    crds.apply({"apiVersion": API, "kind": "ServiceIdentity", "metadata": {"name": "fleet", "namespace": ns},
-                "spec": {"serviceAccountName": "fleet"}},
-               *[{"apiVersion": "v1", "kind": "Pod",
-                  "metadata": {"name": p, "namespace": ns, "labels": {"meshward.io/inject": "enabled", "app": "fleet"}},
-                  "spec": {"serviceAccountName": "fleet", "containers": [{"name": "a", "image": "x.invalid/a"}]}}
-                 for p in pods])
-    bundle = wait_until("trust bundle", lambda: crds.kubectl(
-        "-n", ns, "get", "configmap", "meshward-trust-bundle", "-o", r"jsonpath={.data.ca\.crt}", check=False).stdout)
+    crds.apply(service_identity(ns, "fleet"), *[opted_in_pod(ns, p, "fleet", app="fleet") for p in pods])
+    bundle = crds.trust_bundle(ns)
     token = crds.kubectl("-n", ns, "create", "token", "fleet", "--audience", "meshward").stdout.strip()
     name = f"meshward-signer.{op_ns}.svc"
     creds = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), token,
