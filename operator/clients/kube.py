@@ -177,19 +177,37 @@ class KubeClient:
         except ApiException as e:
             raise KubeError(f"annotating Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
 
-    def post_event(self, namespace: str, kind: str, name: str, type_: str, reason: str, message: str) -> None:
-        """Record a core/v1 Event about `kind/name` (for objects no Kopf handler is running for)."""
+    def post_event(self, namespace: str, kind: str, name: str, type_: str, reason: str, message: str, *,
+                   api_version: str = "v1", uid: str = "") -> None:
+        """Record a core/v1 Event about `kind/name` in `namespace` (the object's, or `default` for cluster-scoped)."""
         now = dt.datetime.now(dt.UTC)
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
             involved_object=client.V1ObjectReference(kind=kind, name=name, namespace=namespace,
-                                                     api_version="v1"),
+                                                     api_version=api_version, uid=uid or None),
             type=type_, reason=reason, message=message[:1024], first_timestamp=now, last_timestamp=now, count=1,
             source=client.V1EventSource(component="meshward-operator"))
         try:
             self._core.create_namespaced_event(namespace, body)
         except ApiException as e:
             raise KubeError(f"posting Event on {kind} {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+
+    def patch_custom_status(self, plural: str, namespace: str | None, name: str, status: dict[str, Any]) -> bool:
+        """Merge `status` into a Meshward object's status subresource; False when the object is gone."""
+        body = {"status": status}
+        try:
+            if namespace is None:
+                self._custom.patch_cluster_custom_object_status(
+                    GROUP, VERSION, plural, name, body, _content_type="application/merge-patch+json")
+            else:
+                self._custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, plural, name, body, _content_type="application/merge-patch+json")
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            where = f"{namespace}/{name}" if namespace else name
+            raise KubeError(f"writing the status of {plural} {where} failed: HTTP {e.status} {e.reason}") from e
+        return True
 
     def service_account_exists(self, namespace: str, name: str) -> bool:
         """Whether the ServiceAccount exists."""

@@ -109,7 +109,7 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     registry = kopf.OperatorRegistry()
     register(registry, rt)
     policy_handlers.register(registry, policy_handlers.PolicyRuntime(
-        hub, clock, start_policy, directory, args.trust_domain, status_interval_s=args.status_interval))
+        hub, clock, start_policy, directory, kube, args.trust_domain, status_interval_s=args.status_interval))
     metrics = CollectorRegistry()
     register_metrics(metrics, ca, engine, hub)
     return registry, rt, metrics, kube

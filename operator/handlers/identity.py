@@ -1,7 +1,9 @@
 """Kopf handlers of workload identity: the CA at start-up, ServiceIdentity status, trust bundles.
 
 Each handler parses, calls a pure function (domain.identity, domain.rotation via the
-CA keeper) and applies the result through the Kubernetes client. Transient API
+CA keeper) and applies the result through the Kubernetes client. ServiceIdentity status
+is written by a `StatusWriter` fed from the watch, not by Kopf timers (whose finalizers
+would make `kubectl delete` wait for the operator). Transient API
 failures are `kopf.TemporaryError` with a delay; an unusable CA Secret stops the
 start-up with a message that says how to recover.
 """
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.ca_store import SECRET_NAME, CaStoreError
 from meshward.operator.engines.identities import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
+from meshward.operator.engines.status_writer import EventNote, Report, StatusWriter
 
 # Every namespace with a ServiceIdentity gets the trust bundle under this name (key `ca.crt`).
 BUNDLE_CONFIGMAP = "meshward-trust-bundle"
@@ -56,6 +59,7 @@ class Runtime:
     # issuedCertificates reported before this operator started, per ServiceIdentity uid.
     issued_before: dict[str, int] = field(default_factory=dict)
     last_warning: str | None = None
+    statuses: StatusWriter | None = None
 
 
 async def _secret_event(rt: Runtime, type_: str, reason: str, message: str) -> None:
@@ -84,8 +88,43 @@ async def _ca_loop(rt: Runtime) -> None:
         rt.last_warning = warning
 
 
+async def identity_report(rt: Runtime, body: Mapping[str, Any]) -> Report:
+    """A ServiceIdentity's status and Events; publishes the trust bundle in its namespace on the way."""
+    meta, spec = body.get("metadata", {}), body.get("spec", {})
+    namespace, sa = meta.get("namespace", ""), spec.get("serviceAccountName", "")
+    exists = await asyncio.to_thread(rt.kube.service_account_exists, namespace, sa)
+    bundle = rt.ca.bundle_pem()
+    if bundle:
+        await asyncio.to_thread(rt.kube.ensure_configmap, namespace, BUNDLE_CONFIGMAP, {"ca.crt": bundle},
+                                BUNDLE_LABELS)
+    old = dict(body.get("status") or {})
+    issued, last = rt.engine.stats.counts(namespace, sa)
+    before = rt.issued_before.setdefault(str(meta.get("uid")), int(old.get("issuedCertificates") or 0))
+    if last is None and old.get("lastIssuedAt"):
+        last = dt.datetime.fromisoformat(old["lastIssuedAt"])
+    obs = Observation(spiffe_id(rt.trust_domain, namespace, sa), int(meta.get("generation") or 0), exists,
+                      rt.ca.signer() is not None, before + issued, last)
+    new = identity_status(obs, namespace, sa, list(old.get("conditions") or []), rt.clock())
+    events: list[EventNote] = []
+    changed = status_changed(old, new)
+    if changed:
+        was: dict[str, Any] = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), {})
+        now_ready = new["conditions"][0]
+        if now_ready["status"] == "False" and was.get("reason") != now_ready["reason"]:
+            events.append(EventNote("Warning", now_ready["reason"], now_ready["message"]))
+    events += [EventNote("Warning", "CertificateRefused", f"{reason}: {message}")
+               for reason, message in rt.engine.stats.take_refusals(namespace, sa)]
+    return Report(new if changed else None, tuple(events))
+
+
 def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
     """Register the identity handlers on `registry`."""
+
+    async def report(body: Mapping[str, Any]) -> Report:
+        return await identity_report(rt, body)
+
+    statuses = rt.statuses = StatusWriter("ServiceIdentity", "serviceidentities", rt.kube, report,
+                                          rt.status_interval_s)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -106,6 +145,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
             raise kopf.PermanentError(str(e)) from e
         rt.server = await rt.start_signer()
         rt.tasks.append(asyncio.create_task(_ca_loop(rt), name="ca-rotation"))
+        rt.tasks.append(asyncio.create_task(statuses.run(), name="serviceidentity-status"))
         log.info("mesh CA loaded (trust domain %s); signing service started", rt.trust_domain)
 
     @kopf.on.cleanup(registry=registry)
@@ -119,50 +159,11 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
             await rt.server.stop(grace=2)
 
     @kopf.on.event(GROUP, VERSION, "serviceidentities", id="index", registry=registry)
-    def index(type: str | None, body: kopf.Body, **_: Any) -> None:
-        if type == "DELETED":
+    async def index(type: str | None, body: kopf.Body, **_: Any) -> None:
+        meta = body.get("metadata", {})
+        if type == "DELETED" or meta.get("deletionTimestamp"):
             rt.directory.remove(body)
+            statuses.forget(meta.get("namespace"), meta.get("name", ""))
         else:
             rt.directory.upsert(body)
-
-    def reconcile(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, namespace: str | None,
-                  patch: kopf.Patch) -> None:
-        if namespace is None:
-            raise kopf.PermanentError("ServiceIdentity must be namespaced")
-        sa = spec.get("serviceAccountName", "")
-        try:
-            exists = rt.kube.service_account_exists(namespace, sa)
-            bundle = rt.ca.bundle_pem()
-            if bundle:
-                rt.kube.ensure_configmap(namespace, BUNDLE_CONFIGMAP, {"ca.crt": bundle}, BUNDLE_LABELS)
-        except KubeError as e:
-            raise kopf.TemporaryError(str(e), delay=RETRY_DELAY_S) from e
-        old = dict(status)
-        issued, last = rt.engine.stats.counts(namespace, sa)
-        before = rt.issued_before.setdefault(str(meta.get("uid")), int(old.get("issuedCertificates") or 0))
-        if last is None and old.get("lastIssuedAt"):
-            last = dt.datetime.fromisoformat(old["lastIssuedAt"])
-        obs = Observation(spiffe_id(rt.trust_domain, namespace, sa), int(meta.get("generation") or 0), exists,
-                          rt.ca.signer() is not None, before + issued, last)
-        new = identity_status(obs, namespace, sa, list(old.get("conditions") or []), rt.clock())
-        if status_changed(old, new):
-            patch.status.update(new)
-            was: dict[str, Any] = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), {})
-            now_ready = new["conditions"][0]
-            if now_ready["status"] == "False" and was.get("reason") != now_ready["reason"]:
-                kopf.warn(body, reason=now_ready["reason"], message=now_ready["message"])
-        for reason, message in rt.engine.stats.take_refusals(namespace, sa):
-            kopf.warn(body, reason="CertificateRefused", message=f"{reason}: {message}")
-
-    @kopf.on.resume(GROUP, VERSION, "serviceidentities", id="reconcile", registry=registry)
-    @kopf.on.create(GROUP, VERSION, "serviceidentities", id="reconcile", registry=registry)
-    @kopf.on.update(GROUP, VERSION, "serviceidentities", id="reconcile", registry=registry)
-    def changed(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, namespace: str | None,
-                patch: kopf.Patch, **_: Any) -> None:
-        reconcile(body, meta, spec, status, namespace, patch)
-
-    @kopf.timer(GROUP, VERSION, "serviceidentities", id="refresh", interval=rt.status_interval_s,
-                registry=registry)
-    def refresh(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, namespace: str | None,
-                patch: kopf.Patch, **_: Any) -> None:
-        reconcile(body, meta, spec, status, namespace, patch)
+            statuses.seen(dict(body))

@@ -1,10 +1,13 @@
 """Kopf handlers of the policy plane: AuthPolicies, Revocations and opted-in pods feed the hub.
 
-Watch events go straight into the hub (in memory, on the operator's loop); the hub
+Watch events go straight into the hub (in memory, on the operator's loop: the index
+handlers are `async def` because Kopf runs plain functions in executor threads, and the
+hub's dicts and its `asyncio.Event` belong to the loop that serves sidecars); the hub
 recompiles and pushes configs to subscribed sidecars. Change handlers validate each
-AuthPolicy (an invalid spec is a `kopf.PermanentError` naming the field); timers
-publish status computed by pure functions from the hub's view, and post an Event
-whenever a policy's Ready condition changes reason.
+AuthPolicy (an invalid spec is a `kopf.PermanentError` naming the field). Status is
+computed by pure functions from the hub's view and written by a `StatusWriter` (not
+Kopf timers, whose finalizers would make deletion wait for the operator), with an
+Event whenever a Ready condition changes reason.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +24,13 @@ import grpc
 import kopf
 
 from meshward.operator.api.schema import GROUP, VERSION
+from meshward.operator.clients.kube import KubeClient
 from meshward.operator.domain.compile import INJECT_LABEL, PolicyInvalid, PolicyObject, validate
 from meshward.operator.domain.identity import status_changed
 from meshward.operator.domain.policy_status import PolicyView, exact_principals, policy_status, revocation_status
 from meshward.operator.engines.identities import IdentityDirectory
 from meshward.operator.engines.policy_hub import PolicyHub
+from meshward.operator.engines.status_writer import EventNote, Report, StatusWriter
 
 log = logging.getLogger("meshward.operator.policy")
 
@@ -40,29 +45,85 @@ class PolicyRuntime:
     start_server: Callable[[], Awaitable[grpc.aio.Server]]
     # ServiceIdentities known from the identity handlers' watch, to flag principals that cannot exist.
     identities: IdentityDirectory
+    kube: KubeClient
     trust_domain: str = "cluster.local"
     status_interval_s: float = 10.0
     server: grpc.aio.Server | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    policy_status: StatusWriter | None = None
+    revocation_status: StatusWriter | None = None
 
 
-def _post_transition(body: kopf.Body, old: dict[str, Any], new: dict[str, Any]) -> None:
+def _transition(old: Mapping[str, Any], new: dict[str, Any]) -> tuple[EventNote, ...]:
+    """An Event when the Ready condition changes reason."""
     was: dict[str, Any] = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), {})
     now = new["conditions"][0]
-    if was.get("reason") != now["reason"]:
-        kopf.event(body, type="Normal" if now["status"] == "True" else "Warning", reason=now["reason"],
-                   message=now["message"][:1024])
+    if was.get("reason") == now["reason"]:
+        return ()
+    return (EventNote("Normal" if now["status"] == "True" else "Warning", now["reason"], now["message"]),)
+
+
+def policy_report(rt: PolicyRuntime, body: Mapping[str, Any]) -> Report:
+    """The status an AuthPolicy should show, from the hub's view of it."""
+    meta = body.get("metadata", {})
+    key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+    generation = int(meta.get("generation") or 0)
+    hub = rt.hub
+    invalid = hub.invalid.get(key)
+    in_force = hub.policies.get(key)
+    enf = hub.policy_enforcement(key)
+    conflict = next((s.latest.conflicts[key] for s in hub.subscribers.values()
+                     if s.latest and key in s.latest.conflicts), None)
+    unknown = tuple(sorted({p for p, ns, sa in exact_principals(dict(body.get("spec") or {}), rt.trust_domain)
+                            if rt.identities.find(ns, sa) is None}))
+    view = PolicyView(generation, in_force.generation if in_force else None,
+                      invalid[1] if invalid and invalid[0] == generation else None,
+                      enf.selected, enf.enforcing, enf.lagging, conflict, unknown)
+    if in_force is not None and in_force.generation != generation and view.invalid is None:
+        return Report()  # the hub has not seen this generation yet; report on the next pass
+    old = dict(body.get("status") or {})
+    new = policy_status(view, list(old.get("conditions") or []), rt.clock())
+    return Report(new, _transition(old, new)) if status_changed(old, new) else Report()
+
+
+def revocation_report(rt: PolicyRuntime, body: Mapping[str, Any]) -> Report:
+    """The status a Revocation should show (and a recompilation when one of its entries expired)."""
+    now = rt.clock()
+    meta = body.get("metadata", {})
+    name = meta.get("name", "")
+    entries = rt.hub.revocations.get(name, [])
+    active = sum(1 for e in entries if e.expires_at > now)
+    if rt.hub.expiry_passed(now):
+        rt.hub.touch()  # an entry expired: drop it from every config
+    enf = rt.hub.revocation_enforcement(name)
+    old = dict(body.get("status") or {})
+    new = revocation_status(int(meta.get("generation") or 0), active, len(entries) - active, enf.selected,
+                            enf.enforcing, enf.lagging, list(old.get("conditions") or []), now)
+    return Report(new, _transition(old, new)) if status_changed(old, new) else Report()
 
 
 def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
     """Register the policy handlers on `registry`."""
     hub = rt.hub
 
+    async def report_policy(body: Mapping[str, Any]) -> Report:
+        return policy_report(rt, body)
+
+    async def report_revocation(body: Mapping[str, Any]) -> Report:
+        return revocation_report(rt, body)
+
+    policies = rt.policy_status = StatusWriter("AuthPolicy", "authpolicies", rt.kube, report_policy,
+                                               rt.status_interval_s)
+    revocations = rt.revocation_status = StatusWriter("Revocation", "revocations", rt.kube, report_revocation,
+                                                      rt.status_interval_s)
+
     @kopf.on.startup(registry=registry)
     async def start(**_: Any) -> None:
         # Registered after the identity handlers' start-up, so the CA (and its certificates) is loaded.
         rt.server = await rt.start_server()
         rt.tasks.append(asyncio.create_task(hub.run(), name="policy-hub"))
+        rt.tasks.append(asyncio.create_task(policies.run(), name="authpolicy-status"))
+        rt.tasks.append(asyncio.create_task(revocations.run(), name="revocation-status"))
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
@@ -74,12 +135,14 @@ def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
             await rt.server.stop(grace=1)
 
     @kopf.on.event(GROUP, VERSION, "authpolicies", id="policy-index", registry=registry)
-    def policy_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def policy_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         meta = body.get("metadata", {})
         if type == "DELETED" or meta.get("deletionTimestamp"):
             hub.remove_policy(meta.get("namespace", ""), meta.get("name", ""))
+            policies.forget(meta.get("namespace"), meta.get("name", ""))
         else:
             hub.apply_policy(body)
+            policies.seen(dict(body))
 
     @kopf.on.resume(GROUP, VERSION, "authpolicies", id="validate", registry=registry)
     @kopf.on.create(GROUP, VERSION, "authpolicies", id="validate", registry=registry)
@@ -91,56 +154,17 @@ def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
         except PolicyInvalid as e:
             raise kopf.PermanentError(f"{e}") from e
 
-    @kopf.timer(GROUP, VERSION, "authpolicies", id="status", interval=rt.status_interval_s, registry=registry)
-    def status(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, namespace: str | None, patch: kopf.Patch,
-               **_: Any) -> None:
-        key = f"{namespace}/{meta.get('name')}"
-        generation = int(meta.get("generation") or 0)
-        invalid = hub.invalid.get(key)
-        in_force = hub.policies.get(key)
-        enf = hub.policy_enforcement(key)
-        conflict = next((s.latest.conflicts[key] for s in hub.subscribers.values()
-                         if s.latest and key in s.latest.conflicts), None)
-        unknown = tuple(sorted({p for p, ns, sa in exact_principals(dict(body.get("spec") or {}), rt.trust_domain)
-                                if rt.identities.find(ns, sa) is None}))
-        view = PolicyView(generation, in_force.generation if in_force else None,
-                          invalid[1] if invalid and invalid[0] == generation else None,
-                          enf.selected, enf.enforcing, enf.lagging, conflict, unknown)
-        if in_force is not None and in_force.generation != generation and view.invalid is None:
-            return  # the watch has not delivered this generation yet; report on the next tick
-        old = dict(status)
-        new = policy_status(view, list(old.get("conditions") or []), rt.clock())
-        if status_changed(old, new):
-            patch.status.update(new)
-            _post_transition(body, old, new)
-
     @kopf.on.event(GROUP, VERSION, "revocations", id="revocation-index", registry=registry)
-    def revocation_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def revocation_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         if type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
             hub.remove_revocation(body["metadata"]["name"])
+            revocations.forget(None, body["metadata"]["name"])
         else:
             hub.apply_revocation(body)
-
-    @kopf.timer(GROUP, VERSION, "revocations", id="revocation-status", interval=rt.status_interval_s,
-                registry=registry)
-    def revocation_state(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch,
-                         **_: Any) -> None:
-        now = rt.clock()
-        name = meta.get("name", "")
-        entries = hub.revocations.get(name, [])
-        active = sum(1 for e in entries if e.expires_at > now)
-        if hub.expiry_passed(now):
-            hub.touch()  # an entry expired: drop it from every config
-        enf = hub.revocation_enforcement(name)
-        old = dict(status)
-        new = revocation_status(int(meta.get("generation") or 0), active, len(entries) - active, enf.selected,
-                                enf.enforcing, enf.lagging, list(old.get("conditions") or []), now)
-        if status_changed(old, new):
-            patch.status.update(new)
-            _post_transition(body, old, new)
+            revocations.seen(dict(body))
 
     @kopf.on.event("", "v1", "pods", id="pod-index", labels={INJECT_LABEL: "enabled"}, registry=registry)
-    def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         meta = body.get("metadata", {})
         if type == "DELETED":
             hub.remove_pod(meta.get("namespace", ""), meta.get("name", ""))
