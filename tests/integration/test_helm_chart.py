@@ -45,3 +45,64 @@ def test_helm_install_creates_the_operator_deployment(cluster: Cluster, namespac
         assert can == "yes"
     finally:
         cluster.helm("uninstall", release, "-n", namespace, check=False)
+
+
+def _kubeconfig_for(cluster: Cluster, namespace: str, service_account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as `service_account` with a real TokenRequest token."""
+    admin = yaml.safe_load(cluster.kubectl("config", "view", "--raw", "--minify").stdout)
+    token = cluster.kubectl("-n", namespace, "create", "token", service_account, "--duration", "1h").stdout.strip()
+    admin["users"] = [{"name": "sa", "user": {"token": token}}]
+    admin["contexts"][0]["context"]["user"] = "sa"
+    path.write_text(yaml.safe_dump(admin))
+    return path
+
+
+def test_the_operator_does_its_whole_job_with_only_the_charts_rbac(crds: Cluster, namespace: str,
+                                                                  tmp_path: Path) -> None:
+    """The real operator runs as the chart's ServiceAccount (a TokenRequest token, so every call is authorized
+    by the chart's ClusterRole and Role, not by admin credentials) and loads the CA, reports every kind's status,
+    publishes the trust bundle and posts Events."""
+    import datetime as dt
+
+    from tests.kube import opted_in_pod, service_identity, wait_until
+    from tests.support.procs import Operator
+
+    release = f"mw-{namespace}"
+    crds.helm("install", release, str(CHART), "-n", namespace, "--skip-crds")
+    operator = Operator(tmp_path, _kubeconfig_for(crds, namespace, f"{release}-operator", tmp_path / "sa.kubeconfig"),
+                        namespace, "--status-interval", "1")
+    apps = crds.new_namespace("rbac")
+    expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    revocation = f"rbac-{apps}"
+    try:
+        operator.start()
+        crds.kubectl("-n", apps, "create", "serviceaccount", "orders")
+        crds.apply(service_identity(apps, "orders"), service_identity(apps, "ghost"),
+                   opted_in_pod(apps, "orders-1", "orders", app="orders"),
+                   {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
+                    "metadata": {"name": "reads", "namespace": apps},
+                    "spec": {"selector": {"matchLabels": {"app": "orders"}},
+                             "rules": [{"name": "reads", "to": {"methods": ["GET"]}}]}},
+                   {"apiVersion": "meshward.io/v1alpha1", "kind": "Revocation", "metadata": {"name": revocation},
+                    "spec": {"entries": [{"sub": "mallory", "expiresAt": expires}]}})
+
+        def ready(*args: str) -> str:
+            conds = crds.get_json(*args).get("status", {}).get("conditions", [])
+            return next((f"{c['status']}/{c['reason']}" for c in conds if c["type"] == "Ready"), "")
+
+        wait_until("ServiceIdentity Ready", lambda: ready("-n", apps, "serviceidentity", "orders").startswith("True"))
+        wait_until("ServiceAccountMissing reported", lambda: ready("-n", apps, "serviceidentity", "ghost")
+                   == "False/ServiceAccountMissing")
+        wait_until("AuthPolicy status", lambda: ready("-n", apps, "authpolicy", "reads") != "")
+        wait_until("Revocation status", lambda: ready("revocation", revocation) != "")
+        assert crds.trust_bundle(apps).startswith("-----BEGIN CERTIFICATE-----")
+        assert crds.get_json("-n", namespace, "secret")["items"], "the CA Secret"
+        wait_until("a Warning Event", lambda: any(e["reason"] == "ServiceAccountMissing" for e in crds.get_json(
+            "-n", apps, "events")["items"]))
+        log = operator.log.read_text()
+        assert "403" not in log and "Forbidden" not in log, log[-2000:]
+    finally:
+        operator.stop()
+        crds.kubectl("delete", "revocation", revocation, "--wait=false", check=False)
+        crds.kubectl("delete", "namespace", apps, "--wait=false", check=False)
+        crds.helm("uninstall", release, "-n", namespace, check=False)
