@@ -50,6 +50,7 @@ test-unit: install
 
 bench: install control-plane
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 2; }
+	$(BIN)/python bench/authz_inprocess.py
 	$(BIN)/python bench/authz_bench.py
 	$(BIN)/python bench/issuance_bench.py
 	$(BIN)/python bench/policy_bench.py
