@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 import uvloop
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import status_pb2
 
 from meshward.sidecar.server.authz_grpc import serve_grpc
@@ -20,16 +20,18 @@ from meshward.sidecar.server.http1 import Response, serve_unix
 OK = Response(200)
 
 
-class NoopGrpc(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    async def Check(self, request: Any, context: Any) -> Any:
-        return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0),
-                                               ok_response=external_auth_pb2.OkHttpResponse())
+OK_GRPC = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0),
+                                         ok_response=external_auth_pb2.OkHttpResponse()).SerializeToString()
+
+
+async def noop_check(request: Any, context: Any) -> bytes:
+    return OK_GRPC
 
 
 async def main(kind: str, addr: str) -> None:
     # Keep a reference: a grpc.aio server that is garbage-collected stops serving.
     server: Any = (await serve_unix(lambda _r: OK, addr.removeprefix("unix:")) if kind == "http"
-                   else await serve_grpc(NoopGrpc(), addr))  # type: ignore[arg-type]
+                   else await serve_grpc(noop_check, addr))
     await asyncio.Event().wait()
     del server
 

@@ -57,6 +57,10 @@ class Decision:
     would_deny: bool = False
     # SHA-256 (truncated) of `iss/sub`: audit logs correlate users without naming them.
     subject_hash: str = ""
+    # For an allow: where transports keep the serialized form of the two header lists above,
+    # which every decision for the same cached token (or, without a token, the same config)
+    # shares; None when nothing is shared.
+    wire_cache: dict[str, bytes] | None = None
 
     @property
     def wire(self) -> WireCode:

@@ -111,7 +111,7 @@ def _split(value: str, sep: str) -> list[str]:
 def cel_context(inp: CheckInput, token: VerifiedToken | None) -> dict[str, Any]:
     """The variables a `when` expression sees: request, claims, source."""
     return {
-        "request": {"method": inp.method, "path": inp.path, "host": inp.host, "headers": inp.headers},
+        "request": {"method": inp.method, "path": inp.path, "host": inp.host, "headers": dict(inp.headers)},
         "claims": dict(token.claims) if token else {},
         "source": {"principal": inp.peer or "", "namespace": inp.peer_namespace or ""},
     }

@@ -6,6 +6,7 @@ so every phase after this point is shared and transport-blind.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -16,7 +17,9 @@ class CheckInput:
     method: str
     path: str
     host: str = ""
-    headers: dict[str, str] = field(default_factory=dict)
+    # Read-only here: the HTTP transport's dict, or the gRPC request's own header map
+    # (copying it into a dict cost ~2.5 µs per request).
+    headers: Mapping[str, str] = field(default_factory=dict)
     peer: str | None = None
     request_id: str = ""
     port: int | None = None

@@ -6,6 +6,7 @@ new config and keeps the last good one in force.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from meshward.sidecar.config.schema import Issuer, Revocations, SidecarConfig, TokenSource, issuers_of
@@ -53,7 +54,7 @@ def compile_snapshot(config: SidecarConfig) -> Snapshot:
     )
 
 
-def extract_token(sources: tuple[TokenSource, ...], headers: dict[str, str]) -> tuple[str | None, str | None]:
+def extract_token(sources: tuple[TokenSource, ...], headers: Mapping[str, str]) -> tuple[str | None, str | None]:
     """Return (token, header it came from) for the first configured source present."""
     for s in sources:
         if s.header is not None:

@@ -32,6 +32,8 @@ from meshward.sidecar.engines.token_cache import TokenCache
 log = logging.getLogger("meshward.sidecar.pipeline")
 
 REALM = "meshward"
+# Per cached token: headers to set, headers to remove, subject hash, the transports' wire cache.
+_TokenMemo = tuple[list[tuple[str, str]], list[str], str, dict[str, bytes]]
 
 
 @dataclass(slots=True)
@@ -157,6 +159,7 @@ class Pipeline:
         self._authz = authorizer or PolicyAuthorizer(snapshot)
         self._workload = snapshot.config.workload
         self._remove_without_token = [*snapshot.owned_headers, *snapshot.token_headers_to_strip]
+        self._wire_without_token: dict[str, bytes] = {}
 
     def decide_now(self, inp: CheckInput, transport: str) -> Decision | NeedKeys:
         """Decide without I/O, or return NeedKeys when a key refetch could change the answer."""
@@ -210,29 +213,31 @@ class Pipeline:
             d.subject_hash = self._memo(token)[2] if token else ""
             return d
         if token is not None:
-            to_set, to_remove, subject_hash = self._memo(token)
+            to_set, to_remove, subject_hash, wire = self._memo(token)
         else:
-            to_set, to_remove, subject_hash = [], self._remove_without_token, ""
-        # The header lists are shared by every decision for this token: transports only read them.
+            to_set, to_remove, subject_hash, wire = [], self._remove_without_token, "", self._wire_without_token
+        # The header lists are shared by every decision for this token: transports only read them,
+        # and serialize them once into `wire`, which lives exactly as long as the lists.
         d = Decision(Outcome.ALLOW, self._ids(), authz.reason, authz.policy, authz.rule, to_set, to_remove,
-                     would_deny=authz.would_deny or identity.failure is not None, subject_hash=subject_hash)
+                     would_deny=authz.would_deny or identity.failure is not None, subject_hash=subject_hash,
+                     wire_cache=wire)
         if authz.would_deny:
             d.reason = f"audit: would be denied by {authz.audit_policy}/{authz.audit_rule or 'default deny'}"
         elif identity.failure:
             d.reason = f"audit: would be denied ({identity.failure})"
         return d
 
-    def _memo(self, token: VerifiedToken) -> tuple[list[tuple[str, str]], list[str], str]:
-        """Headers to set and remove, and the subject hash, computed once per cached token."""
+    def _memo(self, token: VerifiedToken) -> _TokenMemo:
+        """Headers to set and remove, the subject hash and their wire cache, computed once per cached token."""
         m = token.memo
-        hit: tuple[list[tuple[str, str]], list[str], str] | None = m.get("identity")
+        hit: _TokenMemo | None = m.get("identity")
         if hit is None:
             s = self.snapshot
             subject = f"{token.issuer}/{token.subject}"
             to_set = identity_headers(s.config.identity_headers, token)
             set_names = {h for h, _ in to_set}
             to_remove = [h for h in s.owned_headers if h not in set_names] + list(s.token_headers_to_strip)
-            hit = m["identity"] = (to_set, to_remove, hashlib.sha256(subject.encode()).hexdigest()[:16])
+            hit = m["identity"] = (to_set, to_remove, hashlib.sha256(subject.encode()).hexdigest()[:16], {})
         return hit
 
     def _finish(self, inp: CheckInput, transport: str, t0: float, identity: Identity,

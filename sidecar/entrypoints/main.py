@@ -176,7 +176,7 @@ async def run(args: argparse.Namespace) -> int:
             # Imported only when used: gRPC and the Envoy protos cost ~15 MB of RSS.
             from meshward.sidecar.server.authz_grpc import GrpcAuthz, serve_grpc
 
-            grpc_servers.append(await serve_grpc(GrpcAuthz(lambda: agent.pipeline), args.grpc_listen))
+            grpc_servers.append(await serve_grpc(GrpcAuthz(lambda: agent.pipeline).Check, args.grpc_listen))
         if identity is not None:
             from meshward.sidecar.server.sds import SecretDiscovery, serve_sds
 

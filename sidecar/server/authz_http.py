@@ -13,7 +13,7 @@ from meshward.sidecar.domain.decision import Decision, Outcome
 from meshward.sidecar.domain.envoy import ATTR_HOST, ATTR_PEER, ATTR_PORT
 from meshward.sidecar.domain.request import CheckInput, split_path
 from meshward.sidecar.engines.pipeline import Pipeline
-from meshward.sidecar.server.http1 import Request, Response
+from meshward.sidecar.server.http1 import Request, Response, head
 
 JSON_HEADER = ("content-type", "application/json")
 
@@ -34,14 +34,24 @@ def input_from_http(req: Request) -> CheckInput:
                       peer=peer if peer and peer != "-" else None, request_id=h.get("x-request-id", ""), port=port)
 
 
+def _allow_head(d: Decision) -> bytes:
+    """Status line and the identity headers of an allow, without the decision id."""
+    headers = list(d.headers_to_set)
+    if d.headers_to_remove:
+        headers.append(("x-envoy-auth-headers-to-remove", ", ".join(d.headers_to_remove)))
+    return head(200, headers)
+
+
 def http_response(d: Decision) -> Response:
     """Frame a decision for the HTTP transport."""
     if d.outcome is Outcome.ALLOW:
-        headers = list(d.headers_to_set)
-        headers.append(("x-meshward-decision-id", d.decision_id))
-        if d.headers_to_remove:
-            headers.append(("x-envoy-auth-headers-to-remove", ", ".join(d.headers_to_remove)))
-        return Response(200, headers)
+        cache = d.wire_cache
+        fixed = cache.get("http") if cache is not None else None
+        if fixed is None:
+            fixed = _allow_head(d)
+            if cache is not None:
+                cache["http"] = fixed
+        return Response(200, head=b"%sx-meshward-decision-id: %s\r\n" % (fixed, d.decision_id.encode()))
     headers = [*d.deny_headers, JSON_HEADER, ("x-meshward-decision-id", d.decision_id)]
     return Response(d.wire.http, headers, d.body())
 

@@ -46,27 +46,29 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
-    """A response to frame."""
+    """A response to frame; `head`, when set, is its status line and headers already serialized."""
 
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
+    head: bytes = b""
 
 
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
 
 
-def frame(resp: Response, keep_alive: bool) -> bytes:
-    """Serialize a response (header values must already be free of CR/LF)."""
-    parts = [b"HTTP/1.1 %d %s\r\n" % (resp.status, _REASONS.get(resp.status, b"Unknown"))]
-    for name, value in resp.headers:
+def head(status: int, headers: list[tuple[str, str]]) -> bytes:
+    """Serialize a status line and headers (values must already be free of CR/LF)."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+    for name, value in headers:
         parts.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
-    parts.append(b"content-length: %d\r\n" % len(resp.body))
-    if not keep_alive:
-        parts.append(b"connection: close\r\n")
-    parts.append(b"\r\n")
-    parts.append(resp.body)
     return b"".join(parts)
+
+
+def frame(resp: Response, keep_alive: bool) -> bytes:
+    """Serialize a response."""
+    return b"".join((resp.head or head(resp.status, resp.headers), b"content-length: %d\r\n" % len(resp.body),
+                     b"\r\n" if keep_alive else b"connection: close\r\n\r\n", resp.body))
 
 
 class _Protocol(asyncio.Protocol):

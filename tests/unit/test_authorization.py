@@ -12,6 +12,7 @@ from meshward.sidecar.domain.policy import compile_path, compile_paths, path_is_
 from meshward.sidecar.domain.request import CheckInput
 from meshward.sidecar.server.authz_grpc import grpc_response
 from meshward.sidecar.server.authz_http import http_response
+from meshward.sidecar.server.http1 import Response, frame
 from tests.support.idp import SigningKey
 from tests.support.sidecar import ISSUER, Clock, config, issuer, pipeline, policy, request
 
@@ -191,17 +192,42 @@ def test_both_transports_render_the_same_decision(outcome: Outcome) -> None:
                  headers_to_set=[("x-meshward-sub", "alice")], headers_to_remove=["authorization"])
     h = http_response(d)
     g = grpc_response(d)
-    assert h.status == WIRE[outcome].http
+    status, headers = _framed(h)
+    assert status == h.status == WIRE[outcome].http
     assert g.status.code == WIRE[outcome].grpc
+    assert ("x-meshward-decision-id", "id-1") in headers
     if outcome is Outcome.ALLOW:
-        assert ("x-meshward-sub", "alice") in h.headers
-        assert ("x-envoy-auth-headers-to-remove", "authorization") in h.headers
+        assert ("x-meshward-sub", "alice") in headers
+        assert ("x-envoy-auth-headers-to-remove", "authorization") in headers
         assert list(g.ok_response.headers_to_remove) == ["authorization"]
         assert {x.header.key: x.header.value for x in g.ok_response.headers}["x-meshward-sub"] == "alice"
     else:
         assert g.denied_response.status.code == h.status
         assert json.loads(h.body) == json.loads(g.denied_response.body) == {
             "error": outcome.value, "reason": "because", "decision_id": "id-1"}
+
+
+def _framed(resp: Response) -> tuple[int, list[tuple[str, str]]]:
+    """The status and headers Envoy reads from the framed response."""
+    head_text = frame(resp, keep_alive=True).split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    status_line, *lines = head_text.split("\r\n")
+    return int(status_line.split()[1]), [(k, v) for k, v in (x.split(": ", 1) for x in lines)]
+
+
+def test_an_allow_served_from_the_wire_cache_differs_only_in_its_decision_id() -> None:
+    cache: dict[str, bytes] = {}
+
+    def allow(decision_id: str) -> Decision:
+        return Decision(Outcome.ALLOW, decision_id, "ok", headers_to_set=[("x-meshward-sub", "alice")],
+                        headers_to_remove=["authorization", "x-meshward-tenant"], wire_cache=cache)
+
+    first, second = http_response(allow("id-1")), http_response(allow("id-2"))
+    assert set(cache) == {"http"}
+    assert _framed(second) == _framed(http_response(Decision(
+        Outcome.ALLOW, "id-2", "ok", headers_to_set=[("x-meshward-sub", "alice")],
+        headers_to_remove=["authorization", "x-meshward-tenant"])))
+    assert frame(first, True).replace(b"id-1", b"id-2") == frame(second, True)
+    assert frame(second, keep_alive=False).endswith(b"connection: close\r\n\r\n")
 
 
 def test_every_decision_writes_one_audit_line_without_secrets() -> None:

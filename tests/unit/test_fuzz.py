@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshward.sidecar.domain.decision import Decision, Outcome
-from meshward.sidecar.server.authz_grpc import grpc_response, input_from_grpc
+from meshward.sidecar.server.authz_grpc import grpc_response, input_from_grpc, response_bytes
 from meshward.sidecar.server.authz_http import http_response
 from meshward.sidecar.server.http1 import Request, Response, _Protocol
 from tests.support.idp import SigningKey
@@ -63,8 +63,28 @@ def test_arbitrary_check_requests_never_raise(method: str, path: str, host: str,
     assert isinstance(d, Decision)
     if "authorization" not in {k.lower() for k in hdrs}:
         assert d.outcome is not Outcome.ALLOW  # a token is required
-    grpc_response(d)
+    assert external_auth_pb2.CheckResponse.FromString(response_bytes(d)) == grpc_response(d)
     http_response(d)
+
+
+header_text = st.text(max_size=300)  # past 127 bytes, so the length prefixes take two varint bytes
+header_lists = st.lists(st.tuples(st.text(min_size=1, max_size=40), header_text), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(to_set=header_lists, to_remove=st.lists(st.text(min_size=1, max_size=200), max_size=6),
+       ids=st.lists(st.text(min_size=1, max_size=80), min_size=1, max_size=3), cached=st.booleans(),
+       outcome=st.sampled_from(list(Outcome)))
+def test_grpc_response_bytes_encode_exactly_the_message(to_set: list[tuple[str, str]], to_remove: list[str],
+                                                        ids: list[str], cached: bool, outcome: Outcome) -> None:
+    """The hand-encoded CheckResponse is the message's own encoding, also when served from the wire cache."""
+    cache: dict[str, bytes] | None = {} if cached else None
+    for decision_id in ids:
+        d = Decision(outcome, decision_id, "why", headers_to_set=to_set, headers_to_remove=to_remove,
+                     deny_headers=[("www-authenticate", "Bearer")], wire_cache=cache)
+        got = response_bytes(d)
+        assert got == grpc_response(d).SerializeToString()
+        assert external_auth_pb2.CheckResponse.FromString(got) == grpc_response(d)
 
 
 class _Sink:
