@@ -1,7 +1,7 @@
 """The gRPC ext_authz transport (`envoy.service.auth.v3.Authorization/Check`).
 
 The same data as the HTTP transport, from `CheckRequest.attributes`, parsed with
-xds-protos upb messages (~6 µs per request here, vs ~340 µs for envoy-data-plane's
+xds-protos upb messages (~4 µs per request here, vs ~340 µs for envoy-data-plane's
 classes). Loaded only when the agent serves gRPC.
 
 An allow is answered with bytes, not a message: building the nested CheckResponse
