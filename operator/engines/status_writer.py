@@ -120,6 +120,8 @@ class StatusWriter:
                 wrote += await self.report_one(key)
             except KubeError as e:
                 log.warning("%s status not written, retrying in %s s: %s", self.kind, self._interval_s, e)
+            except Exception:  # one object's failing report must not stop every other's status
+                log.exception("%s %s/%s: status report failed, retrying in %s s", self.kind, *key, self._interval_s)
         return wrote
 
     async def run(self) -> None:

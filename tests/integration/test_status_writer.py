@@ -106,3 +106,24 @@ def test_events_about_cluster_scoped_objects_go_to_the_default_namespace(crds: C
             ("Enforced", API, body["metadata"]["uid"])]
     finally:
         crds.kubectl("delete", "revocation", name)
+
+
+def test_one_failing_report_does_not_stop_the_others(crds: Cluster, namespace: str) -> None:
+    crds.apply(_policy(namespace, "a-broken"), _policy(namespace, "b-fine"))
+    bodies = [crds.get_json("-n", namespace, "authpolicy", n) for n in ("a-broken", "b-fine")]
+    target = Target()
+
+    async def report(body: Mapping[str, Any]) -> Report:
+        if body["metadata"]["name"] == "a-broken":
+            raise ValueError("a bug in one report")
+        return await target(body)
+
+    writer = StatusWriter("AuthPolicy", "authpolicies", KubeClient.from_kubeconfig(str(crds.kubeconfig)), report, 60)
+
+    async def scenario() -> None:
+        for b in bodies:
+            writer.seen(b)
+        assert await writer.tick() == 1
+
+    asyncio.run(scenario())
+    assert crds.get_json("-n", namespace, "authpolicy", "b-fine")["status"]["conditions"][0]["reason"] == "Enforced"
