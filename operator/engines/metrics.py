@@ -51,6 +51,9 @@ class _Collector(Collector):
                                   "Time to recompile every connected workload after a change (reconcile latency).",
                                   count_value=hub.recompiles, sum_value=hub.recompile_seconds)
         yield CounterMetricFamily("meshward_policy_pushes", "Configs pushed to sidecars.", value=hub.pushes)
+        yield CounterMetricFamily("meshward_policy_compile_errors",
+                                  "Workload configs that failed to compile (the workload keeps its last config).",
+                                  value=hub.compile_errors)
         states = GaugeMetricFamily("meshward_authpolicies", "AuthPolicies by state.", labels=["state"])
         states.add_metric(["valid"], len(hub.policies))
         states.add_metric(["invalid"], len(hub.invalid))

@@ -101,6 +101,7 @@ class PolicyHub:
         self.pushes = 0
         self.recompiles = 0
         self.recompile_seconds = 0.0
+        self.compile_errors = 0
 
     # ---------------------------------------------------------------- watch input
 
@@ -221,7 +222,12 @@ class PolicyHub:
             current = self.pods.get(sub.workload.key)
             if current is not None:
                 sub.workload = current
-            c = self.compile(sub.workload)
+            try:
+                c = self.compile(sub.workload)
+            except Exception:  # a bug compiling one workload must not stop every other's updates
+                self.compile_errors += 1
+                log.exception("compiling the config of %s failed; it keeps enforcing its last one", sub.workload.key)
+                continue
             if sub.latest is None or c.version != sub.latest.version:
                 sub.push(c)
                 pushed += 1

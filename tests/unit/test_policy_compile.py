@@ -120,6 +120,39 @@ def test_an_invalid_update_keeps_the_last_valid_generation_in_force() -> None:
     asyncio.run(scenario())
 
 
+def test_a_workload_whose_compile_fails_keeps_its_config_and_the_others_still_update() -> None:
+    """The failing compile is injected by a subclass (no input reaches that bug today: the hub only holds
+    validated policies); what is tested is that one failure stops neither the loop nor the other sidecars."""
+    from meshward.operator.engines.policy_hub import Compiled, Workload
+
+    class Buggy(PolicyHub):
+        broken = False
+
+        def compile(self, w: Workload) -> Compiled:
+            if self.broken and w.key == "shop/orders-2":
+                raise KeyError("a bug")
+            return super().compile(w)
+
+    async def scenario() -> None:
+        hub = Buggy(lambda: NOW)
+        subs = []
+        for pod in ("orders-1", "orders-2"):
+            hub.apply_pod({"metadata": {"namespace": "shop", "name": pod,
+                                        "labels": {"meshward.io/inject": "enabled", "app": "orders"}},
+                           "spec": {"serviceAccountName": "orders"}})
+            subs.append(hub.subscribe("shop", "orders", pod, "spiffe://cluster.local/ns/shop/sa/orders"))
+        assert hub.apply_policy(body(pol("p", generation=1))) is None
+        hub.refresh()
+        hub.broken = True
+        assert hub.apply_policy(body(pol("p", generation=2, rules=[{"name": "r2", "to": {"paths": ["/x"]}}]))) is None
+        assert hub.refresh() == 1
+        assert subs[0].latest is not None and subs[0].latest.policies == {"shop/p": 2}
+        assert subs[1].latest is not None and subs[1].latest.policies == {"shop/p": 1}  # its last config
+        assert hub.compile_errors == 1
+
+    asyncio.run(scenario())
+
+
 def test_a_sidecar_cannot_claim_a_pod_of_another_service_account() -> None:
     from meshward.operator.engines.policy_hub import SubscriptionRefused
 
