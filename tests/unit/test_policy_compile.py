@@ -123,7 +123,7 @@ def test_an_invalid_update_keeps_the_last_valid_generation_in_force() -> None:
 def test_a_workload_whose_compile_fails_keeps_its_config_and_the_others_still_update() -> None:
     """The failing compile is injected by a subclass (no input reaches that bug today: the hub only holds
     validated policies); what is tested is that one failure stops neither the loop nor the other sidecars."""
-    from meshward.operator.engines.policy_hub import Compiled
+    from meshward.operator.domain.compile import Compiled
 
     class Buggy(PolicyHub):
         broken = False
