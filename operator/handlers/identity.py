@@ -79,6 +79,9 @@ async def _ca_loop(rt: Runtime) -> None:
         except (KubeError, CaStoreError) as e:
             log.warning("CA check failed, retrying in %s s: %s", rt.ca_interval_s, e)
             continue
+        except Exception:  # a bug in one check must not end rotation and expiry warnings for good
+            log.exception("CA check failed, retrying in %s s", rt.ca_interval_s)
+            continue
         if step is not None:
             await _secret_event(rt, "Normal", step.reason, step.message)
         warning = rt.ca.expiry_warning()
