@@ -102,6 +102,11 @@ class IdentityManager:
                 delay = retry_delay(attempt, self._rand(), self.current, self._clock())
                 attempt += 1
                 log.warning("certificate request failed (attempt %d, retrying in %.1f s): %s", attempt, delay, e)
+            except Exception:  # a bug must not end renewal: the certificate would expire under traffic
+                self._renewals.labels("error").inc()
+                delay = retry_delay(attempt, self._rand(), self.current, self._clock())
+                attempt += 1
+                log.exception("certificate request failed (attempt %d, retrying in %.1f s)", attempt, delay)
             else:
                 self._renewals.labels("ok").inc()
                 attempt = 0

@@ -213,7 +213,11 @@ class KeyStore:
         """Load every issuer, then refresh on schedule (with ±10% jitter) until cancelled."""
         while True:
             self._new_issuer.clear()
-            await asyncio.gather(*(self.refresh(i) for i in list(self._issuers)))
+            issuers = list(self._issuers)
+            results = await asyncio.gather(*(self.refresh(i) for i in issuers), return_exceptions=True)
+            for issuer, r in zip(issuers, results, strict=True):
+                if isinstance(r, Exception):  # a bug must not end refreshes; the last good keys stay
+                    log.error("refreshing the keys of %s failed; keeping the last good ones", issuer, exc_info=r)
             pending = [i for i, st in self._issuers.items() if not st.loaded]
             # Until every issuer has keys, retry quickly (bounded by minRefetchSeconds).
             delay = (self._settings.min_refetch_s if pending else self._settings.refresh_s)

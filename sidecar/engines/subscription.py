@@ -93,6 +93,8 @@ class PolicySubscription:
                 level = logging.WARNING if e.code != "FAILED_PRECONDITION" else logging.DEBUG
                 log.log(level, "policy subscription: %s; keeping config %s, retrying in %.1f s", e, self.version,
                         delay)
+            except Exception:  # a bug must not end the subscription: the config would go stale for good
+                log.exception("policy subscription failed; keeping config %s, retrying in %.1f s", self.version, delay)
             if self.connected:
                 self._last_live = self._monotonic()
             self.connected = False

@@ -112,6 +112,38 @@ def test_an_issuer_added_by_a_reload_gets_its_keys_at_once_not_at_the_next_refre
     assert asyncio.run(scenario())
 
 
+def test_an_unexpected_error_for_one_issuer_ends_neither_the_refresh_loop_nor_the_others(idp: IdP) -> None:
+    """The real HTTP fetcher, wrapped to raise a non-FetchError (a bug) for one URL only."""
+    class Buggy:
+        def __init__(self) -> None:
+            self.calls = 0
+            self._real = HttpFetcher()
+
+        async def get(self, url: str, *, ca_file: str | None, timeout: float) -> bytes:
+            if url.endswith("/broken"):
+                self.calls += 1
+                raise RuntimeError("a bug")
+            return await self._real.get(url, ca_file=ca_file, timeout=timeout)
+
+    async def scenario() -> tuple[bool, int]:
+        broken = Issuer(issuer="https://broken.example", audiences=("orders",), jwks_uri=f"{idp.jwks_uri}/broken",
+                        algorithms=frozenset({"RS256"}), sources=(TokenSource(header="authorization", prefix="Bearer "),))
+        fetcher = Buggy()
+        store = KeyStore({idp.issuer: issuer_cfg(idp, idp.jwks_uri), broken.issuer: broken},
+                         JwksSettings(min_refetch_s=0.05), fetcher, time.monotonic)
+        runner = asyncio.create_task(store.run())
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and fetcher.calls < 3:  # the loop keeps retrying the broken one
+                await asyncio.sleep(0.01)
+            return bool(store.keys_of(idp.issuer, idp.signer.kid)) and not runner.done(), fetcher.calls
+        finally:
+            runner.cancel()
+
+    alive, calls = asyncio.run(scenario())
+    assert alive and calls >= 3
+
+
 def vt(exp: float, issuer: str = "i") -> VerifiedToken:
     return VerifiedToken(issuer=issuer, claims={}, expires_at=exp, subject="s")
 

@@ -87,3 +87,44 @@ def test_retries_back_off_but_never_past_a_tenth_of_what_is_left() -> None:
     key, chain, bundle = issued(dt.timedelta(seconds=40))
     cert = accept(ME, chain, bundle, key, NOW)  # type: ignore[arg-type]
     assert retry_delay(30, 0.999, cert, NOW) <= 4.0
+
+
+def test_an_unexpected_signer_error_does_not_end_renewal() -> None:
+    """The signer collaborator raises a RuntimeError once (standing in for a bug; the real client wraps every
+    gRPC failure in SignerError), then signs with a real CA: the manager must retry and publish."""
+    import asyncio
+    import time
+    from typing import Any
+
+    from prometheus_client import CollectorRegistry
+
+    from meshward.sidecar.engines.identity import IdentityManager
+
+    ca = generate_root("cluster.local", NOW)
+
+    class Signer:
+        calls = 0
+
+        async def sign(self, token: str, csr_pem: bytes) -> dict[str, Any]:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("a bug")
+            leaf = issue_leaf(ca, check_csr(csr_pem, ME), ME, dt.timedelta(hours=1), NOW, random_serial(os.urandom))
+            return {"certificateChain": leaf.public_bytes(serialization.Encoding.PEM).decode(),
+                    "trustBundle": ca.cert_pem().decode()}
+
+    async def scenario() -> tuple[int, bool]:
+        signer = Signer()
+        m = IdentityManager(signer, lambda: token({"sub": "system:serviceaccount:shop:orders"}), "cluster.local",
+                            lambda: NOW, lambda: 0.0, CollectorRegistry())
+        runner = asyncio.create_task(m.run())
+        try:
+            deadline = time.monotonic() + 10
+            while m.current is None and time.monotonic() < deadline and not runner.done():
+                await asyncio.sleep(0.01)
+            return signer.calls, m.current is not None
+        finally:
+            runner.cancel()
+
+    calls, published = asyncio.run(scenario())
+    assert calls == 2 and published

@@ -1,0 +1,60 @@
+"""The agent's policy subscription loop survives what it does not expect, keeping its config."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from meshward.sidecar.engines.agent import Agent, load_snapshot
+from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
+from meshward.sidecar.engines.subscription import PolicySubscription
+
+CONFIG = {"apiVersion": "sidecar.meshward.io/v1alpha1", "kind": "SidecarConfig", "workload": "shop/orders-1",
+          "policies": [{"name": "p", "rules": [{"name": "r", "to": {"paths": ["/orders/*"]}}]}]}
+
+
+class _NoFetch:
+    async def get(self, url: str, *, ca_file: str | None, timeout: float) -> bytes:
+        raise OSError("no JWKS in this test")
+
+
+class FlakyClient:
+    """Stands in for PolicyClient (whose real failures are PolicyStreamError): the first stream raises an
+    unexpected error, as a bug would; the second delivers a config and then ends."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def subscribe(self, pod: str, apply: Callable[[str, dict[str, Any]], Awaitable[str | None]],
+                        connected: Callable[[], None]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug")
+        connected()
+        await apply("v1", CONFIG)
+
+
+def test_an_unexpected_stream_error_does_not_end_the_subscription() -> None:
+    async def scenario() -> tuple[int, str | None]:
+        registry = CollectorRegistry()
+        agent = Agent(load_snapshot(json.dumps({**CONFIG, "policies": []})), _NoFetch(), Metrics(registry),
+                      JsonLineAudit(io.StringIO()))
+        client = FlakyClient()
+        sub = PolicySubscription(client, agent, "orders-1", registry)  # type: ignore[arg-type]
+        runner = asyncio.create_task(sub.run())
+        try:
+            deadline = time.monotonic() + 10
+            while sub.version is None and time.monotonic() < deadline and not runner.done():
+                await asyncio.sleep(0.01)
+            return client.calls, sub.version
+        finally:
+            runner.cancel()
+
+    calls, version = asyncio.run(scenario())
+    assert calls >= 2 and version == "v1"
