@@ -101,5 +101,7 @@ class Agent:
                 self.reload(data.decode("utf-8", "replace"))
             except ConfigRejected:
                 continue
+            except Exception:  # a bug must not end hot reload; the last good config stays in force
+                log.exception("reloading config %s failed; keeping the last good one", path)
 
 
