@@ -81,12 +81,7 @@ class KubeClient:
 
     def service_identities(self, namespace: str) -> list[dict[str, Any]]:
         """Every ServiceIdentity in `namespace`."""
-        try:
-            out = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "serviceidentities")
-        except ApiException as e:
-            raise KubeError(f"listing ServiceIdentities in {namespace} failed: HTTP {e.status} {e.reason}") from e
-        items: list[dict[str, Any]] = cast(dict[str, Any], out).get("items", [])
-        return items
+        return self.list_custom("serviceidentities", namespace)
 
     def read_lease(self, namespace: str, name: str) -> LeaseView | None:
         """The Lease, or None when it does not exist."""
@@ -140,7 +135,8 @@ class KubeClient:
             else:
                 out = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
         except ApiException as e:
-            raise KubeError(f"listing {plural} failed: HTTP {e.status} {e.reason}") from e
+            where = f" in {namespace}" if namespace is not None else ""
+            raise KubeError(f"listing {plural}{where} failed: HTTP {e.status} {e.reason}") from e
         items: list[dict[str, Any]] = cast(dict[str, Any], out).get("items", [])
         return items
 

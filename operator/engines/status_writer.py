@@ -71,6 +71,15 @@ class StatusWriter:
         self._wake = asyncio.Event()
         self.writes = 0
 
+    def track(self, event_type: str | None, body: Mapping[str, Any]) -> bool:
+        """Record or forget an object from a watch event; True while it exists and is not being deleted."""
+        meta = body.get("metadata", {})
+        if event_type == "DELETED" or meta.get("deletionTimestamp"):
+            self.forget(meta.get("namespace"), meta.get("name", ""))
+            return False
+        self.seen(dict(body))
+        return True
+
     def seen(self, body: Mapping[str, Any]) -> None:
         """Record a body from the watch; a new object or generation is reported without waiting for the tick."""
         key = _key(body)

@@ -11,7 +11,6 @@ start-up with a message that says how to recover.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +29,7 @@ from meshward.operator.engines.ca_store import SECRET_NAME, CaStoreError
 from meshward.operator.engines.identities import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
 from meshward.operator.engines.status_writer import EventNote, Report, StatusWriter
+from meshward.operator.handlers.lifecycle import shutdown
 
 # Every namespace with a ServiceIdentity gets the trust bundle under this name (key `ca.crt`).
 BUNDLE_CONFIGMAP = "meshward-trust-bundle"
@@ -59,7 +59,6 @@ class Runtime:
     # issuedCertificates reported before this operator started, per ServiceIdentity uid.
     issued_before: dict[str, int] = field(default_factory=dict)
     last_warning: str | None = None
-    statuses: StatusWriter | None = None
 
 
 async def _secret_event(rt: Runtime, type_: str, reason: str, message: str) -> None:
@@ -126,8 +125,7 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
     async def report(body: Mapping[str, Any]) -> Report:
         return await identity_report(rt, body)
 
-    statuses = rt.statuses = StatusWriter("ServiceIdentity", "serviceidentities", rt.kube, report,
-                                          rt.status_interval_s)
+    statuses = StatusWriter("ServiceIdentity", "serviceidentities", rt.kube, report, rt.status_interval_s)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -153,20 +151,11 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
-        for t in rt.tasks:
-            t.cancel()
-        for t in rt.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        if rt.server is not None:
-            await rt.server.stop(grace=2)
+        await shutdown(rt.tasks, rt.server, grace_s=2)
 
     @kopf.on.event(GROUP, VERSION, "serviceidentities", id="index", registry=registry)
     async def index(type: str | None, body: kopf.Body, **_: Any) -> None:
-        meta = body.get("metadata", {})
-        if type == "DELETED" or meta.get("deletionTimestamp"):
-            rt.directory.remove(body)
-            statuses.forget(meta.get("namespace"), meta.get("name", ""))
-        else:
+        if statuses.track(type, body):
             rt.directory.upsert(body)
-            statuses.seen(dict(body))
+        else:
+            rt.directory.remove(body)

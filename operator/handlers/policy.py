@@ -13,7 +13,6 @@ Event whenever a Ready condition changes reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +30,7 @@ from meshward.operator.domain.policy_status import PolicyView, exact_principals,
 from meshward.operator.engines.identities import IdentityDirectory
 from meshward.operator.engines.policy_hub import PolicyHub
 from meshward.operator.engines.status_writer import EventNote, Report, StatusWriter
+from meshward.operator.handlers.lifecycle import shutdown
 
 log = logging.getLogger("meshward.operator.policy")
 
@@ -50,8 +50,6 @@ class PolicyRuntime:
     status_interval_s: float = 10.0
     server: grpc.aio.Server | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    policy_status: StatusWriter | None = None
-    revocation_status: StatusWriter | None = None
 
 
 def _transition(old: Mapping[str, Any], new: dict[str, Any]) -> tuple[EventNote, ...]:
@@ -112,10 +110,8 @@ def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
     async def report_revocation(body: Mapping[str, Any]) -> Report:
         return revocation_report(rt, body)
 
-    policies = rt.policy_status = StatusWriter("AuthPolicy", "authpolicies", rt.kube, report_policy,
-                                               rt.status_interval_s)
-    revocations = rt.revocation_status = StatusWriter("Revocation", "revocations", rt.kube, report_revocation,
-                                                      rt.status_interval_s)
+    policies = StatusWriter("AuthPolicy", "authpolicies", rt.kube, report_policy, rt.status_interval_s)
+    revocations = StatusWriter("Revocation", "revocations", rt.kube, report_revocation, rt.status_interval_s)
 
     @kopf.on.startup(registry=registry)
     async def start(**_: Any) -> None:
@@ -127,22 +123,14 @@ def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
-        for t in rt.tasks:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        if rt.server is not None:
-            await rt.server.stop(grace=1)
+        await shutdown(rt.tasks, rt.server, grace_s=1)
 
     @kopf.on.event(GROUP, VERSION, "authpolicies", id="policy-index", registry=registry)
     async def policy_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        meta = body.get("metadata", {})
-        if type == "DELETED" or meta.get("deletionTimestamp"):
-            hub.remove_policy(meta.get("namespace", ""), meta.get("name", ""))
-            policies.forget(meta.get("namespace"), meta.get("name", ""))
-        else:
+        if policies.track(type, body):
             hub.apply_policy(body)
-            policies.seen(dict(body))
+        else:
+            hub.remove_policy(body["metadata"].get("namespace", ""), body["metadata"]["name"])
 
     @kopf.on.resume(GROUP, VERSION, "authpolicies", id="validate", registry=registry)
     @kopf.on.create(GROUP, VERSION, "authpolicies", id="validate", registry=registry)
@@ -156,12 +144,10 @@ def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
 
     @kopf.on.event(GROUP, VERSION, "revocations", id="revocation-index", registry=registry)
     async def revocation_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        if type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
-            hub.remove_revocation(body["metadata"]["name"])
-            revocations.forget(None, body["metadata"]["name"])
-        else:
+        if revocations.track(type, body):
             hub.apply_revocation(body)
-            revocations.seen(dict(body))
+        else:
+            hub.remove_revocation(body["metadata"]["name"])
 
     @kopf.on.event("", "v1", "pods", id="pod-index", labels={INJECT_LABEL: "enabled"}, registry=registry)
     async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
