@@ -11,6 +11,7 @@ says so. Acknowledgements from sidecars drive AuthPolicy and Revocation status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -97,7 +98,6 @@ class PolicyHub:
         self.pods: dict[str, Workload] = {}
         self.subscribers: dict[str, Subscriber] = {}
         self._dirty = asyncio.Event()
-        self._compiled_at = clock()
         self.pushes = 0
         self.recompiles = 0
         self.recompile_seconds = 0.0
@@ -155,13 +155,11 @@ class PolicyHub:
         self.pods.pop(f"{namespace}/{name}", None)
         self._changed()
 
-    def expiry_passed(self, now: dt.datetime) -> bool:
-        """Whether a revocation entry expired since the last recompilation."""
-        return any(self._compiled_at < e.expires_at <= now for e in self._all_revocations())
-
-    def touch(self) -> None:
-        """Recompile on the next loop turn (e.g. a revocation entry expired)."""
-        self._changed()
+    def next_expiry_s(self) -> float | None:
+        """Seconds until the next revocation entry expires and configs must drop it; None when none will."""
+        now = self._clock()
+        later = [e.expires_at for e in self._all_revocations() if e.expires_at > now]
+        return (min(later) - now).total_seconds() if later else None
 
     # ---------------------------------------------------------------- sidecars
 
@@ -216,7 +214,6 @@ class PolicyHub:
     def refresh(self) -> int:
         """Recompile every connected workload, push what changed; return how many were pushed."""
         pushed = 0
-        self._compiled_at = self._clock()
         self._destinations = None
         for sub in list(self.subscribers.values()):
             current = self.pods.get(sub.workload.key)
@@ -235,9 +232,10 @@ class PolicyHub:
         return pushed
 
     async def run(self) -> None:
-        """Recompile whenever something changed, until cancelled."""
+        """Recompile whenever something changed or a revocation entry expired, until cancelled."""
         while True:
-            await self._dirty.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.next_expiry_s())
             self._dirty.clear()
             t0 = time.perf_counter()
             self.refresh()

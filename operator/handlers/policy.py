@@ -85,14 +85,12 @@ def policy_report(rt: PolicyRuntime, body: Mapping[str, Any]) -> Report:
 
 
 def revocation_report(rt: PolicyRuntime, body: Mapping[str, Any]) -> Report:
-    """The status a Revocation should show (and a recompilation when one of its entries expired)."""
+    """The status a Revocation should show."""
     now = rt.clock()
     meta = body.get("metadata", {})
     name = meta.get("name", "")
     entries = rt.hub.revocations.get(name, [])
     active = sum(1 for e in entries if e.expires_at > now)
-    if rt.hub.expiry_passed(now):
-        rt.hub.touch()  # an entry expired: drop it from every config
     enf = rt.hub.revocation_enforcement(name)
     old = dict(body.get("status") or {})
     new = revocation_status(int(meta.get("generation") or 0), active, len(entries) - active, enf.selected,

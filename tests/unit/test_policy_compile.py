@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from typing import Any
 
 import pytest
@@ -151,6 +152,34 @@ def test_a_workload_whose_compile_fails_keeps_its_config_and_the_others_still_up
         assert hub.compile_errors == 1
 
     asyncio.run(scenario())
+
+
+def test_the_hub_drops_an_expired_revocation_entry_by_itself() -> None:
+    """No watch event and no status pass: the hub's own loop recompiles when the entry's expiresAt passes."""
+    def clock() -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        hub = PolicyHub(clock)
+        hub.apply_pod({"metadata": {"namespace": "shop", "name": "orders-1",
+                                    "labels": {"meshward.io/inject": "enabled", "app": "orders"}},
+                       "spec": {"serviceAccountName": "orders"}})
+        assert hub.apply_policy(body(pol("p"))) is None
+        soon = (clock() + dt.timedelta(milliseconds=300)).isoformat()
+        hub.apply_revocation({"metadata": {"name": "incident"}, "spec": {"entries": [{"jti": "t-1", "expiresAt": soon}]}})
+        sub = hub.subscribe("shop", "orders", "orders-1", "spiffe://cluster.local/ns/shop/sa/orders")
+        assert sub.latest is not None
+        before = sub.latest.document["revocations"]["jti"]
+        runner = asyncio.create_task(hub.run())
+        try:
+            deadline = time.monotonic() + 10
+            while sub.latest.document["revocations"]["jti"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return before, sub.latest.document["revocations"]["jti"]
+        finally:
+            runner.cancel()
+
+    assert asyncio.run(scenario()) == (["t-1"], [])
 
 
 def test_a_sidecar_cannot_claim_a_pod_of_another_service_account() -> None:
