@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -61,6 +62,16 @@ class Decision:
     # which every decision for the same cached token (or, without a token, the same config)
     # shares; None when nothing is shared.
     wire_cache: dict[str, bytes] | None = None
+
+    def encoded(self, key: str, build: Callable[[Decision], bytes]) -> bytes:
+        """`build(self)`, kept in the wire cache under `key` for every decision that shares it."""
+        cache = self.wire_cache
+        if cache is None:
+            return build(self)
+        out = cache.get(key)
+        if out is None:
+            out = cache[key] = build(self)
+        return out
 
     @property
     def wire(self) -> WireCode:

@@ -99,9 +99,13 @@ def _header_option(key: str, value: str) -> bytes:
     return _field(_OK_HEADERS, _field(_OPTION_HEADER, header) + _OVERWRITE_BYTES)
 
 
-def _removals(names: list[str]) -> bytes:
+def _identity_headers(d: Decision) -> bytes:
+    return b"".join(_header_option(k, v) for k, v in d.headers_to_set)
+
+
+def _removals(d: Decision) -> bytes:
     # Repeated strings are written even when empty.
-    return b"".join(_field(_OK_HEADERS_TO_REMOVE, h.encode()) for h in names)
+    return b"".join(_field(_OK_HEADERS_TO_REMOVE, h.encode()) for h in d.headers_to_remove)
 
 
 _DID_KEY = _string(_HEADER_KEY, "x-meshward-decision-id")
@@ -120,15 +124,8 @@ def _decision_id_option(decision_id: str) -> bytes:
 
 def allow_bytes(d: Decision) -> bytes:
     """The serialized CheckResponse for an allow, its identity headers encoded once per wire cache."""
-    cache = d.wire_cache
-    fixed = cache.get("grpc") if cache is not None else None
-    if fixed is None:
-        fixed = b"".join(_header_option(k, v) for k, v in d.headers_to_set)
-        if cache is not None:
-            cache["grpc"] = fixed
-            cache["grpc-remove"] = _removals(d.headers_to_remove)
-    remove = cache["grpc-remove"] if cache is not None else _removals(d.headers_to_remove)
-    ok = fixed + _decision_id_option(d.decision_id) + remove
+    ok = d.encoded("grpc-set", _identity_headers) + _decision_id_option(d.decision_id) + d.encoded(
+        "grpc-remove", _removals)
     return _STATUS_OK + _field(_CHECK_RESPONSE_OK, ok)
 
 

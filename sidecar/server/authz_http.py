@@ -45,12 +45,7 @@ def _allow_head(d: Decision) -> bytes:
 def http_response(d: Decision) -> Response:
     """Frame a decision for the HTTP transport."""
     if d.outcome is Outcome.ALLOW:
-        cache = d.wire_cache
-        fixed = cache.get("http") if cache is not None else None
-        if fixed is None:
-            fixed = _allow_head(d)
-            if cache is not None:
-                cache["http"] = fixed
+        fixed = d.encoded("http", _allow_head)
         return Response(200, head=b"%sx-meshward-decision-id: %s\r\n" % (fixed, d.decision_id.encode()))
     headers = [*d.deny_headers, JSON_HEADER, ("x-meshward-decision-id", d.decision_id)]
     return Response(d.wire.http, headers, d.body())
