@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from meshward._version import __version__
 from meshward.sidecar.clients.fetch import HttpFetcher
 from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
-from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
+from meshward.sidecar.engines.observe import DEFAULT_AUDIT_FLUSH_S, JsonLineAudit, Metrics
 from meshward.sidecar.server.admin import Admin
 from meshward.sidecar.server.authz_http import HttpAuthz
 from meshward.sidecar.server.http1 import Handler, serve_tcp, serve_unix
@@ -74,8 +74,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
                    help="this pod's name, sent when subscribing (default $POD_NAME)")
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config file checks")
+    p.add_argument("--audit-flush-interval", type=_seconds, default=DEFAULT_AUDIT_FLUSH_S,
+                   help=f"seconds audit lines may wait to be written together (default {DEFAULT_AUDIT_FLUSH_S}; "
+                        "0: once per event-loop iteration); shutdown writes them all")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a non-negative number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds >= 0")
+    return value
 
 
 async def _listen(handler: Handler, addr: str) -> asyncio.Server:
@@ -141,7 +155,8 @@ async def run(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     fetcher = HttpFetcher()
-    agent = Agent(snapshot, fetcher, metrics, JsonLineAudit(sys.stdout))
+    audit = JsonLineAudit(sys.stdout, args.audit_flush_interval)
+    agent = Agent(snapshot, fetcher, metrics, audit)
     servers: list[asyncio.Server] = []
     tasks = [asyncio.create_task(agent.keys.run(), name="jwks")]
     if config_path is not None:
@@ -201,6 +216,7 @@ async def run(args: argparse.Namespace) -> int:
             await g.stop(grace=1)
         with contextlib.suppress(Exception):
             await fetcher.close()
+        audit.flush()  # every decision made so far reaches the log
     return 0
 
 

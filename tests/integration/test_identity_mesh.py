@@ -209,7 +209,14 @@ def test_operator_bootstraps_the_ca_and_reports_service_identities(crds: Cluster
 
 def test_two_envoys_talk_mtls_over_sds_and_authz_sees_the_peer(crds: Cluster, mesh: Mesh) -> None:
     assert wait_until("a request through both Envoys", lambda: mesh.get() == 200, timeout=30)
-    line = [a for a in mesh.backend.agent.audit_lines() if a["outcome"] == "allow"][-1]
+    allowed: list[dict[str, Any]] = []
+
+    def audited() -> bool:  # audit lines are written in batches (--audit-flush-interval)
+        allowed[:] = [a for a in mesh.backend.agent.audit_lines() if a["outcome"] == "allow"]
+        return bool(allowed)
+
+    assert wait_until("the allow's audit line", audited, timeout=10)
+    line = allowed[-1]
     assert line["peer"] == mesh.frontend.spiffe  # ext_authz saw the client's SPIFFE ID from the handshake
     # The policy admits only that peer: name another one and the same call is refused.
     mesh.backend.agent.write_config(backend_config(f"spiffe://cluster.local/ns/{mesh.ns}/sa/batch"))
