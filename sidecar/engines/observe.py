@@ -7,6 +7,7 @@ several agents in one process never share counters.
 from __future__ import annotations
 
 import asyncio
+import logging
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from json.encoder import encode_basestring_ascii as _esc
@@ -16,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from meshward.sidecar.domain.decision import AuditRecord, Decision
+
+log = logging.getLogger("meshward.sidecar.audit")
 
 # Audit lines are written in batches, at most this long after the first pending line.
 # Each write and flush is a syscall plus, under grpc.aio, an extra event-loop iteration:
@@ -35,17 +38,23 @@ class JsonLineAudit:
     pending, and by `flush()` (the agent calls it on shutdown). A `flush_interval` of 0
     writes once per event-loop iteration. Without a running loop (tests, tools) every
     line is written at once.
+
+    A stream that cannot be written (a closed or broken log pipe) never changes a
+    decision: the lines are counted through `dropped` and logged once per outage.
     """
 
     BATCH = 256
 
-    def __init__(self, stream: TextIO, flush_interval: float = DEFAULT_AUDIT_FLUSH_S) -> None:
+    def __init__(self, stream: TextIO, flush_interval: float = DEFAULT_AUDIT_FLUSH_S,
+                 dropped: Callable[[int], None] | None = None) -> None:
         if not 0 <= flush_interval < float("inf"):
             raise ValueError(f"audit flush interval must be a finite number of seconds >= 0, got {flush_interval}")
         self._stream = stream
         self._interval = flush_interval
         self._pending: list[str] = []
         self._timer: asyncio.Handle | None = None
+        self._dropped = dropped
+        self._failing = False
 
     def write(self, r: AuditRecord) -> None:
         """Queue one record; it reaches the stream within the flush interval."""
@@ -74,10 +83,23 @@ class JsonLineAudit:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._pending:
-            lines, self._pending = self._pending, []
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        try:
             self._stream.write("".join(lines))
             self._stream.flush()
+        except (OSError, ValueError) as e:  # ValueError: the stream was closed
+            if not self._failing:
+                log.error("cannot write audit lines, dropping them until the stream works again "  # noqa: TRY400
+                          "(meshward_audit_lines_dropped_total): %s", e)
+                self._failing = True
+            if self._dropped is not None:
+                self._dropped(len(lines))
+            return
+        if self._failing:
+            log.warning("audit lines are written again")
+            self._failing = False
 
 
 class NullAudit:
@@ -142,6 +164,9 @@ class Metrics:
                                     ["issuer", "result"], registry=registry)
         self.reloads = Counter("meshward_config_reloads_total", "Config loads by result.", ["result"],
                                registry=registry)
+        self.audit_dropped = Counter("meshward_audit_lines_dropped_total",
+                                     "Audit lines the log stream did not take (closed or broken).",
+                                     registry=registry)
         self.config_generation = Gauge("meshward_config_info", "The config in force.", ["generation"],
                                        registry=registry)
 

@@ -155,7 +155,7 @@ async def run(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     fetcher = HttpFetcher()
-    audit = JsonLineAudit(sys.stdout, args.audit_flush_interval)
+    audit = JsonLineAudit(sys.stdout, args.audit_flush_interval, metrics.audit_dropped.inc)
     agent = Agent(snapshot, fetcher, metrics, audit)
     servers: list[asyncio.Server] = []
     tasks = [asyncio.create_task(agent.keys.run(), name="jwks")]

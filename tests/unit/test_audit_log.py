@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from meshward.sidecar.domain.decision import AuditRecord
-from meshward.sidecar.engines.observe import JsonLineAudit
+from meshward.sidecar.domain.decision import AuditRecord, Decision, Outcome
+from meshward.sidecar.engines.agent import Agent, load_snapshot
+from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
 from meshward.sidecar.entrypoints.main import main
+from tests.support.sidecar import StaticFetcher, config, policy, request
 
 
 def record(n: int = 1) -> AuditRecord:
@@ -106,3 +110,49 @@ def test_the_cli_names_the_flag_of_a_bad_interval(bad: str, capsys: pytest.Captu
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--audit-flush-interval" in err and "seconds >= 0" in err
+
+
+class BrokenPipe(io.StringIO):
+    """A log stream whose reader went away, until `heal()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+
+    def write(self, s: str) -> int:
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(s)
+
+    def heal(self) -> None:
+        self.broken = False
+
+
+def test_a_broken_log_stream_drops_lines_but_never_changes_a_decision(caplog: pytest.LogCaptureFixture) -> None:
+    stream = BrokenPipe()
+    metrics = Metrics(CollectorRegistry())
+    agent = Agent(load_snapshot(json.dumps(config(policy(rules=[{"name": "reads", "to": {"methods": ["GET"]}}])))),
+                  StaticFetcher({}), metrics, JsonLineAudit(stream, dropped=metrics.audit_dropped.inc))
+    with caplog.at_level(logging.WARNING, logger="meshward.sidecar.audit"):
+        outcomes = [agent.pipeline.decide_now(request(f"/orders/{n}"), "http") for n in range(3)]
+        assert [d.outcome for d in outcomes if isinstance(d, Decision)] == [Outcome.ALLOW] * 3
+        denied = agent.pipeline.decide_now(request("/orders/9", method="DELETE"), "http")
+        assert isinstance(denied, Decision) and denied.outcome is Outcome.FORBIDDEN  # still decided, not 503
+        assert metrics.registry.get_sample_value("meshward_audit_lines_dropped_total") == 4
+        assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1  # once per outage, not per line
+        stream.heal()
+        agent.pipeline.decide_now(request("/orders/10"), "http")
+    assert [x["path"] for x in lines(stream)] == ["/orders/10"]
+    assert caplog.records[-1].message == "audit lines are written again"
+
+
+def test_a_closed_log_stream_is_counted_not_raised() -> None:
+    async def go() -> None:
+        stream, dropped = io.StringIO(), list[int]()
+        audit = JsonLineAudit(stream, flush_interval=0.01, dropped=dropped.append)
+        stream.close()
+        audit.write(record(1))
+        audit.write(record(2))
+        await until("the timer's flush", lambda: dropped == [2])
+
+    asyncio.run(go())
