@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-class Outcome(enum.Enum):
-    """What the pipeline decided."""
+class Outcome(enum.StrEnum):
+    """What the pipeline decided; each member is its own text (no `.value` lookup per decision)."""
 
     ALLOW = "allow"
     UNAUTHENTICATED = "unauthenticated"  # no/invalid credentials where they are required

@@ -38,6 +38,8 @@ class CheckInput:
 
 def split_path(raw: str) -> str:
     """Return the path without query string or fragment (rules match paths only)."""
+    if "?" not in raw and "#" not in raw:
+        return raw or "/"
     for sep in ("?", "#"):
         i = raw.find(sep)
         if i >= 0:

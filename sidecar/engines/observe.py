@@ -60,12 +60,12 @@ class JsonLineAudit:
         """Queue one record; it reaches the stream within the flush interval."""
         e = _esc
         self._pending.append(
-            f'{{"ts":{r.ts!r},"decision_id":{e(r.decision_id)},"workload":{e(r.workload)},'
+            f'{{"ts":{r.ts:.3f},"decision_id":{e(r.decision_id)},"workload":{e(r.workload)},'
             f'"transport":{e(r.transport)},"outcome":{e(r.outcome)},'
             f'"would_deny":{"true" if r.would_deny else "false"},"policy":{e(r.policy)},"rule":{e(r.rule)},'
             f'"reason":{e(r.reason)},"peer":{e(r.peer)},"subject_hash":{e(r.subject_hash)},'
             f'"method":{e(r.method)},"path":{e(r.path)},"request_id":{e(r.request_id)},'
-            f'"latency_us":{r.latency_us!r}}}\n')
+            f'"latency_us":{r.latency_us:.1f}}}\n')
         if self._timer is not None:
             if len(self._pending) >= self.BATCH:
                 self.flush()
@@ -172,7 +172,7 @@ class Metrics:
 
     def observe(self, decision: Decision, transport: str, seconds: float) -> None:
         """Count and time one decision."""
-        self._stats.observe(transport, decision.outcome.value, seconds)
+        self._stats.observe(transport, decision.outcome, seconds)
         if decision.would_deny:
             self.would_deny.labels(decision.policy or "-").inc()
 

@@ -247,7 +247,7 @@ class Pipeline:
         elapsed = time.perf_counter() - t0
         self._observer.observe(decision, transport, elapsed)
         self._audit.write(AuditRecord(
-            round(self._clock(), 3), decision.decision_id, self._workload, transport, decision.outcome.value,
+            self._clock(), decision.decision_id, self._workload, transport, decision.outcome,
             decision.would_deny, decision.policy, decision.rule, decision.reason, inp.peer or "",
-            decision.subject_hash, inp.method, inp.path, inp.request_id, round(elapsed * 1e6, 1)))
+            decision.subject_hash, inp.method, inp.path, inp.request_id, elapsed * 1e6))
         return decision

@@ -37,10 +37,10 @@ def input_from_grpc(req: Any) -> CheckInput:
     http = attrs.request.http
     headers = http.headers  # the map itself: CheckInput only reads it
     path = http.path or headers.get(":path", "/")
-    return CheckInput(method=http.method or headers.get(":method", ""), path=split_path(path),
-                      host=http.host or headers.get(":authority", ""), headers=headers,
-                      peer=attrs.source.principal or None, request_id=headers.get("x-request-id", http.id),
-                      port=attrs.destination.address.socket_address.port_value or None)
+    # Positional (method, path, host, headers, peer, request_id, port): keywords cost ~0.3 µs more.
+    return CheckInput(http.method or headers.get(":method", ""), split_path(path),
+                      http.host or headers.get(":authority", ""), headers, attrs.source.principal or None,
+                      headers.get("x-request-id", http.id), attrs.destination.address.socket_address.port_value or None)
 
 
 def grpc_response(d: Decision) -> Any:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from meshward.sidecar.domain.decision import Decision, Outcome
 from meshward.sidecar.server.authz_grpc import grpc_response, input_from_grpc, response_bytes
 from meshward.sidecar.server.authz_http import http_response
-from meshward.sidecar.server.http1 import Request, Response, _Protocol
+from meshward.sidecar.server.http1 import MAX_HEADERS, MAX_REMEMBERED_NAMES, Request, Response, _Protocol
 from tests.support.idp import SigningKey
 from tests.support.sidecar import ISSUER, Clock, config, issuer, pipeline, policy, request
 
@@ -176,3 +176,46 @@ def test_http1_slow_decisions_keep_order() -> None:
 
     data = asyncio.run(main())
     assert data.index(b"401") < data.index(b"200")
+
+
+_NAME = st.text(alphabet="abAB-", min_size=1, max_size=4)  # small: repeats in mixed case
+_VALUE = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(_NAME, _VALUE), max_size=12), min_size=1, max_size=4))
+def test_http1_headers_match_a_model_across_requests_on_one_connection(requests: list[list[tuple[str, str]]]) -> None:
+    """Names lowercased, repeats joined with ', ' in order, on every request of a kept-alive connection."""
+    seen: list[Request] = []
+    proto = _Protocol(lambda r: seen.append(r) or Response(204))  # type: ignore[func-returns-value]
+    proto.connection_made(_Sink())  # type: ignore[arg-type]
+    expected: list[dict[str, str]] = []
+    for headers in requests:
+        model: dict[str, str] = {"host": "x"}
+        for name, value in headers:
+            key = name.lower()
+            model[key] = value if key not in model else f"{model[key]}, {value}"
+        expected.append(model)
+        wire = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        proto.data_received(f"GET / HTTP/1.1\r\nHost: x\r\n{wire}\r\n".encode())
+    assert [r.headers for r in seen] == expected
+
+
+def test_http1_a_connection_sending_ever_new_header_names_is_still_parsed_right() -> None:
+    """More distinct names than a connection remembers (MAX_REMEMBERED_NAMES): the rest are decoded each time."""
+    seen: list[Request] = []
+    proto = _Protocol(lambda r: seen.append(r) or Response(204))  # type: ignore[func-returns-value]
+    proto.connection_made(_Sink())  # type: ignore[arg-type]
+    batches = [[f"X-Name-{i}-{j}" for j in range(100)] for i in range(MAX_REMEMBERED_NAMES // 100 + 2)]
+    for names in batches:
+        proto.data_received(("GET / HTTP/1.1\r\n" + "".join(f"{n}: v-{n}\r\n" for n in names) + "\r\n").encode())
+    assert [r.headers for r in seen] == [{n.lower(): f"v-{n}" for n in names} for names in batches]
+    assert len(proto._names) == MAX_REMEMBERED_NAMES  # bounded, whatever the client sends
+
+
+def test_http1_limits_header_count() -> None:
+    proto = _Protocol(lambda r: Response(200))
+    sink = _Sink()
+    proto.connection_made(sink)  # type: ignore[arg-type]
+    proto.data_received(b"GET / HTTP/1.1\r\n" + b"".join(b"x-%d: a\r\n" % i for i in range(MAX_HEADERS + 1)) + b"\r\n")
+    assert sink.data.startswith(b"HTTP/1.1 431") and sink.closed
