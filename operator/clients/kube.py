@@ -7,8 +7,9 @@ a worker thread (`asyncio.to_thread`). Errors surface as KubeError, chained.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -19,6 +20,24 @@ from meshward.operator.domain.lease import LeaseView
 
 class KubeError(Exception):
     """A Kubernetes API call failed (network, authorization, server error)."""
+
+
+T = TypeVar("T")
+
+
+def _failed(doing: str, e: ApiException) -> KubeError:
+    """The boundary's error for an API call that failed while `doing` something."""
+    return KubeError(f"{doing} failed: HTTP {e.status} {e.reason}")
+
+
+def _read_or_none(read: Callable[[], T], doing: str) -> T | None:
+    """`read()`, or None when the object does not exist (404)."""
+    try:
+        return read()
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise _failed(doing, e) from e
 
 
 @dataclass(frozen=True)
@@ -73,7 +92,7 @@ class KubeClient:
         try:
             status = self._auth.create_token_review(body).status
         except ApiException as e:
-            raise KubeError(f"TokenReview failed: HTTP {e.status} {e.reason}") from e
+            raise _failed("TokenReview", e) from e
         if not status or not status.authenticated:
             return TokenReviewResult(False, error=(status.error if status else "") or "not authenticated")
         username = (status.user.username if status.user else None) or ""
@@ -85,12 +104,10 @@ class KubeClient:
 
     def read_lease(self, namespace: str, name: str) -> LeaseView | None:
         """The Lease, or None when it does not exist."""
-        try:
-            lease = self._coordination.read_namespaced_lease(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise KubeError(f"reading Lease {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        lease = _read_or_none(lambda: self._coordination.read_namespaced_lease(name, namespace),
+                              f"reading Lease {namespace}/{name}")
+        if lease is None:
+            return None
         spec = lease.spec or client.V1LeaseSpec()
         renewed = spec.renew_time or spec.acquire_time or dt.datetime.fromtimestamp(0, dt.UTC)
         return LeaseView(spec.holder_identity or "", renewed, spec.lease_duration_seconds or 0,
@@ -112,18 +129,15 @@ class KubeClient:
         except ApiException as e:
             if e.status == 409:
                 return None
-            raise KubeError(f"writing Lease {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+            raise _failed(f"writing Lease {namespace}/{name}", e) from e
         return LeaseView(lease.holder, lease.renewed, lease.duration_s, lease.transitions,
                          (out.metadata or client.V1ObjectMeta()).resource_version or "")
 
     def read_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Pod as a plain dict, or None when it does not exist."""
-        try:
-            pod = self._core.read_namespaced_pod(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise KubeError(f"reading Pod {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        pod = _read_or_none(lambda: self._core.read_namespaced_pod(name, namespace), f"reading Pod {namespace}/{name}")
+        if pod is None:
+            return None
         out: dict[str, Any] = self._core.api_client.sanitize_for_serialization(pod)
         return out
 
@@ -136,18 +150,16 @@ class KubeClient:
                 out = self._custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)
         except ApiException as e:
             where = f" in {namespace}" if namespace is not None else ""
-            raise KubeError(f"listing {plural}{where} failed: HTTP {e.status} {e.reason}") from e
+            raise _failed(f"listing {plural}{where}", e) from e
         items: list[dict[str, Any]] = cast(dict[str, Any], out).get("items", [])
         return items
 
     def read_secret(self, namespace: str, name: str) -> StoredSecret | None:
         """The Secret (data as stored, base64), or None when it does not exist."""
-        try:
-            secret = self._core.read_namespaced_secret(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise KubeError(f"reading Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+        secret = _read_or_none(lambda: self._core.read_namespaced_secret(name, namespace),
+                               f"reading Secret {namespace}/{name}")
+        if secret is None:
+            return None
         meta = secret.metadata or client.V1ObjectMeta()
         return StoredSecret({k: v.decode() if isinstance(v, bytes) else v for k, v in (secret.data or {}).items()},
                             dict(meta.annotations or {}), meta.resource_version or "")
@@ -163,7 +175,7 @@ class KubeClient:
         except ApiException as e:
             if e.status == 409:
                 return False
-            raise KubeError(f"updating Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+            raise _failed(f"updating Secret {namespace}/{name}", e) from e
         return True
 
     def annotate_secret(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
@@ -171,7 +183,7 @@ class KubeClient:
         try:
             self._core.patch_namespaced_secret(name, namespace, {"metadata": {"annotations": annotations}})
         except ApiException as e:
-            raise KubeError(f"annotating Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+            raise _failed(f"annotating Secret {namespace}/{name}", e) from e
 
     def post_event(self, namespace: str, kind: str, name: str, type_: str, reason: str, message: str, *,
                    api_version: str = "v1", uid: str = "") -> None:
@@ -186,7 +198,7 @@ class KubeClient:
         try:
             self._core.create_namespaced_event(namespace, body)
         except ApiException as e:
-            raise KubeError(f"posting Event on {kind} {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+            raise _failed(f"posting Event on {kind} {namespace}/{name}", e) from e
 
     def patch_custom_status(self, plural: str, namespace: str | None, name: str, status: dict[str, Any]) -> bool:
         """Merge `status` into a Meshward object's status subresource; False when the object is gone."""
@@ -202,27 +214,18 @@ class KubeClient:
             if e.status == 404:
                 return False
             where = f"{namespace}/{name}" if namespace else name
-            raise KubeError(f"writing the status of {plural} {where} failed: HTTP {e.status} {e.reason}") from e
+            raise _failed(f"writing the status of {plural} {where}", e) from e
         return True
 
     def service_account_exists(self, namespace: str, name: str) -> bool:
         """Whether the ServiceAccount exists."""
-        try:
-            self._core.read_namespaced_service_account(name, namespace)
-        except ApiException as e:
-            if e.status == 404:
-                return False
-            raise KubeError(f"reading ServiceAccount {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
-        return True
+        return _read_or_none(lambda: self._core.read_namespaced_service_account(name, namespace),
+                             f"reading ServiceAccount {namespace}/{name}") is not None
 
     def ensure_configmap(self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]) -> bool:
         """Create or update a ConfigMap to hold exactly `data`; True when something was written."""
-        try:
-            current = self._core.read_namespaced_config_map(name, namespace)
-        except ApiException as e:
-            if e.status != 404:
-                raise KubeError(f"reading ConfigMap {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
-            current = None
+        current = _read_or_none(lambda: self._core.read_namespaced_config_map(name, namespace),
+                                f"reading ConfigMap {namespace}/{name}")
         body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=labels),
                                   data=data)
         try:
@@ -236,7 +239,7 @@ class KubeClient:
             else:
                 return False
         except ApiException as e:
-            raise KubeError(f"writing ConfigMap {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+            raise _failed(f"writing ConfigMap {namespace}/{name}", e) from e
         return True
 
     def create_secret(self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]) -> bool:
@@ -248,5 +251,5 @@ class KubeClient:
         except ApiException as e:
             if e.status == 409:
                 return False
-            raise KubeError(f"creating Secret {namespace}/{name} failed: HTTP {e.status} {e.reason}") from e
+            raise _failed(f"creating Secret {namespace}/{name}", e) from e
         return True
