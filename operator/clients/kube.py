@@ -141,6 +141,16 @@ class KubeClient:
         out: dict[str, Any] = self._core.api_client.sanitize_for_serialization(pod)
         return out
 
+    def label_pod(self, namespace: str, name: str, labels: dict[str, str | None]) -> bool:
+        """Merge `labels` into a Pod's (None removes one); False when the Pod does not exist."""
+        try:
+            self._core.patch_namespaced_pod(name, namespace, {"metadata": {"labels": labels}})
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise _failed(f"labelling Pod {namespace}/{name}", e) from e
+        return True
+
     def list_custom(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Every Meshward object of a kind, in `namespace` or (cluster-scoped) everywhere."""
         try:

@@ -34,6 +34,39 @@ class LeaseApi(Protocol):
         ...
 
 
+class PodLabels(Protocol):
+    """The Pod call the leader marker needs (clients.kube.KubeClient)."""
+
+    def label_pod(self, namespace: str, name: str, labels: dict[str, str | None]) -> bool:
+        """Merge labels into a Pod's."""
+        ...
+
+
+# The label the leading replica puts on its own Pod: the chart's signer and policy Services select
+# it, so traffic reaches the one replica that serves while every replica can be Ready.
+LEADER_LABEL = "meshward.io/leader"
+
+
+class LeaderMarker:
+    """Marks this replica's Pod as the leader, and unmarks it (no-op outside a Pod: no pod name)."""
+
+    def __init__(self, api: PodLabels, namespace: str, pod_name: str) -> None:
+        self._api = api
+        self._namespace = namespace
+        self._pod = pod_name
+
+    async def mark(self, leading: bool) -> None:
+        """Set or remove the leader label on this replica's Pod; failures are logged, never raised."""
+        if not self._pod:
+            return
+        try:
+            await asyncio.to_thread(self._api.label_pod, self._namespace, self._pod,
+                                    {LEADER_LABEL: "true" if leading else None})
+        except KubeError as e:
+            log.warning("could not %s Pod %s/%s as the leader: %s", "label" if leading else "unlabel",
+                        self._namespace, self._pod, e)
+
+
 class LeaderElection:
     """Acquires, holds and releases the operator's Lease."""
 

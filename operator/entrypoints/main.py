@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Sequence
 
 import grpc
 import kopf
+from kopf._core.engines.peering import Identity  # not re-exported; the type of kopf.operator(identity=)
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from meshward._version import __version__
@@ -29,7 +30,7 @@ from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, random_seri
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identities import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
-from meshward.operator.engines.leader import LeaderElection
+from meshward.operator.engines.leader import LeaderElection, LeaderMarker
 from meshward.operator.engines.metrics import register_metrics
 from meshward.operator.engines.policy_hub import PolicyHub
 from meshward.operator.handlers import policy as policy_handlers
@@ -54,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-listen", default="0.0.0.0:15013",
                    help="policy distribution address, mTLS with workload certificates (default 0.0.0.0:15013)")
     p.add_argument("--signer-dns", default="", help="comma-separated DNS names of the signing service's "
-                                                    "certificate (default meshward-signer.<namespace>.svc)")
+                                                    "certificate (default meshward-signer.<namespace>.svc and "
+                                                    "meshward-policy.<namespace>.svc)")
     p.add_argument("--signer-ip", default="127.0.0.1", help="comma-separated IPs of the signing service's certificate")
     p.add_argument("--max-leaf-ttl", default="", help="cap every workload certificate's lifetime, below the 5m "
                                                       "minimum if need be (e.g. 30s; tests and demos only)")
@@ -64,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True,
                    help="run as one of several replicas: only the holder of Lease meshward-operator works "
                         "(default on)")
+    p.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
+                   help="this replica's Pod (default $POD_NAME): the leader labels it meshward.io/leader=true, "
+                        "which the chart's Services select")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, then in-cluster)")
     p.add_argument("--log-level", default=os.environ.get("MESHWARD_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING or ERROR (default $MESHWARD_LOG_LEVEL or INFO)")
@@ -82,7 +87,8 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
             cap = parse_ttl(args.max_leaf_ttl, MIN_DEMO_TTL, MAX_TTL)
         except ValueError as e:
             raise SystemExit(f"meshward-operator: --max-leaf-ttl: {e}") from e
-    dns = tuple(d for d in args.signer_dns.split(",") if d) or (f"meshward-signer.{args.namespace}.svc",)
+    dns = tuple(d for d in args.signer_dns.split(",") if d) or (
+        f"meshward-signer.{args.namespace}.svc", f"meshward-policy.{args.namespace}.svc")
     ips = tuple(i for i in args.signer_ip.split(",") if i)
     kube = KubeClient.from_kubeconfig(args.kubeconfig)
 
@@ -131,8 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["KUBECONFIG"] = args.kubeconfig
     registry, _, metrics, kube = build(args)
     election = None
+    marker = LeaderMarker(kube, args.namespace, args.pod_name)
+    # Also Kopf's identity: without one Kopf asks getpass.getuser(), which fails for a UID with no passwd
+    # entry (the image runs as 65532).
+    identity = f"{socket.gethostname()}-{os.getpid()}"
     if args.leader_elect:
-        identity = f"{socket.gethostname()}-{os.getpid()}"
         election = LeaderElection(kube, args.namespace, identity, lambda: dt.datetime.now(dt.UTC), time.monotonic)
     leader = Gauge("meshward_operator_leader", "1 while this replica leads (holds Lease meshward-operator).",
                    registry=metrics)
@@ -140,18 +149,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         host, _, port = args.metrics_listen.rpartition(":")
         start_http_server(int(port), host or "0.0.0.0", registry=metrics)  # noqa: S104 - scraped in-cluster
     log.info("meshward-operator %s starting (namespace %s)", __version__, args.namespace)
-    return asyncio.run(_lead(registry, election, leader))
+    return asyncio.run(_lead(registry, identity, election, marker, leader))
 
 
-async def _lead(registry: kopf.OperatorRegistry, election: LeaderElection | None, leader: Gauge) -> int:
+async def _lead(registry: kopf.OperatorRegistry, identity: str, election: LeaderElection | None,
+                marker: LeaderMarker, leader: Gauge) -> int:
     """Wait for the lease (if electing), then run Kopf until SIGTERM or until the lease is lost."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await marker.mark(False)  # a restarted container of a former leader must not attract traffic
     if election is not None and not await election.acquire(stop):
         return 0
     leader.set(1)
+    await marker.mark(True)
     lost = asyncio.Event()
 
     async def hold() -> None:
@@ -162,12 +174,14 @@ async def _lead(registry: kopf.OperatorRegistry, election: LeaderElection | None
     holder = asyncio.create_task(hold())
     try:
         # Kopf installs its own SIGTERM/SIGINT handlers and stops gracefully on them, or when `lost` is set.
-        await kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=lost)
+        await kopf.operator(registry=registry, clusterwide=True, standalone=True, stop_flag=lost,
+                            identity=Identity(identity))
     finally:
         holder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await holder
         leader.set(0)
+        await marker.mark(False)
         if election is not None:
             await election.release()
     return 1 if lost.is_set() else 0
