@@ -1,0 +1,72 @@
+"""A tiny HTTP echo app for Meshward's tests on real pods (stdlib only).
+
+GET/POST anything: 200 with a JSON body naming this pod and echoing the request (method, path,
+headers), so a test sees exactly what reached the app. `/call?url=URL` calls URL and returns its
+status and body, forwarding the headers an app is expected to forward (trace and Meshward context
+headers), as a meshed app calling onward would. `/status/<code>` answers with that code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# Headers an app forwards on its onward calls, as it forwards trace context.
+FORWARDED = ("traceparent", "tracestate", "x-request-id", "x-meshward-context")
+
+
+class Echo(BaseHTTPRequestHandler):
+    """Echo the request, or call onward."""
+
+    server_version = "meshward-echo/1"
+
+    def _send(self, code: int, doc: object) -> None:
+        body = json.dumps(doc, sort_keys=True).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _handle(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length).decode(errors="replace") if length else ""
+        if url.path == "/call":
+            target = urllib.parse.parse_qs(url.query).get("url", [""])[0]
+            headers = {h: v for h in FORWARDED if (v := self.headers.get(h))}
+            request = urllib.request.Request(target, headers=headers)  # noqa: S310 - a test app
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310
+                    self._send(200, {"status": r.status, "body": r.read().decode(errors="replace")})
+            except urllib.error.HTTPError as e:
+                self._send(200, {"status": e.code, "body": e.read().decode(errors="replace")})
+            except OSError as e:
+                self._send(502, {"error": str(e)})
+            return
+        code = 200
+        if url.path.startswith("/status/") and url.path[8:].isdigit():
+            code = int(url.path[8:])
+        self._send(code, {"pod": socket.gethostname(), "method": self.command, "path": self.path,
+                          "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+
+    do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+    def log_message(self, format: str, *args: object) -> None:
+        sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+
+def main() -> None:
+    """Serve on $PORT (default 8080) until killed."""
+    port = int(os.environ.get("PORT", "8080"))
+    ThreadingHTTPServer(("", port), Echo).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

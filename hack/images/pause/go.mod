@@ -1,0 +1,3 @@
+module meshward.local/pause
+
+go 1.24
