@@ -1,17 +1,20 @@
-"""Session fixtures: a Kubernetes API server for every integration test.
+"""Session fixtures: a Kubernetes API server for every integration test, a cluster that runs pods for e2e.
 
 By default the local control plane (etcd + kube-apiserver + kube-controller-manager
-built by hack/build-control-plane) is started once per session and torn down at the
-end, with its logs kept when a test failed.  `--kubeconfig PATH` uses an existing
-cluster instead, and `--kind` a kind cluster through pytest-kind (needs Docker).
+built by hack/build-control-plane) is started once per session for the integration
+tests and torn down at the end, with its logs kept when a test failed. The e2e tier
+(marker `e2e`: real pods) gets one kind cluster per session through pytest-kind, with
+the node image and Meshward's images built by hack/build-kind (podman where no Docker
+engine runs); it is created at the first e2e test, deleted at the end, its logs
+exported when a test failed, and the host checked to be as it was before.
+`--kubeconfig PATH` uses an existing cluster for both, and `--kind` the kind cluster
+for both.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -19,18 +22,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.kube import Cluster, tool_paths
+from tests.kube import Cluster, KindSession, kind_session_for, tool_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SEEN = pytest.StashKey[str]()
+E2E_SEEN = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("meshward")
-    group.addoption("--kubeconfig", default=None,
-                    help="run integration tests against this existing cluster instead of the local one")
+    # pytest-kind registers --kubeconfig too (ValueError here): both take a kubeconfig path, which this conftest reads.
+    with contextlib.suppress(ValueError):
+        group.addoption("--kubeconfig", default=None,
+                        help="run integration and e2e tests against this existing cluster instead")
     group.addoption("--kind", action="store_true", default=False,
-                    help="run integration tests on a kind cluster (pytest-kind; needs a Docker engine)")
+                    help="run the integration tests on the session's kind cluster too (pytest-kind; Docker, "
+                         "or podman with the node image hack/build-kind makes)")
     group.addoption("--update-golden", action="store_true", default=False,
                     help="rewrite tests/golden/ files from the builders instead of comparing")
 
@@ -41,16 +48,34 @@ def _failed(session: pytest.Session) -> bool:
 
 def _describe(config: pytest.Config, c: Cluster) -> Cluster:
     """Remember which API server the integration tests used, for the terminal summary."""
-    version = json.loads(c.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
-    server = c.kubectl("config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}").stdout
-    config.stash[CLUSTER_SEEN] = f"{c.flavour} kube-apiserver {version} at {server}"
+    config.stash[CLUSTER_SEEN] = c.describe()
     return c
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the e2e tier last: its kind cluster is made at the first e2e test, after the fast tier's results."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     seen = config.stash.get(CLUSTER_SEEN, None)
     if seen:
         terminalreporter.write_line(f"integration tests ran against: {seen}")
+    e2e = config.stash.get(E2E_SEEN, None)
+    if e2e:
+        terminalreporter.write_line(f"e2e tests ran on: {e2e}")
+
+
+@pytest.fixture(scope="session")
+def kind_session(request: pytest.FixtureRequest) -> Iterator[KindSession]:
+    """A cluster whose pods run, with Meshward's images in it: one kind cluster per session (or --kubeconfig's)."""
+    kubeconfig_opt = request.config.getoption("--kubeconfig")
+    if kubeconfig_opt and request.config.getoption("--kind"):
+        pytest.fail("--kubeconfig and --kind are exclusive: pick one cluster")
+    with kind_session_for(Path(kubeconfig_opt).resolve() if kubeconfig_opt else None,
+                          failed=lambda: _failed(request.session)) as session:
+        request.config.stash[E2E_SEEN] = session.describe()
+        yield session
 
 
 @pytest.fixture(scope="session")
@@ -66,19 +91,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
                         Cluster(Path(kubeconfig_opt).resolve(), paths["kubectl"], paths["helm"], "external"))
         return
     if use_kind:
-        try:
-            from pytest_kind import KindCluster
-        except ImportError as e:
-            pytest.fail(f"--kind needs pytest-kind: pip install -e '.[kind]' ({e})")
-        if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
-            pytest.fail("--kind needs a running Docker engine; use the default local control plane instead")
-        kind = KindCluster("meshward-test")
-        kind.create()
-        try:
-            yield _describe(request.config,
-                            Cluster(Path(kind.kubeconfig_path), paths["kubectl"], paths["helm"], "kind"))
-        finally:
-            kind.delete()
+        yield _describe(request.config, request.getfixturevalue("kind_session").cluster)
         return
 
     from meshward.localcluster import Binaries, down, up

@@ -1,8 +1,10 @@
-"""A small test-side handle on a Kubernetes cluster: kubectl and helm with its kubeconfig."""
+"""A small test-side handle on a Kubernetes cluster: kubectl and helm with its kubeconfig, and the e2e kind cluster."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,12 @@ class Cluster:
             raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
 
+    def describe(self) -> str:
+        """Which API server this is, for the session summary."""
+        version = json.loads(self.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
+        server = self.kubectl("config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}").stdout
+        return f"{self.flavour} kube-apiserver {version} at {server}"
+
     def apply(self, *docs: dict[str, Any]) -> None:
         self.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
 
@@ -77,15 +85,105 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 60, interva
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
-def tool_paths(build: bool = True) -> dict[str, str]:
-    """The control-plane programs from hack/ (`build`: compile them first; cached, idempotent)."""
+def tool_paths(build: bool = True, only: tuple[str, ...] = ("etcd", "kube", "helm")) -> dict[str, str]:
+    """The control-plane programs from hack/ (`build`: compile `only` these first; cached, idempotent)."""
     tool = ROOT / "hack" / "build-control-plane"
     if build:
-        for what in ("etcd", "kube", "helm"):
+        for what in only:
             # Progress goes to stderr, which pytest shows when the build fails.
             subprocess.run([str(tool), what], check=True, stdout=sys.stderr)
     out = subprocess.run([str(tool), "paths"], check=True, capture_output=True, text=True).stdout
     return dict(line.split("=", 1) for line in out.splitlines())
+
+
+def kind_paths(build: bool = True) -> dict[str, str]:
+    """kind, the node image and Meshward's images from hack/build-kind (`build`: build them first; cached)."""
+    tool = ROOT / "hack" / "build-kind"
+    if build:
+        subprocess.run([str(tool), "all"], check=True, stdout=sys.stderr)
+    out = subprocess.run([str(tool), "paths"], check=True, capture_output=True, text=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines())
+
+
+@dataclass(frozen=True)
+class KindSession:
+    """The e2e tier's cluster: pods run there, and Meshward's images are in it."""
+
+    cluster: Cluster
+    name: str
+    images: dict[str, str]
+    node_image: str = ""
+    provider: str = ""
+
+    def describe(self) -> str:
+        """What the e2e tests ran on, for the session summary."""
+        if not self.provider:
+            return f"the cluster of {self.cluster.kubeconfig}: {self.cluster.describe()}"
+        return (f"kind cluster {self.name} ({self.provider}, node image {self.node_image or 'kind default'}): "
+                f"{self.cluster.describe()}")
+
+
+@contextmanager
+def kind_session_for(kubeconfig: Path | None, failed: Callable[[], bool]) -> Iterator[KindSession]:
+    """A kind cluster through pytest-kind for the block (or the cluster at `kubeconfig`, images already in it).
+
+    The host's state is recorded before the cluster exists and checked after it is gone; logs are exported
+    (`kind export logs`) when `failed()` says a test failed.
+    """
+    paths = tool_paths()
+    if kubeconfig is not None:
+        built = kind_paths(build=False)
+        images = {"meshward": built["meshward-image"], "echo": built["echo-image"]}
+        yield KindSession(Cluster(kubeconfig, paths["kubectl"], paths["helm"], "external"), "external", images)
+        return
+    try:
+        from pytest_kind import KindCluster
+    except ImportError as e:
+        raise AssertionError(f"the e2e tier needs pytest-kind: pip install -e '.[dev]' ({e})") from e
+    from meshward.kindcluster import DEFAULT_CONFIG, Kind, capture, differences
+
+    built = kind_paths()
+    kind = Kind.here(built["kind"])
+    name = f"meshward-e2e-{uuid.uuid4().hex[:6]}"
+    work = Path(tempfile.mkdtemp(prefix="meshward-kind-"))
+    saved_env = {k: os.environ.get(k) for k in kind.env}
+    os.environ.update(kind.env)  # pytest-kind runs kind with the inherited environment
+    kind.settle()
+    before = capture()
+    kind.guard_host()
+    config = work / "kind.yaml"
+    config.write_text(DEFAULT_CONFIG)
+    handle = KindCluster(name, work / "kubeconfig", image=built["node-image"] or None,
+                         kind_path=Path(built["kind"]), kubectl_path=Path(paths["kubectl"]))
+    try:
+        kind.guard_egress()
+        handle.create(config)
+        cluster = Cluster(work / "kubeconfig", paths["kubectl"], paths["helm"], "kind")
+        cluster.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=120s", timeout=150)
+        cluster.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns", "--timeout=120s", timeout=150)
+        images = {"meshward": built["meshward-image"], "echo": built["echo-image"]}
+        kind.load(name, list(images.values()))
+        yield KindSession(cluster, name, images, built["node-image"], kind.provider)
+    finally:
+        if failed():
+            logs = work / "logs"
+            kind.export_logs(name, logs)
+            print(f"\n[kind] cluster logs exported to {logs}", file=sys.stderr)
+        try:
+            handle.delete()
+        finally:
+            problems = kind.restore_host()
+            shutil.rmtree(handle.path, ignore_errors=True)  # pytest-kind's .pytest-kind/<name>
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        left = differences(before, capture())
+        if kind.provider == "docker":
+            left = [d for d in left if d.startswith(("sysctl", "/"))]
+        if problems or left:
+            raise AssertionError("the host is not as it was before the kind cluster: " + "; ".join(problems + left))
 
 
 @contextmanager

@@ -47,15 +47,15 @@ def test_second_cluster_runs_beside_the_first_and_down_removes_it(cluster: Clust
     assert "no cluster state" in missing.stderr
 
 
-def test_make_dev_starts_a_cluster_with_the_operator_and_down_stops_both(cluster: Cluster, tmp_path: Path) -> None:
-    """`hack/dev` (what `make dev` runs after installing): CRDs, examples, and a running operator."""
+def test_make_dev_local_starts_a_cluster_with_the_operator_and_down_stops_both(cluster: Cluster, tmp_path: Path) -> None:
+    """`hack/dev-local` (what `make dev-local` runs after installing): CRDs, examples, and a running operator."""
     from tests.support.procs import free_port
 
     state = tmp_path / "dev"
     env = {**os.environ, "MESHWARD_CLUSTER_DIR": str(state), "MESHWARD_SIGNER_PORT": str(free_port()),
            "MESHWARD_METRICS_PORT": str(free_port())}
     try:
-        dev = subprocess.run([str(ROOT / "hack" / "dev")], env=env, capture_output=True, text=True, timeout=300)
+        dev = subprocess.run([str(ROOT / "hack" / "dev-local")], env=env, capture_output=True, text=True, timeout=300)
         assert dev.returncode == 0, dev.stderr
         assert "meshward ca rotate" in dev.stdout
         second = Cluster(state / "kubeconfig", cluster.kubectl_bin, cluster.helm_bin, "local")

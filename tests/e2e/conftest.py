@@ -1,0 +1,83 @@
+"""Fixtures of the e2e tier (real pods on the session's kind cluster): the operator installed by its chart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kube import Cluster, KindSession, wait_until
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "meshward"
+# The namespace the agent's defaults expect the operator in (meshward-signer.meshward-system.svc).
+OPERATOR_NAMESPACE = "meshward-system"
+
+
+@dataclass(frozen=True)
+class Release:
+    """The operator as `helm install` made it."""
+
+    cluster: Cluster
+    name: str
+    namespace: str
+    image: str
+
+    def pods(self) -> list[dict[str, Any]]:
+        """The operator's pods."""
+        items: list[dict[str, Any]] = self.cluster.get_json(
+            "-n", self.namespace, "pods", "-l", f"app.kubernetes.io/instance={self.name}")["items"]
+        return items
+
+    def ready_replicas(self) -> int:
+        """Operator pods that are Ready and not terminating."""
+        return sum(1 for p in self.pods() if not p["metadata"].get("deletionTimestamp")
+                   and all(c.get("ready") for c in p.get("status", {}).get("containerStatuses") or [{}]))
+
+    def leader(self) -> str:
+        """The pod holding the Lease (its identity is `<pod name>-<pid>`), once it is labelled as the leader."""
+        holder = self.cluster.kubectl("-n", self.namespace, "get", "lease", "meshward-operator", "-o",
+                                      "jsonpath={.spec.holderIdentity}", check=False).stdout
+        labelled = [p["metadata"]["name"] for p in self.pods()
+                    if p["metadata"].get("labels", {}).get("meshward.io/leader") == "true"
+                    and not p["metadata"].get("deletionTimestamp")]
+        return labelled[0] if len(labelled) == 1 and holder.startswith(labelled[0] + "-") else ""
+
+
+def image_values(image: str) -> list[str]:
+    """`helm --set` arguments for a locally built image (never pulled: it is not in any registry)."""
+    repository, _, tag = image.rpartition(":")
+    return ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never"]
+
+
+def pod(namespace: str, name: str, image: str, command: list[str], **spec: Any) -> dict[str, Any]:
+    """A one-container Pod manifest."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
+            "spec": {"containers": [{"name": name, "image": image, "imagePullPolicy": "Never", "command": command}],
+                     **spec}}
+
+
+def wait_ready(cluster: Cluster, namespace: str, *what: str, timeout: int = 120) -> None:
+    """`kubectl wait` for Ready, with the pods' state in the failure message."""
+    proc = cluster.kubectl("-n", namespace, "wait", "--for=condition=Ready", *what, f"--timeout={timeout}s",
+                           check=False, timeout=timeout + 30)
+    if proc.returncode:
+        state = cluster.kubectl("-n", namespace, "get", "pods", "-o", "wide", check=False).stdout
+        events = cluster.kubectl("-n", namespace, "get", "events", "--sort-by=.lastTimestamp", check=False).stdout
+        raise AssertionError(f"{' '.join(what)} not Ready in {timeout} s:\n{proc.stderr}\n{state}\n{events[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def release(kind_session: KindSession) -> Iterator[Release]:
+    """The operator installed by the Helm chart with the locally built image, two replicas, one leading."""
+    cluster = kind_session.cluster
+    rel = Release(cluster, "meshward", OPERATOR_NAMESPACE, kind_session.images["meshward"])
+    cluster.helm("install", rel.name, str(CHART), "-n", rel.namespace, "--create-namespace", "--wait",
+                 "--timeout", "180s", *image_values(rel.image), timeout=240)
+    try:
+        wait_until("a labelled leader", rel.leader, timeout=60)
+        yield rel
+    finally:
+        cluster.helm("uninstall", rel.name, "-n", rel.namespace, "--wait", check=False, timeout=180)
