@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -113,7 +114,9 @@ def container_env(cache: Path, chosen: str) -> dict[str, str]:
     conf = root / "containers.conf"
     storage = root / "storage.conf"
     want_conf = CONTAINERS_CONF.format(networks=networks)
-    want_storage = STORAGE_CONF.format(graphroot=root / "storage", runroot=Path("/run/meshward-containers"))
+    # Each store needs its own run directory (several caches may live side by side, e.g. in CI).
+    tag = hashlib.sha256(str(root).encode()).hexdigest()[:8]
+    want_storage = STORAGE_CONF.format(graphroot=root / "storage", runroot=Path("/run/meshward-containers") / tag)
     for path, text in ((conf, want_conf), (storage, want_storage)):
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
@@ -151,8 +154,8 @@ def _sysctl_name(path: Path, root: Path) -> str:
 
 def _per_interface(parts: tuple[str, ...]) -> bool:
     """Per-interface network settings come and go with their interfaces: not host state."""
-    return len(parts) >= 3 and parts[0] == "net" and parts[1] in ("ipv4", "ipv6") and \
-        parts[2] in ("conf", "neigh") and (len(parts) < 4 or parts[3] not in ("all", "default"))
+    return len(parts) >= 4 and parts[0] == "net" and parts[1] in ("ipv4", "ipv6") and \
+        parts[2] in ("conf", "neigh") and parts[3] not in ("all", "default")
 
 
 def read_sysctls(root: Path = Path("/proc/sys")) -> dict[str, str]:
@@ -240,6 +243,13 @@ def restore(before: HostState, *, full: bool, run: Callable[..., subprocess.Comp
                 old = set(before.iptables.get(family, {}).get(table, []))
                 new_rules = [ln for ln in lines if ln.startswith("-A ") and ln not in old]
                 new_chains = [ln[1:] for ln in lines if ln.startswith(":") and ln not in old and " " not in ln]
+                # A built-in chain's policy is recorded only when it is not ACCEPT (`:FORWARD DROP`).
+                was = {ln[1:].split()[0]: ln.split()[1] for ln in old if ln.startswith(":") and " " in ln}
+                for ln in lines:
+                    if ln.startswith(":") and " " in ln and ln not in old:
+                        chain = ln[1:].split()[0]
+                        run([family, "-w", "-t", table, "-P", chain, was.get(chain, "ACCEPT")],
+                            capture_output=True, text=True)
                 for rule in new_rules:
                     run([family, "-w", "-t", table, "-D", *shlex.split(rule)[1:]], capture_output=True, text=True)
                 for chain in new_chains:
