@@ -7,7 +7,10 @@ the same Envoy config, whose security properties are the point:
   (early header mutation), so the request attributes the HTTP transport passes in
   `x-meshward-authz-*` headers can only come from Envoy's own command operators;
 - paths are normalized (RFC 3986 §6), slashes merged, escaped slashes unescaped
-  and redirected, before authorization sees them;
+  and redirected, and a trailing dot dropped from the host, before authorization sees
+  them;
+- headers with an underscore in their name are dropped: WSGI/CGI (and PHP) apps read
+  `x_meshward_sub` as `HTTP_X_MESHWARD_SUB`, the variable of Meshward's own header;
 - the HTTP/1.1 ext_authz transport is the default (measured ~3x the gRPC rate);
 - with SDS, the workload certificate and trust bundle come from the agent over a Unix
   socket and rotate without a restart; inbound admits any SPIFFE ID of the trust
@@ -29,6 +32,9 @@ OWNED_PREFIX = "x-meshward-"
 CLIENT_HEADERS = ("www-authenticate", "content-type", "x-meshward-decision-id")
 # Headers the agent reads besides its attributes (the token sources and request id).
 DEFAULT_ALLOWED_HEADERS = ("authorization", "cookie", "x-request-id")
+# Headers the agent may set on the request to the app: its own, and `cookie` (rewritten without the
+# cookie that carried the token).
+UPSTREAM_HEADERS = ({"prefix": OWNED_PREFIX}, {"exact": "cookie"})
 # The agent answers in well under a millisecond; a slow answer is a sick agent, and denies.
 DEFAULT_AUTHZ_TIMEOUT_S = 0.5
 
@@ -112,17 +118,15 @@ def _ext_authz(cfg: InboundConfig) -> dict[str, Any]:
         "status_on_error": {"code": "ServiceUnavailable"},
         "include_peer_certificate": False,
     }
-    allowed = [{"exact": h} for h in cfg.allowed_headers]
+    base["allowed_headers"] = {"patterns": [{"exact": h} for h in cfg.allowed_headers]}
     if cfg.transport == "grpc":
         base["grpc_service"] = {"envoy_grpc": {"cluster_name": "meshward_authz"},
                                 "timeout": _duration(cfg.authz_timeout_s)}
-        base["allowed_headers"] = {"patterns": allowed}
     else:
         base["http_service"] = {
             "server_uri": {"uri": "http://meshward-authz", "cluster": "meshward_authz",
                            "timeout": _duration(cfg.authz_timeout_s)},
             "authorization_request": {
-                "allowed_headers": {"patterns": allowed},
                 "headers_to_add": [
                     {"key": ATTR_PEER, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
                     {"key": ATTR_PORT, "value": "%DOWNSTREAM_LOCAL_PORT%"},
@@ -130,7 +134,7 @@ def _ext_authz(cfg: InboundConfig) -> dict[str, Any]:
                 ],
             },
             "authorization_response": {
-                "allowed_upstream_headers": {"patterns": [{"prefix": OWNED_PREFIX}]},
+                "allowed_upstream_headers": {"patterns": list(UPSTREAM_HEADERS)},
                 "allowed_client_headers": {"patterns": [{"exact": h} for h in CLIENT_HEADERS]},
             },
         }
@@ -214,6 +218,8 @@ def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
         "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                   "HttpConnectionManager"),
         "stat_prefix": "inbound",
+        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
+        "strip_trailing_host_dot": True,
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",

@@ -98,13 +98,15 @@ class Proxy:
             conn.close()
 
 
-def envoy_for(mesh: Mesh, transport: str, authz: Endpoint | None = None) -> tuple[dict[str, Any], int, int]:
+def envoy_for(mesh: Mesh, transport: str, authz: Endpoint | None = None,
+              app_port: int | None = None) -> tuple[dict[str, Any], int, int]:
     port, admin = free_port(), free_port()
     if authz is None:
         authz = (Endpoint(unix=mesh.agent.http.removeprefix("unix:")) if transport == "http"
                  else Endpoint(port=int(mesh.agent.grpc.rsplit(":", 1)[1])))
     boot = build_inbound_bootstrap(InboundConfig(
-        listen=Endpoint(port=port), admin=Endpoint(port=admin), app=Endpoint(port=mesh.echo.port), authz=authz,
+        listen=Endpoint(port=port), admin=Endpoint(port=admin), app=Endpoint(port=app_port or mesh.echo.port),
+        authz=authz,
         transport=transport,  # type: ignore[arg-type]
         tls=Tls(str(mesh.server.cert), str(mesh.server.key), str(mesh.ca.ca_file))))
     return boot, port, admin
@@ -138,6 +140,27 @@ def test_client_cannot_spoof_identity_or_attribute_headers(proxy: Proxy) -> None
     # The batch workload claims to be the frontend through the attribute header: still denied.
     status, _, _ = proxy.call(token=proxy.mesh.idp.token(), client=proxy.mesh.batch, headers=spoof)
     assert status == 403
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_identity_header_spoofing_through_underscores_never_reaches_a_wsgi_app(mesh: Mesh, transport: str) -> None:
+    """`x_meshward_sub` is HTTP_X_MESHWARD_SUB to WSGI/CGI/PHP apps, the very variable of `x-meshward-sub`: alone
+    it would be taken as the identity, next to the real header joined into `admin,alice`."""
+    from tests.support.procs import WsgiEcho
+
+    app = WsgiEcho()
+    boot, port, admin = envoy_for(mesh, transport, app_port=app.port)
+    try:
+        with run_envoy(boot, mesh.workdir, admin, name=f"envoy-wsgi-{transport}"):
+            proxy = Proxy(port, mesh, transport)
+            spoof = {"x_meshward_sub": "admin", "X_Meshward_Iss": "https://evil", "x_meshward_tenant": "acme"}
+            status, _, environ = proxy.call(token=mesh.idp.token(), headers=spoof)
+            assert status == 200
+            assert environ["HTTP_X_MESHWARD_SUB"] == "alice"
+            assert environ["HTTP_X_MESHWARD_ISS"] == mesh.idp.issuer
+            assert "HTTP_X_MESHWARD_TENANT" not in environ
+    finally:
+        app.close()
 
 
 def test_bad_token_is_401_with_www_authenticate(proxy: Proxy) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
 
 import yaml
@@ -69,6 +70,33 @@ class Echo:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class WsgiEcho:
+    """A WSGI app (wsgiref) answering with the CGI variables it was given: what a Flask or Django app reads."""
+
+    def __init__(self) -> None:
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+            body = json.dumps({k: v for k, v in environ.items() if k.startswith("HTTP_")}).encode()
+            start_response("200 OK", [("content-type", "application/json"), ("content-length", str(len(body)))])
+            return [body]
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Threaded(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+
+        self.server = make_server("127.0.0.1", 0, app, server_class=Threaded, handler_class=Quiet)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
