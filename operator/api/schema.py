@@ -36,6 +36,8 @@ HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CON
 RESERVED_CONTEXT_CLAIMS = ["iss", "aud", "exp", "nbf", "iat", "jti", "act"]
 # http:// is allowed only on loopback, for tests and the local mesh.
 _LOOPBACK_HTTP = r"^http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?(/.*)?$"
+# user@host in a URL's authority: `http://localhost@192.0.2.2/` goes to 192.0.2.2.
+_USERINFO = r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*@"
 _DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
@@ -135,7 +137,8 @@ _MODE_DESC = ("Enforce applies the decision; Audit decides, logs and counts the 
 
 def jwt_issuer_schema() -> Schema:
     """Return the schema of one trusted end-user JWT issuer."""
-    url_ok = f"self.startsWith('https://') || self.matches({cel_str(_LOOPBACK_HTTP)})"
+    url_ok = (f"(self.startsWith('https://') || self.matches({cel_str(_LOOPBACK_HTTP)})) && "
+              f"!self.matches({cel_str(_USERINFO)})")
     return obj(
         "An identity provider whose end-user JWTs the selected workloads accept.",
         {
@@ -143,8 +146,9 @@ def jwt_issuer_schema() -> Schema:
                 "The exact `iss` claim of accepted tokens; an https URL (http only on loopback).",
                 maxLength=512,
                 **{"x-kubernetes-validations": [rule(
-                    url_ok, "spec.jwt[].issuer must be an https URL such as https://idp.example.com "
-                            "(plain http is allowed only for 127.0.0.1, localhost or [::1])")]},
+                    url_ok, "spec.jwt[].issuer must be an https URL such as https://idp.example.com, without "
+                            "user@ (plain http is allowed only for 127.0.0.1, localhost or [::1]; serve an "
+                            "in-cluster IdP over https and set caFile)")]},
             ),
             "audiences": array(
                 string("An audience.", maxLength=512),
@@ -156,8 +160,9 @@ def jwt_issuer_schema() -> Schema:
                 "the issuer's OIDC discovery document (<issuer>/.well-known/openid-configuration).",
                 maxLength=2048,
                 **{"x-kubernetes-validations": [rule(
-                    url_ok, "spec.jwt[].jwksUri must be an https URL (plain http is allowed only for "
-                            "127.0.0.1, localhost or [::1]); keys fetched over plain http can be forged")]},
+                    url_ok, "spec.jwt[].jwksUri must be an https URL without user@ (plain http is allowed "
+                            "only for 127.0.0.1, localhost or [::1]); keys fetched over plain http can be "
+                            "forged")]},
             ),
             "algorithms": array(
                 string("A JWS algorithm.", enum=JWT_ALGORITHMS),
@@ -187,9 +192,16 @@ def jwt_issuer_schema() -> Schema:
                 minimum="0s", maximum="5m", field="spec.jwt[].clockSkew",
                 why="; more skew accepts tokens long after they expired"),
             "maxTokenLifetime": duration(
-                "Reject tokens whose `exp - iat` is longer than this, however valid their signature.",
-                minimum="1m", maximum="24h", field="spec.jwt[].maxTokenLifetime",
+                "Reject tokens whose `exp - iat` (or, without `iat`, `exp` - now) is longer than this, "
+                "however valid their signature.", "24h",
+                minimum="1m", maximum="168h", field="spec.jwt[].maxTokenLifetime",
                 why="; long-lived bearer tokens cannot be revoked in time"),
+            "tokenTypes": array(
+                string("A JWT `typ` header value, e.g. `at+jwt`; compared case-insensitively, with or "
+                       "without `application/`.", maxLength=64),
+                "Accepted `typ` values. Default: `JWT` and `at+jwt` (RFC 9068), and tokens without `typ`. "
+                "JWTs made for other purposes (`logout+jwt`, `secevent+jwt`, `dpop+jwt`, …) are refused "
+                "unless listed here.", max_items=8),
         },
         required=["issuer", "audiences"],
     )
@@ -237,15 +249,26 @@ def auth_rule_schema() -> Schema:
                                "spec.rules[].to.paths: a path must start with '/' (e.g. /orders/*), "
                                "or be '*' for any path")]}),
                     "Request paths.", max_items=64),
-                "hosts": array(string("A Host/:authority value; a leading `*.` matches subdomains."),
+                "pathMatch": string(
+                    "How `paths` compare with the request path, after Envoy's normalization (RFC 3986 dot "
+                    "segments, merged slashes, decoded `%2F` redirected). `Strict`: exactly. `Lenient`: also "
+                    "ignoring case, `;parameters` in a segment, trailing dots of a segment and percent-encoded "
+                    "unreserved characters, so `/ADMIN;x./users` and `/%61dmin/users` match `/admin/*`. "
+                    "Default: Lenient for Deny rules (an app that reads those forms as the denied resource "
+                    "cannot be reached around the rule), Strict for Allow rules.",
+                    enum=["Strict", "Lenient"]),
+                "hosts": array(string("A Host/:authority value; a leading `*.` matches subdomains. The "
+                                      "port and a trailing dot of the request's host are ignored.",
+                                      maxLength=253),
                                "Request hosts.", max_items=64),
                 "ports": array({"type": "integer", "minimum": 1, "maximum": 65535,
                                 "description": "A destination port."},
                                "Destination ports of the workload.", max_items=32),
             }),
             "when": array(
-                string("A CEL expression over `request`, `claims` and `source` that must be true, e.g. "
-                       "\"'orders:read' in claims.scope.split(' ')\".", maxLength=1024),
+                string("A CEL expression over `request`, `claims`, `scopes` and `source` that must be true, "
+                       "e.g. \"'orders:read' in scopes\" (`scopes`: the token's space-separated `scope` and "
+                       "its `scp` array, as one list).", maxLength=1024),
                 "Conditions, all of which must hold. Compiled once when the policy is loaded.",
                 max_items=16),
         },

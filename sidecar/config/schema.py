@@ -29,6 +29,14 @@ DEFAULT_MAX_TOKEN_BYTES = 8192
 # Enough for a busy pod's distinct users; each entry is a few hundred bytes.
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
 DEFAULT_CLOCK_SKEW_S = 30.0
+# Bearer tokens cannot be revoked in flight: a token living longer than a day is refused unless an
+# issuer says otherwise, and no issuer may allow more than a week (a 10-year token was accepted before).
+DEFAULT_MAX_LIFETIME_S = 86_400.0
+MAX_LIFETIME_BOUND_S = 7 * 86_400.0
+# JWT `typ` values of access tokens (RFC 9068 §2.1; RFC 7519 §5.1), compared case-insensitively without
+# an `application/` prefix (RFC 7515 §4.1.9). Tokens without `typ` are accepted too. Anything else is a
+# JWT made for another purpose (logout+jwt, secevent+jwt, dpop+jwt, id_token+jwt…) and refused.
+DEFAULT_TOKEN_TYPES = ("jwt", "at+jwt")
 # How often the JWKS is refreshed in the background; unknown `kid`s trigger earlier refetches.
 DEFAULT_JWKS_REFRESH_S = 300.0
 # At most one unknown-kid refetch per issuer per this many seconds (a flood of random kids
@@ -38,7 +46,8 @@ DEFAULT_JWKS_TIMEOUT_S = 5.0
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
-_LOOPBACK_HTTP = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?(/.*)?$")
+# Hosts plain http is accepted for: this machine only.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 Mode = Literal["Enforce", "Audit"]
 Action = Literal["Allow", "Deny"]
@@ -72,8 +81,10 @@ class Issuer:
     sources: tuple[TokenSource, ...]
     forward_original_token: bool = False
     clock_skew_s: float = DEFAULT_CLOCK_SKEW_S
-    max_lifetime_s: float | None = None
+    max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S
     ca_file: str | None = None
+    # Accepted `typ` values, lowercase without `application/`; tokens without `typ` always pass this check.
+    token_types: frozenset[str] = frozenset(DEFAULT_TOKEN_TYPES)
 
 
 @dataclass(frozen=True)
@@ -85,14 +96,21 @@ class From:
     namespaces: tuple[str, ...] = ()
 
 
+PathMatch = Literal["Strict", "Lenient"]
+
+
 @dataclass(frozen=True)
 class To:
-    """What is called: methods, paths, hosts, ports (each ORed within)."""
+    """What is called: methods, paths, hosts, ports (each ORed within).
+
+    `path_match` None means the default: Lenient for Deny rules, Strict for Allow rules.
+    """
 
     methods: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()
+    path_match: PathMatch | None = None
 
 
 @dataclass(frozen=True)
@@ -223,10 +241,42 @@ def _positive(r: _Reader, key: str, default: float, *, maximum: float | None = N
     return v
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` may not be fetched for keys (None when it may): https, or plain http to this machine only.
+
+    Parsed, not prefix-matched: `http://localhost@192.0.2.2/` is a request to 192.0.2.2 with userinfo.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("https", "http"):
+        return "is not an http(s) URL"
+    if any(ch.isspace() or ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
+        return "contains whitespace or control characters"
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        return "must not carry userinfo (user@host): the host is what follows the @"
+    host = authority
+    if host.startswith("["):
+        host = host[: host.find("]") + 1] if "]" in host else ""
+    else:
+        host = host.rsplit(":", 1)[0] if ":" in host else host
+    if not host:
+        return "has no host"
+    port = authority[len(host):]
+    if port and not (port.startswith(":") and port[1:].isdigit() and 0 < int(port[1:]) < 65536):
+        return f"has an invalid port {port!r}"
+    if scheme.lower() == "http" and host.lower() not in LOOPBACK_HOSTS:
+        return ("uses plain http to another machine, so its keys could be forged on the way; serve it over https "
+                "(an in-cluster IdP: a TLS certificate for its Service name, and caFile for its CA)")
+    return None
+
+
 def _url(r: _Reader, key: str, *, required: bool) -> str | None:
     v = r.get(key, str, required=required)
-    if v is not None and not (v.startswith("https://") or _LOOPBACK_HTTP.match(v)):
-        raise ConfigError(r.at(key), f"{v!r} must be an https URL (plain http only on loopback)")
+    if v is not None:
+        problem = url_problem(v)
+        if problem:
+            raise ConfigError(r.at(key), f"{v!r} must be an https URL without user@ (plain http only to 127.0.0.1, "
+                                         f"localhost or [::1]): it {problem}")
     return v  # type: ignore[no-any-return]
 
 
@@ -257,14 +307,16 @@ def _issuer(data: Any, path: str) -> Issuer:
     skew = float(r.get("clockSkewSeconds", float, DEFAULT_CLOCK_SKEW_S))
     if not 0 <= skew <= 300:
         raise ConfigError(r.at("clockSkewSeconds"), f"must be between 0 and 300, got {skew:g}")
-    max_life = r.get("maxLifetimeSeconds", float)
-    if max_life is not None and max_life <= 0:
-        raise ConfigError(r.at("maxLifetimeSeconds"), "must be greater than 0")
+    max_life = float(r.get("maxLifetimeSeconds", float, DEFAULT_MAX_LIFETIME_S))
+    if not 0 < max_life <= MAX_LIFETIME_BOUND_S:
+        raise ConfigError(r.at("maxLifetimeSeconds"), f"must be greater than 0 and at most {MAX_LIFETIME_BOUND_S:g} "
+                                                      f"(7 days), got {max_life:g}")
+    types = tuple(t.lower().removeprefix("application/") for t in r.strings("tokenTypes")) or DEFAULT_TOKEN_TYPES
     out = Issuer(
         issuer=issuer, audiences=audiences, jwks_uri=_url(r, "jwksUri", required=False),
         algorithms=frozenset(algorithms), sources=tuple(sources),
         forward_original_token=bool(r.get("forwardOriginalToken", bool, False)),
-        clock_skew_s=skew, max_lifetime_s=max_life, ca_file=r.get("caFile", str),
+        clock_skew_s=skew, max_lifetime_s=max_life, ca_file=r.get("caFile", str), token_types=frozenset(types),
     )
     r.done()
     return out
@@ -313,7 +365,10 @@ def _rule(data: Any, path: str, policy_mode: Mode) -> Rule:
         for n, port in enumerate(ports):
             if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
                 raise ConfigError(f"{tr.at('ports')}[{n}]", f"{port!r} must be a port number 1..65535")
-        to = To(methods, paths, tuple(h.lower() for h in tr.strings("hosts")), ports)
+        path_match = tr.get("pathMatch", str)
+        if path_match not in (None, "Strict", "Lenient"):
+            raise ConfigError(tr.at("pathMatch"), f"{path_match!r} must be Strict or Lenient")
+        to = To(methods, paths, tuple(h.lower() for h in tr.strings("hosts")), ports, path_match)
         tr.done()
     when = r.strings("when")
     r.done()

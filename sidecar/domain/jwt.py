@@ -256,6 +256,10 @@ def check_header(token: ParsedToken, issuer: Issuer) -> str:
     kid = h.get("kid")
     if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > MAX_KID_LEN):
         raise JwtError("malformed key id")
+    typ = h.get("typ")
+    if typ is not None and (not isinstance(typ, str) or
+                            typ.lower().removeprefix("application/") not in issuer.token_types):
+        raise JwtError("token type not accepted (not an access token)")
     return alg
 
 
@@ -273,7 +277,7 @@ def check_claims(claims: Mapping[str, Any], issuer: Issuer, now: float) -> float
     iat = _number(claims, "iat")
     if iat is not None and iat > now + skew:
         raise JwtError("token issued in the future")
-    if issuer.max_lifetime_s is not None and exp - (iat if iat is not None else now) > issuer.max_lifetime_s + skew:
+    if exp - (iat if iat is not None else now) > issuer.max_lifetime_s + skew:
         raise JwtError("token lifetime too long")
     aud = claims.get("aud")
     if isinstance(aud, str):

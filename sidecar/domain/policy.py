@@ -10,8 +10,10 @@ Semantics (docs/decisions.md):
 - Errors never grant access: a `when` expression that fails makes an Allow rule
   not match and a Deny rule match.
 
-Matching is precompiled into sets, prefix tuples and regexes so that a request
-costs a few dict and string operations per rule; CEL `when` conditions are
+Matching is precompiled into sets, prefix tuples and RE2 automata so that a request
+costs a few dict and string operations per rule, and never more than linear time in
+the request (a backtracking regex for `/files/*-*-*-*.txt` took 34 s of CPU on a
+607-character path); CEL `when` conditions are
 compiled once (Rust CEL, ~20 µs per evaluation, vs ~545 µs for cel-python measured
 on the same machine) and evaluated only when the rest of the rule matched.
 """
@@ -23,6 +25,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import re2
 
 from meshward.sidecar.config.schema import ConfigError, Policy, Rule
 from meshward.sidecar.domain.cel_engine import cel
@@ -58,10 +62,49 @@ def _wildcard(values: Sequence[str]) -> Callable[[str | None], bool]:
     return match
 
 
+# Characters with a meaning in RE2 syntax; everything else in a glob is literal.
+_RE2_SPECIAL = frozenset("\\.+*?()|[]{}^$")
+# RFC 3986 §2.3 unreserved characters: percent-encoding them changes nothing (§6.2.2.2), so an app
+# may decode `/%61dmin` to `/admin`.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _literal(text: str) -> str:
+    return "".join("\\" + ch if ch in _RE2_SPECIAL else ch for ch in text)
+
+
 def _glob_regex(pattern: str) -> str:
-    """A path glob as a regex: `*` is one segment, `**` any number of them."""
-    return "".join(".*" if part == "**" else "[^/]*" if part == "*" else re.escape(part)
+    """A path glob as an RE2 regex: `*` is one segment, `**` any number of them."""
+    return "".join(".*" if part == "**" else "[^/]*" if part == "*" else _literal(part)
                    for part in re.split(r"(\*\*|\*)", pattern))
+
+
+def _decode_unreserved(path: str) -> str:
+    """Decode percent-encoded unreserved characters (`%61` -> `a`); leave every other escape as it is."""
+    parts = path.split("%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        code = part[:2]
+        ch = chr(int(code, 16)) if len(code) == 2 and all(c in "0123456789abcdefABCDEF" for c in code) else ""
+        out.append(ch + part[2:] if ch in _UNRESERVED and ch else "%" + part)
+    return "".join(out)
+
+
+def lenient_path(path: str) -> str:
+    """The path as an app that ignores case, `;parameters` and trailing dots of segments may see it.
+
+    `/ADMIN;jsessionid=x/users.` and `/%61dmin./users` both become `/admin/users`.
+    """
+    if "%" in path:
+        path = _decode_unreserved(path)
+    if ";" in path or "." in path:
+        segments = []
+        for seg in path.split("/"):
+            seg = seg.split(";", 1)[0]
+            trimmed = seg.rstrip(".")
+            segments.append(trimmed or seg)
+        path = "/".join(segments)
+    return path.lower()
 
 
 def _is_prefix(pattern: str) -> bool:
@@ -69,13 +112,18 @@ def _is_prefix(pattern: str) -> bool:
     return pattern.endswith("*") and "*" not in pattern[:-1]
 
 
-def compile_paths(patterns: Sequence[str]) -> Callable[[str], bool]:
+def compile_paths(patterns: Sequence[str], lenient: bool = False) -> Callable[[str], bool]:
     """Compile path patterns (ORed) into one matcher: exact paths, `prefix*` (any depth), `*`, and globs.
 
-    Exact paths become a set, prefixes one `str.startswith` tuple, globs one regex.
+    Exact paths become a set, prefixes one `str.startswith` tuple, globs one RE2 automaton (linear
+    time in the path, whatever the pattern). `lenient` matches `lenient_path` of the request against
+    the lowercased patterns.
     """
     if "*" in patterns:
         return lambda _p: True
+    if lenient:
+        strict = compile_paths([p.lower() for p in patterns])
+        return lambda p: strict(lenient_path(p))
     exact = frozenset(p for p in patterns if "*" not in p)
     prefixes = tuple(p[:-1] for p in patterns if _is_prefix(p))
     globs = [p for p in patterns if "*" in p and not _is_prefix(p)]
@@ -83,18 +131,19 @@ def compile_paths(patterns: Sequence[str]) -> Callable[[str], bool]:
         if not prefixes:
             return exact.__contains__
         return lambda p: p in exact or p.startswith(prefixes)
-    glob = re.compile("^(?:" + "|".join(_glob_regex(g) for g in globs) + ")$")
+    glob = re2.compile("^(?:" + "|".join(_glob_regex(g) for g in globs) + ")$")
     return lambda p: p in exact or (bool(prefixes) and p.startswith(prefixes)) or glob.match(p) is not None
 
 
-def compile_path(pattern: str) -> Callable[[str], bool]:
+def compile_path(pattern: str, lenient: bool = False) -> Callable[[str], bool]:
     """Compile one path pattern (see compile_paths)."""
-    return compile_paths([pattern])
+    return compile_paths([pattern], lenient)
 
 
 def _host_matcher(hosts: Sequence[str]) -> Callable[[str], bool]:
-    exact = frozenset(h for h in hosts if not h.startswith("*."))
-    suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
+    """Exact hosts and `*.suffix`es; the request's port and a trailing dot (`shop.svc.`) never matter."""
+    exact = frozenset(h.rstrip(".") for h in hosts if not h.startswith("*."))
+    suffixes = tuple(h[1:].rstrip(".") for h in hosts if h.startswith("*."))
 
     def match(host: str) -> bool:
         h = host.lower()
@@ -102,6 +151,7 @@ def _host_matcher(hosts: Sequence[str]) -> Callable[[str], bool]:
             h = h[: h.find("]") + 1]
         elif ":" in h:
             h = h.rsplit(":", 1)[0]
+        h = h.rstrip(".")
         return h in exact or (bool(suffixes) and h.endswith(suffixes))
 
     return match
@@ -111,11 +161,31 @@ def _split(value: str, sep: str) -> list[str]:
     return value.split(sep)
 
 
+CEL_VARIABLES = ("request", "claims", "scopes", "source")
+
+
+def token_scopes(claims: Mapping[str, Any]) -> list[str]:
+    """One list of the token's scopes, in order, without repeats.
+
+    Space-separated `scope` (RFC 8693 §4.2, RFC 9068) and `scp` arrays or strings (Okta, Azure AD, Ory Hydra).
+    """
+    out: list[str] = []
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        items = value.split() if isinstance(value, str) else value if isinstance(value, list) else []
+        out += [v for v in items if isinstance(v, str) and v and v not in out]
+    return out
+
+
 def cel_context(inp: CheckInput, token: VerifiedToken | None) -> dict[str, Any]:
-    """The variables a `when` expression sees: request, claims, source."""
+    """The variables a `when` expression sees: request, claims, scopes, source."""
+    scopes: list[str] = []
+    if token is not None:
+        scopes = token.memo.get("scopes") or token.memo.setdefault("scopes", token_scopes(token.claims))
     return {
         "request": {"method": inp.method, "path": inp.path, "host": inp.host, "headers": dict(inp.headers)},
         "claims": dict(token.claims) if token else {},
+        "scopes": scopes,
         "source": {"principal": inp.peer or "", "namespace": inp.peer_namespace or ""},
     }
 
@@ -126,10 +196,21 @@ def compile_when(expr: str, path: str) -> Any:
         program = cel.compile(expr)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(path, f"CEL does not compile: {str(e).splitlines()[0][:200]}") from e
-    unknown = set(program.variables()) - {"request", "claims", "source"}
+    unknown = set(program.variables()) - set(CEL_VARIABLES)
     if unknown:
-        raise ConfigError(path, f"CEL refers to {', '.join(sorted(unknown))}; use request, claims or source")
+        raise ConfigError(path, f"CEL refers to {', '.join(sorted(unknown))}; use {', '.join(CEL_VARIABLES)}")
     return program
+
+
+def _principal_matcher(values: Sequence[str]) -> Callable[[VerifiedToken], bool]:
+    """`<iss>/<sub>` patterns against a token.
+
+    An issuer with a trailing slash (`https://idp/`, Hydra's default) matches written either way,
+    `https://idp/alice` or `https://idp//alice`.
+    """
+    match = _wildcard(values)
+    return lambda t: match(f"{t.issuer}/{t.subject}") or (
+        t.issuer.endswith("/") and match(f"{t.issuer.rstrip('/')}/{t.subject}"))
 
 
 def _eval_when(programs: Sequence[Any], inp: CheckInput, token: VerifiedToken | None) -> bool | None:
@@ -151,7 +232,7 @@ def _eval_when(programs: Sequence[Any], inp: CheckInput, token: VerifiedToken | 
 # the same table to say which field failed.
 PART_TEMPLATES = {
     "from.principals": "{c}(inp.peer)",
-    "from.requestPrincipals": "(token is not None and {c}(token.issuer + '/' + token.subject))",
+    "from.requestPrincipals": "(token is not None and {c}(token))",
     "from.namespaces": "inp.peer_namespace in {c}",
     "to.methods": "inp.method in {c}",
     "to.paths": "{c}(inp.path)",
@@ -175,6 +256,8 @@ class CompiledRule:
     deny: bool
     enforced: bool
     parts: tuple[tuple[str, Any], ...]
+    # The compiled `when` programs one by one, for saying which condition failed (near_miss).
+    when: tuple[Any, ...] = ()
 
 
 def _when_part(programs: tuple[Any, ...], deny: bool) -> Callable[[CheckInput, VerifiedToken | None], bool]:
@@ -194,13 +277,16 @@ def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
     if f.principals:
         parts.append((T["from.principals"], _wildcard(f.principals)))
     if f.request_principals:
-        parts.append((T["from.requestPrincipals"], _wildcard(f.request_principals)))
+        parts.append((T["from.requestPrincipals"], _principal_matcher(f.request_principals)))
     if f.namespaces:
         parts.append((T["from.namespaces"], frozenset(f.namespaces)))
     if t.methods:
         parts.append((T["to.methods"], frozenset(t.methods)))
     if t.paths:
-        parts.append((T["to.paths"], compile_paths(t.paths)))
+        # Deny rules match leniently unless told otherwise: an app that reads `/ADMIN;x` as `/admin`
+        # must not be reachable around a Deny on `/admin/*`. Allow rules match strictly.
+        lenient = (t.path_match or ("Lenient" if deny else "Strict")) == "Lenient"
+        parts.append((T["to.paths"], compile_paths(t.paths, lenient)))
     if t.hosts:
         parts.append((T["to.hosts"], _host_matcher(t.hosts)))
     if t.ports:
@@ -210,7 +296,7 @@ def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
         # Last: CEL costs ~20 µs, so it runs only when everything else matched.
         parts.append((T["when"], _when_part(when, deny)))
     return CompiledRule(policy=policy.name, name=rule.name, deny=deny,
-                        enforced=rule.mode == "Enforce" and policy.mode == "Enforce", parts=tuple(parts))
+                        enforced=rule.mode == "Enforce" and policy.mode == "Enforce", parts=tuple(parts), when=when)
 
 
 def _generate(rules: Sequence[tuple[CompiledRule, Any]], default: Any
@@ -271,6 +357,29 @@ class CompiledPolicies:
         self._enforced = _generate(results([r for r in ordered if r.enforced]), default(default_deny_policy))
         self._all = _generate(results(ordered), default(audit_default_deny_policy))
 
+    def near_miss(self, inp: CheckInput, token: VerifiedToken | None) -> str:
+        """For a default deny: which condition of which Allow rule failed, or empty.
+
+        The first enforced Allow rule whose other parts matched; runs on denials only.
+        """
+        for rule in self.allow:
+            if not rule.enforced or not rule.when:
+                continue
+            scope = {"inp": inp, "token": token}
+            if not all(eval(t.format(c="c"), {**scope, "c": c})  # noqa: S307 - fixed templates, as in _generate
+                       for t, c in rule.parts if t != PART_TEMPLATES["when"]):
+                continue
+            ctx = cel.Context()
+            ctx.add_function("split", _split)
+            ctx.update(cel_context(inp, token))
+            for n, program in enumerate(rule.when):
+                try:
+                    if program.execute(ctx) is not True:
+                        return f"{rule.policy}/{rule.name}: when[{n}] is false"
+                except Exception as e:
+                    return f"{rule.policy}/{rule.name}: when[{n}] could not be evaluated: {str(e)[:120]}"
+        return ""
+
     def evaluate(self, inp: CheckInput, token: VerifiedToken | None) -> AuthzResult:
         """Return the enforced verdict, flagged `would_deny` when Audit rules would have denied."""
         enforced: AuthzResult = self._enforced(inp, token)
@@ -297,6 +406,21 @@ def compile_policies(policies: Sequence[Policy]) -> CompiledPolicies:
                             has_audit)
 
 
+def claim_value(claims: Mapping[str, Any], name: str) -> Any:
+    """A claim by name, or by dotted path into nested objects (`ext.tenant`).
+
+    A claim literally named with dots (`https://example.com/roles`) wins over the path.
+    """
+    if name in claims or "." not in name:
+        return claims.get(name)
+    value: Any = claims
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def identity_headers(headers: Mapping[str, str], token: VerifiedToken) -> list[tuple[str, str]]:
     """The configured identity headers for a verified token; values made header-safe."""
     out = []
@@ -304,7 +428,7 @@ def identity_headers(headers: Mapping[str, str], token: VerifiedToken) -> list[t
         if claim == "iss":
             value: Any = token.issuer
         else:
-            value = token.claims.get(claim)
+            value = claim_value(token.claims, claim)
         if value is None:
             continue
         text = value if isinstance(value, str) else _json(value)

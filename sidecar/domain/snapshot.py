@@ -31,6 +31,8 @@ class Snapshot:
     owned_headers: tuple[str, ...]
     # Headers carrying the original token, removed upstream unless an issuer forwards it.
     token_headers_to_strip: tuple[str, ...]
+    # Cookies carrying the original token, cut out of the upstream `cookie` header likewise.
+    token_cookies_to_strip: frozenset[str] = frozenset()
 
 
 def compile_snapshot(config: SidecarConfig) -> Snapshot:
@@ -44,6 +46,8 @@ def compile_snapshot(config: SidecarConfig) -> Snapshot:
                 sources.append(s)
     forward = {s.header for i in issuers.values() if i.forward_original_token for s in i.sources if s.header}
     strip = tuple(sorted({s.header for s in sources if s.header and s.header not in forward}))
+    forward_cookies = {s.cookie for i in issuers.values() if i.forward_original_token for s in i.sources if s.cookie}
+    strip_cookies = frozenset(s.cookie for s in sources if s.cookie and s.cookie not in forward_cookies)
     return Snapshot(
         config=config, issuers=issuers, sources=tuple(sources), policies=policies,
         require_jwt_enforced=any(p.require_jwt and p.mode == "Enforce" for p in config.policies),
@@ -51,11 +55,13 @@ def compile_snapshot(config: SidecarConfig) -> Snapshot:
         jwt_enforced=any(p.issuers and p.mode == "Enforce" for p in config.policies),
         owned_headers=tuple(config.identity_headers),
         token_headers_to_strip=strip,
+        token_cookies_to_strip=strip_cookies,
     )
 
 
-def extract_token(sources: tuple[TokenSource, ...], headers: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """Return (token, header it came from) for the first configured source present."""
+def extract_token(sources: tuple[TokenSource, ...], headers: Mapping[str, str]
+                  ) -> tuple[str | None, TokenSource | None]:
+    """Return (token, the source it came from) for the first configured source present."""
     for s in sources:
         if s.header is not None:
             value = headers.get(s.header)
@@ -67,7 +73,7 @@ def extract_token(sources: tuple[TokenSource, ...], headers: Mapping[str, str]) 
                 value = value[len(s.prefix):]
             value = value.strip()
             if value:
-                return value, s.header
+                return value, s
         elif s.cookie is not None:
             cookie = headers.get("cookie")
             if not cookie:
@@ -75,11 +81,19 @@ def extract_token(sources: tuple[TokenSource, ...], headers: Mapping[str, str]) 
             for part in cookie.split(";"):
                 name, _, v = part.strip().partition("=")
                 if name == s.cookie and v:
-                    return v, None
+                    return v, s
     return None, None
+
+
+def without_cookie(header: str, name: str) -> str:
+    """A `cookie` header value without the cookie `name` (every occurrence), the others kept in order."""
+    kept = [part.strip() for part in header.split(";")
+            if part.strip() and part.strip().partition("=")[0].strip() != name]
+    return "; ".join(kept)
 
 
 def is_revoked(rev: Revocations, token: VerifiedToken) -> bool:
     """Whether a verified token is revoked by jti, by session, or by subject (bare `sub` or `iss/sub`)."""
     return bool((rev.jti and token.jti in rev.jti) or (rev.sid and token.sid in rev.sid) or (
-        rev.sub and (token.subject in rev.sub or f"{token.issuer}/{token.subject}" in rev.sub)))
+        rev.sub and (token.subject in rev.sub or f"{token.issuer}/{token.subject}" in rev.sub
+                     or f"{token.issuer.rstrip('/')}/{token.subject}" in rev.sub)))

@@ -28,7 +28,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives import serialization
 
 from meshward.sidecar.clients.errors import FetchError
-from meshward.sidecar.config.schema import Issuer, JwksSettings
+from meshward.sidecar.config.schema import Issuer, JwksSettings, url_problem
 from meshward.sidecar.domain.jwt import PublicKey, parse_jwks
 
 log = logging.getLogger("meshward.sidecar.jwks")
@@ -201,11 +201,17 @@ class KeyStore:
         except ValueError as e:
             raise FetchError(f"OIDC discovery at {url} is not JSON") from e
         if not isinstance(doc, dict) or doc.get("issuer") != st.issuer.issuer:
-            raise FetchError(f"OIDC discovery at {url} names another issuer")
+            found = doc.get("issuer") if isinstance(doc, dict) else None
+            raise FetchError(f"OIDC discovery at {url} names issuer {found!r}, not the configured "
+                             f"{st.issuer.issuer!r}; configure the issuer exactly as the IdP spells it "
+                             "(a trailing slash counts)")
         uri = doc.get("jwks_uri")
-        if not isinstance(uri, str) or not (uri.startswith("https://") or uri.startswith(
-                ("http://127.0.0.1", "http://localhost", "http://[::1]"))):
-            raise FetchError(f"OIDC discovery at {url} has no https jwks_uri")
+        if not isinstance(uri, str):
+            raise FetchError(f"OIDC discovery at {url} has no jwks_uri")
+        problem = url_problem(uri)
+        if problem:
+            # The same rules as a configured jwksUri: the discovery document is no more trusted than config.
+            raise FetchError(f"OIDC discovery at {url}: jwks_uri {uri!r} {problem}")
         st.jwks_uri = uri
         return uri
 

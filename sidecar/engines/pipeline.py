@@ -25,7 +25,7 @@ from meshward.sidecar.domain.decision import AuditRecord, Decision, Outcome
 from meshward.sidecar.domain.jwt import JwtError, UnknownKey, VerifiedToken, parse, verify
 from meshward.sidecar.domain.policy import AuthzResult, identity_headers, path_is_safe
 from meshward.sidecar.domain.request import CheckInput
-from meshward.sidecar.domain.snapshot import Snapshot, extract_token, is_revoked
+from meshward.sidecar.domain.snapshot import Snapshot, extract_token, is_revoked, without_cookie
 from meshward.sidecar.engines.keystore import KeyStore
 from meshward.sidecar.engines.token_cache import TokenCache
 
@@ -45,6 +45,8 @@ class Identity:
     enforced: bool = True
     unavailable: bool = False
     revoked: bool = False
+    # The cookie that carried the token, when the app must not see it.
+    cookie: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,7 @@ class JwtAuthenticator:
     def authenticate(self, inp: CheckInput, may_refetch: bool) -> Identity | NeedKeys:
         """Establish the end-user identity of `inp`."""
         s = self._s
-        raw, _ = extract_token(s.sources, inp.headers) if s.sources else (None, None)
+        raw, source = extract_token(s.sources, inp.headers) if s.sources else (None, None)
         if raw is None:
             if s.require_jwt_enforced:
                 return Identity(failure="missing token")
@@ -122,6 +124,8 @@ class JwtAuthenticator:
             self._cache.put(key, token)
         if is_revoked(s.config.revocations, token):
             return Identity(token=None, failure="token revoked", revoked=True)
+        if source is not None and source.cookie in s.token_cookies_to_strip:
+            return Identity(token=token, cookie=source.cookie)
         return Identity(token=token)
 
 
@@ -132,8 +136,13 @@ class PolicyAuthorizer:
         self._policies = snapshot.policies
 
     def authorize(self, inp: CheckInput, identity: Identity) -> AuthzResult:
-        """Evaluate the compiled policies for this request."""
-        return self._policies.evaluate(inp, identity.token)
+        """Evaluate the compiled policies for this request; a default deny says which condition failed."""
+        result = self._policies.evaluate(inp, identity.token)
+        if not result.allowed and not result.rule:
+            hint = self._policies.near_miss(inp, identity.token)
+            if hint:
+                return AuthzResult(False, result.policy, "", f"{result.reason} ({hint})", result.would_deny)
+        return result
 
 
 def decision_ids() -> Callable[[], str]:
@@ -212,10 +221,17 @@ class Pipeline:
             d = self._deny(Outcome.FORBIDDEN, authz.reason, authz.policy, authz.rule)
             d.subject_hash = self._memo(token)[2] if token else ""
             return d
+        wire: dict[str, bytes] | None
         if token is not None:
             to_set, to_remove, subject_hash, wire = self._memo(token)
         else:
             to_set, to_remove, subject_hash, wire = [], self._remove_without_token, "", self._wire_without_token
+        if identity.cookie:
+            # The token came in a cookie: the app gets the other cookies (or none). Per request, so not shared.
+            rest = without_cookie(inp.headers.get("cookie", ""), identity.cookie)
+            to_set = [*to_set, ("cookie", rest)] if rest else to_set
+            to_remove = to_remove if rest else [*to_remove, "cookie"]
+            wire = None
         # The header lists are shared by every decision for this token: transports only read them,
         # and serialize them once into `wire`, which lives exactly as long as the lists.
         d = Decision(Outcome.ALLOW, self._ids(), authz.reason, authz.policy, authz.rule, to_set, to_remove,

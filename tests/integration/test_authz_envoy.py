@@ -163,6 +163,28 @@ def test_identity_header_spoofing_through_underscores_never_reaches_a_wsgi_app(m
         app.close()
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_a_token_read_from_a_cookie_is_cut_out_before_the_app(mesh: Mesh, transport: str, tmp_path: Path) -> None:
+    """Through a real Envoy on both transports: the cookie carrying the IdP token is removed, the others arrive."""
+    cfg = agent_config(mesh.idp)
+    cfg["policies"][0]["jwt"][0]["fromCookies"] = ["session"]
+    agent = Agent(tmp_path, cfg, name=f"cookie-{transport}").start()
+    try:
+        authz = (Endpoint(unix=agent.http.removeprefix("unix:")) if transport == "http"
+                 else Endpoint(port=int(agent.grpc.rsplit(":", 1)[1])))
+        boot, port, admin = envoy_for(mesh, transport, authz=authz)
+        with run_envoy(boot, tmp_path, admin, name=f"envoy-cookie-{transport}"):
+            proxy = Proxy(port, mesh, transport)
+            status, _, body = proxy.call(headers={"cookie": f"theme=dark; session={mesh.idp.token()}"})
+            assert status == 200
+            assert body["headers"]["cookie"] == "theme=dark"
+            assert body["headers"]["x-meshward-sub"] == "alice"
+            status, _, body = proxy.call(headers={"cookie": f"session={mesh.idp.token()}"})
+            assert status == 200 and "cookie" not in body["headers"]
+    finally:
+        agent.stop()
+
+
 def test_bad_token_is_401_with_www_authenticate(proxy: Proxy) -> None:
     status, headers, body = proxy.call(token=proxy.mesh.idp.token()[:-6] + "AAAAAA")
     assert status == 401

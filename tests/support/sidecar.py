@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from typing import Any
@@ -9,7 +10,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from meshward.sidecar.config.schema import API_VERSION, KIND, parse_config
-from meshward.sidecar.domain.jwt import parse_jwks
 from meshward.sidecar.domain.request import CheckInput
 from meshward.sidecar.domain.snapshot import compile_snapshot
 from meshward.sidecar.engines.keystore import KeyStore
@@ -66,14 +66,9 @@ def pipeline(cfg: dict[str, Any], jwks: dict[str, list[dict[str, Any]]] | None =
     snap = compile_snapshot(parse_config(cfg))
     docs = {f"{iss}/jwks.json": json.dumps({"keys": keys}).encode() for iss, keys in (jwks or {}).items()}
     keys = KeyStore(snap.issuers, snap.config.jwks, StaticFetcher(docs), clock)
-    for iss, jwk_list in (jwks or {}).items():
-        st = keys._issuers[iss]
-        st.keys = parse_jwks(json.dumps({"keys": jwk_list}).encode())
-        st.by_kid = {}
-        for k in st.keys:
-            if k.kid:
-                st.by_kid.setdefault(k.kid, []).append(k)
-        st.loaded = True
+    for iss in jwks or {}:
+        # Through the store's own fetch path, from documents the test holds (no network, no private fields).
+        assert asyncio.run(keys.refresh(iss)), keys.status()[iss]
     audit = io.StringIO()
     metrics = Metrics(CollectorRegistry())
     cache = TokenCache(snap.config.token_cache_size, clock, keys.generation)

@@ -163,6 +163,12 @@ ATTACKS: list[tuple[str, Callable[[], str], str]] = [
     ("duplicated-payload-claim", duplicated_payload_sub, "duplicate member"),
     ("rfc7518-3.4-es256-der-signature", es256_der_signature, "invalid signature"),
     ("non-ascii-segment", lambda: raw(VALID_HEADER + "é", VALID_PAYLOAD), "header is not base64url"),
+    # RFC 8725 §3.11 (explicit typing): a JWT made for another purpose, signed by the trusted IdP.
+    ("rfc8725-3.11-logout-token-as-access-token", lambda: sign(headers={"typ": "logout+jwt"}), "token type"),
+    ("rfc8725-3.11-security-event-token", lambda: sign(headers={"typ": "secevent+jwt"}), "token type"),
+    ("rfc8725-3.11-dpop-proof-as-access-token", lambda: sign(headers={"typ": "dpop+jwt"}), "token type"),
+    ("rfc8725-3.11-media-type-spelling", lambda: sign(headers={"typ": "application/logout+jwt"}), "token type"),
+    ("typ-not-a-string", lambda: sign(headers={"typ": ["at+jwt"]}), "token type"),
 ]
 
 
@@ -237,3 +243,38 @@ def test_token_replayed_after_its_key_was_removed_is_denied() -> None:
     d = decide(p, token)
     assert d.outcome is Outcome.UNAUTHENTICATED
     assert d.reason == "signing key not found"
+
+
+@pytest.mark.parametrize("typ", [None, "JWT", "jwt", "at+jwt", "application/at+jwt", "AT+JWT"])
+def test_access_token_types_are_accepted(typ: str | None) -> None:
+    p, _ = make()
+    assert decide(p, sign(headers={"typ": typ} if typ else None)).outcome is Outcome.ALLOW
+
+
+def test_an_issuer_may_accept_another_token_type() -> None:
+    p, _ = make(tokenTypes=["application/custom+jwt"])
+    assert decide(p, sign(headers={"typ": "custom+jwt"})).outcome is Outcome.ALLOW
+    assert decide(p, sign(headers={"typ": "at+jwt"})).outcome is Outcome.UNAUTHENTICATED  # the list replaces
+
+
+@pytest.mark.parametrize(("iat", "exp", "allowed"), [
+    (NOW, NOW + 10 * 365 * 86400, False),   # a 10-year token, signed by the trusted IdP
+    (None, NOW + 10 * 365 * 86400, False),  # the same without iat: measured from now
+    (NOW - 60, NOW + 86400 - 120, True),    # just under a day
+])
+def test_rfc8725_long_lived_tokens_are_refused_by_default(iat: int | None, exp: int, allowed: bool) -> None:
+    cfg = config(policy(jwt=[issuer(algorithms=["RS256"])], rules=[{"name": "all"}]))
+    p, _, _ = pipeline(cfg, jwks={ISSUER: [KEY.jwk]}, clock=Clock(NOW))
+    d = decide(p, sign(iat=iat, exp=exp))
+    assert (d.outcome is Outcome.ALLOW) is allowed, d.reason
+    if not allowed:
+        assert d.reason == "token lifetime too long"
+
+
+def test_max_lifetime_is_bounded_at_seven_days() -> None:
+    from meshward.sidecar.config.schema import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="maxLifetimeSeconds: must be greater than 0 and at most 604800"):
+        parse_config(config(policy(jwt=[issuer(maxLifetimeSeconds=8 * 86400)])))
+    cfg = parse_config(config(policy(jwt=[issuer(maxLifetimeSeconds=7 * 86400)])))
+    assert cfg.policies[0].issuers[0].max_lifetime_s == 7 * 86400

@@ -76,7 +76,7 @@ def test_cel_that_does_not_compile_is_rejected_with_its_path() -> None:
 
 
 def test_cel_with_unknown_variables_is_rejected() -> None:
-    with pytest.raises(ConfigError, match=r"when\[0\]: CEL refers to user; use request, claims or source"):
+    with pytest.raises(ConfigError, match=r"when\[0\]: CEL refers to user; use request, claims, scopes, source"):
         compile_snapshot(parse_config(config(policy(rules=[{"name": "r", "when": ["user.admin"]}]))))
 
 
