@@ -66,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-bundle", type=Path, default=Path("/var/run/meshward/bundle/ca.crt"),
                    help="mounted meshward-trust-bundle ConfigMap, to verify the signing service")
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
-    p.add_argument("--sds-listen", default="unix:/var/run/meshward/sds.sock",
-                   help="Envoy SDS address, unix:/path (used with --identity-signer)")
+    p.add_argument("--sds-listen", default="unix:/var/run/meshward/sds.sock", type=_unix_only,
+                   help="Envoy SDS address, unix:/path only: the workload's private key travels on it, so the "
+                        "socket is created mode 0600, for this user alone (used with --identity-signer)")
     p.add_argument("--policy-server", default="off",
                    help="the operator's policy service host:port: subscribe to this workload's config over mTLS "
                         "(needs --identity-signer; replaces --config)")
@@ -79,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
                         "0: once per event-loop iteration); shutdown writes them all")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
+
+
+def _unix_only(text: str) -> str:
+    """An argparse type: `unix:/path` (SDS serves the private key, so never on a TCP port)."""
+    if not text.startswith("unix:/"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: SDS serves the workload's private key and listens only on a Unix socket "
+            "(unix:/path, mode 0600); a TCP port would hand the key to anyone who can connect")
+    return text
 
 
 def _seconds(text: str) -> float:

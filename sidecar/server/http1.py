@@ -11,6 +11,12 @@ fuzzed (tests/unit/test_http1_fuzz.py).
 Handlers return a response synchronously on the fast path, or an awaitable when
 they need I/O; while one is pending the connection stops reading, so responses
 stay in request order.
+
+A `ConnectionGuard` per server bounds what a client that never finishes can hold:
+a request must arrive whole within HEADER_TIMEOUT_S of its first byte (else 408 and
+close), an idle connection is closed after IDLE_TIMEOUT_S, and at most
+MAX_CONNECTIONS are open (further ones are closed at once). Checked by one sweep a
+second, not a timer per request: the hot path only reads a cached clock.
 """
 
 from __future__ import annotations
@@ -37,6 +43,15 @@ MAX_BODY_BYTES = 64 * 1024
 # this many distinct names so a client cannot grow it without bound.
 MAX_REMEMBERED_NAMES = 256
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+# Envoy sends a whole check request at once; 10 s to finish one is generous for any honest client and
+# frees what a Slowloris client holds (300 half-sent connections used to hold the agent for ever).
+HEADER_TIMEOUT_S = 10.0
+# Envoy reuses its connections to the agent; one idle this long is a leftover (Envoy reconnects at once).
+IDLE_TIMEOUT_S = 120.0
+# Far above what one Envoy opens (a few per worker), far below the file descriptors a container gets.
+MAX_CONNECTIONS = 1024
+# How often the guard sweeps connections; also the precision of both timeouts.
+SWEEP_S = 1.0
 
 
 @dataclass(slots=True)
@@ -59,6 +74,46 @@ class Response:
 
 
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
+
+
+class ConnectionGuard:
+    """Bounds connections per server: a head timeout, an idle timeout, and a maximum number."""
+
+    def __init__(self, header_timeout_s: float = HEADER_TIMEOUT_S, idle_timeout_s: float = IDLE_TIMEOUT_S,
+                 max_connections: int = MAX_CONNECTIONS, sweep_s: float = SWEEP_S) -> None:
+        self.header_timeout_s = header_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self.sweep_s = sweep_s
+        self.connections: set[_Protocol] = set()
+        self.refused = 0
+        self.timed_out = 0
+        self.now = 0.0  # the loop's clock, refreshed by every sweep
+
+    def start(self, server: asyncio.Server) -> None:
+        """Sweep every `sweep_s` seconds while `server` serves."""
+        loop = asyncio.get_running_loop()
+        self.now = loop.time()
+
+        def sweep() -> None:
+            self.now = loop.time()
+            for conn in list(self.connections):
+                conn.check(self.now, self)
+            if server.is_serving():
+                loop.call_later(self.sweep_s, sweep)
+
+        loop.call_later(self.sweep_s, sweep)
+
+    def admit(self, conn: _Protocol) -> bool:
+        """Register a new connection, or refuse it when the limit is reached."""
+        if len(self.connections) >= self.max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("connection refused: %d open (limit %d); %d refused so far", len(self.connections),
+                            self.max_connections, self.refused)
+            return False
+        self.connections.add(conn)
+        return True
 
 
 def head(status: int, headers: list[tuple[str, str]]) -> bytes:
@@ -85,14 +140,18 @@ def frame(resp: Response, keep_alive: bool) -> bytes:
 class _Protocol(asyncio.Protocol):
     """One connection."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, guard: ConnectionGuard | None = None) -> None:
         self._handler = handler
+        self._guard = guard = guard or ConnectionGuard()
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._reset()
         self._pending: asyncio.Task[None] | None = None
         self._limit_status = 0
         self._names: dict[bytes, str] = {}
+        # When the current request's first byte arrived (None: between requests), and the last activity.
+        self._busy_since: float | None = None
+        self._last_active = guard.now
 
     def _reset(self) -> None:
         self._url = b""
@@ -105,13 +164,30 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        if not self._guard.admit(self):
+            self._transport.close()
+            self._transport = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._guard.connections.discard(self)
         if self._pending is not None:
             self._pending.cancel()
 
+    def check(self, now: float, guard: ConnectionGuard) -> None:
+        """The guard's sweep: answer 408 to a request that is taking too long, close a long-idle connection."""
+        if self._transport is None or self._pending is not None:
+            return
+        if self._busy_since is not None:
+            if now - self._busy_since > guard.header_timeout_s:
+                guard.timed_out += 1
+                self._fail(408)
+        elif now - self._last_active > guard.idle_timeout_s:
+            self._transport.close()
+
     def data_received(self, data: bytes) -> None:
+        if self._busy_since is None:
+            self._busy_since = self._guard.now
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -144,6 +220,8 @@ class _Protocol(asyncio.Protocol):
                       _headers(self._raw, self._names))
         keep_alive = self._parser.should_keep_alive()
         self._reset()
+        self._busy_since = None
+        self._last_active = self._guard.now
         try:
             result = self._handler(req)
         except Exception:
@@ -205,15 +283,22 @@ class _TooLarge(Exception):
     """A request exceeded a limit; the protocol answers with `status` and closes."""
 
 
-async def serve_tcp(handler: Handler, host: str, port: int) -> asyncio.Server:
+async def serve_tcp(handler: Handler, host: str, port: int, guard: ConnectionGuard | None = None) -> asyncio.Server:
     """Listen on host:port."""
+    guard = guard or ConnectionGuard()
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Protocol(handler), host, port, reuse_address=True, backlog=1024)
+    server = await loop.create_server(lambda: _Protocol(handler, guard), host, port, reuse_address=True,
+                                      backlog=1024)
+    guard.start(server)
+    return server
 
 
-async def serve_unix(handler: Handler, path: str) -> asyncio.Server:
+async def serve_unix(handler: Handler, path: str, guard: ConnectionGuard | None = None) -> asyncio.Server:
     """Listen on a Unix socket (removed first if stale)."""
+    guard = guard or ConnectionGuard()
     if os.path.exists(path):
         os.unlink(path)
     loop = asyncio.get_running_loop()
-    return await loop.create_unix_server(lambda: _Protocol(handler), path, backlog=1024)
+    server = await loop.create_unix_server(lambda: _Protocol(handler, guard), path, backlog=1024)
+    guard.start(server)
+    return server

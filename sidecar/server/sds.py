@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -127,10 +128,23 @@ class SecretDiscovery(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ign
         return response(list(request.resource_names), cert, self._identity.version, self._trust_domain)
 
 
+# The socket file's mode: the private key travels on this socket, so only the agent's own user (which
+# Envoy runs as) may connect.
+SOCKET_MODE = 0o600
+
+
 async def serve_sds(servicer: SecretDiscovery, address: str) -> grpc.aio.Server:
-    """Start the SDS server on `address` (unix:/path)."""
+    """Start the SDS server on `address` (unix:/path only), its socket mode 0600 from the moment it exists."""
+    if not address.startswith("unix:/"):
+        raise ValueError(f"SDS listens on a Unix socket only (unix:/path), not {address!r}: it serves the private key")
+    path = address.removeprefix("unix:")
     server = grpc.aio.server()
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(address)
-    await server.start()
+    old = os.umask(0o777 & ~SOCKET_MODE)  # bind creates the socket file with 0600, never wider for a moment
+    try:
+        server.add_insecure_port(address)
+        await server.start()
+    finally:
+        os.umask(old)
+    os.chmod(path, SOCKET_MODE)
     return server
