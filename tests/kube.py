@@ -67,6 +67,13 @@ class Cluster:
             "-n", namespace, "get", "configmap", "meshward-trust-bundle", "-o", r"jsonpath={.data.ca\.crt}",
             check=False).stdout, timeout=timeout))
 
+    def pod_token(self, namespace: str, service_account: str, pod: str, duration: str = "1h") -> str:
+        """A token like the one kubelet projects into `pod`: audience meshward, bound to the pod (by name and UID)."""
+        uid = self.kubectl("-n", namespace, "get", "pod", pod, "-o", "jsonpath={.metadata.uid}").stdout.strip()
+        return self.kubectl("-n", namespace, "create", "token", service_account, "--audience", "meshward",
+                            "--duration", duration, "--bound-object-kind", "Pod", "--bound-object-name", pod,
+                            "--bound-object-uid", uid).stdout.strip()
+
     def new_namespace(self, prefix: str = "t") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.kubectl("create", "namespace", name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from kubernetes import client, config
@@ -48,6 +48,19 @@ class TokenReviewResult:
     username: str = ""
     audiences: tuple[str, ...] = ()
     error: str = ""
+    # The ServiceAccount's UID, and `user.extra`: a pod-bound token names its pod and the pod's UID.
+    uid: str = ""
+    extra: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def pod_name(self) -> str:
+        """The pod a pod-bound token belongs to ("" for other tokens)."""
+        return next(iter(self.extra.get("authentication.kubernetes.io/pod-name", ())), "")
+
+    @property
+    def pod_uid(self) -> str:
+        """That pod's UID ("" for other tokens)."""
+        return next(iter(self.extra.get("authentication.kubernetes.io/pod-uid", ())), "")
 
 
 @dataclass(frozen=True)
@@ -95,8 +108,9 @@ class KubeClient:
             raise _failed("TokenReview", e) from e
         if not status or not status.authenticated:
             return TokenReviewResult(False, error=(status.error if status else "") or "not authenticated")
-        username = (status.user.username if status.user else None) or ""
-        return TokenReviewResult(True, username, tuple(status.audiences or ()), "")
+        user = status.user or client.V1UserInfo()
+        extra = {k: tuple(v or ()) for k, v in (user.extra or {}).items()}
+        return TokenReviewResult(True, user.username or "", tuple(status.audiences or ()), "", user.uid or "", extra)
 
     def service_identities(self, namespace: str) -> list[dict[str, Any]]:
         """Every ServiceIdentity in `namespace`."""

@@ -10,7 +10,12 @@ user applied by rules anyone can read and test:
   issuer differently, the oldest policy's definition is used by both and the other
   policy reports `IssuerConflict` (its rules and token requirement still apply, so a
   conflict never opens access);
-- unexpired Revocation entries go into every workload's config.
+- unexpired Revocation entries go into every workload's config, hashed (a sidecar learns
+  which tokens to refuse, not whom they name); a subject revoked for one issuer only
+  reaches workloads that trust that issuer;
+- a workload's config holds only what that workload needs: its own namespace's policies,
+  and for context minimization the claim lists of identities in its own namespace, so
+  nothing another namespace applies can make it grow or fail (docs/security.md).
 Validation runs the sidecar's own parser and compiler on the translated policy, so a
 policy the operator accepts is a policy every agent accepts (CEL, globs, URLs).
 """
@@ -28,7 +33,7 @@ from typing import Any
 from meshward.operator.domain.duration import parse_duration
 from meshward.sidecar.config.schema import API_VERSION as SIDECAR_API_VERSION
 from meshward.sidecar.config.schema import KIND as SIDECAR_KIND
-from meshward.sidecar.config.schema import ConfigError, parse_config
+from meshward.sidecar.config.schema import ConfigError, hashed_revocation, parse_config
 from meshward.sidecar.domain.snapshot import compile_snapshot
 
 # Pods carrying this label have opted in (the injection webhook only mutates those).
@@ -68,6 +73,8 @@ class RevocationEntry:
     kind: str
     value: str
     expires_at: dt.datetime
+    # For `<iss>/<sub>`: the issuer (without a trailing slash), whose workloads alone need the entry.
+    issuer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class Workload:
     pod: str
     service_account: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    uid: str = ""
 
     @property
     def key(self) -> str:
@@ -180,8 +188,9 @@ def revocation_entries(body: Mapping[str, Any]) -> list[RevocationEntry]:
         when = dt.datetime.fromisoformat(str(e["expiresAt"]).replace("Z", "+00:00"))
         for kind in ("jti", "sub", "sid"):
             if kind in e:
-                value = f"{e['issuer']}/{e['sub']}" if kind == "sub" and e.get("issuer") else str(e[kind])
-                out.append(RevocationEntry(kind, value, when))
+                issuer = str(e["issuer"]).rstrip("/") if kind == "sub" and e.get("issuer") else None
+                value = f"{issuer}/{e['sub']}" if issuer else str(e[kind])
+                out.append(RevocationEntry(kind, value, when, issuer))
     return out
 
 
@@ -196,15 +205,23 @@ def workload_of(pod: Mapping[str, Any]) -> Workload:
     """The workload a Pod object is."""
     meta = pod["metadata"]
     return Workload(meta["namespace"], meta["name"], pod.get("spec", {}).get("serviceAccountName") or "default",
-                    dict(meta.get("labels") or {}))
+                    dict(meta.get("labels") or {}), str(meta.get("uid") or ""))
 
 
-def _revocations(entries: Iterable[RevocationEntry], now: dt.datetime) -> dict[str, list[str]]:
+def revocation_section(entries: Iterable[RevocationEntry], now: dt.datetime, issuers: Iterable[str]
+                       ) -> dict[str, list[str]]:
+    """The unexpired entries a workload trusting `issuers` must enforce, hashed (`sha256:<hex>`)."""
+    trusted = {i.rstrip("/") for i in issuers}
     out: dict[str, set[str]] = {"jti": set(), "sub": set(), "sid": set()}
     for e in entries:
-        if e.expires_at > now:
-            out[e.kind].add(e.value)
+        if e.expires_at > now and (e.issuer is None or e.issuer in trusted):
+            out[e.kind].add(hashed_revocation(e.value))
     return {k: sorted(v) for k, v in out.items()}
+
+
+def applies_to(entry: RevocationEntry, issuers: Iterable[str]) -> bool:
+    """Whether a workload trusting `issuers` must enforce `entry` (its issuer's subjects, or any other entry)."""
+    return entry.issuer is None or entry.issuer in {i.rstrip("/") for i in issuers}
 
 
 def referenced_claims(specs: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -220,12 +237,16 @@ def referenced_claims(specs: Iterable[Mapping[str, Any]]) -> list[str]:
 
 def destination_claims(workloads: Iterable[Workload], policies: Sequence[PolicyObject],
                        trust_domain: str) -> dict[str, list[str]]:
-    """For every identity in the mesh, the claims its selecting policies reference (context minimization)."""
+    """For the identities of `workloads` (one namespace's), the claims their selecting policies reference.
+
+    Only identities that need more than `sub` (the default every context token carries) are listed.
+    """
     by_identity: dict[str, list[Mapping[str, Any]]] = {}
     for w in workloads:
         specs = by_identity.setdefault(f"spiffe://{trust_domain}/ns/{w.namespace}/sa/{w.service_account}", [])
         specs += [p.spec for p in policies if p.namespace == w.namespace and selects(p.spec, w.labels)]
-    return {spiffe: referenced_claims(specs) for spiffe, specs in sorted(by_identity.items())}
+    out = {spiffe: referenced_claims(specs) for spiffe, specs in sorted(by_identity.items())}
+    return {spiffe: claims for spiffe, claims in out.items() if claims != ["sub"]}
 
 
 def _context(chosen: Sequence[PolicyObject], destinations: Mapping[str, list[str]]) -> dict[str, Any]:
@@ -238,7 +259,11 @@ def _context(chosen: Sequence[PolicyObject], destinations: Mapping[str, list[str
 
 def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations: Iterable[RevocationEntry],
                      now: dt.datetime, destinations: Mapping[str, list[str]] | None = None) -> Compiled:
-    """The sidecar config for one workload: its selecting policies (oldest first) and the revocation set."""
+    """The sidecar config for one workload: its selecting policies (oldest first) and the revocation set.
+
+    `destinations` other than the workload's own namespace's are dropped: a config never carries what
+    another namespace applied.
+    """
     chosen = sorted((p for p in policies if p.namespace == w.namespace and selects(p.spec, w.labels)),
                     key=lambda p: (p.created, p.name))
     first: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -256,9 +281,12 @@ def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations:
         if merged:
             d["jwt"] = merged
         docs.append(d)
+    own = f"/ns/{w.namespace}/sa/"
+    local = {k: v for k, v in (destinations or {}).items() if own in k}
+    issuers = [i["issuer"] for d in docs for i in d.get("jwt", [])]
     document: dict[str, Any] = {"apiVersion": SIDECAR_API_VERSION, "kind": SIDECAR_KIND, "workload": w.key,
-                                "policies": docs, "revocations": _revocations(revocations, now),
-                                "context": _context(chosen, destinations or {})}
+                                "policies": docs, "revocations": revocation_section(revocations, now, issuers),
+                                "context": _context(chosen, local)}
     encoded = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
     digest = hashlib.sha256(encoded).hexdigest()[:16]
     document["generation"] = digest

@@ -31,6 +31,8 @@ class PolicyView:
     conflict: str | None = None
     # Exact peer principals the rules name for which no ServiceIdentity exists (they can never call).
     unknown_principals: tuple[str, ...] = ()
+    # Why a selected workload did not get its config (the config would exceed what a sidecar accepts).
+    oversized: str | None = None
 
 
 def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
@@ -48,9 +50,12 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
         ready, reason = True, "Enforced"
         message = (f"all {n} selected workloads enforce generation {v.generation}" if n
                    else "no connected workload is selected yet")
-    degraded = v.invalid is not None or v.conflict is not None or bool(v.unknown_principals)
+    degraded = v.invalid is not None or v.oversized is not None or v.conflict is not None or bool(
+        v.unknown_principals)
     if v.invalid is not None:
         d_reason, d_message = "InvalidSpec", message
+    elif v.oversized:
+        d_reason, d_message = "ConfigTooLarge", v.oversized
     elif v.conflict:
         d_reason, d_message = "IssuerConflict", v.conflict
     elif v.unknown_principals:

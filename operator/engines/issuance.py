@@ -2,8 +2,8 @@
 
 The order matters: the token is authenticated (TokenReview, bound audience) before
 anything else is looked at, so an anonymous caller learns nothing about which
-ServiceIdentities exist. Results of TokenReview are cached briefly by token hash so
-a burst of renewals costs one API call per workload. Each ServiceAccount has its
+ServiceIdentities exist. Reviews come from the shared `TokenReviewer` (cached briefly,
+dropped when the token's pod or ServiceAccount is deleted). Each ServiceAccount has its
 own token bucket, so one misbehaving workload cannot starve the others.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,11 +31,8 @@ from meshward.operator.domain.ca import (
     spiffe_id,
 )
 from meshward.operator.engines.identities import IdentityDirectory, IssuanceStats
+from meshward.operator.engines.token_review import AUDIENCE, ReviewUnavailable, TokenReviewer
 
-# The audience a workload's projected ServiceAccount token must be bound to.
-AUDIENCE = "meshward"
-# How long a positive TokenReview is reused (the token itself lives for minutes to hours).
-REVIEW_CACHE_S = 10.0
 # Per-ServiceAccount issuance budget: a burst for a rollout, then a steady rate.
 BURST = 50
 RATE_PER_S = 10.0
@@ -93,7 +89,8 @@ class IssuanceEngine:
                  bundle: Callable[[], str], trust_domain: str, clock: Callable[[], dt.datetime],
                  serial: Callable[[], int], monotonic: Callable[[], float],
                  min_ttl: dt.timedelta = MIN_TTL, ttl_cap: dt.timedelta | None = None,
-                 directory: IdentityDirectory | None = None, stats: IssuanceStats | None = None) -> None:
+                 directory: IdentityDirectory | None = None, stats: IssuanceStats | None = None,
+                 reviewer: TokenReviewer | None = None) -> None:
         self._kube = kube
         self._ca = ca
         self._bundle = bundle
@@ -108,26 +105,9 @@ class IssuanceEngine:
         # The Kubernetes client blocks; its calls run on a pool sized for a rollout's burst of
         # renewals rather than asyncio's small default executor.
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kube-api")
-        self._reviews: dict[bytes, tuple[float, TokenReviewResult]] = {}
+        self.reviewer = reviewer or TokenReviewer(kube, monotonic, self._pool)
         self._buckets: dict[str, _Bucket] = {}
         self.issued = 0
-
-    async def _review(self, token: str) -> TokenReviewResult:
-        key = hashlib.sha256(token.encode()).digest()
-        now = self._monotonic()
-        hit = self._reviews.get(key)
-        if hit and now - hit[0] < REVIEW_CACHE_S:
-            return hit[1]
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(self._pool, self._kube.token_review, token,
-                                                                      [AUDIENCE])
-        except KubeError as e:
-            raise IssuanceError("UNAVAILABLE", f"cannot authenticate the token now: {e}") from e
-        if result.authenticated:
-            if len(self._reviews) > 10_000:
-                self._reviews.clear()
-            self._reviews[key] = (now, result)
-        return result
 
     async def sign(self, token: str, csr_pem: bytes) -> Issued:
         """Authenticate `token`, admit its ServiceAccount, check `csr_pem` and sign it."""
@@ -137,7 +117,10 @@ class IssuanceEngine:
         if not token:
             raise IssuanceError("UNAUTHENTICATED", "no ServiceAccount token: send the pod's projected token "
                                                    f"(audience {AUDIENCE!r}) as 'authorization: Bearer <token>'")
-        review = await self._review(token)
+        try:
+            review = await self.reviewer.review(token)
+        except ReviewUnavailable as e:
+            raise IssuanceError("UNAVAILABLE", str(e)) from e
         if not review.authenticated:
             raise IssuanceError("UNAUTHENTICATED", f"token rejected by the API server: {review.error}")
         if AUDIENCE not in review.audiences:

@@ -39,8 +39,8 @@ class _Collector(Collector):
         hub = self._hub
         if hub is None:
             return
-        yield GaugeMetricFamily("meshward_policy_subscribers", "Sidecars subscribed to their config.",
-                                value=len(hub.subscribers))
+        yield GaugeMetricFamily("meshward_policy_subscribers", "Live subscriptions of sidecars to their config.",
+                                value=len(hub.subscriptions()))
         yield GaugeMetricFamily("meshward_policy_subscribers_lagging",
                                 "Subscribed sidecars that have not acknowledged their latest config (version lag).",
                                 value=hub.lagging())
@@ -48,15 +48,19 @@ class _Collector(Collector):
         yield GaugeMetricFamily("meshward_policy_config_bytes_max", "The largest config pushed to a sidecar.",
                                 value=max(sizes, default=0))
         yield SummaryMetricFamily("meshward_policy_recompile_seconds",
-                                  "Time to recompile every connected workload after a change (reconcile latency).",
+                                  "Time to recompile the connected workloads a change affects (reconcile latency).",
                                   count_value=hub.recompiles, sum_value=hub.recompile_seconds)
+        yield CounterMetricFamily("meshward_policy_workload_compiles",
+                                  "Workload configs compiled (work per change follows what it affects).",
+                                  value=hub.compiled_workloads)
         yield CounterMetricFamily("meshward_policy_pushes", "Configs pushed to sidecars.", value=hub.pushes)
         yield CounterMetricFamily("meshward_policy_compile_errors",
                                   "Workload configs that failed to compile (the workload keeps its last config).",
                                   value=hub.compile_errors)
+        valid, invalid = hub.policy_counts()
         states = GaugeMetricFamily("meshward_authpolicies", "AuthPolicies by state.", labels=["state"])
-        states.add_metric(["valid"], len(hub.policies))
-        states.add_metric(["invalid"], len(hub.invalid))
+        states.add_metric(["valid"], valid)
+        states.add_metric(["invalid"], invalid)
         yield states
 
 

@@ -1,8 +1,20 @@
 """The policy plane's state: what is applied, who is connected, what each one enforces.
 
-Watch events update the hub (policies, revocations, opted-in pods); every change marks
-it dirty and one background loop recompiles the connected workloads' configs and
-pushes only those that changed, so a burst of applies costs one push per workload.
+Watch events update the hub (policies, revocations, opted-in pods) and mark what they
+affect dirty; one background loop recompiles the configs of the connected workloads
+they affect and pushes those that changed, so a burst of applies costs one push per
+workload. What keeps one tenant from hurting another (docs/security.md):
+- work follows the change: a policy or pod change recompiles the connected workloads of
+  its namespace only; only a Revocation (cluster-scoped, a platform team's) or an
+  expiring entry touches every workload;
+- compiling (and validating a policy, which compiles its CEL) runs in a worker thread on
+  copies of the inputs: the event loop that serves the sidecars' streams only moves
+  results, however large a namespace's objects are;
+- a config never carries another namespace's objects (domain/compile.py), and one over
+  MAX_CONFIG_BYTES is not sent: the workload keeps its last config and the policies
+  selecting it report ConfigTooLarge, in their own namespace;
+- every live subscription of a pod receives every update (a second stream never
+  silences the first).
 A policy update that fails validation never removes the policy from workloads: its
 last valid generation stays in force (dropping it could open access) and its status
 says so. Acknowledgements from sidecars drive AuthPolicy and Revocation status.
@@ -11,13 +23,13 @@ says so. Acknowledgements from sidecars drive AuthPolicy and Revocation status.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
+import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from meshward.operator.domain.compile import (
     INJECT_LABEL,
@@ -26,6 +38,7 @@ from meshward.operator.domain.compile import (
     PolicyObject,
     RevocationEntry,
     Workload,
+    applies_to,
     compile_workload,
     destination_claims,
     policy_object,
@@ -34,13 +47,22 @@ from meshward.operator.domain.compile import (
     validate,
     workload_of,
 )
+from meshward.sidecar.config.schema import hashed_revocation
 
 log = logging.getLogger("meshward.operator.policy")
+T = TypeVar("T")
+# gRPC's default message limit is 4 MiB; a config this big is refused before it is sent, leaving room for the
+# envelope. No single AuthPolicy comes close (the API server stores at most ~1.5 MiB per object).
+MAX_CONFIG_BYTES = 3 * 1024 * 1024
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args)
 
 
 @dataclass(eq=False)
 class Subscriber:
-    """One connected sidecar."""
+    """One live subscription (a pod may have several, e.g. across an agent restart)."""
 
     workload: Workload
     spiffe_id: str
@@ -49,6 +71,7 @@ class Subscriber:
     error: str | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     sent: dict[str, Compiled] = field(default_factory=dict)
+    closed: str | None = None  # why the hub ended this subscription (the stream closes with it)
 
     def push(self, compiled: Compiled) -> None:
         """Make `compiled` the next config to send."""
@@ -56,12 +79,17 @@ class Subscriber:
         self.sent[compiled.version] = compiled
         self.wake.set()
 
-    async def next(self, after: str | None) -> Compiled:
-        """Wait for a config newer than version `after`."""
-        while self.latest is None or self.latest.version == after:
+    def close(self, why: str) -> None:
+        """End the subscription: its stream closes with `why`."""
+        self.closed = why
+        self.wake.set()
+
+    async def next(self, after: str | None) -> Compiled | None:
+        """Wait for a config newer than version `after`; None once the subscription was closed."""
+        while self.closed is None and (self.latest is None or self.latest.version == after):
             self.wake.clear()
             await self.wake.wait()
-        return self.latest
+        return None if self.closed is not None else self.latest
 
 
 @dataclass(frozen=True)
@@ -81,6 +109,32 @@ class SubscriptionRefused(Exception):
         self.code = code
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One workload to compile, with copies of everything it is compiled from."""
+
+    workload: Workload
+    policies: tuple[PolicyObject, ...]
+    neighbours: tuple[Workload, ...]  # the opted-in pods of its namespace (context destinations)
+    epoch: int
+
+
+def _compile_all(jobs: list[_Job], revocations: list[RevocationEntry], now: dt.datetime, trust_domain: str
+                 ) -> list[tuple[_Job, Compiled | Exception]]:
+    """Compile every job (in a worker thread: pure functions on copies)."""
+    destinations: dict[str, dict[str, list[str]]] = {}
+    out: list[tuple[_Job, Compiled | Exception]] = []
+    for job in jobs:
+        ns = job.workload.namespace
+        try:
+            if ns not in destinations:
+                destinations[ns] = destination_claims(job.neighbours, job.policies, trust_domain)
+            out.append((job, compile_workload(job.workload, job.policies, revocations, now, destinations[ns])))
+        except Exception as e:  # a bug compiling one workload must not stop every other's updates
+            out.append((job, e))
+    return out
+
+
 def _labels(body: Mapping[str, Any]) -> dict[str, str]:
     return dict(body.get("metadata", {}).get("labels") or {})
 
@@ -88,72 +142,104 @@ def _labels(body: Mapping[str, Any]) -> dict[str, str]:
 class PolicyHub:
     """Applied objects, connected sidecars, and the configs between them."""
 
-    def __init__(self, clock: Callable[[], dt.datetime], trust_domain: str = "cluster.local") -> None:
+    def __init__(self, clock: Callable[[], dt.datetime], trust_domain: str = "cluster.local", *,
+                 max_config_bytes: int = MAX_CONFIG_BYTES,
+                 offload: Callable[..., Awaitable[Any]] = _in_thread) -> None:
         self._clock = clock
         self._trust_domain = trust_domain
-        self._destinations: dict[str, list[str]] | None = None
-        self.policies: dict[str, PolicyObject] = {}       # last valid generation of each policy
-        self.invalid: dict[str, tuple[int, str]] = {}     # key -> (rejected generation, why)
+        self._max_bytes = max_config_bytes
+        self._offload = offload
+        self._policies: dict[str, dict[str, PolicyObject]] = {}  # namespace -> key -> last valid generation
+        self._invalid: dict[str, tuple[int, str]] = {}            # key -> (rejected generation, why)
         self.revocations: dict[str, list[RevocationEntry]] = {}
-        self.pods: dict[str, Workload] = {}
-        self.subscribers: dict[str, Subscriber] = {}
+        self._pods: dict[str, dict[str, Workload]] = {}          # namespace -> pod key -> workload
+        self._subs: dict[str, list[Subscriber]] = {}             # pod key -> live subscriptions
+        self._compiled: dict[str, tuple[int, Compiled]] = {}     # pod key -> (epoch, latest config)
+        self._too_large: dict[str, str] = {}                     # pod key -> why its config was not sent
+        self._epoch = 0
+        self._dirty_namespaces: set[str] = set()
+        self._dirty_pods: set[str] = set()
+        self._dirty_everything = False
         self._dirty = asyncio.Event()
         self.pushes = 0
         self.recompiles = 0
         self.recompile_seconds = 0.0
+        self.compiled_workloads = 0
         self.compile_errors = 0
 
     # ---------------------------------------------------------------- watch input
 
-    def _changed(self) -> None:
-        self._destinations = None
+    def _touch(self, namespace: str | None = None, pod: str | None = None) -> None:
+        """Something changed: recompile what it affects (a namespace, one pod, or with neither, everything)."""
+        self._epoch += 1
+        if pod is not None:
+            self._dirty_pods.add(pod)
+        elif namespace is not None:
+            self._dirty_namespaces.add(namespace)
+        else:
+            self._dirty_everything = True
         self._dirty.set()
 
-    def apply_policy(self, body: Mapping[str, Any]) -> PolicyInvalid | None:
-        """Record an added or changed AuthPolicy; return why it is invalid, if it is."""
+    async def apply_policy(self, body: Mapping[str, Any]) -> PolicyInvalid | None:
+        """Record an added or changed AuthPolicy (validated off the loop); return why it is invalid, if it is."""
         p = policy_object(body)
         try:
-            validate(p)
+            await self._offload(validate, p)
         except PolicyInvalid as e:
-            self.invalid[p.key] = (p.generation, str(e))
+            if p.generation >= self._invalid.get(p.key, (0, ""))[0]:
+                self._invalid[p.key] = (p.generation, str(e))
             return e
-        self.invalid.pop(p.key, None)
-        self.policies[p.key] = p
-        self._changed()
+        current = self._policies.get(p.namespace, {}).get(p.key)
+        if current is not None and current.generation > p.generation:
+            return None  # an older event validated after a newer one: keep the newer
+        self._invalid.pop(p.key, None)
+        self._policies.setdefault(p.namespace, {})[p.key] = p
+        self._touch(p.namespace)
         return None
 
     def remove_policy(self, namespace: str, name: str) -> None:
         """Forget a deleted AuthPolicy."""
         key = f"{namespace}/{name}"
-        self.policies.pop(key, None)
-        self.invalid.pop(key, None)
-        self._changed()
+        self._policies.get(namespace, {}).pop(key, None)
+        self._invalid.pop(key, None)
+        self._touch(namespace)
 
     def apply_revocation(self, body: Mapping[str, Any]) -> None:
-        """Record an added or changed Revocation."""
-        name = body["metadata"]["name"]
-        self.revocations[name] = revocation_entries(body)
-        self._changed()
+        """Record an added or changed Revocation (every workload enforces it)."""
+        self.revocations[body["metadata"]["name"]] = revocation_entries(body)
+        self._touch()
 
     def remove_revocation(self, name: str) -> None:
         """Forget a deleted Revocation."""
         self.revocations.pop(name, None)
-        self._changed()
+        self._touch()
 
     def apply_pod(self, body: Mapping[str, Any]) -> None:
-        """Record an opted-in pod (one losing the opt-in label is removed)."""
+        """Record a pod: opted in (label meshward.io/inject=enabled) it is a workload; otherwise it is none."""
         meta = body["metadata"]
-        key = f"{meta['namespace']}/{meta['name']}"
+        namespace, key = meta["namespace"], f"{meta['namespace']}/{meta['name']}"
         if _labels(body).get(INJECT_LABEL) != "enabled" or meta.get("deletionTimestamp"):
-            self.pods.pop(key, None)
-        else:
-            self.pods[key] = workload_of(body)
-        self._changed()
+            self.remove_pod(namespace, meta["name"], "the pod no longer opts in (label meshward.io/inject)")
+            return
+        w = workload_of(body)
+        pods = self._pods.setdefault(namespace, {})
+        if pods.get(key) == w:
+            return  # a status-only update: nothing a config depends on changed
+        pods[key] = w
+        for sub in self._subs.get(key, []):
+            sub.workload = w
+        self._touch(namespace)
 
-    def remove_pod(self, namespace: str, name: str) -> None:
-        """Forget a deleted pod."""
-        self.pods.pop(f"{namespace}/{name}", None)
-        self._changed()
+    def remove_pod(self, namespace: str, name: str, why: str = "the pod was deleted") -> None:
+        """Forget a pod; its subscriptions end (visibly: their streams close)."""
+        key = f"{namespace}/{name}"
+        if self._pods.get(namespace, {}).pop(key, None) is None:
+            return
+        for sub in self._subs.pop(key, []):
+            sub.close(why)
+        self._compiled.pop(key, None)
+        self._too_large.pop(key, None)
+        self._touch(namespace)
 
     def next_expiry_s(self) -> float | None:
         """Seconds until the next revocation entry expires and configs must drop it; None when none will."""
@@ -163,27 +249,39 @@ class PolicyHub:
 
     # ---------------------------------------------------------------- sidecars
 
-    def subscribe(self, namespace: str, service_account: str, pod: str, spiffe_id: str) -> Subscriber:
-        """Admit a sidecar as `namespace/pod` if that opted-in pod runs as its ServiceAccount."""
-        w = self.pods.get(f"{namespace}/{pod}")
+    def workload(self, namespace: str, pod: str) -> Workload | None:
+        """The opted-in pod `namespace/pod`, if the hub knows it."""
+        return self._pods.get(namespace, {}).get(f"{namespace}/{pod}")
+
+    def subscribe(self, namespace: str, service_account: str, pod: str, spiffe_id: str, pod_uid: str = ""
+                  ) -> Subscriber:
+        """Admit a sidecar as `namespace/pod` if that opted-in pod runs as its ServiceAccount (and has `pod_uid`)."""
+        w = self.workload(namespace, pod)
         if w is None:
             raise SubscriptionRefused("NOT_FOUND", f"no opted-in pod {namespace}/{pod} (label "
                                                    f"{INJECT_LABEL}=enabled); is the pod name right?")
         if w.service_account != service_account:
             raise SubscriptionRefused("PERMISSION_DENIED", f"pod {namespace}/{pod} runs as ServiceAccount "
                                                            f"{w.service_account}, not {service_account}")
+        if pod_uid and w.uid and pod_uid != w.uid:
+            raise SubscriptionRefused("PERMISSION_DENIED", f"the token belongs to an earlier pod named {namespace}/"
+                                                           f"{pod} (uid {pod_uid}), not the one running now")
         sub = Subscriber(w, spiffe_id)
-        old = self.subscribers.get(w.key)
-        if old is not None:
-            old.wake.set()
-        self.subscribers[w.key] = sub
-        sub.push(self.compile(w))
+        self._subs.setdefault(w.key, []).append(sub)
+        hit = self._compiled.get(w.key)
+        if hit is not None:
+            sub.push(hit[1])
+        else:
+            self._touch(pod=w.key)
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
-        """Forget a disconnected sidecar (unless it reconnected meanwhile)."""
-        if self.subscribers.get(sub.workload.key) is sub:
-            del self.subscribers[sub.workload.key]
+        """Forget a subscription that ended."""
+        subs = self._subs.get(sub.workload.key, [])
+        if sub in subs:
+            subs.remove(sub)
+        if not subs:
+            self._subs.pop(sub.workload.key, None)
 
     def ack(self, sub: Subscriber, version: str, error: str | None) -> None:
         """Record what a sidecar enforces (or why it rejected a version)."""
@@ -198,92 +296,192 @@ class PolicyHub:
             for old in [v for v in sub.sent if v not in (version, sub.latest.version if sub.latest else None)]:
                 del sub.sent[old]
 
+    def subscriptions(self) -> list[Subscriber]:
+        """Every live subscription."""
+        return [s for subs in self._subs.values() for s in subs]
+
     # ---------------------------------------------------------------- compiling
 
     def _all_revocations(self) -> list[RevocationEntry]:
         return [e for entries in self.revocations.values() for e in entries]
 
-    def compile(self, w: Workload) -> Compiled:
-        """The config workload `w` should enforce now."""
-        if self._destinations is None:
-            self._destinations = destination_claims(self.pods.values(), list(self.policies.values()),
-                                                    self._trust_domain)
-        return compile_workload(w, list(self.policies.values()), self._all_revocations(), self._clock(),
-                                self._destinations)
-
-    def refresh(self) -> int:
-        """Recompile every connected workload, push what changed; return how many were pushed."""
-        pushed = 0
-        self._destinations = None
-        for sub in list(self.subscribers.values()):
-            current = self.pods.get(sub.workload.key)
-            if current is not None:
-                sub.workload = current
-            try:
-                c = self.compile(sub.workload)
-            except Exception:  # a bug compiling one workload must not stop every other's updates
-                self.compile_errors += 1
-                log.exception("compiling the config of %s failed; it keeps enforcing its last one", sub.workload.key)
+    def _take_jobs(self) -> list[_Job]:
+        """The subscribed workloads the dirty marks affect, with copies of their inputs; clears the marks."""
+        if self._dirty_everything:
+            keys = set(self._subs)
+        else:
+            keys = {k for k in self._subs if k.split("/", 1)[0] in self._dirty_namespaces}
+            keys |= {k for k in self._dirty_pods if k in self._subs}
+        self._dirty_everything = False
+        self._dirty_namespaces.clear()
+        self._dirty_pods.clear()
+        jobs = []
+        by_namespace: dict[str, tuple[tuple[PolicyObject, ...], tuple[Workload, ...]]] = {}
+        for key in sorted(keys):
+            ns = key.split("/", 1)[0]
+            w = self._pods.get(ns, {}).get(key)
+            if w is None:
                 continue
-            if sub.latest is None or c.version != sub.latest.version:
-                sub.push(c)
-                pushed += 1
+            if ns not in by_namespace:
+                by_namespace[ns] = (tuple(self._policies.get(ns, {}).values()), tuple(self._pods.get(ns, {}).values()))
+            jobs.append(_Job(w, *by_namespace[ns], self._epoch))
+        return jobs
+
+    def _apply(self, job: _Job, result: Compiled | Exception) -> int:
+        """Install one compile result (on the loop); return 1 when it was pushed."""
+        key = job.workload.key
+        if isinstance(result, Exception):
+            self.compile_errors += 1
+            log.error("compiling the config of %s failed; it keeps enforcing its last one", key, exc_info=result)
+            return 0
+        subs = self._subs.get(key)
+        last = self._compiled.get(key)
+        if not subs or (last is not None and last[0] > job.epoch):
+            return 0  # gone, or a newer result is already in place
+        if result.size > self._max_bytes:
+            biggest = sorted(result.policies, key=lambda k: -len(json.dumps(getattr(self._policy(k), "spec", {}))))
+            self._too_large[key] = (f"the config of {key} would be {result.size} bytes, more than the "
+                                    f"{self._max_bytes} a sidecar accepts; it keeps its last config. Largest "
+                                    f"selecting policies: {', '.join(biggest[:3])}")
+            return 0
+        self._too_large.pop(key, None)
+        self._compiled[key] = (job.epoch, result)
+        pushed = 0
+        for sub in subs:
+            if sub.latest is None or sub.latest.version != result.version:
+                sub.push(result)
+                pushed = 1
+        return pushed
+
+    async def settle(self) -> int:
+        """Compile what is dirty now (in a worker thread) and push what changed.
+
+        Returns how many workloads got a new config.
+        """
+        jobs = self._take_jobs()
+        if not jobs:
+            return 0
+        t0 = time.perf_counter()
+        results = await self._offload(_compile_all, jobs, self._all_revocations(), self._clock(), self._trust_domain)
+        pushed = sum(self._apply(job, result) for job, result in results)
+        self.recompiles += 1
+        self.compiled_workloads += len(jobs)
+        self.recompile_seconds += time.perf_counter() - t0
         self.pushes += pushed
         return pushed
 
     async def run(self) -> None:
         """Recompile whenever something changed or a revocation entry expired, until cancelled."""
         while True:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._dirty.wait(), self.next_expiry_s())
+            except TimeoutError:
+                self._touch()  # an entry expired: every workload drops it
             self._dirty.clear()
-            t0 = time.perf_counter()
-            self.refresh()
-            self.recompiles += 1
-            self.recompile_seconds += time.perf_counter() - t0
+            try:
+                await self.settle()
+            except Exception:  # a bug must not end policy distribution for good
+                log.exception("recompiling configs failed; retrying on the next change")
 
-    def lagging(self) -> int:
-        """Connected sidecars that have not acknowledged their latest config."""
-        return sum(1 for s in self.subscribers.values()
-                   if s.latest is not None and (s.acked is None or s.acked.version != s.latest.version))
+    # ---------------------------------------------------------------- queries (status, metrics)
 
-    def config_bytes(self) -> list[int]:
-        """The size of each connected sidecar's latest config."""
-        return [s.latest.size for s in self.subscribers.values() if s.latest is not None]
+    def _policy(self, key: str) -> PolicyObject | None:
+        return self._policies.get(key.split("/", 1)[0], {}).get(key)
 
-    # ---------------------------------------------------------------- status
+    def policy(self, key: str) -> PolicyObject | None:
+        """The last valid generation of AuthPolicy `namespace/name`, if any."""
+        return self._policy(key)
+
+    def invalid(self, key: str) -> tuple[int, str] | None:
+        """(generation, why) when the latest update of the policy was rejected."""
+        return self._invalid.get(key)
+
+    def policy_counts(self) -> tuple[int, int]:
+        """(valid, invalid) AuthPolicies."""
+        return sum(len(p) for p in self._policies.values()), len(self._invalid)
+
+    def conflict(self, key: str) -> str | None:
+        """An issuer conflict the policy causes in some workload's config, if any."""
+        ns = key.split("/", 1)[0]
+        for pod, (_, compiled) in self._compiled.items():
+            if pod.startswith(f"{ns}/") and key in compiled.conflicts:
+                return compiled.conflicts[key]
+        return None
+
+    def oversized(self, key: str) -> str | None:
+        """Why a workload the policy selects did not get its config (too large), if one did not."""
+        p = self._policy(key)
+        if p is None:
+            return None
+        for pod, why in sorted(self._too_large.items()):
+            w = self._pods.get(p.namespace, {}).get(pod)
+            if w is not None and selects(p.spec, w.labels):
+                return why
+        return None
+
+    def _enforces(self, subs: Iterable[Subscriber], check: Callable[[Subscriber], bool]) -> str | None:
+        """None when every live subscription of a pod passes `check`, else why one does not."""
+        for sub in subs:
+            if not check(sub):
+                return sub.error or ("has not acknowledged a config yet" if sub.acked is None
+                                     else "enforces an older config")
+        return None
 
     def policy_enforcement(self, key: str) -> Enforcement:
         """Which connected workloads the policy selects and which of them enforce its latest valid generation."""
-        p = self.policies.get(key)
-        selected, enforcing, lagging = [], [], []
+        p = self._policy(key)
         if p is None:
             return Enforcement([], [], [])
-        for sub in self.subscribers.values():
-            w = sub.workload
-            if w.namespace != p.namespace or not selects(p.spec, w.labels):
+        selected, enforcing, lagging = [], [], []
+        for w in self._pods.get(p.namespace, {}).values():
+            subs = self._subs.get(w.key)
+            if not subs or not selects(p.spec, w.labels):
                 continue
             selected.append(w.key)
-            got = sub.acked.policies.get(key) if sub.acked else None
-            if got == p.generation:
+            why = self._enforces(subs, lambda s: s.acked is not None and s.acked.policies.get(key) == p.generation)
+            if why is None:
                 enforcing.append(w.key)
             else:
-                why = sub.error or ("has not acknowledged a config yet" if got is None and sub.acked is None
-                                    else f"enforces generation {got}" if got is not None
-                                    else "enforces a config without it")
-                lagging.append(f"{w.key}: {why}")
+                got = [g for s in subs if s.acked is not None and (g := s.acked.policies.get(key)) is not None]
+                lagging.append(f"{w.key}: enforces generation {min(got)}" if got else f"{w.key}: {why}")
         return Enforcement(sorted(selected), sorted(enforcing), sorted(lagging))
 
+    def revocation_counts(self, name: str) -> tuple[int, int]:
+        """(active, expired) entries of Revocation `name`."""
+        now = self._clock()
+        entries = self.revocations.get(name, [])
+        active = sum(1 for e in entries if e.expires_at > now)
+        return active, len(entries) - active
+
     def revocation_enforcement(self, name: str) -> Enforcement:
-        """Which connected workloads enforce every active entry of revocation `name`."""
+        """Which connected workloads enforce every active entry of revocation `name` that applies to them."""
         now = self._clock()
         active = [e for e in self.revocations.get(name, []) if e.expires_at > now]
         selected, enforcing, lagging = [], [], []
-        for sub in self.subscribers.values():
-            selected.append(sub.workload.key)
-            doc = sub.acked.document.get("revocations", {}) if sub.acked else {}
-            if all(e.value in doc.get(e.kind, []) for e in active):
-                enforcing.append(sub.workload.key)
+        for key, subs in self._subs.items():
+            selected.append(key)
+
+            def has_all(sub: Subscriber) -> bool:
+                if sub.acked is None:
+                    return False
+                doc = sub.acked.document
+                issuers = [i["issuer"] for p in doc.get("policies", []) for i in p.get("jwt", [])]
+                section = doc.get("revocations", {})
+                return all(hashed_revocation(e.value) in section.get(e.kind, []) for e in active
+                           if applies_to(e, issuers))
+
+            why = self._enforces(subs, has_all)
+            if why is None:
+                enforcing.append(key)
             else:
-                lagging.append(f"{sub.workload.key}: {sub.error or 'not yet acknowledged'}")
+                lagging.append(f"{key}: {why}")
         return Enforcement(sorted(selected), sorted(enforcing), sorted(lagging))
+
+    def lagging(self) -> int:
+        """Live subscriptions that have not acknowledged their latest config."""
+        return sum(1 for s in self.subscriptions()
+                   if s.latest is not None and (s.acked is None or s.acked.version != s.latest.version))
+
+    def config_bytes(self) -> list[int]:
+        """The size of each subscribed workload's latest config."""
+        return [c.size for _, c in self._compiled.values()]

@@ -109,13 +109,14 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     hub = PolicyHub(clock, args.trust_domain)
 
     def start_policy() -> Awaitable[grpc.aio.Server]:
-        return serve_policy(hub, args.policy_listen, lambda: (ca.server_cert().cert_pem, ca.server_cert().key_pem,
-                                                              ca.bundle_pem().encode()))
+        return serve_policy(hub, engine.reviewer, args.policy_listen,
+                            lambda: (ca.server_cert().cert_pem, ca.server_cert().key_pem, ca.bundle_pem().encode()))
 
     registry = kopf.OperatorRegistry()
     register(registry, rt)
     policy_handlers.register(registry, policy_handlers.PolicyRuntime(
-        hub, clock, start_policy, directory, kube, args.trust_domain, status_interval_s=args.status_interval))
+        hub, clock, start_policy, directory, kube, engine.reviewer, args.trust_domain,
+        status_interval_s=args.status_interval))
     metrics = CollectorRegistry()
     register_metrics(metrics, ca, engine, hub)
     return registry, rt, metrics, kube

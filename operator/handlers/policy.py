@@ -3,8 +3,10 @@
 Watch events go straight into the hub (in memory, on the operator's loop: the index
 handlers are `async def` because Kopf runs plain functions in executor threads, and the
 hub's dicts and its `asyncio.Event` belong to the loop that serves sidecars); the hub
-recompiles and pushes configs to subscribed sidecars. Change handlers validate each
-AuthPolicy (an invalid spec is a `kopf.PermanentError` naming the field). Status is
+recompiles and pushes configs to subscribed sidecars. An invalid AuthPolicy is reported on its own
+status (InvalidSpec, naming the field) with an Event, and its last valid generation stays in force.
+There are no Kopf change handlers: they would store the whole spec in an annotation (which a large
+policy overflows) and Kopf's progress next to it. Status is
 computed by pure functions from the hub's view and written by a `StatusWriter` (not
 Kopf timers, whose finalizers would make deletion wait for the operator), with an
 Event whenever a Ready condition changes reason.
@@ -24,12 +26,12 @@ import kopf
 
 from meshward.operator.api.schema import GROUP, VERSION
 from meshward.operator.clients.kube import KubeClient
-from meshward.operator.domain.compile import INJECT_LABEL, PolicyInvalid, PolicyObject, validate
 from meshward.operator.domain.identity import status_changed
 from meshward.operator.domain.policy_status import PolicyView, exact_principals, policy_status, revocation_status
 from meshward.operator.engines.identities import IdentityDirectory
 from meshward.operator.engines.policy_hub import PolicyHub
 from meshward.operator.engines.status_writer import EventNote, Report, StatusWriter
+from meshward.operator.engines.token_review import TokenReviewer
 from meshward.operator.handlers.lifecycle import shutdown
 
 log = logging.getLogger("meshward.operator.policy")
@@ -46,6 +48,8 @@ class PolicyRuntime:
     # ServiceIdentities known from the identity handlers' watch, to flag principals that cannot exist.
     identities: IdentityDirectory
     kube: KubeClient
+    # TokenReviews shared with the signing service: deletions of pods and ServiceAccounts invalidate them.
+    reviewer: TokenReviewer
     trust_domain: str = "cluster.local"
     status_interval_s: float = 10.0
     server: grpc.aio.Server | None = None
@@ -53,12 +57,19 @@ class PolicyRuntime:
 
 
 def _transition(old: Mapping[str, Any], new: dict[str, Any]) -> tuple[EventNote, ...]:
-    """An Event when the Ready condition changes reason."""
-    was: dict[str, Any] = next((c for c in old.get("conditions") or [] if c.get("type") == "Ready"), {})
-    now = new["conditions"][0]
-    if was.get("reason") == now["reason"]:
-        return ()
-    return (EventNote("Normal" if now["status"] == "True" else "Warning", now["reason"], now["message"]),)
+    """An Event when the Ready condition changes reason, and a Warning when a Degraded condition begins."""
+    def find(conditions: Any, kind: str) -> dict[str, Any]:
+        return next((c for c in conditions or [] if c.get("type") == kind), {})
+
+    notes = []
+    was, now = find(old.get("conditions"), "Ready"), find(new["conditions"], "Ready")
+    if was.get("reason") != now["reason"]:
+        notes.append(EventNote("Normal" if now["status"] == "True" else "Warning", now["reason"], now["message"]))
+    already = notes[0].reason if notes else ""  # an InvalidSpec is both Ready and Degraded: one Event for it
+    was, now = find(old.get("conditions"), "Degraded"), find(new["conditions"], "Degraded")
+    if now and now["status"] == "True" and was.get("reason") != now["reason"] and now["reason"] != already:
+        notes.append(EventNote("Warning", now["reason"], now["message"]))
+    return tuple(notes)
 
 
 def policy_report(rt: PolicyRuntime, body: Mapping[str, Any]) -> Report:
@@ -67,16 +78,14 @@ def policy_report(rt: PolicyRuntime, body: Mapping[str, Any]) -> Report:
     key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
     generation = int(meta.get("generation") or 0)
     hub = rt.hub
-    invalid = hub.invalid.get(key)
-    in_force = hub.policies.get(key)
+    invalid = hub.invalid(key)
+    in_force = hub.policy(key)
     enf = hub.policy_enforcement(key)
-    conflict = next((s.latest.conflicts[key] for s in hub.subscribers.values()
-                     if s.latest and key in s.latest.conflicts), None)
     unknown = tuple(sorted({p for p, ns, sa in exact_principals(dict(body.get("spec") or {}), rt.trust_domain)
                             if rt.identities.find(ns, sa) is None}))
     view = PolicyView(generation, in_force.generation if in_force else None,
                       invalid[1] if invalid and invalid[0] == generation else None,
-                      enf.selected, enf.enforcing, enf.lagging, conflict, unknown)
+                      enf.selected, enf.enforcing, enf.lagging, hub.conflict(key), unknown, hub.oversized(key))
     if in_force is not None and in_force.generation != generation and view.invalid is None:
         return Report()  # the hub has not seen this generation yet; report on the next pass
     old = dict(body.get("status") or {})
@@ -89,11 +98,10 @@ def revocation_report(rt: PolicyRuntime, body: Mapping[str, Any]) -> Report:
     now = rt.clock()
     meta = body.get("metadata", {})
     name = meta.get("name", "")
-    entries = rt.hub.revocations.get(name, [])
-    active = sum(1 for e in entries if e.expires_at > now)
+    active, expired = rt.hub.revocation_counts(name)
     enf = rt.hub.revocation_enforcement(name)
     old = dict(body.get("status") or {})
-    new = revocation_status(int(meta.get("generation") or 0), active, len(entries) - active, enf.selected,
+    new = revocation_status(int(meta.get("generation") or 0), active, expired, enf.selected,
                             enf.enforcing, enf.lagging, list(old.get("conditions") or []), now)
     return Report(new, _transition(old, new)) if status_changed(old, new) else Report()
 
@@ -126,19 +134,9 @@ def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
     @kopf.on.event(GROUP, VERSION, "authpolicies", id="policy-index", registry=registry)
     async def policy_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         if policies.track(type, body):
-            hub.apply_policy(body)
+            await hub.apply_policy(body)
         else:
             hub.remove_policy(body["metadata"].get("namespace", ""), body["metadata"]["name"])
-
-    @kopf.on.resume(GROUP, VERSION, "authpolicies", id="validate", registry=registry)
-    @kopf.on.create(GROUP, VERSION, "authpolicies", id="validate", registry=registry)
-    @kopf.on.update(GROUP, VERSION, "authpolicies", id="validate", field="spec", registry=registry)
-    def check(body: kopf.Body, meta: kopf.Meta, spec: kopf.Spec, namespace: str | None, **_: Any) -> None:
-        try:
-            validate(PolicyObject(namespace or "", meta.get("name", ""), int(meta.get("generation") or 0), "",
-                                  dict(spec)))
-        except PolicyInvalid as e:
-            raise kopf.PermanentError(f"{e}") from e
 
     @kopf.on.event(GROUP, VERSION, "revocations", id="revocation-index", registry=registry)
     async def revocation_event(type: str | None, body: kopf.Body, **_: Any) -> None:
@@ -147,10 +145,20 @@ def register(registry: kopf.OperatorRegistry, rt: PolicyRuntime) -> None:
         else:
             hub.remove_revocation(body["metadata"]["name"])
 
-    @kopf.on.event("", "v1", "pods", id="pod-index", labels={INJECT_LABEL: "enabled"}, registry=registry)
+    # Every pod, not only opted-in ones: a label filter would never deliver the update that removes the
+    # meshward.io/inject label (the pod would keep its config), nor a deletion the token reviews must hear of.
+    @kopf.on.event("", "v1", "pods", id="pod-index", registry=registry)
     async def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         meta = body.get("metadata", {})
         if type == "DELETED":
             hub.remove_pod(meta.get("namespace", ""), meta.get("name", ""))
+            rt.reviewer.forget_pod(meta.get("namespace", ""), meta.get("name", ""), str(meta.get("uid") or ""))
         else:
             hub.apply_pod(body)
+
+    @kopf.on.event("", "v1", "serviceaccounts", id="serviceaccount-deletions", registry=registry)
+    async def service_account_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        if type == "DELETED":
+            meta = body.get("metadata", {})
+            rt.reviewer.forget_service_account(meta.get("namespace", ""), meta.get("name", ""),
+                                               str(meta.get("uid") or ""))

@@ -1,12 +1,16 @@
 """The policy distribution service: sidecars subscribe to their workload's config over mTLS.
 
 Method `/meshward.policy.v1.Policy/Subscribe`, a bidirectional stream of JSON messages.
-The sidecar's first message names its pod (`{"pod": "<name>"}`); its client
-certificate (required, verified against the mesh trust bundle) says which namespace
-and ServiceAccount it is, and the pod must run as that ServiceAccount, so a sidecar only
-ever receives its own workload's config. The server sends `{"version", "config"}`
-whenever the config changes (at once on connect, which is how a reconnect resumes);
-the sidecar answers `{"ack": "<version>"}` or `{"ack": "<version>", "error": "..."}`.
+The sidecar's client certificate (required, verified against the mesh trust bundle)
+says which namespace and ServiceAccount it is; its pod's projected ServiceAccount token
+(audience `meshward`, in `authorization: Bearer …` metadata) proves which pod: the API
+server's TokenReview names the pod a token is bound to, and that must be the pod the
+first message names (`{"pod": "<name>"}`), running as that ServiceAccount. So a sidecar
+only ever receives its own workload's config, and no pod can subscribe as a sibling
+that shares its ServiceAccount. The server sends `{"version", "config"}` whenever the
+config changes (at once on connect, which is how a reconnect resumes); the sidecar
+answers `{"ack": "<version>"}` or `{"ack": "<version>", "error": "..."}`. A pod may hold
+several streams (an agent restart); each receives every update until it ends.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from meshward.operator.engines.policy_hub import PolicyHub, SubscriptionRefused
+from meshward.operator.engines.policy_hub import PolicyHub, Subscriber, SubscriptionRefused
+from meshward.operator.engines.token_review import AUDIENCE, ReviewUnavailable, TokenReviewer
 from meshward.operator.servers.wire import dumps, loads, rotating_credentials
 
 SERVICE = "meshward.policy.v1.Policy"
@@ -46,28 +51,56 @@ def peer_identity(context: grpc.aio.ServicerContext) -> tuple[str, str, str] | N
     return None
 
 
+def _bearer(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
+            return value[7:].strip()
+    return ""
+
+
 class PolicyService:
     """Adapts Subscribe streams to the policy hub."""
 
-    def __init__(self, hub: PolicyHub) -> None:
+    def __init__(self, hub: PolicyHub, reviewer: TokenReviewer) -> None:
         self._hub = hub
+        self._reviewer = reviewer
+
+    async def _admit(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Subscriber:
+        """Check the certificate, the pod-bound token and the pod named; SubscriptionRefused says why not."""
+        who = peer_identity(context)
+        if who is None:
+            raise SubscriptionRefused("UNAUTHENTICATED", "a workload certificate with a SPIFFE ID is required")
+        namespace, sa, spiffe = who
+        token = _bearer(context)
+        if not token:
+            raise SubscriptionRefused("UNAUTHENTICATED", "send the pod's projected ServiceAccount token (audience "
+                                                         f"{AUDIENCE!r}) as 'authorization: Bearer <token>'")
+        try:
+            review = await self._reviewer.review(token)
+        except ReviewUnavailable as e:
+            raise SubscriptionRefused("UNAVAILABLE", str(e)) from e
+        if not review.authenticated or AUDIENCE not in review.audiences:
+            raise SubscriptionRefused("UNAUTHENTICATED", f"token rejected: {review.error or 'wrong audience'}")
+        if review.username != f"system:serviceaccount:{namespace}:{sa}":
+            raise SubscriptionRefused("PERMISSION_DENIED", f"the token is {review.username!r}'s, not that of the "
+                                                           f"certificate's ServiceAccount {namespace}/{sa}")
+        if not review.pod_name:
+            raise SubscriptionRefused("PERMISSION_DENIED", "the token is not bound to a pod: send the pod's "
+                                                           "projected ServiceAccount token, not a TokenRequest one")
+        first = await anext(aiter(requests), None)
+        pod = first.get("pod") if isinstance(first, dict) else None
+        if not isinstance(pod, str) or not pod:
+            raise SubscriptionRefused("INVALID_ARGUMENT", 'the first message must be {"pod": "<name>"}')
+        if pod != review.pod_name:
+            raise SubscriptionRefused("PERMISSION_DENIED", f"the token belongs to pod {namespace}/{review.pod_name}, "
+                                                           f"which cannot subscribe as {namespace}/{pod}")
+        return self._hub.subscribe(namespace, sa, pod, spiffe, review.pod_uid)
 
     async def subscribe(self, requests: AsyncIterator[Any],
                         context: grpc.aio.ServicerContext) -> AsyncIterator[dict[str, Any]]:
         """Serve one sidecar's subscription."""
-        who = peer_identity(context)
-        if who is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "a workload certificate with a SPIFFE ID is required")
-            return
-        namespace, sa, spiffe = who
-        first = await anext(aiter(requests), None)
-        pod = first.get("pod") if isinstance(first, dict) else None
-        if not isinstance(pod, str) or not pod:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'the first message must be {"pod": "<name>"}')
-            return
         try:
-            sub = self._hub.subscribe(namespace, sa, pod, spiffe)
+            sub = await self._admit(requests, context)
         except SubscriptionRefused as e:
             await context.abort(getattr(grpc.StatusCode, e.code), str(e))
             return
@@ -98,9 +131,10 @@ class PolicyService:
                 if not waiter.done():
                     waiter.cancel()
                     break
-                if self._hub.subscribers.get(sub.workload.key) is not sub:
-                    break  # the same pod reconnected on another stream
                 compiled = waiter.result()
+                if compiled is None:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, f"subscription ended: {sub.closed}")
+                    return
                 sent = compiled.version
                 yield {"version": compiled.version, "config": compiled.document}
         finally:
@@ -117,13 +151,13 @@ class PolicyService:
                                                                response_serializer=dumps)})
 
 
-async def serve_policy(hub: PolicyHub, address: str,
+async def serve_policy(hub: PolicyHub, reviewer: TokenReviewer, address: str,
                        credentials: Callable[[], tuple[bytes, bytes, bytes]]) -> grpc.aio.Server:
     """Start the service on `address`; `credentials()` gives (chain, key, trust bundle), reread per handshake."""
     creds = rotating_credentials(credentials)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.keepalive_time_ms", 10_000)])
-    server.add_generic_rpc_handlers((PolicyService(hub).handler(),))
+    server.add_generic_rpc_handlers((PolicyService(hub, reviewer).handler(),))
     server.add_secure_port(address, creds)
     await server.start()
     return server

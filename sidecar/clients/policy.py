@@ -1,7 +1,9 @@
 """The client of the operator's policy distribution service (`/meshward.policy.v1.Policy/Subscribe`).
 
 mTLS with the workload certificate the agent holds (the operator learns the agent's
-identity from it); JSON messages, as on the server.
+identity from it), and the pod's projected ServiceAccount token in the call's metadata
+(the operator learns from TokenReview which pod the token is bound to, so the pod name
+the agent sends is proven, not just claimed); JSON messages, as on the server.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ class PolicyClient:
     """Opens subscriptions to the operator."""
 
     def __init__(self, address: str, server_name: str,
-                 credentials: Callable[[], tuple[bytes, bytes, bytes] | None]) -> None:
+                 credentials: Callable[[], tuple[bytes, bytes, bytes] | None], token: Callable[[], str]) -> None:
         self._address = address
         self._server_name = server_name
         self._credentials = credentials
+        self._token = token
 
     async def subscribe(self, pod: str, on_config: Callable[[str, dict[str, Any]], Awaitable[str | None]],
                         on_connected: Callable[[], None]) -> None:
@@ -39,6 +42,10 @@ class PolicyClient:
         if creds is None:
             raise PolicyStreamError("FAILED_PRECONDITION", "no workload certificate yet")
         roots, key, chain = creds
+        try:
+            token = self._token().strip()
+        except OSError as e:
+            raise PolicyStreamError("FAILED_PRECONDITION", f"cannot read the ServiceAccount token: {e}") from e
         channel_creds = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
         options = [("grpc.ssl_target_name_override", self._server_name),
                    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -46,7 +53,8 @@ class PolicyClient:
         try:
             async with grpc.aio.secure_channel(self._address, channel_creds, options=options) as channel:
                 call = channel.stream_stream(METHOD, request_serializer=lambda d: json.dumps(d).encode(),
-                                             response_deserializer=json.loads)()
+                                             response_deserializer=json.loads)(
+                    metadata=(("authorization", f"Bearer {token}"),))
                 await call.write({"pod": pod})
                 async for msg in call:
                     on_connected()

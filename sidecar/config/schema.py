@@ -10,6 +10,7 @@ operator. The format is documented in docs/sidecar-config.md.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,9 +137,22 @@ class Policy:
     rules: tuple[Rule, ...]
 
 
+# Revocation values may be given hashed, `sha256:<hex of the value>`: the operator sends them so, and a
+# sidecar then learns which tokens to refuse without learning whom they name.
+REVOCATION_HASH_PREFIX = "sha256:"
+
+
+def hashed_revocation(value: str) -> str:
+    """The hashed form of a revocation value (a jti, sid, sub or `<iss>/<sub>`)."""
+    return REVOCATION_HASH_PREFIX + hashlib.sha256(value.encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Revocations:
-    """Tokens denied everywhere: by `jti`, by subject (`iss/sub` or bare `sub`), or by session `sid`."""
+    """Tokens denied everywhere: by `jti`, by subject (`iss/sub` or bare `sub`), or by session `sid`.
+
+    Each value is plain or hashed (`sha256:<hex>`, see hashed_revocation).
+    """
 
     jti: frozenset[str] = frozenset()
     sub: frozenset[str] = frozenset()

@@ -6,10 +6,17 @@ new config and keeps the last good one in force.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from meshward.sidecar.config.schema import Issuer, Revocations, SidecarConfig, TokenSource, issuers_of
+from meshward.sidecar.config.schema import (
+    Issuer,
+    Revocations,
+    SidecarConfig,
+    TokenSource,
+    hashed_revocation,
+    issuers_of,
+)
 from meshward.sidecar.domain.jwt import VerifiedToken
 from meshward.sidecar.domain.policy import CompiledPolicies, compile_policies
 
@@ -92,8 +99,24 @@ def without_cookie(header: str, name: str) -> str:
     return "; ".join(kept)
 
 
+def _revocation_forms(token: VerifiedToken) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The token's jti, sid and subject forms, each plain and hashed; computed once per token (memo).
+
+    Subject forms: bare `sub`, and `iss/sub` with and without the issuer's trailing slash.
+    """
+    forms: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = token.memo.get("revocation")
+    if forms is None:
+        def both(values: Sequence[str | None]) -> tuple[str, ...]:
+            plain = [v for v in values if v]
+            return (*plain, *(hashed_revocation(v) for v in plain))
+        subs = [token.subject, f"{token.issuer}/{token.subject}", f"{token.issuer.rstrip('/')}/{token.subject}"]
+        forms = token.memo["revocation"] = (both([token.jti]), both([token.sid]), both(subs))
+    return forms
+
+
 def is_revoked(rev: Revocations, token: VerifiedToken) -> bool:
     """Whether a verified token is revoked by jti, by session, or by subject (bare `sub` or `iss/sub`)."""
-    return bool((rev.jti and token.jti in rev.jti) or (rev.sid and token.sid in rev.sid) or (
-        rev.sub and (token.subject in rev.sub or f"{token.issuer}/{token.subject}" in rev.sub
-                     or f"{token.issuer.rstrip('/')}/{token.subject}" in rev.sub)))
+    if not (rev.jti or rev.sid or rev.sub):
+        return False
+    jti, sid, sub = _revocation_forms(token)
+    return any(f in rev.jti for f in jti) or any(f in rev.sid for f in sid) or any(f in rev.sub for f in sub)

@@ -147,7 +147,7 @@ def _subscription(args: argparse.Namespace, agent: Agent, identity: IdentityMana
         cert = identity.current
         return (cert.bundle_pem, cert.key_pem, cert.chain_pem) if cert else None
 
-    client = PolicyClient(args.policy_server, args.identity_signer_name, credentials)
+    client = PolicyClient(args.policy_server, args.identity_signer_name, credentials, args.identity_token.read_text)
     return PolicySubscription(client, agent, args.pod_name, registry)
 
 

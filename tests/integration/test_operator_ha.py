@@ -49,7 +49,7 @@ def test_the_standby_takes_over_a_crashed_leader_and_no_update_is_lost(
     bundle = tmp_path / "bundle.crt"
     bundle.write_text(crds.trust_bundle(namespace))
     token = tmp_path / "token"
-    token.write_text(crds.kubectl("-n", namespace, "create", "token", "orders", "--audience", "meshward").stdout)
+    token.write_text(crds.pod_token(namespace, "orders", "orders-1"))
     agent = Agent(tmp_path, None, name="orders-1", extra_args=a.agent_args(
         token, bundle, tmp_path / "sds.sock", "orders-1", replicas=(b,))).start()
     try:

@@ -47,7 +47,7 @@ class Plane:
     workdir: Path
     agents: list[Agent]
     idp: IdP
-    token_file: Path
+    tokens: dict[str, Path]  # pod -> its pod-bound token (as kubelet would project it)
     bundle: Path
 
     def all_answer(self, path: str, status: int, headers: dict[str, str] | None = None) -> bool:
@@ -66,14 +66,15 @@ def plane(crds: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
                opted_in_pod(ns, "orders-3", "orders", app="orders"))
     bundle = wd / "bundle.crt"
     bundle.write_text(crds.trust_bundle(ns))
-    token = wd / "orders.token"
-    token.write_text(crds.kubectl("-n", ns, "create", "token", "orders", "--audience", "meshward",
-                                  "--duration", "1h").stdout.strip())
-    agents = [Agent(wd, None, name=p, extra_args=operator.agent_args(token, bundle, wd / f"{p}-sds.sock", p)).start()
-              for p in ("orders-1", "orders-2")]
+    tokens = {}
+    for p in ("orders-1", "orders-2", "orders-3"):
+        tokens[p] = wd / f"{p}.token"
+        tokens[p].write_text(crds.pod_token(ns, "orders", p))
+    agents = [Agent(wd, None, name=p, extra_args=operator.agent_args(tokens[p], bundle, wd / f"{p}-sds.sock", p)
+                    ).start() for p in ("orders-1", "orders-2")]
     idp = IdP(None)
     try:
-        yield Plane(crds, operator, ns, wd, agents, idp, token, bundle)
+        yield Plane(crds, operator, ns, wd, agents, idp, tokens, bundle)
     finally:
         for a in agents:
             a.stop()
@@ -124,19 +125,26 @@ def test_agents_enforce_every_applied_version_also_through_envoy(plane: Plane) -
 class SilentSubscriber:
     """A subscriber process that receives its configs and never acknowledges them (tests/support)."""
 
-    def __init__(self, plane: Plane, pod_name: str) -> None:
+    def __init__(self, plane: Plane, pod_name: str, token: Path | None = None, spiffe_ns: str = "",
+                 name: str = "") -> None:
         import subprocess
         import sys
 
-        self.out = plane.workdir / f"silent-{pod_name}.out"
+        self.out = plane.workdir / f"silent-{name or pod_name}.out"
         op = plane.operator
         with self.out.open("wb") as f:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.support.silent_subscriber",
                  "--signer", f"127.0.0.1:{op.signer_port}", "--policy", f"127.0.0.1:{op.policy_port}",
                  "--server-name", f"meshward-signer.{op.namespace}.svc", "--bundle", str(plane.bundle),
-                 "--token", str(plane.token_file), "--spiffe", f"spiffe://cluster.local/ns/{plane.ns}/sa/orders",
+                 "--token", str(token or plane.tokens[pod_name]),
+                 "--spiffe", f"spiffe://cluster.local/ns/{spiffe_ns or plane.ns}/sa/orders",
                  "--pod", pod_name], stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+
+    def refusal(self, timeout: float = 30) -> str:
+        """The error line of a refused subscription (waits for the process to end)."""
+        self.proc.wait(timeout)
+        return next((x for x in self.lines() if x.startswith("error ")), "")
 
     def lines(self) -> list[str]:
         return self.out.read_text().splitlines()
@@ -195,19 +203,63 @@ def test_a_sidecar_only_gets_a_pod_of_its_own_service_account(plane: Plane) -> N
     c, ns = plane.cluster, plane.ns
     c.kubectl("-n", ns, "create", "serviceaccount", "billing")
     c.apply(opted_in_pod(ns, "billing-1", "billing", app="billing"))
-
-    def attempt() -> str | None:
-        silent = SilentSubscriber(plane, "billing-1")  # a certificate of SA orders claiming billing's pod
-        try:
-            silent.proc.wait(30)
-        finally:
-            silent.close()
-        last = silent.lines()[-1] if silent.lines() else ""
-        return None if last.startswith("error NOT_FOUND") else last  # NOT_FOUND: the watch is behind
-
-    err = wait_until("a refusal once the operator knows the pod", attempt, timeout=30)
+    silent = SilentSubscriber(plane, "billing-1", token=plane.tokens["orders-3"], name="billing-claim")
+    try:
+        err = silent.refusal()  # a certificate and a token of SA orders claiming billing's pod
+    finally:
+        silent.close()
     assert err.startswith("error PERMISSION_DENIED"), err
-    assert "runs as ServiceAccount billing, not orders" in err
+    assert f"belongs to pod {ns}/orders-3, which cannot subscribe as {ns}/billing-1" in err
+
+
+def test_a_pod_cannot_subscribe_as_a_sibling_of_its_service_account(plane: Plane) -> None:
+    """Sibling silencing: any pod of the same ServiceAccount could name another pod and take its stream. The
+    pod name is now proven by the pod-bound token (TokenReview names its pod), not self-asserted."""
+    silent = SilentSubscriber(plane, "orders-1", token=plane.tokens["orders-3"], name="sibling-claim")
+    try:
+        err = silent.refusal()
+    finally:
+        silent.close()
+    assert err.startswith("error PERMISSION_DENIED") and "belongs to pod" in err, err
+    assert plane.all_answer("/admin", 200)
+
+
+def test_a_token_not_bound_to_a_pod_is_refused(plane: Plane) -> None:
+    unbound = plane.workdir / "unbound.token"
+    unbound.write_text(plane.cluster.kubectl("-n", plane.ns, "create", "token", "orders", "--audience",
+                                             "meshward").stdout.strip())
+    silent = SilentSubscriber(plane, "orders-3", token=unbound, name="unbound")
+    try:
+        err = silent.refusal()
+    finally:
+        silent.close()
+    assert err.startswith("error PERMISSION_DENIED") and "not bound to a pod" in err, err
+
+
+def test_a_second_stream_of_a_pod_never_silences_the_first(plane: Plane) -> None:
+    """The real agent of orders-1 keeps receiving every update (and a Revocation) while a second stream of the
+    same pod (its own token: an agent restarting, say) is open; both get each version."""
+    c, ns, idp = plane.cluster, plane.ns, plane.idp
+    second = SilentSubscriber(plane, "orders-1", name="second-stream")
+    try:
+        wait_until("the second stream subscribed", lambda: second.received, timeout=30)
+        c.apply(policy(ns, "two-streams", rules=READS, jwt=[{"issuer": idp.issuer, "audiences": ["orders"],
+                                                            "jwksUri": idp.jwks_uri}]))
+        wait_until("the first stream's agent enforcing the change", lambda: plane.agents[0].check("/orders/1") == 401,
+                   timeout=10)
+        tok = idp.token(jti="stolen-2")
+        auth = {"authorization": f"Bearer {tok}"}
+        wait_until("the token accepted", lambda: plane.agents[0].check("/orders/1", headers=auth) == 200, timeout=15)
+        versions = len(second.received)
+        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        c.apply({"apiVersion": API, "kind": "Revocation", "metadata": {"name": "incident-42"},
+                 "spec": {"entries": [{"jti": "stolen-2", "expiresAt": expires}]}})
+        wait_until("the revocation enforced by the first stream's agent",
+                   lambda: plane.agents[0].check("/orders/1", headers=auth) == 401, timeout=5)
+        wait_until("the second stream got it too", lambda: len(second.received) > versions, timeout=5)
+    finally:
+        second.close()
+    c.kubectl("-n", ns, "delete", "authpolicy", "two-streams")
 
 
 
@@ -294,3 +346,62 @@ def test_a_rule_naming_a_peer_without_service_identity_is_flagged(plane: Plane) 
     assert cond["reason"] == "UnknownPrincipal" and typo in cond["message"]
     assert "sa/orders" not in cond["message"]  # orders has a ServiceIdentity
     c.kubectl("-n", ns, "delete", "authpolicy", "typo-demo")
+
+
+def inflated_policy(ns: str, name: str) -> dict[str, Any]:
+    """A valid AuthPolicy of ~1 MB within the CRD's bounds: 64 rules of 16 `when` of ~1000 characters, each naming
+    30 distinct claims (whose names once went into every config of the mesh)."""
+    rules = []
+    for r in range(64):
+        whens = [" || ".join(f"claims.{name.replace('-', '_')}r{r}w{w}c{k} == 'v'" for k in range(30))
+                 for w in range(16)]
+        rules.append({"name": f"r{r}", "when": whens})
+    return {"apiVersion": API, "kind": "AuthPolicy", "metadata": {"name": name, "namespace": ns},
+            "spec": {"namespaceWide": True, "rules": rules}}
+
+
+def test_the_inflation_attack_leaves_other_namespaces_untouched(plane: Plane) -> None:
+    """Six ~1 MB AuthPolicies in one namespace made agents in other namespaces fail (RESOURCE_EXHAUSTED), a new
+    Revocation never arrived and new pods stayed unready. Now the other namespace's agents get a policy change and
+    a Revocation within the usual bounds (10 s, 5 s), and the inflated namespace's policies say what happened."""
+    import json
+
+    c, ns, idp = plane.cluster, plane.ns, plane.idp
+    evil = c.new_namespace("evil")
+    try:
+        c.kubectl("-n", evil, "create", "serviceaccount", "orders")
+        c.apply(service_identity(evil, "orders"), opted_in_pod(evil, "w-1", "orders", app="w"))
+        token = plane.workdir / "evil.token"
+        token.write_text(c.pod_token(evil, "orders", "w-1"))
+        victim = SilentSubscriber(plane, "w-1", token=token, spiffe_ns=evil, name="evil-w-1")
+        for n in range(6):
+            doc = inflated_policy(evil, f"big-{n}")
+            assert len(json.dumps(doc)) > 900_000
+            c.kubectl("create", "-f", "-", stdin=json.dumps(doc), timeout=120)  # too big for apply's annotation
+        # Meanwhile, in the other namespace: a change and a Revocation arrive as usual.
+        c.apply(policy(ns, "after-the-attack", rules=READS, jwt=[{"issuer": idp.issuer, "audiences": ["orders"],
+                                                                 "jwksUri": idp.jwks_uri}]))
+        wait_until("the other namespace enforcing its change", lambda: plane.all_answer("/orders/1", 401), timeout=10)
+        tok = idp.token(jti="stolen-3")
+        auth = {"authorization": f"Bearer {tok}"}
+        wait_until("the token accepted", lambda: plane.all_answer("/orders/1", 200, auth), timeout=15)
+        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        c.apply({"apiVersion": API, "kind": "Revocation", "metadata": {"name": "incident-42"},
+                 "spec": {"entries": [{"jti": "stolen-3", "expiresAt": expires}]}})
+        wait_until("the revocation enforced by the other namespace", lambda: plane.all_answer("/orders/1", 401, auth),
+                   timeout=5)
+        assert all(a.metric("meshward_policy_connected") == 1 for a in plane.agents)
+
+        # The inflated namespace: its own policies report that its workload's config is too large.
+        def too_large() -> dict[str, Any]:
+            conds = c.get_json("-n", evil, "authpolicy", "big-5").get("status", {}).get("conditions", [])
+            return next((x for x in conds if x["type"] == "Degraded" and x["reason"] == "ConfigTooLarge"), {})
+
+        cond = wait_until("ConfigTooLarge on the inflating policy", too_large, timeout=60)
+        assert f"{evil}/w-1" in cond["message"] and "a sidecar accepts" in cond["message"]
+        wait_until("a Warning Event about it", lambda: any(
+            e["reason"] == "ConfigTooLarge" for e in c.get_json("-n", evil, "events")["items"]), timeout=30)
+        victim.close()
+    finally:
+        c.kubectl("delete", "namespace", evil, "--wait=false", check=False)
+        c.kubectl("-n", ns, "delete", "authpolicy", "after-the-attack", check=False)

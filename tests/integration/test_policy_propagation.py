@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.kube import Cluster, opted_in_pod, service_identity, wait_until
-from tests.support.fleet import Fleet, has_rule, percentile, sign
+from tests.support.fleet import Fleet, has_rule, percentile, pod_tokens, sign
 from tests.support.procs import Operator
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,8 @@ def fleet(crds: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     name = f"meshward-signer.{op_ns}.svc"
     creds = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), token,
                              f"spiffe://cluster.local/ns/{ns}/sa/fleet"))
-    f = Fleet(f"127.0.0.1:{operator.policy_port}", name, pods, creds)
+    tokens = pod_tokens(str(crds.kubeconfig), ns, "fleet", pods)
+    f = Fleet(f"127.0.0.1:{operator.policy_port}", name, pods, creds, tokens)
     try:
         yield crds, ns, f
     finally:

@@ -50,7 +50,7 @@ class Fleet:
     """N subscribed agents; records when each applied a config in which `marker(config)` holds."""
 
     def __init__(self, address: str, server_name: str, pods: list[str], credentials: tuple[bytes, bytes, bytes],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 tokens: dict[str, str], clock: Callable[[], float] = time.monotonic) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.clock = clock
@@ -62,7 +62,8 @@ class Fleet:
             agent = Agent(load_snapshot(json.dumps(PLACEHOLDER)), _NoFetch(), Metrics(registry),
                           JsonLineAudit(io.StringIO()))
             self._record(agent, pod)
-            client = PolicyClient(address, server_name, lambda: (bundle, key, chain))
+            client = PolicyClient(address, server_name, lambda: (bundle, key, chain),
+                                  lambda token=tokens[pod]: token)  # type: ignore[misc]
             self.subs.append(PolicySubscription(client, agent, pod, registry))
         self.thread.start()
         self.tasks = [asyncio.run_coroutine_threadsafe(s.run(), self.loop) for s in self.subs]
@@ -89,6 +90,22 @@ class Fleet:
             self.loop.call_soon_threadsafe(t.cancel)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def pod_tokens(kubeconfig: str, namespace: str, service_account: str, pods: list[str]) -> dict[str, str]:
+    """A projected-style token per pod: audience meshward, bound to the pod (as kubelet mounts it)."""
+    from kubernetes import client, config
+
+    core = client.CoreV1Api(config.new_client_from_config(kubeconfig))  # type: ignore[no-untyped-call]
+    out: dict[str, str] = {}
+    for pod in pods:
+        uid = core.read_namespaced_pod(pod, namespace).metadata.uid  # type: ignore[union-attr]
+        body = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+            audiences=["meshward"], expiration_seconds=3600,
+            bound_object_ref=client.V1BoundObjectReference(kind="Pod", api_version="v1", name=pod, uid=uid)))
+        status = core.create_namespaced_service_account_token(service_account, namespace, body).status
+        out[pod] = str(status.token)  # type: ignore[union-attr]
+    return out
 
 
 def has_rule(name: str) -> Callable[[dict[str, Any]], bool]:

@@ -30,7 +30,8 @@ async def run(args: argparse.Namespace) -> int:
         async with grpc.aio.secure_channel(args.policy, creds, options=opts) as ch:
             call = ch.stream_stream("/meshward.policy.v1.Policy/Subscribe",
                                     request_serializer=lambda d: json.dumps(d).encode(),
-                                    response_deserializer=json.loads)()
+                                    response_deserializer=json.loads)(
+                metadata=(("authorization", f"Bearer {token}"),))
             await call.write({"pod": args.pod})
             async for msg in call:
                 print("version", msg["version"], flush=True)

@@ -1,0 +1,285 @@
+"""The policy hub: what each workload receives, when, and what one namespace can never do to another.
+
+In-process hub with the real compiler (no API server, no network); the subscription streams themselves and
+the pod-bound tokens are tested against the real API server in tests/integration/test_policy_plane.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from meshward.operator.domain.compile import Compiled, PolicyInvalid
+from meshward.operator.engines.policy_hub import PolicyHub, Subscriber, SubscriptionRefused
+from meshward.sidecar.config.schema import hashed_revocation, parse_config
+
+NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+IDP = "https://idp.example.com"
+
+
+def pod(ns: str, name: str, sa: str = "orders", *, inject: bool = True, uid: str = "", **labels: str) -> dict[str, Any]:
+    all_labels = {**({"meshward.io/inject": "enabled"} if inject else {}), **labels}
+    return {"metadata": {"namespace": ns, "name": name, "labels": all_labels, "uid": uid or f"uid-{ns}-{name}"},
+            "spec": {"serviceAccountName": sa}}
+
+
+def policy(ns: str, name: str = "p", generation: int = 1, **spec: Any) -> dict[str, Any]:
+    spec.setdefault("selector", {"matchLabels": {"app": "orders"}})
+    spec.setdefault("rules", [{"name": "r", "to": {"paths": ["/orders/*"]}}])
+    return {"metadata": {"namespace": ns, "name": name, "generation": generation,
+                         "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": spec}
+
+
+def sub_of(hub: PolicyHub, ns: str, name: str, sa: str = "orders") -> Subscriber:
+    return hub.subscribe(ns, sa, name, f"spiffe://cluster.local/ns/{ns}/sa/{sa}")
+
+
+def latest(sub: Subscriber) -> Compiled:
+    assert sub.latest is not None
+    return sub.latest
+
+
+def test_an_invalid_update_keeps_the_last_valid_generation_in_force() -> None:
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        hub.apply_pod(pod("shop", "orders-1", app="orders"))
+        assert await hub.apply_policy(policy("shop", generation=1)) is None
+        sub = sub_of(hub, "shop", "orders-1")
+        await hub.settle()
+        assert latest(sub).policies == {"shop/p": 1}
+        bad = policy("shop", generation=2, rules=[{"name": "r", "when": ["nope("]}])
+        assert isinstance(await hub.apply_policy(bad), PolicyInvalid)
+        await hub.settle()
+        assert latest(sub).policies == {"shop/p": 1}  # generation 1 still in force, not dropped
+        assert (hub.invalid("shop/p") or (0, ""))[0] == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_workload_whose_compile_fails_keeps_its_config_and_the_others_still_update(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failing compile is injected (no input reaches such a bug today: the hub only holds validated
+    policies); what is tested is that one failure stops neither the loop nor the other sidecars."""
+    from meshward.operator.domain.compile import compile_workload as real
+
+    broken = {"on": False}
+
+    def buggy(w: Any, *args: Any) -> Compiled:
+        if broken["on"] and w.key == "shop/orders-2":
+            raise KeyError("a bug")
+        return real(w, *args)
+
+    monkeypatch.setattr("meshward.operator.engines.policy_hub.compile_workload", buggy)
+
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        for name in ("orders-1", "orders-2"):
+            hub.apply_pod(pod("shop", name, app="orders"))
+        subs = [sub_of(hub, "shop", "orders-1"), sub_of(hub, "shop", "orders-2")]
+        assert await hub.apply_policy(policy("shop", generation=1)) is None
+        await hub.settle()
+        broken["on"] = True
+        assert await hub.apply_policy(policy("shop", generation=2, rules=[{"name": "r2"}])) is None
+        assert await hub.settle() == 1
+        assert latest(subs[0]).policies == {"shop/p": 2}
+        assert latest(subs[1]).policies == {"shop/p": 1}  # its last config
+        assert hub.compile_errors == 1
+
+    asyncio.run(scenario())
+
+
+def test_the_hub_drops_an_expired_revocation_entry_by_itself() -> None:
+    """No watch event and no status pass: the hub's own loop recompiles when the entry's expiresAt passes."""
+    def clock() -> dt.datetime:
+        return dt.datetime.now(dt.UTC)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        hub = PolicyHub(clock)
+        hub.apply_pod(pod("shop", "orders-1", app="orders"))
+        assert await hub.apply_policy(policy("shop")) is None
+        soon = (clock() + dt.timedelta(milliseconds=300)).isoformat()
+        hub.apply_revocation({"metadata": {"name": "incident"}, "spec": {"entries": [{"jti": "t-1", "expiresAt": soon}]}})
+        sub = sub_of(hub, "shop", "orders-1")
+        runner = asyncio.create_task(hub.run())
+        try:
+            deadline = time.monotonic() + 10
+            while sub.latest is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            before = latest(sub).document["revocations"]["jti"]
+            while latest(sub).document["revocations"]["jti"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return before, latest(sub).document["revocations"]["jti"]
+        finally:
+            runner.cancel()
+
+    assert asyncio.run(scenario()) == ([hashed_revocation("t-1")], [])
+
+
+def test_a_sidecar_cannot_claim_a_pod_of_another_service_account_or_an_earlier_pod_of_that_name() -> None:
+    hub = PolicyHub(lambda: NOW)
+    hub.apply_pod(pod("shop", "billing-1", "billing", uid="u-2"))
+    with pytest.raises(SubscriptionRefused) as err:
+        hub.subscribe("shop", "orders", "billing-1", "spiffe://cluster.local/ns/shop/sa/orders")
+    assert err.value.code == "PERMISSION_DENIED"
+    with pytest.raises(SubscriptionRefused) as err:
+        hub.subscribe("other", "billing", "billing-1", "spiffe://cluster.local/ns/other/sa/billing")
+    assert err.value.code == "NOT_FOUND"
+    with pytest.raises(SubscriptionRefused, match="earlier pod") as err:
+        hub.subscribe("shop", "billing", "billing-1", "spiffe://cluster.local/ns/shop/sa/billing", pod_uid="u-1")
+
+
+def test_a_second_stream_of_a_pod_never_silences_the_first() -> None:
+    """Sibling silencing: a second subscription naming an existing pod left the first stream alive but never
+    updated (it enforced an old policy and missed a Revocation). Every live stream of a pod gets every update."""
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        hub.apply_pod(pod("shop", "orders-1", app="orders"))
+        assert await hub.apply_policy(policy("shop", generation=1)) is None
+        first = sub_of(hub, "shop", "orders-1")
+        await hub.settle()
+        second = sub_of(hub, "shop", "orders-1")
+        assert await hub.apply_policy(policy("shop", generation=2, rules=[{"name": "r2"}])) is None
+        hub.apply_revocation({"metadata": {"name": "inc"}, "spec": {"entries": [
+            {"jti": "leaked", "expiresAt": "2027-01-01T00:00:00Z"}]}})
+        await hub.settle()
+        for sub in (first, second):
+            doc = latest(sub).document
+            assert latest(sub).policies == {"shop/p": 2}
+            assert doc["revocations"]["jti"] == [hashed_revocation("leaked")]
+            assert sub.closed is None
+        hub.ack(first, latest(first).version, None)
+        assert hub.policy_enforcement("shop/p").enforcing == []  # the second stream has not acknowledged yet
+        hub.ack(second, latest(second).version, None)
+        assert hub.policy_enforcement("shop/p").enforcing == ["shop/orders-1"]
+
+    asyncio.run(scenario())
+
+
+def test_a_change_in_one_namespace_recompiles_only_that_namespaces_workloads() -> None:
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        for ns in ("a", "b", "c"):
+            for i in range(5):
+                hub.apply_pod(pod(ns, f"orders-{i}", app="orders"))
+                sub_of(hub, ns, f"orders-{i}")
+        await hub.settle()
+        before = hub.compiled_workloads
+        assert await hub.apply_policy(policy("b")) is None
+        await hub.settle()
+        assert hub.compiled_workloads - before == 5
+        before = hub.compiled_workloads
+        hub.apply_revocation({"metadata": {"name": "inc"}, "spec": {"entries": [
+            {"jti": "x", "expiresAt": "2027-01-01T00:00:00Z"}]}})
+        await hub.settle()
+        assert hub.compiled_workloads - before == 15  # a Revocation is cluster-wide: everyone
+
+    asyncio.run(scenario())
+
+
+def _huge_policy(ns: str, name: str, claims: int) -> dict[str, Any]:
+    """A valid AuthPolicy within the CRD's bounds that references many claims (CEL `when`)."""
+    rules = []
+    for r in range(64):
+        conds = [" || ".join(f"claims.c{r}x{w}x{k} == 'v'" for k in range(claims)) for w in range(16)]
+        rules.append({"name": f"r{r}", "when": conds})
+    return policy(ns, name, namespaceWide=True, selector=None, rules=rules)
+
+
+def test_the_inflation_attack_stays_in_its_namespace() -> None:
+    """Six ~1 MB AuthPolicies in one namespace made other namespaces' configs too large to send (every config
+    carried every identity's claim names): agents elsewhere failed, a new Revocation never arrived. Now the
+    inflated namespace's workload keeps its last config and its policies say why; the others are untouched."""
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW, max_config_bytes=1_000_000)
+        hub.apply_pod(pod("evil", "w-1", "w", app="orders"))
+        hub.apply_pod(pod("shop", "orders-1", app="orders"))
+        evil, shop = sub_of(hub, "evil", "w-1", "w"), sub_of(hub, "shop", "orders-1")
+        assert await hub.apply_policy(policy("shop")) is None
+        await hub.settle()
+        shop_size = latest(shop).size
+        evil_version = latest(evil).version
+        for n in range(6):
+            big = _huge_policy("evil", f"big-{n}", 12)
+            big["spec"].pop("selector")
+            assert await hub.apply_policy(big) is None, n
+        hub.apply_revocation({"metadata": {"name": "inc"}, "spec": {"entries": [
+            {"jti": "leaked", "expiresAt": "2027-01-01T00:00:00Z"}]}})
+        await hub.settle()
+        # The other namespace: same size but for the revocation, and the revocation arrived.
+        assert latest(shop).document["revocations"]["jti"] == [hashed_revocation("leaked")]
+        assert latest(shop).size < shop_size + 200
+        assert "evil" not in json.dumps(latest(shop).document)
+        # The inflated one keeps its last config, and its own policies report it.
+        assert latest(evil).version == evil_version
+        why = hub.oversized("evil/big-0")
+        assert why is not None and "more than the 1000000 a sidecar accepts" in why
+        assert hub.oversized("shop/p") is None
+
+    asyncio.run(scenario())
+
+
+def test_a_config_carries_nothing_of_another_namespace() -> None:
+    """Information leak: every sidecar received every SPIFFE ID of the mesh, other namespaces' claim names and
+    every revoked subject in clear."""
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        hub.apply_pod(pod("shop", "orders-1", app="orders"))
+        hub.apply_pod(pod("hr", "salaries-1", "salaries", app="orders"))
+        assert await hub.apply_policy(policy("hr", context={"claims": ["salary_band"]})) is None
+        assert await hub.apply_policy(policy("shop", context={"claims": ["tenant"]})) is None
+        hub.apply_revocation({"metadata": {"name": "inc"}, "spec": {"entries": [
+            {"sub": "ceo@corp.example", "expiresAt": "2027-01-01T00:00:00Z"}]}})
+        sub = sub_of(hub, "shop", "orders-1")
+        await hub.settle()
+        text = json.dumps(latest(sub).document)
+        assert "hr" not in latest(sub).document["context"]["destinations"]
+        for secret in ("salaries", "salary_band", "/ns/hr/", "ceo@corp.example"):
+            assert secret not in text, secret
+        assert hashed_revocation("ceo@corp.example") in latest(sub).document["revocations"]["sub"]
+        parse_config(latest(sub).document)  # and the agent accepts it
+
+    asyncio.run(scenario())
+
+
+def test_a_pod_that_opts_out_leaves_the_mesh_visibly() -> None:
+    """Removing the meshward.io/inject label used to leave the pod's config in place until it was deleted."""
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        hub.apply_pod(pod("shop", "orders-1", app="orders"))
+        assert await hub.apply_policy(policy("shop")) is None
+        sub = sub_of(hub, "shop", "orders-1")
+        await hub.settle()
+        hub.apply_pod(pod("shop", "orders-1", inject=False, app="orders"))
+        assert sub.closed is not None and "no longer opts in" in sub.closed
+        assert await sub.next(latest(sub).version) is None
+        assert hub.policy_enforcement("shop/p").selected == []
+        assert hub.workload("shop", "orders-1") is None
+
+    asyncio.run(scenario())
+
+
+def test_validating_a_policy_never_blocks_the_loop_that_serves_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiling CEL of a large policy took ~1.5 s on the operator's event loop per change. The validation now
+    waits until the loop has run another task; if it ran on the loop, that would deadlock (and the test time out)."""
+    from meshward.operator.domain.compile import validate as real_validate
+
+    loop_ran = threading.Event()
+
+    def validate(p: Any) -> None:
+        assert loop_ran.wait(10), "the event loop did not run while the policy was being validated"
+        real_validate(p)
+
+    monkeypatch.setattr("meshward.operator.engines.policy_hub.validate", validate)
+
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        asyncio.get_running_loop().call_later(0.05, loop_ran.set)
+        assert await asyncio.wait_for(hub.apply_policy(policy("shop")), 20) is None
+
+    asyncio.run(scenario())
