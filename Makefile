@@ -72,6 +72,7 @@ bench: install control-plane
 	$(BIN)/python bench/authz_bench.py
 	$(BIN)/python bench/issuance_bench.py
 	$(BIN)/python bench/policy_bench.py
+	$(BIN)/python bench/policy_scale_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .pytest-kind

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from kubernetes import client, config, watch  # noqa: E402
 from tests.kube import opted_in_pod, service_identity, throwaway_cluster, wait_until  # noqa: E402
-from tests.support.fleet import Fleet, has_rule, percentile, sign  # noqa: E402
+from tests.support.fleet import Fleet, has_rule, percentile, pod_tokens, sign  # noqa: E402
 from tests.support.procs import Operator  # noqa: E402
 
 from meshward.operator.domain.compile import PolicyObject, Workload, compile_workload, validate  # noqa: E402
@@ -104,7 +104,8 @@ def bench_propagation(subscribers: int, changes: int) -> float:
             name = "meshward-signer.meshward-system.svc"
             creds = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), token,
                                      "spiffe://cluster.local/ns/bench/sa/bench"))
-            fleet = Fleet(f"127.0.0.1:{operator.policy_port}", name, pods, creds)
+            tokens = pod_tokens(str(cluster.kubeconfig), "bench", "bench", pods)
+            fleet = Fleet(f"127.0.0.1:{operator.policy_port}", name, pods, creds, tokens)
             f = fleet
             wait_until("every subscriber synced", lambda: all(s.synced for s in f.subs), timeout=60)
 

@@ -183,14 +183,20 @@ class PolicyHub:
     async def apply_policy(self, body: Mapping[str, Any]) -> PolicyInvalid | None:
         """Record an added or changed AuthPolicy (validated off the loop); return why it is invalid, if it is."""
         p = policy_object(body)
+        current = self._policies.get(p.namespace, {}).get(p.key)
+        if current is not None and current.generation == p.generation:
+            return None  # a status update (the operator's own): nothing to validate or recompile
+        rejected = self._invalid.get(p.key)
+        if rejected is not None and rejected[0] == p.generation:
+            return PolicyInvalid("spec", rejected[1])  # already judged
         try:
             await self._offload(validate, p)
         except PolicyInvalid as e:
             if p.generation >= self._invalid.get(p.key, (0, ""))[0]:
                 self._invalid[p.key] = (p.generation, str(e))
             return e
-        current = self._policies.get(p.namespace, {}).get(p.key)
-        if current is not None and current.generation > p.generation:
+        current = self._policies.get(p.namespace, {}).get(p.key)  # again: others may have run meanwhile
+        if current is not None and current.generation >= p.generation:
             return None  # an older event validated after a newer one: keep the newer
         self._invalid.pop(p.key, None)
         self._policies.setdefault(p.namespace, {})[p.key] = p

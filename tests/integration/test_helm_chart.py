@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,42 @@ def test_helm_install_creates_the_operator_deployment(cluster: Cluster, namespac
         assert can == "yes"
     finally:
         cluster.helm("uninstall", release, "-n", namespace, check=False)
+
+
+@pytest.mark.parametrize(("verb", "what", "where", "allowed"), [
+    # The attack: the chart let the operator create, patch and update every ConfigMap in the cluster.
+    ("patch", "configmaps", "kube-system", "no"),
+    ("update", "configmaps/coredns", "kube-system", "no"),
+    ("delete", "configmaps/meshward-trust-bundle", "shop", "no"),
+    ("list", "configmaps", "shop", "no"),
+    ("patch", "configmaps/meshward-trust-bundle", "shop", "yes"),   # the one it owns, in any namespace
+    ("create", "configmaps", "shop", "yes"),                         # a create never overwrites
+    ("get", "secrets", "kube-system", "no"),
+    ("patch", "secrets/other", "{release_ns}", "no"),
+    ("patch", "secrets/meshward-mesh-ca", "{release_ns}", "yes"),
+    ("patch", "leases/kube-controller-manager", "kube-system", "no"),
+    ("update", "leases/meshward-operator", "{release_ns}", "yes"),
+    ("create", "tokenreviews.authentication.k8s.io", "", "yes"),
+])
+def test_the_charts_rbac_lets_the_operator_write_only_what_it_owns(installed: tuple[Cluster, str], verb: str,
+                                                                   what: str, where: str, allowed: str) -> None:
+    cluster, namespace = installed
+    where_args = ["-n", where.format(release_ns=namespace)] if where else []
+    can = cluster.kubectl("auth", "can-i", verb, what, *where_args,
+                          f"--as=system:serviceaccount:{namespace}:mw-operator", check=False).stdout.strip()
+    assert can == allowed, f"can-i {verb} {what} in {where or 'the cluster'}: {can}"
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster) -> Iterator[tuple[Cluster, str]]:
+    """The chart installed once (release `mw`) in a namespace of its own."""
+    namespace = cluster.new_namespace("rbac")
+    cluster.helm("install", "mw", str(CHART), "-n", namespace, "--skip-crds")
+    try:
+        yield cluster, namespace
+    finally:
+        cluster.helm("uninstall", "mw", "-n", namespace, check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def _kubeconfig_for(cluster: Cluster, namespace: str, service_account: str, path: Path) -> Path:

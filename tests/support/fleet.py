@@ -10,11 +10,12 @@ real network to the real operator with a real workload certificate.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -49,21 +50,23 @@ async def sign(signer: str, server_name: str, bundle: bytes, token: str, spiffe:
 class Fleet:
     """N subscribed agents; records when each applied a config in which `marker(config)` holds."""
 
-    def __init__(self, address: str, server_name: str, pods: list[str], credentials: tuple[bytes, bytes, bytes],
-                 tokens: dict[str, str], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, address: str, server_name: str, pods: list[str],
+                 credentials: tuple[bytes, bytes, bytes] | Mapping[str, tuple[bytes, bytes, bytes]],
+                 tokens: Mapping[str, str], clock: Callable[[], float] = time.monotonic) -> None:
+        """`credentials`: (key, chain, bundle) for every pod, or per pod (pods of several namespaces)."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.clock = clock
         self.applied: dict[str, list[tuple[float, dict[str, Any]]]] = {p: [] for p in pods}
-        key, chain, bundle = credentials
         self.subs: list[PolicySubscription] = []
         for pod in pods:
+            key, chain, bundle = credentials if isinstance(credentials, tuple) else credentials[pod]
             registry = CollectorRegistry()
             agent = Agent(load_snapshot(json.dumps(PLACEHOLDER)), _NoFetch(), Metrics(registry),
                           JsonLineAudit(io.StringIO()))
             self._record(agent, pod)
-            client = PolicyClient(address, server_name, lambda: (bundle, key, chain),
-                                  lambda token=tokens[pod]: token)  # type: ignore[misc]
+            client = PolicyClient(address, server_name, functools.partial(lambda *c: c, bundle, key, chain),
+                                  functools.partial(str, tokens[pod]))
             self.subs.append(PolicySubscription(client, agent, pod, registry))
         self.thread.start()
         self.tasks = [asyncio.run_coroutine_threadsafe(s.run(), self.loop) for s in self.subs]
