@@ -155,6 +155,15 @@ class KubeClient:
         out: dict[str, Any] = self._core.api_client.sanitize_for_serialization(pod)
         return out
 
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The pods of `namespace` matching `label_selector`, as plain dicts."""
+        try:
+            pods = self._core.list_namespaced_pod(namespace, label_selector=label_selector)
+        except ApiException as e:
+            raise _failed(f"listing pods in {namespace}", e) from e
+        out: list[dict[str, Any]] = self._core.api_client.sanitize_for_serialization(pods).get("items", [])
+        return out
+
     def label_pod(self, namespace: str, name: str, labels: dict[str, str | None]) -> bool:
         """Merge `labels` into a Pod's (None removes one); False when the Pod does not exist."""
         try:

@@ -291,3 +291,17 @@ def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations:
     digest = hashlib.sha256(encoded).hexdigest()[:16]
     document["generation"] = digest
     return Compiled(document, digest, {p.key: p.generation for p in chosen}, conflicts, len(encoded))
+
+
+def workload_config(w: Workload, policies: Sequence[PolicyObject], revocations: Iterable[RevocationEntry],
+                    now: dt.datetime, neighbours: Iterable[Workload], trust_domain: str,
+                    destinations: Mapping[str, list[str]] | None = None) -> Compiled:
+    """A workload's config exactly as the operator compiles it, from valid policies (see `validate`).
+
+    Its namespace's policies, revocations, and the context claims of its namespace's identities
+    (`destinations`, when the caller already computed them for the namespace).
+    """
+    own = [p for p in policies if p.namespace == w.namespace]
+    if destinations is None:
+        destinations = destination_claims([n for n in neighbours if n.namespace == w.namespace], own, trust_domain)
+    return compile_workload(w, own, revocations, now, destinations)

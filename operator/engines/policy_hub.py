@@ -39,12 +39,12 @@ from meshward.operator.domain.compile import (
     RevocationEntry,
     Workload,
     applies_to,
-    compile_workload,
     destination_claims,
     policy_object,
     revocation_entries,
     selects,
     validate,
+    workload_config,
     workload_of,
 )
 from meshward.sidecar.config.schema import hashed_revocation
@@ -129,7 +129,8 @@ def _compile_all(jobs: list[_Job], revocations: list[RevocationEntry], now: dt.d
         try:
             if ns not in destinations:
                 destinations[ns] = destination_claims(job.neighbours, job.policies, trust_domain)
-            out.append((job, compile_workload(job.workload, job.policies, revocations, now, destinations[ns])))
+            out.append((job, workload_config(job.workload, job.policies, revocations, now, job.neighbours,
+                                             trust_domain, destinations[ns])))
         except Exception as e:  # a bug compiling one workload must not stop every other's updates
             out.append((job, e))
     return out

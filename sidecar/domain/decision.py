@@ -54,8 +54,10 @@ class Decision:
     headers_to_remove: list[str] = field(default_factory=list)
     # Sent to the client when denied (WWW-Authenticate).
     deny_headers: list[tuple[str, str]] = field(default_factory=list)
-    # Audit: the outcome an all-Enforce evaluation would have had, when Audit mode let it through.
+    # Audit: the outcome an all-Enforce evaluation would have had, when Audit mode let it through, and the
+    # policy that would have denied (meshward_authz_would_deny_total{policy}).
     would_deny: bool = False
+    would_deny_policy: str = ""
     # SHA-256 (truncated) of `iss/sub`: audit logs correlate users without naming them.
     subject_hash: str = ""
     # For an allow: where transports keep the serialized form of the two header lists above,

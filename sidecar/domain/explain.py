@@ -1,10 +1,9 @@
-"""`meshward explain`: why a request would be allowed or denied, rule by rule.
+"""`meshward explain`: the per-rule trace of a decision, and how it is shown.
 
-The decision comes from the same compiled policies the agent runs
-(`CompiledPolicies.evaluate`); the per-rule trace evaluates each rule's compiled
-parts one by one with the same fixed templates, so it cannot drift from what the
-agent does. Identity is taken as given (claims, or a token whose signature explain
-does not verify) because explain answers "what if", not "is this token genuine".
+The decision itself comes from the agent's own pipeline (engines/explain.py runs it);
+this module only traces each compiled rule part by part with the same fixed templates
+the agent compiles them from (policy.PART_TEMPLATES), so the trace cannot drift from
+what the agent evaluates, and renders both for a terminal.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from meshward.sidecar.config.schema import Rule
 from meshward.sidecar.domain.jwt import VerifiedToken
 from meshward.sidecar.domain.policy import PART_TEMPLATES
 from meshward.sidecar.domain.request import CheckInput
-from meshward.sidecar.domain.snapshot import Snapshot, is_revoked
+from meshward.sidecar.domain.snapshot import Snapshot
 
 # Which rule field a compiled part checks (the inverse of policy.PART_TEMPLATES).
 _FIELDS = {template: name for name, template in PART_TEMPLATES.items()}
@@ -44,6 +43,8 @@ class Explanation:
     rule: str
     reason: str
     rules: list[RuleTrace]
+    would_deny: bool = False
+    notes: tuple[str, ...] = ()
 
 
 def _configured(rule: Rule, field_name: str) -> Any:
@@ -59,8 +60,8 @@ def _actual(inp: CheckInput, token: VerifiedToken | None, field_name: str) -> An
             "to.hosts": inp.host, "to.ports": inp.port, "when": "false (or could not be evaluated)"}[field_name]
 
 
-def explain(snapshot: Snapshot, inp: CheckInput, token: VerifiedToken | None) -> Explanation:
-    """Decide `inp` as the agent would (identity taken as given) and trace every rule."""
+def trace(snapshot: Snapshot, inp: CheckInput, token: VerifiedToken | None) -> list[RuleTrace]:
+    """Every rule of the workload's config, Deny rules first as the agent checks them, and whether it matched."""
     rules_by_name = {(p.name, r.name): r for p in snapshot.config.policies for r in p.rules}
     modes = {p.name: p.mode for p in snapshot.config.policies}
     traces = []
@@ -76,17 +77,7 @@ def explain(snapshot: Snapshot, inp: CheckInput, token: VerifiedToken | None) ->
         rule = rules_by_name[(cr.policy, cr.name)]
         traces.append(RuleTrace(cr.policy, cr.name, "Deny" if cr.deny else "Allow",
                                 rule.mode if modes[cr.policy] == "Enforce" else "Audit", why == "matched", why))
-    if token is not None and token.issuer not in snapshot.issuers and snapshot.issuers:
-        return Explanation(401, "unauthenticated", "", "", f"issuer {token.issuer} is not trusted here", traces)
-    if token is not None and is_revoked(snapshot.config.revocations, token):
-        return Explanation(401, "unauthenticated", "", "", "token revoked", traces)
-    if token is None and snapshot.require_jwt_enforced:
-        return Explanation(401, "unauthenticated", "", "", "missing token (a policy requires a JWT)", traces)
-    result = snapshot.policies.evaluate(inp, token)
-    status = 200 if result.allowed else 403
-    reason = result.reason + (f" (Audit rule {result.audit_policy}/{result.audit_rule} would deny)"
-                              if result.would_deny else "")
-    return Explanation(status, "allow" if result.allowed else "forbidden", result.policy, result.rule, reason, traces)
+    return traces
 
 
 def render(e: Explanation) -> str:
@@ -94,7 +85,7 @@ def render(e: Explanation) -> str:
     head = f"decision: {e.outcome.upper()} ({e.status})"
     if e.rule:
         head += f" by {e.policy} rule {e.rule}"
-    lines = [head, f"reason: {e.reason}"]
+    lines = [*(f"note: {n}" for n in e.notes), head, f"reason: {e.reason}"]
     if not e.rules:
         lines.append("no rules: no policy selects this workload")
     for t in e.rules:

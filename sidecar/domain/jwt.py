@@ -294,18 +294,37 @@ def check_claims(claims: Mapping[str, Any], issuer: Issuer, now: float) -> float
     return exp
 
 
+def _checked(token: ParsedToken, issuers: Mapping[str, Issuer], now: float) -> tuple[str, str, float]:
+    """Issuer, header and claims checks: (iss, alg, exp) of an acceptable-but-for-its-signature token."""
+    iss = token.claims.get("iss")
+    if not isinstance(iss, str) or iss not in issuers:
+        raise JwtError("token issuer not trusted")
+    issuer = issuers[iss]
+    alg = check_header(token, issuer)
+    return iss, alg, check_claims(token.claims, issuer, now)
+
+
+def _verified(token: ParsedToken, iss: str, exp: float) -> VerifiedToken:
+    sub = token.claims.get("sub")
+    return VerifiedToken(issuer=iss, claims=token.claims, expires_at=exp, subject=sub if isinstance(sub, str) else "")
+
+
+def verify_unsigned(token: ParsedToken, issuers: Mapping[str, Issuer], keys_of: Any, now: float) -> VerifiedToken:
+    """Every check of `verify` but the signature (for `meshward explain` only, never a real request).
+
+    Explain answers "what if this token were genuine", through the same identity phase as the agent.
+    """
+    iss, _, exp = _checked(token, issuers, now)
+    return _verified(token, iss, exp)
+
+
 def verify(token: ParsedToken, issuers: Mapping[str, Issuer], keys_of: Any, now: float) -> VerifiedToken:
     """Verify a parsed token: issuer, header, claims, then the signature with the issuer's keys.
 
     `keys_of(issuer, kid)` returns the issuer's candidate keys (all keys when kid is None)
     or None when the kid is unknown.
     """
-    iss = token.claims.get("iss")
-    if not isinstance(iss, str) or iss not in issuers:
-        raise JwtError("token issuer not trusted")
-    issuer = issuers[iss]
-    alg = check_header(token, issuer)
-    exp = check_claims(token.claims, issuer, now)
+    iss, alg, exp = _checked(token, issuers, now)
     kid = token.header.get("kid")
     candidates = keys_of(iss, kid)
     if candidates is None:
@@ -315,5 +334,4 @@ def verify(token: ParsedToken, issuers: Mapping[str, Issuer], keys_of: Any, now:
         raise JwtError("no key of the issuer fits the signing algorithm")
     if not any(verify_signature(alg, k, token.signing_input, token.signature) for k in fitting):
         raise JwtError("invalid signature")
-    sub = token.claims.get("sub")
-    return VerifiedToken(issuer=iss, claims=token.claims, expires_at=exp, subject=sub if isinstance(sub, str) else "")
+    return _verified(token, iss, exp)

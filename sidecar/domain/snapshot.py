@@ -40,6 +40,8 @@ class Snapshot:
     token_headers_to_strip: tuple[str, ...]
     # Cookies carrying the original token, cut out of the upstream `cookie` header likewise.
     token_cookies_to_strip: frozenset[str] = frozenset()
+    # The policy a missing or invalid token would be denied by were its Audit mode enforced.
+    jwt_audit_policy: str = ""
 
 
 def compile_snapshot(config: SidecarConfig) -> Snapshot:
@@ -63,6 +65,7 @@ def compile_snapshot(config: SidecarConfig) -> Snapshot:
         owned_headers=tuple(config.identity_headers),
         token_headers_to_strip=strip,
         token_cookies_to_strip=strip_cookies,
+        jwt_audit_policy=next((p.name for p in config.policies if p.issuers and p.mode == "Audit"), ""),
     )
 
 

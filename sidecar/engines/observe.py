@@ -174,7 +174,7 @@ class Metrics:
         """Count and time one decision."""
         self._stats.observe(transport, decision.outcome, seconds)
         if decision.would_deny:
-            self.would_deny.labels(decision.policy or "-").inc()
+            self.would_deny.labels(decision.would_deny_policy or "-").inc()
 
     def jwks_fetched(self, issuer: str, ok: bool) -> None:
         """Count one JWKS fetch."""

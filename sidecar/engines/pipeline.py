@@ -17,12 +17,13 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from meshward.sidecar.config.schema import Issuer
 from meshward.sidecar.domain.decision import AuditRecord, Decision, Outcome
-from meshward.sidecar.domain.jwt import JwtError, UnknownKey, VerifiedToken, parse, verify
+from meshward.sidecar.domain.jwt import JwtError, ParsedToken, UnknownKey, VerifiedToken, parse, verify
 from meshward.sidecar.domain.policy import AuthzResult, identity_headers, path_is_safe
 from meshward.sidecar.domain.request import CheckInput
 from meshward.sidecar.domain.snapshot import Snapshot, extract_token, is_revoked, without_cookie
@@ -89,14 +90,21 @@ class DecisionObserver(Protocol):
         ...
 
 
+# Verifies a parsed token against the trusted issuers and their keys (domain.jwt.verify; explain injects
+# domain.jwt.verify_unsigned).
+Verifier = Callable[[ParsedToken, Mapping[str, Issuer], Callable[[str, str | None], Any], float], VerifiedToken]
+
+
 class JwtAuthenticator:
     """Reads the end-user token, verifies it (cache first), and checks revocation."""
 
-    def __init__(self, snapshot: Snapshot, keys: KeyStore, cache: TokenCache, clock: Callable[[], float]) -> None:
+    def __init__(self, snapshot: Snapshot, keys: KeyStore, cache: TokenCache, clock: Callable[[], float],
+                 verifier: Verifier = verify) -> None:
         self._s = snapshot
         self._keys = keys
         self._cache = cache
         self._clock = clock
+        self._verify = verifier
 
     def authenticate(self, inp: CheckInput, may_refetch: bool) -> Identity | NeedKeys:
         """Establish the end-user identity of `inp`."""
@@ -112,7 +120,8 @@ class JwtAuthenticator:
         token = self._cache.get(key)
         if token is None:
             try:
-                token = verify(parse(raw, s.config.max_token_bytes), s.issuers, self._keys.keys_of, self._clock())
+                token = self._verify(parse(raw, s.config.max_token_bytes), s.issuers, self._keys.keys_of,
+                                     self._clock())
             except UnknownKey as e:
                 if not self._keys.loaded(e.issuer):
                     return Identity(failure="signing keys not loaded yet", unavailable=True)
@@ -239,8 +248,10 @@ class Pipeline:
                      wire_cache=wire)
         if authz.would_deny:
             d.reason = f"audit: would be denied by {authz.audit_policy}/{authz.audit_rule or 'default deny'}"
+            d.would_deny_policy = authz.audit_policy
         elif identity.failure:
             d.reason = f"audit: would be denied ({identity.failure})"
+            d.would_deny_policy = self.snapshot.jwt_audit_policy
         return d
 
     def _memo(self, token: VerifiedToken) -> _TokenMemo:

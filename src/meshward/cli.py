@@ -2,8 +2,9 @@
 
 `meshward ca status` shows the mesh CA's roots and rotation phase; `meshward ca rotate`
 asks the operator to rotate it (the same annotation a GitOps repository can set).
-`meshward explain` compiles a pod's config from the cluster exactly as the operator
-does and shows how its agent would decide a request, rule by rule.
+`meshward explain` compiles a pod's config from the cluster with the operator's own
+functions (invalid policies left out, and named) and decides a request with the agent's
+own pipeline, showing every rule.
 """
 
 from __future__ import annotations
@@ -40,67 +41,88 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--port", type=int, default=None)
     ex.add_argument("--peer", default=None, help="the caller's SPIFFE ID (mTLS peer)")
     who = ex.add_mutually_exclusive_group()
-    who.add_argument("--token", help="an end-user JWT (its signature is not verified by explain)")
-    who.add_argument("--claims", help='end-user claims as JSON, e.g. \'{"iss": "...", "sub": "alice"}\'')
+    who.add_argument("--token", help="an end-user JWT, checked as the agent checks it but for its signature")
+    who.add_argument("--claims", help='end-user claims as JSON, e.g. \'{"iss": "...", "sub": "alice"}\'; '
+                                      "aud, iat and exp are filled in when missing")
+    ex.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     ex.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
     return p
 
 
-def _explain(args: argparse.Namespace) -> int:
-    import json
-    import math
-
-    import jwt
-
-    from meshward.operator.clients.kube import KubeClient, KubeError
+def _cluster_config(args: argparse.Namespace) -> tuple[dict[str, object], str, list[str]] | None:
+    """The pod's config compiled from the cluster as the operator compiles it, its description and notes."""
+    from meshward.operator.clients.kube import KubeClient
     from meshward.operator.domain.compile import (
-        compile_workload,
+        INJECT_LABEL,
+        PolicyInvalid,
         policy_object,
         revocation_entries,
+        validate,
+        workload_config,
         workload_of,
     )
+
+    kube = KubeClient.from_kubeconfig(args.kubeconfig)
+    pod = kube.read_pod(args.namespace, args.pod)
+    if pod is None:
+        print(f"meshward: no pod {args.namespace}/{args.pod}", file=sys.stderr)
+        return None
+    notes, valid = [], []
+    for body in kube.list_custom("authpolicies", args.namespace):
+        p = policy_object(body)
+        try:
+            validate(p)
+            valid.append(p)
+        except PolicyInvalid as e:
+            notes.append(f"{p.key} generation {p.generation} is invalid ({e}); the operator keeps enforcing its "
+                         "last valid generation, which the cluster does not store: this explanation leaves it out")
+    revoked = [e for b in kube.list_custom("revocations") for e in revocation_entries(b)]
+    neighbours = [workload_of(b) for b in kube.list_pods(args.namespace, f"{INJECT_LABEL}=enabled")]
+    compiled = workload_config(workload_of(pod), valid, revoked, dt.datetime.now(dt.UTC), neighbours,
+                               args.trust_domain)
+    return (compiled.document, f"pod {args.namespace}/{args.pod} ({len(compiled.policies)} selecting policies)",
+            notes)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from meshward.operator.clients.kube import KubeError
     from meshward.sidecar.config.schema import ConfigError, parse_config
-    from meshward.sidecar.domain.explain import explain, render
-    from meshward.sidecar.domain.jwt import VerifiedToken
+    from meshward.sidecar.domain.explain import render
     from meshward.sidecar.domain.request import CheckInput, split_path
     from meshward.sidecar.domain.snapshot import compile_snapshot
+    from meshward.sidecar.engines.explain import explain
 
+    notes: list[str] = []
     try:
         if args.config:
-            import yaml
-
             with open(args.config) as f:
                 doc = yaml.safe_load(f)
             source = args.config
         else:
-            kube = KubeClient.from_kubeconfig(args.kubeconfig)
-            pod = kube.read_pod(args.namespace, args.pod)
-            if pod is None:
-                print(f"meshward: no pod {args.namespace}/{args.pod}", file=sys.stderr)
+            found = _cluster_config(args)
+            if found is None:
                 return 1
-            policies = [policy_object(b) for b in kube.list_custom("authpolicies", args.namespace)]
-            revoked = [e for b in kube.list_custom("revocations") for e in revocation_entries(b)]
-            doc = compile_workload(workload_of(pod), policies, revoked, dt.datetime.now(dt.UTC)).document
-            source = f"pod {args.namespace}/{args.pod} ({len(doc['policies'])} selecting policies)"
+            doc, source, notes = found
         snapshot = compile_snapshot(parse_config(doc))
-        claims = (jwt.decode(args.token, options={"verify_signature": False}) if args.token
-                  else json.loads(args.claims) if args.claims else None)
+        claims = json.loads(args.claims) if args.claims else None
+        if claims is not None and not isinstance(claims, dict):
+            raise ValueError("--claims must be a JSON object")
     except (KubeError, OSError) as e:
         print(f"meshward: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, ValueError, jwt.PyJWTError) as e:
+    except (ConfigError, ValueError) as e:
         print(f"meshward: cannot explain: {e}", file=sys.stderr)
         return 1
-    token = None
-    if isinstance(claims, dict):
-        exp = claims.get("exp")
-        token = VerifiedToken(issuer=str(claims.get("iss", "")), claims=claims,
-                              expires_at=float(exp) if isinstance(exp, (int, float)) else math.inf,
-                              subject=str(claims.get("sub", "")))
     inp = CheckInput(method=args.method.upper(), path=split_path(args.path), host=args.host, peer=args.peer,
                      port=args.port)
-    result = explain(snapshot, inp, token)
+    result = explain(snapshot, inp, token=args.token, claims=claims)
     print(f"config: {source}")
+    for note in notes:
+        print(f"note: {note}")
     print(render(result))
     return 0 if result.status == 200 else 3
 

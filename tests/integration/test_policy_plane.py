@@ -329,7 +329,15 @@ def test_meshward_explain_reads_the_pods_config_from_the_cluster(plane: Plane) -
     # The same answer the agent gives.
     wait_until("the agent to agree", lambda: plane.agents[0].check("/admin/users") == 403
                and plane.agents[0].check("/orders/7") == 200, timeout=10)
-    c.kubectl("-n", ns, "delete", "authpolicy", "explain-demo")
+    # An invalid policy (the CRD accepts it, the operator rejects it) once made explain fail while the operator
+    # kept enforcing: explain now compiles as the operator does, leaving it out and saying so.
+    c.apply(policy(ns, "broken-demo", rules=[{"name": "r", "when": ["claims.scope.("]}]))
+    again = run("--path", "/orders/7")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"note: {ns}/broken-demo generation 1 is invalid" in again.stdout
+    assert "spec.rules[0].when[0]" in again.stdout
+    assert plane.agents[0].check("/orders/7") == 200
+    c.kubectl("-n", ns, "delete", "authpolicy", "explain-demo", "broken-demo")
 
 
 def test_a_rule_naming_a_peer_without_service_identity_is_flagged(plane: Plane) -> None:
@@ -405,3 +413,18 @@ def test_the_inflation_attack_leaves_other_namespaces_untouched(plane: Plane) ->
     finally:
         c.kubectl("delete", "namespace", evil, "--wait=false", check=False)
         c.kubectl("-n", ns, "delete", "authpolicy", "after-the-attack", check=False)
+
+
+def test_a_pod_whose_inject_label_is_removed_leaves_the_mesh(plane: Plane) -> None:
+    """The pod watch once filtered on the label, so it never delivered the change that removes it: the pod kept
+    its config (and its place in status) until deleted. Now its subscription ends, visibly."""
+    c, ns = plane.cluster, plane.ns
+    silent = SilentSubscriber(plane, "orders-3", name="opt-out")
+    try:
+        wait_until("orders-3 subscribed", lambda: silent.received, timeout=30)
+        c.kubectl("-n", ns, "label", "pod", "orders-3", "meshward.io/inject-")
+        err = silent.refusal()
+        assert err.startswith("error NOT_FOUND") and "no longer opts in" in err, err
+    finally:
+        silent.close()
+        c.kubectl("-n", ns, "label", "pod", "orders-3", "meshward.io/inject=enabled", "--overwrite")

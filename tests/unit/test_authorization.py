@@ -122,10 +122,15 @@ def test_deny_rule_whose_condition_errors_denies() -> None:
 
 
 def test_no_policy_allows() -> None:
-    d = decide([], request(), *[])
-    assert d.outcome is Outcome.FORBIDDEN  # one Enforce policy with no rules: allow nothing
     p, _, _ = pipeline(config())
-    assert isinstance(d2 := p.decide_now(request(), "http"), Decision) and d2.outcome is Outcome.ALLOW
+    d = p.decide_now(request(), "http")
+    assert isinstance(d, Decision) and d.outcome is Outcome.ALLOW
+    assert d.reason == "no policy selects this workload"
+
+
+def test_an_enforce_policy_without_rules_allows_nothing() -> None:
+    d = decide([], request())
+    assert d.outcome is Outcome.FORBIDDEN and d.reason == "no rule allows this request"
 
 
 def test_missing_token_is_401_when_required() -> None:
@@ -143,10 +148,27 @@ def test_audit_policy_allows_but_reports_would_deny() -> None:
     assert d.reason == "audit: would be denied by orders-api/default deny"
     line = json.loads(audit.getvalue().splitlines()[-1])
     assert line["would_deny"] is True and line["outcome"] == "allow"
-    assert metrics.would_deny.labels("").__class__  # metric exists
-    from prometheus_client import generate_latest
+    # Counted under the policy that would have denied (the Audit-only policy), not "-".
+    assert metrics.registry.get_sample_value("meshward_authz_would_deny_total", {"policy": "orders-api"}) == 1
+    assert metrics.registry.get_sample_value("meshward_authz_would_deny_total", {"policy": "-"}) is None
 
-    assert b"meshward_authz_would_deny_total" in generate_latest(metrics.registry)
+
+def test_would_deny_is_counted_under_the_policy_that_would_deny_not_the_one_that_allowed() -> None:
+    p, _, metrics = pipeline(config(policy("allow-all", rules=[{"name": "all"}]),
+                                    policy("shadow", mode="Audit", rules=[{"name": "no-admin", "action": "Deny",
+                                                                           "to": {"paths": ["/admin/*"]}}])))
+    d = p.decide_now(request("/admin/x"), "http")
+    assert isinstance(d, Decision) and d.outcome is Outcome.ALLOW and d.would_deny
+    assert (d.policy, d.would_deny_policy) == ("allow-all", "shadow")
+    assert metrics.registry.get_sample_value("meshward_authz_would_deny_total", {"policy": "shadow"}) == 1
+    assert metrics.registry.get_sample_value("meshward_authz_would_deny_total", {"policy": "allow-all"}) is None
+
+
+def test_a_missing_token_under_an_audit_jwt_policy_is_counted_under_that_policy() -> None:
+    p, _, metrics = pipeline(config(policy("jwt-trial", mode="Audit", jwt=[issuer()], rules=[{"name": "all"}])))
+    d = p.decide_now(request(), "http")
+    assert isinstance(d, Decision) and d.outcome is Outcome.ALLOW and d.would_deny
+    assert metrics.registry.get_sample_value("meshward_authz_would_deny_total", {"policy": "jwt-trial"}) == 1
 
 
 def test_audit_rule_in_enforce_policy_neither_denies_nor_allows() -> None:

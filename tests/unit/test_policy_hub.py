@@ -66,7 +66,7 @@ def test_a_workload_whose_compile_fails_keeps_its_config_and_the_others_still_up
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The failing compile is injected (no input reaches such a bug today: the hub only holds validated
     policies); what is tested is that one failure stops neither the loop nor the other sidecars."""
-    from meshward.operator.domain.compile import compile_workload as real
+    from meshward.operator.domain.compile import workload_config as real
 
     broken = {"on": False}
 
@@ -75,7 +75,7 @@ def test_a_workload_whose_compile_fails_keeps_its_config_and_the_others_still_up
             raise KeyError("a bug")
         return real(w, *args)
 
-    monkeypatch.setattr("meshward.operator.engines.policy_hub.compile_workload", buggy)
+    monkeypatch.setattr("meshward.operator.engines.policy_hub.workload_config", buggy)
 
     async def scenario() -> None:
         hub = PolicyHub(lambda: NOW)
