@@ -32,8 +32,8 @@ from tests.support.idp import SigningKey  # noqa: E402
 
 from meshward.sidecar.engines.agent import Agent, load_snapshot  # noqa: E402
 from meshward.sidecar.engines.observe import JsonLineAudit, Metrics  # noqa: E402
-from meshward.sidecar.server import http1  # noqa: E402
-from meshward.sidecar.server.authz_http import HttpAuthz  # noqa: E402
+from meshward.sidecar.servers import http1  # noqa: E402
+from meshward.sidecar.servers.authz_http import HttpAuthz  # noqa: E402
 
 
 class _Jwks:

@@ -14,8 +14,8 @@ import uvloop
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import status_pb2
 
-from meshward.sidecar.server.authz_grpc import serve_grpc
-from meshward.sidecar.server.http1 import Response, serve_unix
+from meshward.sidecar.servers.authz_grpc import serve_grpc
+from meshward.sidecar.servers.http1 import Response, serve_unix
 
 OK = Response(200)
 

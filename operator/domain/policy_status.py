@@ -12,7 +12,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from meshward.operator.domain.identity import condition
+from meshward.operator.domain.conditions import condition
 
 # Status lists at most this many lagging workloads (the CRD's maxItems).
 MAX_LAGGING = 50

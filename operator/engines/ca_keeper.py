@@ -3,8 +3,9 @@
 One `tick` rereads the Secret (another replica, or `meshward ca rotate`, may have
 changed it), applies the rotation step that is due, writes it with a resourceVersion
 precondition, and re-issues the signing service's own certificate when the signing
-key changed or its certificate is half-way through its life. Blocking Kubernetes
-calls run in a worker thread.
+key changed or its certificate is half-way through its life; `run` ticks on an
+interval and warns before the root expires. Blocking Kubernetes calls run in a worker
+thread.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from meshward.operator.clients.kube import KubeError
 from meshward.operator.domain.ca import CertificateAuthority, generate_root, issue_server_cert
 from meshward.operator.domain.rotation import WARN_BEFORE, CaState, Step, advance
-from meshward.operator.engines.ca_store import SecretApi, Stored, load_or_create_state, save
+from meshward.operator.engines.ca_store import CaStoreError, SecretApi, Stored, load_or_create_state, save
 
 # The signing service's own certificate: short enough to follow a CA rotation quickly.
 SERVER_CERT_TTL = dt.timedelta(hours=24)
@@ -130,3 +132,28 @@ class CaKeeper:
             return (f"the mesh CA expires in {left.days} days; rotate it now: meshward ca rotate "
                     f"--namespace {self._namespace}")
         return None
+
+    async def run(self, interval_s: float, post_event: Callable[[str, str, str], Awaitable[None]]) -> None:
+        """Advance rotation and warn about expiry every `interval_s` until cancelled; Events through `post_event`.
+
+        A failed check is logged and retried at the next interval: a bug in one check must not end rotation
+        and expiry warnings for good.
+        """
+        last_warning: str | None = None
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                step = await self.tick()
+            except (KubeError, CaStoreError) as e:
+                log.warning("CA check failed, retrying in %s s: %s", interval_s, e)
+                continue
+            except Exception:
+                log.exception("CA check failed, retrying in %s s", interval_s)
+                continue
+            if step is not None:
+                await post_event("Normal", step.reason, step.message)
+            warning = self.expiry_warning()
+            if warning and warning != last_warning:
+                log.warning(warning)
+                await post_event("Warning", "CaExpiring", warning)
+            last_warning = warning

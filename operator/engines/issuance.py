@@ -30,7 +30,7 @@ from meshward.operator.domain.ca import (
     parse_ttl,
     spiffe_id,
 )
-from meshward.operator.engines.identities import IdentityDirectory, IssuanceStats
+from meshward.operator.engines.identity_directory import IdentityDirectory, IssuanceStats
 from meshward.operator.engines.token_review import AUDIENCE, ReviewUnavailable, TokenReviewer
 
 # Per-ServiceAccount issuance budget: a burst for a rollout, then a steady rate.

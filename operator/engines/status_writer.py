@@ -61,7 +61,7 @@ class StatusWriter:
 
     def __init__(self, kind: str, plural: str, kube: KubeClient, report: Reporter, interval_s: float) -> None:
         self.kind = kind
-        self._plural = plural
+        self.plural = plural
         self._kube = kube
         self._report = report
         self._interval_s = interval_s
@@ -108,7 +108,7 @@ class StatusWriter:
         namespace, name = key
         wrote = False
         if result.status is not None:
-            if not await asyncio.to_thread(self._kube.patch_custom_status, self._plural, namespace or None, name,
+            if not await asyncio.to_thread(self._kube.patch_custom_status, self.plural, namespace or None, name,
                                            result.status):
                 return False  # deleted meanwhile; the watch will say so
             self._written[key] = {**(view.get("status") or {}), **result.status}

@@ -1,8 +1,9 @@
 """`meshward-operator`: the Kopf operator that runs the mesh CA and reconciles Meshward's objects.
 
-Builds every collaborator (Kubernetes client, CA keeper, issuance engine, directory),
-registers the handlers on a private Kopf registry (no module-level state) and runs
-Kopf until SIGTERM. Metrics are served on their own port.
+Builds every collaborator (Kubernetes client, CA keeper, issuance engine, policy hub,
+status reports and writers), registers the handlers on a private Kopf registry (no
+module-level state) and runs Kopf until SIGTERM, on the replica that holds the Lease.
+Metrics are served on their own port.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ from meshward._version import __version__
 from meshward.operator.clients.kube import KubeClient
 from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, random_serial, spiffe_id
 from meshward.operator.engines.ca_keeper import CaKeeper
-from meshward.operator.engines.identities import IdentityDirectory
+from meshward.operator.engines.identity_directory import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
 from meshward.operator.engines.leader import LeaderElection, LeaderMarker
 from meshward.operator.engines.metrics import register_metrics
 from meshward.operator.engines.policy_hub import PolicyHub
-from meshward.operator.handlers import policy as policy_handlers
-from meshward.operator.handlers.identity import Runtime, register
+from meshward.operator.engines.status_reports import StatusReports
+from meshward.operator.engines.status_writer import StatusWriter
+from meshward.operator.handlers import lifecycle, service_identities
+from meshward.operator.handlers import policies as policy_handlers
+from meshward.operator.handlers.lifecycle import Runtime
 from meshward.operator.servers.policy import serve_policy
 from meshward.operator.servers.signing import serve_rotating
 
@@ -100,23 +104,28 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     directory = IdentityDirectory()
     engine = IssuanceEngine(kube, ca.signer, ca.bundle_pem, args.trust_domain, clock, serial, time.monotonic,
                             min_ttl=min(MIN_TTL, cap) if cap else MIN_TTL, ttl_cap=cap, directory=directory)
-    def start_signer() -> Awaitable[grpc.aio.Server]:
-        return serve_rotating(engine, args.signer_listen,
-                              lambda: (ca.server_cert().cert_pem, ca.server_cert().key_pem))
-
-    rt = Runtime(kube, ca, engine, directory, args.namespace, args.trust_domain, start_signer, clock,
-                 status_interval_s=args.status_interval, ca_interval_s=args.ca_interval)
     hub = PolicyHub(clock, args.trust_domain)
+    reports = StatusReports(kube, ca, engine.stats, hub, directory, args.trust_domain, clock)
+    identities = StatusWriter("ServiceIdentity", "serviceidentities", kube, reports.identity, args.status_interval)
+    policies = StatusWriter("AuthPolicy", "authpolicies", kube, reports.policy, args.status_interval)
+    revocations = StatusWriter("Revocation", "revocations", kube, reports.revocation, args.status_interval)
+
+    def credentials() -> tuple[bytes, bytes]:
+        return ca.server_cert().cert_pem, ca.server_cert().key_pem
+
+    def start_signer() -> Awaitable[grpc.aio.Server]:
+        return serve_rotating(engine, args.signer_listen, credentials)
 
     def start_policy() -> Awaitable[grpc.aio.Server]:
         return serve_policy(hub, engine.reviewer, args.policy_listen,
-                            lambda: (ca.server_cert().cert_pem, ca.server_cert().key_pem, ca.bundle_pem().encode()))
+                            lambda: (*credentials(), ca.bundle_pem().encode()))
 
+    rt = Runtime(kube, args.namespace, args.trust_domain, ca, hub, start_signer, start_policy,
+                 [identities, policies, revocations], ca_interval_s=args.ca_interval)
     registry = kopf.OperatorRegistry()
-    register(registry, rt)
-    policy_handlers.register(registry, policy_handlers.PolicyRuntime(
-        hub, clock, start_policy, directory, kube, engine.reviewer, args.trust_domain,
-        status_interval_s=args.status_interval))
+    lifecycle.register(registry, rt)
+    service_identities.register(registry, directory, identities)
+    policy_handlers.register(registry, hub, engine.reviewer, policies, revocations)
     metrics = CollectorRegistry()
     register_metrics(metrics, ca, engine, hub)
     return registry, rt, metrics, kube
@@ -131,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level.upper() != "DEBUG":
-        # Kopf logs every handler run at INFO (a timer per ServiceIdentity every few seconds).
+        # Kopf logs every handler run at INFO (every watch event of every object).
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     if args.kubeconfig:
         # Kopf's own login reads $KUBECONFIG; the operator's client takes the path directly.

@@ -1,19 +1,94 @@
-"""Stopping what the handler modules started at start-up, the same way for each."""
+"""The operator's start-up and shutdown, in one explicit order, and Kopf's login.
+
+Start-up: load the CA (create it on the first start), then start the signing service and
+the policy service (both present certificates of that CA), then the loops: CA rotation,
+the policy hub, and the status writers of the three kinds. Nothing depends on the order in
+which handler modules were registered. Shutdown stops the loops, then the servers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+import kopf
+
+from meshward.operator.clients.kube import KubeClient, KubeError
+from meshward.operator.engines.ca_keeper import CaKeeper
+from meshward.operator.engines.ca_store import SECRET_NAME, CaStoreError
+from meshward.operator.engines.policy_hub import PolicyHub
+from meshward.operator.engines.status_writer import StatusWriter
+
+# Kubernetes API hiccups at start-up are retried after this many seconds.
+RETRY_DELAY_S = 5
+log = logging.getLogger("meshward.operator")
 
 
-async def shutdown(tasks: list[asyncio.Task[None]], server: grpc.aio.Server | None, grace_s: float) -> None:
-    """Cancel `tasks` and wait for them, then stop `server` letting in-flight calls finish for `grace_s`."""
+@dataclass
+class Runtime:
+    """What the operator runs once it leads: built by the entry point, started and stopped here."""
+
+    kube: KubeClient
+    namespace: str
+    trust_domain: str
+    ca: CaKeeper
+    hub: PolicyHub
+    # Start the signing and the policy service (servers.signing, servers.policy; wired by the entry point).
+    start_signer: Callable[[], Awaitable[grpc.aio.Server]]
+    start_policy: Callable[[], Awaitable[grpc.aio.Server]]
+    writers: list[StatusWriter]
+    ca_interval_s: float = 30.0
+    servers: list[grpc.aio.Server] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+async def shutdown(tasks: list[asyncio.Task[None]], servers: list[grpc.aio.Server], grace_s: float) -> None:
+    """Cancel `tasks` and wait for them, then stop `servers` letting in-flight calls finish for `grace_s`."""
     for t in tasks:
         t.cancel()
     for t in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await t
-    if server is not None:
+    for server in servers:
         await server.stop(grace=grace_s)
+
+
+def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
+    """Register login, start-up and shutdown on `registry`."""
+
+    async def secret_event(type_: str, reason: str, message: str) -> None:
+        # The rotation loop runs outside any Kopf handler, so it posts through the client, not kopf.event.
+        try:
+            await asyncio.to_thread(rt.kube.post_event, rt.namespace, "Secret", SECRET_NAME, type_, reason, message)
+        except KubeError as e:
+            log.warning("%s", e)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A private registry has none of Kopf's default login handlers: kubeconfig, then in-cluster.
+        return kopf.login_with_kubeconfig(**kwargs) or kopf.login_with_service_account(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def start(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.level = logging.WARNING
+        try:
+            await rt.ca.load()
+        except KubeError as e:
+            raise kopf.TemporaryError(f"cannot read the CA Secret: {e}", delay=RETRY_DELAY_S) from e
+        except CaStoreError as e:
+            raise kopf.PermanentError(str(e)) from e
+        rt.servers.append(await rt.start_signer())
+        rt.servers.append(await rt.start_policy())
+        rt.tasks.append(asyncio.create_task(rt.ca.run(rt.ca_interval_s, secret_event), name="ca-rotation"))
+        rt.tasks.append(asyncio.create_task(rt.hub.run(), name="policy-hub"))
+        rt.tasks += [asyncio.create_task(w.run(), name=f"{w.plural}-status") for w in rt.writers]
+        log.info("mesh CA loaded (trust domain %s); signing and policy services started", rt.trust_domain)
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop(**_: Any) -> None:
+        await shutdown(rt.tasks, rt.servers, grace_s=1)

@@ -86,7 +86,7 @@ class Outbound:
     max_requests_per_connection: int | None = None
 
 
-# SDS resource names the agent serves (sidecar/server/sds.py).
+# SDS resource names the agent serves (sidecar/servers/sds.py).
 SDS_CERT, SDS_ROOTCA, SDS_BUNDLE = "default", "ROOTCA", "BUNDLE"
 
 

@@ -30,13 +30,13 @@ from meshward._version import __version__
 from meshward.sidecar.clients.fetch import HttpFetcher
 from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
 from meshward.sidecar.engines.observe import DEFAULT_AUDIT_FLUSH_S, JsonLineAudit, Metrics
-from meshward.sidecar.server.admin import Admin
-from meshward.sidecar.server.authz_http import HttpAuthz
-from meshward.sidecar.server.http1 import Handler, serve_tcp, serve_unix
+from meshward.sidecar.servers.admin import Admin
+from meshward.sidecar.servers.authz_http import HttpAuthz
+from meshward.sidecar.servers.http1 import Handler, serve_tcp, serve_unix
 
 if TYPE_CHECKING:
     # Imported at run time only when used: gRPC and the Envoy protos cost ~15 MB of RSS.
-    from meshward.sidecar.engines.identity import IdentityManager
+    from meshward.sidecar.engines.certificate import IdentityManager
     from meshward.sidecar.engines.subscription import PolicySubscription
 
 USAGE = ("usage: meshward-sidecar {--config FILE | --policy-server ADDR} [--http-listen ADDR] [--grpc-listen ADDR] "
@@ -114,7 +114,7 @@ async def _listen(handler: Handler, addr: str) -> asyncio.Server:
 def _identity(args: argparse.Namespace, registry: CollectorRegistry) -> IdentityManager:
     """The certificate manager, talking to the signing service with the mounted bundle plus the latest one."""
     from meshward.sidecar.clients.signer import SignerClient
-    from meshward.sidecar.engines.identity import IdentityManager
+    from meshward.sidecar.engines.certificate import IdentityManager
 
     holder: list[IdentityManager] = []
 
@@ -199,11 +199,11 @@ async def run(args: argparse.Namespace) -> int:
             servers.append(await _listen(HttpAuthz(lambda: agent.pipeline), args.http_listen))
         if args.grpc_listen != "off":
             # Imported only when used: gRPC and the Envoy protos cost ~15 MB of RSS.
-            from meshward.sidecar.server.authz_grpc import GrpcAuthz, serve_grpc
+            from meshward.sidecar.servers.authz_grpc import GrpcAuthz, serve_grpc
 
             grpc_servers.append(await serve_grpc(GrpcAuthz(lambda: agent.pipeline).Check, args.grpc_listen))
         if identity is not None:
-            from meshward.sidecar.server.sds import SecretDiscovery, serve_sds
+            from meshward.sidecar.servers.sds import SecretDiscovery, serve_sds
 
             grpc_servers.append(await serve_sds(SecretDiscovery(identity, args.trust_domain), args.sds_listen))
         servers.append(await _listen(Admin(ready, readiness, registry), args.admin_listen))

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jwt
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshward.operator.clients.kube import KubeClient
 from meshward.operator.domain.ca import CertificateAuthority, generate_root, random_serial
-from meshward.operator.engines.issuance import BURST, IssuanceEngine, IssuanceError
+from meshward.operator.engines.issuance import BURST, RATE_PER_S, IssuanceEngine, IssuanceError
 from tests.kube import Cluster
 from tests.support.pki import spiffe_csr as csr_for
 
@@ -24,10 +25,11 @@ pytestmark = pytest.mark.integration
 API = "meshward.io/v1alpha1"
 
 
-def engine(cluster: Cluster, ca: CertificateAuthority | None) -> IssuanceEngine:
+def engine(cluster: Cluster, ca: CertificateAuthority | None,
+           monotonic: Callable[[], float] = time.monotonic) -> IssuanceEngine:
     return IssuanceEngine(KubeClient.from_kubeconfig(str(cluster.kubeconfig)), lambda: ca,
                           lambda: ca.cert_pem().decode() if ca else "", "cluster.local",
-                          lambda: dt.datetime.now(dt.UTC), random_serial(os.urandom), time.monotonic)
+                          lambda: dt.datetime.now(dt.UTC), random_serial(os.urandom), monotonic)
 
 
 def identity(ns: str, sa: str, name: str | None = None, ttl: str = "2h") -> dict[str, object]:
@@ -140,13 +142,16 @@ def test_deleting_the_service_identity_stops_issuance(crds: Cluster, orders: str
 
 
 def test_per_service_account_rate_limit(crds: Cluster, orders: str) -> None:
-    e = engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC)))
+    """The bucket's clock is injected and stands still during the burst, so the machine's speed cannot refill it
+    (on a loaded machine it once did, and no RESOURCE_EXHAUSTED came); then it moves half a second."""
+    now = [1000.0]
+    e = engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC)), monotonic=lambda: now[0])
     tok, me = token(crds, orders, "orders"), f"spiffe://cluster.local/ns/{orders}/sa/orders"
     req = csr_for(me)
 
-    async def burst() -> list[str]:
+    async def burst(n: int) -> list[str]:
         codes = []
-        for _ in range(BURST + 5):
+        for _ in range(n):
             try:
                 await e.sign(tok, req)
                 codes.append("OK")
@@ -154,9 +159,9 @@ def test_per_service_account_rate_limit(crds: Cluster, orders: str) -> None:
                 codes.append(err.code)
         return codes
 
-    codes = asyncio.run(burst())
-    assert codes.count("OK") >= BURST
-    assert "RESOURCE_EXHAUSTED" in codes
+    assert asyncio.run(burst(BURST + 5)) == ["OK"] * BURST + ["RESOURCE_EXHAUSTED"] * 5
+    now[0] += 0.5  # RATE_PER_S tokens a second come back
+    assert asyncio.run(burst(int(RATE_PER_S * 0.5) + 2)) == ["OK"] * int(RATE_PER_S * 0.5) + ["RESOURCE_EXHAUSTED"] * 2
 
 
 def test_no_ca_yet_means_unavailable() -> None:

@@ -22,7 +22,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from meshward.sidecar.clients.policy import PolicyClient
-from meshward.sidecar.domain.identity import build_csr, key_pem, new_key
+from meshward.sidecar.domain.certificate import build_csr, key_pem, new_key
 from meshward.sidecar.engines.agent import Agent, load_snapshot
 from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
 from meshward.sidecar.engines.subscription import PolicySubscription

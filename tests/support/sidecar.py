@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -59,21 +60,47 @@ class Clock:
         return self.now
 
 
-def pipeline(cfg: dict[str, Any], jwks: dict[str, list[dict[str, Any]]] | None = None,
-             clock: Clock | None = None) -> tuple[Pipeline, io.StringIO, Metrics]:
-    """A real pipeline whose key store was loaded directly from `jwks` (issuer -> JWK list)."""
+@dataclass
+class Harness:
+    """A real pipeline and the collaborators it was built with (for tests that need one of them)."""
+
+    pipeline: Pipeline
+    audit: io.StringIO
+    metrics: Metrics
+    keys: KeyStore
+    fetcher: StaticFetcher
+    clock: Clock
+
+
+def harness(cfg: dict[str, Any], jwks: dict[str, list[dict[str, Any]]] | None = None, clock: Clock | None = None,
+            *, kids_just_refetched: bool = False, authorizer: Any = None) -> Harness:
+    """A real pipeline whose key store fetched `jwks` (issuer -> JWK list) through its own fetch path.
+
+    `kids_just_refetched`: an unknown-kid refetch just happened for every issuer, so another one is rate-limited
+    and `decide_now` answers at once (what attack tests need).
+    """
     clock = clock or Clock()
     snap = compile_snapshot(parse_config(cfg))
     docs = {f"{iss}/jwks.json": json.dumps({"keys": keys}).encode() for iss, keys in (jwks or {}).items()}
-    keys = KeyStore(snap.issuers, snap.config.jwks, StaticFetcher(docs), clock)
+    fetcher = StaticFetcher(docs)
+    keys = KeyStore(snap.issuers, snap.config.jwks, fetcher, clock)
     for iss in jwks or {}:
-        # Through the store's own fetch path, from documents the test holds (no network, no private fields).
         assert asyncio.run(keys.refresh(iss)), keys.status()[iss]
+        if kids_just_refetched:
+            asyncio.run(keys.refetch_for_unknown_kid(iss))
     audit = io.StringIO()
     metrics = Metrics(CollectorRegistry())
     cache = TokenCache(snap.config.token_cache_size, clock, keys.generation)
-    return Pipeline(snap, keys, cache, clock=clock, ids=decision_ids(), audit=JsonLineAudit(audit),
-                    observer=metrics), audit, metrics
+    p = Pipeline(snap, keys, cache, clock=clock, ids=decision_ids(), audit=JsonLineAudit(audit), observer=metrics,
+                 authorizer=authorizer)
+    return Harness(p, audit, metrics, keys, fetcher, clock)
+
+
+def pipeline(cfg: dict[str, Any], jwks: dict[str, list[dict[str, Any]]] | None = None,
+             clock: Clock | None = None) -> tuple[Pipeline, io.StringIO, Metrics]:
+    """A real pipeline whose key store was loaded from `jwks` (issuer -> JWK list), its audit stream and metrics."""
+    h = harness(cfg, jwks, clock)
+    return h.pipeline, h.audit, h.metrics
 
 
 def request(path: str = "/orders/1", method: str = "GET", token: str | None = None, peer: str | None = None,

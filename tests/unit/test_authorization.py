@@ -10,9 +10,9 @@ import pytest
 from meshward.sidecar.domain.decision import WIRE, Decision, Outcome
 from meshward.sidecar.domain.policy import compile_path, compile_paths, path_is_safe
 from meshward.sidecar.domain.request import CheckInput
-from meshward.sidecar.server.authz_grpc import grpc_response
-from meshward.sidecar.server.authz_http import http_response
-from meshward.sidecar.server.http1 import Response, frame
+from meshward.sidecar.servers.authz_grpc import grpc_response
+from meshward.sidecar.servers.authz_http import http_response
+from meshward.sidecar.servers.http1 import Response, frame
 from tests.support.idp import SigningKey
 from tests.support.sidecar import ISSUER, Clock, config, issuer, pipeline, policy, request
 

@@ -12,17 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshward.sidecar.domain.decision import Decision, Outcome
-from meshward.sidecar.server.authz_grpc import grpc_response, input_from_grpc, response_bytes
-from meshward.sidecar.server.authz_http import http_response
-from meshward.sidecar.server.http1 import MAX_HEADERS, MAX_REMEMBERED_NAMES, Request, Response, _Protocol
+from meshward.sidecar.servers.authz_grpc import grpc_response, input_from_grpc, response_bytes
+from meshward.sidecar.servers.authz_http import http_response
+from meshward.sidecar.servers.http1 import MAX_HEADERS, MAX_REMEMBERED_NAMES, Request, Response, _Protocol
 from tests.support.idp import SigningKey
-from tests.support.sidecar import ISSUER, Clock, config, issuer, pipeline, policy, request
+from tests.support.sidecar import ISSUER, Clock, config, harness, issuer, policy, request
 
 KEY = SigningKey("RS256", kid="k1")
-PIPE, _audit, _metrics = pipeline(config(policy(jwt=[issuer()], rules=[{"name": "all"}])), jwks={ISSUER: [KEY.jwk]},
-                      clock=Clock(1_800_000_000))
-for _st in PIPE._keys._issuers.values():
-    _st.last_kid_refetch = 1_800_000_000  # unknown kids are rate-limited: decide_now must always answer
+# Unknown kids are rate-limited (a refetch just happened): decide_now must always answer.
+PIPE = harness(config(policy(jwt=[issuer()], rules=[{"name": "all"}])), jwks={ISSUER: [KEY.jwk]},
+               clock=Clock(1_800_000_000), kids_just_refetched=True).pipeline
 
 b64 = st.binary(max_size=200).map(lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode())
 json_segment = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),

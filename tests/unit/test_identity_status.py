@@ -6,7 +6,8 @@ import datetime as dt
 
 import pytest
 
-from meshward.operator.domain.identity import Observation, identity_status, status_changed
+from meshward.operator.domain.conditions import status_changed
+from meshward.operator.domain.identity_status import Observation, identity_status
 
 NOW = dt.datetime(2026, 1, 1, 12, tzinfo=dt.UTC)
 ME = "spiffe://cluster.local/ns/shop/sa/orders"

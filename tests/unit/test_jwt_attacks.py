@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshward.sidecar.domain.decision import Decision, Outcome
 from tests.support.idp import SigningKey
-from tests.support.sidecar import ISSUER, Clock, config, issuer, pipeline, policy, request
+from tests.support.sidecar import ISSUER, Clock, config, harness, issuer, pipeline, policy, request
 
 OTHER = "https://other-idp.example.com"
 KEY = SigningKey("RS256", kid="k1")
@@ -176,11 +176,10 @@ def make(**issuer_extra: Any) -> Any:
     cfg = config(policy(jwt=[issuer(maxLifetimeSeconds=86400, algorithms=["RS256"], **issuer_extra),
                              issuer(OTHER, algorithms=["RS256", "ES256"])],
                         rules=[{"name": "all", "to": {"paths": ["*"]}}]))
-    p, audit, _ = pipeline(cfg, jwks={ISSUER: [KEY.jwk], OTHER: [OTHER_KEY.jwk, EC_KEY.jwk]}, clock=Clock(NOW))
     # A refetch for unknown kids just happened, so attack tokens cannot trigger another one.
-    for st in p._keys._issuers.values():
-        st.last_kid_refetch = NOW
-    return p, audit
+    h = harness(cfg, jwks={ISSUER: [KEY.jwk], OTHER: [OTHER_KEY.jwk, EC_KEY.jwk]}, clock=Clock(NOW),
+                kids_just_refetched=True)
+    return h.pipeline, h.audit
 
 
 def decide(p: Any, token: str) -> Decision:
@@ -232,14 +231,14 @@ def test_token_replayed_after_its_key_was_removed_is_denied() -> None:
     """The cached verification dies with the key: a JWKS without the key invalidates it."""
     import asyncio
 
-    from tests.support.sidecar import StaticFetcher
 
-    p, _ = make()
-    token = sign()
+    h = harness(config(policy(jwt=[issuer(maxLifetimeSeconds=86400, algorithms=["RS256"])],
+                              rules=[{"name": "all", "to": {"paths": ["*"]}}])),
+                jwks={ISSUER: [KEY.jwk]}, clock=Clock(NOW), kids_just_refetched=True)
+    p, token = h.pipeline, sign()
     assert decide(p, token).outcome is Outcome.ALLOW
-    keys = p._keys
-    keys._fetcher = StaticFetcher({f"{ISSUER}/jwks.json": json.dumps({"keys": [SigningKey('RS256', 'k2').jwk]}).encode()})
-    assert asyncio.run(keys.refresh(ISSUER)) is True
+    h.fetcher.docs[f"{ISSUER}/jwks.json"] = json.dumps({"keys": [SigningKey("RS256", "k2").jwk]}).encode()
+    assert asyncio.run(h.keys.refresh(ISSUER)) is True
     d = decide(p, token)
     assert d.outcome is Outcome.UNAUTHENTICATED
     assert d.reason == "signing key not found"

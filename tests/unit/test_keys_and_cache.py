@@ -15,11 +15,10 @@ from meshward.sidecar.domain.decision import Decision, Outcome
 from meshward.sidecar.domain.jwt import VerifiedToken
 from meshward.sidecar.domain.snapshot import extract_token
 from meshward.sidecar.engines.keystore import KeyStore
-from meshward.sidecar.engines.pipeline import Pipeline
 from meshward.sidecar.engines.token_cache import TokenCache
 from tests.support.idp import IdP
 from tests.support.pki import TestCA
-from tests.support.sidecar import Clock, config, issuer, pipeline, policy, request
+from tests.support.sidecar import Clock, config, harness, issuer, pipeline, policy, request
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +207,7 @@ class Exploding:
 
 
 def test_an_internal_error_denies_with_503() -> None:
-    p, _, _ = pipeline(config(policy(rules=[{"name": "all"}])))
-    broken = Pipeline(p.snapshot, p._keys, TokenCache(1, time.time, p._keys.generation), clock=time.time,
-                      ids=lambda: "x", audit=p._audit, observer=p._observer, authorizer=Exploding())
+    broken = harness(config(policy(rules=[{"name": "all"}])), authorizer=Exploding()).pipeline
     d = broken.decide_now(request(), "http")
     assert isinstance(d, Decision)
     assert (d.outcome, d.wire.http, d.wire.grpc) == (Outcome.UNAVAILABLE, 503, 14)

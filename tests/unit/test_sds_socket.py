@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from meshward.sidecar.entrypoints.main import main
-from meshward.sidecar.server.sds import SecretDiscovery, serve_sds
+from meshward.sidecar.servers.sds import SecretDiscovery, serve_sds
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0:15099", "127.0.0.1:15099", "[::]:15099", "unix:relative.sock"])

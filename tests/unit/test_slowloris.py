@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from meshward.sidecar.server.http1 import ConnectionGuard, Request, Response, serve_tcp
+from meshward.sidecar.servers.http1 import ConnectionGuard, Request, Response, serve_tcp
 
 
 def _ok(_req: Request) -> Response:

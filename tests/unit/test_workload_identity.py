@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from meshward.operator.domain.ca import check_csr, generate_root, issue_leaf, random_serial
-from meshward.sidecar.domain.identity import (
+from meshward.sidecar.domain.certificate import (
     BACKOFF_MAX_S,
     TokenUnreadable,
     accept,
@@ -98,7 +98,7 @@ def test_an_unexpected_signer_error_does_not_end_renewal() -> None:
 
     from prometheus_client import CollectorRegistry
 
-    from meshward.sidecar.engines.identity import IdentityManager
+    from meshward.sidecar.engines.certificate import IdentityManager
 
     ca = generate_root("cluster.local", NOW)
 

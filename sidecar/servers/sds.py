@@ -28,8 +28,8 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2
 
-from meshward.sidecar.domain.identity import WorkloadCert
-from meshward.sidecar.engines.identity import IdentityManager
+from meshward.sidecar.domain.certificate import WorkloadCert
+from meshward.sidecar.engines.certificate import IdentityManager
 
 TYPE_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 CERT, ROOTCA, BUNDLE = "default", "ROOTCA", "BUNDLE"

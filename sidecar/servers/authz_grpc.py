@@ -26,7 +26,7 @@ from google.rpc import status_pb2
 from meshward.sidecar.domain.decision import Decision, Outcome
 from meshward.sidecar.domain.request import CheckInput, split_path
 from meshward.sidecar.engines.pipeline import Pipeline
-from meshward.sidecar.server.authz_http import JSON_HEADER
+from meshward.sidecar.servers.authz_http import JSON_HEADER
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 

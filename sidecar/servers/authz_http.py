@@ -13,7 +13,7 @@ from meshward.sidecar.domain.decision import Decision, Outcome
 from meshward.sidecar.domain.envoy import ATTR_HOST, ATTR_PEER, ATTR_PORT
 from meshward.sidecar.domain.request import CheckInput, split_path
 from meshward.sidecar.engines.pipeline import Pipeline
-from meshward.sidecar.server.http1 import Request, Response, head
+from meshward.sidecar.servers.http1 import Request, Response, head
 
 JSON_HEADER = ("content-type", "application/json")
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from meshward.sidecar.server.http1 import Request, Response
+from meshward.sidecar.servers.http1 import Request, Response
 
 
 class Admin:

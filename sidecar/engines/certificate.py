@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meshward.sidecar.clients.signer import SignerError
-from meshward.sidecar.domain.identity import (
+from meshward.sidecar.domain.certificate import (
     TokenUnreadable,
     WorkloadCert,
     accept,

@@ -11,8 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-READY = "Ready"
-DEGRADED = "Degraded"
+from meshward.operator.domain.conditions import DEGRADED, READY, condition, iso
 
 
 @dataclass(frozen=True)
@@ -25,20 +24,6 @@ class Observation:
     ca_loaded: bool
     issued: int = 0
     last_issued_at: dt.datetime | None = None
-
-
-def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def condition(ctype: str, status: bool, reason: str, message: str, generation: int, now: dt.datetime,
-              old: list[dict[str, Any]]) -> dict[str, Any]:
-    """A metav1.Condition whose lastTransitionTime is kept from `old` while its status holds."""
-    text = "True" if status else "False"
-    previous = next((c for c in old if c.get("type") == ctype), None)
-    since = previous["lastTransitionTime"] if previous and previous.get("status") == text else _iso(now)
-    return {"type": ctype, "status": text, "reason": reason, "message": message,
-            "observedGeneration": generation, "lastTransitionTime": since}
 
 
 def identity_status(obs: Observation, namespace: str, service_account: str, old_conditions: list[dict[str, Any]],
@@ -65,10 +50,5 @@ def identity_status(obs: Observation, namespace: str, service_account: str, old_
         ],
     }
     if obs.last_issued_at is not None:
-        status["lastIssuedAt"] = _iso(obs.last_issued_at)
+        status["lastIssuedAt"] = iso(obs.last_issued_at)
     return status
-
-
-def status_changed(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether patching `new` over `old` would change anything a user sees."""
-    return any(old.get(k) != v for k, v in new.items())
