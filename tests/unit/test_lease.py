@@ -31,3 +31,14 @@ def test_an_abandoned_lease_is_taken_over_and_counted() -> None:
 def test_a_released_lease_is_taken_at_once() -> None:
     got = claim(released(LeaseView("a", T)), "b", T + dt.timedelta(milliseconds=1))
     assert got is not None and got.holder == "b"
+
+
+def test_a_lease_abandoned_long_ago_is_taken_too() -> None:
+    """Not only at the exact moment the duration runs out (a mutant of `>=` into `==` survived this suite)."""
+    got = claim(LeaseView("a", T, transitions=3), "b", T + dt.timedelta(seconds=LEASE_DURATION_S + 30))
+    assert got is not None and got.holder == "b" and got.transitions == 4
+
+
+def test_a_new_lease_starts_with_no_transitions() -> None:
+    got = claim(None, "a", T)
+    assert got is not None and got.transitions == 0 and got.duration_s == LEASE_DURATION_S
