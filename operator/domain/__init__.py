@@ -1,1 +1,1 @@
-"""Pure logic of the operator: the mesh CA, CSR checks, issuance. No I/O."""
+"""Pure logic of the operator: the mesh CA, CSR checks, policy compilation, status, leases. No I/O."""

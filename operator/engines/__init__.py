@@ -1,1 +1,1 @@
-"""Operator orchestration: certificate issuance and, later, policy compilation and distribution."""
+"""Operator orchestration: CA keeper, issuance, token reviews, policy hub, status reports, leader election, metrics."""

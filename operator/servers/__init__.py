@@ -1,1 +1,1 @@
-"""Network servers of the operator: the certificate signing service."""
+"""Network servers of the operator: the certificate signing service and the policy distribution service."""

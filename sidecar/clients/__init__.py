@@ -1,1 +1,1 @@
-"""The only sidecar code that does network I/O to other services (JWKS, OIDC discovery)."""
+"""The only sidecar code doing network I/O to other services: JWKS, OIDC discovery, the operator's services."""

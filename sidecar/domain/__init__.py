@@ -1,1 +1,1 @@
-"""Pure decision logic of the agent: tokens, rules, decisions. No I/O."""
+"""Pure decision logic of the agent: tokens, rules, decisions, certificates, the Envoy bootstrap. No I/O."""

@@ -1,6 +1,6 @@
 """End-user JWT validation: strict parsing, safe defaults, keys only from the configured JWKS.
 
-Why our own validator rather than `jwt.decode`: each safe default in DESIGN.md must
+Why our own validator rather than `jwt.decode`: each safe default in docs/design.md must
 hold by construction and be testable on its own, and the hot path must be cheap.
 - Parsing is strict (RFC 7515 §3.1 compact form, base64url without padding or
   foreign characters, JSON objects without duplicate members) before anything

@@ -1,1 +1,1 @@
-"""Orchestration: the decision pipeline, key store, config reloads, audit and metrics."""
+"""Orchestration: pipeline, key store, reloads, certificate renewal, policy subscription, explain, audit, metrics."""

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Meshward's per-pod agent: Envoy ext_authz server.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--config", type=Path, help="SidecarConfig file (YAML or JSON), reloaded on change")
+    p.add_argument("--check", action="store_true",
+                   help="validate and compile --config (CEL included), say what it holds, and exit (2 if invalid)")
     p.add_argument("--http-listen", default="127.0.0.1:9191",
                    help="HTTP/1.1 ext_authz address (default 127.0.0.1:9191; 'off' to disable)")
     p.add_argument("--grpc-listen", default="off", help="gRPC ext_authz address (default off)")
@@ -230,9 +232,31 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check(path: Path | None) -> int:
+    """`--check`: load the config exactly as the agent would and summarize it; 2 with the reason if it is invalid."""
+    if path is None:
+        print("meshward-sidecar: --check needs --config FILE", file=sys.stderr)
+        return 2
+    try:
+        snapshot = load_snapshot(path.read_text())
+    except OSError as e:
+        print(f"meshward-sidecar: cannot read --config {path}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ConfigRejected as e:
+        print(f"meshward-sidecar: invalid config {path}: {e}", file=sys.stderr)
+        return 2
+    cfg = snapshot.config
+    rules = sum(len(p.rules) for p in cfg.policies)
+    print(f"{path}: valid SidecarConfig for {cfg.workload}: {len(cfg.policies)} policies, {rules} rules, "
+          f"{len(snapshot.issuers)} JWT issuers" + (f", generation {cfg.generation}" if cfg.generation else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; without --config, print the version and usage."""
     args = _parser().parse_args(argv)
+    if args.check:
+        return check(args.config)
     if args.version or (args.config is None and args.policy_server == "off"):
         print(f"meshward-sidecar {__version__}")
         if not args.version:

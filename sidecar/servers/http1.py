@@ -5,8 +5,8 @@ status line and a few headers per request on a keep-alive connection, at ~15k
 requests per second from one Python process. Measured on this machine kind, ASGI
 servers add tens of µs per request of framing we do not need, while asyncio with
 the httptools parser (the one uvicorn uses) under uvloop reaches Envoy's native
-jwt_authn rate. So: httptools parses, this module frames, and it stays small and
-fuzzed (tests/unit/test_http1_fuzz.py).
+jwt_authn rate. So: httptools parses, this module frames, and it stays small, fuzzed
+(tests/unit/test_fuzz.py) and guarded against Slowloris (tests/unit/test_slowloris.py).
 
 Handlers return a response synchronously on the fast path, or an awaitable when
 they need I/O; while one is pending the connection stops reading, so responses

@@ -4,7 +4,8 @@
 asks the operator to rotate it (the same annotation a GitOps repository can set).
 `meshward explain` compiles a pod's config from the cluster with the operator's own
 functions (invalid policies left out, and named) and decides a request with the agent's
-own pipeline, showing every rule.
+own pipeline, showing every rule. `meshward envoy-bootstrap` prints the Envoy bootstrap
+that goes with a `meshward-sidecar`, to run the two without Kubernetes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Sequence
 from meshward._version import __version__
 
 USAGE = ("usage: meshward [--version] {ca {status,rotate} | explain (--pod POD -n NS | --config FILE) "
-         "[--method M] [--path P] [--peer SPIFFE] [--token JWT | --claims JSON]} [--kubeconfig FILE]")
+         "[--method M] [--path P] [--peer SPIFFE] [--token JWT | --claims JSON] | envoy-bootstrap --app PORT "
+         "[--listen PORT] [--authz ADDR] [--sds unix:PATH | --cert F --key F --ca F]} [--kubeconfig FILE]")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +48,70 @@ def _parser() -> argparse.ArgumentParser:
                                       "aud, iat and exp are filled in when missing")
     ex.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     ex.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
+    eb = sub.add_parser("envoy-bootstrap", help="print the Envoy bootstrap that goes with a meshward-sidecar")
+    eb.add_argument("--app", type=int, required=True, help="the app's port on 127.0.0.1 (where allowed requests go)")
+    eb.add_argument("--listen", default="0.0.0.0:15006",
+                    help="Envoy's inbound listener, host:port (default 0.0.0.0:15006)")
+    eb.add_argument("--admin", default="127.0.0.1:15000", help="Envoy's admin address (default 127.0.0.1:15000)")
+    eb.add_argument("--authz", default="unix:/var/run/meshward/authz.sock",
+                    help="the agent's ext_authz address, as its --http-listen/--grpc-listen (default "
+                         "unix:/var/run/meshward/authz.sock)")
+    eb.add_argument("--transport", choices=["http", "grpc"], default="http", help="ext_authz transport (default http)")
+    tls = eb.add_mutually_exclusive_group()
+    tls.add_argument("--sds", help="the agent's --sds-listen (unix:/path): mTLS with the workload certificate")
+    tls.add_argument("--cert", help="mTLS with this certificate file (with --key and --ca)")
+    eb.add_argument("--key", help="the certificate's private key file")
+    eb.add_argument("--ca", help="the CA bundle client certificates must chain to")
+    eb.add_argument("--node", default="meshward-workload", help="Envoy's node id (default meshward-workload)")
+    eb.add_argument("--format", choices=["yaml", "json"], default="yaml")
     return p
+
+
+def _endpoint(text: str, flag: str) -> object:
+    """An Envoy endpoint from `unix:/path` or `host:port`; SystemExit naming the flag otherwise."""
+    from meshward.sidecar.domain.envoy import Endpoint
+
+    if text.startswith("unix:/"):
+        return Endpoint(unix=text.removeprefix("unix:"))
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SystemExit(f"meshward: {flag} {text!r}: use host:port or unix:/path")
+    return Endpoint(host=host.strip("[]"), port=int(port))
+
+
+def _envoy_bootstrap(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from meshward.sidecar.domain.envoy import (
+        Endpoint,
+        InboundConfig,
+        SdsTls,
+        Tls,
+        build_inbound_bootstrap,
+        check_bootstrap,
+    )
+
+    tls: Tls | SdsTls | None = None
+    if args.sds:
+        sds = _endpoint(args.sds, "--sds")
+        assert isinstance(sds, Endpoint)
+        if sds.unix is None:
+            raise SystemExit("meshward: --sds: the agent serves SDS on a Unix socket only (unix:/path)")
+        tls = SdsTls(sds)
+    elif args.cert or args.key or args.ca:
+        if not (args.cert and args.key and args.ca):
+            raise SystemExit("meshward: --cert, --key and --ca go together")
+        tls = Tls(args.cert, args.key, args.ca)
+    listen, admin, authz = (_endpoint(args.listen, "--listen"), _endpoint(args.admin, "--admin"),
+                            _endpoint(args.authz, "--authz"))
+    assert isinstance(listen, Endpoint) and isinstance(admin, Endpoint) and isinstance(authz, Endpoint)
+    boot = build_inbound_bootstrap(InboundConfig(listen=listen, admin=admin, app=Endpoint(port=args.app), authz=authz,
+                                                 transport=args.transport, tls=tls, node=args.node))
+    check_bootstrap(boot)
+    print(json.dumps(boot, indent=2) if args.format == "json" else yaml.safe_dump(boot, sort_keys=False), end="")
+    return 0
 
 
 def _cluster_config(args: argparse.Namespace) -> tuple[dict[str, object], str, list[str]] | None:
@@ -177,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "explain":
         return _explain(args)
+    if args.command == "envoy-bootstrap":
+        return _envoy_bootstrap(args)
     return _ca(args)
 
 

@@ -40,9 +40,9 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 30, proc: su
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
-def http_status(url: str, timeout: float = 2) -> int:
+def http_status(url: str, timeout: float = 2, method: str = "GET") -> int:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=timeout) as r:
             return int(r.status)
     except urllib.error.HTTPError as e:
         return int(e.code)

@@ -128,3 +128,27 @@ def test_headers_with_underscores_are_dropped_and_the_host_loses_a_trailing_dot(
         "filters"][0]["typed_config"]
     assert hcm["common_http_protocol_options"]["headers_with_underscores_action"] == "DROP_HEADER"
     assert hcm["strip_trailing_host_dot"] is True
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_generated_bootstrap_is_made_of_envoys_typed_messages(name: str) -> None:
+    from meshward.sidecar.domain.envoy import check_bootstrap
+
+    check_bootstrap(build_inbound_bootstrap(CASES[name]))
+
+
+@pytest.mark.parametrize(("where", "field"), [
+    ((), "admn"),                                                              # misspelled, top level
+    (("static_resources", "listeners", 0, "filter_chains", 0, "filters", 0, "typed_config"), "normalise_path"),
+    (("static_resources", "clusters", 0), "connect_timeout_ms"),                # inside a cluster
+])
+def test_a_misspelled_field_fails_here_not_in_envoy(where: tuple[Any, ...], field: str) -> None:
+    from meshward.sidecar.domain.envoy import check_bootstrap
+
+    boot = build_inbound_bootstrap(CASES["mesh-sds"])
+    node: Any = boot
+    for step in where:
+        node = node[step]
+    node[field] = True
+    with pytest.raises(ValueError, match=field):
+        check_bootstrap(boot)
