@@ -15,8 +15,12 @@ import base64
 import datetime as dt
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from meshward._version import __version__
+
+if TYPE_CHECKING:  # imported where used: `meshward --version` stays instant
+    from meshward.sidecar.domain.envoy import Endpoint
 
 USAGE = ("usage: meshward [--version] {ca {status,rotate} | explain (--pod POD -n NS | --config FILE) "
          "[--method M] [--path P] [--peer SPIFFE] [--token JWT | --claims JSON] | envoy-bootstrap --app PORT "
@@ -67,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _endpoint(text: str, flag: str) -> object:
+def _endpoint(text: str, flag: str) -> Endpoint:
     """An Envoy endpoint from `unix:/path` or `host:port`; SystemExit naming the flag otherwise."""
     from meshward.sidecar.domain.envoy import Endpoint
 
@@ -96,7 +100,6 @@ def _envoy_bootstrap(args: argparse.Namespace) -> int:
     tls: Tls | SdsTls | None = None
     if args.sds:
         sds = _endpoint(args.sds, "--sds")
-        assert isinstance(sds, Endpoint)
         if sds.unix is None:
             raise SystemExit("meshward: --sds: the agent serves SDS on a Unix socket only (unix:/path)")
         tls = SdsTls(sds)
@@ -104,11 +107,9 @@ def _envoy_bootstrap(args: argparse.Namespace) -> int:
         if not (args.cert and args.key and args.ca):
             raise SystemExit("meshward: --cert, --key and --ca go together")
         tls = Tls(args.cert, args.key, args.ca)
-    listen, admin, authz = (_endpoint(args.listen, "--listen"), _endpoint(args.admin, "--admin"),
-                            _endpoint(args.authz, "--authz"))
-    assert isinstance(listen, Endpoint) and isinstance(admin, Endpoint) and isinstance(authz, Endpoint)
-    boot = build_inbound_bootstrap(InboundConfig(listen=listen, admin=admin, app=Endpoint(port=args.app), authz=authz,
-                                                 transport=args.transport, tls=tls, node=args.node))
+    boot = build_inbound_bootstrap(InboundConfig(
+        listen=_endpoint(args.listen, "--listen"), admin=_endpoint(args.admin, "--admin"), app=Endpoint(port=args.app),
+        authz=_endpoint(args.authz, "--authz"), transport=args.transport, tls=tls, node=args.node))
     check_bootstrap(boot)
     print(json.dumps(boot, indent=2) if args.format == "json" else yaml.safe_dump(boot, sort_keys=False), end="")
     return 0
