@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,8 +35,11 @@ from meshward.sidecar.servers.admin import Admin
 from meshward.sidecar.servers.authz_http import HttpAuthz
 from meshward.sidecar.servers.http1 import Handler, serve_tcp, serve_unix
 
+# gRPC, the Envoy protos and their engines are imported at run time only when used: they cost ~15 MB of RSS.
 if TYPE_CHECKING:
-    # Imported at run time only when used: gRPC and the Envoy protos cost ~15 MB of RSS.
+    import grpc
+
+    from meshward.sidecar.domain.snapshot import Snapshot
     from meshward.sidecar.engines.certificate import IdentityManager
     from meshward.sidecar.engines.subscription import PolicySubscription
 
@@ -153,82 +157,116 @@ def _subscription(args: argparse.Namespace, agent: Agent, identity: IdentityMana
     return PolicySubscription(client, agent, args.pod_name, registry)
 
 
-async def run(args: argparse.Namespace) -> int:
-    """Start every server and run until SIGTERM/SIGINT."""
-    config_path: Path | None = args.config
+def _load(path: Path | None) -> Snapshot | None:
+    """The config at `path` (or the deny-all one awaiting the operator) compiled; None after saying why not."""
     try:
-        snapshot = load_snapshot(config_path.read_text() if config_path else json.dumps(AWAITING_OPERATOR))
+        return load_snapshot(path.read_text() if path else json.dumps(AWAITING_OPERATOR))
     except OSError as e:
-        print(f"meshward-sidecar: cannot read --config {config_path}: {e.strerror}", file=sys.stderr)
-        return 2
+        print(f"meshward-sidecar: cannot read --config {path}: {e.strerror}", file=sys.stderr)
     except ConfigRejected as e:
-        print(f"meshward-sidecar: invalid config {config_path}: {e}", file=sys.stderr)
-        return 2
+        print(f"meshward-sidecar: invalid config {path}: {e}", file=sys.stderr)
+    return None
+
+
+@dataclass
+class _Running:
+    """The agent's engines once started, and what readiness means for them."""
+
+    agent: Agent
+    registry: CollectorRegistry
+    fetcher: HttpFetcher
+    audit: JsonLineAudit
+    identity: IdentityManager | None = None
+    subscription: PolicySubscription | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def ready(self) -> bool:
+        """Keys loaded, a certificate held (with an identity), the first config applied (when subscribed)."""
+        return self.agent.ready and (self.identity is None or self.identity.current is not None) and \
+            (self.subscription is None or self.subscription.synced)
+
+    def readiness(self) -> str:
+        """The /readyz body."""
+        doc = json.loads(self.agent.readiness())
+        if self.identity is not None:
+            doc["certificate"] = self.identity.current is not None
+        if self.subscription is not None:
+            doc["policy"] = {"synced": self.subscription.synced, "connected": self.subscription.connected}
+        return json.dumps(doc)
+
+
+def _start_engines(args: argparse.Namespace, snapshot: Snapshot) -> _Running:
+    """The agent, its key refreshes, config reloads, certificate renewal and policy subscription, as tasks."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     fetcher = HttpFetcher()
     audit = JsonLineAudit(sys.stdout, args.audit_flush_interval, metrics.audit_dropped.inc)
-    agent = Agent(snapshot, fetcher, metrics, audit)
-    servers: list[asyncio.Server] = []
-    tasks = [asyncio.create_task(agent.keys.run(), name="jwks")]
-    if config_path is not None:
-        tasks.append(asyncio.create_task(agent.watch(config_path, args.reload_interval), name="reload"))
-    grpc_servers = []
-    identity = None
+    r = _Running(Agent(snapshot, fetcher, metrics, audit), registry, fetcher, audit)
+    r.tasks.append(asyncio.create_task(r.agent.keys.run(), name="jwks"))
+    if args.config is not None:
+        r.tasks.append(asyncio.create_task(r.agent.watch(args.config, args.reload_interval), name="reload"))
     if args.identity_signer != "off":
-        identity = _identity(args, registry)
-        tasks.append(asyncio.create_task(identity.run(), name="identity"))
-
-    subscription = None
+        r.identity = _identity(args, registry)
+        r.tasks.append(asyncio.create_task(r.identity.run(), name="identity"))
     if args.policy_server != "off":
-        subscription = _subscription(args, agent, identity, registry)
-        tasks.append(asyncio.create_task(subscription.run(), name="policy"))
+        r.subscription = _subscription(args, r.agent, r.identity, registry)
+        r.tasks.append(asyncio.create_task(r.subscription.run(), name="policy"))
+    return r
 
-    def ready() -> bool:
-        return agent.ready and (identity is None or identity.current is not None) and \
-            (subscription is None or subscription.synced)
 
-    def readiness() -> str:
-        doc = json.loads(agent.readiness())
-        if identity is not None:
-            doc["certificate"] = identity.current is not None
-        if subscription is not None:
-            doc["policy"] = {"synced": subscription.synced, "connected": subscription.connected}
-        return json.dumps(doc)
+async def _start_servers(args: argparse.Namespace, r: _Running) -> tuple[list[asyncio.Server], list[grpc.aio.Server]]:
+    """The ext_authz transports asked for, SDS (with an identity) and the admin endpoints."""
+    servers: list[asyncio.Server] = []
+    grpc_servers: list[grpc.aio.Server] = []
+    if args.http_listen != "off":
+        servers.append(await _listen(HttpAuthz(lambda: r.agent.pipeline), args.http_listen))
+    if args.grpc_listen != "off":
+        # Imported only when used: gRPC and the Envoy protos cost ~15 MB of RSS.
+        from meshward.sidecar.servers.authz_grpc import GrpcAuthz, serve_grpc
 
+        grpc_servers.append(await serve_grpc(GrpcAuthz(lambda: r.agent.pipeline).Check, args.grpc_listen))
+    if r.identity is not None:
+        from meshward.sidecar.servers.sds import SecretDiscovery, serve_sds
+
+        grpc_servers.append(await serve_sds(SecretDiscovery(r.identity, args.trust_domain), args.sds_listen))
+    servers.append(await _listen(Admin(r.ready, r.readiness, r.registry), args.admin_listen))
+    return servers, grpc_servers
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Start every engine and server and run until SIGTERM/SIGINT."""
+    snapshot = _load(args.config)
+    if snapshot is None:
+        return 2
+    r = _start_engines(args, snapshot)
+    servers: list[asyncio.Server] = []
+    grpc_servers: list[grpc.aio.Server] = []
     try:
-        if args.http_listen != "off":
-            servers.append(await _listen(HttpAuthz(lambda: agent.pipeline), args.http_listen))
-        if args.grpc_listen != "off":
-            # Imported only when used: gRPC and the Envoy protos cost ~15 MB of RSS.
-            from meshward.sidecar.servers.authz_grpc import GrpcAuthz, serve_grpc
-
-            grpc_servers.append(await serve_grpc(GrpcAuthz(lambda: agent.pipeline).Check, args.grpc_listen))
-        if identity is not None:
-            from meshward.sidecar.servers.sds import SecretDiscovery, serve_sds
-
-            grpc_servers.append(await serve_sds(SecretDiscovery(identity, args.trust_domain), args.sds_listen))
-        servers.append(await _listen(Admin(ready, readiness, registry), args.admin_listen))
+        servers, grpc_servers = await _start_servers(args, r)
         # Start-up objects (modules, protos, compiled policies) never die: keep them out of GC scans.
         gc.collect()
         gc.freeze()
         log.info("meshward-sidecar %s serving: http=%s grpc=%s admin=%s identity=%s", __version__,
                  args.http_listen, args.grpc_listen, args.admin_listen, args.identity_signer)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await _until_signalled()
     finally:
-        for t in tasks:
+        for t in r.tasks:
             t.cancel()
         for s in servers:
             s.close()
         for g in grpc_servers:
             await g.stop(grace=1)
         with contextlib.suppress(Exception):
-            await fetcher.close()
-        audit.flush()  # every decision made so far reaches the log
+            await r.fetcher.close()
+        r.audit.flush()  # every decision made so far reaches the log
     return 0
 
 
@@ -237,13 +275,8 @@ def check(path: Path | None) -> int:
     if path is None:
         print("meshward-sidecar: --check needs --config FILE", file=sys.stderr)
         return 2
-    try:
-        snapshot = load_snapshot(path.read_text())
-    except OSError as e:
-        print(f"meshward-sidecar: cannot read --config {path}: {e.strerror}", file=sys.stderr)
-        return 2
-    except ConfigRejected as e:
-        print(f"meshward-sidecar: invalid config {path}: {e}", file=sys.stderr)
+    snapshot = _load(path)
+    if snapshot is None:
         return 2
     cfg = snapshot.config
     rules = sum(len(p.rules) for p in cfg.policies)
