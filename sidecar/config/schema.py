@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 API_VERSION = "sidecar.meshward.io/v1alpha1"
 KIND = "SidecarConfig"
@@ -52,6 +52,8 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 Mode = Literal["Enforce", "Audit"]
 Action = Literal["Allow", "Deny"]
+MODES: tuple[Mode, ...] = ("Enforce", "Audit")
+ACTIONS: tuple[Action, ...] = ("Allow", "Deny")
 
 
 class ConfigError(ValueError):
@@ -200,6 +202,9 @@ class SidecarConfig:
 # ------------------------------------------------------------------------------ parsing
 
 
+_S = TypeVar("_S", bound=str)
+
+
 class _Reader:
     """Typed access to one mapping of the document, tracking the field path for errors."""
 
@@ -240,11 +245,29 @@ class _Reader:
             out.append(item)
         return tuple(out)
 
+    def choice(self, key: str, allowed: tuple[_S, ...], default: _S) -> _S:
+        """The string at `key`, one of `allowed`."""
+        value: _S = self.get(key, str, default)
+        if value not in allowed:
+            raise ConfigError(self.at(key), f"{value!r} must be {' or '.join(allowed)}")
+        return value
+
+    def section(self, key: str) -> _Reader | None:
+        """A reader of the mapping at `key`, None when the field is absent."""
+        return _Reader(self.get(key, Mapping), self.at(key)) if key in self.data else None
+
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
             raise ConfigError(self.at(unknown[0]), "unknown field (check the spelling against "
                                                    "docs/sidecar-config.md)")
+
+
+def _unique(names: Sequence[str], path: Callable[[int], str], problem: str) -> None:
+    """Raise naming the first repeated name in `names` (its path from `path`)."""
+    for n, x in enumerate(names):
+        if names.index(x) != n:
+            raise ConfigError(path(n), f"{x!r} {problem}")
 
 
 def _positive(r: _Reader, key: str, default: float, *, maximum: float | None = None) -> float:
@@ -306,18 +329,7 @@ def _issuer(data: Any, path: str) -> Issuer:
         if alg not in ASYMMETRIC_ALGORITHMS:
             raise ConfigError(f"{r.at('algorithms')}[{n}]", f"{alg!r} is not allowed; use one of "
                                                              f"{', '.join(sorted(ASYMMETRIC_ALGORITHMS))}")
-    sources: list[TokenSource] = []
-    for n, h in enumerate(r.get("fromHeaders", list, [])):
-        hr = _Reader(h, f"{r.at('fromHeaders')}[{n}]")
-        name = hr.get("name", str, required=True).lower()
-        if not _HEADER.match(name):
-            raise ConfigError(hr.at("name"), f"{name!r} is not a valid header name")
-        sources.append(TokenSource(header=name, prefix=hr.get("prefix", str, "")))
-        hr.done()
-    for cookie in r.strings("fromCookies"):
-        sources.append(TokenSource(cookie=cookie))
-    if not sources:
-        sources.append(TokenSource(header="authorization", prefix="Bearer "))
+    sources = _token_sources(r)
     skew = float(r.get("clockSkewSeconds", float, DEFAULT_CLOCK_SKEW_S))
     if not 0 <= skew <= 300:
         raise ConfigError(r.at("clockSkewSeconds"), f"must be between 0 and 300, got {skew:g}")
@@ -328,12 +340,26 @@ def _issuer(data: Any, path: str) -> Issuer:
     types = tuple(t.lower().removeprefix("application/") for t in r.strings("tokenTypes")) or DEFAULT_TOKEN_TYPES
     out = Issuer(
         issuer=issuer, audiences=audiences, jwks_uri=_url(r, "jwksUri", required=False),
-        algorithms=frozenset(algorithms), sources=tuple(sources),
+        algorithms=frozenset(algorithms), sources=sources,
         forward_original_token=bool(r.get("forwardOriginalToken", bool, False)),
         clock_skew_s=skew, max_lifetime_s=max_life, ca_file=r.get("caFile", str), token_types=frozenset(types),
     )
     r.done()
     return out
+
+
+def _token_sources(r: _Reader) -> tuple[TokenSource, ...]:
+    """Where an issuer's tokens are read from: its headers, then its cookies; `Authorization: Bearer` if neither."""
+    sources: list[TokenSource] = []
+    for n, h in enumerate(r.get("fromHeaders", list, [])):
+        hr = _Reader(h, f"{r.at('fromHeaders')}[{n}]")
+        name = hr.get("name", str, required=True).lower()
+        if not _HEADER.match(name):
+            raise ConfigError(hr.at("name"), f"{name!r} is not a valid header name")
+        sources.append(TokenSource(header=name, prefix=hr.get("prefix", str, "")))
+        hr.done()
+    sources.extend(TokenSource(cookie=cookie) for cookie in r.strings("fromCookies"))
+    return tuple(sources) or (TokenSource(header="authorization", prefix="Bearer "),)
 
 
 def _principal_ok(p: str) -> bool:
@@ -348,67 +374,60 @@ def _rule(data: Any, path: str, policy_mode: Mode) -> Rule:
     name = r.get("name", str, required=True)
     if not _NAME.match(name):
         raise ConfigError(r.at("name"), f"{name!r} must be lowercase letters, digits and '-'")
-    action = r.get("action", str, "Allow")
-    if action not in ("Allow", "Deny"):
-        raise ConfigError(r.at("action"), f"{action!r} must be Allow or Deny")
-    mode = r.get("mode", str, policy_mode)
-    if mode not in ("Enforce", "Audit"):
-        raise ConfigError(r.at("mode"), f"{mode!r} must be Enforce or Audit")
-    frm = From()
-    if "from" in r.data:
-        fr = _Reader(r.get("from", Mapping), r.at("from"))
-        principals = fr.strings("principals")
-        for n, p in enumerate(principals):
-            if not _principal_ok(p):
-                raise ConfigError(f"{fr.at('principals')}[{n}]",
-                                  f"{p!r}: use a SPIFFE ID with at most one '*' at its start or end, or '*'")
-        frm = From(principals, fr.strings("requestPrincipals"), fr.strings("namespaces", pattern=_NAME))
-        fr.done()
-    to = To()
-    if "to" in r.data:
-        tr = _Reader(r.get("to", Mapping), r.at("to"))
-        methods = tr.strings("methods")
-        for n, m in enumerate(methods):
-            if m not in HTTP_METHODS:
-                raise ConfigError(f"{tr.at('methods')}[{n}]", f"{m!r} is not an uppercase HTTP method")
-        paths = tr.strings("paths")
-        for n, p in enumerate(paths):
-            if not (p.startswith("/") or p == "*"):
-                raise ConfigError(f"{tr.at('paths')}[{n}]", f"{p!r} must start with '/' (or be '*')")
-        ports = tuple(tr.get("ports", list, []))
-        for n, port in enumerate(ports):
-            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-                raise ConfigError(f"{tr.at('ports')}[{n}]", f"{port!r} must be a port number 1..65535")
-        path_match = tr.get("pathMatch", str)
-        if path_match not in (None, "Strict", "Lenient"):
-            raise ConfigError(tr.at("pathMatch"), f"{path_match!r} must be Strict or Lenient")
-        to = To(methods, paths, tuple(h.lower() for h in tr.strings("hosts")), ports, path_match)
-        tr.done()
-    when = r.strings("when")
+    action = r.choice("action", ACTIONS, "Allow")
+    mode = r.choice("mode", MODES, policy_mode)
+    fr, tr = r.section("from"), r.section("to")
+    rule = Rule(name=name, action=action, mode=mode, from_=_from(fr) if fr else From(), to=_to(tr) if tr else To(),
+                when=r.strings("when"))
     r.done()
-    return Rule(name=name, action=action, mode=mode, from_=frm, to=to, when=when)
+    return rule
+
+
+def _from(r: _Reader) -> From:
+    """A rule's `from`: who may call."""
+    principals = r.strings("principals")
+    for n, p in enumerate(principals):
+        if not _principal_ok(p):
+            raise ConfigError(f"{r.at('principals')}[{n}]",
+                              f"{p!r}: use a SPIFFE ID with at most one '*' at its start or end, or '*'")
+    out = From(principals, r.strings("requestPrincipals"), r.strings("namespaces", pattern=_NAME))
+    r.done()
+    return out
+
+
+def _to(r: _Reader) -> To:
+    """A rule's `to`: which requests it is about."""
+    methods = r.strings("methods")
+    for n, m in enumerate(methods):
+        if m not in HTTP_METHODS:
+            raise ConfigError(f"{r.at('methods')}[{n}]", f"{m!r} is not an uppercase HTTP method")
+    paths = r.strings("paths")
+    for n, p in enumerate(paths):
+        if not (p.startswith("/") or p == "*"):
+            raise ConfigError(f"{r.at('paths')}[{n}]", f"{p!r} must start with '/' (or be '*')")
+    ports = tuple(r.get("ports", list, []))
+    for n, port in enumerate(ports):
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ConfigError(f"{r.at('ports')}[{n}]", f"{port!r} must be a port number 1..65535")
+    path_match = r.get("pathMatch", str)
+    if path_match not in (None, "Strict", "Lenient"):
+        raise ConfigError(r.at("pathMatch"), f"{path_match!r} must be Strict or Lenient")
+    out = To(methods, paths, tuple(h.lower() for h in r.strings("hosts")), ports, path_match)
+    r.done()
+    return out
 
 
 def _policy(data: Any, path: str) -> Policy:
     r = _Reader(data, path)
     name = r.get("name", str, required=True)
-    mode = r.get("mode", str, "Enforce")
-    if mode not in ("Enforce", "Audit"):
-        raise ConfigError(r.at("mode"), f"{mode!r} must be Enforce or Audit")
+    mode = r.choice("mode", MODES, "Enforce")
     issuers = tuple(_issuer(d, f"{r.at('jwt')}[{n}]") for n, d in enumerate(r.get("jwt", list, [])))
-    seen: set[str] = set()
-    for n, i in enumerate(issuers):
-        if i.issuer in seen:
-            raise ConfigError(f"{r.at('jwt')}[{n}].issuer", f"{i.issuer!r} is listed twice; merge the entries")
-        seen.add(i.issuer)
+    _unique([i.issuer for i in issuers], lambda n: f"{r.at('jwt')}[{n}].issuer", "is listed twice; merge the entries")
     require_jwt = r.get("requireJwt", bool, bool(issuers))
     if require_jwt and not issuers:
         raise ConfigError(r.at("requireJwt"), "true needs at least one issuer in jwt")
     rules = tuple(_rule(d, f"{r.at('rules')}[{n}]", mode) for n, d in enumerate(r.get("rules", list, [])))
-    names = [x.name for x in rules]
-    for n, x in enumerate(names):
-        if names.index(x) != n:
-            raise ConfigError(f"{r.at('rules')}[{n}].name", f"{x!r} is used twice; rule names must be unique")
+    _unique([x.name for x in rules], lambda n: f"{r.at('rules')}[{n}].name", "is used twice; rule names must be unique")
     for n, rule in enumerate(rules):
         if rule.from_.request_principals and not issuers:
             raise ConfigError(f"{r.at('rules')}[{n}].from.requestPrincipals", "needs jwt issuers in this policy")
@@ -427,44 +446,66 @@ def parse_config(doc: Any) -> SidecarConfig:
         raise ConfigError("kind", f"{kind!r} must be {KIND}")
     workload = r.get("workload", str, required=True)
     policies = tuple(_policy(d, f"policies[{n}]") for n, d in enumerate(r.get("policies", list, [])))
-    pnames = [p.name for p in policies]
-    for n, x in enumerate(pnames):
-        if pnames.index(x) != n:
-            raise ConfigError(f"policies[{n}].name", f"{x!r} is used twice")
-    headers_raw = r.get("identityHeaders", Mapping, {"x-meshward-sub": "sub", "x-meshward-iss": "iss"})
+    _unique([p.name for p in policies], lambda n: f"policies[{n}].name", "is used twice")
+    headers = _identity_headers(r.get("identityHeaders", Mapping, {"x-meshward-sub": "sub", "x-meshward-iss": "iss"}))
+    rr, jr = r.section("revocations"), r.section("jwks")
+    revocations = _revocations(rr) if rr else Revocations()
+    jwks = _jwks(jr) if jr else JwksSettings()
+    context = _context(r.get("context", Mapping, {}))
+    max_token, cache = _limits(_Reader(r.get("limits", Mapping, {}), "limits"))
+    generation = str(r.get("generation", (str, int), ""))
+    r.done()
+    _one_definition_per_issuer(policies)
+    return SidecarConfig(workload=workload, policies=policies, identity_headers=headers, revocations=revocations,
+                         jwks=jwks, max_token_bytes=max_token, token_cache_size=cache, generation=generation,
+                         context=context)
+
+
+def _identity_headers(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """The headers the workload receives, each naming the claim it carries."""
     headers: dict[str, str] = {}
-    for h, claim in headers_raw.items():
+    for h, claim in raw.items():
         p = f"identityHeaders.{h}"
         if not isinstance(h, str) or not h.startswith(HEADER_PREFIX) or not _HEADER.match(h):
             raise ConfigError(p, f"header names must be lowercase and start with {HEADER_PREFIX!r}")
         if not isinstance(claim, str) or not claim:
             raise ConfigError(p, "must name a claim, e.g. sub")
         headers[h] = claim
-    rev = Revocations()
-    if "revocations" in r.data:
-        rr = _Reader(r.get("revocations", Mapping), "revocations")
-        rev = Revocations(frozenset(rr.strings("jti")), frozenset(rr.strings("sub")), frozenset(rr.strings("sid")))
-        rr.done()
-    jwks = JwksSettings()
-    if "jwks" in r.data:
-        jr = _Reader(r.get("jwks", Mapping), "jwks")
-        jwks = JwksSettings(
-            refresh_s=_positive(jr, "refreshSeconds", DEFAULT_JWKS_REFRESH_S),
-            min_refetch_s=_positive(jr, "minRefetchSeconds", DEFAULT_JWKS_MIN_REFETCH_S),
-            timeout_s=_positive(jr, "timeoutSeconds", DEFAULT_JWKS_TIMEOUT_S, maximum=60),
-        )
-        jr.done()
-    context = _context(r.get("context", Mapping, {}))
-    limits = _Reader(r.get("limits", Mapping, {}), "limits")
-    max_token = int(limits.get("maxTokenBytes", int, DEFAULT_MAX_TOKEN_BYTES))
+    return headers
+
+
+def _revocations(r: _Reader) -> Revocations:
+    """Tokens denied everywhere."""
+    out = Revocations(frozenset(r.strings("jti")), frozenset(r.strings("sub")), frozenset(r.strings("sid")))
+    r.done()
+    return out
+
+
+def _jwks(r: _Reader) -> JwksSettings:
+    """How keys are fetched."""
+    out = JwksSettings(
+        refresh_s=_positive(r, "refreshSeconds", DEFAULT_JWKS_REFRESH_S),
+        min_refetch_s=_positive(r, "minRefetchSeconds", DEFAULT_JWKS_MIN_REFETCH_S),
+        timeout_s=_positive(r, "timeoutSeconds", DEFAULT_JWKS_TIMEOUT_S, maximum=60),
+    )
+    r.done()
+    return out
+
+
+def _limits(r: _Reader) -> tuple[int, int]:
+    """The largest token accepted and how many verified tokens are cached."""
+    max_token = int(r.get("maxTokenBytes", int, DEFAULT_MAX_TOKEN_BYTES))
     if not 512 <= max_token <= 65536:
         raise ConfigError("limits.maxTokenBytes", f"must be between 512 and 65536, got {max_token}")
-    cache = int(limits.get("tokenCacheSize", int, DEFAULT_TOKEN_CACHE_SIZE))
+    cache = int(r.get("tokenCacheSize", int, DEFAULT_TOKEN_CACHE_SIZE))
     if not 0 <= cache <= 1_000_000:
         raise ConfigError("limits.tokenCacheSize", f"must be between 0 and 1000000, got {cache}")
-    limits.done()
-    generation = str(r.get("generation", (str, int), ""))
     r.done()
+    return max_token, cache
+
+
+def _one_definition_per_issuer(policies: Sequence[Policy]) -> None:
+    """Raise when two policies of one workload define the same issuer differently."""
     first: dict[str, tuple[int, int, Issuer]] = {}
     for pn, pol in enumerate(policies):
         for jn, iss in enumerate(pol.issuers):
@@ -474,9 +515,6 @@ def parse_config(doc: Any) -> SidecarConfig:
                                   f"issuer {iss.issuer!r} is configured differently in policies[{fp}].jwt[{fj}]; "
                                   "one issuer must have one definition per workload")
             first.setdefault(iss.issuer, (pn, jn, iss))
-    return SidecarConfig(workload=workload, policies=policies, identity_headers=headers, revocations=rev,
-                         jwks=jwks, max_token_bytes=max_token, token_cache_size=cache, generation=generation,
-                         context=context)
 
 
 def _context(data: Mapping[str, Any]) -> ContextSettings:
