@@ -24,6 +24,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 
+from meshward.operator.clients.kube import TokenReviewResult
+from meshward.operator.domain.compile import Compiled
 from meshward.operator.engines.policy_hub import PolicyHub, Subscriber, SubscriptionRefused
 from meshward.operator.engines.token_review import AUDIENCE, ReviewUnavailable, TokenReviewer
 from meshward.operator.servers.wire import dumps, loads, rotating_credentials
@@ -71,6 +73,18 @@ class PolicyService:
         if who is None:
             raise SubscriptionRefused("UNAUTHENTICATED", "a workload certificate with a SPIFFE ID is required")
         namespace, sa, spiffe = who
+        review = await self._pod_token(context, namespace, sa)
+        first = await anext(aiter(requests), None)
+        pod = first.get("pod") if isinstance(first, dict) else None
+        if not isinstance(pod, str) or not pod:
+            raise SubscriptionRefused("INVALID_ARGUMENT", 'the first message must be {"pod": "<name>"}')
+        if pod != review.pod_name:
+            raise SubscriptionRefused("PERMISSION_DENIED", f"the token belongs to pod {namespace}/{review.pod_name}, "
+                                                           f"which cannot subscribe as {namespace}/{pod}")
+        return self._hub.subscribe(namespace, sa, pod, spiffe, review.pod_uid)
+
+    async def _pod_token(self, context: grpc.aio.ServicerContext, namespace: str, sa: str) -> TokenReviewResult:
+        """The API server's review of the caller's token: valid, ours, the certificate's account's, pod-bound."""
         token = _bearer(context)
         if not token:
             raise SubscriptionRefused("UNAUTHENTICATED", "send the pod's projected ServiceAccount token (audience "
@@ -87,14 +101,7 @@ class PolicyService:
         if not review.pod_name:
             raise SubscriptionRefused("PERMISSION_DENIED", "the token is not bound to a pod: send the pod's "
                                                            "projected ServiceAccount token, not a TokenRequest one")
-        first = await anext(aiter(requests), None)
-        pod = first.get("pod") if isinstance(first, dict) else None
-        if not isinstance(pod, str) or not pod:
-            raise SubscriptionRefused("INVALID_ARGUMENT", 'the first message must be {"pod": "<name>"}')
-        if pod != review.pod_name:
-            raise SubscriptionRefused("PERMISSION_DENIED", f"the token belongs to pod {namespace}/{review.pod_name}, "
-                                                           f"which cannot subscribe as {namespace}/{pod}")
-        return self._hub.subscribe(namespace, sa, pod, spiffe, review.pod_uid)
+        return review
 
     async def subscribe(self, requests: AsyncIterator[Any],
                         context: grpc.aio.ServicerContext) -> AsyncIterator[dict[str, Any]]:
@@ -114,28 +121,13 @@ class PolicyService:
             ended.set()
 
         context.add_done_callback(gone)
-
-        async def read() -> None:
-            async for msg in requests:
-                if isinstance(msg, dict) and isinstance(msg.get("ack"), str):
-                    err = msg.get("error")
-                    self._hub.ack(sub, msg["ack"], err if isinstance(err, str) else None)
-
-        reader = asyncio.create_task(read())
+        reader = asyncio.create_task(self._read_acks(sub, requests))
         end = asyncio.ensure_future(ended.wait())
         try:
-            sent: str | None = None
-            while not reader.done() and not ended.is_set():
-                waiter = asyncio.ensure_future(sub.next(sent))
-                await asyncio.wait({waiter, reader, end}, return_when=asyncio.FIRST_COMPLETED)
-                if not waiter.done():
-                    waiter.cancel()
-                    break
-                compiled = waiter.result()
+            async for compiled in self._updates(sub, reader, end):
                 if compiled is None:
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"subscription ended: {sub.closed}")
                     return
-                sent = compiled.version
                 yield {"version": compiled.version, "config": compiled.document}
         finally:
             reader.cancel()
@@ -143,6 +135,29 @@ class PolicyService:
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                 await reader
             self._hub.unsubscribe(sub)
+
+    async def _read_acks(self, sub: Subscriber, requests: AsyncIterator[Any]) -> None:
+        """Record each acknowledgement the sidecar sends, until its side of the stream ends."""
+        async for msg in requests:
+            if isinstance(msg, dict) and isinstance(msg.get("ack"), str):
+                err = msg.get("error")
+                self._hub.ack(sub, msg["ack"], err if isinstance(err, str) else None)
+
+    @staticmethod
+    async def _updates(sub: Subscriber, *stops: asyncio.Future[Any]) -> AsyncIterator[Compiled | None]:
+        """Each config `sub` has not been sent yet (None once the hub closed it), until one of `stops` is done."""
+        sent: str | None = None
+        while not any(s.done() for s in stops):
+            waiter = asyncio.ensure_future(sub.next(sent))
+            await asyncio.wait({waiter, *stops}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                waiter.cancel()
+                return
+            compiled = waiter.result()
+            yield compiled
+            if compiled is None:
+                return
+            sent = compiled.version
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler registering Subscribe."""
