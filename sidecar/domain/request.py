@@ -31,7 +31,7 @@ class CheckInput:
             return None
         parts = self.peer.split("/")
         # ['spiffe:', '', td, 'ns', ns, 'sa', sa]
-        if len(parts) >= 7 and parts[3] == "ns":
+        if len(parts) == 7 and parts[3] == "ns" and parts[5] == "sa":
             return parts[4]
         return None
 

@@ -25,6 +25,8 @@ def test_conditions(obs: Observation, ready: str, reason: str, hint: str) -> Non
     assert cond["Ready"]["reason"] == reason
     assert hint in cond["Ready"]["message"]
     assert cond["Degraded"]["status"] == ("False" if ready == "True" else "True")
+    assert cond["Degraded"]["reason"] == ("AsExpected" if ready == "True" else reason)
+    assert (cond["Degraded"]["message"] == "nothing to report") == (ready == "True")
     assert st["spiffeID"] == ME and st["observedGeneration"] == 1
 
 

@@ -21,6 +21,8 @@ def test_the_holder_renews() -> None:
 
 def test_a_live_leader_is_never_replaced() -> None:
     assert claim(LeaseView("a", T), "b", T + dt.timedelta(seconds=LEASE_DURATION_S - 0.001)) is None
+    # Whichever way the names sort: the holder is compared for equality.
+    assert claim(LeaseView("b", T), "a", T + dt.timedelta(seconds=1)) is None
 
 
 def test_an_abandoned_lease_is_taken_over_and_counted() -> None:

@@ -1,5 +1,9 @@
 """Small pure pieces the rest relies on, tested where mutation testing (cosmic-ray) showed the suite did not
-notice a change: Go durations, request paths and peers, status messages and conditions."""
+notice a change: Go durations, request paths and peers, status messages and conditions.
+
+What it still reports as surviving is equivalent by construction: annotations (`X | None` mutated), `is`
+for `==` on small ints and interned strings, `frozen`/`slots` flags, tuning constants (lease timings), and
+comparisons whose operands cannot take the values that would tell them apart (enforcing <= connected)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import datetime as dt
 
 import pytest
 
+from meshward.operator.domain.conditions import condition, iso
 from meshward.operator.domain.duration import parse_duration
 from meshward.operator.domain.policy_status import (
     MAX_LAGGING,
@@ -44,6 +49,9 @@ def test_split_path_drops_query_and_fragment(raw: str, path: str) -> None:
     ("spiffe://cluster.local/ns/shop/sa", None),             # too short to be a workload ID
     ("spiffe://cluster.local/xx/shop/sa/orders", None),      # not .../ns/<ns>/...
     ("spiffe://cluster.local/nt/shop/sa/orders", None),
+    ("spiffe://cluster.local/ab/shop/sa/orders", None),      # sorts before "ns": equality, not order
+    ("spiffe://cluster.local/ns/shop/xx/orders", None),      # not .../sa/<sa>
+    ("spiffe://cluster.local/ns/shop/sa/orders/x", None),    # longer than a workload ID
     (None, None), ("", None),
 ])
 def test_the_peers_namespace_comes_from_a_workload_spiffe_id_only(peer: str | None, namespace: str | None) -> None:
@@ -99,7 +107,30 @@ def test_exact_principals_skip_wildcards_and_other_trust_domains_but_keep_lookin
                                               "spiffe://cluster.local/ns/shop/sa/frontend"]}},
         {"name": "b", "from": {"principals": ["spiffe://cluster.local/ns/pay/sa/api",
                                               "spiffe://cluster.local/ns/pay/xx/api",
-                                              "spiffe://cluster.local/ns/pay/sa/api/extra"]}}]}
+                                              "spiffe://cluster.local/ns/pay/sa/api/extra",
+                                              "spiffe://cluster.local/ns/pay/aa/api",
+                                              "spiffe://cluster.local/ns/pay",
+                                              "spiffe://cluster.local/ns/pay/sa/front*"]}}]}
     assert exact_principals(spec, "cluster.local") == [
         ("spiffe://cluster.local/ns/shop/sa/frontend", "shop", "frontend"),
         ("spiffe://cluster.local/ns/pay/sa/api", "pay", "api")]
+
+
+def test_unknown_principals_are_named_five_at_most() -> None:
+    unknown = tuple(f"spiffe://td/ns/a/sa/s{n}" for n in range(6))
+    message = policy_status(PolicyView(1, 1, None, [], [], [], unknown_principals=unknown), [], NOW)[
+        "conditions"][1]["message"]
+    assert all(p in message for p in unknown[:5]) and unknown[5] not in message
+
+
+def test_a_condition_keeps_its_own_transition_time_only() -> None:
+    """Only the condition of the same type, with the same status, keeps its time: other types (even ones that
+    sort first) and a flip (True to False) do not."""
+    then, now = "2026-01-01T00:00:00Z", NOW
+    old = [{"type": "Degraded", "status": "True", "lastTransitionTime": then},
+           {"type": "Ready", "status": "True", "lastTransitionTime": "2026-02-01T00:00:00Z"}]
+    assert condition("Ready", True, "r", "m", 1, now, old)["lastTransitionTime"] == "2026-02-01T00:00:00Z"
+    assert condition("Ready", False, "r", "m", 1, now, old)["lastTransitionTime"] == iso(now)
+    assert condition("Degraded", False, "r", "m", 1, now, old)["lastTransitionTime"] == iso(now)
+    assert condition("Degraded", True, "r", "m", 1, now, old)["lastTransitionTime"] == then
+    assert condition("Other", True, "r", "m", 1, now, old)["lastTransitionTime"] == iso(now)
