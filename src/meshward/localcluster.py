@@ -326,6 +326,9 @@ def up(directory: Path, binaries: Binaries, name: str = "meshward-local",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             # No kubelet runs, so nothing can serve the `kubernetes` Service's loopback endpoint.
             "--endpoint-reconciler-type=none",
+            # Webhooks and aggregated APIs behind a Service are reached through its endpoints, never by DNS:
+            # with no Service network here a DNS lookup of <svc>.<ns>.svc would leave this machine.
+            "--enable-aggregator-routing=true",
             "--allow-privileged=true",
             "--profiling=false",
         ], logs / "kube-apiserver.log"))
