@@ -37,7 +37,6 @@ from meshward.sidecar.config.schema import ConfigError, hashed_revocation, parse
 from meshward.sidecar.domain.snapshot import compile_snapshot
 
 # Pods carrying this label have opted in (the injection webhook only mutates those).
-INJECT_LABEL = "meshward.io/inject"
 # Claims a CEL condition reads: claims.name or claims['name'].
 _CEL_CLAIM = re.compile(r"""\bclaims(?:\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*['"]([^'"]+)['"]\s*\])""")
 

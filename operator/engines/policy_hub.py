@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from meshward.operator.domain.compile import (
-    INJECT_LABEL,
     Compiled,
     PolicyInvalid,
     PolicyObject,
@@ -47,6 +46,7 @@ from meshward.operator.domain.compile import (
     workload_config,
     workload_of,
 )
+from meshward.operator.domain.inject import INJECT_LABEL
 from meshward.sidecar.config.schema import hashed_revocation
 
 log = logging.getLogger("meshward.operator.policy")

@@ -119,7 +119,6 @@ def _cluster_config(args: argparse.Namespace) -> tuple[dict[str, object], str, l
     """The pod's config compiled from the cluster as the operator compiles it, its description and notes."""
     from meshward.operator.clients.kube import KubeClient
     from meshward.operator.domain.compile import (
-        INJECT_LABEL,
         PolicyInvalid,
         policy_object,
         revocation_entries,
@@ -127,6 +126,7 @@ def _cluster_config(args: argparse.Namespace) -> tuple[dict[str, object], str, l
         workload_config,
         workload_of,
     )
+    from meshward.operator.domain.inject import INJECT_LABEL
 
     kube = KubeClient.from_kubeconfig(args.kubeconfig)
     pod = kube.read_pod(args.namespace, args.pod)

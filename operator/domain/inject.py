@@ -1,0 +1,317 @@
+"""Sidecar injection as one pure function: an opted-in Pod in, the Pod with the mesh out.
+
+Why pure: the admission webhook, `meshward inject -f` (GitOps pipelines that render
+manifests first) and the golden-file tests must produce the very same pod, and a
+webhook that can be called twice (reinvocation, retries) must change nothing the
+second time. What the injected pod gets, and why:
+- three init containers before the user's own: `meshward-init` installs the capture
+  rules (sidecar/domain/capture.py; the only step with NET_ADMIN/NET_RAW), then the
+  agent and Envoy as native sidecars (`restartPolicy: Always`): each must be started
+  (its startup probe passing: a certificate, the first policy, Envoy ready) before the
+  next container starts, so the user's init containers and app never run unprotected,
+  and they stop after the app;
+- the agent subscribes to its certificate and policy from the operator's Services with
+  the pod's projected ServiceAccount token (audience `meshward`, 10 minutes) and the
+  namespace's trust bundle; Envoy gets everything from the agent over Unix sockets;
+- the app's HTTP, TCP and gRPC probes go to the agent's admin port, which is never
+  captured, and the agent probes the app as kubelet would have (strict mTLS would
+  refuse kubelet's plaintext otherwise); the originals travel in the agent's env;
+- everything Meshward adds runs as PROXY_UID, non-root, read-only root filesystem, all
+  capabilities dropped, but the init container.
+What it refuses, with the reason: pods on the host network (capturing them would capture
+the node), app containers running as PROXY_UID (their traffic would bypass capture),
+names that clash with Meshward's, exclusions it cannot parse, probes on ports the
+container does not declare.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshward.sidecar.domain.capture import (
+    AGENT_ADMIN_PORT,
+    PROXY_HEALTH_PORT,
+    PROXY_UID,
+    CaptureError,
+    parse_cidrs,
+    parse_ports,
+)
+from meshward.sidecar.domain.probes import PROBES_ENV
+
+INJECT_LABEL = "meshward.io/inject"
+ENABLED, DISABLED = "enabled", "disabled"
+# Written on every injected pod: the injector's version (which sidecar a pod runs, for upgrades).
+INJECTED_ANNOTATION = "meshward.io/injected"
+# Per-workload settings, on the pod template (docs/app-teams.md).
+EXCLUDE_INBOUND_PORTS = "meshward.io/exclude-inbound-ports"
+EXCLUDE_OUTBOUND_PORTS = "meshward.io/exclude-outbound-ports"
+EXCLUDE_OUTBOUND_CIDRS = "meshward.io/exclude-outbound-cidrs"
+INBOUND_PLAINTEXT = "meshward.io/inbound-plaintext"
+PLAINTEXT_VALUES = ("refuse", "allow")
+# Namespaces never injected, whatever their labels say: the operator's own (it would wait for itself) and
+# the cluster's system pods.
+NEVER_INJECTED = ("kube-system", "kube-public", "kube-node-lease")
+
+INIT, AGENT, PROXY = "meshward-init", "meshward-agent", "meshward-proxy"
+SOCKETS, BUNDLE, TOKEN = "meshward-sockets", "meshward-bundle", "meshward-token"
+SOCKET_DIR = "/var/run/meshward"
+# The projected token's lifetime: the API server's minimum (kubelet refreshes it at 80%).
+TOKEN_EXPIRATION_S = 600
+_PROBE_KINDS = (("livenessProbe", "livez"), ("readinessProbe", "readyz"), ("startupProbe", "startupz"))
+# A native sidecar's startup may wait this long (a certificate and the first policy): 1 s probes, 5 minutes.
+STARTUP_FAILURE_THRESHOLD = 300
+
+
+class InjectRefused(ValueError):
+    """The pod cannot be injected safely; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class InjectSettings:
+    """What the injector puts into pods: the image and where the operator's Services are."""
+
+    image: str
+    operator_namespace: str = "meshward-system"
+    trust_domain: str = "cluster.local"
+    version: str = "dev"
+    image_pull_policy: str = "IfNotPresent"
+    log_level: str = "INFO"
+    agent_resources: Mapping[str, Any] = field(default_factory=lambda: {
+        "requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
+    proxy_resources: Mapping[str, Any] = field(default_factory=lambda: {
+        "requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
+    init_resources: Mapping[str, Any] = field(default_factory=lambda: {
+        "requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}})
+
+
+def opted_in(pod: Mapping[str, Any], namespace: str, namespace_opted_in: bool, operator_namespace: str) -> bool:
+    """Whether `pod` is to run the mesh: its label says so, or its namespace's does and the pod does not opt out."""
+    if namespace in NEVER_INJECTED or namespace == operator_namespace:
+        return False
+    label = (pod.get("metadata", {}).get("labels") or {}).get(INJECT_LABEL)
+    return label == ENABLED or (namespace_opted_in and label != DISABLED)
+
+
+def is_injected(pod: Mapping[str, Any]) -> bool:
+    """Whether `pod` already carries the mesh (so injecting again changes nothing)."""
+    init = pod.get("spec", {}).get("initContainers") or []
+    return any(c.get("name") == AGENT for c in init)
+
+
+def unprotected(pods: list[Mapping[str, Any]], opted_in_namespaces: set[str], operator_namespace: str
+                ) -> list[str]:
+    """`namespace/name` of every running pod that opted in but carries no mesh (webhook bypassed, label too late)."""
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata", {})
+        namespace = str(meta.get("namespace", ""))
+        if meta.get("deletionTimestamp") or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        if opted_in(pod, namespace, namespace in opted_in_namespaces, operator_namespace) and not is_injected(pod):
+            out.append(f"{namespace}/{meta.get('name', '')}")
+    return sorted(out)
+
+
+def _security(uid: int, *, add: tuple[str, ...] = ()) -> dict[str, Any]:
+    ctx: dict[str, Any] = {"runAsUser": uid, "runAsGroup": uid, "runAsNonRoot": uid != 0,
+                           "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                           "capabilities": {"drop": ["ALL"], **({"add": list(add)} if add else {})},
+                           "seccompProfile": {"type": "RuntimeDefault"}}
+    return ctx
+
+
+def _env(*extra: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}, *extra]
+
+
+def _http_probe(path: str, port: int, period_s: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period_s, "failureThreshold": failures}
+
+
+def _annotation(pod: Mapping[str, Any], key: str) -> str:
+    value = (pod.get("metadata", {}).get("annotations") or {}).get(key, "")
+    return value if isinstance(value, str) else ""
+
+
+def _port_number(container: Mapping[str, Any], port: Any, where: str) -> int:
+    """A probe's port as a number: given, or looked up among the container's named ports."""
+    if isinstance(port, int) and not isinstance(port, bool):
+        return port
+    if isinstance(port, str) and port.isdigit():
+        return int(port)
+    for p in container.get("ports") or []:
+        if p.get("name") == port and isinstance(p.get("containerPort"), int):
+            return int(p["containerPort"])
+    raise InjectRefused(f"{where}: port {port!r} is not a port of this container; name one of its ports or use "
+                        "a number")
+
+
+def _rewrite_probes(container: dict[str, Any], where: str, excluded: tuple[int, ...],
+                    originals: dict[str, Any]) -> None:
+    """Point the container's network probes at the agent, recording the originals in `originals`."""
+    for key, kind in _PROBE_KINDS:
+        probe = container.get(key)
+        if not isinstance(probe, dict):
+            continue
+        here = f"{where}.{key}"
+        handler: dict[str, Any]
+        if isinstance(probe.get("httpGet"), dict) and not probe["httpGet"].get("host"):
+            get = probe["httpGet"]
+            port = _port_number(container, get.get("port"), f"{here}.httpGet")
+            handler = {"httpGet": {"path": get.get("path") or "/", "port": port,
+                                   "scheme": get.get("scheme") or "HTTP",
+                                   **({"httpHeaders": get["httpHeaders"]} if get.get("httpHeaders") else {})}}
+        elif isinstance(probe.get("tcpSocket"), dict) and not probe["tcpSocket"].get("host"):
+            port = _port_number(container, probe["tcpSocket"].get("port"), f"{here}.tcpSocket")
+            handler = {"tcpSocket": {"port": port}}
+        elif isinstance(probe.get("grpc"), dict):
+            port = _port_number(container, probe["grpc"].get("port"), f"{here}.grpc")
+            handler = {"grpc": {"port": port, **({"service": probe["grpc"]["service"]}
+                                                 if probe["grpc"].get("service") else {})}}
+        else:
+            continue  # exec probes, or probes of another host: never captured
+        if port in excluded:
+            continue
+        path = f"/app-health/{container['name']}/{kind}"
+        originals[path] = {**handler, "timeoutSeconds": int(probe.get("timeoutSeconds") or 1)}
+        rest = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket", "grpc")}
+        container[key] = {**rest, "httpGet": {"path": path, "port": AGENT_ADMIN_PORT, "scheme": "HTTP"}}
+
+
+def _uid(ctx: Any) -> Any:
+    return ctx.get("runAsUser") if isinstance(ctx, dict) else None
+
+
+def _check(pod: Mapping[str, Any]) -> None:
+    """Raise InjectRefused for a pod the mesh cannot protect, naming the field and the fix."""
+    spec = pod.get("spec", {})
+    if spec.get("hostNetwork"):
+        raise InjectRefused("spec.hostNetwork: a pod on the node's network cannot be captured without capturing "
+                            f"the node; run it off the host network or label it {INJECT_LABEL}={DISABLED}")
+    pod_uid = _uid(spec.get("securityContext"))
+    for group in ("initContainers", "containers"):
+        for n, c in enumerate(spec.get(group) or []):
+            if str(c.get("name", "")).startswith("meshward-"):
+                raise InjectRefused(f"spec.{group}[{n}].name: {c.get('name')!r}: names starting with meshward- "
+                                    "are Meshward's; rename the container")
+            uid = _uid(c.get("securityContext"))
+            if (uid if uid is not None else pod_uid) == PROXY_UID:
+                raise InjectRefused(f"spec.{group}[{n}] ({c.get('name')}): runs as UID {PROXY_UID}, the mesh "
+                                    "proxy's, whose traffic is never captured; run it as another user")
+    for n, v in enumerate(spec.get("volumes") or []):
+        if str(v.get("name", "")).startswith("meshward-"):
+            raise InjectRefused(f"spec.volumes[{n}].name: {v.get('name')!r}: names starting with meshward- are "
+                                "Meshward's; rename the volume")
+    plaintext = _annotation(pod, INBOUND_PLAINTEXT) or "refuse"
+    if plaintext not in PLAINTEXT_VALUES:
+        raise InjectRefused(f"metadata.annotations[{INBOUND_PLAINTEXT}]: {plaintext!r} must be refuse (the "
+                            "default) or allow (while migrating: plaintext callers reach the app with no peer)")
+
+
+def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
+    """`pod` with the mesh added (unchanged if it has it already); raise InjectRefused if it cannot be protected."""
+    out: dict[str, Any] = copy.deepcopy(dict(pod))
+    if is_injected(out):
+        return out
+    if not settings.image:
+        raise InjectRefused("the operator has no image to inject (--inject-image, the chart's injection.image); "
+                            "fix the operator's installation")
+    _check(out)
+    try:
+        excluded_in = parse_ports(_annotation(out, EXCLUDE_INBOUND_PORTS), f"annotation {EXCLUDE_INBOUND_PORTS}")
+        excluded_out = parse_ports(_annotation(out, EXCLUDE_OUTBOUND_PORTS), f"annotation {EXCLUDE_OUTBOUND_PORTS}")
+        cidrs = parse_cidrs(_annotation(out, EXCLUDE_OUTBOUND_CIDRS), f"annotation {EXCLUDE_OUTBOUND_CIDRS}")
+    except CaptureError as e:
+        raise InjectRefused(f"metadata.{e}") from e
+    spec = out.setdefault("spec", {})
+    originals: dict[str, Any] = {}
+    for n, c in enumerate(spec.get("containers") or []):
+        _rewrite_probes(c, f"spec.containers[{n}]", excluded_in, originals)
+    for n, c in enumerate(spec.get("initContainers") or []):
+        if c.get("restartPolicy") == "Always":  # the user's own native sidecars are probed too
+            _rewrite_probes(c, f"spec.initContainers[{n}]", excluded_in, originals)
+
+    ns = settings.operator_namespace
+    common = {"image": settings.image, "imagePullPolicy": settings.image_pull_policy}
+    capture_args = [arg for flag, values in (("--exclude-inbound-ports", excluded_in),
+                                             ("--exclude-outbound-ports", excluded_out),
+                                             ("--exclude-outbound-cidrs", cidrs)) if values
+                    for arg in (flag, ",".join(map(str, values)))]
+    init = {"name": INIT, **common, "command": ["meshward-init", *capture_args],
+            "securityContext": _security(0, add=("NET_ADMIN", "NET_RAW")),
+            "resources": dict(settings.init_resources),
+            # iptables takes a lock file; the root filesystem is read-only.
+            "env": [{"name": "XTABLES_LOCKFILE", "value": f"{SOCKET_DIR}/xtables.lock"}],
+            "volumeMounts": [{"name": SOCKETS, "mountPath": SOCKET_DIR}]}
+    probes_env = [{"name": PROBES_ENV, "value": json.dumps(originals, sort_keys=True, separators=(",", ":"))}] \
+        if originals else []
+    agent = {
+        "name": AGENT, **common, "restartPolicy": "Always",
+        "command": ["meshward-sidecar",
+                    "--http-listen", f"unix:{SOCKET_DIR}/authz.sock",
+                    "--admin-listen", f"0.0.0.0:{AGENT_ADMIN_PORT}",
+                    "--sds-listen", f"unix:{SOCKET_DIR}/sds.sock",
+                    "--identity-signer", f"meshward-signer.{ns}.svc:15012",
+                    "--identity-signer-name", f"meshward-signer.{ns}.svc",
+                    "--policy-server", f"meshward-policy.{ns}.svc:15013",
+                    "--trust-domain", settings.trust_domain,
+                    "--log-level", settings.log_level],
+        "env": _env(*probes_env),
+        "startupProbe": _http_probe("/readyz", AGENT_ADMIN_PORT, 1, STARTUP_FAILURE_THRESHOLD),
+        "readinessProbe": _http_probe("/readyz", AGENT_ADMIN_PORT, 5, 3),
+        "livenessProbe": _http_probe("/healthz", AGENT_ADMIN_PORT, 10, 3),
+        "securityContext": _security(PROXY_UID),
+        "resources": dict(settings.agent_resources),
+        "volumeMounts": [{"name": SOCKETS, "mountPath": SOCKET_DIR},
+                         {"name": BUNDLE, "mountPath": f"{SOCKET_DIR}/bundle", "readOnly": True},
+                         {"name": TOKEN, "mountPath": "/var/run/secrets/meshward", "readOnly": True}],
+    }
+    proxy = {
+        "name": PROXY, **common, "restartPolicy": "Always",
+        "command": ["meshward-proxy", "--inbound-plaintext", _annotation(out, INBOUND_PLAINTEXT) or "refuse",
+                    "--log-level", "warn"],
+        "env": _env(),
+        "startupProbe": _http_probe("/healthz/ready", PROXY_HEALTH_PORT, 1, STARTUP_FAILURE_THRESHOLD),
+        "readinessProbe": _http_probe("/healthz/ready", PROXY_HEALTH_PORT, 5, 3),
+        "securityContext": _security(PROXY_UID),
+        "resources": dict(settings.proxy_resources),
+        "volumeMounts": [{"name": SOCKETS, "mountPath": SOCKET_DIR}],
+    }
+    spec["initContainers"] = [init, agent, proxy, *(spec.get("initContainers") or [])]
+    spec["volumes"] = [*(spec.get("volumes") or []),
+                       {"name": SOCKETS, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+                       {"name": BUNDLE, "configMap": {"name": "meshward-trust-bundle"}},
+                       {"name": TOKEN, "projected": {"sources": [{"serviceAccountToken": {
+                           "audience": "meshward", "expirationSeconds": TOKEN_EXPIRATION_S, "path": "token"}}]}}]
+    meta = out.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), INJECTED_ANNOTATION: settings.version}
+    # Opted in through its namespace: the label makes the pod's opt-in visible to the operator and to users.
+    meta["labels"] = {**(meta.get("labels") or {}), INJECT_LABEL: ENABLED}
+    return out
+
+
+# The parts of a pod injection changes: the JSON patch replaces (or adds) each whole.
+_PATCHED = (("metadata", "labels"), ("metadata", "annotations"), ("spec", "initContainers"),
+            ("spec", "containers"), ("spec", "volumes"))
+
+
+def json_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The RFC 6902 patch that turns `before` into `after` (for the fields injection changes)."""
+    ops: list[dict[str, Any]] = []
+    made: set[str] = set()
+    for top, key in _PATCHED:
+        old = (before.get(top) or {}).get(key)
+        new = (after.get(top) or {}).get(key)
+        if old == new:
+            continue
+        if top not in before and top not in made:
+            ops.append({"op": "add", "path": f"/{top}", "value": {}})
+            made.add(top)
+        ops.append({"op": "add" if old is None else "replace", "path": f"/{top}/{key}", "value": new})
+    return ops

@@ -1,0 +1,103 @@
+"""Traffic capture in an injected pod: the iptables rules, as one pure builder, and the ports they know.
+
+Why iptables in the pod's own network namespace (set up once by an init container, the
+only step with NET_ADMIN): every TCP connection into the pod is redirected to Envoy's
+inbound listener, and every TCP connection the app opens to its Envoy's outbound
+listener, so the app can neither receive unauthenticated requests nor reach a meshed
+peer in plaintext, whatever address it dials (a Service, a pod IP, a port). Envoy and
+the agent run as PROXY_UID, whose own connections are never redirected (no loop); so is
+loopback. Only IPv4 is captured (docs/app-teams.md says so).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# The user Envoy and the agent run as in an injected pod; its connections are never captured. An app
+# container must not run as it (the injector refuses such pods): its traffic would bypass the mesh.
+PROXY_UID = 1337
+# Envoy's inbound listener (every TCP connection into the pod lands here, mTLS from meshed peers).
+INBOUND_PORT = 15006
+# Envoy's outbound listener (on 127.0.0.1; every TCP connection the app opens lands here).
+OUTBOUND_PORT = 15001
+# Envoy's admin interface, on 127.0.0.1 only.
+ENVOY_ADMIN_PORT = 15000
+# The agent's admin port: readiness, metrics and the app's rewritten probes (kubelet reaches it in plaintext).
+AGENT_ADMIN_PORT = 15020
+# Envoy's readiness, proxied from its admin (kubelet probes it).
+PROXY_HEALTH_PORT = 15021
+# Never captured inbound: kubelet's probes must reach these without mTLS.
+ALWAYS_EXCLUDED_INBOUND = (AGENT_ADMIN_PORT, PROXY_HEALTH_PORT)
+
+_CHAIN_IN = "MESHWARD_INBOUND"
+_CHAIN_OUT = "MESHWARD_OUTPUT"
+
+
+class CaptureError(ValueError):
+    """An exclusion list that cannot be turned into rules; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What the init container sets up."""
+
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ports: tuple[int, ...] = ()
+    exclude_outbound_cidrs: tuple[str, ...] = ()
+    proxy_uid: int = PROXY_UID
+    inbound_port: int = INBOUND_PORT
+    outbound_port: int = OUTBOUND_PORT
+
+
+def parse_ports(text: str, setting: str) -> tuple[int, ...]:
+    """A comma-separated port list (`8081,9090`); raise CaptureError naming `setting`."""
+    out: list[int] = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        if not item.isdigit() or not 1 <= int(item) <= 65535:
+            raise CaptureError(f"{setting}: {item!r} is not a port number 1..65535 (write e.g. \"8081,9090\")")
+        out.append(int(item))
+    return tuple(sorted(set(out)))
+
+
+def parse_cidrs(text: str, setting: str) -> tuple[str, ...]:
+    """A comma-separated IPv4 CIDR list (`10.0.0.0/8,192.168.1.5/32`); raise CaptureError naming `setting`."""
+    out: list[str] = []
+    for item in (c.strip() for c in text.split(",")):
+        if not item:
+            continue
+        try:
+            net = ipaddress.ip_network(item, strict=False)
+        except ValueError as e:
+            raise CaptureError(f"{setting}: {item!r} is not a CIDR (write e.g. \"10.0.0.0/8\")") from e
+        if net.version != 4:
+            raise CaptureError(f"{setting}: {item!r} is IPv6; only IPv4 traffic is captured")
+        out.append(str(net))
+    return tuple(sorted(set(out)))
+
+
+def _ports(ports: Iterable[int]) -> list[str]:
+    return [str(p) for p in sorted(set(ports))]
+
+
+def iptables_rules(c: Capture) -> str:
+    """The `iptables-restore` input (nat table) that captures the pod's TCP traffic."""
+    lines = ["*nat", f":{_CHAIN_IN} - [0:0]", f":{_CHAIN_OUT} - [0:0]",
+             f"-A PREROUTING -p tcp -j {_CHAIN_IN}", f"-A OUTPUT -p tcp -j {_CHAIN_OUT}"]
+    for port in _ports((*ALWAYS_EXCLUDED_INBOUND, *c.exclude_inbound_ports)):
+        lines.append(f"-A {_CHAIN_IN} -p tcp --dport {port} -j RETURN")
+    lines.append(f"-A {_CHAIN_IN} -p tcp -j REDIRECT --to-ports {c.inbound_port}")
+    lines += [
+        f"-A {_CHAIN_OUT} -m owner --uid-owner {c.proxy_uid} -j RETURN",
+        f"-A {_CHAIN_OUT} -m owner --gid-owner {c.proxy_uid} -j RETURN",
+        f"-A {_CHAIN_OUT} -d 127.0.0.0/8 -j RETURN",
+    ]
+    for cidr in c.exclude_outbound_cidrs:
+        lines.append(f"-A {_CHAIN_OUT} -d {cidr} -j RETURN")
+    for port in _ports(c.exclude_outbound_ports):
+        lines.append(f"-A {_CHAIN_OUT} -p tcp --dport {port} -j RETURN")
+    lines += [f"-A {_CHAIN_OUT} -p tcp -j REDIRECT --to-ports {c.outbound_port}", "COMMIT", ""]
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""Sidecar injection as a pure function: golden files (refresh with `pytest --update-golden`), idempotence, the
+JSON patch, what is refused and why, who opted in, and the safety net's view of unprotected pods."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshward.operator.domain.inject import (
+    AGENT,
+    INIT,
+    PROXY,
+    InjectRefused,
+    InjectSettings,
+    inject,
+    is_injected,
+    json_patch,
+    opted_in,
+    unprotected,
+)
+from meshward.sidecar.domain.capture import AGENT_ADMIN_PORT, PROXY_UID
+from meshward.sidecar.domain.probes import PROBES_ENV, parse_probes
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "inject"
+INPUTS = sorted(p for p in GOLDEN.glob("*.yaml") if not p.name.endswith(".injected.yaml"))
+SETTINGS = InjectSettings(image="localhost/meshward:golden", version="golden")
+
+
+def load(path: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(path.read_text())
+    return doc
+
+
+def apply_patch(doc: dict[str, Any], patch: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 `add` and `replace` on object members (all the injector emits)."""
+    out = copy.deepcopy(doc)
+    for op in patch:
+        assert op["op"] in ("add", "replace")
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        node = out
+        for p in parents:
+            node = node[p]
+        if op["op"] == "replace":
+            assert last in node, f"replace of a missing member {op['path']}"
+        node[last] = op["value"]
+    return out
+
+
+def test_there_are_at_least_twelve_golden_pods() -> None:
+    assert len(INPUTS) >= 12
+
+
+@pytest.mark.parametrize("path", INPUTS, ids=lambda p: p.stem)
+def test_injection_matches_golden(path: Path, request: pytest.FixtureRequest) -> None:
+    text = yaml.safe_dump(inject(load(path), SETTINGS), sort_keys=False)
+    golden = path.with_name(f"{path.stem}.injected.yaml")
+    if request.config.getoption("--update-golden"):
+        golden.write_text(text)
+    assert golden.exists(), f"{golden} missing: run pytest --update-golden"
+    assert text == golden.read_text(), f"{golden} differs from the injector: review, then run pytest --update-golden"
+
+
+@pytest.mark.parametrize("path", INPUTS, ids=lambda p: p.stem)
+def test_a_second_pass_changes_nothing_and_the_patch_makes_the_injected_pod(path: Path) -> None:
+    pod = load(path)
+    once = inject(pod, SETTINGS)
+    assert inject(once, SETTINGS) == once
+    assert json_patch(once, inject(once, SETTINGS)) == []
+    assert apply_patch(pod, json_patch(pod, once)) == once
+
+
+@pytest.mark.parametrize("path", INPUTS, ids=lambda p: p.stem)
+def test_the_users_containers_ports_volumes_and_security_context_are_kept(path: Path) -> None:
+    pod = load(path)
+    out = inject(pod, SETTINGS)
+    spec, got = pod["spec"], out["spec"]
+    assert [c["name"] for c in got["initContainers"]] == [INIT, AGENT, PROXY] + [
+        c["name"] for c in spec.get("initContainers", [])]
+    assert [c["name"] for c in got["containers"]] == [c["name"] for c in spec["containers"]]
+    for before, after in zip(spec["containers"], got["containers"], strict=True):
+        for key in ("image", "ports", "securityContext", "volumeMounts", "command", "env"):
+            assert before.get(key) == after.get(key), key
+    assert got.get("securityContext") == spec.get("securityContext")
+    assert got["volumes"][:len(spec.get("volumes", []))] == spec.get("volumes", [])
+    assert out["metadata"]["labels"] | pod["metadata"]["labels"] == out["metadata"]["labels"]
+    for key, value in (pod["metadata"].get("annotations") or {}).items():
+        assert out["metadata"]["annotations"][key] == value
+
+
+@pytest.mark.parametrize("path", INPUTS, ids=lambda p: p.stem)
+def test_everything_added_runs_unprivileged_but_the_capture_step(path: Path) -> None:
+    init, agent, proxy = inject(load(path), SETTINGS)["spec"]["initContainers"][:3]
+    for c in (agent, proxy):
+        ctx = c["securityContext"]
+        assert ctx["runAsUser"] == PROXY_UID and ctx["runAsNonRoot"] is True
+        assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"] == {"drop": ["ALL"]}
+        assert c["restartPolicy"] == "Always", "native sidecars: up before the app, down after it"
+        assert "startupProbe" in c and "resources" in c
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert "restartPolicy" not in init
+
+
+def test_probes_go_to_the_agent_which_knows_the_originals() -> None:
+    out = inject(load(GOLDEN / "http-probes.yaml"), SETTINGS)
+    app = out["spec"]["containers"][0]
+    assert app["livenessProbe"]["httpGet"] == {"path": "/app-health/app/livez", "port": AGENT_ADMIN_PORT,
+                                               "scheme": "HTTP"}
+    assert app["livenessProbe"]["periodSeconds"] == 10  # timing kept
+    assert app["readinessProbe"]["timeoutSeconds"] == 3
+    agent = out["spec"]["initContainers"][1]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    probes = parse_probes(env[PROBES_ENV])
+    assert probes["/app-health/app/livez"].port == 8080
+    assert probes["/app-health/app/livez"].headers == (("X-Probe", "1"),)
+    assert probes["/app-health/app/readyz"].timeout_s == 3
+
+
+def test_probes_on_excluded_ports_and_other_hosts_are_left_alone() -> None:
+    out = inject(load(GOLDEN / "excluded-probe-port.yaml"), SETTINGS)["spec"]["containers"][0]
+    assert out["livenessProbe"]["httpGet"]["port"] == "admin"  # 9090 is not captured
+    assert out["readinessProbe"]["httpGet"]["port"] == AGENT_ADMIN_PORT
+    other = inject(load(GOLDEN / "other-host-probe.yaml"), SETTINGS)["spec"]["containers"][0]
+    assert other["readinessProbe"]["httpGet"]["host"] == "10.0.0.9"
+
+
+def _pod(**spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "p", "namespace": "shop", "labels": {"meshward.io/inject": "enabled"}},
+            "spec": {"containers": [{"name": "app", "image": "x"}], **spec}}
+
+
+@pytest.mark.parametrize(("pod", "says"), [
+    (_pod(hostNetwork=True), "spec.hostNetwork"),
+    (_pod(securityContext={"runAsUser": PROXY_UID}), f"runs as UID {PROXY_UID}"),
+    (_pod(containers=[{"name": "app", "image": "x", "securityContext": {"runAsUser": PROXY_UID}}]),
+     "spec.containers[0] (app)"),
+    (_pod(containers=[{"name": "meshward-agent", "image": "x"}]), "names starting with meshward- are Meshward's"),
+    (_pod(volumes=[{"name": "meshward-sockets", "emptyDir": {}}]), "spec.volumes[0].name"),
+    (_pod(containers=[{"name": "app", "image": "x", "readinessProbe": {"httpGet": {"port": "nope"}}}]),
+     "port 'nope' is not a port of this container"),
+])
+def test_what_cannot_be_protected_is_refused_with_the_field(pod: dict[str, Any], says: str) -> None:
+    with pytest.raises(InjectRefused) as e:
+        inject(pod, SETTINGS)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize(("annotation", "value"), [
+    ("meshward.io/exclude-inbound-ports", "http"),
+    ("meshward.io/exclude-outbound-ports", "70000"),
+    ("meshward.io/exclude-outbound-cidrs", "10.0.0.0/33"),
+    ("meshward.io/exclude-outbound-cidrs", "fd00::/8"),
+    ("meshward.io/inbound-plaintext", "yes"),
+])
+def test_bad_settings_are_refused_naming_the_annotation(annotation: str, value: str) -> None:
+    pod = _pod()
+    pod["metadata"]["annotations"] = {annotation: value}
+    with pytest.raises(InjectRefused) as e:
+        inject(pod, SETTINGS)
+    assert annotation in str(e.value)
+
+
+def test_an_operator_without_an_image_refuses_instead_of_injecting_nothing() -> None:
+    with pytest.raises(InjectRefused, match="no image to inject"):
+        inject(_pod(), InjectSettings(image=""))
+
+
+@pytest.mark.parametrize(("label", "namespace", "namespace_opted_in", "expected"), [
+    ("enabled", "shop", False, True),
+    (None, "shop", True, True),
+    ("disabled", "shop", True, False),
+    (None, "shop", False, False),
+    ("true", "shop", False, False),  # only "enabled" opts in
+    ("enabled", "kube-system", True, False),
+    ("enabled", "meshward-system", True, False),  # the operator's own namespace
+])
+def test_who_opted_in(label: str | None, namespace: str, namespace_opted_in: bool, expected: bool) -> None:
+    pod = {"metadata": {"labels": {"meshward.io/inject": label} if label else {}}}
+    assert opted_in(pod, namespace, namespace_opted_in, "meshward-system") is expected
+
+
+def test_a_namespace_opt_in_is_recorded_on_the_pod() -> None:
+    out = inject(load(GOLDEN / "namespace-opt-in.yaml"), SETTINGS)
+    assert out["metadata"]["labels"]["meshward.io/inject"] == "enabled"
+    assert out["metadata"]["annotations"]["meshward.io/injected"] == "golden"
+
+
+def test_unprotected_pods_are_opted_in_running_and_uninjected() -> None:
+    injected = inject(_pod(), SETTINGS)
+    pods = [
+        {**_pod(), "metadata": {**_pod()["metadata"], "name": "bare"}},
+        {**injected, "metadata": {**injected["metadata"], "name": "meshed"}},
+        {"metadata": {"name": "in-ns", "namespace": "shop"}, "spec": {}},
+        {"metadata": {"name": "out", "namespace": "shop", "labels": {"meshward.io/inject": "disabled"}}, "spec": {}},
+        {"metadata": {"name": "done", "namespace": "shop", "labels": {"meshward.io/inject": "enabled"}},
+         "spec": {}, "status": {"phase": "Succeeded"}},
+        {"metadata": {"name": "other", "namespace": "web"}, "spec": {}},
+    ]
+    assert unprotected(pods, {"shop"}, "meshward-system") == ["shop/bare", "shop/in-ns"]
+    assert is_injected(injected) and not is_injected(pods[0])
+
+
+def test_the_patch_of_a_pod_without_metadata_maps_creates_them() -> None:
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "x"}]}}
+    out = inject(pod, SETTINGS)
+    patch = json_patch(pod, out)
+    assert {"op": "add", "path": "/metadata/labels", "value": {"meshward.io/inject": "enabled"}} in patch
+    assert apply_patch(pod, patch) == out
+    json.dumps(patch)  # what the webhook sends, base64'd
