@@ -36,8 +36,12 @@ class PolicyClient:
         self._token = token
 
     async def subscribe(self, pod: str, on_config: Callable[[str, dict[str, Any]], Awaitable[str | None]],
-                        on_connected: Callable[[], None]) -> None:
-        """Stream configs to `on_config(version, config)` (which returns an error or None) until the stream ends."""
+                        on_connected: Callable[[], None],
+                        on_destinations: Callable[[Any], object] | None = None) -> None:
+        """Stream configs to `on_config(version, config)` (which returns an error or None) until the stream ends.
+
+        The meshed-destination maps the operator sends between configs go to `on_destinations`, unacknowledged.
+        """
         creds = self._credentials()
         if creds is None:
             raise PolicyStreamError("FAILED_PRECONDITION", "no workload certificate yet")
@@ -58,6 +62,11 @@ class PolicyClient:
                 await call.write({"pod": pod})
                 async for msg in call:
                     on_connected()
+                    if "destinations" in msg:
+                        if on_destinations is not None:
+                            on_destinations(msg["destinations"].get("peers") if isinstance(msg["destinations"], dict)
+                                            else None)
+                        continue
                     version, config = str(msg.get("version", "")), msg.get("config")
                     error = await on_config(version, config) if isinstance(config, dict) else "no config in message"
                     await call.write({"ack": version, **({"error": error} if error else {})})

@@ -19,8 +19,11 @@ the same Envoy config, whose security properties are the point:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from meshward.sidecar.domain.capture import ENVOY_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_HEALTH_PORT
 
 # Request attributes the HTTP transport receives as headers, set by Envoy itself.
 ATTR_PEER = "x-meshward-authz-peer"
@@ -107,25 +110,31 @@ class InboundConfig:
     allowed_headers: tuple[str, ...] = DEFAULT_ALLOWED_HEADERS
 
 
+def _router() -> dict[str, Any]:
+    return {"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+_HCM = "envoy.filters.network.http_connection_manager"
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def _ext_authz(cfg: InboundConfig) -> dict[str, Any]:
+def _ext_authz(transport: Transport, timeout_s: float, allowed_headers: tuple[str, ...]) -> dict[str, Any]:
     base: dict[str, Any] = {
         "transport_api_version": "V3",
         "failure_mode_allow": False,
         "status_on_error": {"code": "ServiceUnavailable"},
         "include_peer_certificate": False,
     }
-    base["allowed_headers"] = {"patterns": [{"exact": h} for h in cfg.allowed_headers]}
-    if cfg.transport == "grpc":
+    base["allowed_headers"] = {"patterns": [{"exact": h} for h in allowed_headers]}
+    if transport == "grpc":
         base["grpc_service"] = {"envoy_grpc": {"cluster_name": "meshward_authz"},
-                                "timeout": _duration(cfg.authz_timeout_s)}
+                                "timeout": _duration(timeout_s)}
     else:
         base["http_service"] = {
             "server_uri": {"uri": "http://meshward-authz", "cluster": "meshward_authz",
-                           "timeout": _duration(cfg.authz_timeout_s)},
+                           "timeout": _duration(timeout_s)},
             "authorization_request": {
                 "headers_to_add": [
                     {"key": ATTR_PEER, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
@@ -202,19 +211,16 @@ def _outbound(out: Outbound) -> tuple[dict[str, Any], dict[str, Any]]:
         "route_config": {"name": f"outbound_{out.name}", "virtual_hosts": [{
             "name": out.name, "domains": ["*"],
             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": f"outbound_{out.name}"}}]}]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        "http_filters": [_router()],
     }
     listener = {"name": f"outbound_{out.name}", "address": out.listen.address(), "filter_chains": [{"filters": [
         {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}
     return listener, cluster
 
 
-def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
-    """Return the Envoy bootstrap (as data) for a workload's inbound listener and its outbound peers."""
-    if cfg.outbound and not isinstance(cfg.tls, SdsTls):
-        raise ValueError("outbound listeners need the workload certificate: set tls=SdsTls(...)")
-    hcm: dict[str, Any] = {
+def _inbound_hcm(authz: dict[str, Any], cluster: str) -> dict[str, Any]:
+    """The inbound HTTP connection manager: header and path hygiene, then ext_authz, then `cluster`."""
+    return {
         "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                   "HttpConnectionManager"),
         "stat_prefix": "inbound",
@@ -233,13 +239,16 @@ def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
         }],
         "route_config": {"name": "inbound", "virtual_hosts": [{
             "name": "app", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]},
-        "http_filters": [
-            _ext_authz(cfg),
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-        ],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
+        "http_filters": [authz, _router()],
     }
+
+
+def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
+    """Return the Envoy bootstrap (as data) for a workload's inbound listener and its outbound peers."""
+    if cfg.outbound and not isinstance(cfg.tls, SdsTls):
+        raise ValueError("outbound listeners need the workload certificate: set tls=SdsTls(...)")
+    hcm = _inbound_hcm(_ext_authz(cfg.transport, cfg.authz_timeout_s, cfg.allowed_headers), "app")
     chain: dict[str, Any] = {"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                           "typed_config": hcm}]}
     if cfg.tls is not None:
@@ -260,6 +269,175 @@ def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------ an injected pod's Envoy
+
+
+@dataclass(frozen=True)
+class PodProxy:
+    """The Envoy of an injected pod: everything it needs comes from the agent over Unix sockets."""
+
+    node: str  # <namespace>/<pod>
+    socket_dir: str = "/var/run/meshward"
+    # Accept plaintext (no peer principal) next to mTLS: only while a workload migrates.
+    inbound_plaintext: bool = False
+    transport: Transport = "http"
+    authz_timeout_s: float = DEFAULT_AUTHZ_TIMEOUT_S
+    allowed_headers: tuple[str, ...] = DEFAULT_ALLOWED_HEADERS
+
+
+# The pod's inbound and health listeners take connections on every address of the pod (capture sends them there).
+ANY_ADDRESS = "0.0.0.0"  # noqa: S104
+# Listener filters: restore the address the connection was sent to before capture redirected it.
+def _original_dst() -> dict[str, Any]:
+    return {"name": "envoy.filters.listener.original_dst", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}
+
+
+def _tls_inspector() -> dict[str, Any]:
+    return {"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}
+# Where captured connections go: the address they were sent to (Envoy's own connections are never captured).
+PASSTHROUGH, INBOUND_APP, XDS = "passthrough", "inbound_app", "meshward_sds"
+
+
+def _original_dst_cluster(name: str) -> dict[str, Any]:
+    return {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s"}
+
+
+def _xds_source() -> dict[str, Any]:
+    return {"resource_api_version": "V3", "api_config_source": {
+        "api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": XDS}}]}}
+
+
+def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
+    """The Envoy bootstrap of an injected pod: inbound (mTLS, ext_authz), health, and outbound from the agent's xDS."""
+    hcm = _inbound_hcm(_ext_authz(p.transport, p.authz_timeout_s, p.allowed_headers), INBOUND_APP)
+    chains: list[dict[str, Any]] = [{
+        "filter_chain_match": {"transport_protocol": "tls"},
+        "transport_socket": _downstream_tls(SdsTls(Endpoint(unix=f"{p.socket_dir}/sds.sock"))),
+        "filters": [{"name": _HCM, "typed_config": hcm}]}]
+    if p.inbound_plaintext:
+        chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"},
+                       "filters": [{"name": _HCM, "typed_config": {**hcm, "stat_prefix": "inbound_plaintext"}}]})
+    health = {
+        "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                  "HttpConnectionManager"),
+        "stat_prefix": "health",
+        "route_config": {"name": "health", "virtual_hosts": [{"name": "health", "domains": ["*"], "routes": [
+            {"match": {"path": "/healthz/ready"}, "route": {"cluster": "envoy_admin", "prefix_rewrite": "/ready"}},
+            {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]},
+        "http_filters": [_router()],
+    }
+    listeners = [
+        {"name": "inbound", "address": Endpoint(host=ANY_ADDRESS, port=INBOUND_PORT).address(),
+         "listener_filters": [_original_dst(), _tls_inspector()], "filter_chains": chains},
+        {"name": "health", "address": Endpoint(host=ANY_ADDRESS, port=PROXY_HEALTH_PORT).address(),
+         "filter_chains": [{"filters": [{"name": _HCM, "typed_config": health}]}]},
+    ]
+    admin = Endpoint(port=ENVOY_ADMIN_PORT)
+    clusters = [
+        _cluster("meshward_authz", Endpoint(unix=f"{p.socket_dir}/authz.sock"), http2=p.transport == "grpc"),
+        _cluster(XDS, Endpoint(unix=f"{p.socket_dir}/sds.sock"), http2=True),
+        _cluster("envoy_admin", admin, http2=False),
+        _original_dst_cluster(INBOUND_APP),
+        _original_dst_cluster(PASSTHROUGH),
+    ]
+    return {
+        "node": {"id": p.node, "cluster": p.node},
+        "admin": {"address": admin.address()},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "dynamic_resources": {"lds_config": _xds_source(), "cds_config": _xds_source()},
+    }
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A meshed address (a pod IP or a Service's cluster IP): who answers there, and its ports left plaintext."""
+
+    identities: tuple[str, ...]
+    plaintext_ports: tuple[int, ...] = ()
+
+
+def parse_destinations(doc: Any) -> dict[str, Destination]:
+    """The operator's destination map (`{ip: {"identities": [...], "plaintextPorts": [...]}}`).
+
+    Raises ValueError naming the entry that is malformed.
+    """
+    if not isinstance(doc, dict):
+        raise ValueError(f"destinations must be a mapping, got {type(doc).__name__}")  # noqa: TRY004
+    out: dict[str, Destination] = {}
+    for ip, entry in doc.items():
+        ids = entry.get("identities") if isinstance(entry, dict) else None
+        ports = entry.get("plaintextPorts", []) if isinstance(entry, dict) else None
+        if not isinstance(ip, str) or not ip.count(".") == 3 or not isinstance(ids, list) or \
+                not all(isinstance(i, str) and i.startswith("spiffe://") for i in ids) or \
+                not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+            raise ValueError(f"destinations[{ip!r}]: want an IPv4 address -> {{identities: [spiffe://...], "
+                             "plaintextPorts: [port...]}")
+        out[ip] = Destination(tuple(ids), tuple(ports))
+    return out
+
+
+def _mesh_cluster(name: str, identities: tuple[str, ...]) -> dict[str, Any]:
+    """An outbound cluster: to the original destination, mTLS, the peer's SPIFFE ID one of `identities`."""
+    return {**_original_dst_cluster(name), "alt_stat_name": name.replace("/", "_").replace(":", "_"),
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                    "tls_certificate_sds_secret_configs": [_sds_secret(SDS_CERT)],
+                    "combined_validation_context": {
+                        "default_validation_context": {"match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": {"exact": i}} for i in identities]},
+                        "validation_context_sds_secret_config": _sds_secret(SDS_BUNDLE)},
+                }}}}
+
+
+def _mesh_chain(cluster: str, ips: list[str], port: int | None) -> dict[str, Any]:
+    hcm = {
+        "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                  "HttpConnectionManager"),
+        "stat_prefix": "outbound",
+        "route_config": {"name": cluster, "virtual_hosts": [{"name": cluster, "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
+        "http_filters": [_router()],
+    }
+    match: dict[str, Any] = {"prefix_ranges": [{"address_prefix": ip, "prefix_len": 32} for ip in ips]}
+    if port is not None:
+        match["destination_port"] = port
+    return {"name": f"{cluster}|{port or '*'}", "filter_chain_match": match,
+            "filters": [{"name": _HCM, "typed_config": hcm}]}
+
+
+def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The outbound listener and its clusters (LDS, CDS) for the meshed `destinations` (by IPv4 address).
+
+    A connection to a meshed address goes out over mTLS to one of its identities; any other (non-meshed
+    addresses, a meshed address's plaintext ports, this pod's own address) passes through untouched.
+    """
+    meshed = {ip: d for ip, d in destinations.items() if ip != own_ip and d.identities}
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for ip in sorted(meshed):
+        groups.setdefault(tuple(sorted(set(meshed[ip].identities))), []).append(ip)
+    names = {ids: "outbound|" + ",".join(ids) for ids in groups}
+    # Envoy matches the destination port first and never falls back to port-less chains for a port some chain
+    # names: so every plaintext port gets a copy of the meshed chains, without the addresses that leave it plain.
+    ports = sorted({p for d in meshed.values() for p in d.plaintext_ports})
+    chains = [_mesh_chain(names[ids], ips, None) for ids, ips in groups.items()]
+    for port in ports:
+        for ids, ips in groups.items():
+            kept = [ip for ip in ips if port not in meshed[ip].plaintext_ports]
+            if kept:
+                chains.append(_mesh_chain(names[ids], kept, port))
+    passthrough = {"name": "passthrough", "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "passthrough", "cluster": PASSTHROUGH}}]}
+    listener = {"name": "outbound", "address": Endpoint(port=OUTBOUND_PORT).address(),
+                "listener_filters": [_original_dst()], "filter_chains": chains, "default_filter_chain": passthrough}
+    return [listener], [_mesh_cluster(names[ids], ids) for ids in groups]
+
+
 # The typed messages of every extension the builder uses: envoy-data-plane resolves `@type`s only for the
 # modules imported (a registry by import). Off the hot path: imported when a bootstrap is checked.
 _TYPED_MODULES = (
@@ -269,6 +447,9 @@ _TYPED_MODULES = (
     "envoy_data_plane.envoy.extensions.transport_sockets.tls.v3",
     "envoy_data_plane.envoy.extensions.upstreams.http.v3",
     "envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3",
+    "envoy_data_plane.envoy.extensions.filters.listener.original_dst.v3",
+    "envoy_data_plane.envoy.extensions.filters.listener.tls_inspector.v3",
+    "envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3",
 )
 
 

@@ -1,6 +1,7 @@
 """Keeps the agent subscribed to its workload's config on the operator.
 
 Every config received is validated and compiled by the same code as a config file;
+the meshed-destination maps in between go to the xDS side (engines/destinations.py);
 an accepted one replaces the pipeline atomically and is acknowledged, a rejected one
 is acknowledged with the error and the last good config stays in force. When the
 operator is unreachable the agent keeps enforcing what it has (never allow-all),
@@ -22,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from meshward.sidecar.clients.policy import PolicyClient, PolicyStreamError
 from meshward.sidecar.engines.agent import Agent, ConfigRejected
+from meshward.sidecar.engines.destinations import MeshDestinations
 
 # Reconnect after BACKOFF_MIN_S doubling to BACKOFF_MAX_S: a restarted operator is found within seconds.
 BACKOFF_MIN_S = 0.2
@@ -47,9 +49,11 @@ class PolicySubscription:
     """Subscribes, applies, acknowledges, reconnects."""
 
     def __init__(self, client: PolicyClient, agent: Agent, pod: str, registry: CollectorRegistry,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 destinations: MeshDestinations | None = None) -> None:
         self._client = client
         self._agent = agent
+        self.destinations = destinations
         self._pod = pod
         self._monotonic = monotonic
         self.connected = False
@@ -86,7 +90,8 @@ class PolicySubscription:
         delay = BACKOFF_MIN_S
         while True:
             try:
-                await self._client.subscribe(self._pod, self._apply, self._connected)
+                await self._client.subscribe(self._pod, self._apply, self._connected,
+                                             self.destinations.update if self.destinations else None)
             except PolicyStreamError as e:
                 if self.connected:
                     delay = BACKOFF_MIN_S

@@ -20,7 +20,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +29,9 @@ from prometheus_client import CollectorRegistry
 
 from meshward._version import __version__
 from meshward.sidecar.clients.fetch import HttpFetcher
+from meshward.sidecar.domain.probes import PROBES_ENV, AppProbe, parse_probes
 from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
+from meshward.sidecar.engines.destinations import MeshDestinations
 from meshward.sidecar.engines.observe import DEFAULT_AUDIT_FLUSH_S, JsonLineAudit, Metrics
 from meshward.sidecar.servers.admin import Admin
 from meshward.sidecar.servers.authz_http import HttpAuthz
@@ -80,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
                         "(needs --identity-signer; replaces --config)")
     p.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
                    help="this pod's name, sent when subscribing (default $POD_NAME)")
+    p.add_argument("--pod-ip", default=os.environ.get("POD_IP", ""),
+                   help="this pod's IP (default $POD_IP): the app's probes go there, and outbound calls to it stay "
+                        "in the pod")
+    p.add_argument("--app-probes", default=os.environ.get(PROBES_ENV, ""),
+                   help=f"the app's original probes, JSON path -> probe (default ${PROBES_ENV}, set by the injector)")
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config file checks")
     p.add_argument("--audit-flush-interval", type=_seconds, default=DEFAULT_AUDIT_FLUSH_S,
                    help=f"seconds audit lines may wait to be written together (default {DEFAULT_AUDIT_FLUSH_S}; "
@@ -154,7 +161,7 @@ def _subscription(args: argparse.Namespace, agent: Agent, identity: IdentityMana
         return (cert.bundle_pem, cert.key_pem, cert.chain_pem) if cert else None
 
     client = PolicyClient(args.policy_server, args.identity_signer_name, credentials, args.identity_token.read_text)
-    return PolicySubscription(client, agent, args.pod_name, registry)
+    return PolicySubscription(client, agent, args.pod_name, registry, destinations=MeshDestinations(args.pod_ip))
 
 
 def _load(path: Path | None) -> Snapshot | None:
@@ -178,12 +185,14 @@ class _Running:
     audit: JsonLineAudit
     identity: IdentityManager | None = None
     subscription: PolicySubscription | None = None
+    probes: dict[str, AppProbe] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def ready(self) -> bool:
-        """Keys loaded, a certificate held (with an identity), the first config applied (when subscribed)."""
-        return self.agent.ready and (self.identity is None or self.identity.current is not None) and \
-            (self.subscription is None or self.subscription.synced)
+        """Keys loaded, a certificate held (with an identity), the first config and destinations (when subscribed)."""
+        subscribed = self.subscription is None or (self.subscription.synced and (
+            self.subscription.destinations is None or self.subscription.destinations.received))
+        return self.agent.ready and (self.identity is None or self.identity.current is not None) and subscribed
 
     def readiness(self) -> str:
         """The /readyz body."""
@@ -192,6 +201,8 @@ class _Running:
             doc["certificate"] = self.identity.current is not None
         if self.subscription is not None:
             doc["policy"] = {"synced": self.subscription.synced, "connected": self.subscription.connected}
+            if self.subscription.destinations is not None:
+                doc["destinations"] = self.subscription.destinations.received
         return json.dumps(doc)
 
 
@@ -228,8 +239,22 @@ async def _start_servers(args: argparse.Namespace, r: _Running) -> tuple[list[as
     if r.identity is not None:
         from meshward.sidecar.servers.sds import SecretDiscovery, serve_sds
 
-        grpc_servers.append(await serve_sds(SecretDiscovery(r.identity, args.trust_domain), args.sds_listen))
-    servers.append(await _listen(Admin(r.ready, r.readiness, r.registry), args.admin_listen))
+        also = None
+        if r.subscription is not None and r.subscription.destinations is not None:
+            from meshward.sidecar.servers import xds
+
+            outbound = xds.OutboundDiscovery(r.subscription.destinations)
+
+            def also(server: grpc.aio.Server) -> None:
+                xds.register(outbound, server)
+        grpc_servers.append(await serve_sds(SecretDiscovery(r.identity, args.trust_domain), args.sds_listen, also))
+    prober = None
+    if r.probes:
+        from meshward.sidecar.clients.probe import probe
+
+        def prober(p: AppProbe) -> Awaitable[tuple[bool, str]]:
+            return probe(p, args.pod_ip or "127.0.0.1")
+    servers.append(await _listen(Admin(r.ready, r.readiness, r.registry, r.probes, prober), args.admin_listen))
     return servers, grpc_servers
 
 
@@ -246,7 +271,13 @@ async def run(args: argparse.Namespace) -> int:
     snapshot = _load(args.config)
     if snapshot is None:
         return 2
+    try:
+        probes = parse_probes(args.app_probes)
+    except ValueError as e:
+        print(f"meshward-sidecar: --app-probes (${PROBES_ENV}): {e}", file=sys.stderr)
+        return 2
     r = _start_engines(args, snapshot)
+    r.probes = probes
     servers: list[asyncio.Server] = []
     grpc_servers: list[grpc.aio.Server] = []
     try:

@@ -1,28 +1,47 @@
-"""The admin endpoints: /healthz (process alive), /readyz (keys loaded), /metrics (Prometheus)."""
+"""The admin endpoints: /healthz, /readyz, /metrics, and an injected pod's app probes.
+
+/healthz says the process is alive, /readyz that it can decide (keys loaded, and with an
+operator a certificate and the first policy), /metrics is Prometheus; in an injected pod
+the app's own probes answer under /app-health/<container>/<kind> (domain/probes.py).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from meshward.sidecar.domain.probes import AppProbe
 from meshward.sidecar.servers.http1 import Request, Response
+
+Prober = Callable[[AppProbe], Awaitable[tuple[bool, str]]]
 
 
 class Admin:
     """Routes the admin port."""
 
-    def __init__(self, ready: Callable[[], bool], readiness: Callable[[], str], registry: CollectorRegistry) -> None:
+    def __init__(self, ready: Callable[[], bool], readiness: Callable[[], str], registry: CollectorRegistry,
+                 probes: Mapping[str, AppProbe] | None = None, prober: Prober | None = None) -> None:
         self._ready = ready
         self._readiness = readiness
         self._registry = registry
+        self._probes = dict(probes or {})
+        self._prober = prober
 
-    def __call__(self, req: Request) -> Response:
+    async def _app_health(self, probe: AppProbe) -> Response:
+        assert self._prober is not None  # set whenever probes are
+        ok, detail = await self._prober(probe)
+        return Response(200 if ok else 503, [("content-type", "text/plain")], f"{detail}\n".encode())
+
+    def __call__(self, req: Request) -> Response | Awaitable[Response]:
         """Answer one admin request."""
         path = req.target.split("?", 1)[0]
         if req.method != "GET":
             return Response(405)
+        probe = self._probes.get(path)
+        if probe is not None and self._prober is not None:
+            return self._app_health(probe)
         if path == "/healthz":
             return Response(200, [("content-type", "text/plain")], b"ok\n")
         if path == "/readyz":

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -133,13 +133,19 @@ class SecretDiscovery(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ign
 SOCKET_MODE = 0o600
 
 
-async def serve_sds(servicer: SecretDiscovery, address: str) -> grpc.aio.Server:
-    """Start the SDS server on `address` (unix:/path only), its socket mode 0600 from the moment it exists."""
+async def serve_sds(servicer: SecretDiscovery, address: str,
+                    also: Callable[[grpc.aio.Server], None] | None = None) -> grpc.aio.Server:
+    """Start the SDS server on `address` (unix:/path only), its socket mode 0600 from the moment it exists.
+
+    `also` registers more of Envoy's discovery services on the same socket (LDS and CDS in an injected pod).
+    """
     if not address.startswith("unix:/"):
         raise ValueError(f"SDS listens on a Unix socket only (unix:/path), not {address!r}: it serves the private key")
     path = address.removeprefix("unix:")
     server = grpc.aio.server()
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(servicer, server)
+    if also is not None:
+        also(server)
     old = os.umask(0o777 & ~SOCKET_MODE)  # bind creates the socket file with 0600, never wider for a moment
     try:
         server.add_insecure_port(address)

@@ -32,7 +32,7 @@ class FlakyClient:
         self.calls = 0
 
     async def subscribe(self, pod: str, apply: Callable[[str, dict[str, Any]], Awaitable[str | None]],
-                        connected: Callable[[], None]) -> None:
+                        connected: Callable[[], None], destinations: Callable[[Any], object] | None = None) -> None:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("a bug")

@@ -1,0 +1,50 @@
+"""The meshed destinations the agent's Envoy routes to with mTLS, as the operator last sent them.
+
+The subscription puts each map here; the xDS server (servers/xds.py) turns the current
+one into Envoy's outbound listener and clusters and pushes them on every change. Until
+the first map arrives, nothing is meshed: every outbound connection passes through in
+plaintext, which meshed peers refuse (the pod is not ready yet anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from meshward.sidecar.domain.envoy import Destination, parse_destinations
+
+log = logging.getLogger("meshward.sidecar.destinations")
+
+
+class MeshDestinations:
+    """The current destination map and a version that moves with each change."""
+
+    def __init__(self, own_ip: str = "") -> None:
+        self.own_ip = own_ip
+        self.current: dict[str, Destination] = {}
+        self.version = 0
+        self.received = False
+        self._changed = asyncio.Event()
+
+    def update(self, doc: Any) -> str | None:
+        """Take a map from the operator; the error, if it is malformed (the last good one stays)."""
+        try:
+            parsed = parse_destinations(doc)
+        except ValueError as e:
+            log.warning("ignoring a malformed destination map: %s", e)
+            return str(e)
+        self.received = True
+        if parsed != self.current or self.version == 0:
+            self.current = parsed
+            self.version += 1
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+        return None
+
+    async def newer_than(self, version: int) -> int:
+        """Wait until the map's version passes `version`; return the new version."""
+        while self.version <= version:
+            changed = self._changed
+            await changed.wait()
+        return self.version

@@ -1,0 +1,59 @@
+"""`meshward-proxy`: Envoy in an injected pod, started on the bootstrap the pod needs.
+
+The bootstrap is built by the same pure function the tests check (domain/envoy.py,
+build_pod_bootstrap), for this pod ($POD_NAMESPACE/$POD_NAME), written to the shared
+socket directory (the root filesystem is read-only) and Envoy replaces this process, so
+kubelet signals Envoy itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from meshward._version import __version__
+from meshward.sidecar.domain.envoy import PodProxy, build_pod_bootstrap
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshward-proxy", description="Envoy for an injected pod.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--inbound-plaintext", choices=["refuse", "allow"], default="refuse",
+                   help="refuse (default) or allow plaintext callers next to mTLS ones (while migrating)")
+    p.add_argument("--socket-dir", default="/var/run/meshward", help="the agent's sockets (shared emptyDir)")
+    p.add_argument("--transport", choices=["http", "grpc"], default="http", help="ext_authz transport (default http)")
+    p.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
+    p.add_argument("--log-level", default="warn", help="Envoy's log level (default warn)")
+    p.add_argument("--envoy", default="envoy", help="the Envoy binary (default: envoy on $PATH)")
+    p.add_argument("--print", action="store_true", help="print the bootstrap instead of starting Envoy")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the bootstrap and exec Envoy on it."""
+    args = _parser().parse_args(argv)
+    if args.version:
+        print(f"meshward-proxy {__version__}")
+        return 0
+    node = f"{os.environ.get('POD_NAMESPACE', 'default')}/{os.environ.get('POD_NAME', 'unknown')}"
+    bootstrap = build_pod_bootstrap(PodProxy(node, args.socket_dir, args.inbound_plaintext == "allow",
+                                             args.transport))
+    text = json.dumps(bootstrap, indent=1)
+    if args.print:
+        print(text)
+        return 0
+    envoy = shutil.which(args.envoy)
+    if envoy is None:
+        print(f"meshward-proxy: no Envoy binary {args.envoy!r} on $PATH", file=sys.stderr)
+        return 2
+    path = Path(args.socket_dir) / "envoy.json"
+    path.write_text(text)
+    # Envoy replaces this process (no shell: every argument is ours).
+    os.execv(envoy, [envoy,  # noqa: S606 "-c", str(path), "--concurrency", str(args.concurrency), "--log-level", args.log_level,
+                     "--disable-hot-restart", "--drain-time-s", "5", "--service-node", node,
+                     "--service-cluster", node])
