@@ -74,6 +74,22 @@ class Cluster:
                             "--duration", duration, "--bound-object-kind", "Pod", "--bound-object-name", pod,
                             "--bound-object-uid", uid).stdout.strip()
 
+    def webhooks_to_loopback(self, release_fullname: str, port: int) -> None:
+        """Point the chart's webhook configurations at https://127.0.0.1:`port` (an operator run on this machine).
+
+        The local control plane has no Service network: its API server can reach a webhook only by URL. The
+        operator keeps the caBundle; its serving certificate names 127.0.0.1.
+        """
+        for kind, name in (("mutatingwebhookconfiguration", f"{release_fullname}-inject"),
+                           ("validatingwebhookconfiguration", f"{release_fullname}-validate")):
+            hooks = self.get_json(kind, name)["webhooks"]
+            patch = [{"op": "replace", "path": f"/webhooks/{n}/clientConfig",
+                      "value": {"url": f"https://127.0.0.1:{port}{h['clientConfig']['service']['path']}",
+                                **({"caBundle": h["clientConfig"]["caBundle"]}
+                                   if h["clientConfig"].get("caBundle") else {})}}
+                     for n, h in enumerate(hooks)]
+            self.kubectl("patch", kind, name, "--type=json", "-p", json.dumps(patch))
+
     def new_namespace(self, prefix: str = "t") -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.kubectl("create", "namespace", name)

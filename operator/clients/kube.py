@@ -80,6 +80,7 @@ class KubeClient:
         self._custom = client.CustomObjectsApi(api)
         self._core = client.CoreV1Api(api)
         self._coordination = client.CoordinationV1Api(api)
+        self._admission = client.AdmissionregistrationV1Api(api)
 
     @classmethod
     def from_kubeconfig(cls, path: str | None = None) -> KubeClient:
@@ -249,6 +250,27 @@ class KubeClient:
             where = f"{namespace}/{name}" if namespace else name
             raise _failed(f"writing the status of {plural} {where}", e) from e
         return True
+
+    def webhook_ca_bundles(self, kind: str, name: str) -> list[str] | None:
+        """The base64 caBundle of each webhook of a Mutating- or ValidatingWebhookConfiguration; None if absent."""
+        read = (self._admission.read_mutating_webhook_configuration if kind == "mutating"
+                else self._admission.read_validating_webhook_configuration)
+        found = _read_or_none(lambda: read(name), f"reading {kind} webhook configuration {name}")
+        if found is None:
+            return None
+        bundles = [w.client_config.ca_bundle or "" for w in found.webhooks or []]
+        return [b.decode() if isinstance(b, bytes) else b for b in bundles]
+
+    def set_webhook_ca_bundle(self, kind: str, name: str, count: int, bundle_b64: str) -> None:
+        """Set the caBundle of the first `count` webhooks of a webhook configuration (JSON patch, by index)."""
+        patch = [{"op": "add", "path": f"/webhooks/{n}/clientConfig/caBundle", "value": bundle_b64}
+                 for n in range(count)]
+        write = (self._admission.patch_mutating_webhook_configuration if kind == "mutating"
+                 else self._admission.patch_validating_webhook_configuration)
+        try:
+            write(name, patch)
+        except ApiException as e:
+            raise _failed(f"setting the caBundle of {kind} webhook configuration {name}", e) from e
 
     def service_account_exists(self, namespace: str, name: str) -> bool:
         """Whether the ServiceAccount exists."""

@@ -133,8 +133,11 @@ class CaKeeper:
                     f"--namespace {self._namespace}")
         return None
 
-    async def run(self, interval_s: float, post_event: Callable[[str, str, str], Awaitable[None]]) -> None:
+    async def run(self, interval_s: float, post_event: Callable[[str, str, str], Awaitable[None]],
+                  after_tick: Callable[[], Awaitable[object]] | None = None) -> None:
         """Advance rotation and warn about expiry every `interval_s` until cancelled; Events through `post_event`.
+
+        `after_tick` runs after every check, successful or not (it publishes the bundle where it must follow at once).
 
         A failed check is logged and retried at the next interval: a bug in one check must not end rotation
         and expiry warnings for good.
@@ -150,6 +153,12 @@ class CaKeeper:
             except Exception:
                 log.exception("CA check failed, retrying in %s s", interval_s)
                 continue
+            finally:
+                if after_tick is not None:
+                    try:
+                        await after_tick()
+                    except Exception:
+                        log.exception("publishing after the CA check failed; retrying in %s s", interval_s)
             if step is not None:
                 await post_event("Normal", step.reason, step.message)
             warning = self.expiry_warning()

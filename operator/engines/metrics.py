@@ -11,15 +11,18 @@ from prometheus_client.registry import Collector
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.issuance import IssuanceEngine
 from meshward.operator.engines.policy_hub import PolicyHub
+from meshward.operator.engines.safety_net import SafetyNet
 
 PHASES = ("steady", "staged", "retiring")
 
 
 class _Collector(Collector):
-    def __init__(self, ca: CaKeeper, engine: IssuanceEngine, hub: PolicyHub | None) -> None:
+    def __init__(self, ca: CaKeeper, engine: IssuanceEngine, hub: PolicyHub | None,
+                 safety: SafetyNet | None = None) -> None:
         self._ca = ca
         self._engine = engine
         self._hub = hub
+        self._safety = safety
 
     def collect(self) -> Iterator[Metric]:
         state = self._ca.state
@@ -36,6 +39,10 @@ class _Collector(Collector):
                                     value=len(state.bundle()))
         yield GaugeMetricFamily("meshward_certificates_issued", "Workload certificates issued since start.",
                                 value=self._engine.issued)
+        if self._safety is not None:
+            yield GaugeMetricFamily("meshward_unprotected_pods",
+                                    "Running pods that opted in to the mesh but carry no sidecar (meshward check).",
+                                    value=len(self._safety.unprotected))
         hub = self._hub
         if hub is None:
             return
@@ -65,6 +72,6 @@ class _Collector(Collector):
 
 
 def register_metrics(registry: CollectorRegistry, ca: CaKeeper, engine: IssuanceEngine,
-                     hub: PolicyHub | None = None) -> None:
+                     hub: PolicyHub | None = None, safety: SafetyNet | None = None) -> None:
     """Register the operator's collectors on `registry`."""
-    registry.register(_Collector(ca, engine, hub))
+    registry.register(_Collector(ca, engine, hub, safety))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import signal
@@ -22,25 +24,32 @@ from collections.abc import Awaitable, Sequence
 
 import grpc
 import kopf
+from aiohttp import web
 from kopf._core.engines.peering import Identity  # not re-exported; the type of kopf.operator(identity=)
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from meshward._version import __version__
-from meshward.operator.clients.kube import KubeClient
+from meshward.operator.clients.kube import KubeClient, KubeError
 from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, random_serial, spiffe_id
+from meshward.operator.domain.inject import InjectSettings
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identity_directory import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
 from meshward.operator.engines.leader import LeaderElection, LeaderMarker
+from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.metrics import register_metrics
 from meshward.operator.engines.policy_hub import PolicyHub
+from meshward.operator.engines.safety_net import SafetyNet
 from meshward.operator.engines.status_reports import StatusReports
 from meshward.operator.engines.status_writer import StatusWriter
+from meshward.operator.engines.webhook_bundle import WebhookBundle, parse_configurations
 from meshward.operator.handlers import lifecycle, service_identities
+from meshward.operator.handlers import mesh as mesh_handlers
 from meshward.operator.handlers import policies as policy_handlers
 from meshward.operator.handlers.lifecycle import Runtime
 from meshward.operator.servers.policy import serve_policy
 from meshward.operator.servers.signing import serve_rotating
+from meshward.operator.webhooks.admission import AdmissionWebhooks, serve_webhooks
 
 # The shortest leaf lifetime --max-leaf-ttl accepts (tests and demos only; see docs/identity.md).
 MIN_DEMO_TTL = dt.timedelta(seconds=10)
@@ -73,6 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
                    help="this replica's Pod (default $POD_NAME): the leader labels it meshward.io/leader=true, "
                         "which the chart's Services select")
+    p.add_argument("--webhook-listen", default="0.0.0.0:15443",
+                   help="admission webhooks (inject, validate) address, HTTPS ('off' to disable)")
+    p.add_argument("--webhook-configurations", default=os.environ.get("MESHWARD_WEBHOOKS", ""),
+                   help="the webhook configurations whose caBundle the operator keeps, e.g. "
+                        "mutating:meshward-inject,validating:meshward-validate (default $MESHWARD_WEBHOOKS)")
+    p.add_argument("--inject-image", default=os.environ.get("MESHWARD_INJECT_IMAGE", ""),
+                   help="the image of the injected agent, Envoy and init container (default $MESHWARD_INJECT_IMAGE; "
+                        "without it opted-in pods are refused)")
+    p.add_argument("--inject-pull-policy", default=os.environ.get("MESHWARD_INJECT_PULL_POLICY", "IfNotPresent"),
+                   help="imagePullPolicy of the injected containers (default $MESHWARD_INJECT_PULL_POLICY or "
+                        "IfNotPresent)")
+    p.add_argument("--inject-resources", default=os.environ.get("MESHWARD_INJECT_RESOURCES", ""),
+                   help='resources of the injected containers, JSON {"agent": {...}, "proxy": {...}, "init": {...}} '
+                        "(default $MESHWARD_INJECT_RESOURCES)")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, then in-cluster)")
     p.add_argument("--log-level", default=os.environ.get("MESHWARD_LOG_LEVEL", "INFO"),
                    help="DEBUG, INFO, WARNING or ERROR (default $MESHWARD_LOG_LEVEL or INFO)")
@@ -92,7 +115,8 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
         except ValueError as e:
             raise SystemExit(f"meshward-operator: --max-leaf-ttl: {e}") from e
     dns = tuple(d for d in args.signer_dns.split(",") if d) or (
-        f"meshward-signer.{args.namespace}.svc", f"meshward-policy.{args.namespace}.svc")
+        f"meshward-signer.{args.namespace}.svc", f"meshward-policy.{args.namespace}.svc",
+        f"meshward-webhook.{args.namespace}.svc")
     ips = tuple(i for i in args.signer_ip.split(",") if i)
     kube = KubeClient.from_kubeconfig(args.kubeconfig)
 
@@ -105,6 +129,7 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     engine = IssuanceEngine(kube, ca.signer, ca.bundle_pem, args.trust_domain, clock, serial, time.monotonic,
                             min_ttl=min(MIN_TTL, cap) if cap else MIN_TTL, ttl_cap=cap, directory=directory)
     hub = PolicyHub(clock, args.trust_domain)
+    mesh = MeshDirectory(args.trust_domain)
     reports = StatusReports(kube, ca, engine.stats, hub, directory, args.trust_domain, clock)
     identities = StatusWriter("ServiceIdentity", "serviceidentities", kube, reports.identity, args.status_interval)
     policies = StatusWriter("AuthPolicy", "authpolicies", kube, reports.policy, args.status_interval)
@@ -118,17 +143,56 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
 
     def start_policy() -> Awaitable[grpc.aio.Server]:
         return serve_policy(hub, engine.reviewer, args.policy_listen,
-                            lambda: (*credentials(), ca.bundle_pem().encode()))
+                            lambda: (*credentials(), ca.bundle_pem().encode()), mesh)
 
+    metrics = CollectorRegistry()
     rt = Runtime(kube, args.namespace, args.trust_domain, ca, hub, start_signer, start_policy,
-                 [identities, policies, revocations], ca_interval_s=args.ca_interval)
+                 [identities, policies, revocations], ca_interval_s=args.ca_interval, mesh=mesh)
+    if args.webhook_listen != "off":
+        webhooks = AdmissionWebhooks(_inject_settings(args), args.trust_domain, clock, metrics)
+
+        def start_webhooks() -> Awaitable[web.AppRunner]:
+            return serve_webhooks(webhooks, args.webhook_listen, credentials)
+        rt.start_webhooks = start_webhooks
+    try:
+        configurations = parse_configurations(args.webhook_configurations)
+    except ValueError as e:
+        raise SystemExit(f"meshward-operator: --webhook-configurations: {e}") from e
+    if configurations:
+        rt.webhook_bundle = WebhookBundle(kube, configurations, ca.bundle_pem)
+
+    async def post_unprotected(namespace: str, name: str, uid: str, message: str) -> None:
+        try:
+            await asyncio.to_thread(kube.post_event, namespace, "Pod", name, "Warning", "MeshMissing", message,
+                                    uid=uid)
+        except KubeError as e:
+            log.warning("%s", e)
+
+    safety = SafetyNet(args.namespace, post_unprotected)
     registry = kopf.OperatorRegistry()
     lifecycle.register(registry, rt)
     service_identities.register(registry, directory, identities)
     policy_handlers.register(registry, hub, engine.reviewer, policies, revocations)
-    metrics = CollectorRegistry()
-    register_metrics(metrics, ca, engine, hub)
+    mesh_handlers.register(registry, mesh, safety)
+    register_metrics(metrics, ca, engine, hub, safety)
     return registry, rt, metrics, kube
+
+
+def _inject_settings(args: argparse.Namespace) -> InjectSettings:
+    """What the injector puts into pods, from the command line; SystemExit naming a bad flag."""
+    base = InjectSettings(image=args.inject_image, operator_namespace=args.namespace, trust_domain=args.trust_domain,
+                          version=__version__, image_pull_policy=args.inject_pull_policy)
+    if not args.inject_resources:
+        return base
+    try:
+        resources = json.loads(args.inject_resources)
+        if not isinstance(resources, dict) or not set(resources) <= {"agent", "proxy", "init"}:
+            raise ValueError("want an object with keys agent, proxy, init")
+    except ValueError as e:
+        raise SystemExit(f"meshward-operator: --inject-resources: {e}") from e
+    return dataclasses.replace(base, agent_resources=resources.get("agent", base.agent_resources),
+                               proxy_resources=resources.get("proxy", base.proxy_resources),
+                               init_resources=resources.get("init", base.init_resources))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,9 +1,11 @@
 """The operator's start-up and shutdown, in one explicit order, and Kopf's login.
 
 Start-up: load the CA (create it on the first start), then start the signing service and
-the policy service (both present certificates of that CA), then the loops: CA rotation,
-the policy hub, and the status writers of the three kinds. Nothing depends on the order in
-which handler modules were registered. Shutdown stops the loops, then the servers.
+the policy service (both present certificates of that CA), set the webhooks' caBundle and
+start the admission webhooks, then the loops: CA rotation (which keeps the caBundle
+current), the policy hub, the destination map, and the status writers of the three kinds.
+Nothing depends on the order in which handler modules were registered. Shutdown stops the
+loops, then the servers.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from typing import Any
 
 import grpc
 import kopf
+from aiohttp import web
 
 from meshward.operator.clients.kube import KubeClient, KubeError
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.ca_store import SECRET_NAME, CaStoreError
+from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.policy_hub import PolicyHub
 from meshward.operator.engines.status_writer import StatusWriter
+from meshward.operator.engines.webhook_bundle import WebhookBundle
 
 # Kubernetes API hiccups at start-up are retried after this many seconds.
 RETRY_DELAY_S = 5
@@ -43,7 +48,12 @@ class Runtime:
     start_policy: Callable[[], Awaitable[grpc.aio.Server]]
     writers: list[StatusWriter]
     ca_interval_s: float = 30.0
+    # The destination map's loop, the admission webhooks and the caBundle keeper (None: not run).
+    mesh: MeshDirectory | None = None
+    start_webhooks: Callable[[], Awaitable[web.AppRunner]] | None = None
+    webhook_bundle: WebhookBundle | None = None
     servers: list[grpc.aio.Server] = field(default_factory=list)
+    runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -84,11 +94,21 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
             raise kopf.PermanentError(str(e)) from e
         rt.servers.append(await rt.start_signer())
         rt.servers.append(await rt.start_policy())
-        rt.tasks.append(asyncio.create_task(rt.ca.run(rt.ca_interval_s, secret_event), name="ca-rotation"))
+        if rt.webhook_bundle is not None:
+            await rt.webhook_bundle.sync()
+        if rt.start_webhooks is not None:
+            rt.runners.append(await rt.start_webhooks())
+        after_tick = rt.webhook_bundle.sync if rt.webhook_bundle is not None else None
+        rt.tasks.append(asyncio.create_task(rt.ca.run(rt.ca_interval_s, secret_event, after_tick),
+                                            name="ca-rotation"))
         rt.tasks.append(asyncio.create_task(rt.hub.run(), name="policy-hub"))
+        if rt.mesh is not None:
+            rt.tasks.append(asyncio.create_task(rt.mesh.run(), name="mesh-directory"))
         rt.tasks += [asyncio.create_task(w.run(), name=f"{w.plural}-status") for w in rt.writers]
         log.info("mesh CA loaded (trust domain %s); signing and policy services started", rt.trust_domain)
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: Any) -> None:
         await shutdown(rt.tasks, rt.servers, grace_s=1)
+        for runner in rt.runners:
+            await runner.cleanup()

@@ -9,8 +9,10 @@ first message names (`{"pod": "<name>"}`), running as that ServiceAccount. So a 
 only ever receives its own workload's config, and no pod can subscribe as a sibling
 that shares its ServiceAccount. The server sends `{"version", "config"}` whenever the
 config changes (at once on connect, which is how a reconnect resumes); the sidecar
-answers `{"ack": "<version>"}` or `{"ack": "<version>", "error": "..."}`. A pod may hold
-several streams (an agent restart); each receives every update until it ends.
+answers `{"ack": "<version>"}` or `{"ack": "<version>", "error": "..."}`. Between configs
+the server sends the meshed-destination map, `{"destinations": {"version", "peers"}}`, at
+once and whenever it changes (engines/mesh_directory.py); it is not acknowledged. A pod
+may hold several streams (an agent restart); each receives every update until it ends.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import grpc
 from cryptography import x509
 
 from meshward.operator.clients.kube import TokenReviewResult
-from meshward.operator.domain.compile import Compiled
+from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.policy_hub import PolicyHub, Subscriber, SubscriptionRefused
 from meshward.operator.engines.token_review import AUDIENCE, ReviewUnavailable, TokenReviewer
 from meshward.operator.servers.wire import dumps, loads, rotating_credentials
@@ -63,9 +65,10 @@ def _bearer(context: grpc.aio.ServicerContext) -> str:
 class PolicyService:
     """Adapts Subscribe streams to the policy hub."""
 
-    def __init__(self, hub: PolicyHub, reviewer: TokenReviewer) -> None:
+    def __init__(self, hub: PolicyHub, reviewer: TokenReviewer, directory: MeshDirectory | None = None) -> None:
         self._hub = hub
         self._reviewer = reviewer
+        self._directory = directory
 
     async def _admit(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Subscriber:
         """Check the certificate, the pod-bound token and the pod named; SubscriptionRefused says why not."""
@@ -124,11 +127,11 @@ class PolicyService:
         reader = asyncio.create_task(self._read_acks(sub, requests))
         end = asyncio.ensure_future(ended.wait())
         try:
-            async for compiled in self._updates(sub, reader, end):
-                if compiled is None:
+            async for update in self._updates(sub, reader, end):
+                if update is None:
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"subscription ended: {sub.closed}")
                     return
-                yield {"version": compiled.version, "config": compiled.document}
+                yield update
         finally:
             reader.cancel()
             end.cancel()
@@ -143,21 +146,33 @@ class PolicyService:
                 err = msg.get("error")
                 self._hub.ack(sub, msg["ack"], err if isinstance(err, str) else None)
 
-    @staticmethod
-    async def _updates(sub: Subscriber, *stops: asyncio.Future[Any]) -> AsyncIterator[Compiled | None]:
-        """Each config `sub` has not been sent yet (None once the hub closed it), until one of `stops` is done."""
+    async def _updates(self, sub: Subscriber, *stops: asyncio.Future[Any]) -> AsyncIterator[dict[str, Any] | None]:
+        """Each message for `sub`: new destination maps and configs (None once the hub closed it), until a stop."""
         sent: str | None = None
+        mapped = ""
         while not any(s.done() for s in stops):
-            waiter = asyncio.ensure_future(sub.next(sent))
-            await asyncio.wait({waiter, *stops}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                waiter.cancel()
-                return
-            compiled = waiter.result()
-            yield compiled
+            config = asyncio.ensure_future(sub.next(sent))
+            waits: set[asyncio.Future[Any]] = {config, *stops}
+            destinations = None
+            if self._directory is not None:
+                destinations = asyncio.ensure_future(self._directory.next(mapped))
+                waits.add(destinations)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if destinations is not None:
+                if destinations.done():
+                    mapped, peers = destinations.result()
+                    yield {"destinations": {"version": mapped, "peers": peers}}
+                else:
+                    destinations.cancel()
+            if not config.done():
+                config.cancel()
+                continue
+            compiled = config.result()
             if compiled is None:
+                yield None
                 return
             sent = compiled.version
+            yield {"version": compiled.version, "config": compiled.document}
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler registering Subscribe."""
@@ -167,12 +182,13 @@ class PolicyService:
 
 
 async def serve_policy(hub: PolicyHub, reviewer: TokenReviewer, address: str,
-                       credentials: Callable[[], tuple[bytes, bytes, bytes]]) -> grpc.aio.Server:
+                       credentials: Callable[[], tuple[bytes, bytes, bytes]],
+                       directory: MeshDirectory | None = None) -> grpc.aio.Server:
     """Start the service on `address`; `credentials()` gives (chain, key, trust bundle), reread per handshake."""
     creds = rotating_credentials(credentials)
     server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                                       ("grpc.keepalive_time_ms", 10_000)])
-    server.add_generic_rpc_handlers((PolicyService(hub, reviewer).handler(),))
+    server.add_generic_rpc_handlers((PolicyService(hub, reviewer, directory).handler(),))
     server.add_secure_port(address, creds)
     await server.start()
     return server

@@ -58,6 +58,12 @@ def test_helm_install_creates_the_operator_deployment(cluster: Cluster, namespac
     ("patch", "leases/kube-controller-manager", "kube-system", "no"),
     ("update", "leases/meshward-operator", "{release_ns}", "yes"),
     ("create", "tokenreviews.authentication.k8s.io", "", "yes"),
+    # Its own webhook configurations' caBundle, and no one else's admission control.
+    ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io/mw-operator-inject", "", "yes"),
+    ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/mw-operator-validate", "", "yes"),
+    ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io/istio-sidecar-injector", "", "no"),
+    ("delete", "validatingwebhookconfigurations.admissionregistration.k8s.io/mw-operator-validate", "", "no"),
+    ("create", "mutatingwebhookconfigurations.admissionregistration.k8s.io", "", "no"),
 ])
 def test_the_charts_rbac_lets_the_operator_write_only_what_it_owns(installed: tuple[Cluster, str], verb: str,
                                                                    what: str, where: str, allowed: str) -> None:
@@ -70,9 +76,11 @@ def test_the_charts_rbac_lets_the_operator_write_only_what_it_owns(installed: tu
 
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster) -> Iterator[tuple[Cluster, str]]:
-    """The chart installed once (release `mw`) in a namespace of its own."""
+    """The chart installed once (release `mw`) in a namespace of its own, without webhooks (their configurations
+    are cluster-wide: with no operator behind them they would refuse other tests' opted-in pods and objects)."""
     namespace = cluster.new_namespace("rbac")
-    cluster.helm("install", "mw", str(CHART), "-n", namespace, "--skip-crds")
+    cluster.helm("install", "mw", str(CHART), "-n", namespace, "--skip-crds", "--set", "injection.enabled=false",
+                 "--set", "validation.enabled=false")
     try:
         yield cluster, namespace
     finally:
@@ -94,7 +102,8 @@ def test_the_operator_does_its_whole_job_with_only_the_charts_rbac(crds: Cluster
                                                                   tmp_path: Path) -> None:
     """The real operator runs as the chart's ServiceAccount (a TokenRequest token, so every call is authorized
     by the chart's ClusterRole and Role, not by admin credentials) and loads the CA, reports every kind's status,
-    publishes the trust bundle and posts Events."""
+    publishes the trust bundle, posts Events, keeps its webhooks' caBundle and serves them (the API server calls
+    them: an opted-in pod comes back injected, an AuthPolicy whose CEL does not compile is refused at apply)."""
     import datetime as dt
 
     from tests.kube import opted_in_pod, service_identity, wait_until
@@ -103,7 +112,10 @@ def test_the_operator_does_its_whole_job_with_only_the_charts_rbac(crds: Cluster
     release = f"mw-{namespace}"
     crds.helm("install", release, str(CHART), "-n", namespace, "--skip-crds")
     operator = Operator(tmp_path, _kubeconfig_for(crds, namespace, f"{release}-operator", tmp_path / "sa.kubeconfig"),
-                        namespace, "--status-interval", "1")
+                        namespace, "--status-interval", "1", "--inject-image", "meshward:test",
+                        "--webhook-configurations", f"mutating:{release}-operator-inject,"
+                                                    f"validating:{release}-operator-validate")
+    crds.webhooks_to_loopback(f"{release}-operator", operator.webhook_port)
     apps = crds.new_namespace("rbac")
     expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     revocation = f"rbac-{apps}"
@@ -123,6 +135,13 @@ def test_the_operator_does_its_whole_job_with_only_the_charts_rbac(crds: Cluster
             conds = crds.get_json(*args).get("status", {}).get("conditions", [])
             return next((f"{c['status']}/{c['reason']}" for c in conds if c["type"] == "Ready"), "")
 
+        pod = crds.get_json("-n", apps, "pod", "orders-1")
+        assert [c["name"] for c in pod["spec"]["initContainers"]] == ["meshward-init", "meshward-agent",
+                                                                       "meshward-proxy"]
+        refused = crds.kubectl("apply", "-f", "-", check=False, stdin=yaml.safe_dump(
+            {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": "bad", "namespace": apps},
+             "spec": {"selector": {"matchLabels": {"app": "orders"}}, "rules": [{"name": "r", "when": ["nope("]}]}}))
+        assert refused.returncode != 0 and "spec.rules[0].when[0]" in refused.stderr, refused.stderr
         wait_until("ServiceIdentity Ready", lambda: ready("-n", apps, "serviceidentity", "orders").startswith("True"))
         wait_until("ServiceAccountMissing reported", lambda: ready("-n", apps, "serviceidentity", "ghost")
                    == "False/ServiceAccountMissing")

@@ -158,11 +158,13 @@ class Operator:
         self.signer_port = free_port()
         self.metrics_port = free_port()
         self.policy_port = free_port()
+        self.webhook_port = free_port()
         self.log = workdir / f"{name}.log"
         self.cmd = [str(Path(sys.executable).parent / "meshward-operator"), "--kubeconfig", str(kubeconfig),
                     "--namespace", namespace, "--signer-listen", f"127.0.0.1:{self.signer_port}",
                     "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
-                    "--policy-listen", f"127.0.0.1:{self.policy_port}", *args]
+                    "--policy-listen", f"127.0.0.1:{self.policy_port}",
+                    "--webhook-listen", f"127.0.0.1:{self.webhook_port}", *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, standby: bool = False) -> Operator:

@@ -3,7 +3,8 @@
 Runs as its own process (`python -m tests.support.silent_subscriber ...`) so that "the
 agent is gone" is a real process exit closing a real connection. It gets a workload
 certificate from the signing service with the given token, subscribes as `--pod`, and
-prints one line per message: `version <v>`, or `error <CODE> <details>` when refused.
+prints one line per message: `version <v>` (a config), `destinations <v>` (the destination map),
+or `error <CODE> <details>` when refused.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ async def run(args: argparse.Namespace) -> int:
                 metadata=(("authorization", f"Bearer {token}"),))
             await call.write({"pod": args.pod})
             async for msg in call:
-                print("version", msg["version"], flush=True)
+                if "destinations" in msg:
+                    print("destinations", msg["destinations"]["version"], flush=True)
+                else:
+                    print("version", msg["version"], flush=True)
     except grpc.aio.AioRpcError as e:
         print("error", e.code().name, e.details(), flush=True)
         return 1

@@ -34,7 +34,8 @@ def test_chart_renders_the_operator_its_services_budget_and_rbac(helm: str) -> N
     kinds = sorted(d["kind"] for d in docs(helm, "--include-crds"))
     assert kinds == sorted(["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                             "CustomResourceDefinition", "CustomResourceDefinition", "Deployment",
-                            "PodDisruptionBudget", "Role", "RoleBinding", "Service", "Service", "ServiceAccount"])
+                            "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
+                            "Service", "Service", "ServiceAccount", "ValidatingWebhookConfiguration"])
 
 
 def test_chart_refuses_a_cluster_older_than_1_30(helm: str) -> None:
@@ -51,6 +52,7 @@ def test_chart_refuses_a_cluster_older_than_1_30(helm: str) -> None:
     ("operator.trustDomain=Not_A_Domain", "at '/operator/trustDomain'"),
     ("podDisruptionBudget.enabled=yes", "at '/podDisruptionBudget/enabled': got string, want boolean"),
     ("imge.tag=1", "additional properties 'imge' not allowed"),
+    ("injection.timeoutSeconds=10", "at '/injection/timeoutSeconds': maximum"),
 ])
 def test_values_schema_refuses_mistyped_and_wrong_typed_values(helm: str, value: str, message: str) -> None:
     proc = render(helm, "--set", value)
@@ -61,7 +63,7 @@ def test_values_schema_refuses_mistyped_and_wrong_typed_values(helm: str, value:
 def test_services_reach_the_leader_alone_while_every_replica_is_ready(helm: str) -> None:
     rendered = docs(helm)
     services = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Service"}
-    assert set(services) == {"meshward-signer", "meshward-policy"}
+    assert set(services) == {"meshward-signer", "meshward-policy", "meshward-webhook"}
     for svc in services.values():
         assert svc["spec"]["selector"]["meshward.io/leader"] == "true"
     deployment = next(d for d in rendered if d["kind"] == "Deployment")
@@ -76,3 +78,47 @@ def test_the_disruption_budget_comes_with_two_or_more_replicas(helm: str) -> Non
     assert any(d["kind"] == "PodDisruptionBudget" for d in docs(helm, "--set", "operator.replicas=2"))
     assert not any(d["kind"] == "PodDisruptionBudget" for d in docs(helm, "--set", "operator.replicas=1"))
     assert not any(d["kind"] == "PodDisruptionBudget" for d in docs(helm, "--set", "podDisruptionBudget.enabled=false"))
+
+
+def test_webhooks_see_only_opted_in_pods_and_fail_closed_for_them(helm: str) -> None:
+    """Istio's injector blocked whole clusters when it was down (istio#30139, #43593): ours is asked about opted-in
+    pods only, never those of its own or the system namespaces, fails closed for them, and answers fast."""
+    rendered = docs(helm)
+    mutating = next(d for d in rendered if d["kind"] == "MutatingWebhookConfiguration")
+    never = {"meshward-system", "kube-system", "kube-public", "kube-node-lease"}
+    by_name = {w["name"]: w for w in mutating["webhooks"]}
+    assert set(by_name) == {"pods.inject.meshward.io", "namespaces.inject.meshward.io"}
+    assert by_name["pods.inject.meshward.io"]["objectSelector"] == {"matchLabels": {"meshward.io/inject": "enabled"}}
+    assert {"key": "meshward.io/inject", "operator": "In", "values": ["enabled"]} in \
+        by_name["namespaces.inject.meshward.io"]["namespaceSelector"]["matchExpressions"]
+    assert by_name["namespaces.inject.meshward.io"]["objectSelector"]["matchExpressions"] == [
+        {"key": "meshward.io/inject", "operator": "NotIn", "values": ["enabled", "disabled"]}]
+    for hook in mutating["webhooks"]:
+        excluded = next(e for e in hook["namespaceSelector"]["matchExpressions"]
+                        if e["key"] == "kubernetes.io/metadata.name")
+        assert excluded["operator"] == "NotIn" and set(excluded["values"]) == never
+        assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+        assert hook["timeoutSeconds"] <= 5 and hook["reinvocationPolicy"] == "IfNeeded"
+        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                                  "resources": ["pods"], "scope": "Namespaced"}]
+        assert "caBundle" not in hook["clientConfig"], "the operator owns caBundle; Helm must not reset it"
+    validating = next(d for d in rendered if d["kind"] == "ValidatingWebhookConfiguration")
+    [hook] = validating["webhooks"]
+    assert hook["rules"][0]["resources"] == ["authpolicies", "serviceidentities", "revocations"]
+    assert hook["failurePolicy"] == "Fail" and hook["timeoutSeconds"] <= 5
+
+
+def test_the_operator_is_told_which_webhooks_to_keep_and_what_to_inject(helm: str) -> None:
+    def env(*args: str) -> dict[str, str]:
+        deployment = next(d for d in docs(helm, *args) if d["kind"] == "Deployment")
+        return {e["name"]: e.get("value", "") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    assert env()["MESHWARD_WEBHOOKS"] == "mutating:mw-operator-inject,validating:mw-operator-validate"
+    assert env()["MESHWARD_INJECT_IMAGE"].startswith("ghcr.io/meshward/meshward:")
+    assert env("--set", "injection.enabled=false")["MESHWARD_WEBHOOKS"] == "validating:mw-operator-validate"
+    custom = env("--set", "image.repository=localhost/meshward", "--set", "image.tag=t1",
+                 "--set", "injection.image.pullPolicy=Never")
+    assert custom["MESHWARD_INJECT_IMAGE"] == "localhost/meshward:t1"
+    assert custom["MESHWARD_INJECT_PULL_POLICY"] == "Never"
+    kinds = {d["kind"] for d in docs(helm, "--set", "injection.enabled=false", "--set", "validation.enabled=false")}
+    assert not kinds & {"MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"}

@@ -1,0 +1,99 @@
+"""The meshed-destination map, kept current from pod and Service events and sent to every agent.
+
+Watch events update the directory; one loop recomputes the map (domain/destinations.py)
+at most every DEBOUNCE_S, so a rollout of many pods costs a few maps, not one per pod,
+and publishes it only when it changed. Every subscription stream waits on `next` and
+sends each new map to its agent (servers/policy.py). The directory also answers which
+opted-in pods run without the mesh (the safety net: engines/safety_net.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from meshward.operator.domain.destinations import (
+    MeshPod,
+    MeshService,
+    mesh_destinations,
+    mesh_pod,
+    mesh_service,
+    version_of,
+)
+
+# A burst of pod events (a rollout) is folded into one map this long after its first event.
+DEBOUNCE_S = 0.2
+
+
+class MeshDirectory:
+    """Pods and Services as the map needs them, and the map last published."""
+
+    def __init__(self, trust_domain: str, debounce_s: float = DEBOUNCE_S) -> None:
+        self._trust_domain = trust_domain
+        self._debounce_s = debounce_s
+        self._pods: dict[str, MeshPod] = {}
+        self._services: dict[str, MeshService] = {}
+        self._dirty = asyncio.Event()
+        self._published = asyncio.Event()
+        self.version = ""
+        self.document: dict[str, Any] = {}
+
+    def apply_pod(self, body: Mapping[str, Any]) -> None:
+        """Record a pod (one without an address yet, or leaving, is forgotten)."""
+        meta = body.get("metadata", {})
+        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        pod = mesh_pod(body)
+        if pod is None:
+            self.remove_pod(meta.get("namespace", ""), meta.get("name", ""))
+        elif self._pods.get(key) != pod:
+            self._pods[key] = pod
+            self._dirty.set()
+
+    def remove_pod(self, namespace: str, name: str) -> None:
+        """Forget a pod."""
+        if self._pods.pop(f"{namespace}/{name}", None) is not None:
+            self._dirty.set()
+
+    def apply_service(self, body: Mapping[str, Any]) -> None:
+        """Record a Service."""
+        meta = body.get("metadata", {})
+        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        svc = mesh_service(body)
+        if svc is None:
+            self.remove_service(meta.get("namespace", ""), meta.get("name", ""))
+        elif self._services.get(key) != svc:
+            self._services[key] = svc
+            self._dirty.set()
+
+    def remove_service(self, namespace: str, name: str) -> None:
+        """Forget a Service."""
+        if self._services.pop(f"{namespace}/{name}", None) is not None:
+            self._dirty.set()
+
+    def publish(self) -> bool:
+        """Recompute the map now; whether it changed (and was published)."""
+        self._dirty.clear()
+        doc = mesh_destinations(self._pods.values(), self._services.values(), self._trust_domain)
+        version = version_of(doc)
+        if version == self.version:
+            return False
+        self.version, self.document = version, doc
+        published, self._published = self._published, asyncio.Event()
+        published.set()
+        return True
+
+    async def next(self, after: str) -> tuple[str, dict[str, Any]]:
+        """Wait for a map other than version `after` (the first one, for "")."""
+        while not self.version or self.version == after:
+            published = self._published
+            await published.wait()
+        return self.version, self.document
+
+    async def run(self) -> None:
+        """Publish the first map, then a new one after each burst of changes, until cancelled."""
+        self.publish()
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self._debounce_s)
+            self.publish()

@@ -1,0 +1,1 @@
+"""The operator's admission webhooks: sidecar injection and validation of Meshward objects (HTTPS)."""

@@ -1,0 +1,139 @@
+"""The admission webhook server: `/inject/pod`, `/inject/namespace` and `/validate`, over HTTPS.
+
+Served by the leading replica behind the `meshward-webhook` Service, with the operator's
+serving certificate from the mesh CA (re-issued after a CA rotation; each new TLS
+handshake presents the current one, and the CA loop keeps the webhook configurations'
+caBundle equal to the trust bundle, old and new roots during a rotation, so no admission
+fails across it). The decisions are pure (domain/admission.py); this module only moves
+bytes, and never answers 500: a malformed review gets 400 with the reason, and an
+unexpected error while injecting an opted-in pod refuses the pod (it must never run
+unprotected) rather than letting it through.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import ssl
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
+
+from meshward.operator.domain.admission import (
+    ReviewError,
+    inject_response,
+    parse_review,
+    review,
+    validate_response,
+)
+from meshward.operator.domain.inject import InjectSettings
+
+# An AdmissionReview carries the object twice on update; pods with large env or many containers stay far below.
+MAX_REVIEW_BYTES = 8 * 1024 * 1024
+log = logging.getLogger("meshward.operator.webhook")
+
+
+class AdmissionWebhooks:
+    """The three routes, with the settings and clock they decide with."""
+
+    def __init__(self, settings: InjectSettings, trust_domain: str, clock: Callable[[], dt.datetime],
+                 registry: CollectorRegistry | None = None) -> None:
+        self._settings = settings
+        self._trust_domain = trust_domain
+        self._clock = clock
+        self._reviews = Counter("meshward_admission_reviews", "Admission reviews answered, by webhook and result.",
+                                ["webhook", "result"], registry=registry)
+
+    def _decide(self, webhook: str, request: dict[str, Any]) -> dict[str, Any]:
+        if webhook == "validate":
+            return validate_response(request, self._trust_domain, self._clock())
+        try:
+            return inject_response(request, self._settings, namespace_opted_in=webhook == "namespace")
+        except Exception as e:  # never a 500, never an unprotected opted-in pod
+            log.exception("injection failed")
+            return {"uid": request["uid"], "allowed": False,
+                    "status": {"code": 500, "message": f"meshward: injection failed ({type(e).__name__}); "
+                                                       "see the operator's log"}}
+
+    async def _handle(self, webhook: str, req: web.Request) -> web.Response:
+        try:
+            request = parse_review(await req.read())
+        except ReviewError as e:
+            self._reviews.labels(webhook, "malformed").inc()
+            return web.Response(status=400, text=f"meshward: {e}\n")
+        except web.HTTPRequestEntityTooLarge:
+            self._reviews.labels(webhook, "malformed").inc()
+            return web.Response(status=413, text=f"meshward: reviews are limited to {MAX_REVIEW_BYTES} bytes\n")
+        response = self._decide(webhook, request)
+        result = "patched" if "patch" in response else "allowed" if response["allowed"] else "denied"
+        self._reviews.labels(webhook, result).inc()
+        if not response["allowed"]:
+            log.info("%s denied %s %s/%s: %s", webhook, request.get("operation"), request.get("namespace", ""),
+                     request.get("name", ""), response["status"]["message"])
+        return web.Response(text=json.dumps(review(response)), content_type="application/json")
+
+    def app(self) -> web.Application:
+        """The aiohttp application serving the routes."""
+        app = web.Application(client_max_size=MAX_REVIEW_BYTES)
+
+        async def pod(req: web.Request) -> web.Response:
+            return await self._handle("pod", req)
+
+        async def namespace(req: web.Request) -> web.Response:
+            return await self._handle("namespace", req)
+
+        async def validate(req: web.Request) -> web.Response:
+            return await self._handle("validate", req)
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        app.add_routes([web.post("/inject/pod", pod), web.post("/inject/namespace", namespace),
+                        web.post("/validate", validate), web.get("/healthz", healthz)])
+        return app
+
+
+def rotating_context(current: Callable[[], tuple[bytes, bytes]]) -> ssl.SSLContext:
+    """A server TLS context presenting `current()` = (chain, key), rechecked on every handshake."""
+
+    def context_for(chain: bytes, key: bytes) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # load_cert_chain reads files only; the key never touches a disk but this process's temp dir, briefly.
+        with tempfile.TemporaryDirectory() as d:
+            cert_path, key_path = Path(d, "tls.crt"), Path(d, "tls.key")
+            cert_path.write_bytes(chain)
+            key_path.touch(mode=0o600)
+            key_path.write_bytes(key)
+            ctx.load_cert_chain(cert_path, key_path)
+        return ctx
+
+    loaded = [current()]
+    base = context_for(*loaded[0])
+    latest = [base]
+
+    def pick(sock: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        pem = current()
+        if pem != loaded[0]:
+            loaded[0], latest[0] = pem, context_for(*pem)
+        if latest[0] is not base:
+            sock.context = latest[0]
+
+    base.sni_callback = pick
+    return base
+
+
+async def serve_webhooks(webhooks: AdmissionWebhooks, address: str,
+                         certificate: Callable[[], tuple[bytes, bytes]]) -> web.AppRunner:
+    """Start the webhooks on `address` (host:port) with TLS from `certificate()`; stop with `runner.cleanup()`."""
+    host, _, port = address.rpartition(":")
+    runner = web.AppRunner(webhooks.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=rotating_context(certificate))  # noqa: S104
+    await site.start()
+    return runner
