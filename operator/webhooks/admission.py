@@ -15,10 +15,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import ssl
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -98,19 +97,27 @@ class AdmissionWebhooks:
         return app
 
 
+def _memory_file(data: bytes) -> int:
+    """An anonymous in-memory file holding `data` (Linux memfd), as a descriptor."""
+    fd = os.memfd_create("meshward-tls", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
 def rotating_context(current: Callable[[], tuple[bytes, bytes]]) -> ssl.SSLContext:
     """A server TLS context presenting `current()` = (chain, key), rechecked on every handshake."""
 
     def context_for(chain: bytes, key: bytes) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        # load_cert_chain reads files only; the key never touches a disk but this process's temp dir, briefly.
-        with tempfile.TemporaryDirectory() as d:
-            cert_path, key_path = Path(d, "tls.crt"), Path(d, "tls.key")
-            cert_path.write_bytes(chain)
-            key_path.touch(mode=0o600)
-            key_path.write_bytes(key)
-            ctx.load_cert_chain(cert_path, key_path)
+        # load_cert_chain reads paths only: the key goes through anonymous memory files, never a disk (the
+        # root filesystem is read-only and has no /tmp anyway).
+        fds = [_memory_file(chain), _memory_file(key)]
+        try:
+            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+        finally:
+            for fd in fds:
+                os.close(fd)
         return ctx
 
     loaded = [current()]

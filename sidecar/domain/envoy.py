@@ -287,6 +287,8 @@ class PodProxy:
 
 # The pod's inbound and health listeners take connections on every address of the pod (capture sends them there).
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104
+# Open downstream connections one pod's Envoy accepts (inbound, outbound and health together).
+MAX_DOWNSTREAM_CONNECTIONS = 20_000
 # Listener filters: restore the address the connection was sent to before capture redirected it.
 def _original_dst() -> dict[str, Any]:
     return {"name": "envoy.filters.listener.original_dst", "typed_config": {
@@ -347,6 +349,12 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
         "admin": {"address": admin.address()},
         "static_resources": {"listeners": listeners, "clusters": clusters},
         "dynamic_resources": {"lds_config": _xds_source(), "cds_config": _xds_source()},
+        # A bound on open downstream connections: a flood exhausts Envoy's limit, not the pod's memory.
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {"@type": ("type.googleapis.com/envoy.extensions.resource_monitors."
+                                       "downstream_connections.v3.DownstreamConnectionsConfig"),
+                             "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS}}]},
     }
 
 
@@ -450,6 +458,7 @@ _TYPED_MODULES = (
     "envoy_data_plane.envoy.extensions.filters.listener.original_dst.v3",
     "envoy_data_plane.envoy.extensions.filters.listener.tls_inspector.v3",
     "envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3",
+    "envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3",
 )
 
 

@@ -54,6 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.socket_dir) / "envoy.json"
     path.write_text(text)
     # Envoy replaces this process (no shell: every argument is ours).
-    os.execv(envoy, [envoy,  # noqa: S606 "-c", str(path), "--concurrency", str(args.concurrency), "--log-level", args.log_level,
-                     "--disable-hot-restart", "--drain-time-s", "5", "--service-node", node,
-                     "--service-cluster", node])
+    argv = [envoy, "-c", str(path), "--concurrency", str(args.concurrency), "--log-level", args.log_level,
+            "--disable-hot-restart", "--drain-time-s", "5", "--service-node", node, "--service-cluster", node]
+    os.execv(envoy, argv)  # noqa: S606
