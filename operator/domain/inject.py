@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,7 @@ def is_injected(pod: Mapping[str, Any]) -> bool:
     return any(c.get("name") == AGENT for c in init)
 
 
-def unprotected(pods: list[Mapping[str, Any]], opted_in_namespaces: set[str], operator_namespace: str
+def unprotected(pods: Sequence[Mapping[str, Any]], opted_in_namespaces: set[str], operator_namespace: str
                 ) -> list[str]:
     """`namespace/name` of every running pod that opted in but carries no mesh (webhook bypassed, label too late)."""
     out = []

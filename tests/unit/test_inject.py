@@ -3,7 +3,6 @@ JSON patch, what is refused and why, who opted in, and the safety net's view of 
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from meshward.operator.domain.inject import (
 )
 from meshward.sidecar.domain.capture import AGENT_ADMIN_PORT, PROXY_UID
 from meshward.sidecar.domain.probes import PROBES_ENV, parse_probes
+from tests.support.jsonpatch import apply_patch
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "inject"
 INPUTS = sorted(p for p in GOLDEN.glob("*.yaml") if not p.name.endswith(".injected.yaml"))
@@ -34,21 +34,6 @@ SETTINGS = InjectSettings(image="localhost/meshward:golden", version="golden")
 def load(path: Path) -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load(path.read_text())
     return doc
-
-
-def apply_patch(doc: dict[str, Any], patch: list[dict[str, Any]]) -> dict[str, Any]:
-    """RFC 6902 `add` and `replace` on object members (all the injector emits)."""
-    out = copy.deepcopy(doc)
-    for op in patch:
-        assert op["op"] in ("add", "replace")
-        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-        node = out
-        for p in parents:
-            node = node[p]
-        if op["op"] == "replace":
-            assert last in node, f"replace of a missing member {op['path']}"
-        node[last] = op["value"]
-    return out
 
 
 def test_there_are_at_least_twelve_golden_pods() -> None:

@@ -1,0 +1,148 @@
+"""An injected pod's Envoy: its bootstrap and the outbound listener and clusters built from the destination map,
+against golden files (refresh with `pytest --update-golden`), Envoy's own validation and the security they
+promise."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshward.sidecar.domain.envoy import (
+    Destination,
+    PodProxy,
+    build_pod_bootstrap,
+    check_bootstrap,
+    outbound_resources,
+    parse_destinations,
+)
+from tests.support.procs import envoy_binary
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
+PAYMENTS = "spiffe://cluster.local/ns/shop/sa/payments"
+MAP = {
+    "10.244.0.7": Destination((ORDERS,), (9090,)),    # an orders pod leaving its metrics port uncaptured
+    "10.244.0.8": Destination((ORDERS,)),
+    "10.96.0.20": Destination((ORDERS,)),              # the orders Service
+    "10.96.0.30": Destination((PAYMENTS, ORDERS)),     # a Service over two identities
+    "10.244.0.9": Destination((PAYMENTS,)),            # this pod
+}
+OWN_IP = "10.244.0.9"
+
+
+def golden(name: str, doc: Any, request: pytest.FixtureRequest) -> None:
+    text = yaml.safe_dump(doc, sort_keys=False)
+    path = GOLDEN / f"envoy-{name}.yaml"
+    if request.config.getoption("--update-golden"):
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run pytest --update-golden"
+    assert text == path.read_text(), f"{path} differs from the builder: review, then run pytest --update-golden"
+
+
+@pytest.mark.parametrize("plaintext", [False, True], ids=["strict", "plaintext-allowed"])
+def test_pod_bootstrap_matches_golden(plaintext: bool, request: pytest.FixtureRequest) -> None:
+    golden(f"pod-{'plaintext' if plaintext else 'strict'}",
+           build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext)), request)
+
+
+def test_outbound_resources_match_golden(request: pytest.FixtureRequest) -> None:
+    listeners, clusters = outbound_resources(MAP, OWN_IP)
+    golden("outbound", {"listeners": listeners, "clusters": clusters}, request)
+
+
+def _validate(doc: dict[str, Any], tmp_path: Path) -> str:
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+                          capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.mark.parametrize("plaintext", [False, True], ids=["strict", "plaintext-allowed"])
+def test_envoy_accepts_the_pod_bootstrap_and_the_outbound_resources(plaintext: bool, tmp_path: Path) -> None:
+    """`envoy --mode validate` on the bootstrap with the outbound listener and clusters made static: valid, and
+    no deprecated field, no warning."""
+    boot = build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext))
+    listeners, clusters = outbound_resources(MAP, OWN_IP)
+    boot["static_resources"]["listeners"] += listeners
+    boot["static_resources"]["clusters"] += clusters
+    check_bootstrap(boot)
+    out = _validate(boot, tmp_path)
+    assert "deprecated" not in out.lower() and "[warning]" not in out, out
+
+
+def _chains(plaintext: bool) -> dict[str, dict[str, Any]]:
+    inbound = build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext))["static_resources"][
+        "listeners"][0]
+    return {c["filter_chain_match"]["transport_protocol"]: c for c in inbound["filter_chains"]}
+
+
+def test_inbound_takes_mtls_only_unless_plaintext_is_allowed() -> None:
+    """A plaintext caller (a non-meshed pod, or a pod dialling a meshed pod's IP directly) finds no filter
+    chain and is disconnected; only with inbound-plaintext=allow does it reach ext_authz, with no peer."""
+    strict = _chains(False)
+    assert set(strict) == {"tls"}
+    tls = strict["tls"]["transport_socket"]["typed_config"]
+    assert tls["require_client_certificate"] is True
+    assert tls["common_tls_context"]["validation_context_sds_secret_config"]["name"] == "ROOTCA"
+    assert set(_chains(True)) == {"tls", "raw_buffer"}
+    for chain in _chains(True).values():
+        filters = chain["filters"][0]["typed_config"]["http_filters"]
+        assert filters[0]["name"] == "envoy.filters.http.ext_authz"
+        assert filters[0]["typed_config"]["failure_mode_allow"] is False
+
+
+def _outbound_chains() -> dict[str, dict[str, Any]]:
+    listeners, _ = outbound_resources(MAP, OWN_IP)
+    return {c["name"]: c for c in listeners[0]["filter_chains"]}
+
+
+def test_meshed_addresses_go_out_over_mtls_pinned_to_their_identities() -> None:
+    listeners, clusters = outbound_resources(MAP, OWN_IP)
+    by_name = {c["name"]: c for c in clusters}
+    assert set(by_name) == {f"outbound|{ORDERS}", f"outbound|{ORDERS},{PAYMENTS}"}
+    pinned = by_name[f"outbound|{ORDERS},{PAYMENTS}"]["transport_socket"]["typed_config"]["common_tls_context"][
+        "combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"]
+    assert [m["matcher"]["exact"] for m in pinned] == [ORDERS, PAYMENTS]
+    for cluster in clusters:
+        assert cluster["type"] == "ORIGINAL_DST"
+    default = listeners[0]["default_filter_chain"]["filters"][0]
+    assert default["name"] == "envoy.filters.network.tcp_proxy", "anything else passes through untouched"
+
+
+def test_plaintext_ports_are_carved_out_of_every_port_specific_chain() -> None:
+    """Envoy matches the destination port before the address and never falls back to port-less chains: a
+    meshed address's plaintext port 9090 must not take 9090 of the other meshed addresses out of the mesh."""
+    chains = _outbound_chains()
+    on_9090 = [c for c in chains.values() if c["filter_chain_match"].get("destination_port") == 9090]
+    addresses = {r["address_prefix"] for c in on_9090 for r in c["filter_chain_match"]["prefix_ranges"]}
+    assert addresses == {"10.244.0.8", "10.96.0.20", "10.96.0.30"}
+    any_port = {r["address_prefix"] for c in chains.values() if "destination_port" not in c["filter_chain_match"]
+                for r in c["filter_chain_match"]["prefix_ranges"]}
+    assert "10.244.0.7" in any_port and OWN_IP not in any_port
+
+
+def test_nothing_meshed_means_everything_passes_through() -> None:
+    listeners, clusters = outbound_resources({}, "")
+    assert listeners[0]["filter_chains"] == [] and clusters == []
+
+
+@pytest.mark.parametrize("doc", [
+    [], {"10.0.0.1": {"identities": "spiffe://x"}}, {"10.0.0.1": {"identities": ["https://x"]}},
+    {"fd00::1": {"identities": ["spiffe://td/ns/a/sa/b"]}},
+    {"10.0.0.1": {"identities": ["spiffe://td/ns/a/sa/b"], "plaintextPorts": [0]}},
+])
+def test_a_malformed_destination_map_is_refused(doc: Any) -> None:
+    with pytest.raises(ValueError, match="destinations"):
+        parse_destinations(doc)
+
+
+def test_the_wire_form_parses_into_the_map() -> None:
+    got = parse_destinations({"10.0.0.1": {"identities": [ORDERS], "plaintextPorts": [9090]}})
+    assert got == {"10.0.0.1": Destination((ORDERS,), (9090,))}

@@ -1,0 +1,98 @@
+"""The admission webhook server on real sockets and real TLS: it answers reviews, never with a 500, refuses
+what is not a review, and presents a new certificate on the next handshake once the CA re-issued it."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from meshward.operator.domain.inject import InjectSettings
+from meshward.operator.webhooks.admission import AdmissionWebhooks, serve_webhooks
+from tests.support.pki import CertFiles, TestCA
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _post(port: int, ca: Path, path: str, body: bytes) -> tuple[int, bytes, x509.Certificate]:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+    ssl_obj = writer.get_extra_info("ssl_object")
+    cert = x509.load_der_x509_certificate(ssl_obj.getpeercert(binary_form=True))
+    writer.write(f"POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), payload, cert
+
+
+def _pems(files: CertFiles) -> tuple[bytes, bytes]:
+    return files.cert.read_bytes(), files.key.read_bytes()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> tuple[TestCA, CertFiles, CertFiles]:
+    ca = TestCA(tmp_path / "pki")
+    return ca, ca.issue("first", dns=("localhost",)), ca.issue("second", dns=("localhost",))
+
+
+async def _serving(current: Callable[[], tuple[bytes, bytes]]) -> AsyncIterator[int]:
+    port = _free_port()
+    hooks = AdmissionWebhooks(InjectSettings(image="localhost/meshward:t"), "cluster.local",
+                              lambda: dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
+    runner = await serve_webhooks(hooks, f"127.0.0.1:{port}", current)
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+POD_REVIEW = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+    "uid": "u-7", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE", "namespace": "shop",
+    "object": {"metadata": {"name": "p", "labels": {"meshward.io/inject": "enabled"}},
+               "spec": {"containers": [{"name": "app", "image": "x"}]}}}}
+
+
+def test_reviews_are_answered_and_garbage_is_a_400_never_a_500(pki: tuple[TestCA, CertFiles, CertFiles]) -> None:
+    ca, first, _ = pki
+
+    async def scenario() -> None:
+        async for port in _serving(lambda: _pems(first)):
+            status, body, _ = await _post(port, ca.ca_file, "/inject/pod", json.dumps(POD_REVIEW).encode())
+            answer = json.loads(body)
+            assert status == 200 and answer["response"]["uid"] == "u-7" and answer["response"]["patchType"]
+            for junk in (b"", b"{", b"[1]", b'{"kind": "AdmissionReview"}', bytes(range(256))):
+                status, body, _ = await _post(port, ca.ca_file, "/inject/namespace", junk)
+                assert status == 400 and body.startswith(b"meshward: "), (junk, status, body)
+            status, _, _ = await _post(port, ca.ca_file, "/validate", b"x" * (9 * 1024 * 1024))
+            assert status == 413
+    asyncio.run(scenario())
+
+
+def test_a_reissued_certificate_is_presented_on_the_next_handshake(pki: tuple[TestCA, CertFiles, CertFiles]) -> None:
+    """After a CA rotation the operator's serving certificate changes under a running server: the next
+    connection must see it without a restart (the caBundle already trusts both roots)."""
+    ca, first, second = pki
+    current = [_pems(first)]
+
+    async def scenario() -> None:
+        async for port in _serving(lambda: current[0]):
+            _, _, before = await _post(port, ca.ca_file, "/validate", json.dumps(POD_REVIEW).encode())
+            current[0] = _pems(second)
+            _, _, after = await _post(port, ca.ca_file, "/validate", json.dumps(POD_REVIEW).encode())
+            assert before.serial_number != after.serial_number
+            assert after.serial_number == x509.load_pem_x509_certificate(_pems(second)[0]).serial_number
+    asyncio.run(scenario())
