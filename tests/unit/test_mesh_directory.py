@@ -110,7 +110,8 @@ def test_the_safety_net_reports_an_uninjected_opted_in_pod_once() -> None:
 
     async def scenario() -> tuple[list[str], list[str]]:
         net = SafetyNet("meshward-system", post)
-        bare = pod("bare", "10.0.0.1", injected=False, **{"meshward.io/inject": "enabled"})
+        bare = pod("bare", "10.0.0.1", injected=False)
+        bare["metadata"]["labels"]["meshward.io/inject"] = "enabled"
         bare["metadata"]["uid"] = "uid-1"
         net.apply_pod(bare)
         net.apply_pod(bare)  # an update: still one Event
