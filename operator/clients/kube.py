@@ -156,14 +156,23 @@ class KubeClient:
         out: dict[str, Any] = self._core.api_client.sanitize_for_serialization(pod)
         return out
 
-    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        """The pods of `namespace` matching `label_selector`, as plain dicts."""
+    def list_pods(self, namespace: str | None, label_selector: str) -> list[dict[str, Any]]:
+        """The pods of `namespace` (None: every namespace) matching `label_selector`, as plain dicts."""
         try:
-            pods = self._core.list_namespaced_pod(namespace, label_selector=label_selector)
+            pods = self._core.list_namespaced_pod(namespace, label_selector=label_selector) if namespace is not None \
+                else self._core.list_pod_for_all_namespaces(label_selector=label_selector)
         except ApiException as e:
-            raise _failed(f"listing pods in {namespace}", e) from e
+            raise _failed(f"listing pods in {namespace or 'every namespace'}", e) from e
         out: list[dict[str, Any]] = self._core.api_client.sanitize_for_serialization(pods).get("items", [])
         return out
+
+    def namespaces(self, label_selector: str) -> list[str]:
+        """The names of the namespaces matching `label_selector`."""
+        try:
+            found = self._core.list_namespace(label_selector=label_selector)
+        except ApiException as e:
+            raise _failed("listing namespaces", e) from e
+        return [n.metadata.name for n in found.items or [] if n.metadata and n.metadata.name]
 
     def label_pod(self, namespace: str, name: str, labels: dict[str, str | None]) -> bool:
         """Merge `labels` into a Pod's (None removes one); False when the Pod does not exist."""

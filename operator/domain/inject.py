@@ -296,6 +296,45 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
     return out
 
 
+# Where each workload kind keeps its pod template.
+_TEMPLATES = {"Deployment": ("spec", "template"), "StatefulSet": ("spec", "template"),
+              "DaemonSet": ("spec", "template"), "ReplicaSet": ("spec", "template"),
+              "ReplicationController": ("spec", "template"), "Job": ("spec", "template"),
+              "CronJob": ("spec", "jobTemplate", "spec", "template")}
+
+
+def inject_manifest(doc: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool = False
+                    ) -> dict[str, Any]:
+    """A manifest with the mesh in its pods: a Pod, or a workload's pod template, if it opted in (else unchanged).
+
+    What the webhook would do to each pod it creates, done before the manifest reaches the cluster (GitOps); the
+    pods it then creates are already injected, and the webhook leaves them alone.
+    """
+    out: dict[str, Any] = copy.deepcopy(dict(doc))
+    kind = out.get("kind")
+    namespace = str((out.get("metadata") or {}).get("namespace") or "default")
+    if kind == "Pod":
+        return inject(out, settings) if opted_in(out, namespace, namespace_opted_in, settings.operator_namespace) \
+            else out
+    path = _TEMPLATES.get(str(kind))
+    if path is None:
+        return out
+    parent = out
+    for key in path[:-1]:
+        child = parent.get(key)
+        if not isinstance(child, dict):
+            return out
+        parent = child
+    template = parent.get(path[-1])
+    if isinstance(template, dict) and opted_in(template, namespace, namespace_opted_in, settings.operator_namespace):
+        try:
+            parent[path[-1]] = inject(template, settings)
+        except InjectRefused as e:
+            raise InjectRefused(f"{kind} {namespace}/{(out.get('metadata') or {}).get('name')}: "
+                                f"{'.'.join(path)}: {e}") from e
+    return out
+
+
 # The parts of a pod injection changes: the JSON patch replaces (or adds) each whole.
 _PATCHED = (("metadata", "labels"), ("metadata", "annotations"), ("spec", "initContainers"),
             ("spec", "containers"), ("spec", "volumes"))

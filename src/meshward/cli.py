@@ -5,7 +5,10 @@ asks the operator to rotate it (the same annotation a GitOps repository can set)
 `meshward explain` compiles a pod's config from the cluster with the operator's own
 functions (invalid policies left out, and named) and decides a request with the agent's
 own pipeline, showing every rule. `meshward envoy-bootstrap` prints the Envoy bootstrap
-that goes with a `meshward-sidecar`, to run the two without Kubernetes.
+that goes with a `meshward-sidecar`, to run the two without Kubernetes. `meshward inject`
+prints manifests with the mesh injected into their opted-in pods (as the webhook would, for
+pipelines that render manifests first); `meshward check` lists pods that opted in but run
+without the mesh.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import base64
 import datetime as dt
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meshward._version import __version__
@@ -24,7 +28,8 @@ if TYPE_CHECKING:  # imported where used: `meshward --version` stays instant
 
 USAGE = ("usage: meshward [--version] {ca {status,rotate} | explain (--pod POD -n NS | --config FILE) "
          "[--method M] [--path P] [--peer SPIFFE] [--token JWT | --claims JSON] | envoy-bootstrap --app PORT "
-         "[--listen PORT] [--authz ADDR] [--sds unix:PATH | --cert F --key F --ca F]} [--kubeconfig FILE]")
+         "[--listen PORT] [--authz ADDR] [--sds unix:PATH | --cert F --key F --ca F] | inject -f FILE --image IMAGE "
+         "| check} [--kubeconfig FILE]")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +73,71 @@ def _parser() -> argparse.ArgumentParser:
     eb.add_argument("--ca", help="the CA bundle client certificates must chain to")
     eb.add_argument("--node", default="meshward-workload", help="Envoy's node id (default meshward-workload)")
     eb.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    inj = sub.add_parser("inject", help="print manifests with the mesh injected into their opted-in pods")
+    inj.add_argument("-f", "--filename", required=True, help="a YAML file of manifests ('-': stdin)")
+    inj.add_argument("--image", required=True, help="the Meshward image the chart installed (its image.repository:tag)")
+    inj.add_argument("--pull-policy", default="IfNotPresent", help="imagePullPolicy of the injected containers")
+    inj.add_argument("--operator-namespace", default="meshward-system",
+                     help="where the operator runs (default meshward-system)")
+    inj.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
+    inj.add_argument("--namespace-opted-in", action="store_true",
+                     help="treat pods without the label as opted in (their namespace is labelled)")
+    chk = sub.add_parser("check", help="list pods that opted in to the mesh but run without it")
+    chk.add_argument("--operator-namespace", default="meshward-system",
+                     help="where the operator runs (default meshward-system)")
+    chk.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG or ~/.kube/config)")
     return p
+
+
+def _inject(args: argparse.Namespace) -> int:
+    import yaml
+
+    from meshward._version import __version__ as version
+    from meshward.operator.domain.inject import InjectRefused, InjectSettings, inject_manifest
+
+    settings = InjectSettings(image=args.image, operator_namespace=args.operator_namespace,
+                              trust_domain=args.trust_domain, version=version, image_pull_policy=args.pull_policy)
+    try:
+        text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except OSError as e:
+        print(f"meshward: -f {args.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as e:
+        print(f"meshward: -f {args.filename}: not YAML: {e}", file=sys.stderr)
+        return 2
+    out = []
+    for n, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            print(f"meshward: -f {args.filename}: document {n + 1} is not a manifest", file=sys.stderr)
+            return 2
+        try:
+            out.append(inject_manifest(doc, settings, args.namespace_opted_in))
+        except InjectRefused as e:
+            print(f"meshward: document {n + 1}: {e}", file=sys.stderr)
+            return 2
+    print(yaml.safe_dump_all(out, sort_keys=False), end="")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from meshward.operator.clients.kube import KubeClient, KubeError
+    from meshward.operator.domain.inject import INJECT_LABEL, unprotected
+
+    try:
+        kube = KubeClient.from_kubeconfig(args.kubeconfig)
+        pods = kube.list_pods(None, "")
+        namespaces = set(kube.namespaces(f"{INJECT_LABEL}=enabled"))
+    except KubeError as e:
+        print(f"meshward: {e}", file=sys.stderr)
+        return 1
+    bad = unprotected(pods, namespaces, args.operator_namespace)
+    for key in bad:
+        print(f"UNPROTECTED {key}: opted in to the mesh but runs without its sidecar (created while the webhook "
+              "was bypassed, or labelled afterwards); restart it to inject it")
+    if not bad:
+        print(f"ok: all {len(pods)} pods checked; none runs opted in without the mesh")
+    return 1 if bad else 0
 
 
 def _endpoint(text: str, flag: str) -> Endpoint:
@@ -245,6 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args)
     if args.command == "envoy-bootstrap":
         return _envoy_bootstrap(args)
+    if args.command == "inject":
+        return _inject(args)
+    if args.command == "check":
+        return _check(args)
     return _ca(args)
 
 
