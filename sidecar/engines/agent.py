@@ -45,20 +45,25 @@ class Agent:
     """Owns the pipeline in force and swaps it atomically on reload."""
 
     def __init__(self, snapshot: Snapshot, fetcher: Fetcher, metrics: Metrics, audit: AuditSink,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, awaiting: str | None = None) -> None:
+        """Own `snapshot`; with `awaiting` (why there is no config yet), answer 503 until the first reload.
+
+        An agent that has not heard from the operator cannot decide: its requests are unavailable, never a
+        403 the policy might not mean.
+        """
         self._metrics = metrics
         self._audit = audit
         self._clock = clock
         self._ids = decision_ids()
         self.keys = KeyStore(snapshot.issuers, snapshot.config.jwks, fetcher, clock, metrics.jwks_fetched)
-        self.pipeline = self._build(snapshot)
+        self.pipeline = self._build(snapshot, awaiting)
         metrics.reloaded(True, snapshot.config.generation)
         metrics.cache_size_gauge(lambda: len(self._cache))
 
-    def _build(self, snapshot: Snapshot) -> Pipeline:
+    def _build(self, snapshot: Snapshot, unavailable: str | None = None) -> Pipeline:
         self._cache = TokenCache(snapshot.config.token_cache_size, self._clock, self.keys.generation)
         return Pipeline(snapshot, self.keys, self._cache, clock=self._clock, ids=self._ids,
-                        audit=self._audit, observer=self._metrics)
+                        audit=self._audit, observer=self._metrics, unavailable=unavailable)
 
     def reload(self, text: str) -> None:
         """Adopt a new config text, or raise ConfigRejected and keep the current one."""

@@ -166,8 +166,11 @@ class Pipeline:
 
     def __init__(self, snapshot: Snapshot, keys: KeyStore, cache: TokenCache, *, clock: Callable[[], float],
                  ids: Callable[[], str], audit: AuditSink, observer: DecisionObserver,
-                 authenticator: Authenticator | None = None, authorizer: Authorizer | None = None) -> None:
+                 authenticator: Authenticator | None = None, authorizer: Authorizer | None = None,
+                 unavailable: str | None = None) -> None:
         self.snapshot = snapshot
+        # Set while the agent has no config of its own yet: every decision is 503 with this reason.
+        self._unavailable = unavailable
         self._keys = keys
         self._ids = ids
         self._audit = audit
@@ -183,6 +186,8 @@ class Pipeline:
         """Decide without I/O, or return NeedKeys when a key refetch could change the answer."""
         t0 = time.perf_counter()
         try:
+            if self._unavailable is not None:
+                return self._finish(inp, transport, t0, Identity(), self._deny(Outcome.UNAVAILABLE, self._unavailable))
             if not path_is_safe(inp.path):
                 return self._finish(inp, transport, t0, Identity(), self._deny(
                     Outcome.FORBIDDEN, "path is not normalized"))

@@ -212,7 +212,8 @@ def _start_engines(args: argparse.Namespace, snapshot: Snapshot) -> _Running:
     metrics = Metrics(registry)
     fetcher = HttpFetcher()
     audit = JsonLineAudit(sys.stdout, args.audit_flush_interval, metrics.audit_dropped.inc)
-    r = _Running(Agent(snapshot, fetcher, metrics, audit), registry, fetcher, audit)
+    awaiting = "no policy from the operator yet" if args.policy_server != "off" and args.config is None else None
+    r = _Running(Agent(snapshot, fetcher, metrics, audit, awaiting=awaiting), registry, fetcher, audit)
     r.tasks.append(asyncio.create_task(r.agent.keys.run(), name="jwks"))
     if args.config is not None:
         r.tasks.append(asyncio.create_task(r.agent.watch(args.config, args.reload_interval), name="reload"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,15 +70,23 @@ def wait_ready(cluster: Cluster, namespace: str, *what: str, timeout: int = 120)
         raise AssertionError(f"{' '.join(what)} not Ready in {timeout} s:\n{proc.stderr}\n{state}\n{events[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def release(kind_session: KindSession) -> Iterator[Release]:
-    """The operator installed by the Helm chart with the locally built image, two replicas, one leading."""
+@contextmanager
+def installed(kind_session: KindSession, *values: str) -> Iterator[Release]:
+    """The operator installed by the Helm chart with the locally built image (two replicas, one leading), then
+    uninstalled; `values` are more `helm --set` arguments."""
     cluster = kind_session.cluster
     rel = Release(cluster, "meshward", OPERATOR_NAMESPACE, kind_session.images["meshward"])
     cluster.helm("install", rel.name, str(CHART), "-n", rel.namespace, "--create-namespace", "--wait",
-                 "--timeout", "180s", *image_values(rel.image), timeout=240)
+                 "--timeout", "180s", *image_values(rel.image), *values, timeout=240)
     try:
         wait_until("a labelled leader", rel.leader, timeout=60)
         yield rel
     finally:
         cluster.helm("uninstall", rel.name, "-n", rel.namespace, "--wait", check=False, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def release(kind_session: KindSession) -> Iterator[Release]:
+    """The operator installed by the Helm chart with the locally built image, two replicas, one leading."""
+    with installed(kind_session) as rel:
+        yield rel

@@ -58,3 +58,19 @@ def test_an_unexpected_stream_error_does_not_end_the_subscription() -> None:
 
     calls, version = asyncio.run(scenario())
     assert calls >= 2 and version == "v1"
+
+
+def test_until_its_first_config_an_agent_answers_unavailable_not_forbidden() -> None:
+    """A restarted agent that has not heard from the operator cannot decide: 503, which clients retry, never a
+    403 the policy might not mean; its first config ends that."""
+    from meshward.sidecar.domain.decision import Outcome
+    from meshward.sidecar.domain.request import CheckInput
+
+    registry = CollectorRegistry()
+    awaiting = load_snapshot(json.dumps({**CONFIG, "policies": [{"name": "p", "rules": []}]}))
+    agent = Agent(awaiting, _NoFetch(), Metrics(registry), JsonLineAudit(io.StringIO()), awaiting="no policy yet")
+    first = agent.pipeline.decide_now(CheckInput("GET", "/orders/1"), "http")
+    assert first.outcome is Outcome.UNAVAILABLE and first.reason == "no policy yet"  # type: ignore[union-attr]
+    agent.reload(json.dumps(CONFIG))
+    after = agent.pipeline.decide_now(CheckInput("GET", "/orders/1"), "http")
+    assert after.outcome is Outcome.ALLOW  # type: ignore[union-attr]

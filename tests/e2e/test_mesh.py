@@ -1,0 +1,299 @@
+"""The admission controller with real pods: injection by label, traffic capture, pod-to-pod mTLS with policy,
+fail-closed behaviour, the operator's outage, the safety net, and certificate and CA rotation under traffic.
+
+One release (leaf certificates capped at 30 s so rotations happen within a test) and one namespace with two
+meshed workloads, `server` (an echo app behind a Service, with an HTTP readiness probe) and `client` (the same
+app, calling out), and unmeshed ones. Tests run in file order: the operator outage and the rotations come last.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import Release, installed, wait_ready
+from tests.kube import Cluster, KindSession, service_identity, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+INJECTED = ["meshward-init", "meshward-agent", "meshward-proxy"]
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The release, the namespace and the images of this module."""
+
+    release: Release
+    ns: str
+    echo: str
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.release.cluster
+
+    def pod(self, app: str) -> str:
+        """The name of the (one, Running, not terminating) pod of deployment `app`."""
+        def find() -> str:
+            pods = self.cluster.get_json("-n", self.ns, "pods", "-l", f"app={app}")["items"]
+            live = [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")
+                    and p.get("status", {}).get("phase") == "Running"]
+            return live[0] if len(live) == 1 else ""
+        name: str = wait_until(f"one running {app} pod", find, timeout=120)
+        return name
+
+    def curl(self, app: str, url: str, *args: str, container: str = "app") -> tuple[int, str]:
+        """(HTTP status or 0 for a failed connection, body) of curl run in `app`'s pod."""
+        proc = self.cluster.kubectl("-n", self.ns, "exec", self.pod(app), "-c", container, "--", "curl", "-sS",
+                                    "--max-time", "5", "-w", "\n%{http_code}", *args, url, check=False)
+        body, _, code = proc.stdout.rpartition("\n")
+        return (int(code) if code.isdigit() else 0), body
+
+    def decisions(self, app: str) -> list[dict[str, Any]]:
+        """The audit lines of `app`'s agent."""
+        out = self.cluster.kubectl("-n", self.ns, "logs", self.pod(app), "-c", "meshward-agent").stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith('{"ts"')]
+
+
+def deployment(ns: str, name: str, image: str, *, inject: bool, probe: bool = True) -> dict[str, Any]:
+    labels = {"app": name, **({"meshward.io/inject": "enabled"} if inject else {})}
+    container: dict[str, Any] = {"name": "app", "image": image, "imagePullPolicy": "Never",
+                                 "ports": [{"name": "http", "containerPort": 8080}]}
+    if probe:
+        container["readinessProbe"] = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                "metadata": {"labels": labels},
+                "spec": {"serviceAccountName": name, "containers": [container]}}}}
+
+
+def service(ns: str, name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}}
+
+
+@pytest.fixture(scope="module")
+def mesh(kind_session: KindSession) -> Iterator[Mesh]:
+    values = ("--set", "operator.extraArgs={--max-leaf-ttl=30s,--ca-interval=2,--status-interval=2}")
+    with installed(kind_session, *values) as rel:
+        cluster = rel.cluster
+        ns = cluster.new_namespace("mesh")
+        echo = kind_session.images["echo"]
+        try:
+            for sa in ("server", "client", "plain", "outside"):
+                cluster.kubectl("-n", ns, "create", "serviceaccount", sa)
+            cluster.apply(service_identity(ns, "server"), service_identity(ns, "client"),
+                          {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
+                           "metadata": {"name": "server", "namespace": ns},
+                           "spec": {"selector": {"matchLabels": {"app": "server"}}, "rules": [
+                               {"name": "client-reads", "from": {"principals": [
+                                   f"spiffe://cluster.local/ns/{ns}/sa/client"]}, "to": {"methods": ["GET"]}}]}})
+            cluster.trust_bundle(ns, timeout=60)
+            cluster.apply(deployment(ns, "server", echo, inject=True), service(ns, "server"),
+                          deployment(ns, "client", echo, inject=True, probe=False),
+                          deployment(ns, "plain", echo, inject=False), service(ns, "plain"),
+                          deployment(ns, "outside", echo, inject=False, probe=False))
+            for name in ("server", "client", "plain", "outside"):
+                cluster.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", timeout=200)
+            yield Mesh(rel, ns, echo)
+        finally:
+            cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_a_labelled_deployment_runs_the_mesh_and_an_unlabelled_one_is_untouched(mesh: Mesh) -> None:
+    c = mesh.cluster
+    server = c.get_json("-n", mesh.ns, "pod", mesh.pod("server"))
+    assert [i["name"] for i in server["spec"]["initContainers"]] == INJECTED
+    statuses = {s["name"]: s for s in server["status"]["initContainerStatuses"]}
+    assert statuses["meshward-init"]["state"]["terminated"]["exitCode"] == 0
+    assert statuses["meshward-agent"]["ready"] and statuses["meshward-proxy"]["ready"], "native sidecars Ready"
+    assert all(s["ready"] for s in server["status"]["containerStatuses"]), "the app's readiness probe passes"
+    assert server["metadata"]["annotations"]["meshward.io/injected"]
+    assert server["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] == 15020, "probe rewritten"
+    plain = c.get_json("-n", mesh.ns, "pod", mesh.pod("plain"))
+    assert "initContainers" not in plain["spec"] and len(plain["spec"]["containers"]) == 1
+
+
+def test_a_call_between_meshed_pods_is_mtls_with_the_callers_identity_and_the_policy_decides(mesh: Mesh) -> None:
+    code, body = mesh.curl("client", f"http://server.{mesh.ns}/hello")
+    assert code == 200, body
+    assert json.loads(body)["headers"]["x-meshward-decision-id"]
+    code, body = mesh.curl("client", f"http://server.{mesh.ns}/hello", "-X", "POST")
+    assert code == 403 and "no rule allows this request" in body
+    seen = [d for d in mesh.decisions("server") if d["path"] == "/hello"]
+    assert {d["peer"] for d in seen} == {f"spiffe://cluster.local/ns/{mesh.ns}/sa/client"}
+    assert {d["outcome"] for d in seen} >= {"allow", "forbidden"}
+
+
+def test_dialling_the_pod_ip_directly_cannot_bypass_capture(mesh: Mesh) -> None:
+    """The app in `client` connects to the server pod's IP and port: its Envoy still sends it over mTLS, and the
+    server's policy still decides (a POST is refused). From an unmeshed pod the same address refuses plaintext."""
+    ip = mesh.cluster.get_json("-n", mesh.ns, "pod", mesh.pod("server"))["status"]["podIP"]
+    code, _ = mesh.curl("client", f"http://{ip}:8080/direct", "-X", "POST")
+    assert code == 403
+    assert mesh.curl("client", f"http://{ip}:8080/direct")[0] == 200
+    assert any(d["path"] == "/direct" and d["peer"].endswith("/sa/client") for d in mesh.decisions("server"))
+    for url in (f"http://{ip}:8080/direct", f"http://server.{mesh.ns}/hello", f"http://{ip}:15006/envoy"):
+        code, body = mesh.curl("outside", url)
+        assert code == 0, f"{url} answered an unmeshed caller: {code} {body}"
+
+
+def test_a_meshed_pod_reaches_unmeshed_services_unchanged(mesh: Mesh) -> None:
+    code, body = mesh.curl("client", f"http://plain.{mesh.ns}/open")
+    assert code == 200 and "x-meshward-decision-id" not in json.loads(body)["headers"]
+
+
+def test_envoys_own_traffic_is_never_captured_again(mesh: Mesh) -> None:
+    """The server's Envoy forwards to its app over the pod's address: were its connections captured, they would
+    come back into its own outbound listener (a loop). Its outbound listener has seen no connection at all."""
+    mesh.curl("client", f"http://server.{mesh.ns}/loop")
+    stats = mesh.cluster.kubectl("-n", mesh.ns, "exec", mesh.pod("server"), "-c", "meshward-proxy", "--",
+                                 "python3", "-c", "import urllib.request; print(urllib.request.urlopen("
+                                 "'http://127.0.0.1:15000/stats').read().decode())").stdout
+    counts = {k: int(v) for k, _, v in (line.partition(": ") for line in stats.splitlines()) if v.isdigit()}
+    inbound = counts.get("listener.0.0.0.0_15006.downstream_cx_total", 0)
+    outbound = counts.get("listener.127.0.0.1_15001.downstream_cx_total", 0)
+    assert inbound >= 1 and outbound == 0, stats
+
+
+def test_the_agent_killed_means_denied_until_kubelet_restarts_it(mesh: Mesh) -> None:
+    """Fail closed: while the server's agent is down, Envoy answers 503 (never passes the request); kubelet
+    restarts the native sidecar and requests succeed again."""
+    c, server = mesh.cluster, mesh.pod("server")
+    restarts = {s["name"]: s["restartCount"] for s in c.get_json("-n", mesh.ns, "pod", server)["status"][
+        "initContainerStatuses"]}["meshward-agent"]
+    traffic = Traffic(mesh, "client", f"http://server.{mesh.ns}/during-restart", seconds=20)
+    c.kubectl("-n", mesh.ns, "exec", server, "-c", "meshward-agent", "--", "python3", "-c",
+              "import os, signal; os.kill(1, signal.SIGTERM)")
+    result = traffic.result()
+    after = {s["name"]: s["restartCount"] for s in c.get_json("-n", mesh.ns, "pod", server)["status"][
+        "initContainerStatuses"]}["meshward-agent"]
+    assert after == restarts + 1
+    assert result["errors"].get("503", 0) >= 1, result
+    assert set(result["errors"]) <= {"503"}, result
+    assert mesh.curl("client", f"http://server.{mesh.ns}/after-restart")[0] == 200
+
+
+TRAFFIC = """
+import json, sys, time, urllib.error, urllib.request
+url, seconds = sys.argv[1], float(sys.argv[2])
+end, ok, errors = time.monotonic() + seconds, 0, {}
+while time.monotonic() < end:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            ok += 1
+    except urllib.error.HTTPError as e:
+        errors[str(e.code)] = errors.get(str(e.code), 0) + 1
+    except Exception as e:
+        errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+    time.sleep(0.05)  # a steady, moderate rate
+print(json.dumps({"ok": ok, "errors": errors}))
+"""
+
+
+class Traffic:
+    """Requests from a pod's app at a steady rate for `seconds`, counted by outcome."""
+
+    def __init__(self, mesh: Mesh, app: str, url: str, seconds: float) -> None:
+        self.seconds = seconds
+        self.proc = subprocess.Popen(
+            [mesh.cluster.kubectl_bin, "--kubeconfig", str(mesh.cluster.kubeconfig), "-n", mesh.ns, "exec",
+             mesh.pod(app), "-c", "app", "--", "python3", "-c", TRAFFIC, url, str(seconds)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(self) -> dict[str, Any]:
+        out, err = self.proc.communicate(timeout=self.seconds + 60)
+        assert self.proc.returncode == 0, err
+        doc: dict[str, Any] = json.loads(out)
+        return doc
+
+
+def test_the_safety_net_reports_an_opted_in_pod_running_without_the_mesh(mesh: Mesh) -> None:
+    c = mesh.cluster
+    pod = mesh.pod("plain")
+    c.kubectl("-n", mesh.ns, "label", "pod", pod, "meshward.io/inject=enabled")
+    wait_until("a MeshMissing Event on the pod", lambda: any(
+        e["reason"] == "MeshMissing" and e["involvedObject"]["name"] == pod
+        for e in c.get_json("-n", mesh.ns, "events")["items"]), timeout=60)
+    check = subprocess.run([str(Path(sys.executable).parent / "meshward"), "check", "--kubeconfig",
+                            str(c.kubeconfig)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1 and f"UNPROTECTED {mesh.ns}/{pod}" in check.stdout
+    c.kubectl("-n", mesh.ns, "label", "pod", pod, "meshward.io/inject-")
+
+
+def test_meshward_inject_prints_what_the_webhook_does(mesh: Mesh) -> None:
+    """The CLI's rendering of the server Deployment gives its pods the same containers, commands and volumes the
+    webhook gave the running pod."""
+    doc = deployment(mesh.ns, "server", mesh.echo, inject=True)
+    proc = subprocess.run([str(Path(sys.executable).parent / "meshward"), "inject", "-f", "-", "--image",
+                           mesh.release.image, "--pull-policy", "Never"], input=yaml.safe_dump(doc),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rendered = yaml.safe_load(proc.stdout)["spec"]["template"]
+    running = mesh.cluster.get_json("-n", mesh.ns, "pod", mesh.pod("server"))
+
+    def shape(spec: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [(c["name"], c["image"], c.get("command"), [e["name"] for e in c.get("env", [])],
+                 c.get("restartPolicy")) for c in spec["initContainers"]] + [
+            (c["name"], json.dumps(c.get("readinessProbe", {}).get("httpGet"), sort_keys=True))
+            for c in spec["containers"]]
+    assert shape(rendered["spec"]) == shape(running["spec"])
+    assert {v["name"] for v in rendered["spec"]["volumes"]} <= {v["name"] for v in running["spec"]["volumes"]}
+
+
+def test_with_the_operator_down_only_opted_in_pods_are_refused(mesh: Mesh) -> None:
+    """Istio's injector failed closed for every pod of the cluster (istio#30139): ours refuses only the pods
+    that must not run unprotected, with a message naming the webhook, and works again once back."""
+    c, rel = mesh.cluster, mesh.release
+    c.kubectl("-n", rel.namespace, "scale", "deployment", "meshward-operator", "--replicas=0")
+    wait_until("no operator pod", lambda: not rel.pods(), timeout=120)
+    try:
+        c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bystander", "namespace": mesh.ns},
+                 "spec": {"containers": [{"name": "app", "image": mesh.echo, "imagePullPolicy": "Never"}]}})
+        opted = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "opted", "namespace": mesh.ns,
+                                                                 "labels": {"meshward.io/inject": "enabled"}},
+                 "spec": {"containers": [{"name": "app", "image": mesh.echo, "imagePullPolicy": "Never"}]}}
+        refused = c.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(opted), check=False)
+        assert refused.returncode != 0
+        assert "pods.inject.meshward.io" in refused.stderr and "meshward-webhook" in refused.stderr, refused.stderr
+    finally:
+        c.kubectl("-n", rel.namespace, "scale", "deployment", "meshward-operator", "--replicas=2")
+    wait_until("a labelled leader again", rel.leader, timeout=180)
+    wait_until("the opted-in pod admitted and injected", lambda: c.kubectl(
+        "apply", "-f", "-", stdin=yaml.safe_dump(opted), check=False).returncode == 0, timeout=60)
+    injected = c.get_json("-n", mesh.ns, "pod", "opted")
+    assert [i["name"] for i in injected["spec"]["initContainers"]] == INJECTED
+    wait_ready(c, mesh.ns, "pod/bystander")
+    c.kubectl("-n", mesh.ns, "delete", "pod", "opted", "bystander", "--wait=false")
+
+
+def _ca_phase(mesh: Mesh) -> str:
+    proc = subprocess.run([str(Path(sys.executable).parent / "meshward"), "ca", "status", "--namespace",
+                           mesh.release.namespace, "--kubeconfig", str(mesh.cluster.kubeconfig)],
+                          capture_output=True, text=True, timeout=60)
+    return proc.stdout.splitlines()[0].split()[1] if proc.returncode == 0 else ""
+
+
+def test_leaf_and_ca_rotation_under_continuous_traffic_drop_no_request(mesh: Mesh) -> None:
+    """Leaves live 30 s here, so each agent renews several times; meanwhile the CA rotates (staged: the new
+    root trusted; retiring: the new key signs; steady: the old root gone). Not one request fails."""
+    c = mesh.cluster
+    wait_until("the CA steady", lambda: _ca_phase(mesh) == "steady", timeout=60)
+    traffic = Traffic(mesh, "client", f"http://server.{mesh.ns}/rotation", seconds=110)
+    subprocess.run([str(Path(sys.executable).parent / "meshward"), "ca", "rotate", "--namespace",
+                    mesh.release.namespace, "--kubeconfig", str(c.kubeconfig)], check=True, capture_output=True,
+                   timeout=60)
+    wait_until("the rotation staged", lambda: _ca_phase(mesh) == "staged", timeout=30)
+    wait_until("the rotation done", lambda: _ca_phase(mesh) == "steady", timeout=100)
+    result = traffic.result()
+    assert result["errors"] == {} and result["ok"] > 500, result
+    renewals = [line for line in c.kubectl("-n", mesh.ns, "logs", mesh.pod("server"), "-c", "meshward-agent")
+                .stdout.splitlines() if "certificate for spiffe://" in line]
+    assert len(renewals) >= 4, renewals
