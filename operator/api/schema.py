@@ -164,6 +164,11 @@ def jwt_issuer_schema() -> Schema:
                             "only for 127.0.0.1, localhost or [::1]); keys fetched over plain http can be "
                             "forged")]},
             ),
+            "jwks": string(
+                "The issuer's public signing keys as a JWKS document (JSON), inline instead of fetched: for "
+                "air-gapped clusters and issuers without a reachable JWKS endpoint. Rotate keys by updating "
+                "the policy; never put a private key here.",
+                maxLength=65536),
             "algorithms": array(
                 string("A JWS algorithm.", enum=JWT_ALGORITHMS),
                 "Signature algorithms accepted from this issuer. `none` and HMAC (HS*) are never "
@@ -204,6 +209,9 @@ def jwt_issuer_schema() -> Schema:
                 "unless listed here.", max_items=8),
         },
         required=["issuer", "audiences"],
+        **{"x-kubernetes-validations": [rule(
+            "!(has(self.jwks) && has(self.jwksUri))",
+            "spec.jwt[]: set jwks (keys inline) or jwksUri (keys fetched), not both")]},
     )
 
 

@@ -109,7 +109,7 @@ def _seconds(text: str) -> float:
 
 def _issuer(doc: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"issuer": doc["issuer"], "audiences": list(doc["audiences"])}
-    for k in ("jwksUri", "algorithms", "fromHeaders", "fromCookies", "forwardOriginalToken", "tokenTypes"):
+    for k in ("jwksUri", "jwks", "algorithms", "fromHeaders", "fromCookies", "forwardOriginalToken", "tokenTypes"):
         if k in doc:
             out[k] = doc[k]
     if "clockSkew" in doc:

@@ -11,6 +11,7 @@ operator. The format is documented in docs/sidecar-config.md.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,8 @@ class Issuer:
     clock_skew_s: float = DEFAULT_CLOCK_SKEW_S
     max_lifetime_s: float = DEFAULT_MAX_LIFETIME_S
     ca_file: str | None = None
+    # The keys inline (a JWKS document), instead of fetched from jwks_uri or discovery.
+    jwks: str | None = None
     # Accepted `typ` values, lowercase without `application/`; tokens without `typ` always pass this check.
     token_types: frozenset[str] = frozenset(DEFAULT_TOKEN_TYPES)
 
@@ -338,14 +341,37 @@ def _issuer(data: Any, path: str) -> Issuer:
         raise ConfigError(r.at("maxLifetimeSeconds"), f"must be greater than 0 and at most {MAX_LIFETIME_BOUND_S:g} "
                                                       f"(7 days), got {max_life:g}")
     types = tuple(t.lower().removeprefix("application/") for t in r.strings("tokenTypes")) or DEFAULT_TOKEN_TYPES
+    jwks_uri = _url(r, "jwksUri", required=False)
+    jwks = _inline_jwks(r)
+    if jwks is not None and jwks_uri is not None:
+        raise ConfigError(r.at("jwks"), "set jwks (keys inline) or jwksUri (keys fetched), not both")
     out = Issuer(
-        issuer=issuer, audiences=audiences, jwks_uri=_url(r, "jwksUri", required=False),
+        issuer=issuer, audiences=audiences, jwks_uri=jwks_uri, jwks=jwks,
         algorithms=frozenset(algorithms), sources=sources,
         forward_original_token=bool(r.get("forwardOriginalToken", bool, False)),
         clock_skew_s=skew, max_lifetime_s=max_life, ca_file=r.get("caFile", str), token_types=frozenset(types),
     )
     r.done()
     return out
+
+
+def _inline_jwks(r: _Reader) -> str | None:
+    """An inline JWKS: a JSON object with a `keys` list of public keys only."""
+    text = r.get("jwks", str)
+    if text is None:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(r.at("jwks"), f"is not JSON: {e}") from e
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ConfigError(r.at("jwks"), 'must be a JWKS document: {"keys": [...]} with at least one key')
+    for n, key in enumerate(keys):
+        if isinstance(key, dict) and any(p in key for p in ("d", "p", "q", "k")):
+            raise ConfigError(f"{r.at('jwks')}.keys[{n}]", "holds private or symmetric key material: publish the "
+                                                             "public keys only (no d, p, q or k)")
+    return str(text)
 
 
 def _token_sources(r: _Reader) -> tuple[TokenSource, ...]:

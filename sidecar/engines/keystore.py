@@ -4,7 +4,7 @@ Why: the hot path must look keys up with a dict access, never wait on the networ
 for a known key, and never accept a token because the IdP is unreachable.
 - Each issuer's keys are fetched before the sidecar reports ready (discovery via
   `/.well-known/openid-configuration` when no `jwksUri` is configured) and
-  refreshed on a schedule.
+  refreshed on a schedule; keys given inline (`jwks`) are read from the config.
 - A token with an unknown `kid` triggers one refetch per issuer at most every
   `minRefetchSeconds` (a flood of random kids cannot hammer the IdP); requests
   wait on that single in-flight fetch, never start their own.
@@ -123,7 +123,8 @@ class KeyStore:
         new: dict[str, IssuerKeys] = {}
         for name, cfg in issuers.items():
             old = self._issuers.get(name)
-            if old is not None and old.issuer.jwks_uri == cfg.jwks_uri and old.issuer.ca_file == cfg.ca_file:
+            if old is not None and old.issuer.jwks_uri == cfg.jwks_uri and old.issuer.ca_file == cfg.ca_file \
+                    and old.issuer.jwks == cfg.jwks:
                 old.issuer = cfg
                 new[name] = old
             else:
@@ -169,8 +170,12 @@ class KeyStore:
         st.last_attempt = self._clock()
         timeout = self._settings.timeout_s
         try:
-            uri = st.issuer.jwks_uri or st.jwks_uri or await self._discover(st, timeout)
-            keys = parse_jwks(await self._fetcher.get(uri, ca_file=st.issuer.ca_file, timeout=timeout))
+            if st.issuer.jwks is not None:  # keys inline in the config: nothing to fetch
+                uri = "the inline jwks"
+                keys = parse_jwks(st.issuer.jwks.encode())
+            else:
+                uri = st.issuer.jwks_uri or st.jwks_uri or await self._discover(st, timeout)
+                keys = parse_jwks(await self._fetcher.get(uri, ca_file=st.issuer.ca_file, timeout=timeout))
             if not keys:
                 raise FetchError(f"JWKS at {uri} has no usable signature keys")
         except (FetchError, ValueError) as e:

@@ -50,6 +50,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("unknown-mode", policy({**SEL, "mode": "Permissive"}), 'Unsupported value: "Permissive"'),
     ("issuer-plain-http", policy({**SEL, "jwt": [{**JWT, "issuer": "http://idp.example.com"}]}),
      "spec.jwt[].issuer must be an https URL"),
+    ("jwks-inline-and-fetched", with_jwt(jwksUri="https://idp.example.com/jwks", jwks='{"keys": []}'),
+     "set jwks (keys inline) or jwksUri (keys fetched), not both"),
     ("jwks-uri-plain-http", with_jwt(jwksUri="http://idp.example.com/jwks"),
      "spec.jwt[].jwksUri must be an https URL"),
     ("jwks-uri-http-lookalike-loopback", with_jwt(jwksUri="http://127.0.0.1.evil.example/jwks"),

@@ -213,3 +213,45 @@ def test_an_internal_error_denies_with_503() -> None:
     assert (d.outcome, d.wire.http, d.wire.grpc) == (Outcome.UNAVAILABLE, 503, 14)
 
 
+
+
+def test_inline_keys_verify_tokens_with_no_fetch_at_all() -> None:
+    """`jwks` inline (air-gapped clusters): the keys come from the config, nothing is fetched, and a token
+    signed by another key is still refused."""
+    import json as _json
+
+    import jwt as pyjwt
+
+    from tests.support.idp import SigningKey
+
+    key, other = SigningKey("ES256"), SigningKey("ES256")
+    inline = issuer(jwks=_json.dumps({"keys": [key.jwk]}))
+    del inline["jwksUri"]
+    h = harness(config(policy(jwt=[inline], rules=[{"name": "all"}])))
+    assert asyncio.run(h.keys.refresh("https://idp.example.com")) and h.fetcher.docs == {}
+
+    def token(signer: SigningKey) -> str:
+        now = int(time.time())
+        return pyjwt.encode({"iss": "https://idp.example.com", "aud": "orders", "sub": "alice", "iat": now,
+                             "exp": now + 60}, signer.private, algorithm="ES256", headers={"kid": signer.kid})
+    h.clock.now = time.time()
+    assert asyncio.run(h.pipeline.decide(request(token=token(key)), "http")).outcome is Outcome.ALLOW
+    assert asyncio.run(h.pipeline.decide(request(token=token(other)), "http")).outcome is Outcome.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(("jwks", "says"), [
+    ("not json", "is not JSON"),
+    ('{"keys": []}', "at least one key"),
+    ('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}', "private or symmetric key material"),
+    ('{"keys": [{"kty": "EC", "crv": "P-256", "x": "a", "y": "b", "d": "c"}]}', "private or symmetric"),
+])
+def test_inline_keys_must_be_a_public_jwks(jwks: str, says: str) -> None:
+    from meshward.sidecar.config.schema import ConfigError, parse_config
+
+    inline = issuer(jwks=jwks)
+    del inline["jwksUri"]
+    with pytest.raises(ConfigError, match="jwks") as e:
+        parse_config(config(policy(jwt=[inline])))
+    assert says in str(e.value)
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config(config(policy(jwt=[issuer(jwks='{"keys": [{"kty": "EC"}]}')])))
