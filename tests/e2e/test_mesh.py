@@ -11,16 +11,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import yaml
 
 from tests.e2e.conftest import Release, installed, wait_ready
 from tests.kube import Cluster, KindSession, service_identity, wait_until
+from tests.support.idp import SigningKey
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -62,7 +65,8 @@ class Mesh:
         return [json.loads(line) for line in out.splitlines() if line.startswith('{"ts"')]
 
 
-def deployment(ns: str, name: str, image: str, *, inject: bool, probe: bool = True) -> dict[str, Any]:
+def deployment(ns: str, name: str, image: str, *, inject: bool, probe: bool = True,
+               annotations: dict[str, str] | None = None) -> dict[str, Any]:
     labels = {"app": name, **({"meshward.io/inject": "enabled"} if inject else {})}
     container: dict[str, Any] = {"name": "app", "image": image, "imagePullPolicy": "Never",
                                  "ports": [{"name": "http", "containerPort": 8080}]}
@@ -70,13 +74,37 @@ def deployment(ns: str, name: str, image: str, *, inject: bool, probe: bool = Tr
         container["readinessProbe"] = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
             "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": labels, **({"annotations": annotations} if annotations else {})},
                 "spec": {"serviceAccountName": name, "containers": [container]}}}}
 
 
 def service(ns: str, name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
             "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}}
+
+
+KEY = SigningKey("ES256")
+ISSUER = "https://idp.meshward.test"
+
+
+def token(key: SigningKey = KEY, **claims: Any) -> str:
+    now = int(time.time())
+    return jwt.encode({"iss": ISSUER, "aud": "orders", "sub": "alice", "iat": now, "exp": now + 300, **claims},
+                      key.private, algorithm="ES256", headers={"kid": key.kid})
+
+
+def orders_policy(ns: str) -> dict[str, Any]:
+    """End users need a token of the test IdP (its keys inline: no IdP runs) with scope orders:read."""
+    return {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": "orders", "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": "orders"}},
+                     "jwt": [{"issuer": ISSUER, "audiences": ["orders"], "algorithms": ["ES256"],
+                              "jwks": json.dumps({"keys": [KEY.jwk]})}],
+                     "rules": [{"name": "client-reads", "from": {"principals": [
+                         f"spiffe://cluster.local/ns/{ns}/sa/client"]}, "to": {"methods": ["GET"]},
+                         "when": ["'orders:read' in scopes"]}]}}
+
+
+WORKLOADS = ("server", "client", "orders", "legacy", "metrics", "plain", "outside")
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +115,10 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
         ns = cluster.new_namespace("mesh")
         echo = kind_session.images["echo"]
         try:
-            for sa in ("server", "client", "plain", "outside"):
+            for sa in WORKLOADS:
                 cluster.kubectl("-n", ns, "create", "serviceaccount", sa)
-            cluster.apply(service_identity(ns, "server"), service_identity(ns, "client"),
+            cluster.apply(*(service_identity(ns, sa) for sa in ("server", "client", "orders", "legacy", "metrics")),
+                          orders_policy(ns),
                           {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
                            "metadata": {"name": "server", "namespace": ns},
                            "spec": {"selector": {"matchLabels": {"app": "server"}}, "rules": [
@@ -98,9 +127,15 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
             cluster.trust_bundle(ns, timeout=60)
             cluster.apply(deployment(ns, "server", echo, inject=True), service(ns, "server"),
                           deployment(ns, "client", echo, inject=True, probe=False),
+                          deployment(ns, "orders", echo, inject=True), service(ns, "orders"),
+                          deployment(ns, "legacy", echo, inject=True,
+                                     annotations={"meshward.io/inbound-plaintext": "allow"}), service(ns, "legacy"),
+                          deployment(ns, "metrics", echo, inject=True,
+                                     annotations={"meshward.io/exclude-inbound-ports": "8080"}),
+                          service(ns, "metrics"),
                           deployment(ns, "plain", echo, inject=False), service(ns, "plain"),
                           deployment(ns, "outside", echo, inject=False, probe=False))
-            for name in ("server", "client", "plain", "outside"):
+            for name in WORKLOADS:
                 cluster.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", timeout=200)
             yield Mesh(rel, ns, echo)
         finally:
@@ -130,6 +165,37 @@ def test_a_call_between_meshed_pods_is_mtls_with_the_callers_identity_and_the_po
     seen = [d for d in mesh.decisions("server") if d["path"] == "/hello"]
     assert {d["peer"] for d in seen} == {f"spiffe://cluster.local/ns/{mesh.ns}/sa/client"}
     assert {d["outcome"] for d in seen} >= {"allow", "forbidden"}
+
+
+def test_end_user_tokens_are_enforced_between_pods(mesh: Mesh) -> None:
+    """The orders policy needs a token of its issuer with scope orders:read, from the client workload: 200 for a
+    good token, 401 for none or a forged one, 403 for one without the scope (curl from the client's pod)."""
+    url = f"http://orders.{mesh.ns}/orders/1"
+    good = mesh.curl("client", url, "-H", f"authorization: Bearer {token(scope='orders:read')}")
+    assert good[0] == 200, good
+    assert "authorization" not in json.loads(good[1])["headers"], "the token is stripped before the app"
+    assert mesh.curl("client", url)[0] == 401
+    forged = token(SigningKey("ES256"), scope="orders:read")
+    assert mesh.curl("client", url, "-H", f"authorization: Bearer {forged}")[0] == 401
+    assert mesh.curl("client", url, "-H", f"authorization: Bearer {token(scope='orders:write')}")[0] == 403
+
+
+def test_a_migrating_workload_may_take_plaintext_which_then_has_no_peer(mesh: Mesh) -> None:
+    """meshward.io/inbound-plaintext=allow: an unmeshed caller gets through (no policy selects `legacy`), and
+    its decision has no peer principal; a meshed caller still comes with its SPIFFE ID."""
+    assert mesh.curl("outside", f"http://legacy.{mesh.ns}/from-outside")[0] == 200
+    assert mesh.curl("client", f"http://legacy.{mesh.ns}/from-client")[0] == 200
+    peers = {d["path"]: d["peer"] for d in mesh.decisions("legacy")}
+    assert peers["/from-outside"] == "" and peers["/from-client"].endswith("/sa/client")
+
+
+def test_an_excluded_port_is_plaintext_for_everyone_and_meshed_callers_know_it(mesh: Mesh) -> None:
+    """meshward.io/exclude-inbound-ports=8080 on `metrics`: nothing captures 8080 there, so an unmeshed caller
+    reaches it, and a meshed caller's Envoy (told by the destination map) sends it plaintext, not mTLS."""
+    for app in ("outside", "client"):
+        code, body = mesh.curl(app, f"http://metrics.{mesh.ns}/scrape")
+        assert code == 200, (app, body)
+        assert "x-meshward-decision-id" not in json.loads(body)["headers"]
 
 
 def test_dialling_the_pod_ip_directly_cannot_bypass_capture(mesh: Mesh) -> None:
