@@ -209,9 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kubeconfig:
         # Kopf's own login reads $KUBECONFIG; the operator's client takes the path directly.
         os.environ["KUBECONFIG"] = args.kubeconfig
-    registry, _, metrics, kube = build(args)
+    registry, rt, metrics, kube = build(args)
     election = None
     marker = LeaderMarker(kube, args.namespace, args.pod_name)
+
+    async def serving() -> None:
+        await marker.mark(True)
+    rt.on_serving = serving
     # Also Kopf's identity: without one Kopf asks getpass.getuser(), which fails for a UID with no passwd
     # entry (the image runs as 65532).
     identity = f"{socket.gethostname()}-{os.getpid()}"
@@ -236,8 +240,7 @@ async def _lead(registry: kopf.OperatorRegistry, identity: str, election: Leader
     await marker.mark(False)  # a restarted container of a former leader must not attract traffic
     if election is not None and not await election.acquire(stop):
         return 0
-    leader.set(1)
-    await marker.mark(True)
+    leader.set(1)  # the Pod is labelled leader once its servers listen (lifecycle's start-up, rt.on_serving)
     lost = asyncio.Event()
 
     async def hold() -> None:

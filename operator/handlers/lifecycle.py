@@ -52,6 +52,9 @@ class Runtime:
     mesh: MeshDirectory | None = None
     start_webhooks: Callable[[], Awaitable[web.AppRunner]] | None = None
     webhook_bundle: WebhookBundle | None = None
+    # Called once every server listens: the leader labels its Pod then, so the Services never send it traffic
+    # it cannot take yet.
+    on_serving: Callable[[], Awaitable[None]] | None = None
     servers: list[grpc.aio.Server] = field(default_factory=list)
     runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -98,6 +101,8 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
             await rt.webhook_bundle.sync()
         if rt.start_webhooks is not None:
             rt.runners.append(await rt.start_webhooks())
+        if rt.on_serving is not None:
+            await rt.on_serving()
         after_tick = rt.webhook_bundle.sync if rt.webhook_bundle is not None else None
         rt.tasks.append(asyncio.create_task(rt.ca.run(rt.ca_interval_s, secret_event, after_tick),
                                             name="ca-rotation"))

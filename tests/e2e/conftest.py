@@ -26,24 +26,23 @@ class Release:
     namespace: str
     image: str
 
-    def pods(self) -> list[dict[str, Any]]:
-        """The operator's pods."""
+    def pods(self, terminating: bool = False) -> list[dict[str, Any]]:
+        """The operator's pods (with `terminating`, also those being deleted)."""
         items: list[dict[str, Any]] = self.cluster.get_json(
             "-n", self.namespace, "pods", "-l", f"app.kubernetes.io/instance={self.name}")["items"]
-        return items
+        return [p for p in items if terminating or not p["metadata"].get("deletionTimestamp")]
 
     def ready_replicas(self) -> int:
         """Operator pods that are Ready and not terminating."""
-        return sum(1 for p in self.pods() if not p["metadata"].get("deletionTimestamp")
-                   and all(c.get("ready") for c in p.get("status", {}).get("containerStatuses") or [{}]))
+        return sum(1 for p in self.pods()
+                   if all(c.get("ready") for c in p.get("status", {}).get("containerStatuses") or [{}]))
 
     def leader(self) -> str:
         """The pod holding the Lease (its identity is `<pod name>-<pid>`), once it is labelled as the leader."""
         holder = self.cluster.kubectl("-n", self.namespace, "get", "lease", "meshward-operator", "-o",
                                       "jsonpath={.spec.holderIdentity}", check=False).stdout
         labelled = [p["metadata"]["name"] for p in self.pods()
-                    if p["metadata"].get("labels", {}).get("meshward.io/leader") == "true"
-                    and not p["metadata"].get("deletionTimestamp")]
+                    if p["metadata"].get("labels", {}).get("meshward.io/leader") == "true"]
         return labelled[0] if len(labelled) == 1 and holder.startswith(labelled[0] + "-") else ""
 
 
@@ -83,6 +82,8 @@ def installed(kind_session: KindSession, *values: str) -> Iterator[Release]:
         yield rel
     finally:
         cluster.helm("uninstall", rel.name, "-n", rel.namespace, "--wait", check=False, timeout=180)
+        # helm waits for the Deployment, not for its pods: the next release must not meet this one's.
+        wait_until("the operator's pods gone", lambda: not rel.pods(terminating=True), timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -51,8 +51,12 @@ def test_deleting_the_leader_pod_fails_over_and_status_keeps_updating(release: R
             release.leader()), timeout=60)
         assert second != first
         # The new leader writes status: a ServiceIdentity made after the failover becomes Ready, and its
-        # trust bundle appears.
+        # trust bundle appears. Its validating webhook takes writes once the Service's endpoints reach it
+        # (labelled only once it listens; kube-proxy follows within moments).
         cluster.kubectl("-n", ns, "create", "serviceaccount", "orders")
+        doc = yaml.safe_dump(service_identity(ns, "orders"))
+        wait_until("the new leader's webhook admitting", lambda: cluster.kubectl(
+            "apply", "--dry-run=server", "-f", "-", stdin=doc, check=False).returncode == 0, timeout=30)
         cluster.apply(service_identity(ns, "orders"))
         wait_until("the new ServiceIdentity Ready", lambda: ready(cluster, ns, "serviceidentity", "orders")
                    .startswith("True"), timeout=60)
