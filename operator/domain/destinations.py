@@ -10,8 +10,12 @@ to the SPIFFE IDs that may answer there, and any other connection through untouc
   them leaves uncaptured. A Service with any non-injected pod behind it is not meshed:
   its callers speak plaintext, which injected pods behind it refuse unless they allow
   plaintext while migrating (docs/app-teams.md).
-It is the same for every workload of the mesh: addresses and identities only, no
-policy (docs/security.md, what a pod can learn).
+Each agent receives its namespace's view (`view_for`): the identities of its own
+namespace exact, those of other namespaces cut to `spiffe://<td>/ns/<ns>/sa/*` (the
+client's Envoy then accepts any workload of that namespace there). So no pod learns
+another namespace's ServiceAccounts; it learns which addresses are meshed and their
+namespaces, which cluster DNS tells any pod already (docs/security.md, what a pod can
+learn). Addresses and identities only, no policy.
 """
 
 from __future__ import annotations
@@ -107,3 +111,25 @@ def mesh_destinations(pods: Iterable[MeshPod], services: Iterable[MeshService], 
 def version_of(destinations: Mapping[str, Any]) -> str:
     """A short content hash: equal maps, equal versions."""
     return hashlib.sha256(json.dumps(destinations, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# An identity of the wire form that stands for every workload of one namespace.
+ANY_SERVICE_ACCOUNT = "*"
+
+
+def view_for(destinations: Mapping[str, Mapping[str, list[Any]]], namespace: str, trust_domain: str
+             ) -> dict[str, dict[str, list[Any]]]:
+    """The map as agents of `namespace` receive it: other namespaces' identities cut to `.../ns/<ns>/sa/*`."""
+    prefix = f"spiffe://{trust_domain}/ns/"
+    own = f"{prefix}{namespace}/sa/"
+    out: dict[str, dict[str, list[Any]]] = {}
+    for ip, entry in destinations.items():
+        ids = set()
+        for identity in entry["identities"]:
+            if identity.startswith(own) or not identity.startswith(prefix):
+                ids.add(identity)
+            else:
+                ns = identity[len(prefix):].split("/", 1)[0]
+                ids.add(f"{prefix}{ns}/sa/{ANY_SERVICE_ACCOUNT}")
+        out[ip] = {**entry, "identities": sorted(ids)}
+    return out

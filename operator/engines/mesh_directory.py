@@ -20,6 +20,7 @@ from meshward.operator.domain.destinations import (
     mesh_pod,
     mesh_service,
     version_of,
+    view_for,
 )
 
 # A burst of pod events (a rollout) is folded into one map this long after its first event.
@@ -38,6 +39,7 @@ class MeshDirectory:
         self._published = asyncio.Event()
         self.version = ""
         self.document: dict[str, Any] = {}
+        self._views: dict[str, dict[str, Any]] = {}  # of `document`, by the receiving agents' namespace
 
     def apply_pod(self, body: Mapping[str, Any]) -> None:
         """Record a pod (one without an address yet, or leaving, is forgotten)."""
@@ -78,17 +80,23 @@ class MeshDirectory:
         version = version_of(doc)
         if version == self.version:
             return False
-        self.version, self.document = version, doc
+        self.version, self.document, self._views = version, doc, {}
         published, self._published = self._published, asyncio.Event()
         published.set()
         return True
 
-    async def next(self, after: str) -> tuple[str, dict[str, Any]]:
-        """Wait for a map other than version `after` (the first one, for "")."""
+    def view(self, namespace: str) -> dict[str, Any]:
+        """The current map as agents of `namespace` receive it (domain/destinations.py, view_for)."""
+        if namespace not in self._views:
+            self._views[namespace] = view_for(self.document, namespace, self._trust_domain)
+        return self._views[namespace]
+
+    async def next(self, after: str, namespace: str) -> tuple[str, dict[str, Any]]:
+        """Wait for a map other than version `after` (the first one, for ""): its version and `namespace`'s view."""
         while not self.version or self.version == after:
             published = self._published
             await published.wait()
-        return self.version, self.document
+        return self.version, self.view(namespace)
 
     async def run(self) -> None:
         """Publish the first map, then a new one after each burst of changes, until cancelled."""

@@ -155,7 +155,7 @@ class PolicyService:
             waits: set[asyncio.Future[Any]] = {config, *stops}
             destinations = None
             if self._directory is not None:
-                destinations = asyncio.ensure_future(self._directory.next(mapped))
+                destinations = asyncio.ensure_future(self._directory.next(mapped, sub.workload.namespace))
                 waits.add(destinations)
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if destinations is not None:

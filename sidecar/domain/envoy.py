@@ -311,6 +311,15 @@ def _xds_source() -> dict[str, Any]:
         "api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": XDS}}]}}
 
 
+# Between two pods' Envoys and on to the app, a request keeps the protocol the app spoke: HTTP/2 (gRPC) stays
+# HTTP/2, HTTP/1.1 stays HTTP/1.1 (an app that speaks one only must not be sent the other). The inbound side
+# tells them apart by the HTTP/2 preface (its connection manager's automatic codec), not by ALPN.
+def _same_protocol() -> dict[str, Any]:
+    return {"typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "use_downstream_protocol_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}}}
+
+
 def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
     """The Envoy bootstrap of an injected pod: inbound (mTLS, ext_authz), health, and outbound from the agent's xDS."""
     hcm = _inbound_hcm(_ext_authz(p.transport, p.authz_timeout_s, p.allowed_headers), INBOUND_APP)
@@ -341,7 +350,7 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
         _cluster("meshward_authz", Endpoint(unix=f"{p.socket_dir}/authz.sock"), http2=p.transport == "grpc"),
         _cluster(XDS, Endpoint(unix=f"{p.socket_dir}/sds.sock"), http2=True),
         _cluster("envoy_admin", admin, http2=False),
-        _original_dst_cluster(INBOUND_APP),
+        {**_original_dst_cluster(INBOUND_APP), **_same_protocol()},
         _original_dst_cluster(PASSTHROUGH),
     ]
     return {
@@ -386,9 +395,17 @@ def parse_destinations(doc: Any) -> dict[str, Destination]:
     return out
 
 
+def _identity_matcher(identity: str) -> dict[str, str]:
+    """The SAN matcher of one identity of the map: exact, or `.../ns/<ns>/sa/*` for any workload of a namespace."""
+    if identity.endswith("/sa/*"):
+        return {"prefix": identity[:-1]}
+    return {"exact": identity}
+
+
 def _mesh_cluster(name: str, identities: tuple[str, ...]) -> dict[str, Any]:
     """An outbound cluster: to the original destination, mTLS, the peer's SPIFFE ID one of `identities`."""
-    return {**_original_dst_cluster(name), "alt_stat_name": name.replace("/", "_").replace(":", "_"),
+    return {**_original_dst_cluster(name), **_same_protocol(),
+            "alt_stat_name": name.replace("/", "_").replace(":", "_"),
             "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "common_tls_context": {
@@ -396,7 +413,7 @@ def _mesh_cluster(name: str, identities: tuple[str, ...]) -> dict[str, Any]:
                     "tls_certificate_sds_secret_configs": [_sds_secret(SDS_CERT)],
                     "combined_validation_context": {
                         "default_validation_context": {"match_typed_subject_alt_names": [
-                            {"san_type": "URI", "matcher": {"exact": i}} for i in identities]},
+                            {"san_type": "URI", "matcher": _identity_matcher(i)} for i in identities]},
                         "validation_context_sds_secret_config": _sds_secret(SDS_BUNDLE)},
                 }}}}
 

@@ -23,6 +23,7 @@ from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.listener.v3 import lds_pb2_grpc
@@ -36,7 +37,8 @@ CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 log = logging.getLogger("meshward.sidecar.xds")
 
 
-def _packed(resources: list[dict[str, Any]], message: Callable[[], Any]) -> list[Any]:
+def pack_resources(resources: list[dict[str, Any]], message: Callable[[], Any]) -> list[Any]:
+    """The resources as protobuf Any messages (every typed config they hold must be imported above)."""
     out = []
     for r in resources:
         packed = any_pb2.Any()
@@ -56,9 +58,9 @@ class OutboundDiscovery(lds_pb2_grpc.ListenerDiscoveryServiceServicer,  # type: 
         """The whole state of `type_url` for the map at `version`."""
         listeners, clusters = outbound_resources(self._destinations.current, self._destinations.own_ip)
         if type_url == LISTENER_TYPE:
-            resources = _packed(listeners, listener_pb2.Listener)
+            resources = pack_resources(listeners, listener_pb2.Listener)
         else:
-            resources = _packed(clusters, cluster_pb2.Cluster)
+            resources = pack_resources(clusters, cluster_pb2.Cluster)
         return discovery_pb2.DiscoveryResponse(version_info=str(version), resources=resources, type_url=type_url,
                                                nonce=str(version))
 

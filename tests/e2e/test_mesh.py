@@ -1,9 +1,9 @@
 """The admission controller with real pods: injection by label, traffic capture, pod-to-pod mTLS with policy,
 fail-closed behaviour, the operator's outage, the safety net, and certificate and CA rotation under traffic.
 
-One release (leaf certificates capped at 30 s so rotations happen within a test) and one namespace with two
-meshed workloads, `server` (an echo app behind a Service, with an HTTP readiness probe) and `client` (the same
-app, calling out), and unmeshed ones. Tests run in file order: the operator outage and the rotations come last.
+One release (leaf certificates capped at 30 s so rotations happen within a test) and one namespace with
+meshed workloads, among them `server` (an echo app behind a Service, with an HTTP readiness probe) and `client`
+(the same app, calling out), and unmeshed ones. Tests run in file order: the operator outage and the rotations come last.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import yaml
 
 from tests.e2e.conftest import Release, installed, wait_ready
 from tests.kube import Cluster, KindSession, service_identity, wait_until
+from tests.support import envoyapp
 from tests.support.idp import SigningKey
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -104,7 +105,7 @@ def orders_policy(ns: str) -> dict[str, Any]:
                          "when": ["'orders:read' in scopes"]}]}}
 
 
-WORKLOADS = ("server", "client", "orders", "legacy", "metrics", "plain", "outside")
+WORKLOADS = ("server", "client", "orders", "legacy", "metrics", "h2app", "plain", "outside")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
         try:
             for sa in WORKLOADS:
                 cluster.kubectl("-n", ns, "create", "serviceaccount", sa)
-            cluster.apply(*(service_identity(ns, sa) for sa in ("server", "client", "orders", "legacy", "metrics")),
+            cluster.apply(*(service_identity(ns, sa) for sa in WORKLOADS[:6]),
                           orders_policy(ns),
                           {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
                            "metadata": {"name": "server", "namespace": ns},
@@ -133,6 +134,7 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
                           deployment(ns, "metrics", echo, inject=True,
                                      annotations={"meshward.io/exclude-inbound-ports": "8080"}),
                           service(ns, "metrics"),
+                          *envoyapp.manifests(ns, "h2app", rel.image, {"meshward.io/inject": "enabled"}, "h2app"),
                           deployment(ns, "plain", echo, inject=False), service(ns, "plain"),
                           deployment(ns, "outside", echo, inject=False, probe=False))
             for name in WORKLOADS:
@@ -165,6 +167,45 @@ def test_a_call_between_meshed_pods_is_mtls_with_the_callers_identity_and_the_po
     seen = [d for d in mesh.decisions("server") if d["path"] == "/hello"]
     assert {d["peer"] for d in seen} == {f"spiffe://cluster.local/ns/{mesh.ns}/sa/client"}
     assert {d["outcome"] for d in seen} >= {"allow", "forbidden"}
+
+
+def test_http2_stays_http2_through_both_envoys_and_http11_stays_http11(mesh: Mesh) -> None:
+    """gRPC is HTTP/2: a request the client app sends as cleartext HTTP/2 (prior knowledge, as gRPC clients do)
+    reaches the other app as HTTP/2 through both Envoys and mTLS; HTTP/1.1 arrives as HTTP/1.1 (an app that
+    speaks one only is never sent the other)."""
+    url = f"http://h2app.{mesh.ns}/protocol"
+    for flag, protocol in (("--http2-prior-knowledge", "HTTP/2"), ("--http1.1", "HTTP/1.1")):
+        code, out = mesh.curl("client", url, flag, "-D", "-")
+        assert code == 200, (flag, out)
+        assert f"{envoyapp.PROTOCOL_HEADER}: {protocol.lower()}" in out.lower().splitlines(), (flag, out)
+    assert {d["peer"] for d in mesh.decisions("h2app") if d["path"] == "/protocol"} == {
+        f"spiffe://cluster.local/ns/{mesh.ns}/sa/client"}
+
+
+def test_a_caller_in_another_namespace_reaches_the_server_over_mtls_knowing_only_its_namespace(mesh: Mesh) -> None:
+    """Information leak (every agent learning every SPIFFE ID): the caller's agent knows the server's namespace,
+    not its ServiceAccount, and its Envoy still insists on mTLS with a workload of that namespace; the server
+    sees the caller's own SPIFFE ID (and its policy, which admits only `client`, answers 403)."""
+    c = mesh.cluster
+    other = c.new_namespace("caller")
+    try:
+        c.kubectl("-n", other, "create", "serviceaccount", "caller")
+        c.apply(service_identity(other, "caller"))
+        c.trust_bundle(other, timeout=60)
+        c.apply(deployment(other, "caller", mesh.echo, inject=True, probe=False))
+        c.kubectl("-n", other, "rollout", "status", "deployment/caller", "--timeout=180s", timeout=200)
+        caller = Mesh(mesh.release, other, mesh.echo)
+        learnt = c.kubectl("-n", other, "exec", caller.pod("caller"), "-c", "meshward-proxy", "--", "python3", "-c",
+                           "import urllib.request; print(urllib.request.urlopen("
+                           "'http://127.0.0.1:15000/config_dump?resource=dynamic_active_clusters').read().decode())"
+                           ).stdout
+        assert f"spiffe://cluster.local/ns/{mesh.ns}/sa/" in learnt and "/sa/server" not in learnt
+        code, body = caller.curl("caller", f"http://server.{mesh.ns}/cross")
+        assert code == 403 and "no rule allows this request" in body, (code, body)
+        peers = {d["peer"] for d in mesh.decisions("server") if d["path"] == "/cross"}
+        assert peers == {f"spiffe://cluster.local/ns/{other}/sa/caller"}
+    finally:
+        c.kubectl("delete", "namespace", other, "--wait=false", check=False)
 
 
 def test_end_user_tokens_are_enforced_between_pods(mesh: Mesh) -> None:
@@ -319,7 +360,7 @@ def test_with_the_operator_down_only_opted_in_pods_are_refused(mesh: Mesh) -> No
     that must not run unprotected, with a message naming the webhook, and works again once back."""
     c, rel = mesh.cluster, mesh.release
     c.kubectl("-n", rel.namespace, "scale", "deployment", "meshward-operator", "--replicas=0")
-    wait_until("no operator pod", lambda: not rel.pods(), timeout=120)
+    wait_until("no operator pod", lambda: not rel.pods(terminating=True), timeout=120)
     try:
         c.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bystander", "namespace": mesh.ns},
                  "spec": {"containers": [{"name": "app", "image": mesh.echo, "imagePullPolicy": "Never"}]}})
@@ -347,6 +388,17 @@ def _ca_phase(mesh: Mesh) -> str:
     return proc.stdout.splitlines()[0].split()[1] if proc.returncode == 0 else ""
 
 
+def _envoy_changes(mesh: Mesh, app: str) -> str:
+    """What changed in `app`'s Envoy (listener, cluster and secret updates, connections it reset): for a failure."""
+    stats = ("listener_manager[.](listener_modified|lds[.]update_success)|cluster_manager[.]cds[.]update_success|"
+             "sds[.].*update_success|downstream_cx_destroy_local|upstream_cx_destroy_remote_with_active_rq|"
+             "upstream_rq_pending_failure_eject|ssl[.]connection_error")
+    return mesh.cluster.kubectl("-n", mesh.ns, "exec", mesh.pod(app), "-c", "meshward-proxy", "--", "python3", "-c",
+                                "import sys, urllib.parse, urllib.request; print(urllib.request.urlopen("
+                                "'http://127.0.0.1:15000/stats?usedonly&filter=' + urllib.parse.quote(sys.argv[1]))"
+                                ".read().decode())", stats, check=False).stdout
+
+
 def test_leaf_and_ca_rotation_under_continuous_traffic_drop_no_request(mesh: Mesh) -> None:
     """Leaves live 30 s here, so each agent renews several times; meanwhile the CA rotates (staged: the new
     root trusted; retiring: the new key signs; steady: the old root gone). Not one request fails."""
@@ -359,7 +411,8 @@ def test_leaf_and_ca_rotation_under_continuous_traffic_drop_no_request(mesh: Mes
     wait_until("the rotation staged", lambda: _ca_phase(mesh) == "staged", timeout=30)
     wait_until("the rotation done", lambda: _ca_phase(mesh) == "steady", timeout=100)
     result = traffic.result()
-    assert result["errors"] == {} and result["ok"] > 500, result
+    assert result["errors"] == {} and result["ok"] > 500, (result, _envoy_changes(mesh, "client"),
+                                                           _envoy_changes(mesh, "server"))
     renewals = [line for line in c.kubectl("-n", mesh.ns, "logs", mesh.pod("server"), "-c", "meshward-agent")
                 .stdout.splitlines() if "certificate for spiffe://" in line]
     assert len(renewals) >= 4, renewals

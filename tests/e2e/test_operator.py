@@ -163,6 +163,6 @@ def test_helm_uninstall_removes_everything_the_chart_made(release: Release) -> N
         where = ["-n", namespace] if namespace else []
         gone = cluster.kubectl("get", *where, kind, name, check=False)
         assert gone.returncode != 0 and "NotFound" in gone.stderr, (kind, name, gone.stdout)
-    wait_until("the operator's pods gone", lambda: not release.pods(), timeout=120)
+    wait_until("the operator's pods gone", lambda: not release.pods(terminating=True), timeout=120)
     # CRDs stay (Helm never deletes them), and so does the CA Secret the operator made: a reinstall keeps trust.
     cluster.get_json("crd", "authpolicies.meshward.io")

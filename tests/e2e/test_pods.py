@@ -26,7 +26,10 @@ def test_echo_pod_is_reachable_through_a_service_by_dns_name(kind_session: KindS
             def answer(url: str = url) -> dict[str, object] | None:
                 proc = cluster.kubectl("-n", ns, "exec", "client", "--", "curl", "-sS", "--max-time", "5", url,
                                        check=False)
-                return json.loads(proc.stdout) if proc.returncode == 0 else None
+                try:
+                    return json.loads(proc.stdout) if proc.returncode == 0 else None
+                except ValueError:
+                    return None  # kubectl exec lost curl's output (seen once on a loaded machine): ask again
             doc = wait_until(f"{url} from the client pod", answer, timeout=60)
             assert doc["pod"] == "echo"
             assert doc["path"] == "/" + url.split("/", 3)[3]

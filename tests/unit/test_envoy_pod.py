@@ -30,6 +30,7 @@ MAP = {
     "10.96.0.20": Destination((ORDERS,)),              # the orders Service
     "10.96.0.30": Destination((PAYMENTS, ORDERS)),     # a Service over two identities
     "10.244.0.9": Destination((PAYMENTS,)),            # this pod
+    "10.244.1.4": Destination(("spiffe://cluster.local/ns/web/sa/*",)),  # a pod of another namespace
 }
 OWN_IP = "10.244.0.9"
 
@@ -106,10 +107,15 @@ def _outbound_chains() -> dict[str, dict[str, Any]]:
 def test_meshed_addresses_go_out_over_mtls_pinned_to_their_identities() -> None:
     listeners, clusters = outbound_resources(MAP, OWN_IP)
     by_name = {c["name"]: c for c in clusters}
-    assert set(by_name) == {f"outbound|{ORDERS}", f"outbound|{ORDERS},{PAYMENTS}"}
-    pinned = by_name[f"outbound|{ORDERS},{PAYMENTS}"]["transport_socket"]["typed_config"]["common_tls_context"][
-        "combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"]
-    assert [m["matcher"]["exact"] for m in pinned] == [ORDERS, PAYMENTS]
+    web = "spiffe://cluster.local/ns/web/sa/*"
+    assert set(by_name) == {f"outbound|{ORDERS}", f"outbound|{ORDERS},{PAYMENTS}", f"outbound|{web}"}
+
+    def pinned(name: str) -> list[dict[str, str]]:
+        return [m["matcher"] for m in by_name[name]["transport_socket"]["typed_config"]["common_tls_context"][
+            "combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"]]
+    assert pinned(f"outbound|{ORDERS},{PAYMENTS}") == [{"exact": ORDERS}, {"exact": PAYMENTS}]
+    # Another namespace's workloads are known by namespace only: any of its SPIFFE IDs, no other.
+    assert pinned(f"outbound|{web}") == [{"prefix": "spiffe://cluster.local/ns/web/sa/"}]
     for cluster in clusters:
         assert cluster["type"] == "ORIGINAL_DST"
     default = listeners[0]["default_filter_chain"]["filters"][0]
@@ -122,7 +128,7 @@ def test_plaintext_ports_are_carved_out_of_every_port_specific_chain() -> None:
     chains = _outbound_chains()
     on_9090 = [c for c in chains.values() if c["filter_chain_match"].get("destination_port") == 9090]
     addresses = {r["address_prefix"] for c in on_9090 for r in c["filter_chain_match"]["prefix_ranges"]}
-    assert addresses == {"10.244.0.8", "10.96.0.20", "10.96.0.30"}
+    assert addresses == {"10.244.0.8", "10.96.0.20", "10.96.0.30", "10.244.1.4"}
     any_port = {r["address_prefix"] for c in chains.values() if "destination_port" not in c["filter_chain_match"]
                 for r in c["filter_chain_match"]["prefix_ranges"]}
     assert "10.244.0.7" in any_port and OWN_IP not in any_port

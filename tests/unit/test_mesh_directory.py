@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from meshward.operator.domain.destinations import mesh_destinations, mesh_pod, mesh_service, version_of
+from meshward.operator.domain.destinations import mesh_destinations, mesh_pod, mesh_service, version_of, view_for
 from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.safety_net import SafetyNet
 
@@ -61,6 +61,30 @@ def test_pods_without_an_address_or_leaving_and_headless_services_are_left_out()
     assert "10.96.0.1" not in other_ns  # a Service selects pods of its own namespace only
 
 
+def test_an_agent_never_learns_another_namespaces_service_accounts() -> None:
+    """Information leak (issue: every sidecar receiving every SPIFFE ID): an agent of `web` gets shop's pods and
+    Service pinned to `ns/shop/sa/*`, its own namespace's exact, and the same map version for both views."""
+    full = dmap([pod("o-1", "10.0.0.1"), pod("p-1", "10.0.0.2", sa="payments", app="orders"),
+                 pod("w-1", "10.0.1.1", sa="frontend", ns="web")], [service("orders", "10.96.0.1")])
+    web = view_for(full, "web", TD)
+    assert web["10.0.0.1"]["identities"] == web["10.96.0.1"]["identities"] == [f"spiffe://{TD}/ns/shop/sa/*"]
+    assert web["10.0.1.1"]["identities"] == [f"spiffe://{TD}/ns/web/sa/frontend"]
+    assert "orders" not in str(web) and "payments" not in str(web)
+    shop = view_for(full, "shop", TD)
+    assert shop["10.96.0.1"]["identities"] == [f"spiffe://{TD}/ns/shop/sa/orders", f"spiffe://{TD}/ns/shop/sa/payments"]
+    assert shop["10.0.1.1"]["identities"] == [f"spiffe://{TD}/ns/web/sa/*"]
+
+    async def views() -> tuple[tuple[str, dict[str, Any]], tuple[str, dict[str, Any]]]:
+        d = MeshDirectory(TD)
+        for body in (pod("o-1", "10.0.0.1"), pod("w-1", "10.0.1.1", sa="frontend", ns="web")):
+            d.apply_pod(body)
+        d.publish()
+        return await d.next("", "web"), await d.next("", "shop")
+    (v_web, doc_web), (v_shop, doc_shop) = asyncio.run(views())
+    assert v_web == v_shop and doc_web["10.0.0.1"]["identities"] == [f"spiffe://{TD}/ns/shop/sa/*"]
+    assert doc_shop["10.0.0.1"]["identities"] == [f"spiffe://{TD}/ns/shop/sa/orders"]
+
+
 def test_equal_maps_have_equal_versions() -> None:
     assert version_of({"a": 1}) == version_of({"a": 1}) != version_of({"a": 2})
 
@@ -69,8 +93,8 @@ def test_the_directory_publishes_a_burst_once_and_wakes_every_waiter() -> None:
     async def scenario() -> tuple[int, list[str], dict[str, Any]]:
         d = MeshDirectory(TD, debounce_s=0.01)
         runner = asyncio.create_task(d.run())
-        first, _ = await d.next("")
-        waiters = [asyncio.create_task(d.next(first)) for _ in range(3)]
+        first, _ = await d.next("", "shop")
+        waiters = [asyncio.create_task(d.next(first, "shop")) for _ in range(3)]
         published = 0
         original = d.publish
 
