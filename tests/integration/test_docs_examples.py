@@ -12,13 +12,13 @@ from tests.kube import Cluster
 from tests.support.docs import DOCUMENTS
 
 pytestmark = pytest.mark.integration
-KINDS = {"AuthPolicy", "ServiceIdentity", "Revocation", "Namespace", "ServiceAccount"}
+KINDS = {"AuthPolicy", "ServiceIdentity", "Revocation", "Namespace", "ServiceAccount", "Deployment", "Service"}
 OBJECTS = [(w, d) for w, d in DOCUMENTS if isinstance(d, dict) and d.get("kind") in KINDS
-           and d.get("apiVersion") in ("v1", "meshward.io/v1alpha1")]
+           and d.get("apiVersion") in ("v1", "apps/v1", "meshward.io/v1alpha1")]
 
 
 def test_there_are_examples_of_every_kind() -> None:
-    assert {d["kind"] for _, d in OBJECTS} >= {"AuthPolicy", "ServiceIdentity", "Revocation"}
+    assert {d["kind"] for _, d in OBJECTS} >= {"AuthPolicy", "ServiceIdentity", "Revocation", "Deployment"}
 
 
 @pytest.mark.parametrize(("where", "doc"), OBJECTS, ids=[f"{w}:{d['kind']}/{d['metadata']['name']}" for w, d in OBJECTS])
