@@ -15,7 +15,7 @@ help:
 	@echo "make lint       ruff, mypy --strict, import-linter, CRD drift, helm lint"
 	@echo "make crds       regenerate crds/ and the chart's CRDs from operator/api/schema.py"
 	@echo "make down       stop the local cluster started by make dev"
-	@echo "make bench      authorization (vs Envoy's native jwt_authn; needs wrk), issuance, policy propagation"
+	@echo "make bench      authorization (vs Envoy's native jwt_authn; needs wrk), issuance, policy propagation, a pod-to-pod hop (kind)"
 
 install: $(VENV)/.installed
 
@@ -66,13 +66,14 @@ test: lint host-deps
 test-unit: install
 	$(BIN)/pytest -m "not integration"
 
-bench: install control-plane
+bench: install control-plane host-deps
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 2; }
 	$(BIN)/python bench/authz_inprocess.py
 	$(BIN)/python bench/authz_bench.py
 	$(BIN)/python bench/issuance_bench.py
 	$(BIN)/python bench/policy_bench.py
 	$(BIN)/python bench/policy_scale_bench.py
+	$(BIN)/python bench/mesh_hop_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .pytest-kind
