@@ -186,18 +186,23 @@ def _downstream_tls(tls: Tls | SdsTls) -> dict[str, Any]:
         "common_tls_context": common}}
 
 
-def _outbound(out: Outbound) -> tuple[dict[str, Any], dict[str, Any]]:
-    cluster = _cluster(f"outbound_{out.name}", out.upstream, http2=False)
-    cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+def _upstream_mtls(peers: list[dict[str, str]]) -> dict[str, Any]:
+    """The transport socket of mTLS to an upstream: the workload certificate (SDS), its URI SAN one of `peers`."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         "common_tls_context": {
             "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
             "tls_certificate_sds_secret_configs": [_sds_secret(SDS_CERT)],
             "combined_validation_context": {
                 "default_validation_context": {"match_typed_subject_alt_names": [
-                    {"san_type": "URI", "matcher": {"exact": out.peer}}]},
+                    {"san_type": "URI", "matcher": m} for m in peers]},
                 "validation_context_sds_secret_config": _sds_secret(SDS_BUNDLE)},
         }}}
+
+
+def _outbound(out: Outbound) -> tuple[dict[str, Any], dict[str, Any]]:
+    cluster = _cluster(f"outbound_{out.name}", out.upstream, http2=False)
+    cluster["transport_socket"] = _upstream_mtls([{"exact": out.peer}])
     if out.max_requests_per_connection is not None:
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -311,15 +316,6 @@ def _xds_source() -> dict[str, Any]:
         "api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": XDS}}]}}
 
 
-# Between two pods' Envoys and on to the app, a request keeps the protocol the app spoke: HTTP/2 (gRPC) stays
-# HTTP/2, HTTP/1.1 stays HTTP/1.1 (an app that speaks one only must not be sent the other). The inbound side
-# tells them apart by the HTTP/2 preface (its connection manager's automatic codec), not by ALPN.
-def _same_protocol() -> dict[str, Any]:
-    return {"typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "use_downstream_protocol_config": {"http_protocol_options": {}, "http2_protocol_options": {}}}}}
-
-
 def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
     """The Envoy bootstrap of an injected pod: inbound (mTLS, ext_authz), health, and outbound from the agent's xDS."""
     hcm = _inbound_hcm(_ext_authz(p.transport, p.authz_timeout_s, p.allowed_headers), INBOUND_APP)
@@ -350,7 +346,7 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
         _cluster("meshward_authz", Endpoint(unix=f"{p.socket_dir}/authz.sock"), http2=p.transport == "grpc"),
         _cluster(XDS, Endpoint(unix=f"{p.socket_dir}/sds.sock"), http2=True),
         _cluster("envoy_admin", admin, http2=False),
-        {**_original_dst_cluster(INBOUND_APP), **_same_protocol()},
+        _original_dst_cluster(INBOUND_APP),
         _original_dst_cluster(PASSTHROUGH),
     ]
     return {
@@ -404,18 +400,8 @@ def _identity_matcher(identity: str) -> dict[str, str]:
 
 def _mesh_cluster(name: str, identities: tuple[str, ...]) -> dict[str, Any]:
     """An outbound cluster: to the original destination, mTLS, the peer's SPIFFE ID one of `identities`."""
-    return {**_original_dst_cluster(name), **_same_protocol(),
-            "alt_stat_name": name.replace("/", "_").replace(":", "_"),
-            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "common_tls_context": {
-                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-                    "tls_certificate_sds_secret_configs": [_sds_secret(SDS_CERT)],
-                    "combined_validation_context": {
-                        "default_validation_context": {"match_typed_subject_alt_names": [
-                            {"san_type": "URI", "matcher": _identity_matcher(i)} for i in identities]},
-                        "validation_context_sds_secret_config": _sds_secret(SDS_BUNDLE)},
-                }}}}
+    return {**_original_dst_cluster(name), "alt_stat_name": name.replace("/", "_").replace(":", "_"),
+            "transport_socket": _upstream_mtls([_identity_matcher(i) for i in identities])}
 
 
 def _mesh_chain(cluster: str, ips: list[str], port: int | None) -> dict[str, Any]:

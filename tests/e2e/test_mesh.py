@@ -23,7 +23,6 @@ import yaml
 
 from tests.e2e.conftest import Release, installed, wait_ready
 from tests.kube import Cluster, KindSession, service_identity, wait_until
-from tests.support import envoyapp
 from tests.support.idp import SigningKey
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -105,7 +104,7 @@ def orders_policy(ns: str) -> dict[str, Any]:
                          "when": ["'orders:read' in scopes"]}]}}
 
 
-WORKLOADS = ("server", "client", "orders", "legacy", "metrics", "h2app", "plain", "outside")
+WORKLOADS = ("server", "client", "orders", "legacy", "metrics", "plain", "outside")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +117,7 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
         try:
             for sa in WORKLOADS:
                 cluster.kubectl("-n", ns, "create", "serviceaccount", sa)
-            cluster.apply(*(service_identity(ns, sa) for sa in WORKLOADS[:6]),
+            cluster.apply(*(service_identity(ns, sa) for sa in WORKLOADS[:5]),
                           orders_policy(ns),
                           {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
                            "metadata": {"name": "server", "namespace": ns},
@@ -134,7 +133,6 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
                           deployment(ns, "metrics", echo, inject=True,
                                      annotations={"meshward.io/exclude-inbound-ports": "8080"}),
                           service(ns, "metrics"),
-                          *envoyapp.manifests(ns, "h2app", rel.image, {"meshward.io/inject": "enabled"}, "h2app"),
                           deployment(ns, "plain", echo, inject=False), service(ns, "plain"),
                           deployment(ns, "outside", echo, inject=False, probe=False))
             for name in WORKLOADS:
@@ -167,19 +165,6 @@ def test_a_call_between_meshed_pods_is_mtls_with_the_callers_identity_and_the_po
     seen = [d for d in mesh.decisions("server") if d["path"] == "/hello"]
     assert {d["peer"] for d in seen} == {f"spiffe://cluster.local/ns/{mesh.ns}/sa/client"}
     assert {d["outcome"] for d in seen} >= {"allow", "forbidden"}
-
-
-def test_http2_stays_http2_through_both_envoys_and_http11_stays_http11(mesh: Mesh) -> None:
-    """gRPC is HTTP/2: a request the client app sends as cleartext HTTP/2 (prior knowledge, as gRPC clients do)
-    reaches the other app as HTTP/2 through both Envoys and mTLS; HTTP/1.1 arrives as HTTP/1.1 (an app that
-    speaks one only is never sent the other)."""
-    url = f"http://h2app.{mesh.ns}/protocol"
-    for flag, protocol in (("--http2-prior-knowledge", "HTTP/2"), ("--http1.1", "HTTP/1.1")):
-        code, out = mesh.curl("client", url, flag, "-D", "-")
-        assert code == 200, (flag, out)
-        assert f"{envoyapp.PROTOCOL_HEADER}: {protocol.lower()}" in out.lower().splitlines(), (flag, out)
-    assert {d["peer"] for d in mesh.decisions("h2app") if d["path"] == "/protocol"} == {
-        f"spiffe://cluster.local/ns/{mesh.ns}/sa/client"}
 
 
 def test_a_caller_in_another_namespace_reaches_the_server_over_mtls_knowing_only_its_namespace(mesh: Mesh) -> None:

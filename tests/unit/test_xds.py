@@ -38,6 +38,3 @@ def test_every_outbound_resource_encodes_and_decodes_unchanged() -> None:
         for original, decoded in zip(resources, back, strict=True):
             assert decoded["name"] == original["name"]
             assert set(decoded) == set(original), (set(original) ^ set(decoded))
-    options = _unpacked(pack_resources(clusters, cluster_pb2.Cluster), cluster_pb2.Cluster)[0][
-        "typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-    assert "http2_protocol_options" in options["use_downstream_protocol_config"]
