@@ -223,23 +223,7 @@ def _outbound(out: Outbound) -> tuple[dict[str, Any], dict[str, Any]]:
     return listener, cluster
 
 
-def _grpc_first(cluster: str, grpc_cluster: str | None) -> list[dict[str, Any]]:
-    """Routes to `cluster`, gRPC requests (content-type application/grpc) to `grpc_cluster` if there is one."""
-    routes: list[dict[str, Any]] = [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]
-    if grpc_cluster is not None:
-        routes.insert(0, {"match": {"prefix": "/", "grpc": {}}, "route": {"cluster": grpc_cluster}})
-    return routes
-
-
-def _http2(cluster: dict[str, Any]) -> dict[str, Any]:
-    """`cluster` speaking HTTP/2 upstream (gRPC needs it end to end; HTTP/1.1 traffic never goes there)."""
-    return {**cluster, "typed_extension_protocol_options": {
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http2_protocol_options": {}}}}}
-
-
-def _inbound_hcm(authz: dict[str, Any], cluster: str, grpc_cluster: str | None = None) -> dict[str, Any]:
+def _inbound_hcm(authz: dict[str, Any], cluster: str) -> dict[str, Any]:
     """The inbound HTTP connection manager: header and path hygiene, then ext_authz, then `cluster`."""
     return {
         "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
@@ -259,7 +243,8 @@ def _inbound_hcm(authz: dict[str, Any], cluster: str, grpc_cluster: str | None =
             },
         }],
         "route_config": {"name": "inbound", "virtual_hosts": [{
-            "name": "app", "domains": ["*"], "routes": _grpc_first(cluster, grpc_cluster)}]},
+            "name": "app", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
         "http_filters": [authz, _router()],
     }
 
@@ -320,11 +305,6 @@ def _tls_inspector() -> dict[str, Any]:
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}
 # Where captured connections go: the address they were sent to (Envoy's own connections are never captured).
 PASSTHROUGH, INBOUND_APP, XDS = "passthrough", "inbound_app", "meshward_sds"
-# gRPC (content-type application/grpc) goes to a twin of each cluster that speaks HTTP/2 upstream, between the
-# pods and on to the app; everything else stays HTTP/1.1. Twins rather than one cluster following the downstream's
-# protocol: that variant coincided with rare resets of HTTP/1.1 requests in the rotation test (docs/architecture.md).
-GRPC = "|grpc"
-INBOUND_APP_GRPC = INBOUND_APP + GRPC
 
 
 def _original_dst_cluster(name: str) -> dict[str, Any]:
@@ -338,8 +318,7 @@ def _xds_source() -> dict[str, Any]:
 
 def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
     """The Envoy bootstrap of an injected pod: inbound (mTLS, ext_authz), health, and outbound from the agent's xDS."""
-    hcm = _inbound_hcm(_ext_authz(p.transport, p.authz_timeout_s, p.allowed_headers), INBOUND_APP,
-                       INBOUND_APP_GRPC)
+    hcm = _inbound_hcm(_ext_authz(p.transport, p.authz_timeout_s, p.allowed_headers), INBOUND_APP)
     chains: list[dict[str, Any]] = [{
         "filter_chain_match": {"transport_protocol": "tls"},
         "transport_socket": _downstream_tls(SdsTls(Endpoint(unix=f"{p.socket_dir}/sds.sock"))),
@@ -368,7 +347,6 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
         _cluster(XDS, Endpoint(unix=f"{p.socket_dir}/sds.sock"), http2=True),
         _cluster("envoy_admin", admin, http2=False),
         _original_dst_cluster(INBOUND_APP),
-        _http2(_original_dst_cluster(INBOUND_APP_GRPC)),
         _original_dst_cluster(PASSTHROUGH),
     ]
     return {
@@ -431,8 +409,8 @@ def _mesh_chain(cluster: str, ips: list[str], port: int | None) -> dict[str, Any
         "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
                   "HttpConnectionManager"),
         "stat_prefix": "outbound",
-        "route_config": {"name": cluster, "virtual_hosts": [{"name": cluster, "domains": ["*"],
-                                                              "routes": _grpc_first(cluster, cluster + GRPC)}]},
+        "route_config": {"name": cluster, "virtual_hosts": [{"name": cluster, "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
         "http_filters": [_router()],
     }
     match: dict[str, Any] = {"prefix_ranges": [{"address_prefix": ip, "prefix_len": 32} for ip in ips]}
@@ -468,9 +446,7 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
         "stat_prefix": "passthrough", "cluster": PASSTHROUGH}}]}
     listener = {"name": "outbound", "address": Endpoint(port=OUTBOUND_PORT).address(),
                 "listener_filters": [_original_dst()], "filter_chains": chains, "default_filter_chain": passthrough}
-    clusters = [_mesh_cluster(names[ids], ids) for ids in groups]
-    return [listener], [c for cluster in clusters for c in (cluster, _http2(
-        {**cluster, "name": cluster["name"] + GRPC, "alt_stat_name": cluster["alt_stat_name"] + GRPC}))]
+    return [listener], [_mesh_cluster(names[ids], ids) for ids in groups]
 
 
 # The typed messages of every extension the builder uses: envoy-data-plane resolves `@type`s only for the

@@ -167,56 +167,6 @@ def test_a_call_between_meshed_pods_is_mtls_with_the_callers_identity_and_the_po
     assert {d["outcome"] for d in seen} >= {"allow", "forbidden"}
 
 
-GRPC_SERVER = """
-from concurrent import futures
-import grpc
-def say(request, context):
-    return b"hello " + request
-server = grpc.server(futures.ThreadPoolExecutor(4))
-server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-    "meshward.test.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)}),))
-server.add_insecure_port("0.0.0.0:50051")
-server.start()
-server.wait_for_termination()
-"""
-GRPC_CLIENT = """
-import sys, grpc
-with grpc.insecure_channel(sys.argv[1]) as channel:
-    print(channel.unary_unary("/meshward.test.Echo/Say")(b"mesh", timeout=10).decode())
-"""
-
-
-def _python_app(ns: str, name: str, image: str, sa: str, script: str) -> dict[str, Any]:
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
-            "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
-                "metadata": {"labels": {"app": name, "meshward.io/inject": "enabled"}},
-                "spec": {"serviceAccountName": sa, "containers": [
-                    {"name": "app", "image": image, "imagePullPolicy": "Never", "command": ["python3", "-c", script],
-                     "ports": [{"containerPort": 50051}]}]}}}}
-
-
-def test_grpc_between_meshed_pods_is_http2_end_to_end_over_mtls(mesh: Mesh) -> None:
-    """gRPC needs HTTP/2 on every leg (trailers): a gRPC call from a meshed client reaches a meshed gRPC server
-    through both Envoys and mTLS, and the server's agent decides it with the caller's SPIFFE ID."""
-    c, image = mesh.cluster, mesh.release.image
-    docs = [_python_app(mesh.ns, "grpc-server", image, "server", GRPC_SERVER),
-            _python_app(mesh.ns, "grpc-client", image, "client", "import time; time.sleep(10**6)"),
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "grpc-server", "namespace": mesh.ns},
-             "spec": {"selector": {"app": "grpc-server"}, "ports": [{"port": 50051, "targetPort": 50051}]}}]
-    try:
-        c.apply(*docs)
-        for name in ("grpc-server", "grpc-client"):
-            c.kubectl("-n", mesh.ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", timeout=200)
-        call = c.kubectl("-n", mesh.ns, "exec", mesh.pod("grpc-client"), "-c", "app", "--", "python3", "-c",
-                         GRPC_CLIENT, f"grpc-server.{mesh.ns}:50051", check=False)
-        assert call.returncode == 0 and call.stdout.strip() == "hello mesh", (call.stdout, call.stderr)
-        seen = [d for d in mesh.decisions("grpc-server") if d["path"] == "/meshward.test.Echo/Say"]
-        assert seen and {d["peer"] for d in seen} == {f"spiffe://cluster.local/ns/{mesh.ns}/sa/client"}
-    finally:
-        c.kubectl("-n", mesh.ns, "delete", "deployment", "grpc-server", "grpc-client", check=False)
-        c.kubectl("-n", mesh.ns, "delete", "service", "grpc-server", check=False)
-
-
 def test_a_caller_in_another_namespace_reaches_the_server_over_mtls_knowing_only_its_namespace(mesh: Mesh) -> None:
     """Information leak (every agent learning every SPIFFE ID): the caller's agent knows the server's namespace,
     not its ServiceAccount, and its Envoy still insists on mTLS with a workload of that namespace; the server
