@@ -137,7 +137,14 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
                           deployment(ns, "outside", echo, inject=False, probe=False))
             for name in WORKLOADS:
                 cluster.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", timeout=200)
-            yield Mesh(rel, ns, echo)
+            mesh = Mesh(rel, ns, echo)
+            # Ready pods are not yet routable Services: until kube-proxy has their endpoints it rejects
+            # connections (seen as a 503 "remote connection failure" on a loaded machine). Any HTTP answer will do.
+            for svc in ("server", "orders", "legacy", "metrics", "plain"):
+                def answers(svc: str = svc) -> bool:
+                    return mesh.curl("client", f"http://{svc}.{ns}/warm-up")[0] not in (0, 503)
+                wait_until(f"Service {svc} routable", answers, timeout=60)
+            yield mesh
         finally:
             cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
