@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.kube import Cluster, KindSession, wait_until
+from tests.kube import Cluster, KindSession, service_identity, wait_until
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "meshward"
 # The namespace the agent's defaults expect the operator in (meshward-signer.meshward-system.svc).
@@ -79,6 +80,11 @@ def installed(kind_session: KindSession, *values: str) -> Iterator[Release]:
                  "--timeout", "180s", *image_values(rel.image), *values, timeout=240)
     try:
         wait_until("a labelled leader", rel.leader, timeout=60)
+        # Then its Services route to it once kube-proxy has the endpoints: until then the validating webhook's
+        # callers are refused (seen on a loaded machine). A server-side dry run goes through the webhook.
+        probe = yaml.safe_dump(service_identity("default", "webhook-probe"))
+        wait_until("the validating webhook admitting", lambda: cluster.kubectl(
+            "apply", "--dry-run=server", "-f", "-", stdin=probe, check=False).returncode == 0, timeout=60)
         yield rel
     finally:
         cluster.helm("uninstall", rel.name, "-n", rel.namespace, "--wait", check=False, timeout=180)
