@@ -110,10 +110,27 @@ class InboundConfig:
     allowed_headers: tuple[str, ...] = DEFAULT_ALLOWED_HEADERS
 
 
+_HCM = "envoy.filters.network.http_connection_manager"
+
+
 def _router() -> dict[str, Any]:
     return {"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-_HCM = "envoy.filters.network.http_connection_manager"
+
+
+def _hcm(stat_prefix: str, route_config: dict[str, Any], http_filters: list[dict[str, Any]] | None = None,
+         **settings: Any) -> dict[str, Any]:
+    """An HTTP connection manager's typed config: its `settings`, `route_config`, then the filters (the router)."""
+    return {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                     "HttpConnectionManager",
+            "stat_prefix": stat_prefix, **settings, "route_config": route_config,
+            "http_filters": http_filters if http_filters is not None else [_router()]}
+
+
+def _to_cluster(name: str, host: str, cluster: str) -> dict[str, Any]:
+    """A route config sending every request to `cluster`."""
+    return {"name": name, "virtual_hosts": [{"name": host, "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]}
 
 
 def _duration(seconds: float) -> str:
@@ -209,32 +226,23 @@ def _outbound(out: Outbound) -> tuple[dict[str, Any], dict[str, Any]]:
                 "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                 "common_http_protocol_options": {"max_requests_per_connection": out.max_requests_per_connection},
                 "explicit_http_config": {"http_protocol_options": {}}}}
-    hcm = {
-        "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                  "HttpConnectionManager"),
-        "stat_prefix": f"outbound_{out.name}",
-        "route_config": {"name": f"outbound_{out.name}", "virtual_hosts": [{
-            "name": out.name, "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": f"outbound_{out.name}"}}]}]},
-        "http_filters": [_router()],
-    }
-    listener = {"name": f"outbound_{out.name}", "address": out.listen.address(), "filter_chains": [{"filters": [
-        {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}
+    name = f"outbound_{out.name}"
+    hcm = _hcm(name, _to_cluster(name, out.name, name))
+    listener = {"name": name, "address": out.listen.address(), "filter_chains": [{"filters": [
+        {"name": _HCM, "typed_config": hcm}]}]}
     return listener, cluster
 
 
 def _inbound_hcm(authz: dict[str, Any], cluster: str) -> dict[str, Any]:
     """The inbound HTTP connection manager: header and path hygiene, then ext_authz, then `cluster`."""
-    return {
-        "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                  "HttpConnectionManager"),
-        "stat_prefix": "inbound",
-        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
-        "strip_trailing_host_dot": True,
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "UNESCAPE_AND_REDIRECT",
-        "early_header_mutation_extensions": [{
+    return _hcm(
+        "inbound", _to_cluster("inbound", "app", cluster), [authz, _router()],
+        common_http_protocol_options={"headers_with_underscores_action": "DROP_HEADER"},
+        strip_trailing_host_dot=True,
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action="UNESCAPE_AND_REDIRECT",
+        early_header_mutation_extensions=[{
             "name": "envoy.http.early_header_mutation.header_mutation",
             "typed_config": {
                 "@type": ("type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3."
@@ -242,11 +250,7 @@ def _inbound_hcm(authz: dict[str, Any], cluster: str) -> dict[str, Any]:
                 "mutations": [{"remove_on_match": {"key_matcher": {"prefix": OWNED_PREFIX}}}],
             },
         }],
-        "route_config": {"name": "inbound", "virtual_hosts": [{
-            "name": "app", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
-        "http_filters": [authz, _router()],
-    }
+    )
 
 
 def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
@@ -254,8 +258,7 @@ def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
     if cfg.outbound and not isinstance(cfg.tls, SdsTls):
         raise ValueError("outbound listeners need the workload certificate: set tls=SdsTls(...)")
     hcm = _inbound_hcm(_ext_authz(cfg.transport, cfg.authz_timeout_s, cfg.allowed_headers), "app")
-    chain: dict[str, Any] = {"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                          "typed_config": hcm}]}
+    chain: dict[str, Any] = {"filters": [{"name": _HCM, "typed_config": hcm}]}
     if cfg.tls is not None:
         chain["transport_socket"] = _downstream_tls(cfg.tls)
     listeners = [{"name": "inbound", "address": cfg.listen.address(), "filter_chains": [chain]}]
@@ -294,8 +297,12 @@ class PodProxy:
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104
 # Open downstream connections one pod's Envoy accepts (inbound, outbound and health together).
 MAX_DOWNSTREAM_CONNECTIONS = 20_000
-# Listener filters: restore the address the connection was sent to before capture redirected it.
+# Where captured connections go: the address they were sent to (Envoy's own connections are never captured).
+PASSTHROUGH, INBOUND_APP, XDS = "passthrough", "inbound_app", "meshward_sds"
+
+
 def _original_dst() -> dict[str, Any]:
+    """The listener filter that restores the address a connection was sent to before capture redirected it."""
     return {"name": "envoy.filters.listener.original_dst", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}
 
@@ -303,8 +310,6 @@ def _original_dst() -> dict[str, Any]:
 def _tls_inspector() -> dict[str, Any]:
     return {"name": "envoy.filters.listener.tls_inspector", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}
-# Where captured connections go: the address they were sent to (Envoy's own connections are never captured).
-PASSTHROUGH, INBOUND_APP, XDS = "passthrough", "inbound_app", "meshward_sds"
 
 
 def _original_dst_cluster(name: str) -> dict[str, Any]:
@@ -326,15 +331,9 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
     if p.inbound_plaintext:
         chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"},
                        "filters": [{"name": _HCM, "typed_config": {**hcm, "stat_prefix": "inbound_plaintext"}}]})
-    health = {
-        "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                  "HttpConnectionManager"),
-        "stat_prefix": "health",
-        "route_config": {"name": "health", "virtual_hosts": [{"name": "health", "domains": ["*"], "routes": [
-            {"match": {"path": "/healthz/ready"}, "route": {"cluster": "envoy_admin", "prefix_rewrite": "/ready"}},
-            {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]},
-        "http_filters": [_router()],
-    }
+    health = _hcm("health", {"name": "health", "virtual_hosts": [{"name": "health", "domains": ["*"], "routes": [
+        {"match": {"path": "/healthz/ready"}, "route": {"cluster": "envoy_admin", "prefix_rewrite": "/ready"}},
+        {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]})
     listeners = [
         {"name": "inbound", "address": Endpoint(host=ANY_ADDRESS, port=INBOUND_PORT).address(),
          "listener_filters": [_original_dst(), _tls_inspector()], "filter_chains": chains},
@@ -405,14 +404,7 @@ def _mesh_cluster(name: str, identities: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _mesh_chain(cluster: str, ips: list[str], port: int | None) -> dict[str, Any]:
-    hcm = {
-        "@type": ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-                  "HttpConnectionManager"),
-        "stat_prefix": "outbound",
-        "route_config": {"name": cluster, "virtual_hosts": [{"name": cluster, "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
-        "http_filters": [_router()],
-    }
+    hcm = _hcm("outbound", _to_cluster(cluster, cluster, cluster))
     match: dict[str, Any] = {"prefix_ranges": [{"address_prefix": ip, "prefix_len": 32} for ip in ips]}
     if port is not None:
         match["destination_port"] = port
