@@ -43,34 +43,32 @@ class MeshDirectory:
 
     def apply_pod(self, body: Mapping[str, Any]) -> None:
         """Record a pod (one without an address yet, or leaving, is forgotten)."""
-        meta = body.get("metadata", {})
-        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
-        pod = mesh_pod(body)
-        if pod is None:
-            self.remove_pod(meta.get("namespace", ""), meta.get("name", ""))
-        elif self._pods.get(key) != pod:
-            self._pods[key] = pod
-            self._dirty.set()
+        self._put(self._pods, body, mesh_pod(body))
 
     def remove_pod(self, namespace: str, name: str) -> None:
         """Forget a pod."""
-        if self._pods.pop(f"{namespace}/{name}", None) is not None:
-            self._dirty.set()
+        self._drop(self._pods, f"{namespace}/{name}")
 
     def apply_service(self, body: Mapping[str, Any]) -> None:
-        """Record a Service."""
-        meta = body.get("metadata", {})
-        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
-        svc = mesh_service(body)
-        if svc is None:
-            self.remove_service(meta.get("namespace", ""), meta.get("name", ""))
-        elif self._services.get(key) != svc:
-            self._services[key] = svc
-            self._dirty.set()
+        """Record a Service (one the map has no use for is forgotten)."""
+        self._put(self._services, body, mesh_service(body))
 
     def remove_service(self, namespace: str, name: str) -> None:
         """Forget a Service."""
-        if self._services.pop(f"{namespace}/{name}", None) is not None:
+        self._drop(self._services, f"{namespace}/{name}")
+
+    def _put(self, store: dict[str, Any], body: Mapping[str, Any], item: Any) -> None:
+        """Keep `item` as what `body` is to the map (None: forget it); the map is dirty if that changed it."""
+        meta = body.get("metadata", {})
+        key = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+        if item is None:
+            self._drop(store, key)
+        elif store.get(key) != item:
+            store[key] = item
+            self._dirty.set()
+
+    def _drop(self, store: dict[str, Any], key: str) -> None:
+        if store.pop(key, None) is not None:
             self._dirty.set()
 
     def publish(self) -> bool:

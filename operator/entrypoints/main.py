@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -212,10 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     registry, rt, metrics, kube = build(args)
     election = None
     marker = LeaderMarker(kube, args.namespace, args.pod_name)
-
-    async def serving() -> None:
-        await marker.mark(True)
-    rt.on_serving = serving
+    rt.on_serving = functools.partial(marker.mark, True)
     # Also Kopf's identity: without one Kopf asks getpass.getuser(), which fails for a UID with no passwd
     # entry (the image runs as 65532).
     identity = f"{socket.gethostname()}-{os.getpid()}"
