@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from meshward.operator.domain.inject import PROXY
 from tests.kube import Cluster, KindSession, service_identity, wait_until
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "meshward"
@@ -45,6 +46,17 @@ class Release:
         labelled = [p["metadata"]["name"] for p in self.pods()
                     if p["metadata"].get("labels", {}).get("meshward.io/leader") == "true"]
         return labelled[0] if len(labelled) == 1 and holder.startswith(labelled[0] + "-") else ""
+
+
+# Envoy's admin interface listens on the pod's loopback only: read it from its own container (the path as argv).
+_ADMIN_GET = ("import sys, urllib.request; "
+              "print(urllib.request.urlopen('http://127.0.0.1:15000' + sys.argv[1], timeout=10).read().decode())")
+
+
+def envoy_admin(cluster: Cluster, ns: str, pod: str, path: str, check: bool = True) -> str:
+    """The body of GET `path` (query URL-encoded) from the admin interface of an injected pod's Envoy."""
+    return cluster.kubectl("-n", ns, "exec", pod, "-c", PROXY, "--", "python3", "-c", _ADMIN_GET, path,
+                           check=check).stdout
 
 
 def image_values(image: str) -> list[str]:

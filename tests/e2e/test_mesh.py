@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import jwt
 import pytest
 import yaml
 
-from tests.e2e.conftest import Release, installed, wait_ready
+from tests.e2e.conftest import Release, envoy_admin, installed, wait_ready
 from tests.kube import Cluster, KindSession, service_identity, wait_until
 from tests.support.idp import SigningKey
 
@@ -187,10 +188,7 @@ def test_a_caller_in_another_namespace_reaches_the_server_over_mtls_knowing_only
         c.apply(deployment(other, "caller", mesh.echo, inject=True, probe=False))
         c.kubectl("-n", other, "rollout", "status", "deployment/caller", "--timeout=180s", timeout=200)
         caller = Mesh(mesh.release, other, mesh.echo)
-        learnt = c.kubectl("-n", other, "exec", caller.pod("caller"), "-c", "meshward-proxy", "--", "python3", "-c",
-                           "import urllib.request; print(urllib.request.urlopen("
-                           "'http://127.0.0.1:15000/config_dump?resource=dynamic_active_clusters').read().decode())"
-                           ).stdout
+        learnt = envoy_admin(c, other, caller.pod("caller"), "/config_dump?resource=dynamic_active_clusters")
         assert f"spiffe://cluster.local/ns/{mesh.ns}/sa/" in learnt and "/sa/server" not in learnt
         code, body = caller.curl("caller", f"http://server.{mesh.ns}/cross")
         assert code == 403 and "no rule allows this request" in body, (code, body)
@@ -253,9 +251,7 @@ def test_envoys_own_traffic_is_never_captured_again(mesh: Mesh) -> None:
     """The server's Envoy forwards to its app over the pod's address: were its connections captured, they would
     come back into its own outbound listener (a loop). Its outbound listener has seen no connection at all."""
     mesh.curl("client", f"http://server.{mesh.ns}/loop")
-    stats = mesh.cluster.kubectl("-n", mesh.ns, "exec", mesh.pod("server"), "-c", "meshward-proxy", "--",
-                                 "python3", "-c", "import urllib.request; print(urllib.request.urlopen("
-                                 "'http://127.0.0.1:15000/stats').read().decode())").stdout
+    stats = envoy_admin(mesh.cluster, mesh.ns, mesh.pod("server"), "/stats")
     counts = {k: int(v) for k, _, v in (line.partition(": ") for line in stats.splitlines()) if v.isdigit()}
     inbound = counts.get("listener.0.0.0.0_15006.downstream_cx_total", 0)
     outbound = counts.get("listener.127.0.0.1_15001.downstream_cx_total", 0)
@@ -385,10 +381,8 @@ def _envoy_changes(mesh: Mesh, app: str) -> str:
     stats = ("listener_manager[.](listener_modified|lds[.]update_success)|cluster_manager[.]cds[.]update_success|"
              "sds[.].*update_success|downstream_cx_destroy_local|upstream_cx_destroy_remote_with_active_rq|"
              "upstream_rq_pending_failure_eject|ssl[.]connection_error")
-    return mesh.cluster.kubectl("-n", mesh.ns, "exec", mesh.pod(app), "-c", "meshward-proxy", "--", "python3", "-c",
-                                "import sys, urllib.parse, urllib.request; print(urllib.request.urlopen("
-                                "'http://127.0.0.1:15000/stats?usedonly&filter=' + urllib.parse.quote(sys.argv[1]))"
-                                ".read().decode())", stats, check=False).stdout
+    return envoy_admin(mesh.cluster, mesh.ns, mesh.pod(app), "/stats?usedonly&filter=" + urllib.parse.quote(stats),
+                       check=False)
 
 
 def test_leaf_and_ca_rotation_under_continuous_traffic_drop_no_request(mesh: Mesh) -> None:
