@@ -21,6 +21,7 @@ import json
 import re
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jwt  # noqa: E402
-from tests.e2e.conftest import installed  # noqa: E402
+from tests.e2e.conftest import envoy_admin, installed  # noqa: E402
 from tests.kube import Cluster, kind_session_for, service_identity  # noqa: E402
-from tests.support import envoyapp  # noqa: E402
 from tests.support.idp import SigningKey  # noqa: E402
 
 ISSUER = "https://idp.meshward.test"
@@ -59,6 +59,42 @@ print(json.dumps({"samples": samples, "errors": errors}))
 """
 
 
+def app_bootstrap(port: int = 8080) -> dict[str, Any]:
+    """The app's Envoy bootstrap: one listener on `port`, 200 `ok` to everything."""
+    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                    "HttpConnectionManager",
+           "stat_prefix": "app",
+           "route_config": {"virtual_hosts": [{"name": "app", "domains": ["*"], "routes": [
+               {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]}]},
+           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}
+    return {"static_resources": {"listeners": [{
+        "name": "app", "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}]}]}}
+
+
+def app_manifests(ns: str, name: str, image: str, labels: dict[str, str], service_account: str
+                  ) -> list[dict[str, Any]]:
+    """The app: a ConfigMap with its bootstrap, a Deployment running Envoy from `image`, and a Service."""
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-envoy", "namespace": ns},
+         "data": {"envoy.json": json.dumps(app_bootstrap())}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
+         "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+             "metadata": {"labels": {"app": name, **labels}},
+             "spec": {"serviceAccountName": service_account,
+                      "volumes": [{"name": "cfg", "configMap": {"name": f"{name}-envoy"}}],
+                      "containers": [{"name": "app", "image": image, "imagePullPolicy": "Never",
+                                      "command": ["envoy", "-c", "/cfg/envoy.json", "--concurrency", "1",
+                                                  "--log-level", "error", "--disable-hot-restart"],
+                                      "ports": [{"containerPort": 8080}],
+                                      "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}]}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+         "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}},
+    ]
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
@@ -69,7 +105,7 @@ def workloads(ns: str, echo: str, meshward: str, meshed: bool, key: SigningKey) 
     side = "mesh" if meshed else "plain"
     labels: dict[str, str] = {"meshward.io/inject": "enabled"} if meshed else {}
     docs: list[dict[str, Any]] = [
-        *envoyapp.manifests(ns, f"server-{side}", meshward, labels, "server"),
+        *app_manifests(ns, f"server-{side}", meshward, labels, "server"),
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": f"client-{side}", "namespace": ns},
          "spec": {"selector": {"matchLabels": {"app": f"client-{side}"}}, "template": {
              "metadata": {"labels": {"app": f"client-{side}", **labels}},
@@ -131,14 +167,13 @@ def sidecar_usage(c: Cluster, ns: str) -> dict[str, dict[str, float]]:
     return out
 
 
-STATS = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:15000/stats?filter=" \
-        "^cluster[.]outbound[|].*upstream_(cx|rq)_total$', timeout=5).read().decode())"
+# Upstream requests and connections of the outbound (mesh) clusters.
+STATS = "/stats?filter=" + urllib.parse.quote("^cluster[.]outbound[|].*upstream_(cx|rq)_total$")
 
 
 def outbound_reuse(c: Cluster, ns: str) -> tuple[int, int]:
     """Requests and connections the client's Envoy sent upstream to meshed destinations (its admin stats)."""
-    text = c.kubectl("-n", ns, "exec", pod_of(c, ns, "client-mesh"), "-c", "meshward-proxy", "--", "python3", "-c",
-                     STATS).stdout
+    text = envoy_admin(c, ns, pod_of(c, ns, "client-mesh"), STATS)
     totals = {"rq": 0, "cx": 0}
     for match in re.finditer(r"upstream_(cx|rq)_total: (\d+)", text):
         totals[match.group(1)] += int(match.group(2))
