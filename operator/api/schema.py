@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshward.sidecar.domain.context import RESERVED
+
 GROUP = "meshward.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -33,7 +35,7 @@ JWT_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
 DEFAULT_JWT_ALGORITHMS = ["RS256", "ES256"]
 HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"]
 # Claims Meshward sets itself on a context token; a policy cannot ask to copy them from the IdP token.
-RESERVED_CONTEXT_CLAIMS = ["iss", "aud", "exp", "nbf", "iat", "jti", "act"]
+RESERVED_CONTEXT_CLAIMS = sorted(RESERVED)
 # http:// is allowed only on loopback, for tests and the local mesh.
 _LOOPBACK_HTTP = r"^http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?(/.*)?$"
 # user@host in a URL's authority: `http://localhost@192.0.2.2/` goes to 192.0.2.2.

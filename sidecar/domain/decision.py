@@ -107,3 +107,8 @@ class AuditRecord:
     path: str
     request_id: str
     latency_us: float
+    # Context propagation: the `jti` of the context token the user came in (the decision that minted it, one
+    # hop back), the workloads the call passed through (most recent first), and where an outbound call goes.
+    parent: str = ""
+    act: str = ""
+    destination: str = ""

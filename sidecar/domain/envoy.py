@@ -14,30 +14,39 @@ the same Envoy config, whose security properties are the point:
 - the HTTP/1.1 ext_authz transport is the default (measured ~3x the gRPC rate);
 - with SDS, the workload certificate and trust bundle come from the agent over a Unix
   socket and rotate without a restart; inbound admits any SPIFFE ID of the trust
-  domain (policy decides who may call), outbound pins the exact SPIFFE ID of its peer.
+  domain (policy decides who may call), outbound pins the exact SPIFFE ID of its peer;
+- context tokens (docs/context-tokens.md): the wire header `x-meshward-context` is the
+  one `x-meshward-*` header let through inbound (the agent verifies it); outbound, a
+  request carrying the app's context header to a meshed workload of one identity is
+  checked by the agent, which exchanges the token; toward anything else the header is
+  removed (plaintext HTTP/1 to non-meshed addresses is recognized for that).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from meshward.sidecar.domain.capture import ENVOY_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_HEALTH_PORT
+from meshward.sidecar.domain.context import WIRE_HEADER
 
 # Request attributes the HTTP transport receives as headers, set by Envoy itself.
 ATTR_PEER = "x-meshward-authz-peer"
 ATTR_PORT = "x-meshward-authz-port"
 ATTR_HOST = "x-meshward-authz-host"
-ATTRIBUTE_HEADERS = (ATTR_PEER, ATTR_PORT, ATTR_HOST)
+# Set only by the outbound listener: the destination's SPIFFE ID (the check is a context exchange).
+ATTR_DEST = "x-meshward-authz-dest"
+ATTRIBUTE_HEADERS = (ATTR_PEER, ATTR_PORT, ATTR_HOST, ATTR_DEST)
 OWNED_PREFIX = "x-meshward-"
 # Deny responses carry these to the client; nothing else of the agent's response leaks.
 CLIENT_HEADERS = ("www-authenticate", "content-type", "x-meshward-decision-id")
-# Headers the agent reads besides its attributes (the token sources and request id).
-DEFAULT_ALLOWED_HEADERS = ("authorization", "cookie", "x-request-id")
-# Headers the agent may set on the request to the app: its own, and `cookie` (rewritten without the
-# cookie that carried the token).
-UPSTREAM_HEADERS = ({"prefix": OWNED_PREFIX}, {"exact": "cookie"})
+# Headers the agent reads besides its attributes (the token sources, request id and context token).
+DEFAULT_ALLOWED_HEADERS = ("authorization", "cookie", "x-request-id", WIRE_HEADER)
+# Headers the agent may set on the request to the app: its own, the app's context header (spec.context.header,
+# any `x-` name), and `cookie` (rewritten without the cookie that carried the token).
+UPSTREAM_HEADERS = ({"prefix": "x-"}, {"exact": "cookie"})
 # The agent answers in well under a millisecond; a slow answer is a sick agent, and denies.
 DEFAULT_AUTHZ_TIMEOUT_S = 0.5
 
@@ -137,35 +146,46 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.3f}s"
 
 
-def _ext_authz(transport: Transport, timeout_s: float, allowed_headers: tuple[str, ...]) -> dict[str, Any]:
-    base: dict[str, Any] = {
+_EXT_AUTHZ = "envoy.filters.http.ext_authz"
+
+
+def _http_service(timeout_s: float, attributes: list[dict[str, str]], upstream: list[dict[str, str]]
+                  ) -> dict[str, Any]:
+    """The HTTP ext_authz transport to the agent: the request `attributes` Envoy adds, the headers it may set."""
+    return {
+        "server_uri": {"uri": "http://meshward-authz", "cluster": "meshward_authz", "timeout": _duration(timeout_s)},
+        "authorization_request": {"headers_to_add": attributes},
+        "authorization_response": {
+            "allowed_upstream_headers": {"patterns": upstream},
+            "allowed_client_headers": {"patterns": [{"exact": h} for h in CLIENT_HEADERS]},
+        },
+    }
+
+
+def _ext_authz_filter(allowed_headers: tuple[str, ...], service: dict[str, Any]) -> dict[str, Any]:
+    """The ext_authz filter, fail-closed, sending the agent `allowed_headers` over `service`."""
+    return {"name": _EXT_AUTHZ, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "transport_api_version": "V3",
         "failure_mode_allow": False,
         "status_on_error": {"code": "ServiceUnavailable"},
         "include_peer_certificate": False,
-    }
-    base["allowed_headers"] = {"patterns": [{"exact": h} for h in allowed_headers]}
+        "allowed_headers": {"patterns": [{"exact": h} for h in allowed_headers]},
+        **service}}
+
+
+def _ext_authz(transport: Transport, timeout_s: float, allowed_headers: tuple[str, ...]) -> dict[str, Any]:
+    """The inbound ext_authz filter over `transport`."""
     if transport == "grpc":
-        base["grpc_service"] = {"envoy_grpc": {"cluster_name": "meshward_authz"},
-                                "timeout": _duration(timeout_s)}
+        service: dict[str, Any] = {"grpc_service": {"envoy_grpc": {"cluster_name": "meshward_authz"},
+                                                    "timeout": _duration(timeout_s)}}
     else:
-        base["http_service"] = {
-            "server_uri": {"uri": "http://meshward-authz", "cluster": "meshward_authz",
-                           "timeout": _duration(timeout_s)},
-            "authorization_request": {
-                "headers_to_add": [
-                    {"key": ATTR_PEER, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
-                    {"key": ATTR_PORT, "value": "%DOWNSTREAM_LOCAL_PORT%"},
-                    {"key": ATTR_HOST, "value": "%REQ(:AUTHORITY)%"},
-                ],
-            },
-            "authorization_response": {
-                "allowed_upstream_headers": {"patterns": list(UPSTREAM_HEADERS)},
-                "allowed_client_headers": {"patterns": [{"exact": h} for h in CLIENT_HEADERS]},
-            },
-        }
-    return {"name": "envoy.filters.http.ext_authz", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", **base}}
+        service = {"http_service": _http_service(timeout_s, [
+            {"key": ATTR_PEER, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
+            {"key": ATTR_PORT, "value": "%DOWNSTREAM_LOCAL_PORT%"},
+            {"key": ATTR_HOST, "value": "%REQ(:AUTHORITY)%"},
+        ], list(UPSTREAM_HEADERS))}
+    return _ext_authz_filter(allowed_headers, service)
 
 
 def _cluster(name: str, ep: Endpoint, http2: bool) -> dict[str, Any]:
@@ -233,6 +253,16 @@ def _outbound(out: Outbound) -> tuple[dict[str, Any], dict[str, Any]]:
     return listener, cluster
 
 
+def owned_except(kept: str) -> str:
+    """An RE2 regex (no lookahead) matching every `x-meshward-*` header name but `kept`."""
+    rest = kept.removeprefix(OWNED_PREFIX)
+    if rest == kept or not re.fullmatch(r"[a-z0-9]+", rest):
+        raise ValueError(f"{kept!r} is not an {OWNED_PREFIX}<letters and digits> header")
+    alternatives = [f"{rest[:i]}[^{rest[i]}].*" for i in range(len(rest))]  # differs at character i
+    alternatives += [rest[:i] for i in range(len(rest))] + [f"{rest}.+"]  # a prefix of it, or longer
+    return f"{OWNED_PREFIX}(?:{'|'.join(alternatives)})"
+
+
 def _inbound_hcm(authz: dict[str, Any], cluster: str) -> dict[str, Any]:
     """The inbound HTTP connection manager: header and path hygiene, then ext_authz, then `cluster`."""
     return _hcm(
@@ -247,7 +277,8 @@ def _inbound_hcm(authz: dict[str, Any], cluster: str) -> dict[str, Any]:
             "typed_config": {
                 "@type": ("type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3."
                           "HeaderMutation"),
-                "mutations": [{"remove_on_match": {"key_matcher": {"prefix": OWNED_PREFIX}}}],
+                "mutations": [{"remove_on_match": {"key_matcher": {"safe_regex": {
+                    "regex": owned_except(WIRE_HEADER)}}}}],
             },
         }],
     )
@@ -305,6 +336,11 @@ def _original_dst() -> dict[str, Any]:
     """The listener filter that restores the address a connection was sent to before capture redirected it."""
     return {"name": "envoy.filters.listener.original_dst", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}
+
+
+def _http_inspector() -> dict[str, Any]:
+    return {"name": "envoy.filters.listener.http_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}
 
 
 def _tls_inspector() -> dict[str, Any]:
@@ -403,8 +439,37 @@ def _mesh_cluster(name: str, identities: tuple[str, ...]) -> dict[str, Any]:
             "transport_socket": _upstream_mtls([_identity_matcher(i) for i in identities])}
 
 
-def _mesh_chain(cluster: str, ips: list[str], port: int | None) -> dict[str, Any]:
-    hcm = _hcm("outbound", _to_cluster(cluster, cluster, cluster))
+def _exchange_filter(destination: str, header: str) -> dict[str, Any]:
+    """The outbound ext_authz filter: the agent exchanges the app's context token (in `header`) for `destination`."""
+    return _ext_authz_filter((header, "x-request-id"), {"http_service": _http_service(
+        DEFAULT_AUTHZ_TIMEOUT_S, [{"key": ATTR_DEST, "value": destination}], [{"exact": WIRE_HEADER}])})
+
+
+def _mesh_routes(cluster: str, destination: str | None, header: str) -> dict[str, Any]:
+    """Everything to `cluster`, through the context exchange when `destination` is one workload.
+
+    Requests carrying `header` go through the exchange; the others, and every request to a group of several
+    identities (no exact audience to mint for), lose the context headers.
+    """
+    context_headers = list(dict.fromkeys((header, WIRE_HEADER)))
+    if destination is None:
+        config = _to_cluster(cluster, cluster, cluster)
+        config["request_headers_to_remove"] = context_headers
+        return config
+    off = {_EXT_AUTHZ: {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+                        "disabled": True}}
+    return {"name": cluster, "virtual_hosts": [{"name": cluster, "domains": ["*"], "routes": [
+        {"match": {"prefix": "/", "headers": [{"name": header, "present_match": True}]},
+         "route": {"cluster": cluster}},
+        {"match": {"prefix": "/"}, "route": {"cluster": cluster}, "typed_per_filter_config": off,
+         "request_headers_to_remove": context_headers},
+    ]}]}
+
+
+def _mesh_chain(cluster: str, ips: list[str], port: int | None, destination: str | None, header: str
+                ) -> dict[str, Any]:
+    filters = [_exchange_filter(destination, header), _router()] if destination else None
+    hcm = _hcm("outbound", _mesh_routes(cluster, destination, header), filters)
     match: dict[str, Any] = {"prefix_ranges": [{"address_prefix": ip, "prefix_len": 32} for ip in ips]}
     if port is not None:
         match["destination_port"] = port
@@ -412,12 +477,39 @@ def _mesh_chain(cluster: str, ips: list[str], port: int | None) -> dict[str, Any
             "filters": [{"name": _HCM, "typed_config": hcm}]}
 
 
-def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
-                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _one_workload(identities: tuple[str, ...]) -> str | None:
+    """The one exact identity of a destination group (a context token's audience), or None."""
+    return identities[0] if len(identities) == 1 and not identities[0].endswith("/sa/*") else None
+
+
+# How long the outbound listener waits for a client's first bytes to tell plaintext HTTP/1 (whose context header
+# it removes) from anything else: a client speaks first in HTTP, so this delays only protocols where the server
+# speaks first (MySQL, SMTP, SSH) to addresses the mesh does not cover; exclude such ports from capture
+# (meshward.io/exclude-outbound-ports) to spare them the wait.
+SNIFF_TIMEOUT_S = 1.0
+
+
+def _plaintext_http(header: str) -> dict[str, Any]:
+    """Plaintext HTTP/1 to a non-meshed address: passed on unchanged but for the context headers, removed."""
+    route = {"name": "passthrough_http", "request_headers_to_remove": list(dict.fromkeys((header, WIRE_HEADER))),
+             "virtual_hosts": [{"name": "passthrough_http", "domains": ["*"], "routes": [
+                 {"match": {"prefix": "/"}, "route": {"cluster": PASSTHROUGH, "timeout": "0s"}}]}]}
+    router = _router()
+    router["typed_config"]["suppress_envoy_headers"] = True
+    hcm = _hcm("passthrough_http", route, [router], generate_request_id=False,
+               server_header_transformation="PASS_THROUGH", upgrade_configs=[{"upgrade_type": "websocket"}])
+    return {"name": "passthrough_http", "filter_chain_match": {"application_protocols": ["http/1.0", "http/1.1"]},
+            "filters": [{"name": _HCM, "typed_config": hcm}]}
+
+
+def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = "",
+                       context_header: str = WIRE_HEADER) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The outbound listener and its clusters (LDS, CDS) for the meshed `destinations` (by IPv4 address).
 
     A connection to a meshed address goes out over mTLS to one of its identities; any other (non-meshed
-    addresses, a meshed address's plaintext ports, this pod's own address) passes through untouched.
+    addresses, a meshed address's plaintext ports, this pod's own address) passes through untouched, but for
+    the app's `context_header` (and the wire header), which only a meshed workload of one identity receives,
+    exchanged.
     """
     meshed = {ip: d for ip, d in destinations.items() if ip != own_ip and d.identities}
     groups: dict[tuple[str, ...], list[str]] = {}
@@ -427,17 +519,23 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
     # Envoy matches the destination port first and never falls back to port-less chains for a port some chain
     # names: so every plaintext port gets a copy of the meshed chains, without the addresses that leave it plain.
     ports = sorted({p for d in meshed.values() for p in d.plaintext_ports})
-    chains = [_mesh_chain(names[ids], ips, None) for ids, ips in groups.items()]
+    chains = [_mesh_chain(names[ids], ips, None, _one_workload(ids), context_header) for ids, ips in groups.items()]
     for port in ports:
         for ids, ips in groups.items():
             kept = [ip for ip in ips if port not in meshed[ip].plaintext_ports]
             if kept:
-                chains.append(_mesh_chain(names[ids], kept, port))
+                chains.append(_mesh_chain(names[ids], kept, port, _one_workload(ids), context_header))
+        chains.append({**_plaintext_http(context_header), "name": f"passthrough_http|{port}",
+                       "filter_chain_match": {"destination_port": port,
+                                              "application_protocols": ["http/1.0", "http/1.1"]}})
+    chains.append(_plaintext_http(context_header))
     passthrough = {"name": "passthrough", "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": "passthrough", "cluster": PASSTHROUGH}}]}
     listener = {"name": "outbound", "address": Endpoint(port=OUTBOUND_PORT).address(),
-                "listener_filters": [_original_dst()], "filter_chains": chains, "default_filter_chain": passthrough}
+                "listener_filters": [_original_dst(), _http_inspector()],
+                "listener_filters_timeout": _duration(SNIFF_TIMEOUT_S), "continue_on_listener_filters_timeout": True,
+                "filter_chains": chains, "default_filter_chain": passthrough}
     return [listener], [_mesh_cluster(names[ids], ids) for ids in groups]
 
 
@@ -452,6 +550,7 @@ _TYPED_MODULES = (
     "envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3",
     "envoy_data_plane.envoy.extensions.filters.listener.original_dst.v3",
     "envoy_data_plane.envoy.extensions.filters.listener.tls_inspector.v3",
+    "envoy_data_plane.envoy.extensions.filters.listener.http_inspector.v3",
     "envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3",
     "envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3",
 )

@@ -23,6 +23,8 @@ class CheckInput:
     peer: str | None = None
     request_id: str = ""
     port: int | None = None
+    # Outbound only: the SPIFFE ID of the meshed destination (set by Envoy's outbound listener).
+    destination: str | None = None
 
     @property
     def peer_namespace(self) -> str | None:

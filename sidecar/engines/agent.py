@@ -17,6 +17,7 @@ import yaml
 
 from meshward.sidecar.config.schema import ConfigError, parse_config
 from meshward.sidecar.domain.snapshot import Snapshot, compile_snapshot
+from meshward.sidecar.engines.context import ContextKeys, ContextService
 from meshward.sidecar.engines.keystore import Fetcher, KeyStore
 from meshward.sidecar.engines.observe import Metrics
 from meshward.sidecar.engines.pipeline import AuditSink, Pipeline, decision_ids
@@ -45,12 +46,15 @@ class Agent:
     """Owns the pipeline in force and swaps it atomically on reload."""
 
     def __init__(self, snapshot: Snapshot, fetcher: Fetcher, metrics: Metrics, audit: AuditSink,
-                 clock: Callable[[], float] = time.time, *, awaiting: str | None = None) -> None:
+                 clock: Callable[[], float] = time.time, *, awaiting: str | None = None,
+                 context_keys: ContextKeys | None = None) -> None:
         """Own `snapshot`; with `awaiting` (why there is no config yet), answer 503 until the first reload.
 
         An agent that has not heard from the operator cannot decide: its requests are unavailable, never a
-        403 the policy might not mean.
+        403 the policy might not mean. With `context_keys` (a workload certificate) it verifies and mints
+        context tokens.
         """
+        self._context_keys = context_keys
         self._metrics = metrics
         self._audit = audit
         self._clock = clock
@@ -62,8 +66,9 @@ class Agent:
 
     def _build(self, snapshot: Snapshot, unavailable: str | None = None) -> Pipeline:
         self._cache = TokenCache(snapshot.config.token_cache_size, self._clock, self.keys.generation)
+        context = ContextService(self._context_keys, self._clock) if self._context_keys is not None else None
         return Pipeline(snapshot, self.keys, self._cache, clock=self._clock, ids=self._ids,
-                        audit=self._audit, observer=self._metrics, unavailable=unavailable)
+                        audit=self._audit, observer=self._metrics, unavailable=unavailable, context=context)
 
     def reload(self, text: str) -> None:
         """Adopt a new config text, or raise ConfigRejected and keep the current one."""

@@ -12,20 +12,33 @@ import asyncio
 import logging
 from typing import Any
 
+from meshward.sidecar.domain.context import WIRE_HEADER
 from meshward.sidecar.domain.envoy import Destination, parse_destinations
 
 log = logging.getLogger("meshward.sidecar.destinations")
 
 
 class MeshDestinations:
-    """The current destination map and a version that moves with each change."""
+    """The current destination map, the app's context header, and a version that moves with each change."""
 
     def __init__(self, own_ip: str = "") -> None:
         self.own_ip = own_ip
         self.current: dict[str, Destination] = {}
+        self.context_header = WIRE_HEADER
         self.version = 0
         self.received = False
         self._changed = asyncio.Event()
+
+    def _bump(self) -> None:
+        self.version += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def use_context_header(self, name: str) -> None:
+        """The header the app forwards its context token in (the workload's config, spec.context.header)."""
+        if name != self.context_header:
+            self.context_header = name
+            self._bump()
 
     def update(self, doc: Any) -> str | None:
         """Take a map from the operator; the error, if it is malformed (the last good one stays)."""
@@ -37,9 +50,7 @@ class MeshDestinations:
         self.received = True
         if parsed != self.current or self.version == 0:
             self.current = parsed
-            self.version += 1
-            changed, self._changed = self._changed, asyncio.Event()
-            changed.set()
+            self._bump()
         return None
 
     async def newer_than(self, version: int) -> int:

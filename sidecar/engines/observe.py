@@ -65,7 +65,9 @@ class JsonLineAudit:
             f'"would_deny":{"true" if r.would_deny else "false"},"policy":{e(r.policy)},"rule":{e(r.rule)},'
             f'"reason":{e(r.reason)},"peer":{e(r.peer)},"subject_hash":{e(r.subject_hash)},'
             f'"method":{e(r.method)},"path":{e(r.path)},"request_id":{e(r.request_id)},'
-            f'"latency_us":{r.latency_us:.1f}}}\n')
+            f'"latency_us":{r.latency_us:.1f}'
+            + (f',"parent":{e(r.parent)},"act":{e(r.act)}' if r.parent else "")
+            + (f',"destination":{e(r.destination)}' if r.destination else "") + "}\n")
         if self._timer is not None:
             if len(self._pending) >= self.BATCH:
                 self.flush()

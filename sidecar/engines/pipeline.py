@@ -8,6 +8,11 @@ needs I/O; `decide_now` then returns `NeedKeys` and the transport awaits `decide
 which waits on the key store's single in-flight refetch.
 
 Errors deny: any exception inside a phase becomes UNAVAILABLE (503), never allow.
+
+Context tokens (docs/context-tokens.md): inbound, a context token from the mTLS peer stands
+for the end user exactly as a verified JWT would; on an allow with a user, the app gets a
+context token minted for itself. Outbound (`exchange`), the app's token is verified and
+exchanged for one scoped to the destination.
 """
 
 from __future__ import annotations
@@ -22,19 +27,22 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshward.sidecar.config.schema import Issuer
+from meshward.sidecar.domain.context import WIRE_HEADER, ContextError, ContextToken, minimized
 from meshward.sidecar.domain.decision import AuditRecord, Decision, Outcome
 from meshward.sidecar.domain.jwt import JwtError, ParsedToken, UnknownKey, VerifiedToken, parse, verify
 from meshward.sidecar.domain.policy import AuthzResult, identity_headers, path_is_safe
 from meshward.sidecar.domain.request import CheckInput
 from meshward.sidecar.domain.snapshot import Snapshot, extract_token, is_revoked, without_cookie
+from meshward.sidecar.engines.context import ContextService, token_key
 from meshward.sidecar.engines.keystore import KeyStore
 from meshward.sidecar.engines.token_cache import TokenCache
 
 log = logging.getLogger("meshward.sidecar.pipeline")
 
 REALM = "meshward"
-# Per cached token: headers to set, headers to remove, subject hash, the transports' wire cache.
-_TokenMemo = tuple[list[tuple[str, str]], list[str], str, dict[str, bytes]]
+# Per cached token: headers to set, headers to remove, subject hash, the transports' wire cache, and until when
+# they may be reused (the context token among the headers is re-minted at half its life).
+_TokenMemo = tuple[list[tuple[str, str]], list[str], str, dict[str, bytes], float]
 
 
 @dataclass(slots=True)
@@ -48,6 +56,10 @@ class Identity:
     revoked: bool = False
     # The cookie that carried the token, when the app must not see it.
     cookie: str | None = None
+    # The context token the user came in, when it came in one (not a JWT).
+    context: ContextToken | None = None
+    # The cache key of the raw credential (JWT or context token) the user came in.
+    source_key: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +146,38 @@ class JwtAuthenticator:
         if is_revoked(s.config.revocations, token):
             return Identity(token=None, failure="token revoked", revoked=True)
         if source is not None and source.cookie in s.token_cookies_to_strip:
-            return Identity(token=token, cookie=source.cookie)
-        return Identity(token=token)
+            return Identity(token=token, cookie=source.cookie, source_key=key)
+        return Identity(token=token, source_key=key)
+
+
+class ContextAuthenticator:
+    """A context token from the mTLS peer, when the request carries one; otherwise the end-user JWT."""
+
+    def __init__(self, snapshot: Snapshot, service: ContextService, jwt: Authenticator) -> None:
+        self._s = snapshot
+        self._service = service
+        self._jwt = jwt
+
+    def authenticate(self, inp: CheckInput, may_refetch: bool) -> Identity | NeedKeys:
+        """The user of the context token in the wire header, or the JWT phase's answer without one."""
+        raw = inp.headers.get(WIRE_HEADER)
+        me = self._service.keys.spiffe_id
+        if raw is None or me is None:
+            return self._jwt.authenticate(inp, may_refetch)
+        try:
+            ctx, memo = self._service.verify(raw, inp.peer, me)
+        except ContextError as e:
+            return Identity(failure=e.reason)
+        issuers = self._s.issuers
+        if issuers and ctx.user_issuer not in issuers:
+            return Identity(failure="context token: the end user's issuer is not one this workload trusts")
+        token: VerifiedToken | None = memo.get("user")
+        if token is None:
+            token = memo["user"] = VerifiedToken(ctx.user_issuer, {**ctx.claims, "iss": ctx.user_issuer},
+                                                 ctx.expires_at, ctx.subject)
+        if is_revoked(self._s.config.revocations, token):
+            return Identity(token=None, failure="token revoked", revoked=True)
+        return Identity(token=token, context=ctx, source_key=token_key(raw))
 
 
 class PolicyAuthorizer:
@@ -167,7 +209,7 @@ class Pipeline:
     def __init__(self, snapshot: Snapshot, keys: KeyStore, cache: TokenCache, *, clock: Callable[[], float],
                  ids: Callable[[], str], audit: AuditSink, observer: DecisionObserver,
                  authenticator: Authenticator | None = None, authorizer: Authorizer | None = None,
-                 unavailable: str | None = None) -> None:
+                 unavailable: str | None = None, context: ContextService | None = None) -> None:
         self.snapshot = snapshot
         # Set while the agent has no config of its own yet: every decision is 503 with this reason.
         self._unavailable = unavailable
@@ -176,10 +218,16 @@ class Pipeline:
         self._audit = audit
         self._observer = observer
         self._clock = clock
-        self._authn = authenticator or JwtAuthenticator(snapshot, keys, cache, clock)
+        self._context = context
+        authn = authenticator or JwtAuthenticator(snapshot, keys, cache, clock)
+        self._authn = ContextAuthenticator(snapshot, context, authn) if context is not None else authn
         self._authz = authorizer or PolicyAuthorizer(snapshot)
         self._workload = snapshot.config.workload
-        self._remove_without_token = [*snapshot.owned_headers, *snapshot.token_headers_to_strip]
+        settings = snapshot.config.context
+        # The app's context header and the wire header are Meshward's: a client's copy never reaches the app.
+        self._context_headers = tuple(dict.fromkeys((settings.header, WIRE_HEADER)))
+        self._remove_without_token = [*snapshot.owned_headers, *snapshot.token_headers_to_strip,
+                                      *self._context_headers]
         self._wire_without_token: dict[str, bytes] = {}
 
     def decide_now(self, inp: CheckInput, transport: str) -> Decision | NeedKeys:
@@ -233,11 +281,12 @@ class Pipeline:
         token = identity.token
         if not authz.allowed:
             d = self._deny(Outcome.FORBIDDEN, authz.reason, authz.policy, authz.rule)
-            d.subject_hash = self._memo(token)[2] if token else ""
+            d.subject_hash = self._subject_hash(token) if token else ""
             return d
         wire: dict[str, bytes] | None
+        decision_id = self._ids()
         if token is not None:
-            to_set, to_remove, subject_hash, wire = self._memo(token)
+            to_set, to_remove, subject_hash, wire, _ = self._memo(token, identity, decision_id)
         else:
             to_set, to_remove, subject_hash, wire = [], self._remove_without_token, "", self._wire_without_token
         if identity.cookie:
@@ -248,7 +297,7 @@ class Pipeline:
             wire = None
         # The header lists are shared by every decision for this token: transports only read them,
         # and serialize them once into `wire`, which lives exactly as long as the lists.
-        d = Decision(Outcome.ALLOW, self._ids(), authz.reason, authz.policy, authz.rule, to_set, to_remove,
+        d = Decision(Outcome.ALLOW, decision_id, authz.reason, authz.policy, authz.rule, to_set, to_remove,
                      would_deny=authz.would_deny or identity.failure is not None, subject_hash=subject_hash,
                      wire_cache=wire)
         if authz.would_deny:
@@ -259,27 +308,95 @@ class Pipeline:
             d.would_deny_policy = self.snapshot.jwt_audit_policy
         return d
 
-    def _memo(self, token: VerifiedToken) -> _TokenMemo:
-        """Headers to set and remove, the subject hash and their wire cache, computed once per cached token."""
+    @staticmethod
+    def _subject_hash(token: VerifiedToken) -> str:
+        """SHA-256 (truncated) of `iss/sub`, once per cached token."""
+        h: str | None = token.memo.get("subject_hash")
+        if h is None:
+            h = token.memo["subject_hash"] = hashlib.sha256(f"{token.issuer}/{token.subject}".encode()).hexdigest()[:16]
+        return h
+
+    def _memo(self, token: VerifiedToken, identity: Identity, decision_id: str) -> _TokenMemo:
+        """Headers to set and remove, the subject hash and their wire cache, computed once per cached token.
+
+        With a minting key they include the app's context token, minted by decision `decision_id` and reused
+        for half its life.
+        """
         m = token.memo
         hit: _TokenMemo | None = m.get("identity")
-        if hit is None:
+        if hit is None or hit[4] <= self._clock():
             s = self.snapshot
-            subject = f"{token.issuer}/{token.subject}"
             to_set = identity_headers(s.config.identity_headers, token)
+            refresh_at = float("inf")
+            minted = self._app_token(token, identity, decision_id)
+            if minted is not None:
+                to_set = [*to_set, (s.config.context.header, minted[0])]
+                refresh_at = minted[1]
             set_names = {h for h, _ in to_set}
-            to_remove = [h for h in s.owned_headers if h not in set_names] + list(s.token_headers_to_strip)
-            hit = m["identity"] = (to_set, to_remove, hashlib.sha256(subject.encode()).hexdigest()[:16], {})
+            to_remove = [h for h in (*s.owned_headers, *self._context_headers) if h not in set_names] + \
+                list(s.token_headers_to_strip)
+            hit = m["identity"] = (to_set, to_remove, self._subject_hash(token), {}, refresh_at)
         return hit
 
+    def _app_token(self, token: VerifiedToken, identity: Identity, decision_id: str) -> tuple[str, float] | None:
+        """The context token for this workload's own app, and when to mint it again; None without a key."""
+        service = self._context
+        me = service.keys.spiffe_id if service is not None else None
+        if service is None or me is None:
+            return None
+        settings = self.snapshot.config.context
+        ctx = identity.context
+        minted = service.mint(identity.source_key, me, token.issuer, minimized(token.claims, settings.claims),
+                              ctx.act if ctx else (), decision_id, settings.ttl_s,
+                              ctx.expires_at if ctx else token.expires_at)
+        return (minted.token, minted.refresh_at) if minted is not None else None
+
+    def exchange(self, inp: CheckInput, transport: str) -> Decision:
+        """Outbound: verify the app's context token and exchange it for one scoped to `inp.destination`.
+
+        Without the app's header the call carries no user (the header names are removed); a token that does
+        not verify (expired, not this workload's) is refused with 401, so the app learns why.
+        """
+        t0 = time.perf_counter()
+        destination = inp.destination or ""
+        settings = self.snapshot.config.context
+        service = self._context
+        raw = inp.headers.get(settings.header)
+        me = service.keys.spiffe_id if service is not None else None
+        identity = Identity()
+        try:
+            if raw is None or service is None or me is None or not destination:
+                d = Decision(Outcome.ALLOW, self._ids(), "no user context", headers_to_remove=[
+                    *self._context_headers])
+            else:
+                ctx, _ = service.verify(raw, me, me)
+                identity = Identity(context=ctx)
+                did = self._ids()
+                minted = service.mint(token_key(raw) + destination.encode(), destination, ctx.user_issuer,
+                                      minimized(ctx.claims, settings.destinations.get(destination, ())),
+                                      (me, *ctx.act), did, settings.ttl_s, ctx.expires_at)
+                if minted is None:
+                    d = self._deny(Outcome.UNAVAILABLE, "no workload certificate to sign the context with")
+                else:
+                    d = Decision(Outcome.ALLOW, did, "context exchanged", headers_to_set=[(WIRE_HEADER, minted.token)],
+                                 headers_to_remove=[h for h in self._context_headers if h != WIRE_HEADER])
+        except ContextError as e:
+            d = self._deny(Outcome.UNAUTHENTICATED, e.reason)
+        except Exception:
+            log.exception("context exchange failed; denying")
+            d = self._deny(Outcome.UNAVAILABLE, "internal error")
+        return self._finish(inp, transport, t0, identity, d, destination)
+
     def _finish(self, inp: CheckInput, transport: str, t0: float, identity: Identity,
-                decision: Decision | None) -> Decision:
+                decision: Decision | None, destination: str = "") -> Decision:
         if decision is None:
             decision = self._respond(inp, identity)
         elapsed = time.perf_counter() - t0
         self._observer.observe(decision, transport, elapsed)
+        ctx = identity.context
         self._audit.write(AuditRecord(
             self._clock(), decision.decision_id, self._workload, transport, decision.outcome,
             decision.would_deny, decision.policy, decision.rule, decision.reason, inp.peer or "",
-            decision.subject_hash, inp.method, inp.path, inp.request_id, elapsed * 1e6))
+            decision.subject_hash, inp.method, inp.path, inp.request_id, elapsed * 1e6,
+            ctx.jti if ctx else "", ",".join(ctx.act) if ctx else "", destination))
         return decision

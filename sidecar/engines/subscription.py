@@ -83,6 +83,8 @@ class PolicySubscription:
         self.version = version
         self.synced = True
         self._applied.labels("applied").inc()
+        if self.destinations is not None:
+            self.destinations.use_context_header(self._agent.pipeline.snapshot.config.context.header)
         return None
 
     async def run(self) -> None:

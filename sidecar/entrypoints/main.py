@@ -31,6 +31,7 @@ from meshward._version import __version__
 from meshward.sidecar.clients.fetch import HttpFetcher
 from meshward.sidecar.domain.probes import PROBES_ENV, AppProbe, parse_probes
 from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
+from meshward.sidecar.engines.context import ContextKeys
 from meshward.sidecar.engines.destinations import MeshDestinations
 from meshward.sidecar.engines.observe import DEFAULT_AUDIT_FLUSH_S, JsonLineAudit, Metrics
 from meshward.sidecar.servers.admin import Admin
@@ -213,13 +214,16 @@ def _start_engines(args: argparse.Namespace, snapshot: Snapshot) -> _Running:
     fetcher = HttpFetcher()
     audit = JsonLineAudit(sys.stdout, args.audit_flush_interval, metrics.audit_dropped.inc)
     awaiting = "no policy from the operator yet" if args.policy_server != "off" and args.config is None else None
-    r = _Running(Agent(snapshot, fetcher, metrics, audit, awaiting=awaiting), registry, fetcher, audit)
+    identity = _identity(args, registry) if args.identity_signer != "off" else None
+    context = ContextKeys(lambda: identity.current) if identity is not None else None
+    r = _Running(Agent(snapshot, fetcher, metrics, audit, awaiting=awaiting, context_keys=context), registry,
+                 fetcher, audit)
     r.tasks.append(asyncio.create_task(r.agent.keys.run(), name="jwks"))
     if args.config is not None:
         r.tasks.append(asyncio.create_task(r.agent.watch(args.config, args.reload_interval), name="reload"))
-    if args.identity_signer != "off":
-        r.identity = _identity(args, registry)
-        r.tasks.append(asyncio.create_task(r.identity.run(), name="identity"))
+    if identity is not None:
+        r.identity = identity
+        r.tasks.append(asyncio.create_task(identity.run(), name="identity"))
     if args.policy_server != "off":
         r.subscription = _subscription(args, r.agent, r.identity, registry)
         r.tasks.append(asyncio.create_task(r.subscription.run(), name="policy"))

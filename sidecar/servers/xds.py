@@ -18,7 +18,9 @@ from typing import Any
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401  (Any types ParseDict resolves)
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401  (Any types ParseDict resolves)
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2  # noqa: F401
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: F401
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
@@ -55,7 +57,8 @@ class OutboundDiscovery(lds_pb2_grpc.ListenerDiscoveryServiceServicer,  # type: 
 
     def response(self, type_url: str, version: int) -> Any:
         """The whole state of `type_url` for the map at `version`."""
-        listeners, clusters = outbound_resources(self._destinations.current, self._destinations.own_ip)
+        d = self._destinations
+        listeners, clusters = outbound_resources(d.current, d.own_ip, d.context_header)
         if type_url == LISTENER_TYPE:
             resources = pack_resources(listeners, listener_pb2.Listener)
         else:

@@ -73,7 +73,7 @@ class Harness:
 
 
 def harness(cfg: dict[str, Any], jwks: dict[str, list[dict[str, Any]]] | None = None, clock: Clock | None = None,
-            *, kids_just_refetched: bool = False, authorizer: Any = None) -> Harness:
+            *, kids_just_refetched: bool = False, authorizer: Any = None, context: Any = None) -> Harness:
     """A real pipeline whose key store fetched `jwks` (issuer -> JWK list) through its own fetch path.
 
     `kids_just_refetched`: an unknown-kid refetch just happened for every issuer, so another one is rate-limited
@@ -92,7 +92,7 @@ def harness(cfg: dict[str, Any], jwks: dict[str, list[dict[str, Any]]] | None = 
     metrics = Metrics(CollectorRegistry())
     cache = TokenCache(snap.config.token_cache_size, clock, keys.generation)
     p = Pipeline(snap, keys, cache, clock=clock, ids=decision_ids(), audit=JsonLineAudit(audit), observer=metrics,
-                 authorizer=authorizer)
+                 authorizer=authorizer, context=context)
     return Harness(p, audit, metrics, keys, fetcher, clock)
 
 

@@ -4,6 +4,7 @@ promise."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,15 @@ from typing import Any
 import pytest
 import yaml
 
+from meshward.sidecar.domain.context import WIRE_HEADER
 from meshward.sidecar.domain.envoy import (
+    ATTR_DEST,
     Destination,
     PodProxy,
     build_pod_bootstrap,
     check_bootstrap,
     outbound_resources,
+    owned_except,
     parse_destinations,
 )
 from tests.support.procs import envoy_binary
@@ -127,16 +131,82 @@ def test_plaintext_ports_are_carved_out_of_every_port_specific_chain() -> None:
     meshed address's plaintext port 9090 must not take 9090 of the other meshed addresses out of the mesh."""
     chains = _outbound_chains()
     on_9090 = [c for c in chains.values() if c["filter_chain_match"].get("destination_port") == 9090]
-    addresses = {r["address_prefix"] for c in on_9090 for r in c["filter_chain_match"]["prefix_ranges"]}
+    addresses = {r["address_prefix"] for c in on_9090 for r in c["filter_chain_match"].get("prefix_ranges", [])}
     assert addresses == {"10.244.0.8", "10.96.0.20", "10.96.0.30", "10.244.1.4"}
+    # ...and plaintext HTTP/1 on 9090 (to the address that leaves it plain) still loses the context header.
+    assert any(c["filter_chain_match"].get("application_protocols") for c in on_9090)
     any_port = {r["address_prefix"] for c in chains.values() if "destination_port" not in c["filter_chain_match"]
-                for r in c["filter_chain_match"]["prefix_ranges"]}
+                for r in c["filter_chain_match"].get("prefix_ranges", [])}
     assert "10.244.0.7" in any_port and OWN_IP not in any_port
 
 
 def test_nothing_meshed_means_everything_passes_through() -> None:
     listeners, clusters = outbound_resources({}, "")
-    assert listeners[0]["filter_chains"] == [] and clusters == []
+    assert [c["name"] for c in listeners[0]["filter_chains"]] == ["passthrough_http"] and clusters == []
+    assert listeners[0]["default_filter_chain"]["filters"][0]["name"] == "envoy.filters.network.tcp_proxy"
+
+
+def _http_filters(chain: dict[str, Any]) -> list[str]:
+    return [f["name"] for f in chain["filters"][0]["typed_config"]["http_filters"]]
+
+
+def _route_config(chain: dict[str, Any]) -> dict[str, Any]:
+    config: dict[str, Any] = chain["filters"][0]["typed_config"]["route_config"]
+    return config
+
+
+def test_context_is_exchanged_only_toward_one_exact_workload() -> None:
+    """The agent mints for exactly one audience: a chain to one SPIFFE ID checks (and exchanges) requests that
+    carry the app's context header, with the destination set by Envoy; requests without it skip the agent."""
+    listeners, _ = outbound_resources(MAP, OWN_IP, context_header="x-user-context")
+    chains = {c["name"]: c for c in listeners[0]["filter_chains"]}
+    chain = chains[f"outbound|{ORDERS}|*"]
+    assert _http_filters(chain) == ["envoy.filters.http.ext_authz", "envoy.filters.http.router"]
+    authz = chain["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]
+    assert authz["failure_mode_allow"] is False
+    service = authz["http_service"]
+    assert service["authorization_request"]["headers_to_add"] == [{"key": ATTR_DEST, "value": ORDERS}]
+    assert service["authorization_response"]["allowed_upstream_headers"]["patterns"] == [{"exact": WIRE_HEADER}]
+    assert {"exact": "x-user-context"} in authz["allowed_headers"]["patterns"]
+    with_header, without = _route_config(chain)["virtual_hosts"][0]["routes"]
+    assert with_header["match"]["headers"] == [{"name": "x-user-context", "present_match": True}]
+    assert "typed_per_filter_config" not in with_header
+    assert without["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["disabled"] is True
+    assert without["request_headers_to_remove"] == ["x-user-context", WIRE_HEADER]
+
+
+@pytest.mark.parametrize("group", [f"outbound|{ORDERS},{PAYMENTS}|*", "outbound|spiffe://cluster.local/ns/web/sa/*|*"])
+def test_context_never_goes_to_a_destination_of_several_identities(group: str) -> None:
+    """Several workloads (or any of another namespace) behind one address: no single audience, so the context
+    headers are removed and the agent is not asked."""
+    chain = _outbound_chains()[group]
+    assert _http_filters(chain) == ["envoy.filters.http.router"]
+    assert _route_config(chain)["request_headers_to_remove"] == [WIRE_HEADER]
+
+
+def test_context_header_is_removed_from_plaintext_http_to_non_meshed_addresses() -> None:
+    """A context header sent to an address outside the mesh is removed, not leaked: HTTP/1 is recognized by the
+    listener's HTTP inspector and passed on by a connection manager that changes nothing else."""
+    listeners, _ = outbound_resources(MAP, OWN_IP, context_header="x-user-context")
+    listener = listeners[0]
+    assert [f["name"] for f in listener["listener_filters"]] == [
+        "envoy.filters.listener.original_dst", "envoy.filters.listener.http_inspector"]
+    assert listener["continue_on_listener_filters_timeout"] is True
+    chain = {c["name"]: c for c in listener["filter_chains"]}["passthrough_http"]
+    assert chain["filter_chain_match"] == {"application_protocols": ["http/1.0", "http/1.1"]}
+    hcm = chain["filters"][0]["typed_config"]
+    assert hcm["route_config"]["request_headers_to_remove"] == ["x-user-context", WIRE_HEADER]
+    assert hcm["generate_request_id"] is False
+    assert hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"] == {"cluster": "passthrough", "timeout": "0s"}
+
+
+@pytest.mark.parametrize(("header", "removed"), [
+    ("x-meshward-context", False), ("x-meshward-sub", True), ("x-meshward-contex", True),
+    ("x-meshward-contexts", True), ("x-meshward-", True), ("x-meshward-authz-peer", True),
+    ("x-meshward-cantext", True), ("x-other", False)])
+def test_inbound_strips_every_meshward_header_but_the_context_token(header: str, removed: bool) -> None:
+    """Spoofed identity headers never reach the app; the context token reaches the agent, which verifies it."""
+    assert bool(re.fullmatch(owned_except(WIRE_HEADER), header)) is removed
 
 
 @pytest.mark.parametrize("doc", [

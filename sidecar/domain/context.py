@@ -1,0 +1,295 @@
+"""Context tokens: the end user, minimized and re-signed for exactly one next workload.
+
+Why our own format and checks (docs/context-tokens.md has the threat model): a context
+token must be useless anywhere but the one connection it was minted for, and no
+shared signing key may exist in the mesh. So:
+- it is signed with the minting workload's own key, the one behind its mTLS
+  certificate, and that certificate (with any intermediates) travels in `x5c`; the
+  receiver trusts it only if it chains to the mesh trust bundle, and only for the
+  SPIFFE ID in its URI SAN;
+- `iss` is the minter's SPIFFE ID and must equal the mTLS peer of the connection it
+  arrives on (a token captured anywhere cannot be replayed from another workload);
+- `aud` is exactly one SPIFFE ID, the receiver's own;
+- `typ` is fixed and the algorithm is ES256 only (workload keys are P-256): an
+  end-user token cannot pass for a context token, nor the reverse (end-user
+  validation never reads `x5c` and rejects this `typ`), and no `alg` can be swapped;
+- it lives at most MAX_TTL_S and carries only the claims the receiver's policies
+  reference, plus `sub`, the end user's issuer (`user_iss`), an RFC 8693 `act` chain
+  of the workloads the call passed through and `jti` = the minting decision's id.
+
+Everything here is pure: keys, roots and the clock are arguments.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from meshward.sidecar.domain.jwt import CONTEXT_TYP, JwtError, ParsedToken, parse
+
+# The header a context token travels in between two Envoys (an app reads and forwards spec.context.header,
+# by default the same name). Under Meshward's own prefix, yet let through inbound: it is verified, never trusted.
+WIRE_HEADER = "x-meshward-context"
+# Workload keys are ECDSA P-256 (domain/certificate.py): one algorithm, so none can be substituted.
+CONTEXT_ALG = "ES256"
+# The claim carrying the end user's issuer (`iss` is the minting workload).
+USER_ISS = "user_iss"
+# Claims Meshward sets itself: never copied from the end-user token (operator/api/schema.py lists the same).
+RESERVED = frozenset({"iss", "aud", "exp", "nbf", "iat", "jti", "act", USER_ISS})
+# The issue's bound and the CRD's maximum for spec.context.ttl.
+MAX_TTL_S = 60.0
+# Clocks of two pods on one cluster agree within seconds; more would stretch a token's life.
+CLOCK_SKEW_S = 5.0
+# A mesh chain is a leaf and at most a few intermediates; more is not ours.
+MAX_X5C = 4
+# An act chain longer than this is a loop or an attack, not a call path.
+MAX_ACT_DEPTH = 16
+# Context tokens are small (a certificate and a few claims): bound the work a forged one can cause.
+MAX_CONTEXT_BYTES = 8 * 1024
+
+
+class ContextError(JwtError):
+    """A context token is not acceptable; `reason` names the check (no token contents)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ContextToken:
+    """A verified context token."""
+
+    minter: str                 # iss: the SPIFFE ID that signed it
+    audience: str               # aud: the workload it is for
+    user_issuer: str
+    subject: str
+    claims: Mapping[str, Any]   # the end-user claims it carries (sub included), none of RESERVED
+    act: tuple[str, ...]        # the workloads the call passed through, most recent first
+    jti: str
+    issued_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MintingKey:
+    """A workload's identity as a signer: its SPIFFE ID, private key, and chain in `x5c` form."""
+
+    spiffe_id: str
+    key: ec.EllipticCurvePrivateKey
+    x5c: tuple[str, ...]
+    # The certificate's NotAfter: no token outlives the certificate that vouches for it.
+    not_after: float = float("inf")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+
+def act_claim(chain: Sequence[str]) -> dict[str, Any] | None:
+    """RFC 8693 §4.1 `act` for a chain of workloads, most recent first (the current actor outermost)."""
+    out: dict[str, Any] | None = None
+    for actor in reversed(chain):
+        out = {"sub": actor, **({"act": out} if out else {})}
+    return out
+
+
+def act_chain(claim: Any) -> tuple[str, ...]:
+    """The chain an `act` claim names, most recent first; raise ContextError if it is malformed."""
+    out: list[str] = []
+    while claim is not None:
+        if not isinstance(claim, dict) or not isinstance(claim.get("sub"), str) or set(claim) - {"sub", "act"}:
+            raise ContextError("context token: malformed act claim")
+        out.append(claim["sub"])
+        if len(out) > MAX_ACT_DEPTH:
+            raise ContextError("context token: act chain too long")
+        claim = claim.get("act")
+    return tuple(out)
+
+
+def minimized(user_claims: Mapping[str, Any], wanted: Iterable[str]) -> dict[str, Any]:
+    """The claims of `user_claims` named in `wanted` (and `sub`), never a reserved one."""
+    keep = {"sub", *wanted} - RESERVED
+    return {k: v for k, v in user_claims.items() if k in keep}
+
+
+def mint(key: MintingKey, audience: str, user_issuer: str, claims: Mapping[str, Any], act: Sequence[str],
+         jti: str, now: float, ttl_s: float, not_after: float | None = None) -> tuple[str, float]:
+    """Sign a context token for `audience`; return it and its expiry.
+
+    `claims` must already be minimized; its `sub` is the end user. The token expires after `ttl_s`
+    (at most MAX_TTL_S) or at `not_after` (the token it was exchanged from), whichever is first.
+    """
+    if not 0 < ttl_s <= MAX_TTL_S:
+        raise ValueError(f"context ttl must be within (0, {MAX_TTL_S:.0f}] seconds, got {ttl_s}")
+    exp = min(now + ttl_s, key.not_after, not_after if not_after is not None else now + ttl_s)
+    payload: dict[str, Any] = {k: v for k, v in claims.items() if k not in RESERVED}
+    payload.update(iss=key.spiffe_id, aud=audience, user_iss=user_issuer, jti=jti, iat=int(now), exp=int(exp))
+    chain = act_claim(act)
+    if chain is not None:
+        payload["act"] = chain
+    header = {"alg": CONTEXT_ALG, "typ": CONTEXT_TYP, "x5c": list(key.x5c)}
+    signing_input = f"{_b64url(_json(header))}.{_b64url(_json(payload))}"
+    r, s = decode_dss_signature(key.key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
+    return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}", float(int(exp))
+
+
+def looks_like_context(token: ParsedToken) -> bool:
+    """Whether a parsed token claims to be a context token (its `typ`)."""
+    return token.header.get("typ") == CONTEXT_TYP
+
+
+def _certificates(x5c: Any) -> list[x509.Certificate]:
+    if not isinstance(x5c, list) or not 0 < len(x5c) <= MAX_X5C or not all(isinstance(c, str) for c in x5c):
+        raise ContextError("context token: x5c must list the minting workload's certificate chain")
+    out = []
+    for c in x5c:
+        try:
+            out.append(x509.load_der_x509_certificate(base64.b64decode(c, validate=True)))
+        except (ValueError, binascii.Error) as e:
+            raise ContextError("context token: x5c holds a malformed certificate") from e
+    return out
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _current(cert: x509.Certificate, now: dt.datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def chain_leaf(x5c: Any, roots: Sequence[x509.Certificate], now: float) -> x509.Certificate:
+    """The leaf of `x5c` once it chains, through x5c's CA certificates, to one of `roots` at time `now`."""
+    certs = _certificates(x5c)
+    at = dt.datetime.fromtimestamp(now, dt.UTC)
+    leaf, intermediates = certs[0], [c for c in certs[1:] if _is_ca(c)]
+    if _is_ca(leaf) or not _current(leaf, at):
+        raise ContextError("context token: the minting certificate is not a current workload certificate")
+    cert = leaf
+    for _ in range(MAX_X5C + 1):
+        for root in roots:
+            if root.subject == cert.issuer and _directly_issued(cert, root):
+                return leaf
+        parent = next((i for i in intermediates if i.subject == cert.issuer and _current(i, at)
+                       and _directly_issued(cert, i)), None)
+        if parent is None:
+            break
+        cert = parent
+    raise ContextError("context token: the minting certificate does not chain to the mesh trust bundle")
+
+
+def _directly_issued(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return _is_ca(issuer)
+
+
+def _spiffe_of(leaf: x509.Certificate) -> str:
+    try:
+        uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if len(uris) != 1 or not uris[0].startswith("spiffe://"):
+        raise ContextError("context token: the minting certificate names no single SPIFFE ID")
+    return str(uris[0])
+
+
+def _signature_ok(leaf: x509.Certificate, token: ParsedToken) -> bool:
+    key = leaf.public_key()
+    sig = token.signature
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1" or len(sig) != 64:
+        return False
+    try:
+        key.verify(encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")),
+                   token.signing_input, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float:
+    v = claims.get(name)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ContextError(f"context token: claim {name} is missing or not a number")
+    return float(v)
+
+
+def check_bound(token: ParsedToken, peer: str | None, audience: str, now: float) -> dict[str, Any]:
+    """The header, binding and time checks that need no cryptography; return the claims."""
+    h, c = token.header, token.claims
+    if h.get("typ") != CONTEXT_TYP:
+        raise ContextError("context token: wrong token type")
+    if h.get("alg") != CONTEXT_ALG:
+        raise ContextError("context token: signing algorithm not allowed")
+    if "crit" in h:
+        raise ContextError("context token: unsupported critical header parameter")
+    if not isinstance(c.get("iss"), str) or not peer or c["iss"] != peer:
+        raise ContextError("context token: not minted by the peer of this connection")
+    if c.get("aud") != audience:
+        raise ContextError("context token: audience is not this workload")
+    exp, iat = _number(c, "exp"), _number(c, "iat")
+    if exp <= now - CLOCK_SKEW_S:
+        raise ContextError("context token: expired")
+    if iat > now + CLOCK_SKEW_S:
+        raise ContextError("context token: issued in the future")
+    if exp - iat > MAX_TTL_S:
+        raise ContextError("context token: lifetime too long")
+    for name in ("sub", USER_ISS, "jti"):
+        if not isinstance(c.get(name), str) or not c[name]:
+            raise ContextError(f"context token: claim {name} is missing")
+    return c
+
+
+def verify_context(raw: str, peer: str | None, audience: str, roots: Sequence[x509.Certificate],
+                   now: float) -> ContextToken:
+    """Verify a context token arriving from `peer` for `audience`; raise ContextError naming the failed check.
+
+    Order: strict parsing, then the checks that cost nothing (type, algorithm, binding to the peer,
+    audience, times), then the certificate chain to `roots`, the SAN, and the signature.
+    """
+    try:
+        token = parse(raw, MAX_CONTEXT_BYTES)
+    except ContextError:
+        raise
+    except JwtError as e:
+        raise ContextError(f"context token: {e.reason}") from e
+    c = check_bound(token, peer, audience, now)
+    leaf = chain_leaf(token.header.get("x5c"), roots, now)
+    if _spiffe_of(leaf) != c["iss"]:
+        raise ContextError("context token: signed by a certificate of another workload")
+    if not _signature_ok(leaf, token):
+        raise ContextError("context token: invalid signature")
+    user = {k: v for k, v in c.items() if k not in RESERVED}
+    return ContextToken(minter=c["iss"], audience=audience, user_issuer=c[USER_ISS], subject=c["sub"], claims=user,
+                        act=act_chain(c.get("act")), jti=c["jti"], issued_at=_number(c, "iat"),
+                        expires_at=_number(c, "exp"))
+
+
+def x5c_of(chain_pem: bytes) -> tuple[str, ...]:
+    """A PEM chain (leaf first) as `x5c` values (standard base64 DER, RFC 7515 §4.1.6)."""
+    return tuple(base64.b64encode(c.public_bytes(Encoding.DER)).decode("ascii")
+                 for c in x509.load_pem_x509_certificates(chain_pem))
+
+
+def roots_of(bundle_pem: bytes) -> tuple[x509.Certificate, ...]:
+    """The certificates of a trust bundle (old and new roots during a CA rotation)."""
+    return tuple(x509.load_pem_x509_certificates(bundle_pem)) if bundle_pem.strip() else ()

@@ -1,0 +1,162 @@
+"""Context tokens on the hot path: the workload's minting key, and caches so hot users pay no signature.
+
+The key and the trust roots come from the workload certificate the agent holds
+(engines/certificate.py): parsed once per certificate and once per bundle, never
+written anywhere. Verified tokens are cached by the SHA-256 of the raw token (the
+binding to the peer, the audience and the expiry are re-checked on every hit, and a
+new trust bundle empties the cache); minted tokens are cached per (what they were
+minted from, audience) for at most half their life, so the receiver always has at
+least half of it left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from meshward.sidecar.domain.certificate import WorkloadCert
+from meshward.sidecar.domain.context import (
+    CLOCK_SKEW_S,
+    ContextError,
+    ContextToken,
+    MintingKey,
+    mint,
+    roots_of,
+    verify_context,
+    x5c_of,
+)
+
+# Distinct users (or exchanges) remembered per cache; beyond that the least recently used are minted again.
+DEFAULT_CACHE_SIZE = 4096
+
+
+class ContextKeys:
+    """The workload's minting key and the mesh roots, from its current certificate."""
+
+    def __init__(self, current: Callable[[], WorkloadCert | None]) -> None:
+        self._current = current
+        self._key: tuple[int, MintingKey] | None = None
+        self._roots: tuple[bytes, tuple[x509.Certificate, ...]] = (b"", ())
+        self.generation = 0  # moves when the trust bundle changes
+
+    def minting(self) -> MintingKey | None:
+        """The key to sign with, or None while the workload has no certificate."""
+        cert = self._current()
+        if cert is None:
+            return None
+        if self._key is None or self._key[0] != cert.serial:
+            key = load_pem_private_key(cert.key_pem, password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise TypeError("the workload key is not an EC key")  # never: domain/certificate.py makes P-256 keys
+            self._key = (cert.serial, MintingKey(cert.spiffe_id, key, x5c_of(cert.chain_pem),
+                                                 cert.not_after.timestamp()))
+        return self._key[1]
+
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        """The trust bundle's certificates (old and new roots during a CA rotation)."""
+        cert = self._current()
+        bundle = cert.bundle_pem if cert is not None else b""
+        if bundle != self._roots[0]:
+            self._roots = (bundle, roots_of(bundle))
+            self.generation += 1
+        return self._roots[1]
+
+    @property
+    def spiffe_id(self) -> str | None:
+        """The workload's SPIFFE ID, once it holds a certificate."""
+        cert = self._current()
+        return cert.spiffe_id if cert is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Minted:
+    """A minted token and until when a cache may hand it out."""
+
+    token: str
+    refresh_at: float
+
+
+class _Lru:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+        return hit
+
+    def put(self, key: Any, value: Any) -> None:
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+def token_key(raw: str) -> bytes:
+    """The cache key of a raw token (the raw token is never a key or a log field)."""
+    return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).digest()
+
+
+class ContextService:
+    """Verifies and mints context tokens for one workload, with bounded caches."""
+
+    def __init__(self, keys: ContextKeys, clock: Callable[[], float], cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        """Serve one config with `keys` (shared by every config's service) and the clock `clock`."""
+        self.keys = keys
+        self._clock = clock
+        self._verified = _Lru(cache_size)
+        self._minted = _Lru(cache_size)
+        self._generation = -1
+
+    def verify(self, raw: str, peer: str | None, audience: str) -> tuple[ContextToken, dict[str, Any]]:
+        """A context token from `peer` for `audience`, and a memo living as long as its cache entry.
+
+        Raises ContextError naming the failed check.
+        """
+        roots = self.keys.roots()
+        if self._generation != self.keys.generation:
+            self._verified.entries.clear()
+            self._generation = self.keys.generation
+        now = self._clock()
+        key = token_key(raw)
+        hit: tuple[ContextToken, dict[str, Any]] | None = self._verified.get(key)
+        if hit is not None:
+            token = hit[0]
+            if token.minter != peer:
+                raise ContextError("context token: not minted by the peer of this connection")
+            if token.audience != audience:
+                raise ContextError("context token: audience is not this workload")
+            if token.expires_at <= now - CLOCK_SKEW_S:
+                raise ContextError("context token: expired")
+            return hit
+        verified: tuple[ContextToken, dict[str, Any]] = (verify_context(raw, peer, audience, roots, now), {})
+        self._verified.put(key, verified)
+        return verified
+
+    def mint(self, source: bytes, audience: str, user_issuer: str, claims: Mapping[str, Any], act: Sequence[str],
+             jti: str, ttl_s: float, not_after: float | None = None) -> Minted | None:
+        """A token for `audience` minted from `source` (a token key), cached for half its life; None without a key.
+
+        One service serves one config: what a token carries follows from its source, audience and the config.
+        """
+        key = self.keys.minting()
+        if key is None:
+            return None
+        now = self._clock()
+        cache_key = (source, audience, key.spiffe_id, id(key))
+        hit: Minted | None = self._minted.get(cache_key)
+        if hit is not None and hit.refresh_at > now:
+            return hit
+        token, exp = mint(key, audience, user_issuer, claims, act, jti, now, ttl_s, not_after)
+        minted = Minted(token, now + (exp - now) / 2)
+        self._minted.put(cache_key, minted)
+        return minted
