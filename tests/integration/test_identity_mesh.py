@@ -8,21 +8,30 @@ The operator runs as a process against the real API server with `--max-leaf-ttl 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import http.client
+import json
+import os
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from meshward.operator.domain.ca import CertificateAuthority, check_csr, generate_root, issue_leaf, random_serial
+from meshward.sidecar.domain.certificate import build_csr, new_key
+from meshward.sidecar.domain.context import WIRE_HEADER, MintingKey, mint, x5c_of
 from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, Outbound, SdsTls, build_inbound_bootstrap
 from tests.kube import Cluster, service_identity, wait_until
 from tests.support.pki import TestCA
@@ -76,12 +85,15 @@ class Mesh:
     envoy_admin: dict[str, int] = field(default_factory=dict)
 
     def get(self, path: str = "/orders/1") -> int:
+        return self.call(path)[0]
+
+    def call(self, path: str = "/orders/1", headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """(status, body) of a request through the frontend's Envoy to the backend."""
         conn = http.client.HTTPConnection("127.0.0.1", self.outbound_port, timeout=5)
         try:
-            conn.request("GET", path)
+            conn.request("GET", path, headers=headers or {})
             r = conn.getresponse()
-            r.read()
-            return r.status
+            return r.status, r.read()
         finally:
             conn.close()
 
@@ -228,6 +240,67 @@ def test_two_envoys_talk_mtls_over_sds_and_authz_sees_the_peer(crds: Cluster, me
         "-n", mesh.ns, "serviceidentity", "frontend")["status"].get("issuedCertificates", 0) >= 1), si
 
 
+def _mesh_ca(crds: Cluster, operator: Operator) -> CertificateAuthority:
+    secret = ca_secret(crds, operator.namespace)
+    return CertificateAuthority.from_pem(secret["tls.crt"], secret["tls.key"])
+
+
+def _minter(ca: CertificateAuthority, spiffe: str) -> MintingKey:
+    """A genuine certificate for `spiffe` from `ca` (what any holder of that identity has) as a minting key."""
+    key = new_key()
+    now = dt.datetime.now(dt.UTC)
+    leaf = issue_leaf(ca, check_csr(build_csr(key, spiffe), spiffe), spiffe, dt.timedelta(minutes=5), now,
+                      random_serial(os.urandom))
+    return MintingKey(spiffe, key, x5c_of(leaf.public_bytes(Encoding.PEM)), leaf.not_valid_after_utc.timestamp())
+
+
+def test_context_tokens_are_verified_at_a_real_inbound_before_any_rule(crds: Cluster, operator: Operator,
+                                                                       mesh: Mesh) -> None:
+    """The backend's real Envoy and agent, a real mTLS peer (the frontend's Envoy, whose static outbound listener
+    passes headers unchanged, so tokens reach the inbound exactly as a compromised or buggy minter would send
+    them). Tokens are minted with genuine certificates from the operator's mesh CA; attack vectors are named
+    after what they attack."""
+    assert wait_until("a request through both Envoys", lambda: mesh.get() == 200, timeout=30)
+    ca = _mesh_ca(crds, operator)
+    frontend, batch = _minter(ca, mesh.frontend.spiffe), _minter(ca, f"spiffe://cluster.local/ns/{mesh.ns}/sa/batch")
+
+    def send(key: MintingKey, audience: str = mesh.backend.spiffe, *, ttl: float = 30, now: float | None = None,
+             jti: str = "hop-1") -> tuple[int, dict[str, Any]]:
+        at = time.time() if now is None else now
+        token, _ = mint(key, audience, "https://idp.example.com", {"sub": "alice", "email": "alice@example.com"},
+                        (key.spiffe_id,), jti, at, ttl)
+        status, body = mesh.call("/ctx", {WIRE_HEADER: token})
+        return status, json.loads(body)
+
+    status, body = send(frontend)
+    assert status == 200, body
+    app = jwt.decode(body["headers"][WIRE_HEADER], options={"verify_signature": False})
+    assert (app["iss"], app["aud"], app["sub"]) == (mesh.backend.spiffe, mesh.backend.spiffe, "alice")
+    assert "email" not in app, "only what the backend's policies use reaches its app"
+    assert app["act"] == {"sub": mesh.frontend.spiffe}
+
+    def audited(jti: str) -> dict[str, Any]:
+        found: dict[str, Any] = wait_until(f"the audit line of {jti}", lambda: next(
+            (a for a in mesh.backend.agent.audit_lines() if a.get("parent") == jti), None), timeout=10)
+        return found
+    line = audited("hop-1")
+    assert line["outcome"] == "allow" and line["act"] == mesh.frontend.spiffe
+
+    # Audience (RFC 7519 §4.1.3): a token the frontend minted for another workload.
+    status, body = send(frontend, f"spiffe://cluster.local/ns/{mesh.ns}/sa/payments")
+    assert status == 401 and "audience" in body["reason"], body
+    # Binding: batch's genuine token for the backend, replayed over the frontend's connection.
+    status, body = send(batch)
+    assert status == 401 and "peer" in body["reason"], body
+    # Expired: minted two minutes ago with a 30 s life.
+    status, body = send(frontend, now=time.time() - 120)
+    assert status == 401 and "expired" in body["reason"], body
+    # A foreign CA: a self-made root issuing "frontend".
+    foreign = generate_root("cluster.local", dt.datetime.now(dt.UTC))
+    status, body = send(_minter(foreign, mesh.frontend.spiffe))
+    assert status == 401 and "does not chain" in body["reason"], body
+
+
 def meshward(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).parent / "meshward"
     return subprocess.run([str(exe), *args, "--kubeconfig", str(cluster.kubeconfig)], capture_output=True, text=True,
@@ -321,3 +394,4 @@ def test_operator_restart_keeps_the_ca(crds: Cluster, operator: Operator) -> Non
     operator.stop()
     operator.start()
     assert ca_secret(crds, operator.namespace)["tls.crt"] == before
+
