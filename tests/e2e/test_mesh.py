@@ -105,7 +105,31 @@ def orders_policy(ns: str) -> dict[str, Any]:
                          "when": ["'orders:read' in scopes"]}]}}
 
 
-WORKLOADS = ("server", "client", "orders", "legacy", "metrics", "plain", "outside")
+def chain_policies(ns: str) -> list[dict[str, Any]]:
+    """client -> frontend -> checkout -> payments: the end user's JWT at frontend only (context ttl 10 s), checkout
+    carrying `tenant` on (spec.context.claims), payments admitting checkout for users of tenant acme."""
+    def spiffe(sa: str) -> str:
+        return f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+
+    def auth_policy(app: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": app, "namespace": ns},
+                "spec": {"selector": {"matchLabels": {"app": app}}, **spec}}
+    return [
+        auth_policy("frontend", {"jwt": [{"issuer": ISSUER, "audiences": ["orders"], "algorithms": ["ES256"],
+                                          "jwks": json.dumps({"keys": [KEY.jwk]})}],
+                                 "rules": [{"name": "from-client", "from": {"principals": [spiffe("client")]}}],
+                                 "context": {"claims": ["tenant"], "ttl": "10s"}}),
+        auth_policy("checkout", {"rules": [{"name": "from-frontend", "from": {"principals": [spiffe("frontend")]}}],
+                                 "context": {"claims": ["tenant"]}}),
+        auth_policy("payments", {"rules": [{"name": "acme-via-checkout", "from": {
+            "principals": [spiffe("checkout")], "requestPrincipals": [f"{ISSUER}/*"]},
+            "when": ["claims.tenant == 'acme'"]}]}),
+    ]
+
+
+CHAIN = ("frontend", "checkout", "payments")
+WORKLOADS = ("server", "client", "orders", "legacy", "metrics", *CHAIN, "plain", "outside")
+MESHED = WORKLOADS[:-2]
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +142,8 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
         try:
             for sa in WORKLOADS:
                 cluster.kubectl("-n", ns, "create", "serviceaccount", sa)
-            cluster.apply(*(service_identity(ns, sa) for sa in WORKLOADS[:5]),
-                          orders_policy(ns),
+            cluster.apply(*(service_identity(ns, sa) for sa in MESHED),
+                          orders_policy(ns), *chain_policies(ns),
                           {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
                            "metadata": {"name": "server", "namespace": ns},
                            "spec": {"selector": {"matchLabels": {"app": "server"}}, "rules": [
@@ -134,6 +158,7 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
                           deployment(ns, "metrics", echo, inject=True,
                                      annotations={"meshward.io/exclude-inbound-ports": "8080"}),
                           service(ns, "metrics"),
+                          *(x for app in CHAIN for x in (deployment(ns, app, echo, inject=True), service(ns, app))),
                           deployment(ns, "plain", echo, inject=False), service(ns, "plain"),
                           deployment(ns, "outside", echo, inject=False, probe=False))
             for name in WORKLOADS:
@@ -141,7 +166,7 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
             mesh = Mesh(rel, ns, echo)
             # Ready pods are not yet routable Services: until kube-proxy has their endpoints it rejects
             # connections (seen as a 503 "remote connection failure" on a loaded machine). Any HTTP answer will do.
-            for svc in ("server", "orders", "legacy", "metrics", "plain"):
+            for svc in ("server", "orders", "legacy", "metrics", *CHAIN, "plain"):
                 def answers(svc: str = svc) -> bool:
                     return mesh.curl("client", f"http://{svc}.{ns}/warm-up")[0] not in (0, 503)
                 wait_until(f"Service {svc} routable", answers, timeout=60)
@@ -247,6 +272,111 @@ def test_a_meshed_pod_reaches_unmeshed_services_unchanged(mesh: Mesh) -> None:
     assert code == 200 and "x-meshward-decision-id" not in json.loads(body)["headers"]
 
 
+def _via(*hops: str) -> str:
+    """The URL that makes each app call the next (echo's /call), ending at the last one's echo."""
+    url = hops[-1]
+    for hop in reversed(hops[:-1]):
+        url = f"{hop}/call?url={urllib.parse.quote(url, safe='')}"
+    return url
+
+
+def _claims(token: str) -> dict[str, Any]:
+    """A context token's payload (its signature was checked by the agent that handed it over)."""
+    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return claims
+
+
+USER = {"scope": "orders:read", "tenant": "acme", "email": "alice@example.com"}
+
+
+def test_the_user_context_travels_three_hops_minimized_and_re_signed(mesh: Mesh) -> None:
+    """client -> frontend (end-user JWT) -> checkout -> payments, each app forwarding only the context header:
+    payments sees alice and her tenant (what its policy uses) and nothing else; the JWT never leaves frontend;
+    the act chain and linked decision ids are in the audit lines of all three hops."""
+    ns = mesh.ns
+    frontend, checkout, payments = (f"http://{app}.{ns}" for app in CHAIN)
+    code, body = mesh.curl("client", _via(frontend, checkout, f"{payments}/pay"), "-H",
+                           f"authorization: Bearer {token(KEY, **USER)}")
+    assert code == 200, body
+    seen = json.loads(body)["headers"]
+    assert "authorization" not in seen
+    claims = _claims(seen["x-meshward-context"])
+    spiffe = {app: f"spiffe://cluster.local/ns/{ns}/sa/{app}" for app in CHAIN}
+    assert claims["iss"] == claims["aud"] == spiffe["payments"]
+    assert (claims["sub"], claims["user_iss"], claims["tenant"]) == ("alice", ISSUER, "acme")
+    assert "email" not in claims and "scope" not in claims
+    assert claims["act"] == {"sub": spiffe["checkout"], "act": {"sub": spiffe["frontend"]}}
+    # What checkout's app got: the user, minimized, never the JWT.
+    code, body = mesh.curl("client", _via(frontend, f"{checkout}/look"), "-H", f"authorization: Bearer {token(KEY, **USER)}")
+    assert code == 200, body
+    seen = json.loads(body)["headers"]
+    assert "authorization" not in seen and set(_claims(seen["x-meshward-context"])) >= {"sub", "tenant"}
+    assert "email" not in _claims(seen["x-meshward-context"])
+    # The claims reach payments' policy: another tenant is refused there.
+    code, body = mesh.curl("client", _via(frontend, checkout, f"{payments}/pay"), "-H",
+                           f"authorization: Bearer {token(KEY, **{**USER, 'tenant': 'globex'})}")
+    assert code == 403 and "acme-via-checkout" in body, body
+
+    def linked() -> list[dict[str, Any]] | None:
+        pay = [d for d in mesh.decisions("payments") if d["path"] == "/pay" and d["outcome"] == "allow"]
+        if not pay:
+            return None
+        by_id = {d["decision_id"]: d for app in ("frontend", "checkout") for d in mesh.decisions(app)}
+        chain, parent = [pay[0]], pay[0].get("parent")
+        while parent in by_id:
+            chain.append(by_id[parent])
+            parent = by_id[parent].get("parent")
+        return chain if len(chain) == 5 else None
+    chain = wait_until("linked audit lines of all three hops", linked, timeout=30)
+    assert [(d["workload"].split("/")[1].rsplit("-", 2)[0], d["transport"]) for d in chain] == [
+        ("payments", "http"), ("checkout", "outbound"), ("checkout", "http"), ("frontend", "outbound"),
+        ("frontend", "http")]
+    assert chain[0]["act"] == f"{spiffe['checkout']},{spiffe['frontend']}"
+    assert chain[1]["destination"] == spiffe["payments"] and chain[3]["destination"] == spiffe["checkout"]
+
+
+def test_a_captured_context_token_is_refused_from_another_pod_and_after_its_ttl(mesh: Mesh) -> None:
+    """A token captured at hop 1 (what frontend's app received) replayed from checkout's pod is refused by
+    checkout's own agent (binding: it was not minted by checkout), from an unmeshed pod over plaintext by the
+    receiving agent (no peer to be bound to), and from frontend itself once its 10 s ttl has passed.
+
+    Its inbound refusals for another audience or peer with a genuine minter's key (which no pod's app holds) are
+    tested at a real inbound in tests/integration/test_identity_mesh.py."""
+    ns = mesh.ns
+    code, body = mesh.curl("client", f"http://frontend.{ns}/capture", "-H", f"authorization: Bearer {token(KEY, **USER)}")
+    assert code == 200, body
+    captured = json.loads(body)["headers"]["x-meshward-context"]
+    header = f"x-meshward-context: {captured}"
+    code, body = mesh.curl("checkout", f"http://payments.{ns}/replayed", "-H", header)
+    assert code == 401 and "not minted by the peer" in body, body
+    code, body = mesh.curl("outside", f"http://legacy.{ns}/replayed", "-H", header)
+    assert code == 401 and "not minted by the peer" in body, body
+    code, body = mesh.curl("frontend", f"http://checkout.{ns}/in-time", "-H", header)
+    assert code == 200, body
+
+    def expired() -> bool:
+        code, body = mesh.curl("frontend", f"http://checkout.{ns}/too-late", "-H", header)
+        return code == 401 and "expired" in body
+    wait_until("the captured token refused after its ttl", expired, timeout=60)
+
+
+def test_a_context_header_never_leaves_the_mesh_and_no_header_means_no_user(mesh: Mesh) -> None:
+    """Toward an unmeshed Service and a meshed pod's plaintext port the header is removed by the caller's Envoy;
+    a garbage token toward a meshed workload is refused by the caller's own agent; without the header the
+    destination sees only the peer (payments' policy, which needs a user, refuses)."""
+    ns = mesh.ns
+    for url in (f"http://plain.{ns}/leak", f"http://metrics.{ns}/leak"):
+        code, body = mesh.curl("frontend", url, "-H", "x-meshward-context: secret-user-context")
+        assert code == 200, body
+        assert "x-meshward-context" not in json.loads(body)["headers"], url
+    code, body = mesh.curl("frontend", f"http://checkout.{ns}/forged", "-H", "x-meshward-context: forged")
+    assert code == 401 and "malformed" in body, body
+    code, body = mesh.curl("checkout", f"http://payments.{ns}/pay")
+    assert code == 403, body
+    assert any(d["path"] == "/pay" and d["outcome"] == "forbidden" and d["subject_hash"] == ""
+               for d in mesh.decisions("payments"))
+
+
 def test_envoys_own_traffic_is_never_captured_again(mesh: Mesh) -> None:
     """The server's Envoy forwards to its app over the pod's address: were its connections captured, they would
     come back into its own outbound listener (a loop). Its outbound listener has seen no connection at all."""
@@ -279,10 +409,11 @@ def test_the_agent_killed_means_denied_until_kubelet_restarts_it(mesh: Mesh) -> 
 TRAFFIC = """
 import json, sys, time, urllib.error, urllib.request
 url, seconds = sys.argv[1], float(sys.argv[2])
+headers = dict([sys.argv[3].split(": ", 1)]) if len(sys.argv) > 3 else {}
 end, ok, errors = time.monotonic() + seconds, 0, {}
 while time.monotonic() < end:
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
             ok += 1
     except urllib.error.HTTPError as e:
         errors[str(e.code)] = errors.get(str(e.code), 0) + 1
@@ -296,11 +427,12 @@ print(json.dumps({"ok": ok, "errors": errors}))
 class Traffic:
     """Requests from a pod's app at a steady rate for `seconds`, counted by outcome."""
 
-    def __init__(self, mesh: Mesh, app: str, url: str, seconds: float) -> None:
+    def __init__(self, mesh: Mesh, app: str, url: str, seconds: float, header: str | None = None) -> None:
         self.seconds = seconds
         self.proc = subprocess.Popen(
             [mesh.cluster.kubectl_bin, "--kubeconfig", str(mesh.cluster.kubeconfig), "-n", mesh.ns, "exec",
-             mesh.pod(app), "-c", "app", "--", "python3", "-c", TRAFFIC, url, str(seconds)],
+             mesh.pod(app), "-c", "app", "--", "python3", "-c", TRAFFIC, url, str(seconds),
+             *([header] if header else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def result(self) -> dict[str, Any]:
@@ -387,10 +519,15 @@ def _envoy_changes(mesh: Mesh, app: str) -> str:
 
 def test_leaf_and_ca_rotation_under_continuous_traffic_drop_no_request(mesh: Mesh) -> None:
     """Leaves live 30 s here, so each agent renews several times; meanwhile the CA rotates (staged: the new
-    root trusted; retiring: the new key signs; steady: the old root gone). Not one request fails."""
+    root trusted; retiring: the new key signs; steady: the old root gone). Not one request fails: neither
+    client -> server nor the three-hop chain whose context tokens are signed by those leaves, verified against
+    those roots, and exchanged at every hop."""
     c = mesh.cluster
     wait_until("the CA steady", lambda: _ca_phase(mesh) == "steady", timeout=60)
     traffic = Traffic(mesh, "client", f"http://server.{mesh.ns}/rotation", seconds=110)
+    ns = mesh.ns
+    chain = Traffic(mesh, "client", _via(f"http://frontend.{ns}", f"http://checkout.{ns}", f"http://payments.{ns}/pay"),
+                    seconds=110, header=f"authorization: Bearer {token(KEY, **USER)}")
     subprocess.run([str(Path(sys.executable).parent / "meshward"), "ca", "rotate", "--namespace",
                     mesh.release.namespace, "--kubeconfig", str(c.kubeconfig)], check=True, capture_output=True,
                    timeout=60)
@@ -399,6 +536,8 @@ def test_leaf_and_ca_rotation_under_continuous_traffic_drop_no_request(mesh: Mes
     result = traffic.result()
     assert result["errors"] == {} and result["ok"] > 500, (result, _envoy_changes(mesh, "client"),
                                                            _envoy_changes(mesh, "server"))
+    chained = chain.result()
+    assert chained["errors"] == {} and chained["ok"] > 200, chained
     renewals = [line for line in c.kubectl("-n", mesh.ns, "logs", mesh.pod("server"), "-c", "meshward-agent")
                 .stdout.splitlines() if "certificate for spiffe://" in line]
     assert len(renewals) >= 4, renewals

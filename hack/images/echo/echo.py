@@ -1,9 +1,10 @@
 """A tiny HTTP echo app for Meshward's tests on real pods (stdlib only).
 
 GET/POST anything: 200 with a JSON body naming this pod and echoing the request (method, path,
-headers), so a test sees exactly what reached the app. `/call?url=URL` calls URL and returns its
-status and body, forwarding the headers an app is expected to forward (trace and Meshward context
-headers), as a meshed app calling onward would. `/status/<code>` answers with that code.
+headers), so a test sees exactly what reached the app. `/call?url=URL` calls URL, forwarding the
+headers an app is expected to forward (trace and Meshward context headers) as a meshed app calling
+onward would, and answers with that call's status and body (502 if it could not connect), so a
+chain of calls reports its last hop. `/status/<code>` answers with that code.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ class Echo(BaseHTTPRequestHandler):
     server_version = "meshward-echo/1"
 
     def _send(self, code: int, doc: object) -> None:
-        body = json.dumps(doc, sort_keys=True).encode()
+        self._raw(code, json.dumps(doc, sort_keys=True).encode())
+
+    def _raw(self, code: int, body: bytes) -> None:
         self.send_response(code)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
@@ -44,9 +47,9 @@ class Echo(BaseHTTPRequestHandler):
             request = urllib.request.Request(target, headers=headers)  # noqa: S310 - a test app
             try:
                 with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310
-                    self._send(200, {"status": r.status, "body": r.read().decode(errors="replace")})
+                    self._raw(r.status, r.read())
             except urllib.error.HTTPError as e:
-                self._send(200, {"status": e.code, "body": e.read().decode(errors="replace")})
+                self._raw(e.code, e.read())
             except OSError as e:
                 self._send(502, {"error": str(e)})
             return
