@@ -242,7 +242,7 @@ def auth_rule_schema() -> Schema:
                 "requestPrincipals": array(
                     string("`<iss>/<sub>` of the end-user JWT, with one leading or trailing `*`; "
                            "`*` alone is any valid JWT.", maxLength=1024),
-                    "End-user identities from a validated JWT; needs spec.jwt.", max_items=64),
+                    "End-user identities (`<iss>/<sub>`) from a validated JWT, or from a context token a meshed caller passed on.", max_items=64),
                 "namespaces": array(
                     string("A namespace name.", maxLength=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
                     "Namespaces of the peer workload (from its SPIFFE ID).", max_items=64),
@@ -351,10 +351,6 @@ def auth_policy_spec() -> Schema:
             rule("!has(self.requireJwt) || !self.requireJwt || (has(self.jwt) && size(self.jwt) > 0)",
                  "spec.requireJwt: true needs at least one issuer in spec.jwt; add one or remove requireJwt",
                  fieldPath=".requireJwt"),
-            rule("!has(self.rules) || (has(self.jwt) && size(self.jwt) > 0) || "
-                 "!self.rules.exists(r, has(r.from) && has(r.from.requestPrincipals))",
-                 "spec.rules[].from.requestPrincipals needs spec.jwt: configure the issuer whose tokens "
-                 "carry those principals", fieldPath=".rules"),
         ]},
     )
 

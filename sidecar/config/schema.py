@@ -454,9 +454,6 @@ def _policy(data: Any, path: str) -> Policy:
         raise ConfigError(r.at("requireJwt"), "true needs at least one issuer in jwt")
     rules = tuple(_rule(d, f"{r.at('rules')}[{n}]", mode) for n, d in enumerate(r.get("rules", list, [])))
     _unique([x.name for x in rules], lambda n: f"{r.at('rules')}[{n}].name", "is used twice; rule names must be unique")
-    for n, rule in enumerate(rules):
-        if rule.from_.request_principals and not issuers:
-            raise ConfigError(f"{r.at('rules')}[{n}].from.requestPrincipals", "needs jwt issuers in this policy")
     r.done()
     return Policy(name=name, mode=mode, issuers=issuers, require_jwt=require_jwt, rules=rules)
 

@@ -72,8 +72,6 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("duplicate-issuers", policy({**SEL, "jwt": [JWT, JWT]}), "Duplicate value"),
     ("require-jwt-without-issuer", policy({**SEL, "requireJwt": True}),
      "spec.requireJwt: true needs at least one issuer in spec.jwt"),
-    ("request-principals-without-jwt", with_rule(**{"from": {"requestPrincipals": ["*"]}}),
-     "spec.rules[].from.requestPrincipals needs spec.jwt"),
     ("principal-not-spiffe", with_rule(**{"from": {"principals": ["frontend"]}}),
      "spec.rules[].from.principals: use a SPIFFE ID"),
     ("principal-wildcard-in-middle", with_rule(**{"from": {"principals": ["spiffe://td/ns/*/sa/x"]}}),

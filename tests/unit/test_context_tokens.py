@@ -417,3 +417,14 @@ def test_a_workload_that_names_its_idps_takes_users_only_from_them(ca: Certifica
                     "j", NOW, 30)
     d = pay.decide_now(request(peer=ORDERS, **{WIRE_HEADER: token}), "http")
     assert d.outcome is Outcome.UNAUTHENTICATED and "issuer" in d.reason  # type: ignore[union-attr]
+
+
+def test_request_principals_match_a_context_user_without_any_idp_configured(ca: CertificateAuthority) -> None:
+    """A workload behind the edge names users (`requestPrincipals`) without configuring their IdP: they arrive
+    in context tokens. Without a user the same rule does not match."""
+    clock = Clock(NOW)
+    rule = {"name": "alice", "from": {"requestPrincipals": [f"{ISSUER}/alice"]}}
+    pay, _ = agent(workload(ca, PAYMENTS), policy("payments", rules=[rule]), clock)
+    token, _ = mint(minting_key(workload(ca, ORDERS)), PAYMENTS, ISSUER, {"sub": "alice"}, (), "j", NOW, 30)
+    assert pay.decide_now(request(peer=ORDERS, **{WIRE_HEADER: token}), "http").outcome is Outcome.ALLOW  # type: ignore[union-attr]
+    assert pay.decide_now(request(peer=ORDERS), "http").outcome is Outcome.FORBIDDEN  # type: ignore[union-attr]

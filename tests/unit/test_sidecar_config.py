@@ -54,8 +54,6 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("path-relative", config(policy(rules=[{"name": "r", "to": {"paths": ["orders"]}}])),
      "rules[0].to.paths[0]: 'orders' must start with '/'"),
     ("port-out-of-range", config(policy(rules=[{"name": "r", "to": {"ports": [0]}}])), "to.ports[0]: 0 must be a port"),
-    ("request-principals-without-jwt", config(policy(rules=[{"name": "r", "from": {"requestPrincipals": ["*"]}}])),
-     "from.requestPrincipals: needs jwt issuers"),
     ("identity-header-not-owned", config(identityHeaders={"x-user": "sub"}), "identityHeaders.x-user: header names must"),
     ("token-limit-too-small", config(limits={"maxTokenBytes": 10}), "limits.maxTokenBytes: must be between 512"),
     ("unknown-rule-field", config(policy(rules=[{"name": "r", "form": {}}])), "rules[0].form: unknown field"),
