@@ -15,7 +15,7 @@ help:
 	@echo "make lint       ruff, mypy --strict, import-linter, CRD drift, helm lint"
 	@echo "make crds       regenerate crds/ and the chart's CRDs from operator/api/schema.py"
 	@echo "make down       stop the local cluster started by make dev"
-	@echo "make bench      authorization (vs Envoy's native jwt_authn; needs wrk), issuance, policy propagation, a pod-to-pod hop (kind)"
+	@echo "make bench      authorization (vs Envoy's native jwt_authn; needs wrk), issuance, policy propagation, a pod-to-pod hop and a context chain (kind)"
 
 install: $(VENV)/.installed
 
@@ -74,6 +74,7 @@ bench: install control-plane host-deps
 	$(BIN)/python bench/policy_bench.py
 	$(BIN)/python bench/policy_scale_bench.py
 	$(BIN)/python bench/mesh_hop_bench.py
+	$(BIN)/python bench/context_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache .pytest-kind

@@ -26,7 +26,7 @@ import base64
 import binascii
 import datetime as dt
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,12 +259,16 @@ def check_bound(token: ParsedToken, peer: str | None, audience: str, now: float)
     return c
 
 
+# How a verifier finds the minting certificate: `chain_leaf`, or a cache in front of it (engines/context.py).
+LeafOf = Callable[[Any, Sequence[x509.Certificate], float], x509.Certificate]
+
+
 def verify_context(raw: str, peer: str | None, audience: str, roots: Sequence[x509.Certificate],
-                   now: float) -> ContextToken:
+                   now: float, leaf_of: LeafOf = chain_leaf) -> ContextToken:
     """Verify a context token arriving from `peer` for `audience`; raise ContextError naming the failed check.
 
     Order: strict parsing, then the checks that cost nothing (type, algorithm, binding to the peer,
-    audience, times), then the certificate chain to `roots`, the SAN, and the signature.
+    audience, times), then the certificate chain to `roots` (`leaf_of`), the SAN, and the signature.
     """
     try:
         token = parse(raw, MAX_CONTEXT_BYTES)
@@ -273,7 +277,7 @@ def verify_context(raw: str, peer: str | None, audience: str, roots: Sequence[x5
     except JwtError as e:
         raise ContextError(f"context token: {e.reason}") from e
     c = check_bound(token, peer, audience, now)
-    leaf = chain_leaf(token.header.get("x5c"), roots, now)
+    leaf = leaf_of(token.header.get("x5c"), roots, now)
     if _spiffe_of(leaf) != c["iss"]:
         raise ContextError("context token: signed by a certificate of another workload")
     if not _signature_ok(leaf, token):

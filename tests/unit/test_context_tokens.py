@@ -428,3 +428,17 @@ def test_request_principals_match_a_context_user_without_any_idp_configured(ca: 
     token, _ = mint(minting_key(workload(ca, ORDERS)), PAYMENTS, ISSUER, {"sub": "alice"}, (), "j", NOW, 30)
     assert pay.decide_now(request(peer=ORDERS, **{WIRE_HEADER: token}), "http").outcome is Outcome.ALLOW  # type: ignore[union-attr]
     assert pay.decide_now(request(peer=ORDERS), "http").outcome is Outcome.FORBIDDEN  # type: ignore[union-attr]
+
+
+def test_a_remembered_minting_chain_still_expires_with_its_certificate(ca: CertificateAuthority) -> None:
+    """The chain of a known minter is checked once per bundle, but its leaf's validity at every use: a token
+    signed (by a compromised minter) after its certificate expired is refused even with the chain cached."""
+    clock = Clock(NOW)
+    short = workload(ca, FRONTEND, ttl_s=10)
+    service = ContextService(ContextKeys(lambda: short), clock)
+    service.verify(minted(short, FRONTEND, act=()), FRONTEND, FRONTEND)
+    clock.now = NOW + 20
+    header, claims, _ = segments(minted(short, FRONTEND, act=()))
+    late = resigned(short, header, {**claims, "iat": int(NOW + 20), "exp": int(NOW + 40), "jti": "late"})
+    with pytest.raises(ContextError, match="not a current workload certificate"):
+        service.verify(late, FRONTEND, FRONTEND)

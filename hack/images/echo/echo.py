@@ -3,8 +3,8 @@
 GET/POST anything: 200 with a JSON body naming this pod and echoing the request (method, path,
 headers), so a test sees exactly what reached the app. `/call?url=URL` calls URL, forwarding the
 headers an app is expected to forward (trace and Meshward context headers) as a meshed app calling
-onward would, and answers with that call's status and body (502 if it could not connect), so a
-chain of calls reports its last hop. `/status/<code>` answers with that code.
+onward would (`&context=0`: all but the context header), and answers with that call's status and
+body (502 if it could not connect), so a chain of calls reports its last hop. `/status/<code>` answers with that code.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ class Echo(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         body = self.rfile.read(length).decode(errors="replace") if length else ""
         if url.path == "/call":
-            target = urllib.parse.parse_qs(url.query).get("url", [""])[0]
-            headers = {h: v for h in FORWARDED if (v := self.headers.get(h))}
+            query = urllib.parse.parse_qs(url.query)
+            target = query.get("url", [""])[0]
+            forwarded = FORWARDED if query.get("context", ["1"])[0] != "0" else FORWARDED[:-1]
+            headers = {h: v for h in forwarded if (v := self.headers.get(h))}
             request = urllib.request.Request(target, headers=headers)  # noqa: S310 - a test app
             try:
                 with urllib.request.urlopen(request, timeout=10) as r:  # noqa: S310

@@ -1,0 +1,242 @@
+"""What context propagation costs: per hop in the agent (µs), and on a three-hop chain of real pods (RPS).
+
+Per hop, in this process with the agent's own code (real keys and certificates from the mesh CA's functions):
+mint (an ECDSA P-256 signature), verify (the x5c chain to the bundle and the signature), and the two things an
+agent does per request, cold (nothing cached) and hot (the caches a busy user fills): the inbound check of a
+context token from the peer with the app's token minted, and the outbound exchange for the next workload.
+
+On kind: client -> frontend -> checkout -> payments, each app (the echo test app) calling the next, the first with
+an end-user JWT. Measured in the same run on the same pods, interleaved: the apps forwarding the context header
+(every hop verifies, mints for its app, exchanges for the next) and not forwarding it (the user stops at
+frontend). The apps are small Python servers opening a connection per onward call, as many real apps do: the
+ratio shows what context propagation adds to such a chain, not Envoy's ceiling.
+Last lines: `context_hop_hot_us=<x>`, `context_hop_cold_us=<x>` and `context_chain_rps_ratio=<x>` (with / without).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jwt  # noqa: E402
+from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
+from tests.e2e.conftest import installed  # noqa: E402
+from tests.kube import Cluster, kind_session_for, service_identity  # noqa: E402
+from tests.support.idp import SigningKey  # noqa: E402
+from tests.support.sidecar import config, harness, policy, request  # noqa: E402
+
+from meshward.operator.domain.ca import check_csr, generate_root, issue_leaf, random_serial  # noqa: E402
+from meshward.sidecar.domain.certificate import WorkloadCert, accept, build_csr, new_key  # noqa: E402
+from meshward.sidecar.domain.context import WIRE_HEADER, mint, roots_of, verify_context  # noqa: E402
+from meshward.sidecar.domain.request import CheckInput  # noqa: E402
+from meshward.sidecar.engines.context import ContextKeys, ContextService  # noqa: E402
+
+TD = "spiffe://cluster.local/ns/shop/sa"
+FRONTEND, ORDERS, PAYMENTS = f"{TD}/frontend", f"{TD}/orders", f"{TD}/payments"
+ISSUER = "https://idp.meshward.test"
+CHAIN = ("frontend", "checkout", "payments")
+
+
+# Distinct tokens prepared for the cold measurements (each used once).
+COLD = 500
+
+
+def per_call_us(fn: Callable[[], object], seconds: float = 1.0, calls: int | None = None) -> float:
+    """Mean µs per call of `fn`: exactly `calls` calls, or as many as fit in about `seconds` (at least 200)."""
+    n, t0 = 0, time.perf_counter()
+    while (n < calls) if calls is not None else (n < 200 or time.perf_counter() - t0 < seconds):
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def in_process() -> dict[str, float]:
+    """µs of minting, verifying, and an agent's inbound check and outbound exchange, cold and hot."""
+    now = time.time()
+    ca = generate_root("cluster.local", dt.datetime.fromtimestamp(now - 60, dt.UTC))
+
+    def cert(spiffe: str) -> WorkloadCert:
+        key = new_key()
+        at = dt.datetime.fromtimestamp(now, dt.UTC)
+        leaf = issue_leaf(ca, check_csr(build_csr(key, spiffe), spiffe), spiffe, dt.timedelta(hours=1), at,
+                          random_serial(os.urandom))
+        return accept(spiffe, leaf.public_bytes(Encoding.PEM), ca.cert_pem(), key, at)
+
+    front, orders = cert(FRONTEND), cert(ORDERS)
+    front_key = ContextKeys(lambda: front).minting()
+    assert front_key is not None
+    roots = roots_of(ca.cert_pem())
+    claims = {"sub": "alice", "tenant": "acme"}
+    token, _ = mint(front_key, ORDERS, ISSUER, claims, (FRONTEND,), "d", now, 30)
+    out = {
+        "mint": per_call_us(lambda: mint(front_key, ORDERS, ISSUER, claims, (FRONTEND,), "d", now, 30)),
+        "verify": per_call_us(lambda: verify_context(token, FRONTEND, ORDERS, roots, now)),
+    }
+    cfg = config(policy("orders", rules=[{"name": "anyone"}]),
+                 context={"claims": ["tenant"], "ttlSeconds": 30, "destinations": {PAYMENTS: ["sub", "tenant"]}})
+    hot = harness(cfg, context=ContextService(ContextKeys(lambda: orders), time.time)).pipeline
+    inbound = request(peer=FRONTEND, **{WIRE_HEADER: token})
+    hot.decide_now(inbound, "http")
+    out["inbound_hot"] = per_call_us(lambda: hot.decide_now(inbound, "http"))
+    # Cold: a token (a user, a request) the agent has not seen, from a minter it has (its chain checked once).
+    fresh = iter([request(peer=FRONTEND, **{WIRE_HEADER: mint(front_key, ORDERS, ISSUER, claims, (FRONTEND,),
+                                                               f"d{n}", now, 30)[0]}) for n in range(COLD)])
+    out["inbound_cold"] = per_call_us(lambda: hot.decide_now(next(fresh), "http"), calls=COLD)
+    app = dict(hot.decide_now(inbound, "http").headers_to_set)[WIRE_HEADER]  # type: ignore[union-attr]
+    outbound = request(peer=None, **{WIRE_HEADER: app})
+    outbound.destination = PAYMENTS
+    hot.exchange(outbound, "outbound")
+    out["exchange_hot"] = per_call_us(lambda: hot.exchange(outbound, "outbound"))
+    own = ContextKeys(lambda: orders).minting()
+    assert own is not None
+
+    def app_request(n: int) -> CheckInput:
+        inp = request(peer=None, **{WIRE_HEADER: mint(own, ORDERS, ISSUER, claims, (FRONTEND,), f"a{n}", now, 30)[0]})
+        inp.destination = PAYMENTS
+        return inp
+    apps = iter([app_request(n) for n in range(COLD)])
+    out["exchange_cold"] = per_call_us(lambda: hot.exchange(next(apps), "outbound"), calls=COLD)
+    none = request(peer=FRONTEND)
+    out["inbound_without_context"] = per_call_us(lambda: hot.decide_now(none, "http"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ on kind
+
+
+def chain_manifests(ns: str, echo: str, key: SigningKey) -> list[dict[str, Any]]:
+    """The three meshed echo apps with Services, and their policies (JWT at frontend; each hop admits the last)."""
+    def spiffe(sa: str) -> str:
+        return f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+
+    docs: list[dict[str, Any]] = []
+    previous = "client"
+    for app in CHAIN:
+        spec: dict[str, Any] = {"selector": {"matchLabels": {"app": app}},
+                                "rules": [{"name": "caller", "from": {"principals": [spiffe(previous)]}}],
+                                "context": {"claims": ["tenant"]}}
+        if app == "frontend":
+            spec["jwt"] = [{"issuer": ISSUER, "audiences": ["bench"], "algorithms": ["ES256"],
+                            "jwks": json.dumps({"keys": [key.jwk]})}]
+        docs += [
+            {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": app, "namespace": ns},
+             "spec": spec},
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": app, "namespace": ns},
+             "spec": {"selector": {"matchLabels": {"app": app}}, "template": {
+                 "metadata": {"labels": {"app": app, "meshward.io/inject": "enabled"}},
+                 "spec": {"serviceAccountName": app, "containers": [
+                     {"name": "app", "image": echo, "imagePullPolicy": "Never",
+                      "ports": [{"containerPort": 8080}]}]}}}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": app, "namespace": ns},
+             "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}},
+        ]
+        previous = app
+    docs.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "client", "namespace": ns},
+                 "spec": {"selector": {"matchLabels": {"app": "client"}}, "template": {
+                     "metadata": {"labels": {"app": "client", "meshward.io/inject": "enabled"}},
+                     "spec": {"serviceAccountName": "client", "containers": [
+                         {"name": "app", "image": echo, "imagePullPolicy": "Never",
+                          "command": ["sleep", "infinity"]}]}}}})
+    return docs
+
+
+def chain_url(forward: bool) -> str:
+    """frontend calls checkout, which calls payments; `forward`: each app passes the context header on."""
+    suffix = "" if forward else "&context=0"
+    url = "http://payments/pay"
+    for hop in ("checkout", "frontend"):
+        url = f"http://{hop}/call?url={urllib.parse.quote(url, safe='')}{suffix}"
+    return url
+
+
+def wrk(c: Cluster, ns: str, pod: str, url: str, token: str, seconds: int, connections: int) -> float:
+    out = c.kubectl("-n", ns, "exec", pod, "-c", "app", "--", "wrk", "-t", "2", "-c", str(connections), "-d",
+                    f"{seconds}s", "-H", f"authorization: Bearer {token}", url, timeout=seconds + 60).stdout
+    failed = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if failed:
+        raise SystemExit(f"{failed.group(1)} chain requests failed:\n{out}")
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not match:
+        raise SystemExit(f"no wrk result:\n{out}")
+    return float(match.group(1))
+
+
+def on_kind(seconds: int, rounds: int, connections: int) -> dict[str, list[float]]:
+    key = SigningKey("ES256")
+    now = int(time.time())
+    token = jwt.encode({"iss": ISSUER, "aud": "bench", "sub": "alice", "tenant": "acme", "email": "a@example.com",
+                        "iat": now, "exp": now + 3600}, key.private, algorithm="ES256", headers={"kid": key.kid})
+    with kind_session_for(None, lambda: False) as session, installed(session) as release:
+        del release
+        c = session.cluster
+        ns = c.new_namespace("ctxbench")
+        for sa in ("client", *CHAIN):
+            c.kubectl("-n", ns, "create", "serviceaccount", sa)
+        c.apply(*(service_identity(ns, sa) for sa in ("client", *CHAIN)))
+        c.trust_bundle(ns, timeout=60)
+        docs = chain_manifests(ns, session.images["echo"], key)
+        c.apply(*docs)
+        for d in docs:
+            if d["kind"] == "Deployment":
+                c.kubectl("-n", ns, "rollout", "status", f"deployment/{d['metadata']['name']}", "--timeout=180s",
+                          timeout=200)
+        pod: str = c.get_json("-n", ns, "pods", "-l", "app=client")["items"][0]["metadata"]["name"]
+        # The payload payments receives proves the context arrived (or did not).
+        probe = c.kubectl("-n", ns, "exec", pod, "-c", "app", "--", "curl", "-sS", "-H",
+                          f"authorization: Bearer {token}", chain_url(True)).stdout
+        claims = jwt.decode(json.loads(probe)["headers"][WIRE_HEADER], options={"verify_signature": False})
+        print(f"payments received: {sorted(claims)} (act {claims.get('act')})")
+        results: dict[str, list[float]] = {"with": [], "without": []}
+        for forward in (True, False):
+            wrk(c, ns, pod, chain_url(forward), token, 3, connections)  # warm-up
+        for _ in range(rounds):
+            for forward in (False, True):
+                results["with" if forward else "without"].append(
+                    wrk(c, ns, pod, chain_url(forward), token, seconds, connections))
+        c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=int, default=15, help="each chain throughput run")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved runs of each variant")
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--in-process-only", action="store_true", help="skip the kind chain")
+    args = ap.parse_args()
+    us = in_process()
+    print("per hop in the agent (µs)")
+    print(f"  mint (ECDSA P-256 signature)                  {us['mint']:8.1f}")
+    print(f"  verify (x5c chain to the bundle + signature)  {us['verify']:8.1f}")
+    print(f"  inbound check, context token, cold            {us['inbound_cold']:8.1f}  (new token, known minter)")
+    print(f"  inbound check, context token, hot             {us['inbound_hot']:8.1f}")
+    print(f"  inbound check, no user (for comparison)       {us['inbound_without_context']:8.1f}")
+    print(f"  outbound exchange, cold                       {us['exchange_cold']:8.1f}")
+    print(f"  outbound exchange, hot                        {us['exchange_hot']:8.1f}")
+    hot, cold = us["inbound_hot"] + us["exchange_hot"], us["inbound_cold"] + us["exchange_cold"]
+    if not args.in_process_only:
+        r = on_kind(args.seconds, args.rounds, args.connections)
+        with_, without = sum(r["with"]) / len(r["with"]), sum(r["without"]) / len(r["without"])
+        print(f"three-hop chain (wrk, {args.connections} connections, {args.rounds} x {args.seconds} s each, "
+              f"interleaved): without context {without:.0f} rps {r['without']}, with context {with_:.0f} rps "
+              f"{r['with']}")
+        print(f"context_chain_rps_ratio={with_ / without:.2f}")
+    print(f"context_hop_hot_us={hot:.1f}")
+    print(f"context_hop_cold_us={cold:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
