@@ -240,9 +240,10 @@ def auth_rule_schema() -> Schema:
                                "start or end ('spiffe://cluster.local/ns/shop/*'), or '*' for any peer")]}),
                     "Peer workload identities from the mTLS certificate.", max_items=64),
                 "requestPrincipals": array(
-                    string("`<iss>/<sub>` of the end-user JWT, with one leading or trailing `*`; "
-                           "`*` alone is any valid JWT.", maxLength=1024),
-                    "End-user identities (`<iss>/<sub>`) from a validated JWT, or from a context token a meshed caller passed on.", max_items=64),
+                    string("`<iss>/<sub>` of the end user, with one leading or trailing `*`; "
+                           "`*` alone is any authenticated user.", maxLength=1024),
+                    "End-user identities (`<iss>/<sub>`) from a validated JWT, or from a context token a meshed "
+                    "caller passed on.", max_items=64),
                 "namespaces": array(
                     string("A namespace name.", maxLength=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
                     "Namespaces of the peer workload (from its SPIFFE ID).", max_items=64),
