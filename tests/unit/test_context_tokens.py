@@ -442,3 +442,39 @@ def test_a_remembered_minting_chain_still_expires_with_its_certificate(ca: Certi
     late = resigned(short, header, {**claims, "iat": int(NOW + 20), "exp": int(NOW + 40), "jti": "late"})
     with pytest.raises(ContextError, match="not a current workload certificate"):
         service.verify(late, FRONTEND, FRONTEND)
+
+
+CLAIM_NAMES = st.sampled_from(("tenant", "email", "groups", "region", "plan"))
+
+
+@given(used=st.sets(CLAIM_NAMES, max_size=4), listed=st.sets(CLAIM_NAMES, max_size=2),
+       present=st.sets(CLAIM_NAMES, max_size=5))
+def test_minimization_follows_the_compiled_policies(used: set[str], listed: set[str], present: set[str]) -> None:
+    """Property: the token frontend mints for payments carries `sub` and exactly the user's claims that payments'
+    policies reference (CEL `claims.x`, spec.context.claims), as the operator compiles them into frontend's
+    config; nothing else the user has."""
+    from meshward.operator.domain.compile import PolicyObject, Workload, workload_config
+
+    when = [f"claims.{c} != ''" for c in sorted(used)]
+    pay_policy = PolicyObject("shop", "payments", 1, "", {
+        "selector": {"matchLabels": {"app": "payments"}}, "context": {"claims": sorted(listed)},
+        "rules": [{"name": "users", **({"when": when} if when else {})}]})
+    front_policy = PolicyObject("shop", "frontend", 1, "", {
+        "selector": {"matchLabels": {"app": "frontend"}}, "rules": [{"name": "anyone"}]})
+    pods = [Workload("shop", "frontend-1", "frontend", {"app": "frontend"}),
+            Workload("shop", "payments-1", "payments", {"app": "payments"})]
+    compiled = workload_config(pods[0], [pay_policy, front_policy], [], dt.datetime.now(dt.UTC), pods,
+                               "cluster.local")
+    clock = Clock(NOW)
+    service = ContextService(ContextKeys(lambda: FRONTEND_CERT), clock)
+    h = harness(compiled.document, None, clock, context=service)
+    # The app's token as if frontend held every claim the user has (its own minimization is tested above).
+    app, _ = mint(minting_key(FRONTEND_CERT), FRONTEND, ISSUER,
+                  {"sub": "alice", **{c: f"{c}-value" for c in present}}, (), "edge", NOW, 30)
+    wire = set_headers(h.pipeline.exchange(_outbound(app, PAYMENTS), "outbound"))[WIRE_HEADER]
+    claims = verify_context(wire, FRONTEND, PAYMENTS, roots_of(FRONTEND_CA.cert_pem()), NOW).claims
+    assert set(claims) == {"sub"} | ((used | listed) & present)
+
+
+FRONTEND_CA = generate_root("cluster.local", dt.datetime.fromtimestamp(NOW - 3600, dt.UTC))
+FRONTEND_CERT = workload(FRONTEND_CA, FRONTEND)
