@@ -67,10 +67,16 @@ class Echo(BaseHTTPRequestHandler):
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
 
+class Server(ThreadingHTTPServer):
+    """socketserver's listen backlog is 5: a chain of apps under load overflows it and connections get reset."""
+
+    request_queue_size = 128
+
+
 def main() -> None:
     """Serve on $PORT (default 8080) until killed."""
     port = int(os.environ.get("PORT", "8080"))
-    ThreadingHTTPServer(("", port), Echo).serve_forever()
+    Server(("", port), Echo).serve_forever()
 
 
 if __name__ == "__main__":
