@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jwt  # noqa: E402
+from bench.mesh_hop_bench import PROC  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 from tests.e2e.conftest import installed  # noqa: E402
 from tests.kube import Cluster, kind_session_for, service_identity  # noqa: E402
@@ -181,6 +182,16 @@ def wrk(c: Cluster, ns: str, pod: str, url: str, token: str, seconds: int, conne
     return (requests - failed) / elapsed
 
 
+def agents_cpu(c: Cluster, ns: str) -> float:
+    """CPU seconds used so far by the agents of the three chain pods (PID 1 of each meshward-agent container)."""
+    total = 0.0
+    for app in CHAIN:
+        pod = c.get_json("-n", ns, "pods", "-l", f"app={app}")["items"][0]["metadata"]["name"]
+        total += json.loads(c.kubectl("-n", ns, "exec", pod, "-c", "meshward-agent", "--", "python3", "-c",
+                                      PROC).stdout)["cpu"]
+    return total
+
+
 def on_kind(seconds: int, rounds: int, connections: int) -> dict[str, list[float]]:
     key = SigningKey("ES256")
     now = int(time.time())
@@ -206,13 +217,16 @@ def on_kind(seconds: int, rounds: int, connections: int) -> dict[str, list[float
                           f"authorization: Bearer {token}", chain_url(True)).stdout
         claims = jwt.decode(json.loads(probe)["headers"][WIRE_HEADER], options={"verify_signature": False})
         print(f"payments received: {sorted(claims)} (act {claims.get('act')})")
-        results: dict[str, list[float]] = {"with": [], "without": []}
+        results: dict[str, list[float]] = {"with": [], "without": [], "with_cpu_ms": [], "without_cpu_ms": []}
         for forward in (True, False):
             wrk(c, ns, pod, chain_url(forward), token, 3, connections)  # warm-up
         for _ in range(rounds):
             for forward in (False, True):
-                results["with" if forward else "without"].append(
-                    wrk(c, ns, pod, chain_url(forward), token, seconds, connections))
+                variant = "with" if forward else "without"
+                before = agents_cpu(c, ns)
+                rps = wrk(c, ns, pod, chain_url(forward), token, seconds, connections)
+                results[variant].append(rps)
+                results[f"{variant}_cpu_ms"].append((agents_cpu(c, ns) - before) * 1000 / (rps * seconds))
         c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
     return results
 
@@ -240,6 +254,10 @@ def main() -> int:
         print(f"three-hop chain (wrk, {args.connections} connections, {args.rounds} x {args.seconds} s each, "
               f"interleaved): without context {without:.0f} rps {r['without']}, with context {with_:.0f} rps "
               f"{r['with']}")
+        cpu = {v: sum(r[f"{v}_cpu_ms"]) / len(r[f"{v}_cpu_ms"]) for v in ("with", "without")}
+        print(f"the three agents' CPU per chain request: without context {cpu['without']:.3f} ms, with context "
+              f"{cpu['with']:.3f} ms (+{(cpu['with'] - cpu['without']) * 1000:.0f} µs for two exchanges, two "
+              "inbound checks and their mints)")
         print(f"context_chain_rps_ratio={with_ / without:.2f}")
     print(f"context_hop_hot_us={hot:.1f}")
     print(f"context_hop_cold_us={cold:.1f}")
