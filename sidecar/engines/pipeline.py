@@ -327,7 +327,8 @@ class Pipeline:
         if hit is None or hit[4] <= self._clock():
             s = self.snapshot
             to_set = identity_headers(s.config.identity_headers, token)
-            refresh_at = float("inf")
+            # Without a minting key (no certificate yet) the headers are recomputed next time, to mint then.
+            refresh_at = float("inf") if self._context is None else self._clock()
             minted = self._app_token(token, identity, decision_id)
             if minted is not None:
                 to_set = [*to_set, (s.config.context.header, minted[0])]

@@ -32,7 +32,7 @@ def input_from_http(req: Request) -> CheckInput:
     peer = h.pop(ATTR_PEER, None)
     port = _port(h.pop(ATTR_PORT, None))
     host = h.pop(ATTR_HOST, None) or h.get("host", "")
-    destination = h.pop(ATTR_DEST, None) if ATTR_DEST in h else None
+    destination = h.pop(ATTR_DEST, None)
     # Positional: keyword arguments cost ~0.3 µs more per request here.
     return CheckInput(req.method, split_path(req.target), host, h, peer if peer and peer != "-" else None,
                       h.get("x-request-id", ""), port, destination)

@@ -478,3 +478,16 @@ def test_minimization_follows_the_compiled_policies(used: set[str], listed: set[
 
 FRONTEND_CA = generate_root("cluster.local", dt.datetime.fromtimestamp(NOW - 3600, dt.UTC))
 FRONTEND_CERT = workload(FRONTEND_CA, FRONTEND)
+
+
+def test_the_app_gets_its_token_once_the_workload_has_a_certificate(ca: CertificateAuthority) -> None:
+    """An agent still waiting for its certificate lets a JWT user through without a context token, and mints one
+    for the same (cached) user as soon as the certificate arrives."""
+    clock = Clock(NOW)
+    holder: list[WorkloadCert] = []
+    h = harness(config(policy("frontend", jwt=[issuer()], rules=ANYONE)), {ISSUER: [IDP.jwk]}, clock,
+                context=ContextService(ContextKeys(lambda: holder[0] if holder else None), clock))
+    raw = user_jwt()
+    assert WIRE_HEADER not in set_headers(h.pipeline.decide_now(request(token=raw), "http"))
+    holder.append(workload(ca, FRONTEND))
+    assert WIRE_HEADER in set_headers(h.pipeline.decide_now(request(token=raw), "http"))
