@@ -95,6 +95,8 @@ class VerifiedToken:
     claims: Mapping[str, Any]
     expires_at: float
     subject: str
+    # For a user from a context token: the workloads the call passed through, most recent first (RFC 8693 act).
+    act: tuple[str, ...] = ()
     # Per-token results derived under one config (identity headers, subject hash); the
     # token cache lives and dies with its config, so this memo never outlives it.
     memo: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)

@@ -186,7 +186,8 @@ def cel_context(inp: CheckInput, token: VerifiedToken | None) -> dict[str, Any]:
         "request": {"method": inp.method, "path": inp.path, "host": inp.host, "headers": dict(inp.headers)},
         "claims": dict(token.claims) if token else {},
         "scopes": scopes,
-        "source": {"principal": inp.peer or "", "namespace": inp.peer_namespace or ""},
+        "source": {"principal": inp.peer or "", "namespace": inp.peer_namespace or "",
+                   "act": list(token.act) if token else []},
     }
 
 

@@ -174,7 +174,7 @@ class ContextAuthenticator:
         token: VerifiedToken | None = memo.get("user")
         if token is None:
             token = memo["user"] = VerifiedToken(ctx.user_issuer, {**ctx.claims, "iss": ctx.user_issuer},
-                                                 ctx.expires_at, ctx.subject)
+                                                 ctx.expires_at, ctx.subject, ctx.act)
         if is_revoked(self._s.config.revocations, token):
             return Identity(token=None, failure="token revoked", revoked=True)
         return Identity(token=token, context=ctx, source_key=token_key(raw))

@@ -491,3 +491,14 @@ def test_the_app_gets_its_token_once_the_workload_has_a_certificate(ca: Certific
     assert WIRE_HEADER not in set_headers(h.pipeline.decide_now(request(token=raw), "http"))
     holder.append(workload(ca, FRONTEND))
     assert WIRE_HEADER in set_headers(h.pipeline.decide_now(request(token=raw), "http"))
+
+
+def test_policies_see_the_act_chain(ca: CertificateAuthority) -> None:
+    """`source.act` in CEL: payments admits a user only when the call came through frontend."""
+    clock = Clock(NOW)
+    rule = {"name": "via-frontend", "when": [f"'{FRONTEND}' in source.act"]}
+    pay, _ = agent(workload(ca, PAYMENTS), policy("payments", rules=[rule]), clock)
+    orders_key = minting_key(workload(ca, ORDERS))
+    for act, outcome in (((ORDERS, FRONTEND), Outcome.ALLOW), ((ORDERS,), Outcome.FORBIDDEN)):
+        token, _ = mint(orders_key, PAYMENTS, ISSUER, {"sub": "alice"}, act, "j", NOW, 30)
+        assert pay.decide_now(request(peer=ORDERS, **{WIRE_HEADER: token}), "http").outcome is outcome  # type: ignore[union-attr]
