@@ -34,7 +34,7 @@ import jwt  # noqa: E402
 from bench.mesh_hop_bench import PROC  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 from tests.e2e.conftest import installed  # noqa: E402
-from tests.kube import Cluster, kind_session_for, service_identity  # noqa: E402
+from tests.kube import Cluster, kind_session_for, service_identity, wait_until  # noqa: E402
 from tests.support.idp import SigningKey  # noqa: E402
 from tests.support.sidecar import config, harness, policy, request  # noqa: E402
 
@@ -212,9 +212,13 @@ def on_kind(seconds: int, rounds: int, connections: int) -> dict[str, list[float
                 c.kubectl("-n", ns, "rollout", "status", f"deployment/{d['metadata']['name']}", "--timeout=180s",
                           timeout=200)
         pod: str = c.get_json("-n", ns, "pods", "-l", "app=client")["items"][0]["metadata"]["name"]
-        # The payload payments receives proves the context arrived (or did not).
-        probe = c.kubectl("-n", ns, "exec", pod, "-c", "app", "--", "curl", "-sS", "-H",
-                          f"authorization: Bearer {token}", chain_url(True)).stdout
+        # The payload payments receives proves the context arrived. Ready pods are not yet routable Services
+        # (kube-proxy follows moments later): wait for a whole chain to answer.
+        def through() -> str:
+            proc = c.kubectl("-n", ns, "exec", pod, "-c", "app", "--", "curl", "-sS", "-f", "-H",
+                             f"authorization: Bearer {token}", chain_url(True), check=False)
+            return proc.stdout if proc.returncode == 0 else ""
+        probe = wait_until("the chain answering", through, timeout=60)
         claims = jwt.decode(json.loads(probe)["headers"][WIRE_HEADER], options={"verify_signature": False})
         print(f"payments received: {sorted(claims)} (act {claims.get('act')})")
         results: dict[str, list[float]] = {"with": [], "without": [], "with_cpu_ms": [], "without_cpu_ms": []}
