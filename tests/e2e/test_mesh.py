@@ -1,5 +1,6 @@
 """The admission controller with real pods: injection by label, traffic capture, pod-to-pod mTLS with policy,
-fail-closed behaviour, the operator's outage, the safety net, and certificate and CA rotation under traffic.
+fail-closed behaviour, the operator's outage, the safety net, certificate and CA rotation under traffic, and
+context tokens along client -> frontend -> checkout -> payments.
 
 One release (leaf certificates capped at 30 s so rotations happen within a test) and one namespace with
 meshed workloads, among them `server` (an echo app behind a Service, with an HTTP readiness probe) and `client`
@@ -8,7 +9,10 @@ meshed workloads, among them `server` (an echo app behind a Service, with an HTT
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,7 +25,12 @@ from typing import Any
 import jwt
 import pytest
 import yaml
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from meshward.operator.domain.ca import CertificateAuthority, check_csr, issue_leaf, random_serial
+from meshward.sidecar.domain.certificate import build_csr, new_key
+from meshward.sidecar.domain.context import MintingKey, mint, x5c_of
+from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, Outbound, SdsTls, build_inbound_bootstrap
 from tests.e2e.conftest import Release, envoy_admin, installed, wait_ready
 from tests.kube import Cluster, KindSession, service_identity, wait_until
 from tests.support.idp import SigningKey
@@ -338,10 +347,8 @@ def test_the_user_context_travels_three_hops_minimized_and_re_signed(mesh: Mesh)
 def test_a_captured_context_token_is_refused_from_another_pod_and_after_its_ttl(mesh: Mesh) -> None:
     """A token captured at hop 1 (what frontend's app received) replayed from checkout's pod is refused by
     checkout's own agent (binding: it was not minted by checkout), from an unmeshed pod over plaintext by the
-    receiving agent (no peer to be bound to), and from frontend itself once its 10 s ttl has passed.
-
-    Its inbound refusals for another audience or peer with a genuine minter's key (which no pod's app holds) are
-    tested at a real inbound in tests/integration/test_identity_mesh.py."""
+    receiving agent (no peer to be bound to), and from frontend itself once its 10 s ttl has passed. (Sent to
+    payments' own inbound by a workload whose proxy passes it unchanged: the next test.)"""
     ns = mesh.ns
     code, body = mesh.curl("client", f"http://frontend.{ns}/capture", "-H", f"authorization: Bearer {token(KEY, **USER)}")
     assert code == 200, body
@@ -358,6 +365,90 @@ def test_a_captured_context_token_is_refused_from_another_pod_and_after_its_ttl(
         code, body = mesh.curl("frontend", f"http://checkout.{ns}/too-late", "-H", header)
         return code == 401 and "expired" in body
     wait_until("the captured token refused after its ttl", expired, timeout=60)
+
+
+def rogue_pod(mesh: Mesh, target_ip: str, target: str) -> list[dict[str, Any]]:
+    """A compromised workload: a pod with its own genuine identity (ServiceAccount `rogue`, certificate from the
+    signing service through a real agent) and an Envoy whose static outbound listener (127.0.0.1:9000, mTLS to
+    `target` at `target_ip`) forwards whatever its app sends, context headers included, unchanged."""
+    ns, op = mesh.ns, mesh.release.namespace
+    run = "/var/run/meshward"
+    bootstrap = build_inbound_bootstrap(InboundConfig(
+        listen=Endpoint(host="0.0.0.0", port=15006), admin=Endpoint(port=15000),
+        app=Endpoint(port=8080), authz=Endpoint(unix=f"{run}/authz.sock"),
+        tls=SdsTls(Endpoint(unix=f"{run}/sds.sock")),
+        outbound=(Outbound("target", Endpoint(port=9000), Endpoint(host=target_ip, port=8080), target),)))
+    agent_config = {"apiVersion": "sidecar.meshward.io/v1alpha1", "kind": "SidecarConfig", "workload": f"{ns}/rogue",
+                    "policies": []}
+    mounts = [{"name": "run", "mountPath": run}, {"name": "bundle", "mountPath": f"{run}/bundle"},
+              {"name": "token", "mountPath": "/var/run/secrets/meshward"}, {"name": "cfg", "mountPath": "/cfg"}]
+    return [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "rogue", "namespace": ns},
+         "data": {"envoy.json": json.dumps(bootstrap), "agent.json": json.dumps(agent_config)}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rogue", "namespace": ns, "labels": {"app": "rogue"}},
+         "spec": {"serviceAccountName": "rogue", "containers": [
+             {"name": "agent", "image": mesh.release.image, "imagePullPolicy": "Never", "volumeMounts": mounts,
+              "command": ["meshward-sidecar", "--config", "/cfg/agent.json", "--http-listen", f"unix:{run}/authz.sock",
+                          "--identity-signer", f"meshward-signer.{op}.svc:15012",
+                          "--identity-signer-name", f"meshward-signer.{op}.svc"]},
+             {"name": "envoy", "image": mesh.release.image, "imagePullPolicy": "Never", "volumeMounts": mounts,
+              "command": ["envoy", "-c", "/cfg/envoy.json", "--log-level", "warn", "--disable-hot-restart"]},
+             {"name": "app", "image": mesh.echo, "imagePullPolicy": "Never", "command": ["sleep", "infinity"]}],
+             "volumes": [{"name": "run", "emptyDir": {}},
+                         {"name": "bundle", "configMap": {"name": "meshward-trust-bundle"}},
+                         {"name": "token", "projected": {"sources": [{"serviceAccountToken": {
+                             "audience": "meshward", "expirationSeconds": 3600, "path": "token"}}]}},
+                         {"name": "cfg", "configMap": {"name": "rogue"}}]}},
+    ]
+
+
+def test_a_compromised_workload_cannot_replay_or_redirect_context_tokens(mesh: Mesh) -> None:
+    """A pod with a genuine identity of its own (`rogue`) whose proxy sends context headers to payments unchanged:
+    the token captured at hop 1 (frontend's) is refused by payments (binding: rogue is not its minter), and a
+    genuine token rogue minted for checkout is refused by payments (audience). A genuine token rogue minted for
+    payments passes the checks, and payments' policy (checkout only) decides: 403, not 401."""
+    c, ns = mesh.cluster, mesh.ns
+    payments = c.get_json("-n", ns, "pod", mesh.pod("payments"))["status"]["podIP"]
+    spiffe = {app: f"spiffe://cluster.local/ns/{ns}/sa/{app}" for app in ("rogue", *CHAIN)}
+    c.kubectl("-n", ns, "create", "serviceaccount", "rogue")
+    c.apply(service_identity(ns, "rogue"))
+    wait_until("rogue's ServiceIdentity Ready", lambda: any(
+        x["type"] == "Ready" and x["status"] == "True" for x in c.get_json(
+            "-n", ns, "serviceidentity", "rogue").get("status", {}).get("conditions", [])), timeout=60)
+    c.apply(*rogue_pod(mesh, payments, spiffe["payments"]))
+    wait_ready(c, ns, "pod/rogue")
+
+    def send(header: str | None) -> tuple[int, str]:
+        args = ["-H", f"x-meshward-context: {header}"] if header else []
+        proc = c.kubectl("-n", ns, "exec", "rogue", "-c", "app", "--", "curl", "-sS", "--max-time", "5", "-w",
+                         "\n%{http_code}", *args, "http://127.0.0.1:9000/pay", check=False)
+        body, _, code = proc.stdout.rpartition("\n")
+        return (int(code) if code.isdigit() else 0), body
+    wait_until("rogue reaching payments over mTLS", lambda: send(None)[0] == 403, timeout=90)
+
+    code, body = mesh.curl("client", f"http://frontend.{ns}/capture", "-H", f"authorization: Bearer {token(KEY, **USER)}")
+    assert code == 200, body
+    captured = json.loads(body)["headers"]["x-meshward-context"]
+    code, body = send(captured)
+    assert code == 401 and "not minted by the peer" in body, body
+
+    secret = c.get_json("-n", mesh.release.namespace, "secret", "meshward-mesh-ca")["data"]
+    ca = CertificateAuthority.from_pem(base64.b64decode(secret["tls.crt"]), base64.b64decode(secret["tls.key"]))
+    key = new_key()
+    now = dt.datetime.now(dt.UTC)
+    leaf = issue_leaf(ca, check_csr(build_csr(key, spiffe["rogue"]), spiffe["rogue"]), spiffe["rogue"],
+                      dt.timedelta(minutes=5), now, random_serial(os.urandom))
+    minter = MintingKey(spiffe["rogue"], key, x5c_of(leaf.public_bytes(Encoding.PEM)),
+                        leaf.not_valid_after_utc.timestamp())
+
+    def minted(audience: str) -> str:
+        token_, _ = mint(minter, audience, ISSUER, {"sub": "alice", "tenant": "acme"}, (spiffe["rogue"],), "rogue",
+                         time.time(), 30)
+        return token_
+    code, body = send(minted(spiffe["checkout"]))
+    assert code == 401 and "audience" in body, body
+    code, body = send(minted(spiffe["payments"]))
+    assert code == 403 and "no rule allows" in body, body
 
 
 def test_a_context_header_never_leaves_the_mesh_and_no_header_means_no_user(mesh: Mesh) -> None:
