@@ -245,7 +245,7 @@ def main() -> int:
     us = in_process()
     print("per hop in the agent (µs)")
     print(f"  mint (ECDSA P-256 signature)                  {us['mint']:8.1f}")
-    print(f"  verify (x5c chain to the bundle + signature)  {us['verify']:8.1f}")
+    print(f"  verify, a minter's first token (x5c chain)    {us['verify']:8.1f}")
     print(f"  inbound check, context token, cold            {us['inbound_cold']:8.1f}  (new token, known minter)")
     print(f"  inbound check, context token, hot             {us['inbound_hot']:8.1f}")
     print(f"  inbound check, no user (for comparison)       {us['inbound_without_context']:8.1f}")
