@@ -146,11 +146,6 @@ def mint(key: MintingKey, audience: str, user_issuer: str, claims: Mapping[str, 
     return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}", float(int(exp))
 
 
-def looks_like_context(token: ParsedToken) -> bool:
-    """Whether a parsed token claims to be a context token (its `typ`)."""
-    return token.header.get("typ") == CONTEXT_TYP
-
-
 def _certificates(x5c: Any) -> list[x509.Certificate]:
     if not isinstance(x5c, list) or not 0 < len(x5c) <= MAX_X5C or not all(isinstance(c, str) for c in x5c):
         raise ContextError("context token: x5c must list the minting workload's certificate chain")
