@@ -5,12 +5,14 @@ mint (an ECDSA P-256 signature), verify (the x5c chain to the bundle and the sig
 agent does per request, cold (nothing cached) and hot (the caches a busy user fills): the inbound check of a
 context token from the peer with the app's token minted, and the outbound exchange for the next workload.
 
-On kind: client -> frontend -> checkout -> payments, each app (the echo test app) calling the next, the first with
-an end-user JWT. Measured in the same run on the same pods, interleaved: the apps forwarding the context header
-(every hop verifies, mints for its app, exchanges for the next) and not forwarding it (the user stops at
-frontend). The apps are small Python servers opening a connection per onward call, as many real apps do: the
-ratio shows what context propagation adds to such a chain, not Envoy's ceiling.
-Last lines: `context_hop_hot_us=<x>`, `context_hop_cold_us=<x>` and `context_chain_rps_ratio=<x>` (with / without).
+On kind: client -> frontend -> checkout -> payments, each app calling the next, the first with an end-user JWT,
+twice: with C++ apps (Envoy proxying on kept-alive connections: the apps never bound the run, so what the
+mesh and the context cost shows) and with Python apps (the echo test app, a new connection per onward call, as
+many real apps do). Measured in the same run on the same pods, interleaved: the apps forwarding the context
+header (every hop verifies, mints for its app, exchanges for the next) and not forwarding it (the user stops at
+frontend); with the three agents' CPU per chain request.
+Last lines: `context_chain_rps_ratio=<x>` (with / without, C++ apps), `context_chain_rps_ratio_python_apps=<x>`,
+`context_hop_hot_us=<x>` and `context_hop_cold_us=<x>`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import jwt  # noqa: E402
-from bench.mesh_hop_bench import PROC  # noqa: E402
+from bench.mesh_hop_bench import PROC, app_bootstrap, app_manifests  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 from tests.e2e.conftest import installed  # noqa: E402
 from tests.kube import Cluster, kind_session_for, service_identity, wait_until  # noqa: E402
@@ -116,48 +118,77 @@ def in_process() -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------ on kind
 
+# The two kinds of app along the chain: C++ (Envoy proxying to the next hop on kept-alive connections, so the
+# apps never bound the run and the mesh's own cost shows) and Python (the echo test app, a new connection per
+# onward call, as many real apps do).
+APPS = ("cc", "py")
 
-def chain_manifests(ns: str, echo: str, key: SigningKey) -> list[dict[str, Any]]:
-    """The three meshed echo apps with Services, and their policies (JWT at frontend; each hop admits the last)."""
+
+def proxy_bootstrap(upstream: str | None) -> dict[str, Any]:
+    """An Envoy app: `/ctx/...` proxied to `upstream` as received, `/plain/...` without the context header (the
+    app not forwarding it); the last hop (`upstream` None) answers 200 itself."""
+    if upstream is None:
+        return app_bootstrap()
+    boot = app_bootstrap()
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["route_config"] = {"virtual_hosts": [{"name": "app", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/ctx"}, "route": {"cluster": "next"}},
+        {"match": {"prefix": "/plain"}, "route": {"cluster": "next"}, "request_headers_to_remove": [WIRE_HEADER]}]}]}
+    boot["static_resources"]["clusters"] = [{
+        "name": "next", "type": "STRICT_DNS", "dns_lookup_family": "V4_ONLY", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "next", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+            "socket_address": {"address": upstream, "port_value": 80}}}}]}]}}]
+    return boot
+
+
+def chain_manifests(ns: str, echo: str, image: str, key: SigningKey) -> list[dict[str, Any]]:
+    """Both chains (C++ and Python apps; each hop's two Deployments share its ServiceAccount and policy), the
+    policies (JWT at frontend; each hop admits the last), and the client."""
     def spiffe(sa: str) -> str:
         return f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
 
+    mesh = {"meshward.io/inject": "enabled"}
     docs: list[dict[str, Any]] = []
     previous = "client"
-    for app in CHAIN:
-        spec: dict[str, Any] = {"selector": {"matchLabels": {"app": app}},
+    for n, hop in enumerate(CHAIN):
+        nxt = CHAIN[n + 1] if n + 1 < len(CHAIN) else None
+        spec: dict[str, Any] = {"selector": {"matchLabels": {"hop": hop}},
                                 "rules": [{"name": "caller", "from": {"principals": [spiffe(previous)]}}],
                                 "context": {"claims": ["tenant"]}}
-        if app == "frontend":
+        if hop == "frontend":
             spec["jwt"] = [{"issuer": ISSUER, "audiences": ["bench"], "algorithms": ["ES256"],
                             "jwks": json.dumps({"keys": [key.jwk]})}]
+        docs.append({"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
+                     "metadata": {"name": hop, "namespace": ns}, "spec": spec})
+        docs += app_manifests(ns, f"{hop}-cc", image, {**mesh, "hop": hop}, hop,
+                              proxy_bootstrap(f"{nxt}-cc.{ns}.svc.cluster.local" if nxt else None))
         docs += [
-            {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": app, "namespace": ns},
-             "spec": spec},
-            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": app, "namespace": ns},
-             "spec": {"selector": {"matchLabels": {"app": app}}, "template": {
-                 "metadata": {"labels": {"app": app, "meshward.io/inject": "enabled"}},
-                 "spec": {"serviceAccountName": app, "containers": [
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": f"{hop}-py", "namespace": ns},
+             "spec": {"selector": {"matchLabels": {"app": f"{hop}-py"}}, "template": {
+                 "metadata": {"labels": {"app": f"{hop}-py", "hop": hop, **mesh}},
+                 "spec": {"serviceAccountName": hop, "containers": [
                      {"name": "app", "image": echo, "imagePullPolicy": "Never",
                       "ports": [{"containerPort": 8080}]}]}}}},
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": app, "namespace": ns},
-             "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"{hop}-py", "namespace": ns},
+             "spec": {"selector": {"app": f"{hop}-py"}, "ports": [{"port": 80, "targetPort": 8080}]}},
         ]
-        previous = app
+        previous = hop
     docs.append({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "client", "namespace": ns},
                  "spec": {"selector": {"matchLabels": {"app": "client"}}, "template": {
-                     "metadata": {"labels": {"app": "client", "meshward.io/inject": "enabled"}},
+                     "metadata": {"labels": {"app": "client", **mesh}},
                      "spec": {"serviceAccountName": "client", "containers": [
                          {"name": "app", "image": echo, "imagePullPolicy": "Never",
                           "command": ["sleep", "infinity"]}]}}}})
     return docs
 
 
-def chain_url(forward: bool) -> str:
-    """frontend calls checkout, which calls payments; `forward`: each app passes the context header on."""
+def chain_url(app: str, forward: bool) -> str:
+    """The chain's entry URL for `app` (cc, py); `forward`: each app passes the context header on."""
+    if app == "cc":
+        return f"http://frontend-cc/{'ctx' if forward else 'plain'}/pay"
     suffix = "" if forward else "&context=0"
-    url = "http://payments/pay"
-    for hop in ("checkout", "frontend"):
+    url = "http://payments-py/pay"
+    for hop in ("checkout-py", "frontend-py"):
         url = f"http://{hop}/call?url={urllib.parse.quote(url, safe='')}{suffix}"
     return url
 
@@ -176,20 +207,35 @@ def wrk(c: Cluster, ns: str, pod: str, url: str, token: str, seconds: int, conne
     requests, elapsed = int(total.group(1)), float(total.group(2))
     failed = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
     if failed:
-        print(f"  {failed} of {requests} chain requests failed ({'context' if 'context=0' not in url else 'plain'})")
+        print(f"  {failed} of {requests} chain requests failed ({url})")
     if failed > MAX_FAILED * requests:
         raise SystemExit(f"{failed} of {requests} chain requests failed:\n{out}")
     return (requests - failed) / elapsed
 
 
-def agents_cpu(c: Cluster, ns: str) -> float:
-    """CPU seconds used so far by the agents of the three chain pods (PID 1 of each meshward-agent container)."""
+def agents_cpu(c: Cluster, ns: str, app: str) -> float:
+    """CPU seconds used so far by the agents of one chain's pods (PID 1 of each meshward-agent container)."""
     total = 0.0
-    for app in CHAIN:
-        pod = c.get_json("-n", ns, "pods", "-l", f"app={app}")["items"][0]["metadata"]["name"]
+    for hop in CHAIN:
+        pod = c.get_json("-n", ns, "pods", "-l", f"app={hop}-{app}")["items"][0]["metadata"]["name"]
         total += json.loads(c.kubectl("-n", ns, "exec", pod, "-c", "meshward-agent", "--", "python3", "-c",
                                       PROC).stdout)["cpu"]
     return total
+
+
+def context_arrived(c: Cluster, ns: str, pod: str, app: str, token: str) -> str:
+    """After one call through the chain: payments' last audit line names the decision its context came from."""
+    def through() -> str:
+        proc = c.kubectl("-n", ns, "exec", pod, "-c", "app", "--", "curl", "-sS", "-f", "-H",
+                         f"authorization: Bearer {token}", chain_url(app, True), check=False)
+        if proc.returncode:
+            return ""
+        logs = c.kubectl("-n", ns, "logs", f"deployment/payments-{app}", "-c", "meshward-agent").stdout
+        lines = [json.loads(x) for x in logs.splitlines() if x.startswith('{"ts"')]
+        return str(lines[-1].get("act", "")) if lines else ""
+    # Ready pods are not yet routable Services (kube-proxy follows moments later): wait for a whole chain.
+    act: str = wait_until(f"the {app} chain carrying the context", through, timeout=60)
+    return act
 
 
 def on_kind(seconds: int, rounds: int, connections: int) -> dict[str, list[float]]:
@@ -198,39 +244,32 @@ def on_kind(seconds: int, rounds: int, connections: int) -> dict[str, list[float
     token = jwt.encode({"iss": ISSUER, "aud": "bench", "sub": "alice", "tenant": "acme", "email": "a@example.com",
                         "iat": now, "exp": now + 3600}, key.private, algorithm="ES256", headers={"kid": key.kid})
     with kind_session_for(None, lambda: False) as session, installed(session) as release:
-        del release
         c = session.cluster
         ns = c.new_namespace("ctxbench")
         for sa in ("client", *CHAIN):
             c.kubectl("-n", ns, "create", "serviceaccount", sa)
         c.apply(*(service_identity(ns, sa) for sa in ("client", *CHAIN)))
         c.trust_bundle(ns, timeout=60)
-        docs = chain_manifests(ns, session.images["echo"], key)
+        docs = chain_manifests(ns, session.images["echo"], release.image, key)
         c.apply(*docs)
         for d in docs:
             if d["kind"] == "Deployment":
                 c.kubectl("-n", ns, "rollout", "status", f"deployment/{d['metadata']['name']}", "--timeout=180s",
                           timeout=200)
         pod: str = c.get_json("-n", ns, "pods", "-l", "app=client")["items"][0]["metadata"]["name"]
-        # The payload payments receives proves the context arrived. Ready pods are not yet routable Services
-        # (kube-proxy follows moments later): wait for a whole chain to answer.
-        def through() -> str:
-            proc = c.kubectl("-n", ns, "exec", pod, "-c", "app", "--", "curl", "-sS", "-f", "-H",
-                             f"authorization: Bearer {token}", chain_url(True), check=False)
-            return proc.stdout if proc.returncode == 0 else ""
-        probe = wait_until("the chain answering", through, timeout=60)
-        claims = jwt.decode(json.loads(probe)["headers"][WIRE_HEADER], options={"verify_signature": False})
-        print(f"payments received: {sorted(claims)} (act {claims.get('act')})")
-        results: dict[str, list[float]] = {"with": [], "without": [], "with_cpu_ms": [], "without_cpu_ms": []}
-        for forward in (True, False):
-            wrk(c, ns, pod, chain_url(forward), token, 3, connections)  # warm-up
-        for _ in range(rounds):
-            for forward in (False, True):
-                variant = "with" if forward else "without"
-                before = agents_cpu(c, ns)
-                rps = wrk(c, ns, pod, chain_url(forward), token, seconds, connections)
-                results[variant].append(rps)
-                results[f"{variant}_cpu_ms"].append((agents_cpu(c, ns) - before) * 1000 / (rps * seconds))
+        results: dict[str, list[float]] = {}
+        for app in APPS:
+            print(f"{app}: payments' agent saw the user come through {context_arrived(c, ns, pod, app, token)}")
+            for forward in (True, False):
+                wrk(c, ns, pod, chain_url(app, forward), token, 3, connections)  # warm-up
+            for _ in range(rounds):
+                for forward in (False, True):
+                    variant = f"{app}_{'with' if forward else 'without'}"
+                    before = agents_cpu(c, ns, app)
+                    rps = wrk(c, ns, pod, chain_url(app, forward), token, seconds, connections)
+                    results.setdefault(variant, []).append(rps)
+                    results.setdefault(f"{variant}_cpu_ms", []).append(
+                        (agents_cpu(c, ns, app) - before) * 1000 / (rps * seconds))
         c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
     return results
 
@@ -254,15 +293,19 @@ def main() -> int:
     hot, cold = us["inbound_hot"] + us["exchange_hot"], us["inbound_cold"] + us["exchange_cold"]
     if not args.in_process_only:
         r = on_kind(args.seconds, args.rounds, args.connections)
-        with_, without = sum(r["with"]) / len(r["with"]), sum(r["without"]) / len(r["without"])
-        print(f"three-hop chain (wrk, {args.connections} connections, {args.rounds} x {args.seconds} s each, "
-              f"interleaved): without context {without:.0f} rps {r['without']}, with context {with_:.0f} rps "
-              f"{r['with']}")
-        cpu = {v: sum(r[f"{v}_cpu_ms"]) / len(r[f"{v}_cpu_ms"]) for v in ("with", "without")}
-        print(f"the three agents' CPU per chain request: without context {cpu['without']:.3f} ms, with context "
-              f"{cpu['with']:.3f} ms (+{(cpu['with'] - cpu['without']) * 1000:.0f} µs for two exchanges, two "
-              "inbound checks and their mints)")
-        print(f"context_chain_rps_ratio={with_ / without:.2f}")
+        ratios = {}
+        for app, what in (("cc", "Envoy apps (C++)"), ("py", "echo apps (Python)")):
+            with_, without = (sum(r[f"{app}_{v}"]) / len(r[f"{app}_{v}"]) for v in ("with", "without"))
+            cpu = {v: sum(r[f"{app}_{v}_cpu_ms"]) / len(r[f"{app}_{v}_cpu_ms"]) for v in ("with", "without")}
+            print(f"three-hop chain of {what}, wrk {args.connections} connections, {args.rounds} x {args.seconds} s "
+                  f"interleaved: without context {without:.0f} rps {[round(x) for x in r[f'{app}_without']]}, "
+                  f"with context {with_:.0f} rps {[round(x) for x in r[f'{app}_with']]}")
+            print(f"  the three agents' CPU per chain request: without context {cpu['without']:.3f} ms, with "
+                  f"{cpu['with']:.3f} ms (+{(cpu['with'] - cpu['without']) * 1000:.0f} µs: two exchanges, two "
+                  "inbound checks, their mints)")
+            ratios[app] = with_ / without
+        print(f"context_chain_rps_ratio={ratios['cc']:.2f}")
+        print(f"context_chain_rps_ratio_python_apps={ratios['py']:.2f}")
     print(f"context_hop_hot_us={hot:.1f}")
     print(f"context_hop_cold_us={cold:.1f}")
     return 0

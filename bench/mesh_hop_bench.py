@@ -74,12 +74,13 @@ def app_bootstrap(port: int = 8080) -> dict[str, Any]:
                                         "typed_config": hcm}]}]}]}}
 
 
-def app_manifests(ns: str, name: str, image: str, labels: dict[str, str], service_account: str
-                  ) -> list[dict[str, Any]]:
-    """The app: a ConfigMap with its bootstrap, a Deployment running Envoy from `image`, and a Service."""
+def app_manifests(ns: str, name: str, image: str, labels: dict[str, str], service_account: str,
+                  bootstrap: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The app: a ConfigMap with its bootstrap (default `app_bootstrap()`), a Deployment running Envoy from `image`,
+    and a Service."""
     return [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-envoy", "namespace": ns},
-         "data": {"envoy.json": json.dumps(app_bootstrap())}},
+         "data": {"envoy.json": json.dumps(bootstrap or app_bootstrap())}},
         {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
          "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
              "metadata": {"labels": {"app": name, **labels}},
