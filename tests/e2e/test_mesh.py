@@ -599,13 +599,19 @@ def _ca_phase(mesh: Mesh) -> str:
     return proc.stdout.splitlines()[0].split()[1] if proc.returncode == 0 else ""
 
 
-def _envoy_changes(mesh: Mesh, app: str) -> str:
-    """What changed in `app`'s Envoy (listener, cluster and secret updates, connections it reset): for a failure."""
+def _envoy_changes(mesh: Mesh, app: str) -> dict[str, int]:
+    """What changed in `app`'s Envoy so far (listener, cluster and secret updates, resets, listener filters)."""
     stats = ("listener_manager[.](listener_modified|lds[.]update_success)|cluster_manager[.]cds[.]update_success|"
-             "sds[.].*update_success|downstream_cx_destroy_local|upstream_cx_destroy_remote_with_active_rq|"
-             "upstream_rq_pending_failure_eject|ssl[.]connection_error")
-    return envoy_admin(mesh.cluster, mesh.ns, mesh.pod(app), "/stats?usedonly&filter=" + urllib.parse.quote(stats),
+             "sds[.].*update_success|cx_destroy|rx_reset|tx_reset|protocol_error|http_inspector|listener_filter|"
+             "pre_cx_timeout|overflow|pending_failure_eject|ssl[.]connection_error|upstream_rq_5")
+    text = envoy_admin(mesh.cluster, mesh.ns, mesh.pod(app), "/stats?usedonly&filter=" + urllib.parse.quote(stats),
                        check=False)
+    return {k: int(v) for k, _, v in (line.partition(": ") for line in text.splitlines()) if v.strip().isdigit()}
+
+
+def _changed(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counters that moved between two `_envoy_changes` snapshots."""
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
 def test_leaf_and_ca_rotation_under_continuous_traffic_drop_no_request(mesh: Mesh) -> None:
@@ -615,6 +621,7 @@ def test_leaf_and_ca_rotation_under_continuous_traffic_drop_no_request(mesh: Mes
     those roots, and exchanged at every hop."""
     c = mesh.cluster
     wait_until("the CA steady", lambda: _ca_phase(mesh) == "steady", timeout=60)
+    before = {app: _envoy_changes(mesh, app) for app in ("client", "server")}
     traffic = Traffic(mesh, "client", f"http://server.{mesh.ns}/rotation", seconds=110)
     ns = mesh.ns
     chain = Traffic(mesh, "client", _via(f"http://frontend.{ns}", f"http://checkout.{ns}", f"http://payments.{ns}/pay"),
@@ -625,8 +632,9 @@ def test_leaf_and_ca_rotation_under_continuous_traffic_drop_no_request(mesh: Mes
     wait_until("the rotation staged", lambda: _ca_phase(mesh) == "staged", timeout=30)
     wait_until("the rotation done", lambda: _ca_phase(mesh) == "steady", timeout=100)
     result = traffic.result()
-    assert result["errors"] == {} and result["ok"] > 500, (result, _envoy_changes(mesh, "client"),
-                                                           _envoy_changes(mesh, "server"))
+    moved = {app: _changed(before[app], _envoy_changes(mesh, app)) for app in before}
+    print(f"Envoy counters that moved during the test: {json.dumps(moved, indent=1, sort_keys=True)}")
+    assert result["errors"] == {} and result["ok"] > 500, (result, moved)
     chained = chain.result()
     assert chained["errors"] == {} and chained["ok"] > 200, chained
     renewals = [line for line in c.kubectl("-n", mesh.ns, "logs", mesh.pod("server"), "-c", "meshward-agent")
