@@ -505,6 +505,7 @@ end, ok, errors = time.monotonic() + seconds, 0, {}
 while time.monotonic() < end:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+            r.read()  # as every real client does; abandoning responses makes the mesh reset others (app-teams.md)
             ok += 1
     except urllib.error.HTTPError as e:
         errors[str(e.code)] = errors.get(str(e.code), 0) + 1
