@@ -98,6 +98,11 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
 
+def context_headers(app_header: str) -> tuple[str, ...]:
+    """The headers a context token travels in: the app's (spec.context.header) and the wire header."""
+    return tuple(dict.fromkeys((app_header, WIRE_HEADER)))
+
+
 def act_claim(chain: Sequence[str]) -> dict[str, Any] | None:
     """RFC 8693 §4.1 `act` for a chain of workloads, most recent first (the current actor outermost)."""
     out: dict[str, Any] | None = None
@@ -134,7 +139,7 @@ def mint(key: MintingKey, audience: str, user_issuer: str, claims: Mapping[str, 
     """
     if not 0 < ttl_s <= MAX_TTL_S:
         raise ValueError(f"context ttl must be within (0, {MAX_TTL_S:.0f}] seconds, got {ttl_s}")
-    exp = min(now + ttl_s, key.not_after, not_after if not_after is not None else now + ttl_s)
+    exp = min(now + ttl_s, key.not_after, not_after if not_after is not None else float("inf"))
     payload: dict[str, Any] = {k: v for k, v in claims.items() if k not in RESERVED}
     payload.update(iss=key.spiffe_id, aud=audience, user_iss=user_issuer, jti=jti, iat=int(now), exp=int(exp))
     chain = act_claim(act)
@@ -228,6 +233,20 @@ def _number(claims: Mapping[str, Any], name: str) -> float:
     return float(v)
 
 
+def check_binding(minter: Any, aud: Any, peer: str | None, audience: str) -> None:
+    """The token is from the peer of this connection (its minter) and for this workload; else ContextError."""
+    if not isinstance(minter, str) or not peer or minter != peer:
+        raise ContextError("context token: not minted by the peer of this connection")
+    if aud != audience:
+        raise ContextError("context token: audience is not this workload")
+
+
+def check_unexpired(exp: float, now: float) -> None:
+    """The token has not expired (within CLOCK_SKEW_S); else ContextError."""
+    if exp <= now - CLOCK_SKEW_S:
+        raise ContextError("context token: expired")
+
+
 def check_bound(token: ParsedToken, peer: str | None, audience: str, now: float) -> dict[str, Any]:
     """The header, binding and time checks that need no cryptography; return the claims."""
     h, c = token.header, token.claims
@@ -237,13 +256,9 @@ def check_bound(token: ParsedToken, peer: str | None, audience: str, now: float)
         raise ContextError("context token: signing algorithm not allowed")
     if "crit" in h:
         raise ContextError("context token: unsupported critical header parameter")
-    if not isinstance(c.get("iss"), str) or not peer or c["iss"] != peer:
-        raise ContextError("context token: not minted by the peer of this connection")
-    if c.get("aud") != audience:
-        raise ContextError("context token: audience is not this workload")
+    check_binding(c.get("iss"), c.get("aud"), peer, audience)
     exp, iat = _number(c, "exp"), _number(c, "iat")
-    if exp <= now - CLOCK_SKEW_S:
-        raise ContextError("context token: expired")
+    check_unexpired(exp, now)
     if iat > now + CLOCK_SKEW_S:
         raise ContextError("context token: issued in the future")
     if exp - iat > MAX_TTL_S:

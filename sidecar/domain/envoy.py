@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from meshward.sidecar.domain.capture import ENVOY_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_HEALTH_PORT
-from meshward.sidecar.domain.context import WIRE_HEADER
+from meshward.sidecar.domain.context import WIRE_HEADER, context_headers
 
 # Request attributes the HTTP transport receives as headers, set by Envoy itself.
 ATTR_PEER = "x-meshward-authz-peer"
@@ -451,10 +451,10 @@ def _mesh_routes(cluster: str, destination: str | None, header: str) -> dict[str
     Requests carrying `header` go through the exchange; the others, and every request to a group of several
     identities (no exact audience to mint for), lose the context headers.
     """
-    context_headers = list(dict.fromkeys((header, WIRE_HEADER)))
+    carriers = list(context_headers(header))
     if destination is None:
         config = _to_cluster(cluster, cluster, cluster)
-        config["request_headers_to_remove"] = context_headers
+        config["request_headers_to_remove"] = carriers
         return config
     off = {_EXT_AUTHZ: {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
                         "disabled": True}}
@@ -462,7 +462,7 @@ def _mesh_routes(cluster: str, destination: str | None, header: str) -> dict[str
         {"match": {"prefix": "/", "headers": [{"name": header, "present_match": True}]},
          "route": {"cluster": cluster}},
         {"match": {"prefix": "/"}, "route": {"cluster": cluster}, "typed_per_filter_config": off,
-         "request_headers_to_remove": context_headers},
+         "request_headers_to_remove": carriers},
     ]}]}
 
 
@@ -491,7 +491,7 @@ SNIFF_TIMEOUT_S = 1.0
 
 def _plaintext_http(header: str) -> dict[str, Any]:
     """Plaintext HTTP/1 to a non-meshed address: passed on unchanged but for the context headers, removed."""
-    route = {"name": "passthrough_http", "request_headers_to_remove": list(dict.fromkeys((header, WIRE_HEADER))),
+    route = {"name": "passthrough_http", "request_headers_to_remove": list(context_headers(header)),
              "virtual_hosts": [{"name": "passthrough_http", "domains": ["*"], "routes": [
                  {"match": {"prefix": "/"}, "route": {"cluster": PASSTHROUGH, "timeout": "0s"}}]}]}
     router = _router()

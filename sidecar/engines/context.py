@@ -13,7 +13,6 @@ least half of it left.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from meshward.sidecar.domain.certificate import WorkloadCert
 from meshward.sidecar.domain.context import (
-    CLOCK_SKEW_S,
-    ContextError,
     ContextToken,
     MintingKey,
     chain_leaf,
+    check_binding,
+    check_unexpired,
     mint,
     roots_of,
     verify_context,
@@ -106,11 +105,6 @@ class _Lru:
             self.entries.popitem(last=False)
 
 
-def token_key(raw: str) -> bytes:
-    """The cache key of a raw token (the raw token is never a key or a log field)."""
-    return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).digest()
-
-
 class ContextService:
     """Verifies and mints context tokens for one workload, with bounded caches."""
 
@@ -134,10 +128,11 @@ class ContextService:
             self._chains.put(key, leaf)
         return leaf
 
-    def verify(self, raw: str, peer: str | None, audience: str) -> tuple[ContextToken, dict[str, Any]]:
+    def verify(self, raw: str, key: bytes, peer: str | None, audience: str) -> tuple[ContextToken, dict[str, Any]]:
         """A context token from `peer` for `audience`, and a memo living as long as its cache entry.
 
-        Raises ContextError naming the failed check.
+        `key` is the token's TokenCache.key (callers need it too: it is computed once). Raises ContextError
+        naming the failed check.
         """
         roots = self.keys.roots()
         if self._generation != self.keys.generation:
@@ -145,16 +140,10 @@ class ContextService:
             self._chains.entries.clear()
             self._generation = self.keys.generation
         now = self._clock()
-        key = token_key(raw)
         hit: tuple[ContextToken, dict[str, Any]] | None = self._verified.get(key)
         if hit is not None:
-            token = hit[0]
-            if token.minter != peer:
-                raise ContextError("context token: not minted by the peer of this connection")
-            if token.audience != audience:
-                raise ContextError("context token: audience is not this workload")
-            if token.expires_at <= now - CLOCK_SKEW_S:
-                raise ContextError("context token: expired")
+            check_binding(hit[0].minter, hit[0].audience, peer, audience)
+            check_unexpired(hit[0].expires_at, now)
             return hit
         verified: tuple[ContextToken, dict[str, Any]] = (verify_context(raw, peer, audience, roots, now, self._leaf),
                                                          {})
@@ -171,7 +160,7 @@ class ContextService:
         if key is None:
             return None
         now = self._clock()
-        cache_key = (source, audience, key.spiffe_id, id(key))
+        cache_key = (source, audience, key.x5c[0])  # a new certificate (so a new key) mints anew
         hit: Minted | None = self._minted.get(cache_key)
         if hit is not None and hit.refresh_at > now:
             return hit

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshward.sidecar.config.schema import Issuer
-from meshward.sidecar.domain.context import WIRE_HEADER, ContextError, ContextToken, minimized
+from meshward.sidecar.domain.context import WIRE_HEADER, ContextError, ContextToken, context_headers, minimized
 from meshward.sidecar.domain.decision import AuditRecord, Decision, Outcome
 from meshward.sidecar.domain.jwt import JwtError, ParsedToken, UnknownKey, VerifiedToken, parse, verify
 from meshward.sidecar.domain.policy import AuthzResult, identity_headers, path_is_safe
 from meshward.sidecar.domain.request import CheckInput
 from meshward.sidecar.domain.snapshot import Snapshot, extract_token, is_revoked, without_cookie
-from meshward.sidecar.engines.context import ContextService, token_key
+from meshward.sidecar.engines.context import ContextService
 from meshward.sidecar.engines.keystore import KeyStore
 from meshward.sidecar.engines.token_cache import TokenCache
 
@@ -164,8 +164,9 @@ class ContextAuthenticator:
         me = self._service.keys.spiffe_id
         if raw is None or me is None:
             return self._jwt.authenticate(inp, may_refetch)
+        key = TokenCache.key(raw)
         try:
-            ctx, memo = self._service.verify(raw, inp.peer, me)
+            ctx, memo = self._service.verify(raw, key, inp.peer, me)
         except ContextError as e:
             return Identity(failure=e.reason)
         issuers = self._s.issuers
@@ -177,7 +178,7 @@ class ContextAuthenticator:
                                                  ctx.expires_at, ctx.subject, ctx.act)
         if is_revoked(self._s.config.revocations, token):
             return Identity(token=None, failure="token revoked", revoked=True)
-        return Identity(token=token, context=ctx, source_key=token_key(raw))
+        return Identity(token=token, context=ctx, source_key=key)
 
 
 class PolicyAuthorizer:
@@ -225,7 +226,7 @@ class Pipeline:
         self._workload = snapshot.config.workload
         settings = snapshot.config.context
         # The app's context header and the wire header are Meshward's: a client's copy never reaches the app.
-        self._context_headers = tuple(dict.fromkeys((settings.header, WIRE_HEADER)))
+        self._context_headers = context_headers(settings.header)
         self._remove_without_token = [*snapshot.owned_headers, *snapshot.token_headers_to_strip,
                                       *self._context_headers]
         self._wire_without_token: dict[str, bytes] = {}
@@ -370,10 +371,11 @@ class Pipeline:
                 d = Decision(Outcome.ALLOW, self._ids(), "no user context", headers_to_remove=[
                     *self._context_headers])
             else:
-                ctx, _ = service.verify(raw, me, me)
+                key = TokenCache.key(raw)
+                ctx, _ = service.verify(raw, key, me, me)
                 identity = Identity(context=ctx)
                 did = self._ids()
-                minted = service.mint(token_key(raw) + destination.encode(), destination, ctx.user_issuer,
+                minted = service.mint(key + destination.encode(), destination, ctx.user_issuer,
                                       minimized(ctx.claims, settings.destinations.get(destination, ())),
                                       (me, *ctx.act), did, settings.ttl_s, ctx.expires_at)
                 if minted is None:
@@ -386,10 +388,10 @@ class Pipeline:
         except Exception:
             log.exception("context exchange failed; denying")
             d = self._deny(Outcome.UNAVAILABLE, "internal error")
-        return self._finish(inp, transport, t0, identity, d, destination)
+        return self._finish(inp, transport, t0, identity, d)
 
     def _finish(self, inp: CheckInput, transport: str, t0: float, identity: Identity,
-                decision: Decision | None, destination: str = "") -> Decision:
+                decision: Decision | None) -> Decision:
         if decision is None:
             decision = self._respond(inp, identity)
         elapsed = time.perf_counter() - t0
@@ -399,5 +401,5 @@ class Pipeline:
             self._clock(), decision.decision_id, self._workload, transport, decision.outcome,
             decision.would_deny, decision.policy, decision.rule, decision.reason, inp.peer or "",
             decision.subject_hash, inp.method, inp.path, inp.request_id, elapsed * 1e6,
-            ctx.jti if ctx else "", ",".join(ctx.act) if ctx else "", destination))
+            ctx.jti if ctx else "", ",".join(ctx.act) if ctx else "", inp.destination or ""))
         return decision

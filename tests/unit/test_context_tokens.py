@@ -43,6 +43,7 @@ from meshward.sidecar.domain.jwt import JwtError, parse, verify
 from meshward.sidecar.domain.request import CheckInput
 from meshward.sidecar.engines.context import ContextKeys, ContextService
 from meshward.sidecar.engines.pipeline import Pipeline
+from meshward.sidecar.engines.token_cache import TokenCache
 from tests.support.idp import SigningKey
 from tests.support.sidecar import ISSUER, Clock, config, harness, issuer, policy, request
 
@@ -436,12 +437,13 @@ def test_a_remembered_minting_chain_still_expires_with_its_certificate(ca: Certi
     clock = Clock(NOW)
     short = workload(ca, FRONTEND, ttl_s=10)
     service = ContextService(ContextKeys(lambda: short), clock)
-    service.verify(minted(short, FRONTEND, act=()), FRONTEND, FRONTEND)
+    first = minted(short, FRONTEND, act=())
+    service.verify(first, TokenCache.key(first), FRONTEND, FRONTEND)
     clock.now = NOW + 20
     header, claims, _ = segments(minted(short, FRONTEND, act=()))
     late = resigned(short, header, {**claims, "iat": int(NOW + 20), "exp": int(NOW + 40), "jti": "late"})
     with pytest.raises(ContextError, match="not a current workload certificate"):
-        service.verify(late, FRONTEND, FRONTEND)
+        service.verify(late, TokenCache.key(late), FRONTEND, FRONTEND)
 
 
 CLAIM_NAMES = st.sampled_from(("tenant", "email", "groups", "region", "plan"))
