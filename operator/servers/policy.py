@@ -35,6 +35,8 @@ from meshward.operator.servers.wire import dumps, loads, rotating_credentials
 SERVICE = "meshward.policy.v1.Policy"
 _SPIFFE = re.compile(r"^spiffe://[^/]+/ns/([^/]+)/sa/([^/]+)$")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# An agent sends its first message as it opens the stream; a caller silent this long is refused.
+FIRST_MESSAGE_TIMEOUT_S = 10.0
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> tuple[str, str, str] | None:
@@ -76,8 +78,14 @@ class PolicyService:
         if who is None:
             raise SubscriptionRefused("UNAUTHENTICATED", "a workload certificate with a SPIFFE ID is required")
         namespace, sa, spiffe = who
+        # The first message is read before any refusal: an abort while the client is still writing it reaches
+        # grpc-python clients as INTERNAL, not as the refusal (seen in tests). Bounded, so no caller holds a stream.
+        try:
+            first = await asyncio.wait_for(anext(aiter(requests), None), FIRST_MESSAGE_TIMEOUT_S)
+        except TimeoutError as e:
+            raise SubscriptionRefused("INVALID_ARGUMENT", 'no first message {"pod": "<name>"} within '
+                                                          f"{FIRST_MESSAGE_TIMEOUT_S:.0f} s") from e
         review = await self._pod_token(context, namespace, sa)
-        first = await anext(aiter(requests), None)
         pod = first.get("pod") if isinstance(first, dict) else None
         if not isinstance(pod, str) or not pod:
             raise SubscriptionRefused("INVALID_ARGUMENT", 'the first message must be {"pod": "<name>"}')
