@@ -14,7 +14,13 @@ workload. What keeps one tenant from hurting another (docs/security.md):
   MAX_CONFIG_BYTES is not sent: the workload keeps its last config and the policies
   selecting it report ConfigTooLarge, in their own namespace;
 - every live subscription of a pod receives every update (a second stream never
-  silences the first).
+  silences the first);
+- only configs of connected workloads are compiled, so a cached config may predate a
+  change made while its agent was away: a subscriber is sent a cached config only if no
+  input it depends on (its namespace's policies and pods, the Revocations) changed
+  since it was compiled, otherwise a fresh one; a result compiled from inputs that have
+  changed since is never a first config (an agent that restarted must not enforce
+  yesterday's policy, nor miss a Revocation applied while it was down).
 A policy update that fails validation never removes the policy from workloads: its
 last valid generation stays in force (dropping it could open access) and its status
 says so. Acknowledgements from sidecars drive AuthPolicy and Revocation status.
@@ -158,6 +164,8 @@ class PolicyHub:
         self._compiled: dict[str, tuple[int, Compiled]] = {}     # pod key -> (epoch, latest config)
         self._too_large: dict[str, str] = {}                     # pod key -> why its config was not sent
         self._epoch = 0
+        self._changed: dict[str, int] = {}                      # namespace -> epoch of its last input change
+        self._changed_everywhere = 0                             # epoch of the last change every workload sees
         self._dirty_namespaces: set[str] = set()
         self._dirty_pods: set[str] = set()
         self._dirty_everything = False
@@ -174,12 +182,18 @@ class PolicyHub:
         """Something changed: recompile what it affects (a namespace, one pod, or with neither, everything)."""
         self._epoch += 1
         if pod is not None:
-            self._dirty_pods.add(pod)
+            self._dirty_pods.add(pod)  # inputs unchanged: its config is (re)compiled, e.g. for a new subscriber
         elif namespace is not None:
             self._dirty_namespaces.add(namespace)
+            self._changed[namespace] = self._epoch
         else:
             self._dirty_everything = True
+            self._changed_everywhere = self._epoch
         self._dirty.set()
+
+    def _current(self, key: str, epoch: int) -> bool:
+        """Whether a config of pod `key` compiled at `epoch` saw every change of the inputs it depends on."""
+        return epoch >= max(self._changed.get(key.split("/", 1)[0], 0), self._changed_everywhere)
 
     async def apply_policy(self, body: Mapping[str, Any]) -> PolicyInvalid | None:
         """Record an added or changed AuthPolicy (validated off the loop); return why it is invalid, if it is."""
@@ -276,9 +290,9 @@ class PolicyHub:
         sub = Subscriber(w, spiffe_id)
         self._subs.setdefault(w.key, []).append(sub)
         hit = self._compiled.get(w.key)
-        if hit is not None:
+        if hit is not None and self._current(w.key, hit[0]):
             sub.push(hit[1])
-        else:
+        else:  # never compiled, or compiled before a change made while nobody was subscribed: compile it now
             self._touch(pod=w.key)
         return sub
 
@@ -353,8 +367,13 @@ class PolicyHub:
             return 0
         self._too_large.pop(key, None)
         self._compiled[key] = (job.epoch, result)
+        current = self._current(key, job.epoch)
+        if not current:
+            self._touch(pod=key)  # its inputs changed while it compiled: a current config follows
         pushed = 0
         for sub in subs:
+            if sub.latest is None and not current:
+                continue  # a first config must be today's: never start an agent on superseded inputs
             if sub.latest is None or sub.latest.version != result.version:
                 sub.push(result)
                 pushed = 1

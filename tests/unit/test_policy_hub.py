@@ -313,3 +313,82 @@ def test_status_updates_of_a_policy_cost_nothing() -> None:
         assert calls["validate"] == 2
 
     asyncio.run(scenario())
+
+
+def test_an_agent_restarted_while_its_policy_and_a_revocation_changed_starts_on_todays_config() -> None:
+    """Stale config on reconnect (the chaos issue's regression): only connected workloads are compiled, and a
+    resubscribing agent was sent the cached config, so an agent down while its namespace's policy changed kept the
+    old rules (a route opened by the change stayed 403) and missed a Revocation applied meanwhile."""
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        hub.apply_pod(pod("shop", "orders-1", app="orders"))
+        assert await hub.apply_policy(policy("shop", generation=1)) is None
+        before = sub_of(hub, "shop", "orders-1")
+        await hub.settle()
+        assert latest(before).policies == {"shop/p": 1}
+        hub.unsubscribe(before)  # the agent goes down
+        assert await hub.apply_policy(policy("shop", generation=2, rules=[{"name": "r2"}])) is None
+        hub.apply_revocation({"metadata": {"name": "inc"}, "spec": {"entries": [
+            {"jti": "leaked", "expiresAt": "2027-01-01T00:00:00Z"}]}})
+        await hub.settle()  # nobody subscribed: nothing compiled
+        after = sub_of(hub, "shop", "orders-1")  # the agent is back
+        assert after.latest is None  # not yesterday's config, even for a moment
+        await hub.settle()
+        assert latest(after).policies == {"shop/p": 2}
+        assert latest(after).document["revocations"]["jti"] == [hashed_revocation("leaked")]
+
+    asyncio.run(scenario())
+
+
+def test_an_unchanged_workload_resubscribing_gets_its_cached_config_without_a_compile() -> None:
+    """The cache still serves what it is for: a reconnect with nothing changed costs no compile."""
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: NOW)
+        hub.apply_pod(pod("shop", "orders-1", app="orders"))
+        hub.apply_pod(pod("other", "orders-1", app="orders"))
+        assert await hub.apply_policy(policy("shop")) is None
+        first = sub_of(hub, "shop", "orders-1")
+        await hub.settle()
+        hub.unsubscribe(first)
+        assert await hub.apply_policy(policy("other")) is None  # another namespace's change
+        await hub.settle()
+        compiled = hub.compiled_workloads
+        again = sub_of(hub, "shop", "orders-1")
+        assert latest(again).version == latest(first).version
+        await hub.settle()
+        assert hub.compiled_workloads == compiled
+
+    asyncio.run(scenario())
+
+
+def test_a_config_compiled_before_a_change_is_never_an_agents_first() -> None:
+    """The race behind the same regression: a compile in flight when the policy changes and the agent
+    resubscribes must not hand the returning agent the superseded result; the current one follows."""
+    gate: asyncio.Event | None = None
+    entered: asyncio.Event | None = None
+
+    async def offload(fn: Any, *args: Any) -> Any:
+        if fn.__name__ == "_compile_all" and gate is not None and entered is not None:
+            entered.set()
+            await gate.wait()
+        return fn(*args)
+
+    async def scenario() -> None:
+        nonlocal gate, entered
+        hub = PolicyHub(lambda: NOW, offload=offload)
+        hub.apply_pod(pod("shop", "orders-1", app="orders"))
+        assert await hub.apply_policy(policy("shop", generation=1)) is None
+        first = sub_of(hub, "shop", "orders-1")
+        gate, entered = asyncio.Event(), asyncio.Event()
+        inflight = asyncio.create_task(hub.settle())  # compiles generation 1, held at the gate
+        await asyncio.wait_for(entered.wait(), 10)
+        hub.unsubscribe(first)
+        assert await hub.apply_policy(policy("shop", generation=2, rules=[{"name": "r2"}])) is None
+        returning = sub_of(hub, "shop", "orders-1")
+        gate.set()
+        await inflight
+        assert returning.latest is None  # generation 1 is superseded: not a first config
+        await hub.settle()
+        assert latest(returning).policies == {"shop/p": 2}
+
+    asyncio.run(scenario())
