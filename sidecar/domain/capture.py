@@ -6,7 +6,17 @@ inbound listener, and every TCP connection the app opens to its Envoy's outbound
 listener, so the app can neither receive unauthenticated requests nor reach a meshed
 peer in plaintext, whatever address it dials (a Service, a pod IP, a port). Envoy and
 the agent run as PROXY_UID, whose own connections are never redirected (no loop); so is
-loopback. Only IPv4 is captured (docs/app-teams.md says so).
+loopback. Exempting by user only, never by group: a group is something an app container
+can ask for (`runAsGroup`, `setgid`), the proxy's user it cannot (the injector refuses it).
+
+IPv6 is refused, not captured (`ip6tables_rules`): every pod has a link-local IPv6
+address even in an IPv4-only cluster, and uncaptured it was a side door straight to the
+app. Meshed peers are known by their IPv4 pod and Service addresses only (the
+destination map), so no meshed call uses IPv6; Envoy cannot forward to a link-local
+destination (no zone in an original-destination address). So inbound TCP over IPv6 is
+reset, and so is the app's outbound TCP over IPv6, but for loopback, the probe ports and
+the ports the pod excludes from the mesh. UDP is not captured in either family
+(docs/app-teams.md).
 """
 
 from __future__ import annotations
@@ -92,7 +102,6 @@ def iptables_rules(c: Capture) -> str:
     lines.append(f"-A {_CHAIN_IN} -p tcp -j REDIRECT --to-ports {c.inbound_port}")
     lines += [
         f"-A {_CHAIN_OUT} -m owner --uid-owner {c.proxy_uid} -j RETURN",
-        f"-A {_CHAIN_OUT} -m owner --gid-owner {c.proxy_uid} -j RETURN",
         f"-A {_CHAIN_OUT} -d 127.0.0.0/8 -j RETURN",
     ]
     for cidr in c.exclude_outbound_cidrs:
@@ -100,4 +109,20 @@ def iptables_rules(c: Capture) -> str:
     for port in _ports(c.exclude_outbound_ports):
         lines.append(f"-A {_CHAIN_OUT} -p tcp --dport {port} -j RETURN")
     lines += [f"-A {_CHAIN_OUT} -p tcp -j REDIRECT --to-ports {c.outbound_port}", "COMMIT", ""]
+    return "\n".join(lines)
+
+
+def ip6tables_rules(c: Capture) -> str:
+    """The `ip6tables-restore` input (filter table) that resets the pod's TCP over IPv6 (see the module docstring)."""
+    lines = ["*filter", f":{_CHAIN_IN} - [0:0]", f":{_CHAIN_OUT} - [0:0]",
+             f"-A INPUT -p tcp -j {_CHAIN_IN}", f"-A OUTPUT -p tcp -j {_CHAIN_OUT}",
+             f"-A {_CHAIN_IN} -i lo -j RETURN"]
+    for port in _ports((*ALWAYS_EXCLUDED_INBOUND, *c.exclude_inbound_ports)):
+        lines.append(f"-A {_CHAIN_IN} -p tcp --dport {port} -j RETURN")
+    lines += [f"-A {_CHAIN_IN} -p tcp -j REJECT --reject-with tcp-reset",
+              f"-A {_CHAIN_OUT} -o lo -j RETURN",
+              f"-A {_CHAIN_OUT} -m owner --uid-owner {c.proxy_uid} -j RETURN"]
+    for port in _ports(c.exclude_outbound_ports):
+        lines.append(f"-A {_CHAIN_OUT} -p tcp --dport {port} -j RETURN")
+    lines += [f"-A {_CHAIN_OUT} -p tcp -j REJECT --reject-with tcp-reset", "COMMIT", ""]
     return "\n".join(lines)

@@ -2,9 +2,11 @@
 
 Runs once, as root with NET_ADMIN and NET_RAW (the only privileged step of the mesh),
 in the pod's network namespace: it loads the rules of domain/capture.py with
-`iptables-restore` (nftables back end first, the legacy one if the kernel has no
-nf_tables), prints them for `kubectl logs`, and fails the pod loudly if they cannot be
-installed: a pod must never run opted in but uncaptured.
+`iptables-restore` and, for IPv6, `ip6tables-restore` (nftables back end first, the
+legacy one if the kernel has no nf_tables), prints them for `kubectl logs`, and fails
+the pod loudly if they cannot be installed: a pod must never run opted in but
+uncaptured. The IPv6 rules are skipped only where the pod has no IPv6 at all (a kernel
+without it, or IPv6 disabled in the pod: nothing to close then).
 """
 
 from __future__ import annotations
@@ -14,12 +16,23 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from meshward._version import __version__
-from meshward.sidecar.domain.capture import Capture, CaptureError, iptables_rules, parse_cidrs, parse_ports
+from meshward.sidecar.domain.capture import (
+    Capture,
+    CaptureError,
+    ip6tables_rules,
+    iptables_rules,
+    parse_cidrs,
+    parse_ports,
+)
 
 # Tried in order: Debian's default (nftables) and the legacy back end.
 RESTORE_COMMANDS = ("iptables-restore", "iptables-legacy-restore")
+RESTORE6_COMMANDS = ("ip6tables-restore", "ip6tables-legacy-restore")
+# 1 when IPv6 is off in this network namespace; absent when the kernel has no IPv6.
+IPV6_DISABLED = Path("/proc/sys/net/ipv6/conf/all/disable_ipv6")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,20 +58,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CaptureError as e:
         print(f"meshward-init: {e}", file=sys.stderr)
         return 2
-    rules = iptables_rules(capture)
+    rules, rules6 = iptables_rules(capture), ip6tables_rules(capture)
     print(rules, end="")
+    print(rules6, end="")
     if args.dry_run:
         return 0
+    error = _restore(RESTORE_COMMANDS, rules)
+    if error:
+        print(f"meshward-init: cannot install traffic capture: {error}", file=sys.stderr)
+        return 1
+    error = _restore(RESTORE6_COMMANDS, rules6)
+    if error and _has_ipv6():
+        print(f"meshward-init: cannot close IPv6 (the pod has IPv6, so it would be a way around the mesh): {error}",
+              file=sys.stderr)
+        return 1
+    if error:
+        print("meshward-init: no IPv6 in this pod; IPv6 rules not needed")
+    return 0
+
+
+def _has_ipv6() -> bool:
+    """Whether this network namespace has IPv6 turned on."""
+    try:
+        return IPV6_DISABLED.read_text().strip() == "0"
+    except OSError:
+        return False
+
+
+def _restore(commands: Sequence[str], rules: str) -> str:
+    """Load `rules` with the first of `commands` that takes them; '' on success, else why none did."""
     errors = []
-    for command in RESTORE_COMMANDS:
+    for command in commands:
         path = shutil.which(command)
         if path is None:
             errors.append(f"{command}: not installed")
             continue
         proc = subprocess.run([path, "--noflush"], input=rules, capture_output=True, text=True, check=False)
         if proc.returncode == 0:
-            print(f"meshward-init: capture installed with {command}")
-            return 0
+            print(f"meshward-init: rules installed with {command}")
+            return ""
         errors.append(f"{command}: {proc.stderr.strip() or f'exit {proc.returncode}'}")
-    print("meshward-init: cannot install traffic capture: " + "; ".join(errors), file=sys.stderr)
-    return 1
+    return "; ".join(errors)

@@ -16,6 +16,7 @@ from meshward.sidecar.domain.capture import (
     PROXY_UID,
     Capture,
     CaptureError,
+    ip6tables_rules,
     iptables_rules,
     parse_cidrs,
     parse_ports,
@@ -42,8 +43,33 @@ def test_the_proxys_own_traffic_is_never_captured_so_nothing_loops() -> None:
     r = rules()
     redirect = r.index(f"-A MESHWARD_OUTPUT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}")
     assert r.index(f"-A MESHWARD_OUTPUT -m owner --uid-owner {PROXY_UID} -j RETURN") < redirect
-    assert r.index(f"-A MESHWARD_OUTPUT -m owner --gid-owner {PROXY_UID} -j RETURN") < redirect
     assert r.index("-A MESHWARD_OUTPUT -d 127.0.0.0/8 -j RETURN") < redirect
+
+
+def test_runas_group_1337_bypass_the_proxys_group_exempts_nothing() -> None:
+    """Capture bypass by group: an app with `runAsGroup: 1337` (or a root app calling setgid(1337)) skipped Envoy
+    outbound because the proxy's GID was exempt too. Only the proxy's user is; no rule matches on a group."""
+    for text in (iptables_rules(Capture()), ip6tables_rules(Capture())):
+        assert "--gid-owner" not in text
+        assert f"--uid-owner {PROXY_UID} -j RETURN" in text
+
+
+def test_ipv6_link_local_side_door_inbound_and_outbound_tcp_over_ipv6_is_reset() -> None:
+    """IPv6 side door: capture was IPv4 only, so an unmeshed pod reached a meshed app on `::` over its link-local
+    address with no mTLS and no policy. Every inbound TCP connection over IPv6 is now reset but for loopback, the
+    probe ports and excluded ports; so is the app's outbound TCP over IPv6 (it would skip Envoy outbound)."""
+    r = ip6tables_rules(Capture((9090,), (5432,))).splitlines()
+    assert r[0] == "*filter" and r[-1] == "COMMIT"
+    assert "-A INPUT -p tcp -j MESHWARD_INBOUND" in r and "-A OUTPUT -p tcp -j MESHWARD_OUTPUT" in r
+    reset_in = r.index("-A MESHWARD_INBOUND -p tcp -j REJECT --reject-with tcp-reset")
+    reset_out = r.index("-A MESHWARD_OUTPUT -p tcp -j REJECT --reject-with tcp-reset")
+    passed_in = [x for x in r[:reset_in] if x.startswith("-A MESHWARD_INBOUND")]
+    assert passed_in == ["-A MESHWARD_INBOUND -i lo -j RETURN",
+                         *(f"-A MESHWARD_INBOUND -p tcp --dport {p} -j RETURN"
+                           for p in sorted((9090, AGENT_ADMIN_PORT, PROXY_HEALTH_PORT)))]
+    passed_out = [x for x in r[:reset_out] if x.startswith("-A MESHWARD_OUTPUT")]
+    assert passed_out == ["-A MESHWARD_OUTPUT -o lo -j RETURN", f"-A MESHWARD_OUTPUT -m owner --uid-owner {PROXY_UID} "
+                          "-j RETURN", "-A MESHWARD_OUTPUT -p tcp --dport 5432 -j RETURN"]
 
 
 def test_kubelets_probes_reach_the_agent_and_envoys_health_uncaptured() -> None:
@@ -85,5 +111,6 @@ def _init(*args: str) -> subprocess.CompletedProcess[str]:
 def test_meshward_init_prints_its_rules_and_refuses_bad_flags() -> None:
     proc = _init("--dry-run", "--exclude-inbound-ports", "9090")
     assert proc.returncode == 0 and "--dport 9090 -j RETURN" in proc.stdout
+    assert "*filter" in proc.stdout and "REJECT --reject-with tcp-reset" in proc.stdout  # the IPv6 rules too
     bad = _init("--dry-run", "--exclude-outbound-cidrs", "nope")
     assert bad.returncode == 2 and "--exclude-outbound-cidrs: 'nope' is not a CIDR" in bad.stderr

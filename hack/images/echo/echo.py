@@ -73,9 +73,21 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128
 
 
+class DualStackServer(Server):
+    """Listens on `::` for IPv6 and IPv4 alike, as many apps do."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def main() -> None:
-    """Serve on $PORT (default 8080) until killed."""
+    """Serve on $PORT (default 8080) until killed: IPv4 only, or both families with HOST=::."""
     port = int(os.environ.get("PORT", "8080"))
+    if os.environ.get("HOST") == "::":
+        DualStackServer(("::", port), Echo).serve_forever()
     Server(("", port), Echo).serve_forever()
 
 
