@@ -22,7 +22,14 @@ from typing import Any
 
 from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, spiffe_id
 from meshward.operator.domain.compile import PolicyInvalid, policy_object, revocation_entries, validate
-from meshward.operator.domain.inject import InjectRefused, InjectSettings, inject, json_patch, opted_in
+from meshward.operator.domain.inject import (
+    InjectRefused,
+    InjectSettings,
+    check_ephemeral,
+    inject,
+    json_patch,
+    opted_in,
+)
 from meshward.sidecar.config.schema import url_problem
 
 API_VERSION = "admission.k8s.io/v1"
@@ -87,6 +94,22 @@ def inject_response(request: Mapping[str, Any], settings: InjectSettings, namesp
     if not patch:
         return _allowed(uid)
     return _allowed(uid, patchType="JSONPatch", patch=base64.b64encode(json.dumps(patch).encode()).decode())
+
+
+def ephemeral_response(request: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer for `kubectl debug` on an opted-in pod (pods/ephemeralcontainers): allowed, or refused saying why."""
+    uid = str(request["uid"])
+    pod = request.get("object")
+    if _kind(request) != ("", "Pod") or request.get("subResource") != "ephemeralcontainers" or \
+            not isinstance(pod, dict):
+        return _allowed(uid)
+    try:
+        check_ephemeral(pod)
+    except InjectRefused as e:
+        return _denied(uid, 403, f"meshward: this debug container could get around the pod's mesh: {e}")
+    except (AttributeError, TypeError, KeyError, ValueError) as e:
+        return _denied(uid, 400, f"meshward: cannot read this pod's ephemeral containers ({type(e).__name__}: {e})")
+    return _allowed(uid)
 
 
 def _check_identity(obj: Mapping[str, Any], namespace: str, trust_domain: str) -> None:

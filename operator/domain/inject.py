@@ -19,9 +19,15 @@ second time. What the injected pod gets, and why:
 - everything Meshward adds runs as PROXY_UID, non-root, read-only root filesystem, all
   capabilities dropped, but the init container.
 What it refuses, with the reason: pods on the host network (capturing them would capture
-the node), app containers running as PROXY_UID (their traffic would bypass capture),
-names that clash with Meshward's, exclusions it cannot parse, probes on ports the
-container does not declare.
+the node), app containers running as PROXY_UID or with its GID (their traffic would
+bypass capture, or reach the mesh's files), any container of the pod's own mounting a
+mesh volume (the SDS socket hands out the workload's key), a shared process namespace
+(the app would see the agent's and Envoy's processes), names that clash with Meshward's,
+exclusions it cannot parse, probes on ports the container does not declare. Ephemeral
+containers (`kubectl debug`) are reviewed with the same rules (`check_ephemeral`).
+A pod that arrives with the mesh already in it (`meshward inject`, a reinvocation, or a
+hand-made imitation) is injected again from what it is without the mesh (`uninject`):
+what runs is always exactly what this injector makes, with every refusal applied.
 """
 
 from __future__ import annotations
@@ -97,9 +103,27 @@ def opted_in(pod: Mapping[str, Any], namespace: str, namespace_opted_in: bool, o
 
 
 def is_injected(pod: Mapping[str, Any]) -> bool:
-    """Whether `pod` already carries the mesh (so injecting again changes nothing)."""
+    """Whether `pod` carries the mesh's containers (as the injector makes them, once it passed the webhook)."""
     init = pod.get("spec", {}).get("initContainers") or []
-    return any(c.get("name") == AGENT for c in init)
+    return any(isinstance(c, dict) and c.get("name") == AGENT for c in init)
+
+
+def excluded_inbound_ports(pod: Mapping[str, Any]) -> tuple[int, ...]:
+    """The inbound ports an injected pod leaves outside the mesh, read from its capture init container's arguments.
+
+    The spec, not the annotation: a pod's annotations can be edited after admission (and by then change nothing
+    of the capture), its init containers cannot.
+    """
+    for c in pod.get("spec", {}).get("initContainers") or []:
+        if isinstance(c, dict) and c.get("name") == INIT:
+            command = [str(x) for x in c.get("command") or []]
+            if "--exclude-inbound-ports" in command[:-1]:
+                value = command[command.index("--exclude-inbound-ports") + 1]
+                try:
+                    return parse_ports(value, "--exclude-inbound-ports")
+                except CaptureError:
+                    return ()
+    return ()
 
 
 def unprotected(pods: Sequence[Mapping[str, Any]], opted_in_namespaces: set[str], operator_namespace: str
@@ -184,8 +208,54 @@ def _rewrite_probes(container: dict[str, Any], where: str, excluded: tuple[int, 
         container[key] = {**rest, "httpGet": {"path": path, "port": AGENT_ADMIN_PORT, "scheme": "HTTP"}}
 
 
-def _uid(ctx: Any) -> Any:
-    return ctx.get("runAsUser") if isinstance(ctx, dict) else None
+def may_become_the_proxy(pod: Mapping[str, Any]) -> list[str]:
+    """Names of an injected pod's own containers that may run as root with CAP_SETUID, so could become PROXY_UID.
+
+    Inherent to sidecars (Istio's too): root with its default capabilities can setuid(1337), whose traffic the capture
+    exempts. Only the pod's own securityContext can rule it out: runAsNonRoot, a non-zero runAsUser, or SETUID dropped.
+    """
+    spec = pod.get("spec", {})
+    pod_ctx = spec.get("securityContext")
+    out = []
+    for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        if not isinstance(c, dict) or str(c.get("name", "")).startswith("meshward-"):
+            continue
+        ctx = c.get("securityContext")
+        uid = _field(ctx, "runAsUser")
+        uid = uid if uid is not None else _field(pod_ctx, "runAsUser")
+        non_root = _field(ctx, "runAsNonRoot")
+        non_root = non_root if non_root is not None else _field(pod_ctx, "runAsNonRoot")
+        dropped = {str(x).upper().removeprefix("CAP_") for x in (_field(_field(ctx, "capabilities"), "drop") or [])}
+        if non_root is True or (uid is not None and uid != 0) or dropped & {"ALL", "SETUID"}:
+            continue
+        out.append(str(c.get("name", "")))
+    return out
+
+
+def _field(ctx: Any, key: str) -> Any:
+    return ctx.get(key) if isinstance(ctx, dict) else None
+
+
+def _check_container(c: Mapping[str, Any], where: str, pod_ctx: Any) -> None:
+    """Raise InjectRefused for a container of the pod's own that could get around the mesh or into it."""
+    if str(c.get("name", "")).startswith("meshward-"):
+        raise InjectRefused(f"{where}.name: {c.get('name')!r}: names starting with meshward- are Meshward's; rename "
+                            "the container")
+    ctx = c.get("securityContext")
+    uid = _field(ctx, "runAsUser")
+    if (uid if uid is not None else _field(pod_ctx, "runAsUser")) == PROXY_UID:
+        raise InjectRefused(f"{where} ({c.get('name')}): runs as UID {PROXY_UID}, the mesh proxy's, whose traffic is "
+                            "never captured; run it as another user")
+    gid = _field(ctx, "runAsGroup")
+    if (gid if gid is not None else _field(pod_ctx, "runAsGroup")) == PROXY_UID:
+        raise InjectRefused(f"{where} ({c.get('name')}).securityContext.runAsGroup: {PROXY_UID} is the mesh proxy's "
+                            "group; run it with another group")
+    for kind in ("volumeMounts", "volumeDevices"):
+        for n, m in enumerate(c.get(kind) or []):
+            if isinstance(m, dict) and str(m.get("name", "")).startswith("meshward-"):
+                raise InjectRefused(f"{where}.{kind}[{n}].name: {m.get('name')!r} is a volume of the mesh (it holds "
+                                    "the workload's key and the proxy's sockets); only Meshward's containers mount it: "
+                                    "remove the mount")
 
 
 def _check(pod: Mapping[str, Any]) -> None:
@@ -194,16 +264,20 @@ def _check(pod: Mapping[str, Any]) -> None:
     if spec.get("hostNetwork"):
         raise InjectRefused("spec.hostNetwork: a pod on the node's network cannot be captured without capturing "
                             f"the node; run it off the host network or label it {INJECT_LABEL}={DISABLED}")
-    pod_uid = _uid(spec.get("securityContext"))
-    for group in ("initContainers", "containers"):
+    if spec.get("shareProcessNamespace"):
+        raise InjectRefused("spec.shareProcessNamespace: the app would see the agent's and Envoy's processes (and "
+                            "could signal them, or reach their files through /proc); remove it, or label the pod "
+                            f"{INJECT_LABEL}={DISABLED}")
+    pod_ctx = spec.get("securityContext")
+    for key in ("fsGroup", "runAsGroup"):
+        if _field(pod_ctx, key) == PROXY_UID:
+            raise InjectRefused(f"spec.securityContext.{key}: {PROXY_UID} is the mesh proxy's group; use another")
+    if PROXY_UID in (_field(pod_ctx, "supplementalGroups") or []):
+        raise InjectRefused(f"spec.securityContext.supplementalGroups: {PROXY_UID} is the mesh proxy's group; remove "
+                            "it")
+    for group in ("initContainers", "containers", "ephemeralContainers"):
         for n, c in enumerate(spec.get(group) or []):
-            if str(c.get("name", "")).startswith("meshward-"):
-                raise InjectRefused(f"spec.{group}[{n}].name: {c.get('name')!r}: names starting with meshward- "
-                                    "are Meshward's; rename the container")
-            uid = _uid(c.get("securityContext"))
-            if (uid if uid is not None else pod_uid) == PROXY_UID:
-                raise InjectRefused(f"spec.{group}[{n}] ({c.get('name')}): runs as UID {PROXY_UID}, the mesh "
-                                    "proxy's, whose traffic is never captured; run it as another user")
+            _check_container(c, f"spec.{group}[{n}]", pod_ctx)
     for n, v in enumerate(spec.get("volumes") or []):
         if str(v.get("name", "")).startswith("meshward-"):
             raise InjectRefused(f"spec.volumes[{n}].name: {v.get('name')!r}: names starting with meshward- are "
@@ -214,11 +288,63 @@ def _check(pod: Mapping[str, Any]) -> None:
                             "default) or allow (while migrating: plaintext callers reach the app with no peer)")
 
 
+def check_ephemeral(pod: Mapping[str, Any]) -> None:
+    """Raise InjectRefused for an ephemeral container (`kubectl debug`) that could get around an injected pod's mesh."""
+    spec = pod.get("spec", {})
+    for n, c in enumerate(spec.get("ephemeralContainers") or []):
+        where = f"spec.ephemeralContainers[{n}]"
+        _check_container(c, where, spec.get("securityContext"))
+        target = str(c.get("targetContainerName") or "")
+        if target.startswith("meshward-"):
+            raise InjectRefused(f"{where}.targetContainerName: {target!r}: debugging the mesh's own containers would "
+                                "share their processes (and the workload's key); target the app's container")
+
+
+def uninject(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """`pod` without what the injector adds: its containers and volumes, and the app's probes as they were."""
+    out: dict[str, Any] = copy.deepcopy(dict(pod))
+    spec = out.get("spec", {})
+    init = [c for c in spec.get("initContainers") or [] if isinstance(c, dict)]
+    originals: dict[str, Any] = {}
+    for c in init:
+        if c.get("name") == AGENT:
+            for e in c.get("env") or []:
+                if isinstance(e, dict) and e.get("name") == PROBES_ENV:
+                    try:
+                        parsed = json.loads(str(e.get("value") or "{}"))
+                    except ValueError:
+                        parsed = {}
+                    originals = parsed if isinstance(parsed, dict) else {}
+    kept = [c for c in init if c.get("name") not in (INIT, AGENT, PROXY)]
+    for c in [*(spec.get("containers") or []), *kept]:
+        if not isinstance(c, dict):
+            continue
+        for key, _ in _PROBE_KINDS:
+            probe = c.get(key)
+            get = probe.get("httpGet") if isinstance(probe, dict) else None
+            original = originals.get(str(get.get("path"))) if isinstance(get, dict) and \
+                get.get("port") == AGENT_ADMIN_PORT else None
+            if isinstance(probe, dict) and isinstance(original, dict):
+                handler = {k: v for k, v in original.items() if k != "timeoutSeconds"}
+                c[key] = {**{k: v for k, v in probe.items() if k != "httpGet"}, **handler}
+    if "initContainers" in spec:
+        if kept:
+            spec["initContainers"] = kept
+        else:
+            del spec["initContainers"]
+    if "volumes" in spec:
+        mesh = (SOCKETS, BUNDLE, TOKEN)
+        volumes = [v for v in spec["volumes"] if not (isinstance(v, dict) and v.get("name") in mesh)]
+        if volumes:
+            spec["volumes"] = volumes
+        else:
+            del spec["volumes"]
+    return out
+
+
 def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
     """`pod` with the mesh added (unchanged if it has it already); raise InjectRefused if it cannot be protected."""
-    out: dict[str, Any] = copy.deepcopy(dict(pod))
-    if is_injected(out):
-        return out
+    out: dict[str, Any] = uninject(pod) if is_injected(pod) else copy.deepcopy(dict(pod))
     if not settings.image:
         raise InjectRefused("the operator has no image to inject (--inject-image, the chart's injection.image); "
                             "fix the operator's installation")

@@ -1,4 +1,4 @@
-"""The admission webhook server: `/inject/pod`, `/inject/namespace` and `/validate`, over HTTPS.
+"""The admission webhook server: `/inject/pod`, `/inject/namespace`, `/validate` and `/validate/ephemeral`, over HTTPS.
 
 Served by the leading replica behind the `meshward-webhook` Service, with the operator's
 serving certificate from the mesh CA (re-issued after a CA rotation; each new TLS
@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from meshward.operator.domain.admission import (
     ReviewError,
+    ephemeral_response,
     inject_response,
     parse_review,
     review,
@@ -38,7 +39,7 @@ log = logging.getLogger("meshward.operator.webhook")
 
 
 class AdmissionWebhooks:
-    """The three routes, with the settings and clock they decide with."""
+    """The routes, with the settings and clock they decide with."""
 
     def __init__(self, settings: InjectSettings, trust_domain: str, clock: Callable[[], dt.datetime],
                  registry: CollectorRegistry | None = None) -> None:
@@ -51,6 +52,8 @@ class AdmissionWebhooks:
     def _decide(self, webhook: str, request: dict[str, Any]) -> dict[str, Any]:
         if webhook == "validate":
             return validate_response(request, self._trust_domain, self._clock())
+        if webhook == "ephemeral":
+            return ephemeral_response(request)
         try:
             return inject_response(request, self._settings, namespace_opted_in=webhook == "namespace")
         except Exception as e:  # never a 500, never an unprotected opted-in pod
@@ -89,11 +92,15 @@ class AdmissionWebhooks:
         async def validate(req: web.Request) -> web.Response:
             return await self._handle("validate", req)
 
+        async def ephemeral(req: web.Request) -> web.Response:
+            return await self._handle("ephemeral", req)
+
         async def healthz(_: web.Request) -> web.Response:
             return web.Response(text="ok\n")
 
         app.add_routes([web.post("/inject/pod", pod), web.post("/inject/namespace", namespace),
-                        web.post("/validate", validate), web.get("/healthz", healthz)])
+                        web.post("/validate", validate), web.post("/validate/ephemeral", ephemeral),
+                        web.get("/healthz", healthz)])
         return app
 
 

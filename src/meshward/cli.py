@@ -122,7 +122,7 @@ def _inject(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from meshward.operator.clients.kube import KubeClient, KubeError
-    from meshward.operator.domain.inject import INJECT_LABEL, unprotected
+    from meshward.operator.domain.inject import INJECT_LABEL, is_injected, may_become_the_proxy, unprotected
 
     try:
         kube = KubeClient.from_kubeconfig(args.kubeconfig)
@@ -135,6 +135,13 @@ def _check(args: argparse.Namespace) -> int:
     for key in bad:
         print(f"UNPROTECTED {key}: opted in to the mesh but runs without its sidecar (created while the webhook "
               "was bypassed, or labelled afterwards); restart it to inject it")
+    for pod in pods:
+        meta = pod.get("metadata", {})
+        names = may_become_the_proxy(pod) if is_injected(pod) else []
+        if names:
+            print(f"WARNING {meta.get('namespace')}/{meta.get('name')}: container(s) {', '.join(names)} may run as "
+                  "root with CAP_SETUID and so could switch to the mesh proxy's UID 1337, whose traffic is not "
+                  "captured; set runAsNonRoot: true (or a non-zero runAsUser), or drop the SETUID capability")
     if not bad:
         print(f"ok: all {len(pods)} pods checked; none runs opted in without the mesh")
     return 1 if bad else 0

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from meshward.operator.domain.admission import (
     ReviewError,
+    ephemeral_response,
     inject_response,
     parse_review,
     review,
@@ -73,6 +74,19 @@ def test_only_pod_creations_are_injected() -> None:
     assert "patch" not in inject_response(pod_request(opted(), operation="UPDATE"), SETTINGS, False)
     req = {**pod_request(opted()), "kind": {"group": "apps", "version": "v1", "kind": "Deployment"}}
     assert "patch" not in inject_response(req, SETTINGS, False)
+
+
+def test_kubectl_debug_mounting_the_socket_volume_is_refused_and_an_ordinary_one_allowed() -> None:
+    """`kubectl debug` adds ephemeral containers through pods/ephemeralcontainers, which no webhook reviewed."""
+    pod = inject(opted(), SETTINGS)
+    pod["spec"]["ephemeralContainers"] = [{"name": "dbg", "image": "x",
+                                           "volumeMounts": [{"name": "meshward-sockets", "mountPath": "/s"}]}]
+    req = {**pod_request(pod, operation="UPDATE"), "subResource": "ephemeralcontainers"}
+    resp = ephemeral_response(req)
+    assert resp["allowed"] is False and resp["status"]["code"] == 403
+    assert "spec.ephemeralContainers[0].volumeMounts[0].name" in resp["status"]["message"]
+    pod["spec"]["ephemeralContainers"] = [{"name": "dbg", "image": "x", "targetContainerName": "app"}]
+    assert ephemeral_response({**req, "object": pod}) == {"uid": "u-1", "allowed": True}
 
 
 def policy_request(spec: dict[str, Any], old_spec: dict[str, Any] | None = None, kind: str = "AuthPolicy"

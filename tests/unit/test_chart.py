@@ -103,9 +103,17 @@ def test_webhooks_see_only_opted_in_pods_and_fail_closed_for_them(helm: str) -> 
                                   "resources": ["pods"], "scope": "Namespaced"}]
         assert "caBundle" not in hook["clientConfig"], "the operator owns caBundle; Helm must not reset it"
     validating = next(d for d in rendered if d["kind"] == "ValidatingWebhookConfiguration")
-    [hook] = validating["webhooks"]
-    assert hook["rules"][0]["resources"] == ["authpolicies", "serviceidentities", "revocations"]
-    assert hook["failurePolicy"] == "Fail" and hook["timeoutSeconds"] <= 5
+    hooks = {w["name"]: w for w in validating["webhooks"]}
+    assert set(hooks) == {"objects.validate.meshward.io", "pods.validate.meshward.io"}
+    assert hooks["objects.validate.meshward.io"]["rules"][0]["resources"] == ["authpolicies", "serviceidentities",
+                                                                              "revocations"]
+    debug = hooks["pods.validate.meshward.io"]  # kubectl debug on opted-in pods gets the injector's refusals
+    assert debug["rules"] == [{"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                               "resources": ["pods/ephemeralcontainers"], "scope": "Namespaced"}]
+    assert debug["objectSelector"] == {"matchLabels": {"meshward.io/inject": "enabled"}}
+    assert debug["clientConfig"]["service"]["path"] == "/validate/ephemeral"
+    for hook in hooks.values():
+        assert hook["failurePolicy"] == "Fail" and hook["timeoutSeconds"] <= 5
 
 
 def test_the_operator_is_told_which_webhooks_to_keep_and_what_to_inject(helm: str) -> None:

@@ -16,9 +16,11 @@ from meshward.operator.domain.inject import (
     PROXY,
     InjectRefused,
     InjectSettings,
+    check_ephemeral,
     inject,
     is_injected,
     json_patch,
+    may_become_the_proxy,
     opted_in,
     unprotected,
 )
@@ -133,6 +135,125 @@ def test_what_cannot_be_protected_is_refused_with_the_field(pod: dict[str, Any],
     with pytest.raises(InjectRefused) as e:
         inject(pod, SETTINGS)
     assert says in str(e.value)
+
+
+def _app(**fields: Any) -> dict[str, Any]:
+    return {"name": "app", "image": "x", **fields}
+
+
+@pytest.mark.parametrize(("pod", "says"), [
+    (_pod(containers=[_app(volumeMounts=[{"name": "meshward-sockets", "mountPath": "/s"}])]),
+     "spec.containers[0].volumeMounts[0].name: 'meshward-sockets' is a volume of the mesh"),
+    (_pod(initContainers=[_app(volumeMounts=[{"name": "meshward-token", "mountPath": "/t"}])]),
+     "spec.initContainers[0].volumeMounts[0].name"),
+    (_pod(containers=[_app(volumeDevices=[{"name": "meshward-bundle", "devicePath": "/dev/x"}])]),
+     "spec.containers[0].volumeDevices[0].name"),
+    (_pod(shareProcessNamespace=True), "spec.shareProcessNamespace"),
+], ids=["app-mounts-the-sds-socket-volume", "init-mounts-the-token", "device-of-a-mesh-volume",
+        "share-process-namespace-reads-proc-pid-mem"])
+def test_key_theft_through_a_mesh_volume_or_the_agents_processes_is_refused(pod: dict[str, Any], says: str) -> None:
+    """Workload key theft: an app container mounting the mesh's socket volume asked the SDS socket for the key and
+    minted context tokens naming any user; with shareProcessNamespace a root app switching to the proxy's UID read
+    the key from /proc/<agent>/mem. Only Meshward's containers mount its volumes; no opted-in pod shares processes."""
+    with pytest.raises(InjectRefused) as e:
+        inject(pod, SETTINGS)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize(("pod", "says"), [
+    (_pod(containers=[_app(securityContext={"runAsGroup": PROXY_UID})]), "spec.containers[0] (app).securityContext"),
+    (_pod(securityContext={"runAsGroup": PROXY_UID}), "spec.securityContext.runAsGroup"),
+    (_pod(securityContext={"fsGroup": PROXY_UID}), "spec.securityContext.fsGroup"),
+    (_pod(securityContext={"supplementalGroups": [5, PROXY_UID]}), "spec.securityContext.supplementalGroups"),
+], ids=["container-runas-group", "pod-runas-group", "fs-group", "supplemental-groups"])
+def test_capture_bypass_by_the_proxys_group_is_refused(pod: dict[str, Any], says: str) -> None:
+    """Capture bypass by group: the proxy's GID was exempt from capture, so `runAsGroup: 1337` skipped Envoy. The
+    capture exempts the proxy's user only now, and no app container may hold its group either."""
+    with pytest.raises(InjectRefused) as e:
+        inject(pod, SETTINGS)
+    assert says in str(e.value) and str(PROXY_UID) in str(e.value)
+
+
+def _fake_agent(**fields: Any) -> dict[str, Any]:
+    return {"name": AGENT, "image": "attacker/agent", "command": ["sh", "-c", "sleep 1d"], **fields}
+
+
+@pytest.mark.parametrize(("pod", "says"), [
+    (_pod(hostNetwork=True, initContainers=[_fake_agent()]), "spec.hostNetwork"),
+    (_pod(containers=[_app(securityContext={"runAsUser": PROXY_UID})], initContainers=[_fake_agent()]),
+     f"runs as UID {PROXY_UID}"),
+    (_pod(containers=[_app(volumeMounts=[{"name": "meshward-sockets", "mountPath": "/s"}])],
+          initContainers=[_fake_agent()], volumes=[{"name": "meshward-sockets", "emptyDir": {}}]),
+     "is a volume of the mesh"),
+], ids=["host-network", "proxy-uid", "mounts-the-socket-volume"])
+def test_a_pre_injected_imitation_does_not_skip_the_refusals(pod: dict[str, Any], says: str) -> None:
+    """Pre-injected imitation: a pod arriving with a container named meshward-agent was trusted as injected and
+    skipped every refusal. It is now injected again from what it is without the mesh, refusals included."""
+    with pytest.raises(InjectRefused) as e:
+        inject(pod, SETTINGS)
+    assert says in str(e.value)
+
+
+def test_a_pre_injected_imitation_runs_exactly_what_the_injector_makes() -> None:
+    """The imitation's own agent, init and proxy containers and volumes are replaced by the injector's."""
+    genuine = inject(_pod(), SETTINGS)
+    forged = json.loads(json.dumps(genuine))
+    forged["spec"]["initContainers"][0]["command"] = ["true"]  # no capture
+    forged["spec"]["initContainers"][1] = _fake_agent()
+    forged["spec"]["volumes"][0] = {"name": "meshward-sockets", "hostPath": {"path": "/"}}
+    assert inject(forged, SETTINGS) == genuine
+    assert json_patch(forged, inject(forged, SETTINGS)) != []
+
+
+def test_a_container_another_webhook_adds_after_injection_gets_its_probe_rewritten_on_reinvocation() -> None:
+    """Reinvocation (reinvocationPolicy: IfNeeded): a container added after injection is probed through the agent
+    like the app's, or kubelet's plaintext probe would be refused by the capture."""
+    once = inject(_pod(), SETTINGS)
+    once["spec"]["containers"].append({"name": "vault", "image": "v", "ports": [{"containerPort": 8200}],
+                                       "readinessProbe": {"httpGet": {"path": "/h", "port": 8200}}})
+    again = inject(once, SETTINGS)
+    assert again["spec"]["containers"][1]["readinessProbe"]["httpGet"]["port"] == AGENT_ADMIN_PORT
+    assert inject(again, SETTINGS) == again
+
+
+@pytest.mark.parametrize(("container", "says"), [
+    ({"name": "dbg", "image": "x", "targetContainerName": "meshward-agent"}, "targetContainerName"),
+    ({"name": "dbg", "image": "x", "volumeMounts": [{"name": "meshward-sockets", "mountPath": "/s"}]},
+     "is a volume of the mesh"),
+    ({"name": "dbg", "image": "x", "securityContext": {"runAsUser": PROXY_UID}}, f"runs as UID {PROXY_UID}"),
+    ({"name": "dbg", "image": "x", "securityContext": {"runAsGroup": PROXY_UID}}, "runAsGroup"),
+], ids=["target-the-agent", "mount-the-socket-volume", "proxy-uid", "proxy-gid"])
+def test_kubectl_debug_ephemeral_containers_get_the_same_refusals(container: dict[str, Any], says: str) -> None:
+    """Ephemeral containers (`kubectl debug`) had no admission review: one could run as the proxy's UID (uncaptured),
+    mount the socket volume or share the agent's processes."""
+    pod = inject(_pod(), SETTINGS)
+    pod["spec"]["ephemeralContainers"] = [container]
+    with pytest.raises(InjectRefused) as e:
+        check_ephemeral(pod)
+    assert says in str(e.value) and "spec.ephemeralContainers[0]" in str(e.value)
+
+
+@pytest.mark.parametrize(("app", "pod_ctx", "warned"), [
+    ({}, {}, True),
+    ({"securityContext": {"runAsUser": 0}}, {"runAsNonRoot": False}, True),
+    ({}, {"runAsNonRoot": True}, False),
+    ({"securityContext": {"runAsUser": 1000}}, {}, False),
+    ({}, {"runAsUser": 1000}, False),
+    ({"securityContext": {"capabilities": {"drop": ["ALL"]}}}, {}, False),
+    ({"securityContext": {"capabilities": {"drop": ["CAP_SETUID"]}}}, {}, False),
+    ({"securityContext": {"runAsUser": 0, "capabilities": {"drop": ["NET_RAW"]}}}, {"runAsUser": 1000}, True),
+])
+def test_meshward_check_warns_of_apps_that_may_setuid_to_the_proxy(app: dict[str, Any], pod_ctx: dict[str, Any],
+                                                                    warned: bool) -> None:
+    """A root app with CAP_SETUID can become UID 1337 (inherent to sidecars): `meshward check` names such containers."""
+    pod = inject(_pod(containers=[_app(**app)], securityContext=pod_ctx), SETTINGS)
+    assert may_become_the_proxy(pod) == (["app"] if warned else [])
+
+
+def test_an_ordinary_debug_container_is_allowed() -> None:
+    pod = inject(_pod(), SETTINGS)
+    pod["spec"]["ephemeralContainers"] = [{"name": "dbg", "image": "x", "targetContainerName": "app"}]
+    check_ephemeral(pod)
 
 
 @pytest.mark.parametrize(("annotation", "value"), [
