@@ -4,7 +4,11 @@ Every injected pod's Envoy sends a connection to a meshed address over mTLS, pin
 to the SPIFFE IDs that may answer there, and any other connection through untouched
 (sidecar/domain/envoy.py, outbound_resources). The map holds:
 - each injected pod's IP: its ServiceAccount's SPIFFE ID, and the ports it leaves
-  uncaptured (annotation meshward.io/exclude-inbound-ports) as plaintext;
+  uncaptured as plaintext. Both are read from the pod's spec as the injector made it (the
+  opt-in label and the mesh's containers; the capture container's exclusions), never from
+  annotations, which anyone who can edit the pod can write after admission: an annotation
+  naming a pod injected made its meshed callers fail (503), and a huge one inflated
+  every agent's map;
 - each ClusterIP Service whose selected pods are all injected: the SPIFFE IDs of those
   pods, and as plaintext the service ports whose (numeric) target port every one of
   them leaves uncaptured. A Service with any non-injected pod behind it is not meshed:
@@ -26,8 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshward.operator.domain.inject import EXCLUDE_INBOUND_PORTS, INJECTED_ANNOTATION
-from meshward.sidecar.domain.capture import CaptureError, parse_ports
+from meshward.operator.domain.inject import ENABLED, INJECT_LABEL, excluded_inbound_ports, is_injected
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,10 @@ def mesh_pod(body: Mapping[str, Any]) -> MeshPod | None:
     if not ip or ":" in ip or meta.get("deletionTimestamp") or spec.get("hostNetwork") or \
             status.get("phase") in ("Succeeded", "Failed"):
         return None
-    annotations = meta.get("annotations") or {}
-    try:
-        plaintext = parse_ports(str(annotations.get(EXCLUDE_INBOUND_PORTS, "")), EXCLUDE_INBOUND_PORTS)
-    except CaptureError:
-        plaintext = ()  # the injector refused such a pod; one created around it gets no exception
+    labels = meta.get("labels") or {}
+    injected = labels.get(INJECT_LABEL) == ENABLED and is_injected(body)
     return MeshPod(meta.get("namespace", ""), meta.get("name", ""), ip, spec.get("serviceAccountName") or "default",
-                   tuple(sorted((meta.get("labels") or {}).items())), INJECTED_ANNOTATION in annotations, plaintext)
+                   tuple(sorted(labels.items())), injected, excluded_inbound_ports(body) if injected else ())
 
 
 def mesh_service(body: Mapping[str, Any]) -> MeshService | None:

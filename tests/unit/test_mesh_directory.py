@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from meshward.operator.domain.destinations import mesh_destinations, mesh_pod, mesh_service, version_of, view_for
+from meshward.operator.domain.inject import InjectSettings, inject
 from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.safety_net import SafetyNet
 
@@ -15,9 +16,14 @@ TD = "cluster.local"
 
 def pod(name: str, ip: str, sa: str = "orders", injected: bool = True, ns: str = "shop",
         annotations: dict[str, str] | None = None, **labels: str) -> dict[str, Any]:
-    ann = {**({"meshward.io/injected": "0.1"} if injected else {}), **(annotations or {})}
-    return {"metadata": {"name": name, "namespace": ns, "labels": {"app": "orders", **labels}, "annotations": ann},
-            "spec": {"serviceAccountName": sa}, "status": {"podIP": ip, "phase": "Running"}}
+    """A running pod; `injected` ones as the webhook made them (opted in, the mesh's containers added)."""
+    all_labels = {"app": "orders", **labels, **({"meshward.io/inject": "enabled"} if injected else {})}
+    body: dict[str, Any] = {"metadata": {"name": name, "namespace": ns, "labels": all_labels,
+                                         "annotations": annotations or {}},
+                            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "x"}]}}
+    if injected:
+        body = inject(body, InjectSettings(image="localhost/meshward:t"))
+    return {**body, "status": {"podIP": ip, "phase": "Running"}}
 
 
 def service(name: str, ip: str, ns: str = "shop", target: int | str = 8080, **selector: str) -> dict[str, Any]:
@@ -50,6 +56,23 @@ def test_uncaptured_ports_stay_plaintext_for_pods_and_for_services_whose_pods_al
     assert got["10.0.0.1"]["plaintextPorts"] == [9090] and got["10.96.0.1"]["plaintextPorts"] == [9090]
     mixed = dmap([pod("o-1", "10.0.0.1", annotations=excl), pod("o-2", "10.0.0.2")], [service("orders", "10.96.0.1")])
     assert mixed["10.96.0.1"]["plaintextPorts"] == []
+
+
+def test_an_annotation_claiming_injection_does_not_make_a_pod_meshed() -> None:
+    """Forged injected annotation: an unlabelled pod annotated meshward.io/injected was listed as meshed, so its meshed
+    callers sent it mTLS it could not answer (503). Meshed is decided from the spec the injector made."""
+    forged = pod("o-1", "10.0.0.1", injected=False, annotations={"meshward.io/injected": "0.1"})
+    labelled_only = pod("o-2", "10.0.0.2", injected=False, annotations={"meshward.io/injected": "0.1"})
+    labelled_only["metadata"]["labels"]["meshward.io/inject"] = "enabled"
+    assert dmap([forged, labelled_only], []) == {}
+
+
+def test_exclusions_edited_after_admission_change_nothing_in_the_map() -> None:
+    """Annotation inflation after admission: a pod's annotations can be edited (a 256 KiB exclude-inbound-ports made
+    every agent's map too large to receive); the map reads the exclusions the capture container was given."""
+    edited = pod("o-1", "10.0.0.1", annotations={"meshward.io/exclude-inbound-ports": "9090"})
+    edited["metadata"]["annotations"]["meshward.io/exclude-inbound-ports"] = ",".join(str(p) for p in range(1, 60000))
+    assert dmap([edited], [])["10.0.0.1"]["plaintextPorts"] == [9090]
 
 
 def test_pods_without_an_address_or_leaving_and_headless_services_are_left_out() -> None:
