@@ -30,6 +30,10 @@ FROM ${BASE}
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends iptables && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/meshward /opt/meshward
+# Envoy's binary executable but not readable by the proxy's UID: the kernel then starts Envoy non-dumpable, so
+# its memory (the workload key in its TLS contexts) is out of reach of /proc/<pid>/mem and ptrace without
+# CAP_SYS_PTRACE, even for processes of its own UID. (The agent makes itself non-dumpable with prctl.)
+RUN find /opt/meshward -path '*/envoy/_bin/envoy' -type f -exec chmod 0711 {} +
 ENV PATH=/opt/meshward/bin:$PATH
 USER 65532:65532
 CMD ["meshward-operator"]

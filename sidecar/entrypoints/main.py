@@ -321,9 +321,28 @@ def check(path: Path | None) -> int:
     return 0
 
 
+# prctl(2) option: a process that is not dumpable has /proc/<pid>/mem, /environ and /root owned by root and open to
+# ptrace only with CAP_SYS_PTRACE, even for processes of its own UID (the workload key lives in this process).
+PR_SET_DUMPABLE = 4
+
+
+def not_dumpable() -> bool:
+    """Make this process non-dumpable (Linux); whether it now is."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; without --config, print the version and usage."""
     args = _parser().parse_args(argv)
+    if not not_dumpable() and sys.platform.startswith("linux"):
+        print("meshward-sidecar: cannot make the agent non-dumpable (prctl PR_SET_DUMPABLE failed); refusing to hold "
+              "a workload key", file=sys.stderr)
+        return 1
     if args.check:
         return check(args.config)
     if args.version or (args.config is None and args.policy_server == "off"):
