@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +52,64 @@ class Release:
 # Envoy's admin interface listens on the pod's loopback only: read it from its own container (the path as argv).
 _ADMIN_GET = ("import sys, urllib.request; "
               "print(urllib.request.urlopen('http://127.0.0.1:15000' + sys.argv[1], timeout=10).read().decode())")
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The release, the namespace and the images of this module."""
+
+    release: Release
+    ns: str
+    echo: str
+
+    @property
+    def cluster(self) -> Cluster:
+        return self.release.cluster
+
+    def pod(self, app: str) -> str:
+        """The name of the (one, Running, not terminating) pod of deployment `app`."""
+        def find() -> str:
+            pods = self.cluster.get_json("-n", self.ns, "pods", "-l", f"app={app}")["items"]
+            live = [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")
+                    and p.get("status", {}).get("phase") == "Running"]
+            return live[0] if len(live) == 1 else ""
+        name: str = wait_until(f"one running {app} pod", find, timeout=120)
+        return name
+
+    def curl(self, app: str, url: str, *args: str, container: str = "app") -> tuple[int, str]:
+        """(HTTP status or 0 for a failed connection, body) of curl run in `app`'s pod."""
+        proc = self.cluster.kubectl("-n", self.ns, "exec", self.pod(app), "-c", container, "--", "curl", "-sS",
+                                    "--max-time", "5", "-w", "\n%{http_code}", *args, url, check=False)
+        body, _, code = proc.stdout.rpartition("\n")
+        return (int(code) if code.isdigit() else 0), body
+
+    def decisions(self, app: str) -> list[dict[str, Any]]:
+        """The audit lines of `app`'s agent."""
+        out = self.cluster.kubectl("-n", self.ns, "logs", self.pod(app), "-c", "meshward-agent").stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith('{"ts"')]
+
+
+def deployment(ns: str, name: str, image: str, *, inject: bool, probe: bool = True,
+               annotations: dict[str, str] | None = None, env: dict[str, str] | None = None,
+               security: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A one-replica Deployment of the echo app (ServiceAccount `name`); `security` is the app's securityContext."""
+    labels = {"app": name, **({"meshward.io/inject": "enabled"} if inject else {})}
+    container: dict[str, Any] = {"name": "app", "image": image, "imagePullPolicy": "Never",
+                                 "ports": [{"name": "http", "containerPort": 8080}],
+                                 **({"env": [{"name": k, "value": v} for k, v in env.items()]} if env else {}),
+                                 **({"securityContext": security} if security else {})}
+    if probe:
+        container["readinessProbe"] = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                "metadata": {"labels": labels, **({"annotations": annotations} if annotations else {})},
+                "spec": {"serviceAccountName": name, "containers": [container]}}}}
+
+
+def service(ns: str, name: str) -> dict[str, Any]:
+    """A Service on port 80 in front of deployment `name`'s port 8080."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}}
 
 
 def envoy_admin(cluster: Cluster, ns: str, pod: str, path: str, check: bool = True) -> str:

@@ -18,7 +18,6 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,66 +30,13 @@ from meshward.operator.domain.ca import CertificateAuthority, check_csr, issue_l
 from meshward.sidecar.domain.certificate import build_csr, new_key
 from meshward.sidecar.domain.context import MintingKey, mint, x5c_of
 from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, Outbound, SdsTls, build_inbound_bootstrap
-from tests.e2e.conftest import Release, envoy_admin, installed, wait_ready
-from tests.kube import Cluster, KindSession, service_identity, wait_until
+from tests.e2e.conftest import Mesh, deployment, envoy_admin, installed, service, wait_ready
+from tests.kube import KindSession, service_identity, wait_until
 from tests.support.idp import SigningKey
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 INJECTED = ["meshward-init", "meshward-agent", "meshward-proxy"]
-
-
-@dataclass(frozen=True)
-class Mesh:
-    """The release, the namespace and the images of this module."""
-
-    release: Release
-    ns: str
-    echo: str
-
-    @property
-    def cluster(self) -> Cluster:
-        return self.release.cluster
-
-    def pod(self, app: str) -> str:
-        """The name of the (one, Running, not terminating) pod of deployment `app`."""
-        def find() -> str:
-            pods = self.cluster.get_json("-n", self.ns, "pods", "-l", f"app={app}")["items"]
-            live = [p["metadata"]["name"] for p in pods if not p["metadata"].get("deletionTimestamp")
-                    and p.get("status", {}).get("phase") == "Running"]
-            return live[0] if len(live) == 1 else ""
-        name: str = wait_until(f"one running {app} pod", find, timeout=120)
-        return name
-
-    def curl(self, app: str, url: str, *args: str, container: str = "app") -> tuple[int, str]:
-        """(HTTP status or 0 for a failed connection, body) of curl run in `app`'s pod."""
-        proc = self.cluster.kubectl("-n", self.ns, "exec", self.pod(app), "-c", container, "--", "curl", "-sS",
-                                    "--max-time", "5", "-w", "\n%{http_code}", *args, url, check=False)
-        body, _, code = proc.stdout.rpartition("\n")
-        return (int(code) if code.isdigit() else 0), body
-
-    def decisions(self, app: str) -> list[dict[str, Any]]:
-        """The audit lines of `app`'s agent."""
-        out = self.cluster.kubectl("-n", self.ns, "logs", self.pod(app), "-c", "meshward-agent").stdout
-        return [json.loads(line) for line in out.splitlines() if line.startswith('{"ts"')]
-
-
-def deployment(ns: str, name: str, image: str, *, inject: bool, probe: bool = True,
-               annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    labels = {"app": name, **({"meshward.io/inject": "enabled"} if inject else {})}
-    container: dict[str, Any] = {"name": "app", "image": image, "imagePullPolicy": "Never",
-                                 "ports": [{"name": "http", "containerPort": 8080}]}
-    if probe:
-        container["readinessProbe"] = {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 2}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
-            "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
-                "metadata": {"labels": labels, **({"annotations": annotations} if annotations else {})},
-                "spec": {"serviceAccountName": name, "containers": [container]}}}}
-
-
-def service(ns: str, name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
-            "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}}
 
 
 KEY = SigningKey("ES256")

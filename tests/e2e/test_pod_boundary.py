@@ -1,0 +1,212 @@
+"""The pod is the trust boundary: attacks on a meshed pod's edges, run from where an attacker stands, in real pods.
+
+Each test is one finding of an adversarial review (issue 18), named after its trick, and tries it: from an unmeshed
+pod in another namespace (the IPv6 side door), from the app container of a meshed pod (the proxy's group, the
+workload key), and as a namespace admin writing pods (mesh volumes, shared processes, `kubectl debug`, pre-injected
+imitations, annotations that claim what only the injector decides).
+
+One release and one namespace: `victim` (meshed, the echo app listening on `::`, an AuthPolicy that admits only
+`GET /public` from `client`), `client` (meshed, its app running as root, as many images do), `plain` (unmeshed,
+behind a Service), and an unmeshed `attacker` pod in a namespace of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from meshward.operator.domain.inject import AGENT, INIT, PROXY
+from tests.e2e.conftest import Mesh, deployment, envoy_admin, installed, service
+from tests.kube import KindSession, service_identity, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+
+def victim_policy(ns: str) -> dict[str, Any]:
+    """Only `client` may GET /public; everything else (e.g. /admin) is denied to everyone."""
+    return {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": "victim", "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": "victim"}}, "rules": [
+                {"name": "client-reads-public", "from": {"principals": [f"spiffe://cluster.local/ns/{ns}/sa/client"]},
+                 "to": {"methods": ["GET"], "paths": ["/public"]}}]}}
+
+
+@pytest.fixture(scope="module")
+def boundary(kind_session: KindSession) -> Iterator[tuple[Mesh, Mesh]]:
+    """(the meshed namespace, the attacker's namespace)."""
+    with installed(kind_session) as rel:
+        c = rel.cluster
+        ns, other = c.new_namespace("boundary"), c.new_namespace("attacker")
+        echo = kind_session.images["echo"]
+        try:
+            for sa in ("victim", "client", "plain"):
+                c.kubectl("-n", ns, "create", "serviceaccount", sa)
+            c.kubectl("-n", other, "create", "serviceaccount", "attacker")
+            c.apply(service_identity(ns, "victim"), service_identity(ns, "client"), victim_policy(ns))
+            c.trust_bundle(ns, timeout=60)
+            c.apply(deployment(ns, "victim", echo, inject=True, env={"HOST": "::"}), service(ns, "victim"),
+                    deployment(ns, "client", echo, inject=True, probe=False,
+                               security={"runAsUser": 0, "runAsNonRoot": False}),
+                    deployment(ns, "plain", echo, inject=False), service(ns, "plain"),
+                    deployment(other, "attacker", echo, inject=False, probe=False))
+            for namespace, name in ((ns, "victim"), (ns, "client"), (ns, "plain"), (other, "attacker")):
+                c.kubectl("-n", namespace, "rollout", "status", f"deployment/{name}", "--timeout=180s", timeout=200)
+            mesh, outside = Mesh(rel, ns, echo), Mesh(rel, other, echo)
+            wait_until("victim routable", lambda: mesh.curl("client", f"http://victim.{ns}/public")[0] == 200,
+                       timeout=60)
+            yield mesh, outside
+        finally:
+            for n in (ns, other):
+                c.kubectl("delete", "namespace", n, "--wait=false", check=False)
+
+
+def _link_local(mesh: Mesh, app: str) -> str:
+    """The fe80:: address of `app`'s pod on eth0 (what its neighbours see in their neighbour table)."""
+    table = mesh.cluster.kubectl("-n", mesh.ns, "exec", mesh.pod(app), "-c", "app", "--", "cat",
+                                 "/proc/net/if_inet6").stdout
+    for line in table.splitlines():
+        hexaddr, _, _, scope, _, dev = line.split()
+        if dev == "eth0" and scope == "20":
+            return ":".join(hexaddr[i:i + 4] for i in range(0, 32, 4))
+    raise AssertionError(f"{app} has no link-local IPv6 address on eth0:\n{table}")
+
+
+def test_ipv6_link_local_side_door_into_a_meshed_app_is_closed(boundary: tuple[Mesh, Mesh]) -> None:
+    """IPv6 side door: capture was IPv4 only, so an unmeshed pod in another namespace reached a meshed app listening
+    on `::` over its link-local address: a denied path answered 200, a spoofed identity header reached the app, and
+    no audit line was written. Now TCP over IPv6 into a meshed pod is reset, from unmeshed and meshed callers alike
+    (meshed peers are known by IPv4 only: nothing goes around mTLS), while IPv4 still decides as before."""
+    mesh, outside = boundary
+    address = _link_local(mesh, "victim")
+    url = f"http://[{address}%25eth0]:8080/admin"
+    code, body = outside.curl("attacker", url, "-g", "-H", "x-meshward-sub: admin")
+    assert code == 0, f"an unmeshed pod in another namespace reached the app over IPv6: {code} {body}"
+    code, body = mesh.curl("client", url, "-g")
+    assert code == 0, f"a meshed pod reached the app over IPv6 around mTLS: {code} {body}"
+    assert not any(d["path"] == "/admin" for d in mesh.decisions("victim"))
+    assert mesh.curl("client", f"http://victim.{mesh.ns}/admin")[0] == 403  # IPv4: mTLS, and the policy decides
+    assert outside.curl("attacker", f"http://victim.{mesh.ns}/public")[0] == 0  # plaintext refused
+
+
+def test_a_root_app_calling_setgid_1337_is_still_captured(boundary: tuple[Mesh, Mesh]) -> None:
+    """Capture bypass by group: the proxy's GID was exempt from capture, so a root app that called setgid(1337)
+    skipped Envoy outbound, and its context header reached an unmeshed pod. Its traffic is captured now: Envoy
+    removes the header toward the unmeshed Service."""
+    mesh, _ = boundary
+    script = ("import os, urllib.request; os.setgid(1337); os.setgroups([1337]); "
+              f"r = urllib.request.Request('http://plain.{mesh.ns}/leak', headers={{'x-meshward-context': 'stolen'}}); "
+              "print(urllib.request.urlopen(r, timeout=10).read().decode())")
+    out = mesh.cluster.kubectl("-n", mesh.ns, "exec", mesh.pod("client"), "-c", "app", "--", "python3", "-c",
+                               script).stdout
+    seen = json.loads(out)["headers"]
+    assert "x-meshward-context" not in seen, "the app's traffic went around Envoy (GID 1337 exempt from capture)"
+
+
+def _refusal(mesh: Mesh, manifest: dict[str, Any]) -> str:
+    """The API server's answer to creating `manifest` (a server-side dry run: the webhooks run, nothing is created)."""
+    proc = mesh.cluster.kubectl("apply", "--dry-run=server", "-o", "json", "-f", "-", stdin=yaml.safe_dump(manifest),
+                                check=False)
+    return proc.stderr if proc.returncode else ""
+
+
+def _opted_in_pod(ns: str, name: str, echo: str, **spec: Any) -> dict[str, Any]:
+    container = {"name": "app", "image": echo, "imagePullPolicy": "Never", **spec.pop("app", {})}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {"meshward.io/inject": "enabled"}},
+            "spec": {"serviceAccountName": "client", "containers": [container], **spec}}
+
+
+@pytest.mark.parametrize(("name", "spec", "says"), [
+    ("sds-socket-mount", {"app": {"volumeMounts": [{"name": "meshward-sockets", "mountPath": "/steal"}]}},
+     "spec.containers[0].volumeMounts[0].name: 'meshward-sockets' is a volume of the mesh"),
+    ("token-mount-by-init", {"initContainers": [{"name": "grab", "image": "x", "volumeMounts": [
+        {"name": "meshward-token", "mountPath": "/t"}]}]}, "spec.initContainers[0].volumeMounts[0].name"),
+    ("shared-processes", {"shareProcessNamespace": True}, "spec.shareProcessNamespace"),
+    ("runas-group-1337", {"app": {"securityContext": {"runAsGroup": 1337}}}, "runAsGroup: 1337"),
+    ("supplemental-1337", {"securityContext": {"supplementalGroups": [1337]}}, "supplementalGroups"),
+    ("pre-injected-imitation", {"hostNetwork": True, "initContainers": [
+        {"name": AGENT, "image": "x", "command": ["sleep", "1d"]}]}, "spec.hostNetwork"),
+])
+def test_a_namespace_admin_cannot_write_a_pod_that_reaches_the_key_or_skips_capture(
+        boundary: tuple[Mesh, Mesh], name: str, spec: dict[str, Any], says: str) -> None:
+    """Workload key theft and capture bypass by pod spec: an app container mounting the mesh's socket volume asked the
+    SDS socket for the key and minted context tokens naming any user; shareProcessNamespace let a root app read the
+    key from /proc/<agent>/mem; GID 1337 skipped capture; a pod arriving with a container named meshward-agent was
+    trusted as injected and skipped every refusal. The webhook refuses each, naming the field."""
+    mesh, _ = boundary
+    refusal = _refusal(mesh, _opted_in_pod(mesh.ns, f"attack-{name}", mesh.echo, **spec))
+    assert "cannot be protected" in refusal and says in refusal, refusal
+
+
+def test_a_pre_injected_imitation_runs_the_injectors_containers(boundary: tuple[Mesh, Mesh]) -> None:
+    """Pre-injected imitation: a pod carrying its own meshward-init (that captures nothing) and meshward-agent was
+    left as it was. The webhook now injects it again from what it is without the mesh."""
+    mesh, _ = boundary
+    fake = [{"name": INIT, "image": mesh.echo, "command": ["true"]},
+            {"name": AGENT, "image": mesh.echo, "restartPolicy": "Always", "command": ["sleep", "1d"]},
+            {"name": PROXY, "image": mesh.echo, "restartPolicy": "Always", "command": ["sleep", "1d"]}]
+    proc = mesh.cluster.kubectl("apply", "--dry-run=server", "-o", "json", "-f", "-", stdin=yaml.safe_dump(
+        _opted_in_pod(mesh.ns, "imitation", mesh.echo, initContainers=fake)))
+    init = {c["name"]: c for c in json.loads(proc.stdout)["spec"]["initContainers"]}
+    assert init[INIT]["command"][0] == "meshward-init" and init[AGENT]["command"][0] == "meshward-sidecar"
+    assert init[PROXY]["command"][0] == "meshward-proxy"
+
+
+@pytest.mark.parametrize(("name", "custom", "target", "says"), [
+    ("mount", {"volumeMounts": [{"name": "meshward-sockets", "mountPath": "/steal"}]}, "",
+     "volumeMounts[0].name: 'meshward-sockets' is a volume of the mesh"),
+    ("proxy-uid", {"securityContext": {"runAsUser": 1337}}, "", "runs as UID 1337"),
+    ("proxy-gid", {"securityContext": {"runAsGroup": 1337}}, "", "runAsGroup: 1337"),
+    ("target-agent", {}, AGENT, "targetContainerName"),
+])
+def test_kubectl_debug_cannot_get_around_the_mesh(boundary: tuple[Mesh, Mesh], tmp_path: Any, name: str,
+                                                  custom: dict[str, Any], target: str, says: str) -> None:
+    """Ephemeral containers had no admission review: `kubectl debug` could run a container as the proxy's UID or GID
+    (uncaptured), mount the socket volume, or share the agent's processes (--target). Now refused like app containers."""
+    mesh, _ = boundary
+    spec = tmp_path / "custom.json"
+    spec.write_text(json.dumps(custom))
+    proc = mesh.cluster.kubectl("-n", mesh.ns, "debug", mesh.pod("victim"), f"--image={mesh.echo}",
+                                "--image-pull-policy=Never", f"--container=dbg-{name}", f"--custom={spec}",
+                                *([f"--target={target}"] if target else []), "--", "sleep", "60", check=False)
+    assert proc.returncode != 0 and says in proc.stderr, (proc.stdout, proc.stderr)
+
+
+def test_the_agents_and_envoys_memory_is_out_of_reach_even_for_the_proxys_uid(boundary: tuple[Mesh, Mesh]) -> None:
+    """Reading the workload key from /proc/<pid>/mem: a process of the proxy's UID read the agent's memory and found
+    the PKCS#8 key. The agent and Envoy are non-dumpable now, so even a process of their own UID in their own
+    container (here `kubectl exec`, UID 1337, no capabilities) cannot open their memory."""
+    mesh, _ = boundary
+    probe = ("import os\ntry:\n    open('/proc/1/mem', 'rb').close()\n    print('readable', os.getuid())\n"
+             "except OSError as e:\n    print('refused', os.getuid(), e.errno)")
+    for container in (AGENT, PROXY):
+        out = mesh.cluster.kubectl("-n", mesh.ns, "exec", mesh.pod("victim"), "-c", container, "--", "python3", "-c",
+                                   probe).stdout.split()
+        assert out[:2] == ["refused", "1337"], f"{container}'s memory: {out}"
+
+
+def test_an_annotation_cannot_make_a_pod_meshed(boundary: tuple[Mesh, Mesh]) -> None:
+    """Forged `meshward.io/injected`: an unlabelled pod carrying the annotation was listed as meshed, so meshed
+    callers sent it mTLS it could not answer (503). Meshed is decided from the spec the injector made: the callers
+    reach the pod as the plain pod it is."""
+    mesh, _ = boundary
+    c = mesh.cluster
+    forged = deployment(mesh.ns, "forged", mesh.echo, inject=False, annotations={"meshward.io/injected": "0.1"})
+    forged["spec"]["template"]["spec"]["serviceAccountName"] = "plain"
+    c.apply(forged)
+    c.kubectl("-n", mesh.ns, "rollout", "status", "deployment/forged", "--timeout=120s", timeout=150)
+    ip = c.get_json("-n", mesh.ns, "pod", mesh.pod("forged"))["status"]["podIP"]
+    # A Service created after the pod runs: once the client's Envoy knows its address, the map has seen the pod too.
+    marker = {**service(mesh.ns, "victim"), "metadata": {"name": "marker", "namespace": mesh.ns}}
+    c.apply(marker)
+    marker_ip = c.get_json("-n", mesh.ns, "service", "marker")["spec"]["clusterIP"]
+    client = mesh.pod("client")
+    wait_until("the marker Service in the client's map", lambda: marker_ip in envoy_admin(
+        c, mesh.ns, client, "/config_dump?resource=dynamic_listeners"), timeout=60)
+    assert ip not in envoy_admin(c, mesh.ns, client, "/config_dump?resource=dynamic_listeners")
+    code, body = mesh.curl("client", f"http://{ip}:8080/hello")
+    assert code == 200, f"a meshed caller cannot reach the pod that claims to be meshed: {code} {body}"
+    c.kubectl("-n", mesh.ns, "delete", "deployment/forged", "service/marker", "--wait=false")
