@@ -307,6 +307,37 @@ def test_agents_keep_enforcing_without_the_operator_and_catch_up_after(plane: Pl
     c.kubectl("-n", ns, "delete", "authpolicy", "restart-demo")
 
 
+def test_an_agent_restarted_while_its_policy_and_a_revocation_changed_enforces_both_from_its_first_answer(
+        plane: Plane) -> None:
+    """Stale config on reconnect (the chaos issue's regression): agent down → policy changed and a Revocation
+    applied → agent back. It was sent the operator's cached config and kept the old rules (a route the change
+    opened stayed 403 for 30 s and more) and, with them, allowed the revoked token. Its first answers after it
+    reports ready must be today's."""
+    c, ns, idp = plane.cluster, plane.ns, plane.idp
+    jwt = [{"issuer": idp.issuer, "audiences": ["orders"], "jwksUri": idp.jwks_uri}]
+    c.apply(policy(ns, "restart-agent", rules=READS, jwt=jwt, requireJwt=False))
+    stolen = {"authorization": f"Bearer {idp.token(jti='stolen-restart')}"}
+    wait_until("in force", lambda: plane.all_answer("/admin", 403) and plane.all_answer("/orders/1", 200, stolen),
+               timeout=15)
+    agent = plane.agents[0]
+    subscribers = plane.operator.metric("meshward_policy_subscribers")
+    agent.stop()
+    wait_until("the operator sees the agent gone",
+               lambda: plane.operator.metric("meshward_policy_subscribers") == subscribers - 1, timeout=15)
+    c.apply(policy(ns, "restart-agent", jwt=jwt, requireJwt=False,
+                   rules=[*READS, {"name": "admin", "to": {"paths": ["/admin"]}}]))
+    expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    c.apply({"apiVersion": API, "kind": "Revocation", "metadata": {"name": "incident-42"},
+             "spec": {"entries": [{"jti": "stolen-restart", "expiresAt": expires}]}})
+    wait_until("the other agent enforces both", lambda: plane.agents[1].check("/admin") == 200
+               and plane.agents[1].check("/orders/1", headers=stolen) == 401, timeout=15)
+    agent.start()  # ready = its first config applied
+    assert agent.check("/admin") == 200, "the restarted agent enforces the policy from before its restart"
+    assert agent.check("/orders/1", headers=stolen) == 401, "the restarted agent accepts a revoked token"
+    c.kubectl("delete", "revocation", "incident-42")
+    c.kubectl("-n", ns, "delete", "authpolicy", "restart-agent")
+
+
 def test_meshward_explain_reads_the_pods_config_from_the_cluster(plane: Plane) -> None:
     import subprocess
     import sys
