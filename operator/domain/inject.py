@@ -20,8 +20,8 @@ second time. What the injected pod gets, and why:
   capabilities dropped, but the init container.
 What it refuses, with the reason: pods on the host network (capturing them would capture
 the node), app containers running as PROXY_UID (their traffic would bypass capture),
-names that clash with Meshward's, exclusions it cannot parse, probes on ports the
-container does not declare.
+names that clash with Meshward's, mesh annotations it cannot parse or over their bounds
+(ANNOTATION_BOUNDS), probes on ports the container does not declare.
 """
 
 from __future__ import annotations
@@ -52,6 +52,19 @@ EXCLUDE_OUTBOUND_PORTS = "meshward.io/exclude-outbound-ports"
 EXCLUDE_OUTBOUND_CIDRS = "meshward.io/exclude-outbound-cidrs"
 INBOUND_PLAINTEXT = "meshward.io/inbound-plaintext"
 PLAINTEXT_VALUES = ("refuse", "allow")
+# Bounds of each mesh annotation: (characters, comma-separated items). Generous for real workloads (Istio's users list
+# a handful of ports), and what keeps one pod's settings from growing what every agent of the mesh receives: the
+# excluded inbound ports go into the destination map (domain/destinations.py), the rest into the pod's own spec.
+# A 256 KiB exclusion once pushed that map past gRPC's 4 MiB for every agent (issue 18). The map applies the
+# same bounds to pods it reads, since annotations can be edited after admission.
+ANNOTATION_BOUNDS: Mapping[str, tuple[int, int]] = {
+    EXCLUDE_INBOUND_PORTS: (512, 64),
+    EXCLUDE_OUTBOUND_PORTS: (512, 64),
+    EXCLUDE_OUTBOUND_CIDRS: (1536, 64),
+    INBOUND_PLAINTEXT: (16, 1),
+}
+_EXAMPLES = {EXCLUDE_INBOUND_PORTS: "9090,9100", EXCLUDE_OUTBOUND_PORTS: "5432",
+             EXCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8", INBOUND_PLAINTEXT: "refuse"}
 # Namespaces never injected, whatever their labels say: the operator's own (it would wait for itself) and
 # the cluster's system pods.
 NEVER_INJECTED = ("kube-system", "kube-public", "kube-node-lease")
@@ -188,6 +201,30 @@ def _uid(ctx: Any) -> Any:
     return ctx.get("runAsUser") if isinstance(ctx, dict) else None
 
 
+def annotation_problem(key: str, value: str) -> str | None:
+    """Why mesh annotation `key` with `value` is over its bounds (naming it and the fix), or None when it is not."""
+    bounds = ANNOTATION_BOUNDS.get(key)
+    if bounds is None:
+        return None
+    chars, items = bounds
+    if len(value) > chars:
+        return (f"metadata.annotations[{key}]: {len(value)} characters, more than the {chars} allowed; list at "
+                f"most {items} values, e.g. \"{_EXAMPLES[key]}\"")
+    count = sum(1 for item in value.split(",") if item.strip())
+    if count > items:
+        return (f"metadata.annotations[{key}]: {count} values, more than the {items} allowed; list only what the "
+                f"mesh must leave alone, e.g. \"{_EXAMPLES[key]}\"")
+    return None
+
+
+def check_annotation_bounds(pod: Mapping[str, Any]) -> None:
+    """Raise InjectRefused for a mesh annotation over its bounds (ANNOTATION_BOUNDS), naming it and the fix."""
+    for key in ANNOTATION_BOUNDS:
+        problem = annotation_problem(key, _annotation(pod, key))
+        if problem is not None:
+            raise InjectRefused(problem)
+
+
 def _check(pod: Mapping[str, Any]) -> None:
     """Raise InjectRefused for a pod the mesh cannot protect, naming the field and the fix."""
     spec = pod.get("spec", {})
@@ -222,6 +259,7 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
     if not settings.image:
         raise InjectRefused("the operator has no image to inject (--inject-image, the chart's injection.image); "
                             "fix the operator's installation")
+    check_annotation_bounds(out)
     _check(out)
     try:
         excluded_in = parse_ports(_annotation(out, EXCLUDE_INBOUND_PORTS), f"annotation {EXCLUDE_INBOUND_PORTS}")
