@@ -63,6 +63,13 @@ class _Collector(Collector):
         yield GaugeMetricFamily("meshward_policy_subscribers_lagging",
                                 "Subscribed sidecars that have not acknowledged their latest config (version lag).",
                                 value=hub.lagging())
+        yield GaugeMetricFamily("meshward_policy_workloads_disconnected",
+                                "Injected running pods whose agent has had no policy stream for longer than the "
+                                "grace (they enforce nothing new; their policies report NotConnected).",
+                                value=len(hub.disconnected()))
+        yield CounterMetricFamily("meshward_policy_messages_refused",
+                                  "Messages not sent to an agent because they exceeded gRPC's message limit.",
+                                  value=hub.messages_refused)
         sizes = hub.config_bytes()
         yield GaugeMetricFamily("meshward_policy_config_bytes_max", "The largest config pushed to a sidecar.",
                                 value=max(sizes, default=0))

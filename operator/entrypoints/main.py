@@ -138,7 +138,7 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
             log.warning("%s", e)
 
     mesh = MeshDirectory(args.trust_domain, post=post_on_pod)
-    reports = StatusReports(kube, ca, engine.stats, hub, directory, args.trust_domain, clock)
+    reports = StatusReports(kube, ca, engine.stats, hub, directory, args.trust_domain, clock, mesh)
     identities = StatusWriter("ServiceIdentity", "serviceidentities", kube, reports.identity, args.status_interval)
     policies = StatusWriter("AuthPolicy", "authpolicies", kube, reports.policy, args.status_interval)
     revocations = StatusWriter("Revocation", "revocations", kube, reports.revocation, args.status_interval)

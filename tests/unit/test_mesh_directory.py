@@ -168,7 +168,7 @@ def test_the_safety_net_reports_an_uninjected_opted_in_pod_once() -> None:
 # ---------------------------------------------------------------- bounds (issue 18 item 3)
 
 def _entries(n: int, ns: str, ports: int = 0) -> dict[str, dict[str, list[Any]]]:
-    return {f"10.{len(ns)}.{i // 250}.{i % 250}": {"identities": [f"spiffe://{TD}/ns/{ns}/sa/a"],
+    return {f"10.{ord(ns[0])}.{i // 250}.{i % 250}": {"identities": [f"spiffe://{TD}/ns/{ns}/sa/a"],
                                                      "plaintextPorts": list(range(1, ports + 1))} for i in range(n)}
 
 
