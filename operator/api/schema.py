@@ -362,9 +362,11 @@ def auth_policy_status() -> Schema:
         "observedGeneration": observed_generation(),
         "conditions": conditions_schema(),
         "workloads": string("Selected workloads enforcing the current generation, over all selected "
-                            "connected workloads, e.g. `3/3`.", maxLength=32),
+                            "workloads (connected, or running with the mesh but not connected), e.g. `3/3`.",
+                            maxLength=32),
         "selectedWorkloads": {"type": "integer", "minimum": 0,
-                              "description": "How many connected workloads the policy selects."},
+                              "description": "How many workloads the policy selects: connected ones, and pods "
+                                             "running with the mesh whose agent is not connected (NotConnected)."},
         "enforcingWorkloads": {"type": "integer", "minimum": 0,
                                "description": "How many of them enforce the current generation."},
         "laggingWorkloads": array(string("namespace/workload, with the generation it enforces.",
@@ -454,8 +456,8 @@ def revocation_status() -> Schema:
         "activeEntries": {"type": "integer", "minimum": 0, "description": "Entries not yet expired."},
         "expiredEntries": {"type": "integer", "minimum": 0,
                            "description": "Entries past expiresAt (no longer sent to sidecars)."},
-        "workloads": string("Connected workloads enforcing this revocation over all connected workloads.",
-                            maxLength=32),
+        "workloads": string("Workloads enforcing this revocation over all workloads (connected, or running "
+                            "with the mesh but not connected).", maxLength=32),
     })
 
 
@@ -545,9 +547,9 @@ def revocation_crd() -> dict[str, Any]:
             {"name": "Active", "type": "integer", "jsonPath": ".status.activeEntries",
              "description": "Entries in force."},
             {"name": "Ready", "type": "string", "jsonPath": _READY,
-             "description": "Whether every connected workload enforces it."},
+             "description": "Whether every workload enforces it (a running one not connected does not)."},
             {"name": "Workloads", "type": "string", "jsonPath": ".status.workloads",
-             "description": "Enforcing / connected workloads."},
+             "description": "Enforcing / all workloads."},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         scope="Cluster",

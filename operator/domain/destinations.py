@@ -20,6 +20,22 @@ client's Envoy then accepts any workload of that namespace there). So no pod lea
 another namespace's ServiceAccounts; it learns which addresses are meshed and their
 namespaces, which cluster DNS tells any pod already (docs/security.md, what a pod can
 learn). Addresses and identities only, no policy.
+
+Bounded per namespace, so that no tenant's size reaches another's stream (docs/security.md,
+tenant isolation; issue 18: 17 pods with a 256 KiB exclusion annotation pushed the map past
+gRPC's 4 MiB and every agent of the mesh lost its stream):
+- a pod's excluded inbound ports (its capture container's) count only within the
+  injector's bounds (inject.ANNOTATION_BOUNDS): a pod made where no webhook runs, whose
+  exclusions are over them or unparsable, gets none and is reported;
+- one namespace's entries (its pods and Services) may take MAX_NAMESPACE_BYTES of the
+  map; a namespace over that is left out of the map as a whole, in every view;
+- the whole map may take MAX_MAP_BYTES, under gRPC's 4 MiB with room for the envelope;
+  while it is over, the largest namespaces are left out, one at a time.
+Leaving a namespace out fails closed for that namespace only: its addresses are not
+meshed, so callers' Envoys pass their connections through in plaintext, which its
+meshed pods refuse (unless they allow plaintext while migrating, where callers arrive
+with no peer principal). Every other namespace's entries, and every agent's stream, are
+unaffected; the engine reports what it left out (engines/mesh_directory.py).
 """
 
 from __future__ import annotations
@@ -30,7 +46,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshward.operator.domain.inject import ENABLED, INJECT_LABEL, excluded_inbound_ports, is_injected
+from meshward.operator.domain.inject import (
+    ENABLED,
+    EXCLUDE_INBOUND_PORTS,
+    INJECT_LABEL,
+    annotation_problem,
+    excluded_inbound_ports,
+    is_injected,
+)
+from meshward.sidecar.domain.capture import CaptureError, parse_ports
+
+# One namespace's share of the map. An entry is ~100 bytes (an address, one identity, a few ports), ~500 with the
+# 64 ports the injector allows a pod; so this holds thousands of pods and Services, and six namespaces at the cap
+# still fit in MAX_MAP_BYTES.
+MAX_NAMESPACE_BYTES = 512 * 1024
+# The whole map, as sent: gRPC's default message limit is 4 MiB (servers/policy.py, MAX_MESSAGE_BYTES), and the
+# `{"destinations": {"version", "peers"}}` envelope around it is a few dozen bytes.
+MAX_MAP_BYTES = 3 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +76,8 @@ class MeshPod:
     labels: tuple[tuple[str, str], ...]
     injected: bool
     plaintext_ports: tuple[int, ...] = ()
+    ignored: str = ""  # why its exclude-inbound-ports annotation was ignored (over the injector's bounds, unparsable)
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,8 +100,18 @@ def mesh_pod(body: Mapping[str, Any]) -> MeshPod | None:
         return None
     labels = meta.get("labels") or {}
     injected = labels.get(INJECT_LABEL) == ENABLED and is_injected(body)
+    value = excluded_inbound_ports(body) if injected else ""
+    # The injector refuses such values; a pod created around the injector (where no webhook runs) gets no plaintext
+    # ports (its callers use mTLS on every port) and is reported, so its size never reaches the map.
+    ignored = annotation_problem(EXCLUDE_INBOUND_PORTS, value) or ""
+    plaintext: tuple[int, ...] = ()
+    if not ignored:
+        try:
+            plaintext = parse_ports(value, "--exclude-inbound-ports")
+        except CaptureError as e:
+            ignored = str(e)
     return MeshPod(meta.get("namespace", ""), meta.get("name", ""), ip, spec.get("serviceAccountName") or "default",
-                   tuple(sorted(labels.items())), injected, excluded_inbound_ports(body) if injected else ())
+                   tuple(sorted(labels.items())), injected, plaintext, ignored, str(meta.get("uid") or ""))
 
 
 def mesh_service(body: Mapping[str, Any]) -> MeshService | None:
@@ -87,15 +131,19 @@ def _spiffe(trust_domain: str, pod: MeshPod) -> str:
     return f"spiffe://{trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"
 
 
-def mesh_destinations(pods: Iterable[MeshPod], services: Iterable[MeshService], trust_domain: str
-                      ) -> dict[str, dict[str, list[Any]]]:
-    """The map, by IPv4 address: `{"identities": [...], "plaintextPorts": [...]}` (the wire form agents read)."""
-    out: dict[str, dict[str, list[Any]]] = {}
+Entries = dict[str, dict[str, list[Any]]]
+
+
+def namespace_entries(pods: Iterable[MeshPod], services: Iterable[MeshService], trust_domain: str
+                      ) -> dict[str, Entries]:
+    """Each namespace's entries by IPv4 address: `{"identities": [...], "plaintextPorts": [...]}` (the wire form)."""
+    out: dict[str, Entries] = {}
     by_namespace: dict[str, list[MeshPod]] = {}
     for pod in pods:
         by_namespace.setdefault(pod.namespace, []).append(pod)
         if pod.injected:
-            out[pod.ip] = {"identities": [_spiffe(trust_domain, pod)], "plaintextPorts": list(pod.plaintext_ports)}
+            out.setdefault(pod.namespace, {})[pod.ip] = {"identities": [_spiffe(trust_domain, pod)],
+                                                         "plaintextPorts": list(pod.plaintext_ports)}
     for svc in services:
         selected = [p for p in by_namespace.get(svc.namespace, []) if set(svc.selector) <= set(p.labels)]
         if not selected or not all(p.injected for p in selected):
@@ -104,8 +152,50 @@ def mesh_destinations(pods: Iterable[MeshPod], services: Iterable[MeshService], 
         plaintext = sorted(port for port, target in svc.ports
                            if isinstance(target, int) and all(target in p.plaintext_ports for p in selected))
         for ip in svc.cluster_ips:
-            out[ip] = {"identities": identities, "plaintextPorts": plaintext}
-    return dict(sorted(out.items()))
+            out.setdefault(svc.namespace, {})[ip] = {"identities": identities, "plaintextPorts": plaintext}
+    return {ns: dict(sorted(entries.items())) for ns, entries in sorted(out.items())}
+
+
+def _size(value: Any) -> int:
+    """Bytes of `value` in the wire's compact JSON (servers/wire.py, dumps)."""
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def bounded(by_namespace: Mapping[str, Entries], max_namespace_bytes: int = MAX_NAMESPACE_BYTES,
+            max_map_bytes: int = MAX_MAP_BYTES) -> tuple[Entries, dict[str, str]]:
+    """The map with every namespace over its share left out, then the largest while the map is over its bound.
+
+    Returns the map by address and, for each namespace left out, why (naming the bound and the fix). Sizes are
+    of the full form, which no view exceeds (views only shorten and merge other namespaces' identities).
+    """
+    sizes = {ns: _size(entries) for ns, entries in by_namespace.items()}
+    cut: dict[str, str] = {}
+    for ns, size in sizes.items():
+        if size > max_namespace_bytes:
+            cut[ns] = (f"namespace {ns}'s {len(by_namespace[ns])} meshed addresses would take {size} bytes of the "
+                       f"destination map, more than the {max_namespace_bytes} one namespace may; they are left out "
+                       "of every agent's map, so meshed callers reach them in plaintext, which they refuse. Fewer "
+                       "pods or Services, or shorter meshward.io/exclude-inbound-ports lists, bring them back")
+    total = 2 + sum(size + 1 for ns, size in sizes.items() if ns not in cut)  # braces and commas
+    for ns in sorted((n for n in sizes if n not in cut), key=lambda n: (-sizes[n], n)):
+        if total <= max_map_bytes:
+            break
+        cut[ns] = (f"the destination map would take {total} bytes, more than the {max_map_bytes} an agent's message "
+                   f"carries; namespace {ns}, the largest left ({sizes[ns]} bytes, {len(by_namespace[ns])} "
+                   "addresses), is left out of every agent's map, so meshed callers reach it in plaintext, which it "
+                   "refuses. The mesh holds fewer addresses than the cluster has")
+        total -= sizes[ns] + 1
+    out: Entries = {}
+    for ns, entries in by_namespace.items():
+        if ns not in cut:
+            out.update(entries)
+    return dict(sorted(out.items())), cut
+
+
+def mesh_destinations(pods: Iterable[MeshPod], services: Iterable[MeshService], trust_domain: str) -> Entries:
+    """The map by IPv4 address, every namespace included (unbounded: `bounded` is what agents receive)."""
+    return dict(sorted((ip, entry) for entries in namespace_entries(pods, services, trust_domain).values()
+                       for ip, entry in entries.items()))
 
 
 def version_of(destinations: Mapping[str, Any]) -> str:

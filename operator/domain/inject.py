@@ -23,11 +23,12 @@ the node), app containers running as PROXY_UID or with its GID (their traffic wo
 bypass capture, or reach the mesh's files), any container of the pod's own mounting a
 mesh volume (the SDS socket hands out the workload's key), a shared process namespace
 (the app would see the agent's and Envoy's processes), names that clash with Meshward's,
-exclusions it cannot parse, probes on ports the container does not declare. Ephemeral
-containers (`kubectl debug`) are reviewed with the same rules (`check_ephemeral`).
-A pod that arrives with the mesh already in it (`meshward inject`, a reinvocation, or a
-hand-made imitation) is injected again from what it is without the mesh (`uninject`):
-what runs is always exactly what this injector makes, with every refusal applied.
+mesh annotations it cannot parse or over their bounds (ANNOTATION_BOUNDS), probes on
+ports the container does not declare. Ephemeral containers (`kubectl debug`) are
+reviewed with the same rules (`check_ephemeral`). A pod that arrives with the mesh
+already in it (`meshward inject`, a reinvocation, or a hand-made imitation) is injected
+again from what it is without the mesh (`uninject`): what runs is always exactly what
+this injector makes, with every refusal applied.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ EXCLUDE_OUTBOUND_PORTS = "meshward.io/exclude-outbound-ports"
 EXCLUDE_OUTBOUND_CIDRS = "meshward.io/exclude-outbound-cidrs"
 INBOUND_PLAINTEXT = "meshward.io/inbound-plaintext"
 PLAINTEXT_VALUES = ("refuse", "allow")
+# Bounds of each mesh annotation: (characters, comma-separated items). Generous for real workloads (Istio's users list
+# a handful of ports), and what keeps one pod's settings from growing what every agent of the mesh receives: the
+# excluded inbound ports go into the destination map (domain/destinations.py), the rest into the pod's own spec.
+# A 256 KiB exclusion once pushed that map past gRPC's 4 MiB for every agent (issue 18). The map applies the
+# same bounds to pods it reads, since annotations can be edited after admission.
+ANNOTATION_BOUNDS: Mapping[str, tuple[int, int]] = {
+    EXCLUDE_INBOUND_PORTS: (512, 64),
+    EXCLUDE_OUTBOUND_PORTS: (512, 64),
+    EXCLUDE_OUTBOUND_CIDRS: (1536, 64),
+    INBOUND_PLAINTEXT: (16, 1),
+}
+_EXAMPLES = {EXCLUDE_INBOUND_PORTS: "9090,9100", EXCLUDE_OUTBOUND_PORTS: "5432",
+             EXCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8", INBOUND_PLAINTEXT: "refuse"}
 # Namespaces never injected, whatever their labels say: the operator's own (it would wait for itself) and
 # the cluster's system pods.
 NEVER_INJECTED = ("kube-system", "kube-public", "kube-node-lease")
@@ -108,8 +122,8 @@ def is_injected(pod: Mapping[str, Any]) -> bool:
     return any(isinstance(c, dict) and c.get("name") == AGENT for c in init)
 
 
-def excluded_inbound_ports(pod: Mapping[str, Any]) -> tuple[int, ...]:
-    """The inbound ports an injected pod leaves outside the mesh, read from its capture init container's arguments.
+def excluded_inbound_ports(pod: Mapping[str, Any]) -> str:
+    """The inbound ports an injected pod leaves outside the mesh, as given to its capture init container ('' if none).
 
     The spec, not the annotation: a pod's annotations can be edited after admission (and by then change nothing
     of the capture), its init containers cannot.
@@ -118,12 +132,8 @@ def excluded_inbound_ports(pod: Mapping[str, Any]) -> tuple[int, ...]:
         if isinstance(c, dict) and c.get("name") == INIT:
             command = [str(x) for x in c.get("command") or []]
             if "--exclude-inbound-ports" in command[:-1]:
-                value = command[command.index("--exclude-inbound-ports") + 1]
-                try:
-                    return parse_ports(value, "--exclude-inbound-ports")
-                except CaptureError:
-                    return ()
-    return ()
+                return command[command.index("--exclude-inbound-ports") + 1]
+    return ""
 
 
 def unprotected(pods: Sequence[Mapping[str, Any]], opted_in_namespaces: set[str], operator_namespace: str
@@ -258,6 +268,30 @@ def _check_container(c: Mapping[str, Any], where: str, pod_ctx: Any) -> None:
                                     "remove the mount")
 
 
+def annotation_problem(key: str, value: str) -> str | None:
+    """Why mesh annotation `key` with `value` is over its bounds (naming it and the fix), or None when it is not."""
+    bounds = ANNOTATION_BOUNDS.get(key)
+    if bounds is None:
+        return None
+    chars, items = bounds
+    if len(value) > chars:
+        return (f"metadata.annotations[{key}]: {len(value)} characters, more than the {chars} allowed; list at "
+                f"most {items} values, e.g. \"{_EXAMPLES[key]}\"")
+    count = sum(1 for item in value.split(",") if item.strip())
+    if count > items:
+        return (f"metadata.annotations[{key}]: {count} values, more than the {items} allowed; list only what the "
+                f"mesh must leave alone, e.g. \"{_EXAMPLES[key]}\"")
+    return None
+
+
+def check_annotation_bounds(pod: Mapping[str, Any]) -> None:
+    """Raise InjectRefused for a mesh annotation over its bounds (ANNOTATION_BOUNDS), naming it and the fix."""
+    for key in ANNOTATION_BOUNDS:
+        problem = annotation_problem(key, _annotation(pod, key))
+        if problem is not None:
+            raise InjectRefused(problem)
+
+
 def _check(pod: Mapping[str, Any]) -> None:
     """Raise InjectRefused for a pod the mesh cannot protect, naming the field and the fix."""
     spec = pod.get("spec", {})
@@ -348,6 +382,7 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
     if not settings.image:
         raise InjectRefused("the operator has no image to inject (--inject-image, the chart's injection.image); "
                             "fix the operator's installation")
+    check_annotation_bounds(out)
     _check(out)
     try:
         excluded_in = parse_ports(_annotation(out, EXCLUDE_INBOUND_PORTS), f"annotation {EXCLUDE_INBOUND_PORTS}")

@@ -1,9 +1,12 @@
 """AuthPolicy and Revocation status as pure functions of what the hub knows.
 
 `kubectl get authpolicies` must tell the truth: READY is True only when every
-selected, connected workload enforces the current generation; otherwise the message
-says which workloads are behind and why, and an invalid update says which generation
-stays in force instead.
+selected workload enforces the current generation; otherwise the message says which
+workloads are behind and why, and an invalid update says which generation stays in
+force instead. A selected pod that runs with the mesh but whose agent is not subscribed
+counts as selected and not enforcing (reason NotConnected): "all 0 connected workloads
+deny" once read Ready while every agent had lost its stream (issue 18). The same holds
+for Revocations.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class PolicyView:
     unknown_principals: tuple[str, ...] = ()
     # Why a selected workload did not get its config (the config would exceed what a sidecar accepts).
     oversized: str | None = None
+    # Selected pods running with the mesh whose agent is not subscribed (also in `lagging`), with why.
+    disconnected: tuple[str, ...] = ()
+    # Why this namespace is left out of the destination map (domain/destinations.py, bounded), if it is.
+    destinations_cut: str | None = None
 
 
 def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
@@ -44,18 +51,20 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
                 else "nothing of this policy is in force")
         message = f"generation {v.generation} rejected: {v.invalid}; {kept}"
     elif e < n:
-        ready, reason = False, "WorkloadsLagging"
+        ready, reason = False, "NotConnected" if v.disconnected else "WorkloadsLagging"
         message = f"{e} of {n} selected workloads enforce generation {v.generation}; " + "; ".join(v.lagging[:5])
     else:
         ready, reason = True, "Enforced"
         message = (f"all {n} selected workloads enforce generation {v.generation}" if n
                    else "no connected workload is selected yet")
     degraded = v.invalid is not None or v.oversized is not None or v.conflict is not None or bool(
-        v.unknown_principals)
+        v.unknown_principals) or v.destinations_cut is not None
     if v.invalid is not None:
         d_reason, d_message = "InvalidSpec", message
     elif v.oversized:
         d_reason, d_message = "ConfigTooLarge", v.oversized
+    elif v.destinations_cut:
+        d_reason, d_message = "DestinationsCut", v.destinations_cut
     elif v.conflict:
         d_reason, d_message = "IssuerConflict", v.conflict
     elif v.unknown_principals:
@@ -78,18 +87,23 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
 
 
 def revocation_status(generation: int, active: int, expired: int, connected: list[str], enforcing: list[str],
-                      lagging: list[str], old_conditions: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
-    """The Revocation `.status`."""
+                      lagging: list[str], old_conditions: list[dict[str, Any]], now: dt.datetime,
+                      disconnected: list[str] | None = None) -> dict[str, Any]:
+    """The Revocation `.status` (`connected` also holds the `disconnected` pods, which do not enforce it)."""
     ready = len(enforcing) == len(connected)
-    message = (f"all {len(connected)} connected workloads deny its {active} active entries" if ready
-               else f"{len(enforcing)} of {len(connected)} connected workloads enforce it; " + "; ".join(lagging[:5]))
+    if ready:
+        message = (f"all {len(connected)} connected workloads deny its {active} active entries" if connected
+                   else f"no workload is connected yet; its {active} active entries are denied by every agent "
+                        "that connects")
+    else:
+        message = f"{len(enforcing)} of {len(connected)} workloads enforce it; " + "; ".join(lagging[:5])
+    reason = "Enforced" if ready else "NotConnected" if disconnected else "WorkloadsLagging"
     return {
         "observedGeneration": generation,
         "activeEntries": active,
         "expiredEntries": expired,
         "workloads": f"{len(enforcing)}/{len(connected)}",
-        "conditions": [condition("Ready", ready, "Enforced" if ready else "WorkloadsLagging", message, generation,
-                                  now, old_conditions)],
+        "conditions": [condition("Ready", ready, reason, message, generation, now, old_conditions)],
     }
 
 

@@ -3,36 +3,64 @@
 Watch events update the directory; one loop recomputes the map (domain/destinations.py)
 at most every DEBOUNCE_S, so a rollout of many pods costs a few maps, not one per pod,
 and publishes it only when it changed. Every subscription stream waits on `next` and
-sends each new map to its agent (servers/policy.py). The directory also answers which
-opted-in pods run without the mesh (the safety net: engines/safety_net.py).
+sends each new map to its agent (servers/policy.py).
+
+The map is bounded per namespace and in all (domain/destinations.py, `bounded`), so one
+namespace's size never reaches another's stream. What the bounds leave out is made
+visible, never silent: a namespace left out of the map and a pod whose exclusions
+(its capture container's) are ignored are logged, counted (engines/metrics.py), and posted as a Warning
+Event on a pod of that namespace (`MeshDestinationsCut`, on the pod with the largest entry;
+`MeshAnnotationIgnored`, on the pod), and the namespace's AuthPolicies report
+`Degraded=True, reason DestinationsCut` (engines/status_reports.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import json
+import logging
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from meshward.operator.domain.destinations import (
+    MAX_MAP_BYTES,
+    MAX_NAMESPACE_BYTES,
     MeshPod,
     MeshService,
-    mesh_destinations,
+    bounded,
     mesh_pod,
     mesh_service,
+    namespace_entries,
     version_of,
     view_for,
 )
 
 # A burst of pod events (a rollout) is folded into one map this long after its first event.
 DEBOUNCE_S = 0.2
+log = logging.getLogger("meshward.operator.mesh")
+# post(namespace, pod name, pod uid, reason, message): a Warning Event on the pod.
+Post = Callable[[str, str, str, str, str], Coroutine[Any, Any, None]]
+
+
+async def _no_post(namespace: str, name: str, uid: str, reason: str, message: str) -> None:
+    return None
 
 
 class MeshDirectory:
     """Pods and Services as the map needs them, and the map last published."""
 
-    def __init__(self, trust_domain: str, debounce_s: float = DEBOUNCE_S) -> None:
+    def __init__(self, trust_domain: str, debounce_s: float = DEBOUNCE_S, post: Post = _no_post, *,
+                 max_namespace_bytes: int = MAX_NAMESPACE_BYTES, max_map_bytes: int = MAX_MAP_BYTES) -> None:
         self._trust_domain = trust_domain
         self._debounce_s = debounce_s
+        self._post = post
+        self._max_namespace_bytes = max_namespace_bytes
+        self._max_map_bytes = max_map_bytes
+        self._posting: set[asyncio.Task[None]] = set()
+        self._reported: set[tuple[str, str]] = set()  # (pod uid or key, why) an Event was posted for
+        self.cut: dict[str, str] = {}                 # namespace -> why it is left out of the map
+        self.ignored: dict[str, str] = {}             # pod key -> why its exclusion annotation is ignored
+        self.map_bytes = 0
         self._pods: dict[str, MeshPod] = {}
         self._services: dict[str, MeshService] = {}
         self._dirty = asyncio.Event()
@@ -43,11 +71,40 @@ class MeshDirectory:
 
     def apply_pod(self, body: Mapping[str, Any]) -> None:
         """Record a pod (one without an address yet, or leaving, is forgotten)."""
-        self._put(self._pods, body, mesh_pod(body))
+        pod = mesh_pod(body)
+        self._put(self._pods, body, pod)
+        if pod is None or not pod.injected or not pod.ignored:
+            self.ignored.pop(f"{(body.get('metadata') or {}).get('namespace', '')}/"
+                             f"{(body.get('metadata') or {}).get('name', '')}", None)
+            return
+        key = f"{pod.namespace}/{pod.name}"
+        if self.ignored.get(key) != pod.ignored:
+            self.ignored[key] = pod.ignored
+            log.warning("pod %s: its excluded inbound ports are ignored: %s", key, pod.ignored)
+            self._report(pod, "MeshAnnotationIgnored",
+                         f"{pod.ignored}. The operator ignores this value (the injector refuses it: this pod was "
+                         "made where no webhook runs): meshed callers reach every port of this pod over mTLS, so a "
+                         "port it leaves uncaptured refuses them. Fix meshward.io/exclude-inbound-ports on the pod "
+                         "template and let the webhook inject it.")
 
     def remove_pod(self, namespace: str, name: str) -> None:
         """Forget a pod."""
+        self.ignored.pop(f"{namespace}/{name}", None)
         self._drop(self._pods, f"{namespace}/{name}")
+
+    def _report(self, pod: MeshPod, reason: str, message: str) -> None:
+        """Post a Warning Event on `pod`, once per pod and message."""
+        mark = (pod.uid or f"{pod.namespace}/{pod.name}", message)
+        if mark in self._reported:
+            return
+        self._reported.add(mark)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # outside the operator's loop (tests, tools): the log line is the report
+        task = loop.create_task(self._post(pod.namespace, pod.name, pod.uid, reason, message))
+        self._posting.add(task)
+        task.add_done_callback(self._posting.discard)
 
     def apply_service(self, body: Mapping[str, Any]) -> None:
         """Record a Service (one the map has no use for is forgotten)."""
@@ -74,14 +131,32 @@ class MeshDirectory:
     def publish(self) -> bool:
         """Recompute the map now; whether it changed (and was published)."""
         self._dirty.clear()
-        doc = mesh_destinations(self._pods.values(), self._services.values(), self._trust_domain)
+        by_namespace = namespace_entries(self._pods.values(), self._services.values(), self._trust_domain)
+        doc, cut = bounded(by_namespace, self._max_namespace_bytes, self._max_map_bytes)
+        self._note_cut(cut, by_namespace)
         version = version_of(doc)
         if version == self.version:
             return False
         self.version, self.document, self._views = version, doc, {}
+        self.map_bytes = len(json.dumps(doc, separators=(",", ":")))
         published, self._published = self._published, asyncio.Event()
         published.set()
         return True
+
+    def _note_cut(self, cut: dict[str, str], by_namespace: Mapping[str, Mapping[str, Any]]) -> None:
+        """Log, and post on the namespace's largest pod entry, each namespace newly left out of the map."""
+        for ns in sorted(set(self.cut) - set(cut)):
+            log.info("namespace %s is back in the destination map", ns)
+        for ns, why in sorted(cut.items()):
+            if ns in self.cut:
+                continue  # reported when it was first left out (its sizes may change meanwhile)
+            log.warning("%s", why)
+            entries = by_namespace.get(ns, {})
+            pods = [p for p in self._pods.values() if p.namespace == ns and p.ip in entries]
+            if pods:
+                biggest = max(pods, key=lambda p: (len(p.plaintext_ports), p.name))
+                self._report(biggest, "MeshDestinationsCut", why)
+        self.cut = cut
 
     def view(self, namespace: str) -> dict[str, Any]:
         """The current map as agents of `namespace` receive it (domain/destinations.py, view_for)."""

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.issuance import IssuanceEngine
+from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.policy_hub import PolicyHub
 from meshward.operator.engines.safety_net import SafetyNet
 
@@ -18,11 +19,12 @@ PHASES = ("steady", "staged", "retiring")
 
 class _Collector(Collector):
     def __init__(self, ca: CaKeeper, engine: IssuanceEngine, hub: PolicyHub | None,
-                 safety: SafetyNet | None = None) -> None:
+                 safety: SafetyNet | None = None, mesh: MeshDirectory | None = None) -> None:
         self._ca = ca
         self._engine = engine
         self._hub = hub
         self._safety = safety
+        self._mesh = mesh
 
     def collect(self) -> Iterator[Metric]:
         state = self._ca.state
@@ -43,6 +45,16 @@ class _Collector(Collector):
             yield GaugeMetricFamily("meshward_unprotected_pods",
                                     "Running pods that opted in to the mesh but carry no sidecar (meshward check).",
                                     value=len(self._safety.unprotected))
+        if self._mesh is not None:
+            yield GaugeMetricFamily("meshward_mesh_destination_map_bytes",
+                                    "Size of the destination map every agent receives (bounded, MAX_MAP_BYTES).",
+                                    value=self._mesh.map_bytes)
+            yield GaugeMetricFamily("meshward_mesh_namespaces_cut",
+                                    "Namespaces left out of the destination map for its size bounds (calls "
+                                    "toward them fail closed).", value=len(self._mesh.cut))
+            yield GaugeMetricFamily("meshward_mesh_annotations_ignored",
+                                    "Injected pods whose exclude-inbound-ports annotation the map ignores (over "
+                                    "the injector's bounds or unparsable).", value=len(self._mesh.ignored))
         hub = self._hub
         if hub is None:
             return
@@ -51,6 +63,13 @@ class _Collector(Collector):
         yield GaugeMetricFamily("meshward_policy_subscribers_lagging",
                                 "Subscribed sidecars that have not acknowledged their latest config (version lag).",
                                 value=hub.lagging())
+        yield GaugeMetricFamily("meshward_policy_workloads_disconnected",
+                                "Injected running pods whose agent has had no policy stream for longer than the "
+                                "grace (they enforce nothing new; their policies report NotConnected).",
+                                value=len(hub.disconnected()))
+        yield CounterMetricFamily("meshward_policy_messages_refused",
+                                  "Messages not sent to an agent because they exceeded gRPC's message limit.",
+                                  value=hub.messages_refused)
         sizes = hub.config_bytes()
         yield GaugeMetricFamily("meshward_policy_config_bytes_max", "The largest config pushed to a sidecar.",
                                 value=max(sizes, default=0))
@@ -72,6 +91,7 @@ class _Collector(Collector):
 
 
 def register_metrics(registry: CollectorRegistry, ca: CaKeeper, engine: IssuanceEngine,
-                     hub: PolicyHub | None = None, safety: SafetyNet | None = None) -> None:
+                     hub: PolicyHub | None = None, safety: SafetyNet | None = None,
+                     mesh: MeshDirectory | None = None) -> None:
     """Register the operator's collectors on `registry`."""
-    registry.register(_Collector(ca, engine, hub, safety))
+    registry.register(_Collector(ca, engine, hub, safety, mesh))

@@ -23,7 +23,13 @@ workload. What keeps one tenant from hurting another (docs/security.md):
   yesterday's policy, nor miss a Revocation applied while it was down).
 A policy update that fails validation never removes the policy from workloads: its
 last valid generation stays in force (dropping it could open access) and its status
-says so. Acknowledgements from sidecars drive AuthPolicy and Revocation status.
+says so. Acknowledgements from sidecars drive AuthPolicy and Revocation status, and so
+do the agents that are missing: an injected pod that runs with no live subscription for
+longer than DISCONNECTED_GRACE_S enforces nothing new (issue 18: agents that could not
+receive their stream left "all 0 connected workloads deny" reading Ready), so the
+policies selecting it and every Revocation count it as a workload that does not enforce
+(reason NotConnected), the metric meshward_policy_workloads_disconnected counts it, and
+the operator logs the pod when its last stream ends.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from meshward.operator.domain.compile import (
     workload_config,
     workload_of,
 )
-from meshward.operator.domain.inject import INJECT_LABEL
+from meshward.operator.domain.inject import INJECT_LABEL, is_injected
 from meshward.sidecar.config.schema import hashed_revocation
 
 log = logging.getLogger("meshward.operator.policy")
@@ -60,6 +66,10 @@ T = TypeVar("T")
 # gRPC's default message limit is 4 MiB; a config this big is refused before it is sent, leaving room for the
 # envelope. No single AuthPolicy comes close (the API server stores at most ~1.5 MiB per object).
 MAX_CONFIG_BYTES = 3 * 1024 * 1024
+# An injected pod running this long without a live subscription counts as not connected. Longer than an agent's
+# reconnect (its backoff reaches 5 s, then a handshake and a TokenReview) and an operator failover's, so neither
+# an agent restart nor a new leader turns every status to NotConnected for a moment.
+DISCONNECTED_GRACE_S = 30.0
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -100,11 +110,15 @@ class Subscriber:
 
 @dataclass(frozen=True)
 class Enforcement:
-    """Who a policy (or revocation) reaches: selected connected workloads and those that enforce it."""
+    """Who a policy (or revocation) reaches, who enforces it, and why the others do not (not connected first).
+
+    Selected are the connected workloads and those running with the mesh but not connected past the grace.
+    """
 
     selected: list[str]
     enforcing: list[str]
     lagging: list[str]
+    disconnected: list[str] = field(default_factory=list)  # running, injected, and no live subscription
 
 
 class SubscriptionRefused(Exception):
@@ -163,6 +177,9 @@ class PolicyHub:
         self._subs: dict[str, list[Subscriber]] = {}             # pod key -> live subscriptions
         self._compiled: dict[str, tuple[int, Compiled]] = {}     # pod key -> (epoch, latest config)
         self._too_large: dict[str, str] = {}                     # pod key -> why its config was not sent
+        self._running: dict[str, dt.datetime] = {}               # injected running pod key -> since when
+        self._left: dict[str, dt.datetime] = {}                  # pod key -> when its last subscription ended
+        self._started = clock()                                  # agents reconnect to a new operator within grace
         self._epoch = 0
         self._changed: dict[str, int] = {}                      # namespace -> epoch of its last input change
         self._changed_everywhere = 0                             # epoch of the last change every workload sees
@@ -175,6 +192,7 @@ class PolicyHub:
         self.recompile_seconds = 0.0
         self.compiled_workloads = 0
         self.compile_errors = 0
+        self.messages_refused = 0  # messages a stream did not send: over gRPC's limit (servers/policy.py)
 
     # ---------------------------------------------------------------- watch input
 
@@ -242,6 +260,10 @@ class PolicyHub:
         if _labels(body).get(INJECT_LABEL) != "enabled" or meta.get("deletionTimestamp"):
             self.remove_pod(namespace, meta["name"], "the pod no longer opts in (label meshward.io/inject)")
             return
+        if (body.get("status") or {}).get("phase") == "Running" and is_injected(body):
+            self._running.setdefault(key, self._clock())
+        else:
+            self._running.pop(key, None)
         w = workload_of(body)
         pods = self._pods.setdefault(namespace, {})
         if pods.get(key) == w:
@@ -254,6 +276,8 @@ class PolicyHub:
     def remove_pod(self, namespace: str, name: str, why: str = "the pod was deleted") -> None:
         """Forget a pod; its subscriptions end (visibly: their streams close)."""
         key = f"{namespace}/{name}"
+        self._running.pop(key, None)
+        self._left.pop(key, None)
         if self._pods.get(namespace, {}).pop(key, None) is None:
             return
         for sub in self._subs.pop(key, []):
@@ -289,6 +313,7 @@ class PolicyHub:
                                                            f"{pod} (uid {pod_uid}), not the one running now")
         sub = Subscriber(w, spiffe_id)
         self._subs.setdefault(w.key, []).append(sub)
+        self._left.pop(w.key, None)
         hit = self._compiled.get(w.key)
         if hit is not None and self._current(w.key, hit[0]):
             sub.push(hit[1])
@@ -301,8 +326,34 @@ class PolicyHub:
         subs = self._subs.get(sub.workload.key, [])
         if sub in subs:
             subs.remove(sub)
+            if not subs and sub.closed is None and sub.workload.key in self._running:
+                self._left[sub.workload.key] = self._clock()
+                log.warning("%s: its agent's last policy stream ended; the pod keeps enforcing its last config "
+                            "and misses every change until the agent reconnects (it counts as NotConnected after "
+                            "%.0f s)", sub.workload.key, DISCONNECTED_GRACE_S)
         if not subs:
             self._subs.pop(sub.workload.key, None)
+
+    def refused_message(self, sub: Subscriber, what: str, size: int, limit: int) -> None:
+        """A stream did not send `what` to `sub`: it was `size` bytes, over gRPC's `limit` (log and count it)."""
+        self.messages_refused += 1
+        log.error("not sending %s to %s: %d bytes, more than the %d its stream carries; it keeps its last one",
+                  what, sub.workload.key, size, limit)
+
+    def _disconnected(self, key: str) -> str | None:
+        """Why pod `key` counts as not connected (running injected, no subscription past the grace), or None."""
+        since = self._running.get(key)
+        if since is None or self._subs.get(key):
+            return None
+        missing = max(since, self._left.get(key, since), self._started)
+        if (self._clock() - missing).total_seconds() < DISCONNECTED_GRACE_S:
+            return None
+        return (f"running with the mesh but its agent has had no policy stream since "
+                f"{missing.strftime('%Y-%m-%dT%H:%M:%SZ')} (see its meshward-agent log)")
+
+    def disconnected(self) -> list[str]:
+        """Every injected running pod counted as not connected, with why."""
+        return [f"{key}: {why}" for key in sorted(self._running) if (why := self._disconnected(key)) is not None]
 
     def ack(self, sub: Subscriber, version: str, error: str | None) -> None:
         """Record what a sidecar enforces (or why it rejected a version)."""
@@ -458,10 +509,16 @@ class PolicyHub:
         p = self._policy(key)
         if p is None:
             return Enforcement([], [], [])
-        selected, enforcing, lagging = [], [], []
+        selected, enforcing, lagging, disconnected = [], [], [], []
         for w in self._pods.get(p.namespace, {}).values():
+            if not selects(p.spec, w.labels):
+                continue
             subs = self._subs.get(w.key)
-            if not subs or not selects(p.spec, w.labels):
+            if not subs:
+                gone = self._disconnected(w.key)
+                if gone is not None:
+                    selected.append(w.key)
+                    disconnected.append(f"{w.key}: {gone}")
                 continue
             selected.append(w.key)
             why = self._enforces(subs, lambda s: s.acked is not None and s.acked.policies.get(key) == p.generation)
@@ -470,7 +527,8 @@ class PolicyHub:
             else:
                 got = [g for s in subs if s.acked is not None and (g := s.acked.policies.get(key)) is not None]
                 lagging.append(f"{w.key}: enforces generation {min(got)}" if got else f"{w.key}: {why}")
-        return Enforcement(sorted(selected), sorted(enforcing), sorted(lagging))
+        return Enforcement(sorted(selected), sorted(enforcing), sorted(disconnected) + sorted(lagging),
+                           sorted(disconnected))
 
     def revocation_counts(self, name: str) -> tuple[int, int]:
         """(active, expired) entries of Revocation `name`."""
@@ -501,7 +559,9 @@ class PolicyHub:
                 enforcing.append(key)
             else:
                 lagging.append(f"{key}: {why}")
-        return Enforcement(sorted(selected), sorted(enforcing), sorted(lagging))
+        disconnected = self.disconnected()
+        selected += [d.split(": ", 1)[0] for d in disconnected]
+        return Enforcement(sorted(selected), sorted(enforcing), disconnected + sorted(lagging), disconnected)
 
     def lagging(self) -> int:
         """Live subscriptions that have not acknowledged their latest config."""

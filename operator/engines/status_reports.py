@@ -19,6 +19,7 @@ from meshward.operator.domain.identity_status import Observation, identity_statu
 from meshward.operator.domain.policy_status import PolicyView, exact_principals, policy_status, revocation_status
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identity_directory import IdentityDirectory, IssuanceStats
+from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.policy_hub import PolicyHub
 from meshward.operator.engines.status_writer import EventNote, Report
 
@@ -60,8 +61,10 @@ class StatusReports:
     """The reports of ServiceIdentities, AuthPolicies and Revocations."""
 
     def __init__(self, kube: ReportApi, ca: CaKeeper, stats: IssuanceStats, hub: PolicyHub,
-                 directory: IdentityDirectory, trust_domain: str, clock: Callable[[], dt.datetime]) -> None:
+                 directory: IdentityDirectory, trust_domain: str, clock: Callable[[], dt.datetime],
+                 mesh: MeshDirectory | None = None) -> None:
         self._kube = kube
+        self._mesh = mesh
         self._ca = ca
         self._stats = stats
         self._hub = hub
@@ -112,7 +115,9 @@ class StatusReports:
                                 if self._directory.find(ns, sa) is None}))
         view = PolicyView(generation, in_force.generation if in_force else None,
                           invalid[1] if invalid and invalid[0] == generation else None,
-                          enf.selected, enf.enforcing, enf.lagging, hub.conflict(key), unknown, hub.oversized(key))
+                          enf.selected, enf.enforcing, enf.lagging, hub.conflict(key), unknown, hub.oversized(key),
+                          tuple(enf.disconnected),
+                          self._mesh.cut.get(meta.get("namespace", "")) if self._mesh is not None else None)
         if in_force is not None and in_force.generation != generation and view.invalid is None:
             return Report()  # the hub has not seen this generation yet; report on the next pass
         old = dict(body.get("status") or {})
@@ -127,5 +132,6 @@ class StatusReports:
         enf = self._hub.revocation_enforcement(name)
         old = dict(body.get("status") or {})
         new = revocation_status(int(meta.get("generation") or 0), active, expired, enf.selected,
-                                enf.enforcing, enf.lagging, list(old.get("conditions") or []), self._clock())
+                                enf.enforcing, enf.lagging, list(old.get("conditions") or []), self._clock(),
+                                enf.disconnected)
         return Report(new, transition(old, new)) if status_changed(old, new) else Report()

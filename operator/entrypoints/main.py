@@ -130,8 +130,15 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     engine = IssuanceEngine(kube, ca.signer, ca.bundle_pem, args.trust_domain, clock, serial, time.monotonic,
                             min_ttl=min(MIN_TTL, cap) if cap else MIN_TTL, ttl_cap=cap, directory=directory)
     hub = PolicyHub(clock, args.trust_domain)
-    mesh = MeshDirectory(args.trust_domain)
-    reports = StatusReports(kube, ca, engine.stats, hub, directory, args.trust_domain, clock)
+
+    async def post_on_pod(namespace: str, name: str, uid: str, reason: str, message: str) -> None:
+        try:
+            await asyncio.to_thread(kube.post_event, namespace, "Pod", name, "Warning", reason, message, uid=uid)
+        except KubeError as e:
+            log.warning("%s", e)
+
+    mesh = MeshDirectory(args.trust_domain, post=post_on_pod)
+    reports = StatusReports(kube, ca, engine.stats, hub, directory, args.trust_domain, clock, mesh)
     identities = StatusWriter("ServiceIdentity", "serviceidentities", kube, reports.identity, args.status_interval)
     policies = StatusWriter("AuthPolicy", "authpolicies", kube, reports.policy, args.status_interval)
     revocations = StatusWriter("Revocation", "revocations", kube, reports.revocation, args.status_interval)
@@ -163,11 +170,7 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
         rt.webhook_bundle = WebhookBundle(kube, configurations, ca.bundle_pem)
 
     async def post_unprotected(namespace: str, name: str, uid: str, message: str) -> None:
-        try:
-            await asyncio.to_thread(kube.post_event, namespace, "Pod", name, "Warning", "MeshMissing", message,
-                                    uid=uid)
-        except KubeError as e:
-            log.warning("%s", e)
+        await post_on_pod(namespace, name, uid, "MeshMissing", message)
 
     safety = SafetyNet(args.namespace, post_unprotected)
     registry = kopf.OperatorRegistry()
@@ -175,7 +178,7 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     service_identities.register(registry, directory, identities)
     policy_handlers.register(registry, hub, engine.reviewer, policies, revocations)
     mesh_handlers.register(registry, mesh, safety)
-    register_metrics(metrics, ca, engine, hub, safety)
+    register_metrics(metrics, ca, engine, hub, safety, mesh)
     return registry, rt, metrics, kube
 
 

@@ -13,6 +13,13 @@ answers `{"ack": "<version>"}` or `{"ack": "<version>", "error": "..."}`. Betwee
 the server sends the meshed-destination map, `{"destinations": {"version", "peers"}}`, at
 once and whenever it changes (engines/mesh_directory.py); it is not acknowledged. A pod
 may hold several streams (an agent restart); each receives every update until it ends.
+
+No message is ever sent over MAX_MESSAGE_BYTES: gRPC would end the stream with
+RESOURCE_EXHAUSTED, and the agent, reconnecting, would be sent the same message again
+and never receive anything more (issue 18). The hub and the directory bound what they
+produce (MAX_CONFIG_BYTES, domain/destinations.py); this service measures each encoded
+message as the last guard, and one over the limit is not sent but logged with its pod
+and counted (meshward_policy_messages_refused), while the stream goes on.
 """
 
 from __future__ import annotations
@@ -62,6 +69,11 @@ def _bearer(context: grpc.aio.ServicerContext) -> str:
         if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
             return value[7:].strip()
     return ""
+
+
+def _encoded(message: bytes) -> bytes:
+    """Messages are encoded (and measured) before they are sent."""
+    return message
 
 
 class PolicyService:
@@ -115,7 +127,7 @@ class PolicyService:
         return review
 
     async def subscribe(self, requests: AsyncIterator[Any],
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[dict[str, Any]]:
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Serve one sidecar's subscription."""
         try:
             sub = await self._admit(requests, context)
@@ -139,7 +151,12 @@ class PolicyService:
                 if update is None:
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"subscription ended: {sub.closed}")
                     return
-                yield update
+                data = dumps(update)
+                if len(data) > MAX_MESSAGE_BYTES:
+                    what = "the destination map" if "destinations" in update else f"config {update.get('version')}"
+                    self._hub.refused_message(sub, what, len(data), MAX_MESSAGE_BYTES)
+                    continue
+                yield data
         finally:
             reader.cancel()
             end.cancel()
@@ -186,7 +203,7 @@ class PolicyService:
         """The generic handler registering Subscribe."""
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Subscribe": grpc.stream_stream_rpc_method_handler(self.subscribe, request_deserializer=loads,
-                                                               response_serializer=dumps)})
+                                                               response_serializer=_encoded)})
 
 
 async def serve_policy(hub: PolicyHub, reviewer: TokenReviewer, address: str,

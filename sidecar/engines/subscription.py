@@ -5,7 +5,10 @@ the meshed-destination maps in between go to the xDS side (engines/destinations.
 an accepted one replaces the pipeline atomically and is acknowledged, a rejected one
 is acknowledged with the error and the last good config stays in force. When the
 operator is unreachable the agent keeps enforcing what it has (never allow-all),
-retries with backoff, and reports how stale its config may be.
+retries with backoff, and reports how stale its config may be. A stream that keeps
+failing (RESOURCE_EXHAUSTED once did, for every agent, issue 18) is visible here too:
+each failure is logged with its gRPC code and counted (`meshward_policy_stream_errors`);
+the operator sees the same agent as NotConnected.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class PolicySubscription:
         self._last_live = monotonic()
         self._applied = Counter("meshward_policy_snapshots", "Configs received from the operator, by result.",
                                 ["result"], registry=registry)
+        self._errors = Counter("meshward_policy_stream_errors", "Policy streams that ended or failed, by gRPC code.",
+                               ["code"], registry=registry)
         registry.register(_Staleness(self))
 
     def stale_seconds(self) -> float:
@@ -95,12 +100,14 @@ class PolicySubscription:
                 await self._client.subscribe(self._pod, self._apply, self._connected,
                                              self.destinations.update if self.destinations else None)
             except PolicyStreamError as e:
+                self._errors.labels(e.code).inc()
                 if self.connected:
                     delay = BACKOFF_MIN_S
                 level = logging.WARNING if e.code != "FAILED_PRECONDITION" else logging.DEBUG
                 log.log(level, "policy subscription: %s; keeping config %s, retrying in %.1f s", e, self.version,
                         delay)
             except Exception:  # a bug must not end the subscription: the config would go stale for good
+                self._errors.labels("INTERNAL").inc()
                 log.exception("policy subscription failed; keeping config %s, retrying in %.1f s", self.version, delay)
             if self.connected:
                 self._last_live = self._monotonic()

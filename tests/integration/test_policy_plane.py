@@ -459,3 +459,59 @@ def test_a_pod_whose_inject_label_is_removed_leaves_the_mesh(plane: Plane) -> No
     finally:
         silent.close()
         c.kubectl("-n", ns, "label", "pod", "orders-3", "meshward.io/inject=enabled", "--overwrite")
+
+
+def test_the_destination_map_inflation_leaves_other_namespaces_streams_untouched(plane: Plane) -> None:
+    """Destination-map inflation (issue 18 item 3): 17 running pods with a hand-written meshward.io/injected and a
+    ~250 KiB exclude-inbound-ports (never seen by the injector) once made every agent's destination message over
+    gRPC's 4 MiB: every stream failed with RESOURCE_EXHAUSTED, a policy change and a Revocation never arrived, and
+    status still read Ready. Annotations no longer make a pod meshed; here the 17 pods are made where no webhook runs
+    (as the API server here has none), opted in with the mesh's containers and the ~250 KiB exclusion given to their
+    capture container. The other namespace's agents stay connected and get both changes within the usual bounds
+    (10 s, 5 s), and the operator reports the ignored exclusions on the inflating pods."""
+    import json
+
+    c, ns, idp, op = plane.cluster, plane.ns, plane.idp, plane.operator
+    evil = c.new_namespace("evil")
+    ports = ",".join(str(p) for p in range(1, 45001))  # ~253 KiB: about all one object's annotations may hold
+    try:
+        c.kubectl("-n", evil, "create", "serviceaccount", "app")
+        for n in range(17):
+            c.kubectl("create", "-f", "-", stdin=json.dumps({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"big-{n}", "namespace": evil, "labels": {"meshward.io/inject": "enabled"},
+                             "annotations": {"meshward.io/injected": "hand-written"}},
+                "spec": {"serviceAccountName": "app", "initContainers": [
+                    {"name": "meshward-init", "image": "registry.invalid/a:1",
+                     "command": ["meshward-init", "--exclude-inbound-ports", ports]},
+                    {"name": "meshward-agent", "image": "registry.invalid/a:1", "restartPolicy": "Always"}],
+                    "containers": [{"name": "app", "image": "registry.invalid/a:1"}]}}))
+            ip = f"10.77.0.{n + 1}"  # as kubelet would report it (there is no kubelet here)
+            c.kubectl("-n", evil, "patch", "pod", f"big-{n}", "--subresource=status", "--type=merge", "-p",
+                      json.dumps({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}))
+        # The map with them is published (or, without the bounds, the streams have failed).
+        wait_until("the operator to map the inflating pods", lambda: op.metric("meshward_mesh_annotations_ignored")
+                   >= 17 or any(a.metric("meshward_policy_connected") == 0 for a in plane.agents), timeout=30)
+        c.apply(policy(ns, "after-the-map", rules=READS, jwt=[{"issuer": idp.issuer, "audiences": ["orders"],
+                                                              "jwksUri": idp.jwks_uri}]))
+        wait_until("the other namespace enforcing its change", lambda: plane.all_answer("/orders/1", 401), timeout=10)
+        auth = {"authorization": f"Bearer {idp.token(jti='stolen-4')}"}
+        wait_until("the token accepted", lambda: plane.all_answer("/orders/1", 200, auth), timeout=15)
+        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        c.apply({"apiVersion": API, "kind": "Revocation", "metadata": {"name": "incident-42"},
+                 "spec": {"entries": [{"jti": "stolen-4", "expiresAt": expires}]}})
+        wait_until("the revocation enforced by the other namespace", lambda: plane.all_answer("/orders/1", 401, auth),
+                   timeout=5)
+        assert all(a.metric("meshward_policy_connected") == 1 for a in plane.agents)
+        assert sum(a.metric("meshward_policy_stream_errors_total", code="RESOURCE_EXHAUSTED") for a in plane.agents) == 0
+        assert op.metric("meshward_policy_messages_refused_total") == 0
+        assert op.metric("meshward_mesh_destination_map_bytes") < 64 * 1024
+        st = wait_until("revocation status", lambda: (s := c.get_json("revocation", "incident-42").get("status", {}))
+                        .get("workloads") == "2/2" and s)
+        assert st["conditions"][0]["reason"] == "Enforced"
+        wait_until("a Warning Event on an inflating pod", lambda: any(
+            e["reason"] == "MeshAnnotationIgnored" and e["involvedObject"]["name"].startswith("big-")
+            for e in c.get_json("-n", evil, "events")["items"]), timeout=30)
+    finally:
+        c.kubectl("delete", "namespace", evil, "--wait=false", check=False)
+        c.kubectl("-n", ns, "delete", "authpolicy", "after-the-map", check=False)

@@ -192,3 +192,33 @@ def test_fuzzed_object_reviews_never_crash(spec: Any, kind: str, old: Any) -> No
     resp = validate_response(req, "cluster.local", NOW)
     assert resp["uid"] == "u-2" and isinstance(resp["allowed"], bool)
     json.dumps(resp)
+
+
+def _annotated(annotation: str, value: str) -> dict[str, Any]:
+    pod = opted()
+    pod["metadata"]["annotations"] = {annotation: value}
+    return pod
+
+
+_MAXIMAL = {"meshward.io/exclude-inbound-ports": ",".join(str(65535 - n) for n in range(64)),
+            "meshward.io/exclude-outbound-ports": ",".join(str(10000 + n) for n in range(64)),
+            "meshward.io/exclude-outbound-cidrs": ",".join(f"255.255.255.{n}/32" for n in range(64)),
+            "meshward.io/inbound-plaintext": "allow"}
+
+
+@pytest.mark.parametrize("annotation", sorted(_MAXIMAL))
+def test_an_inflated_mesh_annotation_is_refused_at_admission_naming_it(annotation: str) -> None:
+    """Tenant inflation through annotations (issue 18: 17 pods with a 256 KiB exclude-inbound-ports pushed the
+    destination map every agent receives past gRPC's 4 MiB): a value over its bound is refused at the door, the
+    refusal names the annotation and the fix, and it does not echo the 256 KiB back."""
+    for value in ("8080," * (256 * 1024 // 5), ",".join(str(n) for n in range(1, 66))):
+        resp = inject_response(pod_request(_annotated(annotation, value)), SETTINGS, namespace_opted_in=False)
+        assert resp["allowed"] is False and resp["status"]["code"] == 403
+        message = resp["status"]["message"]
+        assert f"metadata.annotations[{annotation}]" in message and "allowed" in message and len(message) < 400
+
+
+@pytest.mark.parametrize("annotation", sorted(_MAXIMAL))
+def test_the_largest_mesh_annotation_within_its_bound_is_admitted(annotation: str) -> None:
+    resp = inject_response(pod_request(_annotated(annotation, _MAXIMAL[annotation])), SETTINGS, False)
+    assert resp["allowed"] is True and "patch" in resp

@@ -4,26 +4,55 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 from typing import Any
 
-from meshward.operator.domain.destinations import mesh_destinations, mesh_pod, mesh_service, version_of, view_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshward.operator.domain.destinations import (
+    bounded,
+    mesh_destinations,
+    mesh_pod,
+    mesh_service,
+    version_of,
+    view_for,
+)
 from meshward.operator.domain.inject import InjectSettings, inject
 from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.safety_net import SafetyNet
+from meshward.operator.servers.policy import MAX_MESSAGE_BYTES
+from meshward.operator.servers.wire import dumps
 
 TD = "cluster.local"
 
 
+SETTINGS = InjectSettings(image="localhost/meshward:t")
+
+
+@functools.cache
+def _injected_spec(sa: str, exclusions: str) -> str:
+    """The spec the injector makes (JSON, cached: some tests make thousands of pods); `exclusions` given to its
+    capture container as they are, also beyond the injector's bounds (a pod made where no webhook runs)."""
+    body = inject({"metadata": {"labels": {"meshward.io/inject": "enabled"}},
+                   "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "x"}]}}, SETTINGS)
+    if exclusions:
+        body["spec"]["initContainers"][0]["command"] += ["--exclude-inbound-ports", exclusions]
+    return json.dumps(body["spec"])
+
+
 def pod(name: str, ip: str, sa: str = "orders", injected: bool = True, ns: str = "shop",
         annotations: dict[str, str] | None = None, **labels: str) -> dict[str, Any]:
-    """A running pod; `injected` ones as the webhook made them (opted in, the mesh's containers added)."""
+    """A running pod; `injected` ones as the webhook made them (opted in, the mesh's containers added, the
+    exclusion annotation given to the capture container)."""
+    annotations = annotations or {}
     all_labels = {"app": "orders", **labels, **({"meshward.io/inject": "enabled"} if injected else {})}
-    body: dict[str, Any] = {"metadata": {"name": name, "namespace": ns, "labels": all_labels,
-                                         "annotations": annotations or {}},
-                            "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "x"}]}}
-    if injected:
-        body = inject(body, InjectSettings(image="localhost/meshward:t"))
-    return {**body, "status": {"podIP": ip, "phase": "Running"}}
+    spec = json.loads(_injected_spec(sa, annotations.get("meshward.io/exclude-inbound-ports", ""))) if injected \
+        else {"serviceAccountName": sa, "containers": [{"name": "app", "image": "x"}]}
+    return {"metadata": {"name": name, "namespace": ns, "labels": all_labels, "annotations": annotations,
+                         "uid": f"uid-{ns}-{name}"},
+            "spec": spec, "status": {"podIP": ip, "phase": "Running"}}
 
 
 def service(name: str, ip: str, ns: str = "shop", target: int | str = 8080, **selector: str) -> dict[str, Any]:
@@ -173,3 +202,138 @@ def test_the_safety_net_reports_an_uninjected_opted_in_pod_once() -> None:
     before, after = asyncio.run(scenario())
     assert before == ["shop/bare"] and after == ["shop/bare", "web/late"]
     assert posted == [("shop", "bare", "uid-1"), ("web", "late", "uid-2")]
+
+
+# ---------------------------------------------------------------- bounds (issue 18 item 3)
+
+def _entries(n: int, ns: str, ports: int = 0) -> dict[str, dict[str, list[Any]]]:
+    return {f"10.{ord(ns[0])}.{i // 250}.{i % 250}": {"identities": [f"spiffe://{TD}/ns/{ns}/sa/a"],
+                                                     "plaintextPorts": list(range(1, ports + 1))} for i in range(n)}
+
+
+def test_an_exclusion_annotation_inflated_after_admission_never_reaches_the_map() -> None:
+    """Exclusion inflation around the injector (issue 18: a 256 KiB exclude-inbound-ports): a pod made where no
+    webhook runs whose capture container was given more than the injector allows is meshed with no plaintext ports,
+    reported once with a Warning Event on the pod, and its entry stays ~100 bytes."""
+    posted: list[tuple[str, str, str]] = []
+
+    async def post(namespace: str, name: str, uid: str, reason: str, message: str) -> None:
+        posted.append((f"{namespace}/{name}", reason, message))
+
+    async def scenario() -> MeshDirectory:
+        d = MeshDirectory(TD, post=post)
+        big = pod("evil-1", "10.0.0.1", ns="evil",
+                  annotations={"meshward.io/exclude-inbound-ports": ",".join(str(p) for p in range(1, 65536))})
+        d.apply_pod(big)
+        d.apply_pod(big)  # an update: still one Event
+        d.publish()
+        await asyncio.sleep(0)  # let the posting task run
+        return d
+    d = asyncio.run(scenario())
+    assert d.document["10.0.0.1"] == {"identities": [f"spiffe://{TD}/ns/evil/sa/orders"], "plaintextPorts": []}
+    assert d.map_bytes < 200
+    assert list(d.ignored) == ["evil/evil-1"] and "exclude-inbound-ports" in d.ignored["evil/evil-1"]
+    assert [(who, reason) for who, reason, _ in posted] == [("evil/evil-1", "MeshAnnotationIgnored")]
+    fixed = pod("evil-1", "10.0.0.1", ns="evil", annotations={"meshward.io/exclude-inbound-ports": "9090"})
+    d.apply_pod(fixed)
+    assert d.ignored == {}
+
+
+def test_a_namespace_over_its_share_is_left_out_of_every_view_and_only_it() -> None:
+    """Inflation by pod count: one namespace's entries over its share are left out of every agent's map as a
+    whole (fail closed toward it), reported (log, Event on its largest pod), and no other namespace loses one."""
+    posted: list[tuple[str, str]] = []
+
+    async def post(namespace: str, name: str, uid: str, reason: str, message: str) -> None:
+        posted.append((f"{namespace}/{name}", reason))
+
+    async def scenario() -> MeshDirectory:
+        d = MeshDirectory(TD, post=post, max_namespace_bytes=4096)
+        d.apply_pod(pod("o-1", "10.0.0.1"))
+        d.apply_service(service("orders", "10.96.0.1"))
+        for n in range(60):
+            d.apply_pod(pod(f"evil-{n}", f"10.9.0.{n}", ns="evil", annotations={
+                "meshward.io/exclude-inbound-ports": "9090,9100" if n == 7 else ""}))
+        d.publish()
+        await asyncio.sleep(0)
+        return d
+    d = asyncio.run(scenario())
+    assert list(d.cut) == ["evil"] and "more than the 4096 one namespace may" in d.cut["evil"]
+    for viewer in ("shop", "evil", "web"):
+        view = d.view(viewer)
+        assert set(view) == {"10.0.0.1", "10.96.0.1"}
+    assert posted == [("evil/evil-7", "MeshDestinationsCut")]
+
+    async def shrink() -> None:
+        for n in range(5, 60):
+            d.remove_pod("evil", f"evil-{n}")
+        d.publish()
+    asyncio.run(shrink())
+    assert d.cut == {} and "10.9.0.0" in d.view("shop")
+
+
+def test_while_the_map_is_over_its_bound_the_largest_namespaces_are_left_out() -> None:
+    by_ns = {"a": _entries(30, "a"), "b": _entries(20, "b"), "c": _entries(10, "c")}
+    sizes = {ns: len(json.dumps(e, separators=(",", ":"))) for ns, e in by_ns.items()}
+    doc, cut = bounded(by_ns, max_namespace_bytes=10**6, max_map_bytes=sizes["b"] + sizes["c"] + 10)
+    assert list(cut) == ["a"] and "namespace a, the largest left" in cut["a"]
+    assert set(doc) == set(by_ns["b"]) | set(by_ns["c"])
+
+
+@given(st.dictionaries(st.sampled_from(["a", "bb", "ccc", "dddd", "e"]),
+                       st.tuples(st.integers(0, 60), st.integers(0, 64)), max_size=5),
+       st.integers(200, 5000), st.integers(200, 20000))
+@settings(max_examples=60, deadline=None)
+def test_the_bounded_map_never_exceeds_its_bound_and_cuts_whole_namespaces(
+        shape: dict[str, tuple[int, int]], per_ns: int, total: int) -> None:
+    by_ns = {ns: _entries(n, ns, ports) for ns, (n, ports) in shape.items()}
+    doc, cut = bounded(by_ns, per_ns, total)
+    assert len(json.dumps(doc, separators=(",", ":"))) <= total
+    for ns, entries in by_ns.items():
+        assert (ns in cut) == (not set(entries) <= set(doc))
+        assert ns in cut or all(doc[ip] == e for ip, e in entries.items())
+        assert ns not in cut or not set(entries) & set(doc)
+
+
+def _labelled(body: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+    body["metadata"]["labels"].update(labels)
+    return body
+
+
+def test_no_tenant_controlled_input_grows_another_namespaces_message_past_grpcs_limit() -> None:
+    """Tenant inflation of the destination map (issue 18 item 3), each input in turn with the real bounds: pod
+    count, 17 pods with 256 KiB exclusion annotations, maximal admitted annotations, labels, Services with many
+    ports and IPs. The message another namespace's agent receives stays under MAX_MESSAGE_BYTES and keeps every
+    entry of the well-behaved namespaces."""
+    many_ports = {"meshward.io/exclude-inbound-ports": ",".join(str(p) for p in range(1, 65536))}
+    maximal = {"meshward.io/exclude-inbound-ports": ",".join(str(65535 - n) for n in range(64))}
+    labels = {f"l{n}": "x" * 63 for n in range(200)}
+    attacks: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {
+        "pod count": ([pod(f"e-{n}", f"10.{100 + n // 62500}.{n // 250 % 250}.{n % 250}", ns="evil")
+                       for n in range(40000)], []),
+        "inflated annotations": ([pod(f"e-{n}", f"10.100.0.{n}", ns="evil", annotations=many_ports)
+                                  for n in range(17)], []),
+        "maximal admitted annotations": ([pod(f"e-{n}", f"10.100.{n // 250}.{n % 250}", ns="evil",
+                                              sa="s" * 253, annotations=maximal) for n in range(6000)], []),
+        "labels": ([_labelled(pod(f"e-{n}", f"10.100.0.{n}", ns="evil"), labels) for n in range(200)], []),
+        "services": ([pod("e-0", "10.100.0.1", ns="evil", annotations=maximal)],
+                     [{"metadata": {"name": f"s-{n}", "namespace": "evil"},
+                       "spec": {"clusterIP": f"10.200.{n // 250}.{n % 250}",
+                                "clusterIPs": [f"10.200.{n // 250}.{n % 250}"], "selector": {"app": "orders"},
+                                "ports": [{"port": p, "targetPort": 65535 - (p % 64)} for p in range(1, 1001)]}}
+                      for n in range(300)]),
+    }
+    for attack, (pods, services) in attacks.items():
+        d = MeshDirectory(TD)
+        d.apply_pod(pod("o-1", "10.0.0.1"))
+        d.apply_pod(pod("w-1", "10.0.1.1", ns="web", sa="frontend"))
+        d.apply_service(service("orders", "10.96.0.1"))
+        for body in pods:
+            d.apply_pod(body)
+        for body in services:
+            d.apply_service(body)
+        d.publish()
+        for viewer in ("web", "shop", "evil"):
+            message = dumps({"destinations": {"version": d.version, "peers": d.view(viewer)}})
+            assert len(message) < MAX_MESSAGE_BYTES, attack
+            assert {"10.0.0.1", "10.0.1.1", "10.96.0.1"} <= set(d.view(viewer)), attack

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from meshward.operator.domain.compile import Compiled, PolicyInvalid
+from meshward.operator.domain.policy_status import PolicyView, policy_status, revocation_status
 from meshward.operator.engines.policy_hub import PolicyHub, Subscriber, SubscriptionRefused
 from meshward.sidecar.config.schema import hashed_revocation, parse_config
 
@@ -392,3 +393,65 @@ def test_a_config_compiled_before_a_change_is_never_an_agents_first() -> None:
         assert latest(returning).policies == {"shop/p": 2}
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- agents that cannot receive (issue 18 item 3)
+
+def revocation(name: str, jti: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"entries": [{"jti": jti, "expiresAt": "2027-01-01T00:00:00Z"}]}}
+
+
+def running(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` as kubelet reports it once injected and started."""
+    return {**body, "spec": {**body["spec"], "initContainers": [{"name": "meshward-agent"}]},
+            "status": {"phase": "Running"}}
+
+
+def test_a_policy_whose_selected_agents_lost_their_stream_is_not_ready() -> None:
+    """False assurance (issue 18: every agent dropped to disconnected while the AuthPolicy and the Revocation read
+    Ready, "all 0 connected workloads deny"): a running injected pod without a stream past the grace counts as
+    selected and not enforcing, reason NotConnected, naming the pod; within the grace (an agent restart, an
+    operator failover) it does not."""
+    now = [NOW]
+
+    async def scenario() -> None:
+        hub = PolicyHub(lambda: now[0])
+        hub.apply_pod(running(pod("shop", "orders-1", app="orders")))
+        hub.apply_pod(pod("shop", "orders-2", app="orders"))  # Pending: its agent has not started; not counted
+        await hub.apply_policy(policy("shop"))
+        hub.apply_revocation(revocation("incident", "leaked"))
+        sub = sub_of(hub, "shop", "orders-1")
+        await hub.settle()
+        hub.ack(sub, latest(sub).version, None)
+        assert hub.policy_enforcement("shop/p").enforcing == ["shop/orders-1"]
+        hub.unsubscribe(sub)  # the stream failed (RESOURCE_EXHAUSTED, say)
+        now[0] += dt.timedelta(seconds=5)
+        assert hub.policy_enforcement("shop/p").selected == [] and hub.disconnected() == []
+        now[0] += dt.timedelta(seconds=60)
+        enf = hub.policy_enforcement("shop/p")
+        assert enf.selected == ["shop/orders-1"] and enf.enforcing == [] and len(enf.disconnected) == 1
+        assert enf.disconnected[0].startswith("shop/orders-1: running with the mesh but its agent has had no")
+        st = policy_status(PolicyView(1, 1, None, enf.selected, enf.enforcing, enf.lagging,
+                                      disconnected=tuple(enf.disconnected)), [], now[0])
+        ready = st["conditions"][0]
+        assert (ready["status"], ready["reason"], st["workloads"]) == ("False", "NotConnected", "0/1")
+        assert "shop/orders-1" in ready["message"]
+        rev = hub.revocation_enforcement("incident")
+        rst = revocation_status(1, 1, 0, rev.selected, rev.enforcing, rev.lagging, [], now[0], rev.disconnected)
+        assert (rst["conditions"][0]["status"], rst["conditions"][0]["reason"]) == ("False", "NotConnected")
+        assert "shop/orders-1" in rst["conditions"][0]["message"] and rst["workloads"] == "0/1"
+        again = sub_of(hub, "shop", "orders-1")  # the agent reconnects: it counts as connected at once
+        assert hub.disconnected() == [] and hub.policy_enforcement("shop/p").disconnected == []
+        hub.remove_pod("shop", "orders-1")
+        assert again.closed is not None and hub.disconnected() == []
+    asyncio.run(scenario())
+
+
+def test_a_new_operator_gives_agents_the_grace_to_reconnect() -> None:
+    now = [NOW]
+    hub = PolicyHub(lambda: now[0])
+    hub.apply_pod(running(pod("shop", "orders-1", app="orders")))
+    now[0] += dt.timedelta(seconds=10)
+    assert hub.disconnected() == []
+    now[0] += dt.timedelta(seconds=30)
+    assert [d.split(":")[0] for d in hub.disconnected()] == ["shop/orders-1"]

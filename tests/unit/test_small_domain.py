@@ -63,7 +63,7 @@ def test_revocation_status_is_ready_only_when_every_connected_workload_enforces(
     st = revocation_status(2, 3, 1, ["a", "b", *lagging], ["a", "b"], lagging, [], NOW)
     cond = st["conditions"][0]
     assert (cond["status"], cond["reason"], st["workloads"]) == ("False", "WorkloadsLagging", "2/10")
-    assert cond["message"] == "2 of 10 connected workloads enforce it; " + "; ".join(lagging[:5])
+    assert cond["message"] == "2 of 10 workloads enforce it; " + "; ".join(lagging[:5])
     st = revocation_status(2, 3, 1, ["a", "b"], ["a", "b"], [], [], NOW)
     cond = st["conditions"][0]
     assert (cond["status"], cond["reason"]) == ("True", "Enforced")

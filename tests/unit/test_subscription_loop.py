@@ -11,6 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from meshward.sidecar.clients.policy import PolicyStreamError
 from meshward.sidecar.engines.agent import Agent, load_snapshot
 from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
 from meshward.sidecar.engines.subscription import PolicySubscription
@@ -58,6 +59,38 @@ def test_an_unexpected_stream_error_does_not_end_the_subscription() -> None:
 
     calls, version = asyncio.run(scenario())
     assert calls >= 2 and version == "v1"
+
+
+class ExhaustedClient:
+    """Every stream fails as one carrying a message over gRPC's limit did (issue 18)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def subscribe(self, pod: str, apply: Callable[[str, dict[str, Any]], Awaitable[str | None]],
+                        connected: Callable[[], None], destinations: Callable[[Any], object] | None = None) -> None:
+        self.calls += 1
+        raise PolicyStreamError("RESOURCE_EXHAUSTED", "Received message larger than max (6497576 vs. 4194304)")
+
+
+def test_an_agent_whose_stream_keeps_failing_says_so_in_its_metrics() -> None:
+    async def scenario() -> CollectorRegistry:
+        registry = CollectorRegistry()
+        agent = Agent(load_snapshot(json.dumps(CONFIG)), _NoFetch(), Metrics(registry), JsonLineAudit(io.StringIO()))
+        client = ExhaustedClient()
+        sub = PolicySubscription(client, agent, "orders-1", registry)  # type: ignore[arg-type]
+        runner = asyncio.create_task(sub.run())
+        try:
+            deadline = time.monotonic() + 10
+            while client.calls < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return registry
+        finally:
+            runner.cancel()
+
+    registry = asyncio.run(scenario())
+    assert (registry.get_sample_value("meshward_policy_stream_errors_total", {"code": "RESOURCE_EXHAUSTED"}) or 0) >= 2
+    assert registry.get_sample_value("meshward_policy_connected") == 0
 
 
 def test_until_its_first_config_an_agent_answers_unavailable_not_forbidden() -> None:
