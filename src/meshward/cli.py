@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     eb.add_argument("--app", type=int, required=True, help="the app's port on 127.0.0.1 (where allowed requests go)")
     eb.add_argument("--listen", default="0.0.0.0:15006",
                     help="Envoy's inbound listener, host:port (default 0.0.0.0:15006)")
-    eb.add_argument("--admin", default="127.0.0.1:15000", help="Envoy's admin address (default 127.0.0.1:15000)")
+    eb.add_argument("--admin", default="unix:/var/run/meshward/envoy-admin.sock",
+                    help="Envoy's admin address; a Unix socket is created mode 0600, out of the app's reach "
+                         "(default unix:/var/run/meshward/envoy-admin.sock)")
     eb.add_argument("--authz", default="unix:/var/run/meshward/authz.sock",
                     help="the agent's ext_authz address, as its --http-listen/--grpc-listen (default "
                          "unix:/var/run/meshward/authz.sock)")
@@ -152,6 +154,14 @@ def _endpoint(text: str, flag: str) -> Endpoint:
     return Endpoint(host=host.strip("[]"), port=int(port))
 
 
+def _admin_endpoint(text: str) -> Endpoint:
+    """Envoy's admin address from --admin: a Unix socket only its own user may open (mode 0600)."""
+    from meshward.sidecar.domain.envoy import ADMIN_SOCKET_MODE, Endpoint
+
+    ep = _endpoint(text, "--admin")
+    return Endpoint(unix=ep.unix, mode=ADMIN_SOCKET_MODE) if ep.unix else ep
+
+
 def _envoy_bootstrap(args: argparse.Namespace) -> int:
     import json
 
@@ -177,7 +187,7 @@ def _envoy_bootstrap(args: argparse.Namespace) -> int:
             raise SystemExit("meshward: --cert, --key and --ca go together")
         tls = Tls(args.cert, args.key, args.ca)
     boot = build_inbound_bootstrap(InboundConfig(
-        listen=_endpoint(args.listen, "--listen"), admin=_endpoint(args.admin, "--admin"), app=Endpoint(port=args.app),
+        listen=_endpoint(args.listen, "--listen"), admin=_admin_endpoint(args.admin), app=Endpoint(port=args.app),
         authz=_endpoint(args.authz, "--authz"), transport=args.transport, tls=tls, node=args.node))
     check_bootstrap(boot)
     print(json.dumps(boot, indent=2) if args.format == "json" else yaml.safe_dump(boot, sort_keys=False), end="")
