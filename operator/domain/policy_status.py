@@ -93,6 +93,16 @@ def revocation_status(generation: int, active: int, expired: int, connected: lis
     }
 
 
+def checkable_principals(spec: dict[str, Any], trust_domain: str, namespace: str) -> list[tuple[str, str, str]]:
+    """The exact principals whose ServiceIdentity a policy of `namespace` may be told about: its own namespace's.
+
+    A status saying which principals of *other* namespaces lack a ServiceIdentity would tell a tenant which
+    ServiceAccounts there have one (write a policy naming guesses, read the status): an enumeration oracle. So a
+    typo in another namespace's name goes unreported; docs/policies.md says so.
+    """
+    return [p for p in exact_principals(spec, trust_domain) if p[1] == namespace]
+
+
 def exact_principals(spec: dict[str, Any], trust_domain: str) -> list[tuple[str, str, str]]:
     """(SPIFFE ID, namespace, service account) of every exact in-mesh principal the rules name."""
     out = []

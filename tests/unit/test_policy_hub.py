@@ -247,6 +247,42 @@ def test_a_config_carries_nothing_of_another_namespace() -> None:
     asyncio.run(scenario())
 
 
+def test_a_policys_status_is_no_oracle_for_another_namespaces_service_identities() -> None:
+    """Enumeration oracle: a tenant writes a policy naming guessed principals of another namespace and reads its
+    status; UnknownPrincipal named exactly those without a ServiceIdentity, so the others had one. The status
+    checks only the policy's own namespace (a typo there is still reported)."""
+    from typing import cast
+
+    from meshward.operator.engines.ca_keeper import CaKeeper
+    from meshward.operator.engines.identity_directory import IdentityDirectory, IssuanceStats
+    from meshward.operator.engines.status_reports import ReportApi, StatusReports
+
+    directory = IdentityDirectory()
+    for ns, sa in (("hr", "payroll"), ("shop", "frontend")):
+        directory.upsert({"metadata": {"namespace": ns, "name": sa}, "spec": {"serviceAccountName": sa}})
+
+    def principal(ns: str, sa: str) -> str:
+        return f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+    guesses = [principal("hr", "payroll"), principal("hr", "ceo-assistant"), principal("shop", "frontnd"),
+               principal("shop", "frontend")]
+
+    async def scenario() -> dict[str, Any]:
+        hub = PolicyHub(lambda: NOW)
+        body = policy("shop", "probe", rules=[{"name": "r", "from": {"principals": guesses}}])
+        assert await hub.apply_policy(body) is None
+        await hub.settle()
+        reports = StatusReports(cast(ReportApi, None), cast(CaKeeper, None), IssuanceStats(), hub, directory,
+                                "cluster.local", lambda: NOW)
+        status = (await reports.policy(body)).status
+        assert status is not None
+        return status
+
+    degraded = next(c for c in asyncio.run(scenario())["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "UnknownPrincipal", degraded
+    assert principal("shop", "frontnd") in degraded["message"], "a typo in its own namespace is still reported"
+    assert "/ns/hr/" not in degraded["message"], degraded["message"]
+
+
 def test_a_pod_that_opts_out_leaves_the_mesh_visibly() -> None:
     """Removing the meshward.io/inject label used to leave the pod's config in place until it was deleted."""
     async def scenario() -> None:
