@@ -13,8 +13,9 @@ they need I/O; while one is pending the connection stops reading, so responses
 stay in request order.
 
 A `ConnectionGuard` per server bounds what a client that never finishes can hold:
-a request must arrive whole within HEADER_TIMEOUT_S of its first byte (else 408 and
-close), an idle connection is closed after IDLE_TIMEOUT_S, and at most
+a request must arrive whole within HEADER_TIMEOUT_S of its first byte, and a new
+connection's first request within HEADER_TIMEOUT_S of the connection (else 408 and
+close), an idle connection (between requests) is closed after IDLE_TIMEOUT_S, and at most
 MAX_CONNECTIONS are open (further ones are closed at once). Checked by one sweep a
 second, not a timer per request: the hot path only reads a cached clock.
 """
@@ -152,8 +153,10 @@ class _Protocol(asyncio.Protocol):
         self._pending: asyncio.Task[None] | None = None
         self._limit_status = 0
         self._names: dict[bytes, str] = {}
-        # When the current request's first byte arrived (None: between requests), and the last activity.
-        self._busy_since: float | None = None
+        # When the current request's first byte arrived (None: between requests), and the last activity. A new
+        # connection counts as a request begun: one that never sends a byte gets the head timeout, not the idle
+        # one (1,100 silent connections otherwise held every slot for 120 s).
+        self._busy_since: float | None = guard.now
         self._last_active = guard.now
         self._local = False
 
