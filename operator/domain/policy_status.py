@@ -33,6 +33,8 @@ class PolicyView:
     unknown_principals: tuple[str, ...] = ()
     # Why a selected workload did not get its config (the config would exceed what a sidecar accepts).
     oversized: str | None = None
+    # `namespace/pod:port` of selected workloads' declared ports excluded from capture (outside the mesh).
+    outside_mesh: tuple[str, ...] = ()
 
 
 def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
@@ -50,10 +52,17 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
         ready, reason = True, "Enforced"
         message = (f"all {n} selected workloads enforce generation {v.generation}" if n
                    else "no connected workload is selected yet")
+    outside = ""
+    if v.outside_mesh:
+        outside = (f"plaintext reaches {', '.join(v.outside_mesh[:5])} outside the mesh: the port is excluded from "
+                   "capture (annotation meshward.io/exclude-inbound-ports), so no policy applies there")
+        message = f"{message}; but {outside}" if ready else message
     degraded = v.invalid is not None or v.oversized is not None or v.conflict is not None or bool(
-        v.unknown_principals)
+        v.unknown_principals) or bool(v.outside_mesh)
     if v.invalid is not None:
         d_reason, d_message = "InvalidSpec", message
+    elif outside:
+        d_reason, d_message = "PortsOutsideMesh", outside
     elif v.oversized:
         d_reason, d_message = "ConfigTooLarge", v.oversized
     elif v.conflict:

@@ -110,9 +110,12 @@ class StatusReports:
         enf = hub.policy_enforcement(key)
         own = checkable_principals(dict(body.get("spec") or {}), self._trust_domain, meta.get("namespace", ""))
         unknown = tuple(sorted({p for p, ns, sa in own if self._directory.find(ns, sa) is None}))
+        outside = tuple(f"{w.key}:{port}" for ns, _, pod in (k.partition("/") for k in enf.selected)
+                        if (w := hub.workload(ns, pod)) is not None for port in w.uncaptured_ports)
         view = PolicyView(generation, in_force.generation if in_force else None,
                           invalid[1] if invalid and invalid[0] == generation else None,
-                          enf.selected, enf.enforcing, enf.lagging, hub.conflict(key), unknown, hub.oversized(key))
+                          enf.selected, enf.enforcing, enf.lagging, hub.conflict(key), unknown, hub.oversized(key),
+                          outside)
         if in_force is not None and in_force.generation != generation and view.invalid is None:
             return Report()  # the hub has not seen this generation yet; report on the next pass
         old = dict(body.get("status") or {})

@@ -124,6 +124,7 @@ def _inject(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from meshward.operator.clients.kube import KubeClient, KubeError
+    from meshward.operator.domain.destinations import ports_outside_mesh
     from meshward.operator.domain.inject import INJECT_LABEL, unprotected
 
     try:
@@ -137,9 +138,15 @@ def _check(args: argparse.Namespace) -> int:
     for key in bad:
         print(f"UNPROTECTED {key}: opted in to the mesh but runs without its sidecar (created while the webhook "
               "was bypassed, or labelled afterwards); restart it to inject it")
+    outside = ports_outside_mesh(pods)
+    for key, ports in outside:
+        print(f"OUTSIDE-MESH {key} port{'s' if len(ports) > 1 else ''} {','.join(map(str, ports))}: a declared "
+              "container port excluded from capture (meshward.io/exclude-inbound-ports); plaintext reaches the "
+              "app there from anyone and no AuthPolicy applies")
     if not bad:
-        print(f"ok: all {len(pods)} pods checked; none runs opted in without the mesh")
-    return 1 if bad else 0
+        print(f"ok: all {len(pods)} pods checked; none runs opted in without the mesh"
+              + (f"; {len(outside)} leave declared ports outside it" if outside else ""))
+    return 1 if bad else 0  # an excluded port is the pod's explicit choice: said, not failed
 
 
 def _endpoint(text: str, flag: str) -> Endpoint:
