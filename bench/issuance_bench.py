@@ -49,9 +49,16 @@ async def run(kubeconfig: str, requests: int, concurrency: int, accounts: int) -
             "apiVersion": "meshward.io/v1alpha1", "kind": "ServiceIdentity", "metadata": {"name": sa},
             "spec": {"serviceAccountName": sa}})
         request = spiffe_csr(f"spiffe://cluster.local/ns/{ns}/sa/{sa}").decode()
+        # The signer wants a token bound to a pod of the ServiceAccount, as kubelet projects it.
+        pod = core.create_namespaced_pod(ns, client.V1Pod(
+            metadata=client.V1ObjectMeta(name=f"{sa}-pod"), spec=client.V1PodSpec(
+                service_account_name=sa, containers=[client.V1Container(name="app", image="registry.invalid/app:1")])))
+        bound = client.V1BoundObjectReference(kind="Pod", api_version="v1", name=pod.metadata.name,
+                                              uid=pod.metadata.uid)
         for _ in range(per_account):
             tr = core.create_namespaced_service_account_token(sa, ns, client.AuthenticationV1TokenRequest(
-                spec=client.V1TokenRequestSpec(audiences=["meshward"], expiration_seconds=3600)))
+                spec=client.V1TokenRequestSpec(audiences=["meshward"], expiration_seconds=3600,
+                                               bound_object_ref=bound)))
             jobs.append((tr.status.token, request))
     jobs = jobs[:requests]
     ca = generate_root("cluster.local", dt.datetime.now(dt.UTC))

@@ -100,11 +100,10 @@ def bench_propagation(subscribers: int, changes: int) -> float:
             cluster.apply(service_identity("bench", "bench"),
                           *[opted_in_pod("bench", p, "bench", app="bench") for p in pods])
             bundle = cluster.trust_bundle("bench")
-            token = cluster.kubectl("-n", "bench", "create", "token", "bench", "--audience", "meshward").stdout.strip()
-            name = "meshward-signer.meshward-system.svc"
-            creds = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), token,
-                                     "spiffe://cluster.local/ns/bench/sa/bench"))
             tokens = pod_tokens(str(cluster.kubeconfig), "bench", "bench", pods)
+            name = "meshward-signer.meshward-system.svc"
+            creds = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), tokens[pods[0]],
+                                     "spiffe://cluster.local/ns/bench/sa/bench"))
             fleet = Fleet(f"127.0.0.1:{operator.policy_port}", name, pods, creds, tokens)
             f = fleet
             wait_until("every subscriber synced", lambda: all(s.synced for s in f.subs), timeout=60)

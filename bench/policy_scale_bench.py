@@ -84,15 +84,15 @@ def setup(cluster: Cluster, operator: Operator, namespaces: int, pods_per_ns: in
     for start in range(0, len(docs), 500):
         cluster.apply(*docs[start:start + 500])
     name = f"meshward-signer.{operator.namespace}.svc"
-    creds = {}
-    for ns in names:
-        bundle = cluster.trust_bundle(ns, timeout=120)
-        token = cluster.kubectl("-n", ns, "create", "token", "bench", "--audience", "meshward").stdout.strip()
-        creds[ns] = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), token,
-                                     f"spiffe://cluster.local/ns/{ns}/sa/bench"))
     tokens: dict[str, str] = {}
     for ns in names:
         tokens |= pod_tokens(str(cluster.kubeconfig), ns, "bench", [p for p in pods if owner[p] == ns])
+    creds = {}
+    for ns in names:
+        bundle = cluster.trust_bundle(ns, timeout=120)
+        token = tokens[next(p for p in pods if owner[p] == ns)]  # the signer wants a pod-bound token
+        creds[ns] = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), token,
+                                     f"spiffe://cluster.local/ns/{ns}/sa/bench"))
     fleet = Fleet(f"127.0.0.1:{operator.policy_port}", name, pods, {p: creds[owner[p]] for p in pods}, tokens)
     wait_until("every subscriber synced", lambda: all(s.synced for s in fleet.subs), timeout=600, interval=1)
     return fleet, by_app

@@ -74,6 +74,16 @@ class Cluster:
                             "--duration", duration, "--bound-object-kind", "Pod", "--bound-object-name", pod,
                             "--bound-object-uid", uid).stdout.strip()
 
+    def bound_token(self, namespace: str, service_account: str, duration: str = "1h") -> str:
+        """A pod-bound token of `service_account` (the signer refuses others), from a plain pod made for it (not
+        opted in; it stays Pending on the local control plane) and kept for the namespace's life."""
+        pod = f"{service_account}-token-holder"
+        if not self.kubectl("-n", namespace, "get", "pod", pod, "--ignore-not-found", "-o", "name").stdout.strip():
+            self.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": namespace},
+                        "spec": {"serviceAccountName": service_account,
+                                 "containers": [{"name": "app", "image": "registry.invalid/app:1"}]}})
+        return self.pod_token(namespace, service_account, pod, duration)
+
     def webhooks_to_loopback(self, release_fullname: str, port: int) -> None:
         """Point the chart's webhook configurations at https://127.0.0.1:`port` (an operator run on this machine).
 

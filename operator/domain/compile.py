@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshward.operator.domain.destinations import uncaptured_app_ports
 from meshward.operator.domain.duration import parse_duration
 from meshward.sidecar.config.schema import API_VERSION as SIDECAR_API_VERSION
 from meshward.sidecar.config.schema import KIND as SIDECAR_KIND
@@ -85,6 +86,8 @@ class Workload:
     service_account: str
     labels: Mapping[str, str] = field(default_factory=dict)
     uid: str = ""
+    # Declared container ports excluded from capture: plaintext reaches the app there, outside every policy.
+    uncaptured_ports: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
@@ -204,7 +207,7 @@ def workload_of(pod: Mapping[str, Any]) -> Workload:
     """The workload a Pod object is."""
     meta = pod["metadata"]
     return Workload(meta["namespace"], meta["name"], pod.get("spec", {}).get("serviceAccountName") or "default",
-                    dict(meta.get("labels") or {}), str(meta.get("uid") or ""))
+                    dict(meta.get("labels") or {}), str(meta.get("uid") or ""), uncaptured_app_ports(pod))
 
 
 def revocation_section(entries: Iterable[RevocationEntry], now: dt.datetime, issuers: Iterable[str]

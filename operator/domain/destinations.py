@@ -114,6 +114,37 @@ def mesh_pod(body: Mapping[str, Any]) -> MeshPod | None:
                    tuple(sorted(labels.items())), injected, plaintext, ignored, str(meta.get("uid") or ""))
 
 
+def uncaptured_app_ports(pod: Mapping[str, Any]) -> tuple[int, ...]:
+    """The TCP ports the pod's containers declare that its capture container leaves uncaptured (exclude-inbound-ports).
+
+    Traffic to them reaches the app in plaintext, from anyone, and no AuthPolicy applies; the policies selecting
+    the pod and `meshward check` say so. "The app's own ports" are the declared container ports: the ports the
+    pod says it serves (a Service's targetPort names one of them, or a number the app may not even listen on).
+    """
+    spec = pod.get("spec") or {}
+    try:
+        excluded = set(parse_ports(excluded_inbound_ports(pod), "--exclude-inbound-ports"))
+    except CaptureError:
+        return ()  # the injector refuses such a pod
+    declared = {p.get("containerPort") for c in spec.get("containers") or [] for p in c.get("ports") or []
+                if p.get("protocol", "TCP") == "TCP"}
+    return tuple(sorted(port for port in excluded if port in declared))
+
+
+def ports_outside_mesh(pods: Iterable[Mapping[str, Any]]) -> list[tuple[str, tuple[int, ...]]]:
+    """(`namespace/pod`, its uncaptured declared ports) of every injected, live pod that has any."""
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if not is_injected(pod) or meta.get("deletionTimestamp") or \
+                (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        ports = uncaptured_app_ports(pod)
+        if ports:
+            out.append((f"{meta.get('namespace', '')}/{meta.get('name', '')}", ports))
+    return sorted(out)
+
+
 def mesh_service(body: Mapping[str, Any]) -> MeshService | None:
     """The Service as the map sees it; None for Services that select no pods or have no cluster IP."""
     meta, spec = body.get("metadata", {}), body.get("spec", {})

@@ -40,6 +40,8 @@ class PolicyView:
     disconnected: tuple[str, ...] = ()
     # Why this namespace is left out of the destination map (domain/destinations.py, bounded), if it is.
     destinations_cut: str | None = None
+    # `namespace/pod:port` of selected workloads' declared ports excluded from capture (outside the mesh).
+    outside_mesh: tuple[str, ...] = ()
 
 
 def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
@@ -57,10 +59,17 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
         ready, reason = True, "Enforced"
         message = (f"all {n} selected workloads enforce generation {v.generation}" if n
                    else "no connected workload is selected yet")
+    outside = ""
+    if v.outside_mesh:
+        outside = (f"plaintext reaches {', '.join(v.outside_mesh[:5])} outside the mesh: the port is excluded from "
+                   "capture (annotation meshward.io/exclude-inbound-ports), so no policy applies there")
+        message = f"{message}; but {outside}" if ready else message
     degraded = v.invalid is not None or v.oversized is not None or v.conflict is not None or bool(
-        v.unknown_principals) or v.destinations_cut is not None
+        v.unknown_principals) or v.destinations_cut is not None or bool(v.outside_mesh)
     if v.invalid is not None:
         d_reason, d_message = "InvalidSpec", message
+    elif outside:
+        d_reason, d_message = "PortsOutsideMesh", outside
     elif v.oversized:
         d_reason, d_message = "ConfigTooLarge", v.oversized
     elif v.destinations_cut:
@@ -105,6 +114,16 @@ def revocation_status(generation: int, active: int, expired: int, connected: lis
         "workloads": f"{len(enforcing)}/{len(connected)}",
         "conditions": [condition("Ready", ready, reason, message, generation, now, old_conditions)],
     }
+
+
+def checkable_principals(spec: dict[str, Any], trust_domain: str, namespace: str) -> list[tuple[str, str, str]]:
+    """The exact principals whose ServiceIdentity a policy of `namespace` may be told about: its own namespace's.
+
+    A status saying which principals of *other* namespaces lack a ServiceIdentity would tell a tenant which
+    ServiceAccounts there have one (write a policy naming guesses, read the status): an enumeration oracle. So a
+    typo in another namespace's name goes unreported; docs/policies.md says so.
+    """
+    return [p for p in exact_principals(spec, trust_domain) if p[1] == namespace]
 
 
 def exact_principals(spec: dict[str, Any], trust_domain: str) -> list[tuple[str, str, str]]:

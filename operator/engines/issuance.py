@@ -1,8 +1,9 @@
 """Certificate issuance: authenticate the caller, find its ServiceIdentity, check the CSR, sign.
 
-The order matters: the token is authenticated (TokenReview, bound audience) before
-anything else is looked at, so an anonymous caller learns nothing about which
-ServiceIdentities exist. Reviews come from the shared `TokenReviewer` (cached briefly,
+The order matters: the token is authenticated (TokenReview, bound audience, bound to a
+pod that exists and has not finished: `TokenReviewer.pod_token`, the policy service's
+check too) before anything else is looked at, so an anonymous caller learns nothing about
+which ServiceIdentities exist. Reviews come from the shared `TokenReviewer` (cached briefly,
 dropped when the token's pod or ServiceAccount is deleted). Each ServiceAccount has its
 own token bucket, so one misbehaving workload cannot starve the others.
 """
@@ -31,7 +32,7 @@ from meshward.operator.domain.ca import (
     spiffe_id,
 )
 from meshward.operator.engines.identity_directory import IdentityDirectory, IssuanceStats
-from meshward.operator.engines.token_review import AUDIENCE, ReviewUnavailable, TokenReviewer
+from meshward.operator.engines.token_review import TokenRefused, TokenReviewer
 
 # Per-ServiceAccount issuance budget: a burst for a rollout, then a steady rate.
 BURST = 50
@@ -114,21 +115,11 @@ class IssuanceEngine:
         ca = self._ca()
         if ca is None:
             raise IssuanceError("UNAVAILABLE", "the mesh CA is not loaded yet; retry")
-        if not token:
-            raise IssuanceError("UNAUTHENTICATED", "no ServiceAccount token: send the pod's projected token "
-                                                   f"(audience {AUDIENCE!r}) as 'authorization: Bearer <token>'")
         try:
-            review = await self.reviewer.review(token)
-        except ReviewUnavailable as e:
-            raise IssuanceError("UNAVAILABLE", str(e)) from e
-        if not review.authenticated:
-            raise IssuanceError("UNAUTHENTICATED", f"token rejected by the API server: {review.error}")
-        if AUDIENCE not in review.audiences:
-            raise IssuanceError("UNAUTHENTICATED", f"token is not bound to the audience {AUDIENCE!r}")
-        parts = review.username.split(":")
-        if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"]:
-            raise IssuanceError("PERMISSION_DENIED", f"{review.username!r} is not a ServiceAccount")
-        namespace, sa = parts[2], parts[3]
+            who = await self.reviewer.pod_token(token)
+        except TokenRefused as e:
+            raise IssuanceError(e.code, str(e)) from e
+        namespace, sa = who.namespace, who.service_account
         try:
             issued = await self._admit_and_sign(namespace, sa, csr_pem)
         except IssuanceError as e:

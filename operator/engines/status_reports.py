@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from meshward.operator.domain.ca import spiffe_id
 from meshward.operator.domain.conditions import DEGRADED, READY, status_changed
 from meshward.operator.domain.identity_status import Observation, identity_status
-from meshward.operator.domain.policy_status import PolicyView, exact_principals, policy_status, revocation_status
+from meshward.operator.domain.policy_status import PolicyView, checkable_principals, policy_status, revocation_status
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identity_directory import IdentityDirectory, IssuanceStats
 from meshward.operator.engines.mesh_directory import MeshDirectory
@@ -111,13 +111,16 @@ class StatusReports:
         invalid = hub.invalid(key)
         in_force = hub.policy(key)
         enf = hub.policy_enforcement(key)
-        unknown = tuple(sorted({p for p, ns, sa in exact_principals(dict(body.get("spec") or {}), self._trust_domain)
-                                if self._directory.find(ns, sa) is None}))
+        own = checkable_principals(dict(body.get("spec") or {}), self._trust_domain, meta.get("namespace", ""))
+        unknown = tuple(sorted({p for p, ns, sa in own if self._directory.find(ns, sa) is None}))
+        outside = tuple(f"{w.key}:{port}" for ns, _, pod in (k.partition("/") for k in enf.selected)
+                        if (w := hub.workload(ns, pod)) is not None for port in w.uncaptured_ports)
         view = PolicyView(generation, in_force.generation if in_force else None,
                           invalid[1] if invalid and invalid[0] == generation else None,
                           enf.selected, enf.enforcing, enf.lagging, hub.conflict(key), unknown, hub.oversized(key),
                           tuple(enf.disconnected),
-                          self._mesh.cut.get(meta.get("namespace", "")) if self._mesh is not None else None)
+                          self._mesh.cut.get(meta.get("namespace", "")) if self._mesh is not None else None,
+                          outside)
         if in_force is not None and in_force.generation != generation and view.invalid is None:
             return Report()  # the hub has not seen this generation yet; report on the next pass
         old = dict(body.get("status") or {})

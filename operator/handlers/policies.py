@@ -49,6 +49,7 @@ def register(registry: kopf.OperatorRegistry, hub: PolicyHub, reviewer: TokenRev
             reviewer.forget_pod(meta.get("namespace", ""), meta.get("name", ""), str(meta.get("uid") or ""))
         else:
             hub.apply_pod(body)
+            reviewer.pod_changed(body)
 
     @kopf.on.event("", "v1", "serviceaccounts", id="serviceaccount-deletions", registry=registry)
     async def service_account_event(type: str | None, body: kopf.Body, **_: Any) -> None:

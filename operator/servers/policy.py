@@ -33,10 +33,9 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from meshward.operator.clients.kube import TokenReviewResult
 from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.policy_hub import PolicyHub, Subscriber, SubscriptionRefused
-from meshward.operator.engines.token_review import AUDIENCE, ReviewUnavailable, TokenReviewer
+from meshward.operator.engines.token_review import PodToken, TokenRefused, TokenReviewer
 from meshward.operator.servers.wire import dumps, loads, rotating_credentials
 
 SERVICE = "meshward.policy.v1.Policy"
@@ -97,34 +96,26 @@ class PolicyService:
         except TimeoutError as e:
             raise SubscriptionRefused("INVALID_ARGUMENT", 'no first message {"pod": "<name>"} within '
                                                           f"{FIRST_MESSAGE_TIMEOUT_S:.0f} s") from e
-        review = await self._pod_token(context, namespace, sa)
+        token = await self._pod_token(context, namespace, sa)
         pod = first.get("pod") if isinstance(first, dict) else None
         if not isinstance(pod, str) or not pod:
             raise SubscriptionRefused("INVALID_ARGUMENT", 'the first message must be {"pod": "<name>"}')
-        if pod != review.pod_name:
-            raise SubscriptionRefused("PERMISSION_DENIED", f"the token belongs to pod {namespace}/{review.pod_name}, "
+        if pod != token.pod:
+            raise SubscriptionRefused("PERMISSION_DENIED", f"the token belongs to pod {namespace}/{token.pod}, "
                                                            f"which cannot subscribe as {namespace}/{pod}")
-        return self._hub.subscribe(namespace, sa, pod, spiffe, review.pod_uid)
+        return self._hub.subscribe(namespace, sa, pod, spiffe, token.pod_uid)
 
-    async def _pod_token(self, context: grpc.aio.ServicerContext, namespace: str, sa: str) -> TokenReviewResult:
-        """The API server's review of the caller's token: valid, ours, the certificate's account's, pod-bound."""
-        token = _bearer(context)
-        if not token:
-            raise SubscriptionRefused("UNAUTHENTICATED", "send the pod's projected ServiceAccount token (audience "
-                                                         f"{AUDIENCE!r}) as 'authorization: Bearer <token>'")
+    async def _pod_token(self, context: grpc.aio.ServicerContext, namespace: str, sa: str) -> PodToken:
+        """The pod the caller's token proves (the signer's check), which must run as the certificate's account."""
         try:
-            review = await self._reviewer.review(token)
-        except ReviewUnavailable as e:
-            raise SubscriptionRefused("UNAVAILABLE", str(e)) from e
-        if not review.authenticated or AUDIENCE not in review.audiences:
-            raise SubscriptionRefused("UNAUTHENTICATED", f"token rejected: {review.error or 'wrong audience'}")
-        if review.username != f"system:serviceaccount:{namespace}:{sa}":
-            raise SubscriptionRefused("PERMISSION_DENIED", f"the token is {review.username!r}'s, not that of the "
-                                                           f"certificate's ServiceAccount {namespace}/{sa}")
-        if not review.pod_name:
-            raise SubscriptionRefused("PERMISSION_DENIED", "the token is not bound to a pod: send the pod's "
-                                                           "projected ServiceAccount token, not a TokenRequest one")
-        return review
+            who = await self._reviewer.pod_token(_bearer(context))
+        except TokenRefused as e:
+            raise SubscriptionRefused(e.code, str(e)) from e
+        if (who.namespace, who.service_account) != (namespace, sa):
+            raise SubscriptionRefused("PERMISSION_DENIED", f"the token is {who.namespace}/{who.service_account}'s, "
+                                                           f"not that of the certificate's ServiceAccount "
+                                                           f"{namespace}/{sa}")
+        return who
 
     async def subscribe(self, requests: AsyncIterator[Any],
                         context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:

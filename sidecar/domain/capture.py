@@ -32,8 +32,6 @@ PROXY_UID = 1337
 INBOUND_PORT = 15006
 # Envoy's outbound listener (on 127.0.0.1; every TCP connection the app opens lands here).
 OUTBOUND_PORT = 15001
-# Envoy's admin interface, on 127.0.0.1 only.
-ENVOY_ADMIN_PORT = 15000
 # The agent's admin port: readiness, metrics and the app's rewritten probes (kubelet reaches it in plaintext).
 AGENT_ADMIN_PORT = 15020
 # Envoy's readiness, proxied from its admin (kubelet probes it).

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from meshward.sidecar.domain.capture import ENVOY_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_HEALTH_PORT
+from meshward.sidecar.domain.capture import INBOUND_PORT, OUTBOUND_PORT, PROXY_HEALTH_PORT
 from meshward.sidecar.domain.context import WIRE_HEADER, context_headers
 
 # Request attributes the HTTP transport receives as headers, set by Envoy itself.
@@ -55,16 +55,17 @@ Transport = Literal["http", "grpc"]
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where something listens: a Unix socket path or a TCP host and port."""
+    """Where something listens: a Unix socket path (with the mode Envoy creates it with) or a TCP host and port."""
 
     unix: str | None = None
     host: str = "127.0.0.1"
     port: int = 0
+    mode: int | None = None
 
     def address(self) -> dict[str, Any]:
         """The Envoy `Address` of this endpoint."""
         if self.unix:
-            return {"pipe": {"path": self.unix}}
+            return {"pipe": {"path": self.unix, **({"mode": self.mode} if self.mode is not None else {})}}
         return {"socket_address": {"address": self.host, "port_value": self.port}}
 
 
@@ -324,6 +325,12 @@ class PodProxy:
     allowed_headers: tuple[str, ...] = DEFAULT_ALLOWED_HEADERS
 
 
+# Envoy's admin interface in an injected pod: a Unix socket in the agent's socket directory, created mode 0600
+# (Envoy runs as PROXY_UID). Never TCP: on 127.0.0.1 the app could read /certs, /config_dump and /clusters, and
+# POST /logging, /drain_listeners or /quitquitquit; the socket directory is mounted by the mesh's containers only.
+# Tooling reads it from Envoy's own container (tests/e2e/conftest.py, envoy_admin).
+ENVOY_ADMIN_SOCKET = "envoy-admin.sock"
+ADMIN_SOCKET_MODE = 0o600
 # The pod's inbound and health listeners take connections on every address of the pod (capture sends them there).
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104
 # Open downstream connections one pod's Envoy accepts (inbound, outbound and health together).
@@ -367,6 +374,7 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
     if p.inbound_plaintext:
         chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"},
                        "filters": [{"name": _HCM, "typed_config": {**hcm, "stat_prefix": "inbound_plaintext"}}]})
+    # Kubelet's probe of Envoy: the admin's /ready and nothing else of the admin, over its socket.
     health = _hcm("health", {"name": "health", "virtual_hosts": [{"name": "health", "domains": ["*"], "routes": [
         {"match": {"path": "/healthz/ready"}, "route": {"cluster": "envoy_admin", "prefix_rewrite": "/ready"}},
         {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]})
@@ -376,17 +384,17 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
         {"name": "health", "address": Endpoint(host=ANY_ADDRESS, port=PROXY_HEALTH_PORT).address(),
          "filter_chains": [{"filters": [{"name": _HCM, "typed_config": health}]}]},
     ]
-    admin = Endpoint(port=ENVOY_ADMIN_PORT)
+    admin = f"{p.socket_dir}/{ENVOY_ADMIN_SOCKET}"
     clusters = [
         _cluster("meshward_authz", Endpoint(unix=f"{p.socket_dir}/authz.sock"), http2=p.transport == "grpc"),
         _cluster(XDS, Endpoint(unix=f"{p.socket_dir}/sds.sock"), http2=True),
-        _cluster("envoy_admin", admin, http2=False),
+        _cluster("envoy_admin", Endpoint(unix=admin), http2=False),
         _original_dst_cluster(INBOUND_APP),
         _original_dst_cluster(PASSTHROUGH),
     ]
     return {
         "node": {"id": p.node, "cluster": p.node},
-        "admin": {"address": admin.address()},
+        "admin": {"address": Endpoint(unix=admin, mode=ADMIN_SOCKET_MODE).address()},
         "static_resources": {"listeners": listeners, "clusters": clusters},
         "dynamic_resources": {"lds_config": _xds_source(), "cds_config": _xds_source()},
         # A bound on open downstream connections: a flood exhausts Envoy's limit, not the pod's memory.

@@ -6,7 +6,7 @@ new config and keeps the last good one in force.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshward.sidecar.config.schema import (
@@ -95,11 +95,11 @@ def extract_token(sources: tuple[TokenSource, ...], headers: Mapping[str, str]
     return None, None
 
 
-def without_cookie(header: str, name: str) -> str:
-    """A `cookie` header value without the cookie `name` (every occurrence), the others kept in order."""
-    kept = [part.strip() for part in header.split(";")
-            if part.strip() and part.strip().partition("=")[0].strip() != name]
-    return "; ".join(kept)
+def without_cookies(header: str, names: Collection[str]) -> str | None:
+    """The `cookie` header without the cookies `names` (every occurrence, the rest in order); None if none is there."""
+    parts = [part.strip() for part in header.split(";") if part.strip()]
+    kept = [part for part in parts if part.partition("=")[0].strip() not in names]
+    return None if len(kept) == len(parts) else "; ".join(kept)
 
 
 def _revocation_forms(token: VerifiedToken) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:

@@ -162,8 +162,11 @@ class Metrics:
         self.would_deny = Counter("meshward_authz_would_deny_total",
                                   "Requests allowed only because an Audit-mode policy or rule observed them.",
                                   ["policy"], registry=registry)
-        self.jwks_fetches = Counter("meshward_jwks_fetches_total", "JWKS fetches by result.",
-                                    ["issuer", "result"], registry=registry)
+        # By result only: /metrics answers any pod that reaches this one (Prometheus scrapes the pod's address), and
+        # the issuers a workload trusts are its namespace's business; which one failed is in the agent's log and
+        # in /readyz from inside the pod (docs/security.md).
+        self.jwks_fetches = Counter("meshward_jwks_fetches_total", "JWKS fetches by result (of every issuer).",
+                                    ["result"], registry=registry)
         self.reloads = Counter("meshward_config_reloads_total", "Config loads by result.", ["result"],
                                registry=registry)
         self.audit_dropped = Counter("meshward_audit_lines_dropped_total",
@@ -178,9 +181,9 @@ class Metrics:
         if decision.would_deny:
             self.would_deny.labels(decision.would_deny_policy or "-").inc()
 
-    def jwks_fetched(self, issuer: str, ok: bool) -> None:
-        """Count one JWKS fetch."""
-        self.jwks_fetches.labels(issuer, "success" if ok else "failure").inc()
+    def jwks_fetched(self, _issuer: str, ok: bool) -> None:
+        """Count one JWKS fetch (not by issuer)."""
+        self.jwks_fetches.labels("success" if ok else "failure").inc()
 
     def reloaded(self, ok: bool, generation: str = "") -> None:
         """Count one config load; on success record its generation."""

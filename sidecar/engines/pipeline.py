@@ -32,7 +32,7 @@ from meshward.sidecar.domain.decision import AuditRecord, Decision, Outcome
 from meshward.sidecar.domain.jwt import JwtError, ParsedToken, UnknownKey, VerifiedToken, parse, verify
 from meshward.sidecar.domain.policy import AuthzResult, identity_headers, path_is_safe
 from meshward.sidecar.domain.request import CheckInput
-from meshward.sidecar.domain.snapshot import Snapshot, extract_token, is_revoked, without_cookie
+from meshward.sidecar.domain.snapshot import Snapshot, extract_token, is_revoked, without_cookies
 from meshward.sidecar.engines.context import ContextService
 from meshward.sidecar.engines.keystore import KeyStore
 from meshward.sidecar.engines.token_cache import TokenCache
@@ -54,8 +54,6 @@ class Identity:
     enforced: bool = True
     unavailable: bool = False
     revoked: bool = False
-    # The cookie that carried the token, when the app must not see it.
-    cookie: str | None = None
     # The context token the user came in, when it came in one (not a JWT).
     context: ContextToken | None = None
     # The cache key of the raw credential (JWT or context token) the user came in.
@@ -121,7 +119,7 @@ class JwtAuthenticator:
     def authenticate(self, inp: CheckInput, may_refetch: bool) -> Identity | NeedKeys:
         """Establish the end-user identity of `inp`."""
         s = self._s
-        raw, source = extract_token(s.sources, inp.headers) if s.sources else (None, None)
+        raw, _ = extract_token(s.sources, inp.headers) if s.sources else (None, None)
         if raw is None:
             if s.require_jwt_enforced:
                 return Identity(failure="missing token")
@@ -145,8 +143,6 @@ class JwtAuthenticator:
             self._cache.put(key, token)
         if is_revoked(s.config.revocations, token):
             return Identity(token=None, failure="token revoked", revoked=True)
-        if source is not None and source.cookie in s.token_cookies_to_strip:
-            return Identity(token=token, cookie=source.cookie, source_key=key)
         return Identity(token=token, source_key=key)
 
 
@@ -290,9 +286,13 @@ class Pipeline:
             to_set, to_remove, subject_hash, wire, _ = self._memo(token, identity, decision_id)
         else:
             to_set, to_remove, subject_hash, wire = [], self._remove_without_token, "", self._wire_without_token
-        if identity.cookie:
-            # The token came in a cookie: the app gets the other cookies (or none). Per request, so not shared.
-            rest = without_cookie(inp.headers.get("cookie", ""), identity.cookie)
+        cookies = self.snapshot.token_cookies_to_strip
+        sent = inp.headers.get("cookie") if cookies else None
+        rest = without_cookies(sent, cookies) if sent else None
+        if rest is not None:
+            # Every configured token cookie is cut out, whichever source carried this request's token (a token in
+            # `authorization` next to a cookie with another user's token) or none: the app gets the other cookies
+            # (or none). Per request, so not shared.
             to_set = [*to_set, ("cookie", rest)] if rest else to_set
             to_remove = to_remove if rest else [*to_remove, "cookie"]
             wire = None

@@ -13,8 +13,9 @@ they need I/O; while one is pending the connection stops reading, so responses
 stay in request order.
 
 A `ConnectionGuard` per server bounds what a client that never finishes can hold:
-a request must arrive whole within HEADER_TIMEOUT_S of its first byte (else 408 and
-close), an idle connection is closed after IDLE_TIMEOUT_S, and at most
+a request must arrive whole within HEADER_TIMEOUT_S of its first byte, and a new
+connection's first request within HEADER_TIMEOUT_S of the connection (else 408 and
+close), an idle connection (between requests) is closed after IDLE_TIMEOUT_S, and at most
 MAX_CONNECTIONS are open (further ones are closed at once). Checked by one sweep a
 second, not a timer per request: the hot path only reads a cached clock.
 """
@@ -22,6 +23,7 @@ second, not a timer per request: the hot path only reads a cached clock.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -61,6 +63,8 @@ class Request:
     method: str
     target: str
     headers: dict[str, str]
+    # From this pod: a Unix socket, or TCP from a loopback address (the admin port's details are for these only).
+    local: bool = False
 
 
 @dataclass(slots=True)
@@ -149,9 +153,12 @@ class _Protocol(asyncio.Protocol):
         self._pending: asyncio.Task[None] | None = None
         self._limit_status = 0
         self._names: dict[bytes, str] = {}
-        # When the current request's first byte arrived (None: between requests), and the last activity.
-        self._busy_since: float | None = None
+        # When the current request's first byte arrived (None: between requests), and the last activity. A new
+        # connection counts as a request begun: one that never sends a byte gets the head timeout, not the idle
+        # one (1,100 silent connections otherwise held every slot for 120 s).
+        self._busy_since: float | None = guard.now
         self._last_active = guard.now
+        self._local = False
 
     def _reset(self) -> None:
         self._url = b""
@@ -164,6 +171,7 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        self._local = is_local_peer(transport.get_extra_info("peername"))
         if not self._guard.admit(self):
             self._transport.close()
             self._transport = None
@@ -217,7 +225,7 @@ class _Protocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         req = Request(self._parser.get_method().decode("latin-1"), self._url.decode("latin-1"),
-                      _headers(self._raw, self._names))
+                      _headers(self._raw, self._names), self._local)
         keep_alive = self._parser.should_keep_alive()
         self._reset()
         self._busy_since = None
@@ -262,6 +270,19 @@ class _Protocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.write(frame(Response(status), keep_alive=False))
             self._transport.close()
+
+
+def is_local_peer(peer: object) -> bool:
+    """Whether a connection's peer (asyncio's `peername`) is this pod: a Unix socket, or a loopback address."""
+    if not isinstance(peer, tuple):
+        return True  # a Unix socket's peer has no address ('' or None)
+    try:
+        ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _headers(raw: list[tuple[bytes, bytes]], names: dict[bytes, str]) -> dict[str, str]:

@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     eb.add_argument("--app", type=int, required=True, help="the app's port on 127.0.0.1 (where allowed requests go)")
     eb.add_argument("--listen", default="0.0.0.0:15006",
                     help="Envoy's inbound listener, host:port (default 0.0.0.0:15006)")
-    eb.add_argument("--admin", default="127.0.0.1:15000", help="Envoy's admin address (default 127.0.0.1:15000)")
+    eb.add_argument("--admin", default="unix:/var/run/meshward/envoy-admin.sock",
+                    help="Envoy's admin address; a Unix socket is created mode 0600, out of the app's reach "
+                         "(default unix:/var/run/meshward/envoy-admin.sock)")
     eb.add_argument("--authz", default="unix:/var/run/meshward/authz.sock",
                     help="the agent's ext_authz address, as its --http-listen/--grpc-listen (default "
                          "unix:/var/run/meshward/authz.sock)")
@@ -122,6 +124,7 @@ def _inject(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from meshward.operator.clients.kube import KubeClient, KubeError
+    from meshward.operator.domain.destinations import ports_outside_mesh
     from meshward.operator.domain.inject import INJECT_LABEL, is_injected, may_become_the_proxy, unprotected
 
     try:
@@ -142,9 +145,15 @@ def _check(args: argparse.Namespace) -> int:
             print(f"WARNING {meta.get('namespace')}/{meta.get('name')}: container(s) {', '.join(names)} may run as "
                   "root with CAP_SETUID and so could switch to the mesh proxy's UID 1337, whose traffic is not "
                   "captured; set runAsNonRoot: true (or a non-zero runAsUser), or drop the SETUID capability")
+    outside = ports_outside_mesh(pods)
+    for key, ports in outside:
+        print(f"OUTSIDE-MESH {key} port{'s' if len(ports) > 1 else ''} {','.join(map(str, ports))}: a declared "
+              "container port excluded from capture (meshward.io/exclude-inbound-ports); plaintext reaches the "
+              "app there from anyone and no AuthPolicy applies")
     if not bad:
-        print(f"ok: all {len(pods)} pods checked; none runs opted in without the mesh")
-    return 1 if bad else 0
+        print(f"ok: all {len(pods)} pods checked; none runs opted in without the mesh"
+              + (f"; {len(outside)} leave declared ports outside it" if outside else ""))
+    return 1 if bad else 0  # an excluded port is the pod's explicit choice: said, not failed
 
 
 def _endpoint(text: str, flag: str) -> Endpoint:
@@ -157,6 +166,14 @@ def _endpoint(text: str, flag: str) -> Endpoint:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SystemExit(f"meshward: {flag} {text!r}: use host:port or unix:/path")
     return Endpoint(host=host.strip("[]"), port=int(port))
+
+
+def _admin_endpoint(text: str) -> Endpoint:
+    """Envoy's admin address from --admin: a Unix socket only its own user may open (mode 0600)."""
+    from meshward.sidecar.domain.envoy import ADMIN_SOCKET_MODE, Endpoint
+
+    ep = _endpoint(text, "--admin")
+    return Endpoint(unix=ep.unix, mode=ADMIN_SOCKET_MODE) if ep.unix else ep
 
 
 def _envoy_bootstrap(args: argparse.Namespace) -> int:
@@ -184,7 +201,7 @@ def _envoy_bootstrap(args: argparse.Namespace) -> int:
             raise SystemExit("meshward: --cert, --key and --ca go together")
         tls = Tls(args.cert, args.key, args.ca)
     boot = build_inbound_bootstrap(InboundConfig(
-        listen=_endpoint(args.listen, "--listen"), admin=_endpoint(args.admin, "--admin"), app=Endpoint(port=args.app),
+        listen=_endpoint(args.listen, "--listen"), admin=_admin_endpoint(args.admin), app=Endpoint(port=args.app),
         authz=_endpoint(args.authz, "--authz"), transport=args.transport, tls=tls, node=args.node))
     check_bootstrap(boot)
     print(json.dumps(boot, indent=2) if args.format == "json" else yaml.safe_dump(boot, sort_keys=False), end="")

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from meshward.operator.domain.inject import PROXY
+from meshward.operator.domain.inject import PROXY, SOCKET_DIR
+from meshward.sidecar.domain.envoy import ENVOY_ADMIN_SOCKET
 from tests.kube import Cluster, KindSession, service_identity, wait_until
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "meshward"
@@ -49,9 +50,11 @@ class Release:
         return labelled[0] if len(labelled) == 1 and holder.startswith(labelled[0] + "-") else ""
 
 
-# Envoy's admin interface listens on the pod's loopback only: read it from its own container (the path as argv).
-_ADMIN_GET = ("import sys, urllib.request; "
-              "print(urllib.request.urlopen('http://127.0.0.1:15000' + sys.argv[1], timeout=10).read().decode())")
+# Envoy's admin interface is a Unix socket (mode 0600) in the mesh's socket directory: read it from Envoy's own
+# container (the socket path and the request path as argv); a status >= 400 fails the exec.
+_ADMIN_GET = ("import http.client, socket, sys; c = http.client.HTTPConnection('localhost', timeout=10); "
+              "c.sock = socket.socket(socket.AF_UNIX); c.sock.settimeout(10); c.sock.connect(sys.argv[1]); "
+              "c.request('GET', sys.argv[2]); r = c.getresponse(); print(r.read().decode()); sys.exit(r.status >= 400)")
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,8 @@ def service(ns: str, name: str) -> dict[str, Any]:
 
 def envoy_admin(cluster: Cluster, ns: str, pod: str, path: str, check: bool = True) -> str:
     """The body of GET `path` (query URL-encoded) from the admin interface of an injected pod's Envoy."""
-    return cluster.kubectl("-n", ns, "exec", pod, "-c", PROXY, "--", "python3", "-c", _ADMIN_GET, path,
-                           check=check).stdout
+    return cluster.kubectl("-n", ns, "exec", pod, "-c", PROXY, "--", "python3", "-c", _ADMIN_GET,
+                           f"{SOCKET_DIR}/{ENVOY_ADMIN_SOCKET}", path, check=check).stdout
 
 
 def image_values(image: str) -> list[str]:

@@ -107,8 +107,7 @@ def backend_config(principal: str) -> dict[str, Any]:
 def start_workload(cluster: Cluster, op: Operator, ns: str, wd: Path, sa: str, bundle: Path,
                    config: dict[str, Any]) -> Workload:
     token = wd / f"{sa}.token"
-    token.write_text(cluster.kubectl("-n", ns, "create", "token", sa, "--audience", "meshward",
-                                     "--duration", "1h").stdout.strip())
+    token.write_text(cluster.bound_token(ns, sa))
     agent = Agent(wd, config, name=sa, extra_args=(
         *op.agent_args(token, bundle, wd / f"{sa}-sds.sock"), "--log-level", "DEBUG")).start()
     return Workload(sa, f"spiffe://cluster.local/ns/{ns}/sa/{sa}", agent, free_port())

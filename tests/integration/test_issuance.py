@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import time
 from collections.abc import Callable
@@ -37,8 +38,14 @@ def identity(ns: str, sa: str, name: str | None = None, ttl: str = "2h") -> dict
             "spec": {"serviceAccountName": sa, "certificate": {"ttl": ttl}}}
 
 
-def token(cluster: Cluster, ns: str, sa: str, audience: str = "meshward") -> str:
+def unbound_token(cluster: Cluster, ns: str, sa: str, audience: str = "meshward") -> str:
+    """A TokenRequest token bound to no pod (`kubectl create token`)."""
     return cluster.kubectl("-n", ns, "create", "token", sa, "--audience", audience).stdout.strip()
+
+
+def token(cluster: Cluster, ns: str, sa: str) -> str:
+    """A token like the one kubelet projects: bound to a pod of `sa`."""
+    return cluster.bound_token(ns, sa)
 
 
 def refused(e: IssuanceEngine, tok: str, csr: bytes) -> IssuanceError:
@@ -67,9 +74,37 @@ def test_admitted_service_account_gets_its_spiffe_certificate(crds: Cluster, ord
     assert issued.trust_bundle_pem == ca.cert_pem().decode()
 
 
+def test_a_token_bound_to_no_pod_gets_no_certificate(crds: Cluster, orders: str) -> None:
+    """`kubectl create token orders --audience meshward`: whoever may create tokens for the ServiceAccount (or holds
+    a leaked one) got the workload's certificate without any pod. The kubelet's projected token is always bound to
+    its pod; a token bound to none is refused."""
+    ca = generate_root("cluster.local", dt.datetime.now(dt.UTC))
+    err = refused(engine(crds, ca), unbound_token(crds, orders, "orders"),
+                  csr_for(f"spiffe://cluster.local/ns/{orders}/sa/orders"))
+    assert err.code == "PERMISSION_DENIED" and "not bound to a pod" in str(err), err
+
+
+def test_a_finished_pods_token_gets_no_certificate(crds: Cluster, orders: str) -> None:
+    """A pod that Succeeded stays in the API server, which keeps validating its bound token (it checks only that
+    the pod exists, with that UID): a token copied out of a finished Job got certificates for its lifetime. Once
+    the operator's pod watch sees the phase, its tokens are refused."""
+    e = engine(crds, generate_root("cluster.local", dt.datetime.now(dt.UTC)))
+    tok, me = token(crds, orders, "orders"), f"spiffe://cluster.local/ns/{orders}/sa/orders"
+    asyncio.run(e.sign(tok, csr_for(me)))
+    crds.kubectl("-n", orders, "patch", "pod", "orders-token-holder", "--subresource=status", "--type=merge",
+                 "-p", '{"status": {"phase": "Succeeded"}}')
+    pod = crds.get_json("-n", orders, "pod", "orders-token-holder")
+    assert crds.kubectl("create", "-o", "jsonpath={.status.authenticated}", "-f", "-", stdin=json.dumps({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+        "spec": {"token": tok, "audiences": ["meshward"]}}), check=True).stdout == "true", "the API server still says yes"
+    e.reviewer.pod_changed(pod)  # what the operator's pod watch does (handlers/policies.py)
+    err = refused(e, tok, csr_for(me))
+    assert err.code == "UNAUTHENTICATED" and "finished" in str(err), err
+
+
 def test_token_for_another_audience_is_refused(crds: Cluster, orders: str) -> None:
     ca = generate_root("cluster.local", dt.datetime.now(dt.UTC))
-    err = refused(engine(crds, ca), token(crds, orders, "orders", audience="vault"),
+    err = refused(engine(crds, ca), unbound_token(crds, orders, "orders", audience="vault"),
                   csr_for(f"spiffe://cluster.local/ns/{orders}/sa/orders"))
     assert err.code == "UNAUTHENTICATED"
     assert "audience" in str(err)

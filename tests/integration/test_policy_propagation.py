@@ -40,11 +40,10 @@ def fleet(crds: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     pods = [f"fleet-{i}" for i in range(N)]
     crds.apply(service_identity(ns, "fleet"), *[opted_in_pod(ns, p, "fleet", app="fleet") for p in pods])
     bundle = crds.trust_bundle(ns)
-    token = crds.kubectl("-n", ns, "create", "token", "fleet", "--audience", "meshward").stdout.strip()
-    name = f"meshward-signer.{op_ns}.svc"
-    creds = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), token,
-                             f"spiffe://cluster.local/ns/{ns}/sa/fleet"))
     tokens = pod_tokens(str(crds.kubeconfig), ns, "fleet", pods)
+    name = f"meshward-signer.{op_ns}.svc"
+    creds = asyncio.run(sign(f"127.0.0.1:{operator.signer_port}", name, bundle.encode(), tokens[pods[0]],
+                             f"spiffe://cluster.local/ns/{ns}/sa/fleet"))
     f = Fleet(f"127.0.0.1:{operator.policy_port}", name, pods, creds, tokens)
     try:
         yield crds, ns, f

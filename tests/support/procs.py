@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +22,8 @@ import yaml
 
 from meshward.localcluster import free_port
 
-__all__ = ["Agent", "Echo", "Operator", "free_port", "http_status", "metric_value", "run_envoy", "wait_for"]
+__all__ = ["Agent", "Echo", "Operator", "free_port", "http_status", "metric_value", "run_envoy", "unix_get",
+           "wait_for"]
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 30, proc: subprocess.Popen[bytes] | None = None,
@@ -46,6 +49,21 @@ def http_status(url: str, timeout: float = 2, method: str = "GET") -> int:
             return int(r.status)
     except urllib.error.HTTPError as e:
         return int(e.code)
+
+
+def unix_get(path: str, target: str, timeout: float = 2, method: str = "GET") -> tuple[int, str]:
+    """The status and body of one HTTP/1.1 request to a server on the Unix socket `path` (an Envoy admin)."""
+    conn = http.client.HTTPConnection("localhost", timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        conn.sock = sock
+        conn.request(method, target)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
 
 
 class Echo:
@@ -114,7 +132,8 @@ def envoy_binary() -> str:
 
 
 @contextmanager
-def run_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int, name: str = "envoy") -> Iterator[Path]:
+def run_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int | str, name: str = "envoy") -> Iterator[Path]:
+    """Envoy on `bootstrap`, once its admin (a TCP port on 127.0.0.1, or a Unix socket path) says it is ready."""
     cfg = workdir / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     log = workdir / f"{name}.log"
@@ -122,8 +141,11 @@ def run_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int, name: s
         proc = subprocess.Popen([envoy_binary(), "-c", str(cfg), "--concurrency", "1", "--use-dynamic-base-id",
                                  "--log-level", "warn"], stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_for(f"{name} ready", lambda: http_status(f"http://127.0.0.1:{admin_port}/ready") == 200,
-                 proc=proc, log=log)
+        def ready() -> bool:
+            if isinstance(admin_port, str):
+                return unix_get(admin_port, "/ready")[0] == 200
+            return http_status(f"http://127.0.0.1:{admin_port}/ready") == 200
+        wait_for(f"{name} ready", ready, proc=proc, log=log)
         yield log
     finally:
         proc.terminate()

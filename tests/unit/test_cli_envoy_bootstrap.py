@@ -28,10 +28,10 @@ def meshward(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_printed_bootstrap_runs_envoy_in_front_of_the_agent(tmp_path: Path) -> None:
     agent = Agent(tmp_path, CONFIG).start()
     echo = Echo()
-    port, admin = free_port(), free_port()
+    port, admin = free_port(), str(tmp_path / "admin.sock")
     try:
         out = meshward("envoy-bootstrap", "--app", str(echo.port), "--listen", f"127.0.0.1:{port}",
-                       "--admin", f"127.0.0.1:{admin}", "--authz", agent.http)
+                       "--admin", f"unix:{admin}", "--authz", agent.http)
         assert out.returncode == 0, out.stderr
         with run_envoy(yaml.safe_load(out.stdout), tmp_path, admin):
             assert http_status(f"http://127.0.0.1:{port}/orders/1") == 200
@@ -40,6 +40,15 @@ def test_the_printed_bootstrap_runs_envoy_in_front_of_the_agent(tmp_path: Path) 
     finally:
         echo.close()
         agent.stop()
+
+
+def test_the_printed_bootstraps_admin_is_out_of_the_apps_reach() -> None:
+    """Envoy's admin on 127.0.0.1 answers any process of the pod (the app reads /certs, POSTs /quitquitquit):
+    by default it is a Unix socket Envoy creates mode 0600."""
+    out = meshward("envoy-bootstrap", "--app", "8080")
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["admin"]["address"] == {
+        "pipe": {"path": "/var/run/meshward/envoy-admin.sock", "mode": 0o600}}
 
 
 def test_bad_addresses_are_refused_naming_the_flag() -> None:

@@ -5,16 +5,20 @@ promise."""
 from __future__ import annotations
 
 import re
+import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from meshward.sidecar.domain.capture import PROXY_HEALTH_PORT
 from meshward.sidecar.domain.context import WIRE_HEADER
 from meshward.sidecar.domain.envoy import (
     ATTR_DEST,
+    ENVOY_ADMIN_SOCKET,
     Destination,
     PodProxy,
     build_pod_bootstrap,
@@ -23,7 +27,7 @@ from meshward.sidecar.domain.envoy import (
     owned_except,
     parse_destinations,
 )
-from tests.support.procs import envoy_binary
+from tests.support.procs import envoy_binary, free_port, http_status, run_envoy, unix_get
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
@@ -222,3 +226,50 @@ def test_a_malformed_destination_map_is_refused(doc: Any) -> None:
 def test_the_wire_form_parses_into_the_map() -> None:
     got = parse_destinations({"10.0.0.1": {"identities": [ORDERS], "plaintextPorts": [9090]}})
     assert got == {"10.0.0.1": Destination((ORDERS,), (9090,))}
+
+
+def _tcp_addresses(doc: Any) -> list[dict[str, Any]]:
+    """Every TCP address anywhere in a bootstrap."""
+    if isinstance(doc, dict):
+        return ([doc["socket_address"]] if "socket_address" in doc else []) + [
+            a for v in doc.values() for a in _tcp_addresses(v)]
+    if isinstance(doc, list):
+        return [a for v in doc for a in _tcp_addresses(v)]
+    return []
+
+
+def test_the_app_cannot_reach_envoys_admin_on_loopback() -> None:
+    """Envoy's admin on 127.0.0.1:15000 answered the app container (same network namespace): /certs,
+    /config_dump, POST /logging, /quitquitquit. It is a Unix socket in the mesh's socket directory, mode 0600,
+    and nothing in the bootstrap listens on or dials TCP loopback."""
+    boot = build_pod_bootstrap(PodProxy("shop/orders-1", socket_dir="/var/run/meshward"))
+    assert boot["admin"]["address"] == {"pipe": {"path": f"/var/run/meshward/{ENVOY_ADMIN_SOCKET}", "mode": 0o600}}
+    loopback = [a for a in _tcp_addresses(boot) if a["address"].startswith("127.")]
+    assert loopback == [], loopback
+    admin_cluster = {c["name"]: c for c in boot["static_resources"]["clusters"]}["envoy_admin"]
+    assert _tcp_addresses(admin_cluster) == [], "the health listener reaches the admin over its socket"
+
+
+def test_envoys_admin_answers_on_its_socket_only_and_kubelets_readiness_probe_still_answers() -> None:
+    """A real Envoy on the pod bootstrap (its health listener moved to a free port, xDS left out): the admin
+    answers on the socket Envoy created mode 0600; the health port answers /healthz/ready and nothing else of
+    the admin."""
+    with tempfile.TemporaryDirectory(prefix="mw-") as tmp:  # short: a Unix socket path has ~100 bytes
+        workdir = Path(tmp)
+        boot = build_pod_bootstrap(PodProxy("shop/orders-1", socket_dir=tmp))
+        health_port = free_port()
+        health = next(lst for lst in boot["static_resources"]["listeners"] if lst["name"] == "health")
+        assert health["address"]["socket_address"]["port_value"] == PROXY_HEALTH_PORT
+        health["address"] = {"socket_address": {"address": "127.0.0.1", "port_value": health_port}}
+        boot["static_resources"]["listeners"] = [health]
+        del boot["dynamic_resources"]
+        socket_path = str(workdir / ENVOY_ADMIN_SOCKET)
+        with run_envoy(boot, workdir, socket_path, name="envoy-admin-pipe"):
+            assert stat.S_IMODE((workdir / ENVOY_ADMIN_SOCKET).stat().st_mode) == 0o600
+            assert unix_get(socket_path, "/ready") == (200, "LIVE\n")
+            status, certs = unix_get(socket_path, "/certs")
+            assert status == 200 and "certificates" in certs, "tooling still reads the admin, from Envoy's container"
+            assert http_status(f"http://127.0.0.1:{health_port}/healthz/ready") == 200
+            for path in ("/certs", "/config_dump", "/ready", "/healthz/ready/../../certs"):
+                assert http_status(f"http://127.0.0.1:{health_port}{path}") == 404, path
+            assert http_status(f"http://127.0.0.1:{health_port}/logging?level=debug", method="POST") == 404

@@ -261,6 +261,35 @@ def test_a_token_cookie_alone_removes_the_cookie_header() -> None:
     assert "cookie" in d.headers_to_remove and not any(h == "cookie" for h, _ in d.headers_to_set)
 
 
+BOTH_JWT = [issuer(algorithms=["RS256"], fromHeaders=[{"name": "authorization", "prefix": "Bearer "}],
+                  fromCookies=["session"])]
+
+
+@pytest.mark.parametrize("cookie_user", ["alice", "bob"])
+def test_a_token_cookie_never_reaches_the_app_when_the_token_came_in_authorization(cookie_user: str) -> None:
+    """The token was read from `Authorization` (the first source): the configured token cookie, the same user's or
+    another user's token, passed through to the app untouched. Every configured token source is cut out, whichever
+    one was used."""
+    inp = request(token=token(), cookie=f"theme=dark; session={token(sub=cookie_user)}")
+    d = decide([{"name": "all"}], inp, jwt=BOTH_JWT)
+    assert d.outcome is Outcome.ALLOW
+    assert ("cookie", "theme=dark") in d.headers_to_set
+    assert "authorization" in d.headers_to_remove
+    assert d.wire_cache is None
+
+
+def test_a_token_cookie_never_reaches_the_app_when_no_token_was_used() -> None:
+    """An Audit-mode policy lets a request through whose cookie token did not verify: the cookie is cut all the same,
+    and a cookie header without a token cookie is left as sent."""
+    audit = policy(jwt=[issuer(algorithms=["RS256"], fromCookies=["session"])], rules=[{"name": "all"}], mode="Audit")
+    p, _, _ = pipeline(config(audit), jwks={ISSUER: [KEY.jwk]}, clock=Clock(NOW))
+    d = p.decide_now(request(cookie="session=not-a-jwt; a=1"), "http")
+    assert isinstance(d, Decision) and d.outcome is Outcome.ALLOW and d.would_deny
+    assert ("cookie", "a=1") in d.headers_to_set
+    d = decide([{"name": "all"}], request(token=token(), cookie="a=1;b=2"), jwt=BOTH_JWT)
+    assert not any(h == "cookie" for h, _ in d.headers_to_set) and "cookie" not in d.headers_to_remove
+
+
 def test_forward_original_token_keeps_the_cookie() -> None:
     jwt = [issuer(algorithms=["RS256"], fromCookies=["session"], forwardOriginalToken=True)]
     d = decide([{"name": "all"}], request(cookie=f"session={token()}; a=1"), jwt=jwt)

@@ -337,3 +337,22 @@ def test_no_tenant_controlled_input_grows_another_namespaces_message_past_grpcs_
             message = dumps({"destinations": {"version": d.version, "peers": d.view(viewer)}})
             assert len(message) < MAX_MESSAGE_BYTES, attack
             assert {"10.0.0.1", "10.0.1.1", "10.96.0.1"} <= set(d.view(viewer)), attack
+
+
+def test_meshward_check_names_an_app_port_excluded_from_capture() -> None:
+    """`meshward.io/exclude-inbound-ports` naming a port the app declares: plaintext reaches the app there from anyone,
+    and `meshward check` (ports_outside_mesh) names the pod and port; undeclared excluded ports, uninjected or finished
+    pods and UDP ports are not listed."""
+    from meshward.operator.domain.destinations import ports_outside_mesh
+
+    def pod(name: str, exclude: str, injected: bool = True, phase: str = "Running") -> dict[str, Any]:
+        annotations = {"meshward.io/exclude-inbound-ports": exclude, **({"meshward.io/injected": "v"} if injected
+                                                                          else {})}
+        return {"metadata": {"namespace": "shop", "name": name, "annotations": annotations},
+                "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 8080}, {"containerPort": 9090},
+                                                                  {"containerPort": 5353, "protocol": "UDP"}]}]},
+                "status": {"phase": phase}}
+
+    pods = [pod("orders-1", "8080,9090,7000"), pod("orders-2", "7000,5353"), pod("plain", "8080", injected=False),
+            pod("done", "8080", phase="Succeeded"), pod("bad", "not-a-port")]
+    assert ports_outside_mesh(pods) == [("shop/orders-1", (8080, 9090))]

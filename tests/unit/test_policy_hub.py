@@ -11,13 +11,16 @@ import datetime as dt
 import json
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from meshward.operator.domain.compile import Compiled, PolicyInvalid
 from meshward.operator.domain.policy_status import PolicyView, policy_status, revocation_status
+from meshward.operator.engines.ca_keeper import CaKeeper
+from meshward.operator.engines.identity_directory import IdentityDirectory, IssuanceStats
 from meshward.operator.engines.policy_hub import PolicyHub, Subscriber, SubscriptionRefused
+from meshward.operator.engines.status_reports import ReportApi, StatusReports
 from meshward.sidecar.config.schema import hashed_revocation, parse_config
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
@@ -246,6 +249,69 @@ def test_a_config_carries_nothing_of_another_namespace() -> None:
         parse_config(latest(sub).document)  # and the agent accepts it
 
     asyncio.run(scenario())
+
+
+def _reports(hub: PolicyHub, directory: IdentityDirectory | None = None) -> StatusReports:
+    """The operator's status reports over `hub` (no API calls: a policy's report makes none)."""
+    return StatusReports(cast(ReportApi, None), cast(CaKeeper, None), IssuanceStats(), hub,
+                         directory or IdentityDirectory(), "cluster.local", lambda: NOW)
+
+
+def test_a_policys_status_is_no_oracle_for_another_namespaces_service_identities() -> None:
+    """Enumeration oracle: a tenant writes a policy naming guessed principals of another namespace and reads its
+    status; UnknownPrincipal named exactly those without a ServiceIdentity, so the others had one. The status
+    checks only the policy's own namespace (a typo there is still reported)."""
+    directory = IdentityDirectory()
+    for ns, sa in (("hr", "payroll"), ("shop", "frontend")):
+        directory.upsert({"metadata": {"namespace": ns, "name": sa}, "spec": {"serviceAccountName": sa}})
+
+    def principal(ns: str, sa: str) -> str:
+        return f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+    guesses = [principal("hr", "payroll"), principal("hr", "ceo-assistant"), principal("shop", "frontnd"),
+               principal("shop", "frontend")]
+
+    async def scenario() -> dict[str, Any]:
+        hub = PolicyHub(lambda: NOW)
+        body = policy("shop", "probe", rules=[{"name": "r", "from": {"principals": guesses}}])
+        assert await hub.apply_policy(body) is None
+        await hub.settle()
+        status = (await _reports(hub, directory).policy(body)).status
+        assert status is not None
+        return status
+
+    degraded = next(c for c in asyncio.run(scenario())["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "UnknownPrincipal", degraded
+    assert principal("shop", "frontnd") in degraded["message"], "a typo in its own namespace is still reported"
+    assert "/ns/hr/" not in degraded["message"], degraded["message"]
+
+
+def test_an_app_port_excluded_from_capture_is_not_reported_as_enforced() -> None:
+    """`meshward.io/exclude-inbound-ports: "8080"` naming the app's own port: plaintext reached the app from anyone
+    while the Enforce policy said `Enforced 1/1`. The policy still enforces on the captured ports, and says which
+    pod and port are outside the mesh (Ready's message, Degraded=True PortsOutsideMesh, and so a Warning Event)."""
+    app = pod("shop", "orders-1", app="orders")
+    app["metadata"]["annotations"] = {"meshward.io/exclude-inbound-ports": "8080,9090"}
+    app["spec"]["containers"] = [{"name": "app", "ports": [{"containerPort": 8080}, {"containerPort": 53,
+                                                                                    "protocol": "UDP"}]}]
+
+    async def scenario() -> dict[str, Any]:
+        hub = PolicyHub(lambda: NOW)
+        hub.apply_pod(app)
+        body = policy("shop", "orders-api")
+        assert await hub.apply_policy(body) is None
+        sub = sub_of(hub, "shop", "orders-1")
+        await hub.settle()
+        hub.ack(sub, latest(sub).version, None)
+        status = (await _reports(hub).policy(body)).status
+        assert status is not None
+        return status
+
+    status = asyncio.run(scenario())
+    ready, degraded = status["conditions"]
+    assert status["workloads"] == "1/1" and ready["reason"] == "Enforced"
+    assert "shop/orders-1:8080 outside the mesh" in ready["message"], ready["message"]
+    assert degraded["status"] == "True" and degraded["reason"] == "PortsOutsideMesh"
+    assert "shop/orders-1:8080" in degraded["message"] and "9090" not in degraded["message"]  # 9090 is not declared
 
 
 def test_a_pod_that_opts_out_leaves_the_mesh_visibly() -> None:

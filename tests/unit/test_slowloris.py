@@ -108,3 +108,46 @@ def test_idle_connections_are_closed() -> None:
             server.close()
 
     asyncio.run(go())
+
+
+def test_silent_connections_get_the_head_timeout_not_the_idle_one() -> None:
+    """Connections that send nothing at all were idle connections (120 s), not half-sent requests (10 s): 1,100 of
+    them from inside the pod held all 1,024 slots and Envoy's checks were reset. A connection's first request
+    must begin and end within the head timeout; the slots come back and checks flow."""
+
+    async def go() -> None:
+        guard = ConnectionGuard(header_timeout_s=1.0, idle_timeout_s=60, max_connections=20, sweep_s=0.2)
+        server = await serve_tcp(_ok, "127.0.0.1", 0, guard)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(25)]  # 5 beyond the limit
+            answers = await asyncio.gather(*(_closed_by_server(s, 5) for s in silent))
+            assert all(a is not None for a in answers), "every silent connection is closed within the head timeout"
+            assert await _check(port) == 200
+        finally:
+            server.close()
+
+    asyncio.run(go())
+
+
+def test_a_kept_alive_connection_between_checks_still_gets_the_idle_timeout() -> None:
+    """Envoy's own connection, silent between two checks for longer than the head timeout, is not cut."""
+
+    async def go() -> None:
+        guard = ConnectionGuard(header_timeout_s=0.5, idle_timeout_s=60, sweep_s=0.1)
+        server = await serve_tcp(_ok, "127.0.0.1", 0, guard)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(2):
+                writer.write(b"GET /check HTTP/1.1\r\nhost: authz\r\n\r\n")
+                await writer.drain()
+                assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+                deadline = asyncio.get_running_loop().time() + 1.2  # the head timeout and two sweeps
+                while guard.now < deadline:
+                    await asyncio.sleep(0.1)
+            writer.close()
+        finally:
+            server.close()
+
+    asyncio.run(go())
