@@ -425,6 +425,178 @@ def test_envoys_own_traffic_is_never_captured_again(mesh: Mesh) -> None:
     assert inbound >= 1 and outbound == 0, stats
 
 
+# --- 1. Envoy's admin out of the app's reach ---------------------------------------------------------------------
+
+
+def test_the_app_cannot_reach_envoys_admin(mesh: Mesh) -> None:
+    """Envoy's admin on 127.0.0.1:15000 answered the app container (same network namespace): /certs, /config_dump,
+    POST /logging, /quitquitquit. It is now a Unix socket (mode 0600, UID 1337) in the mesh's socket directory, which
+    the app does not mount; tooling still reads it from Envoy's container, and kubelet's probe on 15021 answers."""
+    assert mesh.curl("server", "http://127.0.0.1:15000/certs")[0] == 0, "no TCP admin on loopback"
+    assert mesh.curl("server", "http://127.0.0.1:15000/quitquitquit", "-X", "POST")[0] == 0
+    seen = mesh.cluster.kubectl("-n", mesh.ns, "exec", mesh.pod("server"), "-c", "app", "--",
+                                "ls", "/var/run/meshward/envoy-admin.sock", check=False)
+    assert seen.returncode != 0, "the socket directory is not in the app's filesystem"
+    assert envoy_admin(mesh.cluster, mesh.ns, mesh.pod("server"), "/ready").strip() == "LIVE"
+    ip = mesh.cluster.get_json("-n", mesh.ns, "pod", mesh.pod("server"))["status"]["podIP"]
+    code, body = mesh.curl("outside", f"http://{ip}:15021/healthz/ready")
+    assert (code, body.strip()) == (200, "LIVE")
+    for path in ("/certs", "/config_dump", "/ready"):
+        assert mesh.curl("outside", f"http://{ip}:15021{path}")[0] == 404, path
+
+
+# --- 2. The probe ports tell other pods only ready or not ---------------------------------------------------------
+
+
+def test_an_unmeshed_pod_reading_the_agents_port_learns_only_ready_or_not(mesh: Mesh) -> None:
+    """15020 listens on the pod's address, uncaptured, for kubelet: any pod of any namespace reaches it, and /readyz
+    told it the workload's issuer URLs, their errors and the config generation. From the unmeshed `outside` pod (the
+    answer depends on the caller's address, not its namespace): `ok`, and /metrics names no issuer; from inside the
+    pod (the agent's container, loopback) the details are still there."""
+    pod = mesh.pod("orders")
+    ip = mesh.cluster.get_json("-n", mesh.ns, "pod", pod)["status"]["podIP"]
+    code, body = mesh.curl("outside", f"http://{ip}:15020/readyz")
+    assert (code, body.strip()) == (200, "ok")
+    code, body = mesh.curl("outside", f"http://{ip}:15020/app-health/app/readyz")
+    assert (code, body.strip()) == (200, "ok")
+    code, metrics = mesh.curl("outside", f"http://{ip}:15020/metrics")
+    assert code == 200 and "meshward_authz_decisions" in metrics
+    assert "idp.meshward.test" not in metrics, "no issuer URL in what any pod may scrape"
+    local = mesh.cluster.kubectl("-n", mesh.ns, "exec", pod, "-c", "meshward-agent", "--", "python3", "-c",
+                                 "import urllib.request; print(urllib.request.urlopen("
+                                 "'http://127.0.0.1:15020/readyz', timeout=5).read().decode())").stdout
+    assert "https://idp.meshward.test" in json.loads(local)["issuers"]
+
+
+# --- 3. No enumeration oracle in a policy's status ----------------------------------------------------------------
+
+
+def test_a_policys_status_tells_nothing_of_another_namespaces_service_identities(mesh: Mesh) -> None:
+    """A tenant names guessed principals of another namespace in a policy and reads UnknownPrincipal to learn which
+    ServiceAccounts there have a ServiceIdentity (the release's namespace has none for `ghost`; this namespace has
+    one for `server`). Only its own namespace's typo is named."""
+    c, ns, other = mesh.cluster, mesh.ns, mesh.release.namespace
+    name = "oracle-probe"
+    c.apply({"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": name, "namespace": ns},
+             "spec": {"selector": {"matchLabels": {"app": "nothing-selected"}}, "rules": [{"name": "guess", "from": {
+                 "principals": [f"spiffe://cluster.local/ns/{other}/sa/ghost",
+                                f"spiffe://cluster.local/ns/{ns}/sa/servr"]}}]}})
+    try:
+        def degraded() -> dict[str, Any]:
+            conds = c.get_json("-n", ns, "authpolicy", name).get("status", {}).get("conditions", [])
+            return next((x for x in conds if x["type"] == "Degraded" and x["status"] == "True"), {})
+        cond = wait_until("Degraded for the unknown peer", degraded, timeout=30)
+        assert cond["reason"] == "UnknownPrincipal" and f"/ns/{ns}/sa/servr" in cond["message"]
+        assert f"/ns/{other}/" not in cond["message"], cond["message"]
+    finally:
+        c.kubectl("-n", ns, "delete", "authpolicy", name, check=False)
+
+
+# --- 4. The signer wants a running pod's token --------------------------------------------------------------------
+
+_SIGN = """
+import asyncio, sys
+from pathlib import Path
+from meshward.sidecar.clients.signer import SignerClient, SignerError
+from meshward.sidecar.domain.certificate import build_csr, new_key
+address, name, spiffe, token = sys.argv[1:]
+client = SignerClient(address, name, lambda: Path('/var/run/meshward/bundle/ca.crt').read_bytes())
+try:
+    asyncio.run(client.sign(token, build_csr(new_key(), spiffe)))
+    print('ISSUED')
+except SignerError as e:
+    print(e.code, e)
+"""
+
+
+def test_a_token_bound_to_no_pod_gets_no_certificate_from_inside_the_cluster(mesh: Mesh) -> None:
+    """Whoever may `kubectl create token client --audience meshward` (or holds a leaked TokenRequest token) asked the
+    signing service for `client`'s certificate and got it, with no pod. From the cluster network (the client pod's
+    agent container, whose traffic is not captured and which has the trust bundle and the signer client): refused,
+    PERMISSION_DENIED, while the pod's own projected token still works (the agent keeps renewing)."""
+    c, ns, op = mesh.cluster, mesh.ns, mesh.release.namespace
+    unbound = c.kubectl("-n", ns, "create", "token", "client", "--audience", "meshward").stdout.strip()
+    out = c.kubectl("-n", ns, "exec", mesh.pod("client"), "-c", "meshward-agent", "--", "python3", "-c", _SIGN,
+                    f"meshward-signer.{op}.svc:15012", f"meshward-signer.{op}.svc",
+                    f"spiffe://cluster.local/ns/{ns}/sa/client", unbound).stdout
+    assert out.startswith("PERMISSION_DENIED") and "not bound to a pod" in out, out
+    assert mesh.curl("client", f"http://server.{ns}/still-meshed")[0] == 200
+
+
+# --- 5. Silent connections to the ext_authz socket ----------------------------------------------------------------
+
+
+def test_the_app_cannot_open_the_agents_authz_socket(mesh: Mesh) -> None:
+    """1,100 silent connections to the agent's ext_authz server filled its 1,024 slots for 120 s. In a pod the
+    server is a Unix socket in the mesh's socket directory, which the app cannot mount (the lead's injection
+    checks): there is nothing to flood from the app. The head timeout for silent connections (10 s) is tested on
+    the server itself (tests/unit/test_slowloris.py::test_silent_connections_get_the_head_timeout_not_the_idle_one)."""
+    probe = mesh.cluster.kubectl("-n", mesh.ns, "exec", mesh.pod("server"), "-c", "app", "--", "python3", "-c",
+                                 "import socket; s = socket.socket(socket.AF_UNIX); "
+                                 "s.connect('/var/run/meshward/authz.sock')", check=False)
+    assert probe.returncode != 0 and ("No such file" in probe.stderr or "FileNotFoundError" in probe.stderr)
+
+
+# --- 6. Every token cookie is stripped ----------------------------------------------------------------------------
+
+
+def test_a_token_cookie_never_reaches_the_app_when_the_token_came_in_authorization(mesh: Mesh) -> None:
+    """The orders policy reads tokens from `Authorization` and the `session` cookie. A request authenticated by
+    alice's `Authorization` carried bob's token in `session` to the app untouched. Now the app gets the other
+    cookies only."""
+    c, ns = mesh.cluster, mesh.ns
+    with_cookie = orders_policy(ns)
+    with_cookie["spec"]["jwt"][0].update({"fromHeaders": [{"name": "authorization", "prefix": "Bearer "}],
+                                          "fromCookies": ["session"]})
+    c.apply(with_cookie)
+    try:
+        generation = c.get_json("-n", ns, "authpolicy", "orders")["metadata"]["generation"]
+        def enforced() -> bool:
+            st = c.get_json("-n", ns, "authpolicy", "orders").get("status", {})
+            return bool(st.get("observedGeneration") == generation and st.get("workloads") == "1/1")
+        wait_until("the orders policy with cookies enforced by its one pod", enforced, timeout=60)
+        bob = token(scope="orders:read", sub="bob")
+        code, body = mesh.curl("client", f"http://orders.{ns}/orders/1",
+                               "-H", f"authorization: Bearer {token(scope='orders:read')}",
+                               "-H", f"cookie: theme=dark; session={bob}")
+        assert code == 200, body
+        headers = json.loads(body)["headers"]
+        assert headers.get("cookie") == "theme=dark", headers.get("cookie")
+        assert headers["x-meshward-sub"] == "alice"
+    finally:
+        c.apply(orders_policy(ns))
+
+
+# --- 7. An app port outside the mesh is said so -------------------------------------------------------------------
+
+
+def test_an_app_port_excluded_from_capture_is_named_by_the_policy_and_meshward_check(mesh: Mesh) -> None:
+    """`metrics` excludes its own declared port 8080 from capture (meshward.io/exclude-inbound-ports): an Enforce
+    policy selecting it said `Enforced 1/1` while plaintext from the unmeshed `outside` pod reached the app. The
+    policy now names pod and port (Ready's message, Degraded=True PortsOutsideMesh) and `meshward check` prints
+    OUTSIDE-MESH for it."""
+    c, ns = mesh.cluster, mesh.ns
+    pod = mesh.pod("metrics")
+    c.apply({"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": "metrics", "namespace": ns},
+             "spec": {"selector": {"matchLabels": {"app": "metrics"}}, "rules": [{"name": "client-only", "from": {
+                 "principals": [f"spiffe://cluster.local/ns/{ns}/sa/client"]}}]}})
+    try:
+        def outside() -> dict[str, Any]:
+            conds = c.get_json("-n", ns, "authpolicy", "metrics").get("status", {}).get("conditions", [])
+            return next((x for x in conds if x["type"] == "Degraded" and x["reason"] == "PortsOutsideMesh"), {})
+        cond = wait_until("PortsOutsideMesh on the metrics policy", outside, timeout=60)
+        assert f"{ns}/{pod}:8080" in cond["message"]
+        status = c.get_json("-n", ns, "authpolicy", "metrics")["status"]
+        ready = next(x for x in status["conditions"] if x["type"] == "Ready")
+        assert status["workloads"] == "1/1" and f"{ns}/{pod}:8080 outside the mesh" in ready["message"], ready
+        assert mesh.curl("outside", f"http://metrics.{ns}/plaintext")[0] == 200, "the finding itself: still plaintext"
+        check = subprocess.run([str(Path(sys.executable).parent / "meshward"), "check", "--kubeconfig",
+                                str(c.kubeconfig)], capture_output=True, text=True, timeout=60)
+        assert f"OUTSIDE-MESH {ns}/{pod} port 8080" in check.stdout, check.stdout
+    finally:
+        c.kubectl("-n", ns, "delete", "authpolicy", "metrics", check=False)
+
+
 def test_the_agent_killed_means_denied_until_kubelet_restarts_it(mesh: Mesh) -> None:
     """Fail closed: while the server's agent is down, Envoy answers 503 (never passes the request); kubelet
     restarts the native sidecar and requests succeed again."""

@@ -210,3 +210,75 @@ def test_an_annotation_cannot_make_a_pod_meshed(boundary: tuple[Mesh, Mesh]) -> 
     code, body = mesh.curl("client", f"http://{ip}:8080/hello")
     assert code == 200, f"a meshed caller cannot reach the pod that claims to be meshed: {code} {body}"
     c.kubectl("-n", mesh.ns, "delete", "deployment/forged", "service/marker", "--wait=false")
+
+
+HUGE_PORTS = ",".join(str(p) for p in range(1, 45001))  # ~253 KiB: about all one object's annotations may hold
+
+
+def test_an_inflated_mesh_annotation_is_refused_at_admission_naming_it(boundary: tuple[Mesh, Mesh]) -> None:
+    """Annotation inflation at the door: an opted-in pod with a 253 KiB meshward.io/exclude-inbound-ports is refused
+    by the injection webhook, naming the annotation and its bound, without echoing the value back."""
+    mesh, _ = boundary
+    pod = _opted_in_pod(mesh.ns, "inflated", mesh.echo)
+    pod["metadata"]["annotations"] = {"meshward.io/exclude-inbound-ports": HUGE_PORTS}
+    refusal = _refusal(mesh, pod)
+    assert "metadata.annotations[meshward.io/exclude-inbound-ports]" in refusal and "allowed" in refusal, refusal
+    assert len(refusal) < 2000, "the refusal does not echo the value back"
+
+
+def _agent_metric(mesh: Mesh, app: str, name: str) -> float:
+    """A metric of `app`'s agent, read from inside its pod."""
+    code, body = mesh.curl(app, "http://127.0.0.1:15020/metrics")
+    assert code == 200, body
+    return sum(float(line.rpartition(" ")[2]) for line in body.splitlines()
+               if line.split("{")[0].split(" ")[0] == name)
+
+
+def test_destination_map_inflation_in_one_namespace_never_reaches_another_namespaces_stream(
+        boundary: tuple[Mesh, Mesh]) -> None:
+    """Destination-map inflation: pods around the injector with a hand-written meshward.io/injected and a 253 KiB
+    exclude-inbound-ports, and an injected pod whose exclusion is inflated after admission (`kubectl annotate`), once
+    pushed every agent's destination message past gRPC's 4 MiB: every stream failed, a policy change and a Revocation
+    never arrived. Now neither input reaches the map; the other namespace's agents stay connected and get a policy
+    change within 10 s, and its Revocation reports Enforced."""
+    mesh, outside = boundary
+    c, ns, evil = mesh.cluster, mesh.ns, outside.ns
+    for n in range(2):
+        c.kubectl("create", "-f", "-", stdin=json.dumps({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"around-{n}", "namespace": evil, "annotations": {
+                "meshward.io/injected": "hand-written", "meshward.io/exclude-inbound-ports": HUGE_PORTS}},
+            "spec": {"serviceAccountName": "attacker", "containers": [
+                {"name": "app", "image": mesh.echo, "imagePullPolicy": "Never"}]}}))
+    c.apply(service_identity(evil, "attacker"))
+    c.trust_bundle(evil, timeout=60)
+    inflater = deployment(evil, "inflater", mesh.echo, inject=True, probe=False)
+    inflater["spec"]["template"]["spec"]["serviceAccountName"] = "attacker"
+    c.apply(inflater)
+    try:
+        c.kubectl("-n", evil, "rollout", "status", "deployment/inflater", "--timeout=180s", timeout=200)
+        c.kubectl("-n", evil, "wait", "--for=condition=Ready", "pod/around-0", "pod/around-1", "--timeout=120s",
+                  timeout=130)
+        c.kubectl("-n", evil, "annotate", "pod", outside.pod("inflater"), "--overwrite",
+                  f"meshward.io/exclude-inbound-ports={HUGE_PORTS}")
+        assert mesh.curl("client", f"http://victim.{ns}/public")[0] == 200
+        c.apply({"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
+                 "metadata": {"name": "victim-closed", "namespace": ns},
+                 "spec": {"selector": {"matchLabels": {"app": "victim"}}, "rules": [
+                     {"name": "no-public", "action": "Deny", "to": {"paths": ["/public"]}}]}})
+        wait_until("victim enforcing its change", lambda: mesh.curl("client", f"http://victim.{ns}/public")[0] == 403,
+                   timeout=10)
+        c.apply({"apiVersion": "meshward.io/v1alpha1", "kind": "Revocation", "metadata": {"name": "e2e-inflation"},
+                 "spec": {"entries": [{"jti": "stolen-e2e", "expiresAt": "2099-01-01T00:00:00Z"}]}})
+
+        def revocation_ready() -> bool:
+            conds = c.get_json("revocation", "e2e-inflation").get("status", {}).get("conditions", [])
+            return any(x["type"] == "Ready" and x["reason"] == "Enforced" for x in conds)
+        wait_until("the Revocation enforced", revocation_ready, timeout=30)
+        for app in ("client", "victim"):
+            assert _agent_metric(mesh, app, "meshward_policy_connected") == 1, app
+            assert _agent_metric(mesh, app, "meshward_policy_stream_errors_total") == 0, app
+    finally:
+        c.kubectl("-n", evil, "delete", "pod/around-0", "pod/around-1", "deployment/inflater", "--wait=false",
+                  check=False)
+        c.kubectl("-n", ns, "delete", "authpolicy", "victim-closed", check=False)
+        c.kubectl("delete", "revocation", "e2e-inflation", "--ignore-not-found", check=False)

@@ -346,10 +346,12 @@ def test_meshward_check_names_an_app_port_excluded_from_capture() -> None:
     from meshward.operator.domain.destinations import ports_outside_mesh
 
     def pod(name: str, exclude: str, injected: bool = True, phase: str = "Running") -> dict[str, Any]:
-        annotations = {"meshward.io/exclude-inbound-ports": exclude, **({"meshward.io/injected": "v"} if injected
-                                                                          else {})}
-        return {"metadata": {"namespace": "shop", "name": name, "annotations": annotations},
-                "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 8080}, {"containerPort": 9090},
+        mesh = [{"name": "meshward-init", "command": ["meshward-init", "--exclude-inbound-ports", exclude]},
+                {"name": "meshward-agent"}] if injected else []
+        return {"metadata": {"namespace": "shop", "name": name,
+                             "annotations": {"meshward.io/exclude-inbound-ports": exclude}},
+                "spec": {"initContainers": mesh,
+                         "containers": [{"name": "app", "ports": [{"containerPort": 8080}, {"containerPort": 9090},
                                                                   {"containerPort": 5353, "protocol": "UDP"}]}]},
                 "status": {"phase": phase}}
 

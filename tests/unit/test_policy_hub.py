@@ -293,6 +293,8 @@ def test_an_app_port_excluded_from_capture_is_not_reported_as_enforced() -> None
     app["metadata"]["annotations"] = {"meshward.io/exclude-inbound-ports": "8080,9090"}
     app["spec"]["containers"] = [{"name": "app", "ports": [{"containerPort": 8080}, {"containerPort": 53,
                                                                                     "protocol": "UDP"}]}]
+    app["spec"]["initContainers"] = [{"name": "meshward-init", "command": ["meshward-init", "--exclude-inbound-ports",
+                                                                           "8080,9090"]}, {"name": "meshward-agent"}]
 
     async def scenario() -> dict[str, Any]:
         hub = PolicyHub(lambda: NOW)

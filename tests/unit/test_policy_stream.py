@@ -49,9 +49,11 @@ def test_a_message_over_grpcs_limit_is_not_sent_and_the_stream_goes_on() -> None
                                     "uid": "u"}, "spec": {"serviceAccountName": "orders"}})
         ports = ",".join(str(65535 - p) for p in range(64))  # the most the injector admits
         for n in range(12000):
-            directory.apply_pod({"metadata": {"namespace": "evil", "name": f"e-{n}", "annotations": {
-                "meshward.io/injected": "x", "meshward.io/exclude-inbound-ports": ports}},
-                "spec": {"serviceAccountName": "s"},
+            directory.apply_pod({"metadata": {"namespace": "evil", "name": f"e-{n}",
+                                              "labels": {"meshward.io/inject": "enabled"}},
+                "spec": {"serviceAccountName": "s", "initContainers": [
+                    {"name": "meshward-init", "command": ["meshward-init", "--exclude-inbound-ports", ports]},
+                    {"name": "meshward-agent"}]},
                 "status": {"podIP": f"10.{n // 62500}.{n // 250 % 250}.{n % 250}", "phase": "Running"}})
         directory.publish()
         service = PolicyService(hub, None, directory)  # type: ignore[arg-type]
