@@ -183,7 +183,7 @@ def mint(key: MintingKey, audience: str, user_issuer: str, claims: Mapping[str, 
                          "names this workload first and passes the proofs it received, an app's token passes both")
     if len(act) > MAX_ACT_DEPTH:
         raise ContextError(f"context token: the call path is longer than {MAX_ACT_DEPTH} workloads, the most a "
-                           "context token carries; this call would carry no user")
+                           "context token carries")
     exp = int(min(now + ttl_s, key.not_after, not_after if not_after is not None else float("inf")))
     common = {"aud": audience, "iss": key.spiffe_id, "user_iss": user_issuer, "jti": jti, "iat": int(now), "exp": exp}
     if acting:

@@ -15,6 +15,7 @@ import yaml
 from meshward.sidecar.domain.context import WIRE_HEADER
 from meshward.sidecar.domain.envoy import (
     ATTR_DEST,
+    SNIFF_TIMEOUT_S,
     Destination,
     PodProxy,
     build_pod_bootstrap,
@@ -222,3 +223,21 @@ def test_a_malformed_destination_map_is_refused(doc: Any) -> None:
 def test_the_wire_form_parses_into_the_map() -> None:
     got = parse_destinations({"10.0.0.1": {"identities": [ORDERS], "plaintextPorts": [9090]}})
     assert got == {"10.0.0.1": Destination((ORDERS,), (9090,))}
+
+
+def test_a_late_first_request_to_a_non_meshed_address_is_passed_through_header_and_all() -> None:
+    """Documented limit (docs/context-tokens.md, "What it does not defend against"; issue 18, item 6): the HTTP
+    inspector waits SNIFF_TIMEOUT_S for a client's first bytes, then the connection continues (server-first
+    protocols must) into the default chain, a TCP proxy that parses nothing, so a context header in a request
+    written later reaches a non-meshed server. Pinned so that any change to the trade-off is deliberate."""
+    listener = outbound_resources(MAP, OWN_IP, context_header="x-user-context")[0][0]
+    assert SNIFF_TIMEOUT_S == 1.0 and listener["listener_filters_timeout"] == "1.000s"
+    assert listener["continue_on_listener_filters_timeout"] is True
+    assert listener["default_filter_chain"] == {"name": "passthrough", "filters": [{
+        "name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": "passthrough", "cluster": "passthrough"}}]}
+    # Only a connection the inspector recognized in time reaches a chain that removes the header.
+    removing = [c for c in listener["filter_chains"] if c["name"].startswith("passthrough_http")]
+    assert removing and all(c["filter_chain_match"]["application_protocols"] == ["http/1.0", "http/1.1"]
+                            for c in removing)
