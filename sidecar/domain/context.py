@@ -187,7 +187,7 @@ def mint(key: MintingKey, audience: str, user_issuer: str, claims: Mapping[str, 
     exp = int(min(now + ttl_s, key.not_after, not_after if not_after is not None else float("inf")))
     common = {"aud": audience, "iss": key.spiffe_id, "user_iss": user_issuer, "jti": jti, "iat": int(now), "exp": exp}
     if acting:
-        proof = dict(common, sub=claims["sub"])
+        proof = dict(common, sub=claims.get("sub"))
         if proofs:
             proof[PROOF_DIGEST] = proof_digest(proofs[0])
         proofs = (_sign(key, HOP_TYP, proof), *proofs)
