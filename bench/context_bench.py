@@ -1,7 +1,8 @@
 """What context propagation costs: per hop in the agent (µs), and on a three-hop chain of real pods (RPS).
 
 Per hop, in this process with the agent's own code (real keys and certificates from the mesh CA's functions):
-mint (an ECDSA P-256 signature), verify (the x5c chain to the bundle and the signature), and the two things an
+mint (a first exchange: the token and its hop proof, two ECDSA P-256 signatures), verify (both x5c chains to the
+bundle and both signatures, nothing cached), and the two things an
 agent does per request, cold (nothing cached) and hot (the caches a busy user fills): the inbound check of a
 context token from the peer with the app's token minted, and the outbound exchange for the next workload.
 
@@ -11,8 +12,11 @@ mesh and the context cost shows) and with Python apps (the echo test app, a new 
 many real apps do). Measured in the same run on the same pods, interleaved: the apps forwarding the context
 header (every hop verifies, mints for its app, exchanges for the next) and not forwarding it (the user stops at
 frontend); with the three agents' CPU per chain request.
+Then, per length of the call path (1, 2, 4, 8 workloads before the receiver), the size of the header a receiver
+gets (the token and one hop proof per workload) and what checking it costs the receiver the first time (every
+proof's signature; the minters' certificate chains already known), since the act chain is proven, not asserted.
 Last lines: `context_chain_rps_ratio=<x>` (with / without, C++ apps), `context_chain_rps_ratio_python_apps=<x>`,
-`context_hop_hot_us=<x>` and `context_hop_cold_us=<x>`.
+`context_hop_hot_us=<x>`, `context_hop_cold_us=<x>` and `context_path8_bytes=<x>`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import re
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,7 @@ from meshward.sidecar.domain.certificate import WorkloadCert, accept, build_csr,
 from meshward.sidecar.domain.context import WIRE_HEADER, mint, roots_of, verify_context  # noqa: E402
 from meshward.sidecar.domain.request import CheckInput  # noqa: E402
 from meshward.sidecar.engines.context import ContextKeys, ContextService  # noqa: E402
+from meshward.sidecar.engines.token_cache import TokenCache  # noqa: E402
 
 TD = "spiffe://cluster.local/ns/shop/sa"
 FRONTEND, ORDERS, PAYMENTS = f"{TD}/frontend", f"{TD}/orders", f"{TD}/payments"
@@ -56,16 +61,21 @@ CHAIN = ("frontend", "checkout", "payments")
 COLD = 500
 
 
-def per_call_us(fn: Callable[[], object], seconds: float = 1.0, calls: int | None = None) -> float:
+# How the in-process part reads time: wall time by default; --cpu-time reads this process's CPU time instead,
+# which a shared machine's other tenants disturb far less (the agent's work is single-threaded CPU either way).
+Clock = Callable[[], float]
+
+
+def per_call_us(fn: Callable[[], object], clock: Clock, seconds: float = 1.0, calls: int | None = None) -> float:
     """Mean µs per call of `fn`: exactly `calls` calls, or as many as fit in about `seconds` (at least 200)."""
-    n, t0 = 0, time.perf_counter()
-    while (n < calls) if calls is not None else (n < 200 or time.perf_counter() - t0 < seconds):
+    n, t0 = 0, clock()
+    while (n < calls) if calls is not None else (n < 200 or clock() - t0 < seconds):
         fn()
         n += 1
-    return (time.perf_counter() - t0) / n * 1e6
+    return (clock() - t0) / n * 1e6
 
 
-def in_process() -> dict[str, float]:
+def in_process(clock: Clock) -> dict[str, float]:
     """µs of minting, verifying, and an agent's inbound check and outbound exchange, cold and hot."""
     now = time.time()
     ca = generate_root("cluster.local", dt.datetime.fromtimestamp(now - 60, dt.UTC))
@@ -84,35 +94,90 @@ def in_process() -> dict[str, float]:
     claims = {"sub": "alice", "tenant": "acme"}
     token, _ = mint(front_key, ORDERS, ISSUER, claims, (FRONTEND,), "d", now, 30)
     out = {
-        "mint": per_call_us(lambda: mint(front_key, ORDERS, ISSUER, claims, (FRONTEND,), "d", now, 30)),
-        "verify": per_call_us(lambda: verify_context(token, FRONTEND, ORDERS, roots, now)),
+        "mint": per_call_us(lambda: mint(front_key, ORDERS, ISSUER, claims, (FRONTEND,), "d", now, 30), clock),
+        "verify": per_call_us(lambda: verify_context(token, FRONTEND, ORDERS, roots, now), clock),
     }
     cfg = config(policy("orders", rules=[{"name": "anyone"}]),
                  context={"claims": ["tenant"], "ttlSeconds": 30, "destinations": {PAYMENTS: ["sub", "tenant"]}})
     hot = harness(cfg, context=ContextService(ContextKeys(lambda: orders), time.time)).pipeline
     inbound = request(peer=FRONTEND, **{WIRE_HEADER: token})
     hot.decide_now(inbound, "http")
-    out["inbound_hot"] = per_call_us(lambda: hot.decide_now(inbound, "http"))
+    out["inbound_hot"] = per_call_us(lambda: hot.decide_now(inbound, "http"), clock)
     # Cold: a token (a user, a request) the agent has not seen, from a minter it has (its chain checked once).
     fresh = iter([request(peer=FRONTEND, **{WIRE_HEADER: mint(front_key, ORDERS, ISSUER, claims, (FRONTEND,),
                                                                f"d{n}", now, 30)[0]}) for n in range(COLD)])
-    out["inbound_cold"] = per_call_us(lambda: hot.decide_now(next(fresh), "http"), calls=COLD)
+    apps: list[str] = []
+
+    def inbound_cold() -> None:
+        d = hot.decide_now(next(fresh), "http")
+        apps.append(dict(d.headers_to_set)[WIRE_HEADER])  # type: ignore[union-attr]
+    out["inbound_cold"] = per_call_us(inbound_cold, clock, calls=COLD)
     app = dict(hot.decide_now(inbound, "http").headers_to_set)[WIRE_HEADER]  # type: ignore[union-attr]
     outbound = request(peer=None, **{WIRE_HEADER: app})
     outbound.destination = PAYMENTS
     hot.exchange(outbound, "outbound")
-    out["exchange_hot"] = per_call_us(lambda: hot.exchange(outbound, "outbound"))
-    own = ContextKeys(lambda: orders).minting()
-    assert own is not None
+    out["exchange_hot"] = per_call_us(lambda: hot.exchange(outbound, "outbound"), clock)
 
-    def app_request(n: int) -> CheckInput:
-        inp = request(peer=None, **{WIRE_HEADER: mint(own, ORDERS, ISSUER, claims, (FRONTEND,), f"a{n}", now, 30)[0]})
+    def app_request(token: str) -> CheckInput:
+        inp = request(peer=None, **{WIRE_HEADER: token})
         inp.destination = PAYMENTS
         return inp
-    apps = iter([app_request(n) for n in range(COLD)])
-    out["exchange_cold"] = per_call_us(lambda: hot.exchange(next(apps), "outbound"), calls=COLD)
+    # Cold: the app forwards the token its agent just minted for a new user (the hop proofs it carries were
+    # checked by that inbound check, as in a real hop).
+    outbound_cold = iter([app_request(token) for token in apps])
+    out["exchange_cold"] = per_call_us(lambda: hot.exchange(next(outbound_cold), "outbound"), clock, calls=COLD)
     none = request(peer=FRONTEND)
-    out["inbound_without_context"] = per_call_us(lambda: hot.decide_now(none, "http"))
+    out["inbound_without_context"] = per_call_us(lambda: hot.decide_now(none, "http"), clock)
+    return out
+
+
+# Call path lengths measured, in workloads before the receiver (8 is MAX_ACT_DEPTH), and distinct users per length.
+PATHS = (1, 2, 4, 8)
+PATH_USERS = 40
+
+
+def path_costs(clock: Clock) -> dict[int, tuple[int, float]]:
+    """Per path length: the header's bytes at the receiver, and µs to verify it there cold (new user, known minters)."""
+    now = time.time()
+    ca = generate_root("cluster.local", dt.datetime.fromtimestamp(now - 60, dt.UTC))
+    at = dt.datetime.fromtimestamp(now, dt.UTC)
+    spiffes = [f"{TD}/hop{n}" for n in range(max(PATHS) + 1)]
+
+    def keys_of(spiffe: str) -> ContextKeys:
+        key = new_key()
+        leaf = issue_leaf(ca, check_csr(build_csr(key, spiffe), spiffe), spiffe, dt.timedelta(hours=1), at,
+                          random_serial(os.urandom))
+        cert = accept(spiffe, leaf.public_bytes(Encoding.PEM), ca.cert_pem(), key, at)
+        return ContextKeys(lambda: cert)
+    keys = {spiffe: keys_of(spiffe) for spiffe in spiffes}
+    roots = roots_of(ca.cert_pem())
+
+    def path(length: int, user: str) -> str:
+        """What hop `length` receives from hop `length - 1` when `user` came in at hop 0."""
+        first = keys[spiffes[0]].minting()
+        assert first is not None
+        presentation = mint(first, spiffes[1], ISSUER, {"sub": user, "tenant": "acme"}, (spiffes[0],), "d", now, 30)[0]
+        for n in range(1, length):
+            ctx = verify_context(presentation, spiffes[n - 1], spiffes[n], roots, now)
+            key = keys[spiffes[n]].minting()
+            assert key is not None
+            presentation = mint(key, spiffes[n + 1], ISSUER, {"sub": user, "tenant": "acme"}, (spiffes[n], *ctx.act),
+                                f"d{n}", now, 30, ctx.expires_at, ctx.proofs)[0]
+        return presentation
+
+    out = {}
+    for length in PATHS:
+        receiver, sender = spiffes[length], spiffes[length - 1]
+        service = ContextService(keys[receiver], time.time)
+        warm = path(length, "warm-up")
+        service.verify(warm, TokenCache.key(warm), sender, receiver)  # the minters' chains, once per bundle
+        users = iter([path(length, f"user{n}") for n in range(PATH_USERS)])
+
+        def check(service: ContextService = service, users: Iterator[str] = users, sender: str = sender,
+                  receiver: str = receiver) -> None:
+            raw = next(users)
+            service.verify(raw, TokenCache.key(raw), sender, receiver)
+        out[length] = (len(warm), per_call_us(check, clock, calls=PATH_USERS))
     return out
 
 
@@ -280,17 +345,25 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved runs of each variant")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--in-process-only", action="store_true", help="skip the kind chain")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="in-process µs as this process's CPU time (steadier on a shared machine)")
     args = ap.parse_args()
-    us = in_process()
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    us = in_process(clock)
     print("per hop in the agent (µs)")
-    print(f"  mint (ECDSA P-256 signature)                  {us['mint']:8.1f}")
-    print(f"  verify, a minter's first token (x5c chain)    {us['verify']:8.1f}")
+    print(f"  mint, an exchange (token + hop proof: 2 sigs) {us['mint']:8.1f}")
+    print(f"  verify, first sight (x5c chains, 2 sigs)      {us['verify']:8.1f}")
     print(f"  inbound check, context token, cold            {us['inbound_cold']:8.1f}  (new token, known minter)")
     print(f"  inbound check, context token, hot             {us['inbound_hot']:8.1f}")
     print(f"  inbound check, no user (for comparison)       {us['inbound_without_context']:8.1f}")
     print(f"  outbound exchange, cold                       {us['exchange_cold']:8.1f}")
     print(f"  outbound exchange, hot                        {us['exchange_hot']:8.1f}")
     hot, cold = us["inbound_hot"] + us["exchange_hot"], us["inbound_cold"] + us["exchange_cold"]
+    paths = path_costs(clock)
+    print("per call path length, at the receiver: header bytes (token + one hop proof per workload), first check µs")
+    for length, (size, check_us) in paths.items():
+        print(f"  {length} workload{'s' if length > 1 else ' '} before it                          "
+              f"{size:6d} B {check_us:8.1f} µs")
     if not args.in_process_only:
         r = on_kind(args.seconds, args.rounds, args.connections)
         ratios = {}
@@ -308,6 +381,7 @@ def main() -> int:
         print(f"context_chain_rps_ratio_python_apps={ratios['py']:.2f}")
     print(f"context_hop_hot_us={hot:.1f}")
     print(f"context_hop_cold_us={cold:.1f}")
+    print(f"context_path8_bytes={paths[max(PATHS)][0]}")
     return 0
 
 

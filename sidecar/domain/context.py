@@ -15,7 +15,13 @@ shared signing key may exist in the mesh. So:
   validation never reads `x5c` and rejects this `typ`), and no `alg` can be swapped;
 - it lives at most MAX_TTL_S and carries only the claims the receiver's policies
   reference, plus `sub`, the end user's issuer (`user_iss`), an RFC 8693 `act` chain
-  of the workloads the call passed through and `jti` = the minting decision's id.
+  of the workloads the call passed through and `jti` = the minting decision's id;
+- every `act` entry is proven, not asserted: behind the token, separated by `~` (as
+  SD-JWT carries its disclosures), travel the hop proofs of the path, one per entry,
+  each a small JWS signed by that workload's own key ("I passed this user to that
+  workload"), linked by SHA-256 digests from the token down to the first hop. A proof
+  carries no end-user claims, so minimization holds for every later hop; docs/context-
+  tokens.md says why this design and not another.
 
 Everything here is pure: keys, roots and the clock are arguments.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from meshward.sidecar.domain.jwt import CONTEXT_TYP, JwtError, ParsedToken, parse
+from meshward.sidecar.domain.jwt import CONTEXT_TYP, HOP_TYP, JwtError, ParsedToken, parse
 
 # The header a context token travels in between two Envoys (an app reads and forwards spec.context.header,
 # by default the same name). Under Meshward's own prefix, yet let through inbound: it is verified, never trusted.
@@ -46,18 +53,29 @@ WIRE_HEADER = "x-meshward-context"
 CONTEXT_ALG = "ES256"
 # The claim carrying the end user's issuer (`iss` is the minting workload).
 USER_ISS = "user_iss"
+# The claim linking a token (or a hop proof) to the hop proof right behind it: SHA-256 of that proof, base64url.
+PROOF_DIGEST = "prf"
 # Claims Meshward sets itself: never copied from the end-user token (operator/api/schema.py lists the same).
-RESERVED = frozenset({"iss", "aud", "exp", "nbf", "iat", "jti", "act", USER_ISS})
+RESERVED = frozenset({"iss", "aud", "exp", "nbf", "iat", "jti", "act", USER_ISS, PROOF_DIGEST})
+# Between a context token and its hop proofs, and between proofs: not in the base64url alphabet nor a JWS
+# separator, and SD-JWT's choice for its disclosures (RFC 9901).
+PROOF_SEPARATOR = "~"
 # The issue's bound and the CRD's maximum for spec.context.ttl.
 MAX_TTL_S = 60.0
 # Clocks of two pods on one cluster agree within seconds; more would stretch a token's life.
 CLOCK_SKEW_S = 5.0
 # A mesh chain is a leaf and at most a few intermediates; more is not ours.
 MAX_X5C = 4
-# An act chain longer than this is a loop or an attack, not a call path.
-MAX_ACT_DEPTH = 16
+# The longest call path a user travels with context, in workloads: each one adds a hop proof (~1.4 KB, measured
+# in docs/performance.md) to the header every later hop and app receives, and a signature check to every later
+# hop's first sight of it. Eight keeps the header under ~13 KB (Envoy's limit for all request headers: 60 KiB)
+# and bounds a forged token's work to nine signature checks; real call paths in one namespace are a few hops.
+# Not configurable: it is what every receiver accepts, so no one policy may widen it.
+MAX_ACT_DEPTH = 8
 # Context tokens are small (a certificate and a few claims): bound the work a forged one can cause.
 MAX_CONTEXT_BYTES = 8 * 1024
+# A hop proof is a certificate and eight short claims (~1.4 KB); twice the mesh's largest x5c leaves room.
+MAX_PROOF_BYTES = 4 * 1024
 
 
 class ContextError(JwtError):
@@ -73,10 +91,13 @@ class ContextToken:
     user_issuer: str
     subject: str
     claims: Mapping[str, Any]   # the end-user claims it carries (sub included), none of RESERVED
-    act: tuple[str, ...]        # the workloads the call passed through, most recent first
+    act: tuple[str, ...]        # the workloads the call passed through, most recent first, each one proven
     jti: str
     issued_at: float
     expires_at: float
+    # The hop proofs that prove `act`, one per entry in the same order, as they arrived (a token minted from this
+    # one carries them on).
+    proofs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,25 +151,53 @@ def minimized(user_claims: Mapping[str, Any], wanted: Iterable[str]) -> dict[str
     return {k: v for k, v in user_claims.items() if k in keep}
 
 
+def proof_digest(proof: str) -> str:
+    """SHA-256 of a hop proof as it travels (its compact form), base64url: what the token before it signs."""
+    return _b64url(hashlib.sha256(proof.encode("ascii")).digest())
+
+
+def _sign(key: MintingKey, typ: str, payload: Mapping[str, Any]) -> str:
+    header = {"alg": CONTEXT_ALG, "typ": typ, "x5c": list(key.x5c)}
+    signing_input = f"{_b64url(_json(header))}.{_b64url(_json(payload))}"
+    r, s = decode_dss_signature(key.key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
+    return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
 def mint(key: MintingKey, audience: str, user_issuer: str, claims: Mapping[str, Any], act: Sequence[str],
-         jti: str, now: float, ttl_s: float, not_after: float | None = None) -> tuple[str, float]:
-    """Sign a context token for `audience`; return it and its expiry.
+         jti: str, now: float, ttl_s: float, not_after: float | None = None,
+         proofs: Sequence[str] = ()) -> tuple[str, float]:
+    """Sign a context token for `audience`; return it, followed by its hop proofs, and its expiry.
 
     `claims` must already be minimized; its `sub` is the end user. The token expires after `ttl_s`
     (at most MAX_TTL_S) or at `not_after` (the token it was exchanged from), whichever is first.
+    `proofs` are the hop proofs of the token it is minted from, one per workload of `act` but the first
+    when that one is this workload (an exchange: this workload passes the user on, and proves it with a
+    hop proof of its own for `audience`), else one per workload of `act` (the app's token: the chain as
+    received). Raises ContextError when the chain would exceed MAX_ACT_DEPTH.
     """
     if not 0 < ttl_s <= MAX_TTL_S:
         raise ValueError(f"context ttl must be within (0, {MAX_TTL_S:.0f}] seconds, got {ttl_s}")
-    exp = min(now + ttl_s, key.not_after, not_after if not_after is not None else float("inf"))
+    acting = len(act) == len(proofs) + 1 and act[0] == key.spiffe_id
+    if not acting and len(act) != len(proofs):
+        raise ValueError(f"act names {len(act)} workloads but {len(proofs)} hop proofs are given: an exchange "
+                         "names this workload first and passes the proofs it received, an app's token passes both")
+    if len(act) > MAX_ACT_DEPTH:
+        raise ContextError(f"context token: the call path is longer than {MAX_ACT_DEPTH} workloads, the most a "
+                           "context token carries")
+    exp = int(min(now + ttl_s, key.not_after, not_after if not_after is not None else float("inf")))
+    common = {"aud": audience, "iss": key.spiffe_id, "user_iss": user_issuer, "jti": jti, "iat": int(now), "exp": exp}
+    if acting:
+        proof = dict(common, sub=claims.get("sub"))
+        if proofs:
+            proof[PROOF_DIGEST] = proof_digest(proofs[0])
+        proofs = (_sign(key, HOP_TYP, proof), *proofs)
     payload: dict[str, Any] = {k: v for k, v in claims.items() if k not in RESERVED}
-    payload.update(iss=key.spiffe_id, aud=audience, user_iss=user_issuer, jti=jti, iat=int(now), exp=int(exp))
+    payload.update(common)
     chain = act_claim(act)
     if chain is not None:
         payload["act"] = chain
-    header = {"alg": CONTEXT_ALG, "typ": CONTEXT_TYP, "x5c": list(key.x5c)}
-    signing_input = f"{_b64url(_json(header))}.{_b64url(_json(payload))}"
-    r, s = decode_dss_signature(key.key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
-    return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}", float(int(exp))
+        payload[PROOF_DIGEST] = proof_digest(proofs[0])
+    return PROOF_SEPARATOR.join((_sign(key, CONTEXT_TYP, payload), *proofs)), float(exp)
 
 
 def _certificates(x5c: Any) -> list[x509.Certificate]:
@@ -273,29 +322,116 @@ def check_bound(token: ParsedToken, peer: str | None, audience: str, now: float)
 LeafOf = Callable[[Any, Sequence[x509.Certificate], float], x509.Certificate]
 
 
-def verify_context(raw: str, peer: str | None, audience: str, roots: Sequence[x509.Certificate],
-                   now: float, leaf_of: LeafOf = chain_leaf) -> ContextToken:
-    """Verify a context token arriving from `peer` for `audience`; raise ContextError naming the failed check.
-
-    Order: strict parsing, then the checks that cost nothing (type, algorithm, binding to the peer,
-    audience, times), then the certificate chain to `roots` (`leaf_of`), the SAN, and the signature.
-    """
+def _parsed(raw: str, max_bytes: int) -> ParsedToken:
     try:
-        token = parse(raw, MAX_CONTEXT_BYTES)
+        return parse(raw, max_bytes)
     except ContextError:
         raise
     except JwtError as e:
         raise ContextError(f"context token: {e.reason}") from e
-    c = check_bound(token, peer, audience, now)
+
+
+def _signed_by_iss(token: ParsedToken, iss: Any, roots: Sequence[x509.Certificate], now: float,
+                   leaf_of: LeafOf, proof: bool) -> x509.Certificate:
+    """The certificate in `x5c`, once it chains to `roots`, names `iss` and verifies the signature."""
     leaf = leaf_of(token.header.get("x5c"), roots, now)
-    if _spiffe_of(leaf) != c["iss"]:
-        raise ContextError("context token: signed by a certificate of another workload")
+    if _spiffe_of(leaf) != iss:
+        raise ContextError("context token: a hop proof signed by a certificate of another workload" if proof else
+                           "context token: signed by a certificate of another workload")
     if not _signature_ok(leaf, token):
-        raise ContextError("context token: invalid signature")
+        raise ContextError("context token: invalid signature on a hop proof" if proof else
+                           "context token: invalid signature")
+    return leaf
+
+
+def verify_proof(raw: str, roots: Sequence[x509.Certificate], now: float, leaf_of: LeafOf = chain_leaf
+                 ) -> tuple[dict[str, Any], x509.Certificate]:
+    """A hop proof's claims and its signing certificate, once its form, certificate and signature check out.
+
+    What it must say (which workload, for whom, when) depends on where it stands in a chain: `check_path`.
+    """
+    token = _parsed(raw, MAX_PROOF_BYTES)
+    h, c = token.header, token.claims
+    if h.get("typ") != HOP_TYP:
+        raise ContextError("context token: a hop proof has the wrong token type")
+    if h.get("alg") != CONTEXT_ALG:
+        raise ContextError("context token: signing algorithm not allowed on a hop proof")
+    if "crit" in h:
+        raise ContextError("context token: unsupported critical header parameter on a hop proof")
+    for name in ("iss", "aud", "sub", USER_ISS, "jti"):
+        if not isinstance(c.get(name), str) or not c[name]:
+            raise ContextError(f"context token: hop proof claim {name} is missing")
+    for name in ("iat", "exp"):
+        _number(c, name)
+    if PROOF_DIGEST in c and not isinstance(c[PROOF_DIGEST], str):
+        raise ContextError(f"context token: hop proof claim {PROOF_DIGEST} is not a string")
+    return c, _signed_by_iss(token, c["iss"], roots, now, leaf_of, True)
+
+
+# How a verifier checks a hop proof given its digest: `verify_proof`, or a cache in front of it (engines/context.py).
+ProofOf = Callable[[str, str, Sequence[x509.Certificate], float], Mapping[str, Any]]
+
+
+def _verify_proof(raw: str, digest: str, roots: Sequence[x509.Certificate], now: float) -> Mapping[str, Any]:
+    return verify_proof(raw, roots, now)[0]
+
+
+def check_path(claims: Mapping[str, Any], act: Sequence[str], proofs: Sequence[str],
+               roots: Sequence[x509.Certificate], now: float, proof_of: ProofOf = _verify_proof) -> None:
+    """Every workload of `act` is proven by its hop proof in `proofs`, linked down from the token; else ContextError.
+
+    Proof i was signed by act[i], for the workload after it (the token's audience for the first), for the
+    token's user, and the token (for the first) or proof i-1 signs its digest. Lifetimes nest: a proof expires
+    no sooner and was issued no later (within CLOCK_SKEW_S) than what was minted from it, so a proof is good
+    only while the chain it was minted for is.
+    """
+    if len(proofs) != len(act):
+        raise ContextError(f"context token: act names {len(act)} workloads but {len(proofs)} hop proofs came "
+                           "with it (an act entry without a proof is an assertion, not a path)")
+    newer: Mapping[str, Any] = claims
+    receiver = claims.get("aud")
+    for actor, proof in zip(act, proofs, strict=True):
+        digest = proof_digest(proof)
+        if newer.get(PROOF_DIGEST) != digest:
+            raise ContextError("context token: a hop proof is not the one the token before it signed (spliced in "
+                               "from another chain)")
+        p = proof_of(proof, digest, roots, now)
+        if p["iss"] != actor:
+            raise ContextError("context token: an act entry is not proven by a hop proof of that workload")
+        if p["aud"] != receiver:
+            raise ContextError("context token: a hop proof was minted for another workload than the next one")
+        if p["sub"] != claims.get("sub") or p[USER_ISS] != claims.get(USER_ISS):
+            raise ContextError("context token: a hop proof names another user")
+        exp, iat = _number(p, "exp"), _number(p, "iat")
+        if exp < _number(newer, "exp") or iat > _number(newer, "iat") + CLOCK_SKEW_S:
+            raise ContextError("context token: a hop proof's lifetime does not cover the token minted from it")
+        if exp - iat > MAX_TTL_S:
+            raise ContextError("context token: a hop proof's lifetime is too long")
+        newer, receiver = p, actor
+    if PROOF_DIGEST in newer:
+        raise ContextError("context token: a digest names a hop proof that did not come with it")
+
+
+def verify_context(raw: str, peer: str | None, audience: str, roots: Sequence[x509.Certificate],
+                   now: float, leaf_of: LeafOf = chain_leaf, proof_of: ProofOf = _verify_proof) -> ContextToken:
+    """Verify a context token and its hop proofs arriving from `peer` for `audience`; raise ContextError if not.
+
+    Order: the number of hop proofs, strict parsing, then the checks that cost nothing (type, algorithm, binding
+    to the peer, audience, times), then the certificate chain to `roots` (`leaf_of`), the SAN, the signature,
+    and last the hop proofs (`check_path`, each through `proof_of`).
+    """
+    token_raw, *proofs = raw.split(PROOF_SEPARATOR)
+    if len(proofs) > MAX_ACT_DEPTH:
+        raise ContextError(f"context token: more than {MAX_ACT_DEPTH} hop proofs")
+    token = _parsed(token_raw, MAX_CONTEXT_BYTES)
+    c = check_bound(token, peer, audience, now)
+    _signed_by_iss(token, c["iss"], roots, now, leaf_of, False)
+    act = act_chain(c.get("act"))
+    check_path(c, act, proofs, roots, now, proof_of)
     user = {k: v for k, v in c.items() if k not in RESERVED}
     return ContextToken(minter=c["iss"], audience=audience, user_issuer=c[USER_ISS], subject=c["sub"], claims=user,
-                        act=act_chain(c.get("act")), jti=c["jti"], issued_at=_number(c, "iat"),
-                        expires_at=_number(c, "exp"))
+                        act=act, jti=c["jti"], issued_at=_number(c, "iat"), expires_at=_number(c, "exp"),
+                        proofs=tuple(proofs))
 
 
 def x5c_of(chain_pem: bytes) -> tuple[str, ...]:

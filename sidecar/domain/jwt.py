@@ -37,6 +37,9 @@ from meshward.sidecar.config.schema import Issuer
 # The JOSE type of Meshward's own context tokens (domain/context.py): never an end-user token, whatever an issuer's
 # tokenTypes say, so a context token captured in the mesh cannot be presented where an IdP token is expected.
 CONTEXT_TYP = "meshward-context+jwt"
+# The JOSE type of the hop proofs that travel behind a context token (domain/context.py): never an end-user token
+# either, nor a context token.
+HOP_TYP = "meshward-hop+jwt"
 # RSA keys below this size are refused (NIST SP 800-131A: 2048 bits minimum).
 MIN_RSA_BITS = 2048
 # A `kid` is an opaque lookup key; anything longer is not one.
@@ -262,8 +265,8 @@ def check_header(token: ParsedToken, issuer: Issuer) -> str:
     if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > MAX_KID_LEN):
         raise JwtError("malformed key id")
     typ = h.get("typ")
-    if isinstance(typ, str) and typ.lower().removeprefix("application/") == CONTEXT_TYP:
-        raise JwtError("a Meshward context token is not an end-user token")
+    if isinstance(typ, str) and typ.lower().removeprefix("application/") in (CONTEXT_TYP, HOP_TYP):
+        raise JwtError("a Meshward context token or hop proof is not an end-user token")
     if typ is not None and (not isinstance(typ, str) or
                             typ.lower().removeprefix("application/") not in issuer.token_types):
         raise JwtError("token type not accepted (not an access token)")

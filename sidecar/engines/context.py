@@ -4,7 +4,11 @@ The key and the trust roots come from the workload certificate the agent holds
 (engines/certificate.py): parsed once per certificate and once per bundle, never
 written anywhere. A minter's `x5c` chain is checked once per bundle (its leaf's
 validity at every use), so a new token from a known minter costs one signature check
-(measured: ~145 µs of ~310 µs). Verified tokens are cached by the SHA-256 of the raw token (the
+(measured: ~145 µs of ~310 µs). Hop proofs verified once are remembered by their digest
+(which the chain computes anyway) for this bundle, their certificate's validity re-checked:
+a proof travels on in every later token of its chain, and the app's token brings back to
+the exchange the proofs its inbound check verified, so the exchange checks none again.
+Verified tokens are cached by the SHA-256 of the raw token (the
 binding to the peer, the audience and the expiry are re-checked on every hit, and a
 new trust bundle empties the cache); minted tokens are cached per (what they were
 minted from, audience) for at most half their life, so the receiver always has at
@@ -32,6 +36,7 @@ from meshward.sidecar.domain.context import (
     mint,
     roots_of,
     verify_context,
+    verify_proof,
     x5c_of,
 )
 
@@ -39,6 +44,8 @@ from meshward.sidecar.domain.context import (
 DEFAULT_CACHE_SIZE = 4096
 # Minting certificates remembered: a workload's callers are a handful of workloads, each a few pods.
 CHAIN_CACHE_SIZE = 256
+# Hop proofs remembered: about one per user and hop before this one per half lifetime, like the tokens.
+PROOF_CACHE_SIZE = DEFAULT_CACHE_SIZE
 
 
 class ContextKeys:
@@ -115,6 +122,7 @@ class ContextService:
         self._verified = _Lru(cache_size)
         self._minted = _Lru(cache_size)
         self._chains = _Lru(CHAIN_CACHE_SIZE)
+        self._proofs = _Lru(PROOF_CACHE_SIZE)
         self._generation = -1
 
     def _leaf(self, x5c: Any, roots: Sequence[x509.Certificate], now: float) -> x509.Certificate:
@@ -128,6 +136,15 @@ class ContextService:
             self._chains.put(key, leaf)
         return leaf
 
+    def _proof(self, raw: str, digest: str, roots: Sequence[x509.Certificate], now: float) -> Mapping[str, Any]:
+        """`verify_proof`, remembered by the proof's digest for this bundle; its certificate's validity at every use."""
+        hit: tuple[Mapping[str, Any], x509.Certificate] | None = self._proofs.get(digest)
+        if hit is not None and hit[1].not_valid_before_utc.timestamp() <= now <= hit[1].not_valid_after_utc.timestamp():
+            return hit[0]
+        verified = verify_proof(raw, roots, now, self._leaf)
+        self._proofs.put(digest, verified)
+        return verified[0]
+
     def verify(self, raw: str, key: bytes, peer: str | None, audience: str) -> tuple[ContextToken, dict[str, Any]]:
         """A context token from `peer` for `audience`, and a memo living as long as its cache entry.
 
@@ -138,6 +155,7 @@ class ContextService:
         if self._generation != self.keys.generation:
             self._verified.entries.clear()
             self._chains.entries.clear()
+            self._proofs.entries.clear()
             self._generation = self.keys.generation
         now = self._clock()
         hit: tuple[ContextToken, dict[str, Any]] | None = self._verified.get(key)
@@ -145,16 +163,18 @@ class ContextService:
             check_binding(hit[0].minter, hit[0].audience, peer, audience)
             check_unexpired(hit[0].expires_at, now)
             return hit
-        verified: tuple[ContextToken, dict[str, Any]] = (verify_context(raw, peer, audience, roots, now, self._leaf),
+        verified: tuple[ContextToken, dict[str, Any]] = (verify_context(raw, peer, audience, roots, now, self._leaf,
+                                                                                self._proof),
                                                          {})
         self._verified.put(key, verified)
         return verified
 
     def mint(self, source: bytes, audience: str, user_issuer: str, claims: Mapping[str, Any], act: Sequence[str],
-             jti: str, ttl_s: float, not_after: float | None = None) -> Minted | None:
+             jti: str, ttl_s: float, not_after: float | None = None, proofs: Sequence[str] = ()) -> Minted | None:
         """A token for `audience` minted from `source` (a token key), cached for half its life; None without a key.
 
-        One service serves one config: what a token carries follows from its source, audience and the config.
+        One service serves one config: what a token carries (its claims, `act`, `proofs`: domain.context.mint)
+        follows from its source, audience and the config.
         """
         key = self.keys.minting()
         if key is None:
@@ -164,7 +184,7 @@ class ContextService:
         hit: Minted | None = self._minted.get(cache_key)
         if hit is not None and hit.refresh_at > now:
             return hit
-        token, exp = mint(key, audience, user_issuer, claims, act, jti, now, ttl_s, not_after)
+        token, exp = mint(key, audience, user_issuer, claims, act, jti, now, ttl_s, not_after, proofs)
         minted = Minted(token, now + (exp - now) / 2)
         self._minted.put(cache_key, minted)
         return minted

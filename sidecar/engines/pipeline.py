@@ -350,7 +350,7 @@ class Pipeline:
         ctx = identity.context
         minted = service.mint(identity.source_key, me, token.issuer, minimized(token.claims, settings.claims),
                               ctx.act if ctx else (), decision_id, settings.ttl_s,
-                              ctx.expires_at if ctx else token.expires_at)
+                              ctx.expires_at if ctx else token.expires_at, ctx.proofs if ctx else ())
         return (minted.token, minted.refresh_at) if minted is not None else None
 
     def exchange(self, inp: CheckInput, transport: str) -> Decision:
@@ -377,7 +377,7 @@ class Pipeline:
                 did = self._ids()
                 minted = service.mint(key + destination.encode(), destination, ctx.user_issuer,
                                       minimized(ctx.claims, settings.destinations.get(destination, ())),
-                                      (me, *ctx.act), did, settings.ttl_s, ctx.expires_at)
+                                      (me, *ctx.act), did, settings.ttl_s, ctx.expires_at, ctx.proofs)
                 if minted is None:
                     d = self._deny(Outcome.UNAVAILABLE, "no workload certificate to sign the context with")
                 else:

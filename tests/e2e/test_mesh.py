@@ -236,8 +236,9 @@ def _via(*hops: str) -> str:
 
 
 def _claims(token: str) -> dict[str, Any]:
-    """A context token's payload (its signature was checked by the agent that handed it over)."""
-    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    """A context token's payload (its signature was checked by the agent that handed it over); the header holds the
+    token, then `~` and its hop proofs."""
+    claims: dict[str, Any] = jwt.decode(token.split("~")[0], options={"verify_signature": False})
     return claims
 
 
@@ -261,6 +262,11 @@ def test_the_user_context_travels_three_hops_minimized_and_re_signed(mesh: Mesh)
     assert (claims["sub"], claims["user_iss"], claims["tenant"]) == ("alice", ISSUER, "acme")
     assert "email" not in claims and "scope" not in claims
     assert claims["act"] == {"sub": spiffe["checkout"], "act": {"sub": spiffe["frontend"]}}
+    # Each act entry came with its hop proof (checkout's, then frontend's), which names the user and no claim.
+    proofs = [_claims(p) for p in seen["x-meshward-context"].split("~")[1:]]
+    assert [(p["iss"], p["aud"], p["sub"]) for p in proofs] == [
+        (spiffe["checkout"], spiffe["payments"], "alice"), (spiffe["frontend"], spiffe["checkout"], "alice")]
+    assert all("tenant" not in p for p in proofs)
     # What checkout's app got: the user, minimized, never the JWT.
     code, body = mesh.curl("client", _via(frontend, f"{checkout}/look"), "-H", f"authorization: Bearer {token(KEY, **USER)}")
     assert code == 200, body

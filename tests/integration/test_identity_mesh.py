@@ -27,6 +27,9 @@ import jwt
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshward.operator.domain.ca import CertificateAuthority, check_csr, generate_root, issue_leaf, random_serial
@@ -273,10 +276,14 @@ def test_context_tokens_are_verified_at_a_real_inbound_before_any_rule(crds: Clu
 
     status, body = send(frontend)
     assert status == 200, body
-    app = jwt.decode(body["headers"][WIRE_HEADER], options={"verify_signature": False})
+    app_token, *proofs = body["headers"][WIRE_HEADER].split("~")
+    app = jwt.decode(app_token, options={"verify_signature": False})
     assert (app["iss"], app["aud"], app["sub"]) == (mesh.backend.spiffe, mesh.backend.spiffe, "alice")
     assert "email" not in app, "only what the backend's policies use reaches its app"
     assert app["act"] == {"sub": mesh.frontend.spiffe}
+    # ...and behind it the frontend's hop proof, which names the user and no claim.
+    assert [jwt.decode(p, options={"verify_signature": False})["iss"] for p in proofs] == [mesh.frontend.spiffe]
+    assert "email" not in jwt.decode(proofs[0], options={"verify_signature": False})
 
     def audited(jti: str) -> dict[str, Any]:
         found: dict[str, Any] = wait_until(f"the audit line of {jti}", lambda: next(
@@ -284,6 +291,18 @@ def test_context_tokens_are_verified_at_a_real_inbound_before_any_rule(crds: Clu
         return found
     line = audited("hop-1")
     assert line["outcome"] == "allow" and line["act"] == mesh.frontend.spiffe
+
+    # Issue 18: the frontend (its own genuine key) names in `act` a workload that never passed it the user, and
+    # sends its token without the proofs: neither reaches a rule, nor the audit line's act.
+    genuine, own_proof = mint(frontend, mesh.backend.spiffe, "https://idp.example.com", {"sub": "alice"},
+                              (frontend.spiffe_id,), "forged", time.time(), 30)[0].split("~")
+    header, claims = (json.loads(base64.urlsafe_b64decode(part + "==")) for part in genuine.split(".")[:2])
+    ghost = f"spiffe://cluster.local/ns/{mesh.ns}/sa/ghost"
+    forged = _signed(frontend, header, {**claims, "act": {"sub": frontend.spiffe_id, "act": {"sub": ghost}}})
+    for presentation in (f"{forged}~{own_proof}", genuine):
+        status, raw = mesh.call("/ctx", {WIRE_HEADER: presentation})
+        assert status == 401 and "hop proofs" in json.loads(raw)["reason"], raw
+    assert not any(ghost in a.get("act", "") for a in mesh.backend.agent.audit_lines())
 
     # Audience (RFC 7519 §4.1.3): a token the frontend minted for another workload.
     status, body = send(frontend, f"spiffe://cluster.local/ns/{mesh.ns}/sa/payments")
@@ -298,6 +317,15 @@ def test_context_tokens_are_verified_at_a_real_inbound_before_any_rule(crds: Clu
     foreign = generate_root("cluster.local", dt.datetime.now(dt.UTC))
     status, body = send(_minter(foreign, mesh.frontend.spiffe))
     assert status == 401 and "does not chain" in body["reason"], body
+
+
+def _signed(key: MintingKey, header: dict[str, Any], claims: dict[str, Any]) -> str:
+    """A JWS with this header and these claims, validly signed with `key` (what a compromised minter can sign)."""
+    def b64(doc: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+    signing_input = f"{b64(header)}.{b64(claims)}"
+    r, s = decode_dss_signature(key.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+    return f"{signing_input}.{base64.urlsafe_b64encode(r.to_bytes(32, 'big') + s.to_bytes(32, 'big')).rstrip(b'=').decode()}"
 
 
 def meshward(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:

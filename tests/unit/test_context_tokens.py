@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from meshward.operator.domain.ca import CertificateAuthority, check_csr, generate_root, issue_leaf, random_serial
 from meshward.sidecar.domain.certificate import WorkloadCert, accept, build_csr, new_key
 from meshward.sidecar.domain.context import (
+    MAX_ACT_DEPTH,
     MAX_TTL_S,
     WIRE_HEADER,
     ContextError,
@@ -36,6 +37,7 @@ from meshward.sidecar.domain.context import (
     mint,
     roots_of,
     verify_context,
+    verify_proof,
     x5c_of,
 )
 from meshward.sidecar.domain.decision import Outcome
@@ -84,7 +86,8 @@ def orders(ca: CertificateAuthority) -> WorkloadCert:
 
 
 def minted(cert: WorkloadCert, audience: str = ORDERS, *, claims: dict[str, Any] | None = None,
-           act: tuple[str, ...] = (FRONTEND,), now: float = NOW, ttl: float = 30) -> str:
+           act: tuple[str, ...] = (), now: float = NOW, ttl: float = 30) -> str:
+    """A token without hop proofs (the checks of the token itself); `hop` below mints whole paths."""
     token, _ = mint(minting_key(cert), audience, ISSUER, claims if claims is not None else {"sub": "alice"}, act,
                     "d-1", now, ttl)
     return token
@@ -112,18 +115,24 @@ def resigned(cert: WorkloadCert, header: dict[str, Any], claims: dict[str, Any])
 
 def test_a_context_token_carries_every_claim_the_design_names(frontend: WorkloadCert, ca: CertificateAuthority
                                                               ) -> None:
-    token = minted(frontend, claims={"sub": "alice", "tenant": "acme"}, act=(FRONTEND, "spiffe://x/edge"))
+    """The first exchange (frontend passes alice to orders): the token, then `~` and frontend's hop proof."""
+    token, proof = mint(minting_key(frontend), ORDERS, ISSUER, {"sub": "alice", "tenant": "acme"}, (FRONTEND,),
+                        "d-1", NOW, 30)[0].split("~")
     header, claims, _ = segments(token)
     assert header["alg"] == "ES256" and header["typ"] == "meshward-context+jwt"
     assert header["x5c"] == list(x5c_of(frontend.chain_pem))
+    prf = base64.urlsafe_b64encode(hashlib.sha256(proof.encode()).digest()).rstrip(b"=").decode()
     assert claims == {"iss": FRONTEND, "aud": ORDERS, "sub": "alice", "user_iss": ISSUER, "tenant": "acme",
-                      "jti": "d-1", "iat": int(NOW), "exp": int(NOW) + 30,
-                      "act": {"sub": FRONTEND, "act": {"sub": "spiffe://x/edge"}}}
-    ctx = verify_context(token, FRONTEND, ORDERS, roots_of(ca.cert_pem()), NOW + 1)
+                      "jti": "d-1", "iat": int(NOW), "exp": int(NOW) + 30, "act": {"sub": FRONTEND}, "prf": prf}
+    proof_header, proof_claims, _ = segments(proof)
+    assert proof_header == {**header, "typ": "meshward-hop+jwt"}
+    assert proof_claims == {"iss": FRONTEND, "aud": ORDERS, "sub": "alice", "user_iss": ISSUER, "jti": "d-1",
+                            "iat": int(NOW), "exp": int(NOW) + 30}
+    ctx = verify_context(f"{token}~{proof}", FRONTEND, ORDERS, roots_of(ca.cert_pem()), NOW + 1)
     assert (ctx.minter, ctx.audience, ctx.user_issuer, ctx.subject, ctx.jti) == (FRONTEND, ORDERS, ISSUER, "alice",
                                                                                   "d-1")
     assert dict(ctx.claims) == {"sub": "alice", "tenant": "acme"}
-    assert ctx.act == (FRONTEND, "spiffe://x/edge")
+    assert ctx.act == (FRONTEND,) and ctx.proofs == (proof,)
 
 
 def test_minimization_keeps_only_wanted_claims_and_never_a_reserved_one() -> None:
@@ -132,7 +141,7 @@ def test_minimization_keeps_only_wanted_claims_and_never_a_reserved_one() -> Non
     assert minimized(user, []) == {"sub": "alice"}
 
 
-@given(st.lists(st.text(min_size=1, max_size=20), max_size=10))
+@given(st.lists(st.text(min_size=1, max_size=20), max_size=MAX_ACT_DEPTH))
 def test_act_chains_round_trip(chain: list[str]) -> None:
     """RFC 8693 §4.1: the current actor outermost, prior actors nested, in order."""
     assert act_chain(act_claim(chain)) == tuple(chain)
@@ -495,12 +504,264 @@ def test_the_app_gets_its_token_once_the_workload_has_a_certificate(ca: Certific
     assert WIRE_HEADER in set_headers(h.pipeline.decide_now(request(token=raw), "http"))
 
 
-def test_policies_see_the_act_chain(ca: CertificateAuthority) -> None:
-    """`source.act` in CEL: payments admits a user only when the call came through frontend."""
+# ------------------------------------------------------------------------------------------ act is a proven path
+# Issue 18, item 5: a workload holding its own key (stolen, or the workload compromised) must not be able to claim
+# the user came through a workload that never passed the user to it. Every attacker below is `orders` with its own
+# genuine certificate, minting for payments, the receiver whose policies look at `source.act`.
+
+GHOST = f"{TD}/ghost"
+
+
+def hop(cert: WorkloadCert, audience: str, received: str | None = None, *, sub: str = "alice", now: float = NOW,
+        jti: str = "d") -> str:
+    """What `cert`'s agent sends to `audience`: a token exchanged from the presentation it `received` (verified
+    here as its agent would), or, without one, the first hop's (from an end-user JWT)."""
+    key = minting_key(cert)
+    if received is None:
+        return mint(key, audience, ISSUER, {"sub": sub}, (key.spiffe_id,), jti, now, 30)[0]
+    ctx = verify_context(received, _issuer_of(received), key.spiffe_id, roots_of(CHAIN_CA.cert_pem()), now)
+    return mint(key, audience, ISSUER, {"sub": ctx.subject}, (key.spiffe_id, *ctx.act), jti, now, 30,
+                ctx.expires_at, ctx.proofs)[0]
+
+
+def _issuer_of(presentation: str) -> str:
+    return str(segments(presentation.split("~")[0])[1]["iss"])
+
+
+CHAIN_CA = generate_root("cluster.local", dt.datetime.fromtimestamp(NOW - 3600, dt.UTC))
+CHAIN_CERTS = {w: workload(CHAIN_CA, w) for w in (FRONTEND, ORDERS, PAYMENTS, f"{TD}/admin")}
+
+
+def at_payments(presentation: str, peer: str = ORDERS, now: float = NOW + 1) -> Any:
+    return verify_context(presentation, peer, PAYMENTS, roots_of(CHAIN_CA.cert_pem()), now)
+
+
+def refused_at_payments(presentation: str, match: str, now: float = NOW + 1) -> None:
+    with pytest.raises(ContextError, match=match):
+        at_payments(presentation, now=now)
+
+
+def forged(claims: dict[str, Any], proofs: list[str], header: dict[str, Any] | None = None,
+           signer: str = ORDERS) -> str:
+    """A presentation whose token orders signed itself, with whatever claims and proofs it likes."""
+    genuine = hop(CHAIN_CERTS[signer], PAYMENTS, jti="forged").split("~")[0]
+    h, c, _ = segments(genuine)
+    return "~".join([resigned(CHAIN_CERTS[signer], header or h, {**c, **claims}), *proofs])
+
+
+def forged_proof(claims: dict[str, Any], *, signer: str = ORDERS, header: dict[str, Any] | None = None) -> str:
+    """A hop proof orders signs itself, claiming what it likes (by default: frontend passed alice to orders)."""
+    h = segments(hop(CHAIN_CERTS[signer], PAYMENTS).split("~")[1])[0]  # the signer's own certificate in x5c
+    c = segments(hop(CHAIN_CERTS[FRONTEND], ORDERS).split("~")[1])[1]
+    return resigned(CHAIN_CERTS[signer], header or h, {**c, **claims})
+
+
+def digest(proof: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(proof.encode()).digest()).rstrip(b"=").decode()
+
+
+def test_a_genuine_path_is_proven_hop_by_hop_and_its_proofs_carry_no_user_claims() -> None:
+    """frontend -> orders -> payments: payments sees act = (orders, frontend), each entry proven by a proof signed
+    by that workload, and the proofs (which every later hop and app receives) name the user but none of their
+    claims: minimization holds past the hop that needed a claim."""
+    key = minting_key(CHAIN_CERTS[FRONTEND])
+    t1 = mint(key, ORDERS, ISSUER, {"sub": "alice", "email": "alice@example.com"}, (FRONTEND,), "d1", NOW, 30)[0]
+    ctx1 = verify_context(t1, FRONTEND, ORDERS, roots_of(CHAIN_CA.cert_pem()), NOW)
+    t2 = mint(minting_key(CHAIN_CERTS[ORDERS]), PAYMENTS, ISSUER, {"sub": "alice"}, (ORDERS, *ctx1.act), "d2", NOW,
+              30, ctx1.expires_at, ctx1.proofs)[0]
+    ctx = at_payments(t2)
+    assert ctx.act == (ORDERS, FRONTEND) and len(ctx.proofs) == 2
+    for proof, (iss, aud) in zip(ctx.proofs, ((ORDERS, PAYMENTS), (FRONTEND, ORDERS)), strict=True):
+        header, claims, _ = segments(proof)
+        assert header["typ"] == "meshward-hop+jwt"
+        assert set(claims) <= {"iss", "aud", "sub", "user_iss", "jti", "iat", "exp", "prf"}
+        assert (claims["iss"], claims["aud"], claims["sub"]) == (iss, aud, "alice")
+    # frontend's token for orders carried the email (orders' policies use it); frontend's proof, which payments and
+    # its app receive, does not.
+    assert segments(t1.split("~")[0])[1]["email"] == "alice@example.com"
+    assert "alice@example.com" not in "".join(json.dumps(segments(p)[1]) for p in ctx.proofs)
+
+
+def test_attack_forged_act_entry_naming_a_nonexistent_workload_issue_18() -> None:
+    """The issue's finding: orders signs act = (orders, ghost) with its own key; before hop proofs, payments'
+    audit line and `source.act` showed `ghost`. Without a proof, and with a proof orders signed as `ghost`."""
+    act = {"act": act_claim((ORDERS, GHOST))}
+    refused_at_payments(forged(act, []), "2 workloads but 0 hop proofs")
+    fake = forged_proof({"iss": GHOST})
+    twin = forged_proof({"iss": ORDERS, "aud": PAYMENTS, "prf": digest(fake)})
+    refused_at_payments(forged({**act, "prf": digest(twin)}, [twin, fake]),
+                        "hop proof signed by a certificate of another workload")
+
+
+def test_attack_act_entry_naming_a_real_workload_that_never_minted() -> None:
+    """orders claims the user came through frontend, which never passed it to orders: a proof "from frontend"
+    signed with orders' key, with orders' certificate (SAN mismatch) or frontend's genuine one (bad signature)."""
+    act = {"act": act_claim((ORDERS, FRONTEND))}
+    for header_from, match in ((ORDERS, "hop proof signed by a certificate of another workload"),
+                               (FRONTEND, "invalid signature on a hop proof")):
+        h, _, _ = segments(hop(CHAIN_CERTS[FRONTEND], ORDERS).split("~")[1])
+        fake = forged_proof({}, header={**h, "x5c": list(x5c_of(CHAIN_CERTS[header_from].chain_pem))})
+        twin = forged_proof({"iss": ORDERS, "aud": PAYMENTS, "prf": digest(fake)})
+        refused_at_payments(forged({**act, "prf": digest(twin)}, [twin, fake]), match)
+    # A genuine proof, of a workload that did pass alice to orders (admin), standing for frontend's entry.
+    admins = hop(CHAIN_CERTS[f"{TD}/admin"], ORDERS).split("~")[1]
+    refused_at_payments(orders_claiming(admins), "not proven by a hop proof of that workload")
+
+
+def orders_claiming(proof: str) -> str:
+    """orders, compromised, presents `proof` as frontend's, behind a correctly linked token and twin it signs."""
+    twin = forged_proof({"iss": ORDERS, "aud": PAYMENTS, "prf": digest(proof)})
+    return forged({"act": act_claim((ORDERS, FRONTEND)), "prf": digest(twin)}, [twin, proof])
+
+
+def test_attack_hop_proof_replayed_from_another_users_chain() -> None:
+    """frontend really passed bob to orders; orders replays that proof to claim alice came through frontend."""
+    bobs = hop(CHAIN_CERTS[FRONTEND], ORDERS, sub="bob").split("~")[1]
+    refused_at_payments(orders_claiming(bobs), "names another user")
+
+
+def test_attack_hop_proof_minted_for_another_workload() -> None:
+    """A proof frontend minted for payments (captured by orders, e.g. from a log) does not say frontend passed the
+    user to orders: the inner token's audience must be the next hop."""
+    to_payments = hop(CHAIN_CERTS[FRONTEND], PAYMENTS).split("~")[1]
+    refused_at_payments(orders_claiming(to_payments), "minted for another workload")
+
+
+def test_attack_hop_proofs_spliced_from_another_chain() -> None:
+    """A genuine frontend -> orders -> payments presentation whose frontend proof is swapped for another genuine
+    one (same user, another request): the token and each proof sign the digest of the proof behind it."""
+    genuine = hop(CHAIN_CERTS[ORDERS], PAYMENTS, hop(CHAIN_CERTS[FRONTEND], ORDERS, jti="r1"))
+    other = hop(CHAIN_CERTS[FRONTEND], ORDERS, jti="r2").split("~")[1]
+    token, twin, _ = genuine.split("~")
+    assert at_payments(genuine).act == (ORDERS, FRONTEND)
+    refused_at_payments("~".join((token, twin, other)), "spliced")
+    refused_at_payments("~".join((token, other, twin)), "spliced")
+
+
+def test_attack_path_truncated_to_hide_a_hop() -> None:
+    """admin -> frontend -> orders: orders drops admin's entry and proof, so that a policy refusing calls that came
+    through admin (`!(admin in source.act)`) would pass. frontend's proof signs the digest of admin's."""
+    genuine = hop(CHAIN_CERTS[ORDERS], PAYMENTS, hop(CHAIN_CERTS[FRONTEND], ORDERS, hop(CHAIN_CERTS[f"{TD}/admin"],
+                                                                                     FRONTEND)))
+    assert at_payments(genuine).act == (ORDERS, FRONTEND, f"{TD}/admin")
+    refused_at_payments(orders_claiming(genuine.split("~")[2]), "did not come with it")
+
+
+def test_attack_hop_proof_kept_past_its_chain() -> None:
+    """orders keeps a proof from a request frontend passed it two minutes ago (expired) and mints fresh tokens
+    naming frontend: a proof is good only while the chain minted from it is (its exp covers the token's)."""
+    old = hop(CHAIN_CERTS[FRONTEND], ORDERS, now=NOW - 120).split("~")[1]
+    refused_at_payments(orders_claiming(old), "lifetime does not cover")
+
+
+def test_attack_hop_proof_with_a_stretched_lifetime() -> None:
+    fake_lifetime = segments(hop(CHAIN_CERTS[FRONTEND], ORDERS).split("~")[1])[1]
+    proof = forged_proof({"exp": fake_lifetime["iat"] + 3600}, signer=FRONTEND)  # frontend itself, compromised
+    refused_at_payments(orders_claiming(proof), "lifetime is too long")
+
+
+def test_attack_hop_proof_from_a_foreign_ca() -> None:
+    """A proof naming frontend, signed with a certificate for frontend from a self-made CA."""
+    foreign = workload(generate_root("cluster.local", dt.datetime.fromtimestamp(NOW - 3600, dt.UTC)), FRONTEND)
+    refused_at_payments(orders_claiming(hop(foreign, ORDERS).split("~")[1]), "does not chain")
+
+
+@pytest.mark.parametrize("alg", ["none", "HS256", "ES384", "RS256"])
+def test_attack_hop_proof_alg_confusion(alg: str) -> None:
+    """CVE-2015-9235 style, on the proof: its algorithm is fixed like the token's."""
+    h, c, sig = segments(hop(CHAIN_CERTS[FRONTEND], ORDERS).split("~")[1])
+    refused_at_payments(orders_claiming(f"{b64({**h, 'alg': alg})}.{b64(c)}.{sig}"),
+                        "algorithm not allowed on a hop proof")
+
+
+def test_attack_a_context_token_in_place_of_a_hop_proof_and_the_reverse() -> None:
+    """Token types do not mix: frontend's token for orders (claims and all) as the proof, and a proof presented as
+    the context token itself (it has no claims to forge, but it is not a token)."""
+    token_to_orders = hop(CHAIN_CERTS[FRONTEND], ORDERS).split("~")[0]
+    refused_at_payments(orders_claiming(token_to_orders), "hop proof has the wrong token type")
+    own_proof = hop(CHAIN_CERTS[ORDERS], PAYMENTS).split("~")[1]
+    refused_at_payments(own_proof, "wrong token type")
+
+
+def test_attack_a_hop_proof_presented_as_an_end_user_jwt() -> None:
+    from meshward.sidecar.config.schema import Issuer
+
+    proof = hop(CHAIN_CERTS[FRONTEND], ORDERS).split("~")[1]
+    lax = Issuer(issuer=FRONTEND, audiences=(ORDERS,), algorithms=frozenset({"ES256"}), jwks_uri=None,
+                 sources=(), token_types=frozenset({"meshward-hop+jwt", "jwt"}))
+    with pytest.raises(JwtError, match="not an end-user token"):
+        verify(parse(proof, 16384), {FRONTEND: lax}, lambda i, k: [], NOW)
+
+
+def test_attack_act_chain_depth_overflow() -> None:
+    """More proofs than MAX_ACT_DEPTH are refused before any of them is parsed (bounded work for a forged header),
+    and an exchange that would pass the bound refuses to mint (the app learns why at its own Envoy)."""
+    refused_at_payments("~".join([hop(CHAIN_CERTS[ORDERS], PAYMENTS).split("~")[0], *["x.y.z"] * 9]),
+                        "more than 8 hop proofs")
+    presentation = hop(CHAIN_CERTS[FRONTEND], ORDERS)
+    workloads = [FRONTEND, ORDERS]
+    for n in range(7):  # frontend, orders, frontend, ... : eight hops, the bound, still verify
+        sender, receiver = workloads[n % 2], workloads[(n + 1) % 2]
+        ctx = verify_context(presentation, sender, receiver, roots_of(CHAIN_CA.cert_pem()), NOW)
+        presentation = mint(minting_key(CHAIN_CERTS[receiver]), sender, ISSUER, {"sub": "alice"},
+                            (receiver, *ctx.act), f"d{n}", NOW, 30, ctx.expires_at, ctx.proofs)[0]
+    ctx = verify_context(presentation, ORDERS, FRONTEND, roots_of(CHAIN_CA.cert_pem()), NOW)
+    assert len(ctx.act) == 8
+    ctx = verify_context(mint(minting_key(CHAIN_CERTS[FRONTEND]), FRONTEND, ISSUER, {"sub": "alice"}, ctx.act,
+                              "app", NOW, 30, ctx.expires_at, ctx.proofs)[0], FRONTEND, FRONTEND,
+                         roots_of(CHAIN_CA.cert_pem()), NOW)
+    with pytest.raises(ContextError, match="longer than 8 workloads"):
+        mint(minting_key(CHAIN_CERTS[FRONTEND]), ORDERS, ISSUER, {"sub": "alice"}, (FRONTEND, *ctx.act), "d", NOW,
+             30, ctx.expires_at, ctx.proofs)
+
+
+def test_attack_forged_path_satisfies_a_via_frontend_policy_issue_18() -> None:
+    """The policy the finding is about: payments admits a user only via frontend. orders, compromised, signs
+    act = (orders, frontend) itself: refused before any rule, and its claim never reaches the audit line; the
+    genuine path is admitted and audited with its chain."""
     clock = Clock(NOW)
     rule = {"name": "via-frontend", "when": [f"'{FRONTEND}' in source.act"]}
-    pay, _ = agent(workload(ca, PAYMENTS), policy("payments", rules=[rule]), clock)
-    orders_key = minting_key(workload(ca, ORDERS))
-    for act, outcome in (((ORDERS, FRONTEND), Outcome.ALLOW), ((ORDERS,), Outcome.FORBIDDEN)):
-        token, _ = mint(orders_key, PAYMENTS, ISSUER, {"sub": "alice"}, act, "j", NOW, 30)
-        assert pay.decide_now(request(peer=ORDERS, **{WIRE_HEADER: token}), "http").outcome is outcome  # type: ignore[union-attr]
+    pay, audit = agent(CHAIN_CERTS[PAYMENTS], policy("payments", rules=[rule]), clock)
+    unproven = forged({"act": act_claim((ORDERS, FRONTEND))}, [])
+    d = pay.decide_now(request(peer=ORDERS, **{WIRE_HEADER: unproven}), "http")
+    assert d.outcome is Outcome.UNAUTHENTICATED and "hop proofs" in d.reason  # type: ignore[union-attr]
+    assert "act" not in json.loads(audit.getvalue().splitlines()[-1])
+    genuine = hop(CHAIN_CERTS[ORDERS], PAYMENTS, hop(CHAIN_CERTS[FRONTEND], ORDERS))
+    d = pay.decide_now(request(peer=ORDERS, **{WIRE_HEADER: genuine}), "http")
+    assert d.outcome is Outcome.ALLOW and d.rule == "via-frontend"  # type: ignore[union-attr]
+    assert json.loads(audit.getvalue().splitlines()[-1])["act"] == f"{ORDERS},{FRONTEND}"
+    # Without frontend in the path the rule does not match.
+    d = pay.decide_now(request(peer=ORDERS, **{WIRE_HEADER: hop(CHAIN_CERTS[ORDERS], PAYMENTS)}), "http")
+    assert d.outcome is Outcome.FORBIDDEN  # type: ignore[union-attr]
+
+
+def test_a_remembered_hop_proof_is_still_checked_for_its_place_in_the_chain(monkeypatch: pytest.MonkeyPatch
+                                                                            ) -> None:
+    """The proof cache remembers signatures, not positions: a proof verified once in a genuine chain, then replayed
+    by orders behind a token for another user, is still refused; and the app's token brings back to the exchange
+    the proofs its inbound check verified, which the exchange does not check again (counted)."""
+    import meshward.sidecar.engines.context as engine
+
+    checked: list[str] = []
+    real = verify_proof
+
+    def counting(raw: str, *args: Any) -> Any:
+        checked.append(raw)
+        return real(raw, *args)
+
+    monkeypatch.setattr(engine, "verify_proof", counting)
+    service = ContextService(ContextKeys(lambda: CHAIN_CERTS[PAYMENTS]), Clock(NOW))
+    genuine = hop(CHAIN_CERTS[ORDERS], PAYMENTS, hop(CHAIN_CERTS[FRONTEND], ORDERS))
+    ctx, _ = service.verify(genuine, TokenCache.key(genuine), ORDERS, PAYMENTS)
+    assert len(checked) == 2
+    frontends = ctx.proofs[1]
+    h, c, _ = segments(genuine.split("~")[0])
+    twin = forged_proof({"iss": ORDERS, "aud": PAYMENTS, "sub": "bob", "prf": digest(frontends)})
+    bob = "~".join([resigned(CHAIN_CERTS[ORDERS], h, {**c, "sub": "bob", "prf": digest(twin)}), twin, frontends])
+    with pytest.raises(ContextError, match="names another user"):
+        service.verify(bob, TokenCache.key(bob), ORDERS, PAYMENTS)
+    checked.clear()
+    app, _ = mint(minting_key(CHAIN_CERTS[PAYMENTS]), PAYMENTS, ISSUER, {"sub": "alice"}, ctx.act, "app", NOW, 30,
+                  ctx.expires_at, ctx.proofs)
+    assert service.verify(app, TokenCache.key(app), PAYMENTS, PAYMENTS)[0].act == (ORDERS, FRONTEND)
+    assert checked == []

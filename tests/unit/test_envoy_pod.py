@@ -19,6 +19,7 @@ from meshward.sidecar.domain.context import WIRE_HEADER
 from meshward.sidecar.domain.envoy import (
     ATTR_DEST,
     ENVOY_ADMIN_SOCKET,
+    SNIFF_TIMEOUT_S,
     Destination,
     PodProxy,
     build_pod_bootstrap,
@@ -273,3 +274,21 @@ def test_envoys_admin_answers_on_its_socket_only_and_kubelets_readiness_probe_st
             for path in ("/certs", "/config_dump", "/ready", "/healthz/ready/../../certs"):
                 assert http_status(f"http://127.0.0.1:{health_port}{path}") == 404, path
             assert http_status(f"http://127.0.0.1:{health_port}/logging?level=debug", method="POST") == 404
+
+
+def test_a_late_first_request_to_a_non_meshed_address_is_passed_through_header_and_all() -> None:
+    """Documented limit (docs/context-tokens.md, "What it does not defend against"; issue 18, item 6): the HTTP
+    inspector waits SNIFF_TIMEOUT_S for a client's first bytes, then the connection continues (server-first
+    protocols must) into the default chain, a TCP proxy that parses nothing, so a context header in a request
+    written later reaches a non-meshed server. Pinned so that any change to the trade-off is deliberate."""
+    listener = outbound_resources(MAP, OWN_IP, context_header="x-user-context")[0][0]
+    assert SNIFF_TIMEOUT_S == 1.0 and listener["listener_filters_timeout"] == "1.000s"
+    assert listener["continue_on_listener_filters_timeout"] is True
+    assert listener["default_filter_chain"] == {"name": "passthrough", "filters": [{
+        "name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": "passthrough", "cluster": "passthrough"}}]}
+    # Only a connection the inspector recognized in time reaches a chain that removes the header.
+    removing = [c for c in listener["filter_chains"] if c["name"].startswith("passthrough_http")]
+    assert removing and all(c["filter_chain_match"]["application_protocols"] == ["http/1.0", "http/1.1"]
+                            for c in removing)
