@@ -17,18 +17,21 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 import yaml
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshward.operator.domain.ca import CertificateAuthority, check_csr, issue_leaf, random_serial
 from meshward.sidecar.domain.certificate import build_csr, new_key
-from meshward.sidecar.domain.context import MintingKey, mint, x5c_of
+from meshward.sidecar.domain.context import MintingKey, act_claim, mint, proof_digest, x5c_of
 from meshward.sidecar.domain.envoy import Endpoint, InboundConfig, Outbound, SdsTls, build_inbound_bootstrap
 from tests.e2e.conftest import Mesh, deployment, envoy_admin, installed, service, wait_ready
 from tests.kube import KindSession, service_identity, wait_until
@@ -401,6 +404,151 @@ def test_a_compromised_workload_cannot_replay_or_redirect_context_tokens(mesh: M
     assert code == 401 and "audience" in body, body
     code, body = send(minted(spiffe["payments"]))
     assert code == 403 and "no rule allows" in body, body
+
+
+def _rogue(mesh: Mesh) -> tuple[MintingKey, Callable[[str | None], tuple[int, str]], dict[str, str]]:
+    """The compromised workload `rogue` (its own genuine identity, its proxy passing headers unchanged to payments):
+    its minting key, a function sending a context header through it to payments' `/pay`, and the SPIFFE IDs."""
+    c, ns = mesh.cluster, mesh.ns
+    spiffe = {app: f"spiffe://cluster.local/ns/{ns}/sa/{app}" for app in ("rogue", "ghost", *CHAIN)}
+    if c.kubectl("-n", ns, "get", "pod", "rogue", check=False).returncode:
+        payments = c.get_json("-n", ns, "pod", mesh.pod("payments"))["status"]["podIP"]
+        c.kubectl("-n", ns, "create", "serviceaccount", "rogue", check=False)
+        c.apply(service_identity(ns, "rogue"))
+        wait_until("rogue's ServiceIdentity Ready", lambda: any(
+            x["type"] == "Ready" and x["status"] == "True" for x in c.get_json(
+                "-n", ns, "serviceidentity", "rogue").get("status", {}).get("conditions", [])), timeout=60)
+        c.apply(*rogue_pod(mesh, payments, spiffe["payments"]))
+    wait_ready(c, ns, "pod/rogue")
+
+    def send(header: str | None) -> tuple[int, str]:
+        args = ["-H", f"x-meshward-context: {header}"] if header else []
+        proc = c.kubectl("-n", ns, "exec", "rogue", "-c", "app", "--", "curl", "-sS", "--max-time", "5", "-w",
+                         "\n%{http_code}", *args, "http://127.0.0.1:9000/pay", check=False)
+        body, _, code = proc.stdout.rpartition("\n")
+        return (int(code) if code.isdigit() else 0), body
+    wait_until("rogue reaching payments over mTLS", lambda: send(None)[0] == 403, timeout=90)
+
+    # rogue's key: a certificate for rogue's own SPIFFE ID from the mesh CA, as its agent holds one.
+    secret = c.get_json("-n", mesh.release.namespace, "secret", "meshward-mesh-ca")["data"]
+    ca = CertificateAuthority.from_pem(base64.b64decode(secret["tls.crt"]), base64.b64decode(secret["tls.key"]))
+    key = new_key()
+    leaf = issue_leaf(ca, check_csr(build_csr(key, spiffe["rogue"]), spiffe["rogue"]), spiffe["rogue"],
+                      dt.timedelta(minutes=5), dt.datetime.now(dt.UTC), random_serial(os.urandom))
+    minter = MintingKey(spiffe["rogue"], key, x5c_of(leaf.public_bytes(Encoding.PEM)),
+                        leaf.not_valid_after_utc.timestamp())
+    return minter, send, spiffe
+
+
+def _signed(minter: MintingKey, typ: str, claims: dict[str, Any]) -> str:
+    """A JWS with these claims, validly signed with the minter's own key (what a compromised workload can sign)."""
+    def b64(doc: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).rstrip(b"=").decode()
+    signing_input = f"{b64({'alg': 'ES256', 'typ': typ, 'x5c': list(minter.x5c)})}.{b64(claims)}"
+    r, s = decode_dss_signature(minter.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+    sig = base64.urlsafe_b64encode(r.to_bytes(32, "big") + s.to_bytes(32, "big")).rstrip(b"=").decode()
+    return f"{signing_input}.{sig}"
+
+
+def _claiming(minter: MintingKey, audience: str, act: tuple[str, ...], proofs: list[str]) -> str:
+    """rogue's token for `audience` with this act chain, its own hop proof in front of `proofs`, all linked by
+    digest exactly as an honest agent links them: only the proofs' signers can make the chain true."""
+    now = int(time.time())
+    common = {"iss": minter.spiffe_id, "aud": audience, "sub": "alice", "user_iss": ISSUER, "jti": "rogue",
+              "iat": now, "exp": now + 30}
+    twin = _signed(minter, "meshward-hop+jwt", {**common, **({"prf": proof_digest(proofs[0])} if proofs else {})})
+    token = _signed(minter, "meshward-context+jwt", {**common, "tenant": "acme", "act": act_claim(act),
+                                                     "prf": proof_digest(twin)})
+    return "~".join([token, twin, *proofs])
+
+
+def test_a_compromised_workload_cannot_claim_a_path_it_was_not_on(mesh: Mesh) -> None:
+    """Issue 18, item 5, in real pods: `rogue` (a genuine identity of its own, its proxy passing headers to payments
+    unchanged) signs with its own key a token naming frontend (or a workload that does not exist) in `act`.
+    Before hop proofs payments' audit line showed that chain and `source.act` held it. Now payments refuses each
+    before any rule (401, the reason names the hop proof), and its audit lines never show the forged chain:
+    - act = (rogue, frontend) with no proof of frontend's (the issue's token, as an old agent would mint it);
+    - act = (rogue, ghost) with a proof rogue signed itself as `ghost`;
+    - act = (rogue, frontend) with a GENUINE proof of frontend's, for alice, captured from checkout's app
+      (frontend passed alice to checkout, never to rogue: the proof's audience is checkout).
+    A token rogue mints as itself only (act = (rogue,), its own proof) passes every check: payments' policy
+    (checkout only) decides, 403, and the audit line shows act = rogue."""
+    minter, send, spiffe = _rogue(mesh)
+    ns = mesh.ns
+    before = len(mesh.decisions("payments"))
+
+    # The issue's token: act names frontend, nothing proves it.
+    now = int(time.time())
+    bare = _signed(minter, "meshward-context+jwt", {
+        "iss": spiffe["rogue"], "aud": spiffe["payments"], "sub": "alice", "user_iss": ISSUER, "tenant": "acme",
+        "jti": "rogue", "iat": now, "exp": now + 30, "act": act_claim((spiffe["rogue"], spiffe["frontend"]))})
+    code, body = send(bare)
+    assert code == 401 and "hop proofs" in body, body
+
+    # A made-up workload, with a proof rogue signed in its name.
+    ghost = _signed(minter, "meshward-hop+jwt", {
+        "iss": spiffe["ghost"], "aud": spiffe["rogue"], "sub": "alice", "user_iss": ISSUER, "jti": "g",
+        "iat": now, "exp": now + 30})
+    code, body = send(_claiming(minter, spiffe["payments"], (spiffe["rogue"], spiffe["ghost"]), [ghost]))
+    assert code == 401 and "another workload" in body, body
+
+    # A genuine proof of frontend's, for alice, taken from what checkout's app receives.
+    code, body = mesh.curl("client", _via(f"http://frontend.{ns}", f"http://checkout.{ns}/look"), "-H",
+                           f"authorization: Bearer {token(KEY, **USER)}")
+    assert code == 200, body
+    header = json.loads(body)["headers"]["x-meshward-context"]
+    frontends = header.split("~")[1]
+    code, body = send(_claiming(minter, spiffe["payments"], (spiffe["rogue"], spiffe["frontend"]), [frontends]))
+    assert code == 401 and "minted for another workload" in body, body
+
+    # rogue as itself only: the checks pass, the policy decides.
+    code, body = send(_claiming(minter, spiffe["payments"], (spiffe["rogue"],), []))
+    assert code == 403 and "no rule allows" in body, body
+
+    def audited() -> list[dict[str, Any]] | None:
+        lines = [d for d in mesh.decisions("payments")[before:] if d["peer"] == spiffe["rogue"] and d["path"] == "/pay"
+                 and d["outcome"] in ("unauthenticated", "forbidden")]
+        return lines if len(lines) >= 4 else None
+    lines = wait_until("payments' audit lines for rogue's four tokens", audited, timeout=30)
+    assert [d["outcome"] for d in lines[-4:]] == ["unauthenticated"] * 3 + ["forbidden"]
+    assert all("act" not in d and "parent" not in d for d in lines[-4:-1]), lines
+    assert lines[-1]["act"] == spiffe["rogue"]
+    assert not any(spiffe["ghost"] in d.get("act", "") or spiffe["frontend"] in d.get("act", "")
+                   for d in mesh.decisions("payments") if d["peer"] == spiffe["rogue"])
+
+
+# Sends a request on a connection it opened `delay` seconds earlier and prints the response body (stdlib only:
+# the echo image is python:3.11-slim).
+LATE_REQUEST = """
+import socket, sys, time
+host, delay = sys.argv[1], float(sys.argv[2])
+s = socket.create_connection((host, 80), timeout=10)
+time.sleep(delay)
+s.sendall(("GET /late HTTP/1.1\\r\\nHost: %s\\r\\nx-meshward-context: secret-user-context\\r\\n"
+           "Connection: close\\r\\n\\r\\n" % host).encode())
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(data.split(b"\\r\\n\\r\\n", 1)[1].decode())
+"""
+
+
+def test_a_context_header_written_after_the_sniffing_window_reaches_an_unmeshed_service(mesh: Mesh) -> None:
+    """Issue 18, item 6, pinned as documented (docs/context-tokens.md, "What it does not defend against"): the
+    outbound listener removes the context header from plaintext HTTP/1 to a non-meshed Service only when the
+    request's first bytes arrive within 1 s of the connection opening (the HTTP inspector's window); a request
+    written later on that connection goes through the TCP passthrough with the header. If this starts failing
+    because the header is removed, the limit was closed: update the docs and turn the assertion around."""
+    ns = mesh.ns
+    pod = mesh.pod("frontend")
+
+    def late(delay: float) -> dict[str, Any]:
+        proc = mesh.cluster.kubectl("-n", ns, "exec", pod, "-c", "app", "--", "python3", "-c", LATE_REQUEST,
+                                    f"plain.{ns}", str(delay), timeout=30)
+        headers: dict[str, Any] = json.loads(proc.stdout)["headers"]
+        return headers
+    assert "x-meshward-context" not in late(0.0)  # within the window: recognized as HTTP/1, header removed
+    assert late(1.5).get("x-meshward-context") == "secret-user-context"  # after it: passed through, as documented
 
 
 def test_a_context_header_never_leaves_the_mesh_and_no_header_means_no_user(mesh: Mesh) -> None:
