@@ -79,6 +79,8 @@ NEVER_INJECTED = ("kube-system", "kube-public", "kube-node-lease")
 INIT, AGENT, PROXY = "meshward-init", "meshward-agent", "meshward-proxy"
 SOCKETS, BUNDLE, TOKEN = "meshward-sockets", "meshward-bundle", "meshward-token"
 SOCKET_DIR = "/var/run/meshward"
+# The audience of the pod's projected token that the signer and the policy service accept: only the agent's.
+MESH_AUDIENCE = "meshward"
 # The projected token's lifetime: the API server's minimum (kubelet refreshes it at 80%).
 TOKEN_EXPIRATION_S = 600
 _PROBE_KINDS = (("livenessProbe", "livez"), ("readinessProbe", "readyz"), ("startupProbe", "startupz"))
@@ -316,10 +318,19 @@ def _check(pod: Mapping[str, Any]) -> None:
         if str(v.get("name", "")).startswith("meshward-"):
             raise InjectRefused(f"spec.volumes[{n}].name: {v.get('name')!r}: names starting with meshward- are "
                                 "Meshward's; rename the volume")
+        for k, source in enumerate(_field(_field(v, "projected"), "sources") or []):
+            if _field(_field(source, "serviceAccountToken"), "audience") == MESH_AUDIENCE:
+                raise InjectRefused(f"spec.volumes[{n}].projected.sources[{k}].serviceAccountToken.audience: "
+                                    f"{MESH_AUDIENCE!r} is the mesh's own: with it a container asks the signer for "
+                                    "the workload's certificate and key; use another audience")
     plaintext = _annotation(pod, INBOUND_PLAINTEXT) or "refuse"
     if plaintext not in PLAINTEXT_VALUES:
         raise InjectRefused(f"metadata.annotations[{INBOUND_PLAINTEXT}]: {plaintext!r} must be refuse (the "
                             "default) or allow (while migrating: plaintext callers reach the app with no peer)")
+
+
+# Capabilities with which a container can change the pod's network namespace (the capture rules) or leave it.
+_POD_ESCAPING_CAPABILITIES = frozenset({"ALL", "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_MODULE", "BPF"})
 
 
 def check_ephemeral(pod: Mapping[str, Any]) -> None:
@@ -328,6 +339,12 @@ def check_ephemeral(pod: Mapping[str, Any]) -> None:
     for n, c in enumerate(spec.get("ephemeralContainers") or []):
         where = f"spec.ephemeralContainers[{n}]"
         _check_container(c, where, spec.get("securityContext"))
+        ctx = c.get("securityContext")
+        added = {str(x).upper().removeprefix("CAP_") for x in (_field(_field(ctx, "capabilities"), "add") or [])}
+        if _field(ctx, "privileged") or added & _POD_ESCAPING_CAPABILITIES:
+            raise InjectRefused(f"{where}.securityContext: privileged or {', '.join(sorted(added)) or 'capabilities'} "
+                                "would let a debug container rewrite the pod's traffic capture (kubectl debug "
+                                "--profile=netadmin or sysadmin); use --profile=general or restricted")
         target = str(c.get("targetContainerName") or "")
         if target.startswith("meshward-"):
             raise InjectRefused(f"{where}.targetContainerName: {target!r}: debugging the mesh's own containers would "
@@ -353,13 +370,15 @@ def uninject(pod: Mapping[str, Any]) -> dict[str, Any]:
     for c in [*(spec.get("containers") or []), *kept]:
         if not isinstance(c, dict):
             continue
-        for key, _ in _PROBE_KINDS:
+        for key, kind in _PROBE_KINDS:
             probe = c.get(key)
             get = probe.get("httpGet") if isinstance(probe, dict) else None
-            original = originals.get(str(get.get("path"))) if isinstance(get, dict) and \
-                get.get("port") == AGENT_ADMIN_PORT else None
-            if isinstance(probe, dict) and isinstance(original, dict):
-                handler = {k: v for k, v in original.items() if k != "timeoutSeconds"}
+            path = f"/app-health/{c.get('name')}/{kind}"  # only what the injector itself rewrote is restored
+            original = originals.get(path) if isinstance(get, dict) and get.get("port") == AGENT_ADMIN_PORT and \
+                get.get("path") == path and not get.get("host") else None
+            handlers = {"httpGet", "tcpSocket", "grpc"}
+            if isinstance(probe, dict) and isinstance(original, dict) and len(handlers & set(original)) == 1:
+                handler = {k: v for k, v in original.items() if k in handlers}
                 c[key] = {**{k: v for k, v in probe.items() if k != "httpGet"}, **handler}
     if "initContainers" in spec:
         if kept:
@@ -449,7 +468,7 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
                        {"name": SOCKETS, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
                        {"name": BUNDLE, "configMap": {"name": "meshward-trust-bundle"}},
                        {"name": TOKEN, "projected": {"sources": [{"serviceAccountToken": {
-                           "audience": "meshward", "expirationSeconds": TOKEN_EXPIRATION_S, "path": "token"}}]}}]
+                           "audience": MESH_AUDIENCE, "expirationSeconds": TOKEN_EXPIRATION_S, "path": "token"}}]}}]
     meta = out.setdefault("metadata", {})
     meta["annotations"] = {**(meta.get("annotations") or {}), INJECTED_ANNOTATION: settings.version}
     # Opted in through its namespace: the label makes the pod's opt-in visible to the operator and to users.

@@ -57,7 +57,7 @@ class MeshDirectory:
         self._max_namespace_bytes = max_namespace_bytes
         self._max_map_bytes = max_map_bytes
         self._posting: set[asyncio.Task[None]] = set()
-        self._reported: set[tuple[str, str]] = set()  # (pod uid or key, why) an Event was posted for
+        self._reported: dict[str, set[str]] = {}  # pod key -> why an Event was posted for it (dropped with the pod)
         self.cut: dict[str, str] = {}                 # namespace -> why it is left out of the map
         self.ignored: dict[str, str] = {}             # pod key -> why its exclusion annotation is ignored
         self.map_bytes = 0
@@ -90,14 +90,15 @@ class MeshDirectory:
     def remove_pod(self, namespace: str, name: str) -> None:
         """Forget a pod."""
         self.ignored.pop(f"{namespace}/{name}", None)
+        self._reported.pop(f"{namespace}/{name}", None)
         self._drop(self._pods, f"{namespace}/{name}")
 
     def _report(self, pod: MeshPod, reason: str, message: str) -> None:
         """Post a Warning Event on `pod`, once per pod and message."""
-        mark = (pod.uid or f"{pod.namespace}/{pod.name}", message)
-        if mark in self._reported:
+        reported = self._reported.setdefault(f"{pod.namespace}/{pod.name}", set())
+        if f"{pod.uid}/{message}" in reported:
             return
-        self._reported.add(mark)
+        reported.add(f"{pod.uid}/{message}")
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

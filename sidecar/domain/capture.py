@@ -15,8 +15,8 @@ app. Meshed peers are known by their IPv4 pod and Service addresses only (the
 destination map), so no meshed call uses IPv6; Envoy cannot forward to a link-local
 destination (no zone in an original-destination address). So inbound TCP over IPv6 is
 reset, and so is the app's outbound TCP over IPv6, but for loopback, the probe ports and
-the ports the pod excludes from the mesh. UDP is not captured in either family
-(docs/app-teams.md).
+the ports the pod excludes from the mesh (and the packets of connections those opened).
+Only TCP is captured or reset: UDP and SCTP are not, in either family (docs/app-teams.md).
 """
 
 from __future__ import annotations
@@ -114,10 +114,14 @@ def ip6tables_rules(c: Capture) -> str:
     """The `ip6tables-restore` input (filter table) that resets the pod's TCP over IPv6 (see the module docstring)."""
     lines = ["*filter", f":{_CHAIN_IN} - [0:0]", f":{_CHAIN_OUT} - [0:0]",
              f"-A INPUT -p tcp -j {_CHAIN_IN}", f"-A OUTPUT -p tcp -j {_CHAIN_OUT}",
+             # Packets of connections a rule below let open (the replies on an excluded port, the proxy's own) pass;
+             # a new connection never matches this.
+             f"-A {_CHAIN_IN} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
              f"-A {_CHAIN_IN} -i lo -j RETURN"]
     for port in _ports((*ALWAYS_EXCLUDED_INBOUND, *c.exclude_inbound_ports)):
         lines.append(f"-A {_CHAIN_IN} -p tcp --dport {port} -j RETURN")
     lines += [f"-A {_CHAIN_IN} -p tcp -j REJECT --reject-with tcp-reset",
+              f"-A {_CHAIN_OUT} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
               f"-A {_CHAIN_OUT} -o lo -j RETURN",
               f"-A {_CHAIN_OUT} -m owner --uid-owner {c.proxy_uid} -j RETURN"]
     for port in _ports(c.exclude_outbound_ports):

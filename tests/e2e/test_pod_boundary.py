@@ -235,7 +235,7 @@ def _agent_metric(mesh: Mesh, app: str, name: str) -> float:
 
 
 def test_destination_map_inflation_in_one_namespace_never_reaches_another_namespaces_stream(
-        boundary: tuple[Mesh, Mesh]) -> None:
+        boundary: tuple[Mesh, Mesh], tmp_path: Any) -> None:
     """Destination-map inflation: pods around the injector with a hand-written meshward.io/injected and a 253 KiB
     exclude-inbound-ports, and an injected pod whose exclusion is inflated after admission (`kubectl annotate`), once
     pushed every agent's destination message past gRPC's 4 MiB: every stream failed, a policy change and a Revocation
@@ -258,8 +258,9 @@ def test_destination_map_inflation_in_one_namespace_never_reaches_another_namesp
         c.kubectl("-n", evil, "rollout", "status", "deployment/inflater", "--timeout=180s", timeout=200)
         c.kubectl("-n", evil, "wait", "--for=condition=Ready", "pod/around-0", "pod/around-1", "--timeout=120s",
                   timeout=130)
-        c.kubectl("-n", evil, "annotate", "pod", outside.pod("inflater"), "--overwrite",
-                  f"meshward.io/exclude-inbound-ports={HUGE_PORTS}")
+        patch = tmp_path / "inflate.json"  # 253 KiB: too long for one argument
+        patch.write_text(json.dumps({"metadata": {"annotations": {"meshward.io/exclude-inbound-ports": HUGE_PORTS}}}))
+        c.kubectl("-n", evil, "patch", "pod", outside.pod("inflater"), "--type=merge", f"--patch-file={patch}")
         assert mesh.curl("client", f"http://victim.{ns}/public")[0] == 200
         c.apply({"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
                  "metadata": {"name": "victim-closed", "namespace": ns},
@@ -282,3 +283,20 @@ def test_destination_map_inflation_in_one_namespace_never_reaches_another_namesp
                   check=False)
         c.kubectl("-n", ns, "delete", "authpolicy", "victim-closed", check=False)
         c.kubectl("delete", "revocation", "e2e-inflation", "--ignore-not-found", check=False)
+
+
+def test_a_hand_made_imitation_or_a_relabelled_meshed_pod_is_refused_by_the_api_server(
+        boundary: tuple[Mesh, Mesh]) -> None:
+    """Around the webhook, which sees only pods that opt in at creation: a pod with the mesh's containers and no
+    opt-in label (then labelled, it counted as meshed, with the exclusions it chose), and a meshed pod unlabelled so
+    that `kubectl debug` is no longer reviewed. The chart's ValidatingAdmissionPolicy refuses both."""
+    mesh, _ = boundary
+    imitation = _opted_in_pod(mesh.ns, "imitation", mesh.echo, initContainers=[
+        {"name": INIT, "image": mesh.echo, "command": ["meshward-init", "--exclude-inbound-ports", "8080"]},
+        {"name": AGENT, "image": mesh.echo, "restartPolicy": "Always", "command": ["sleep", "1d"]}])
+    imitation["metadata"]["labels"] = {"app": "imitation"}
+    refusal = _refusal(mesh, imitation)
+    assert "did not opt in to the mesh" in refusal, refusal
+    proc = mesh.cluster.kubectl("-n", mesh.ns, "label", "pod", mesh.pod("victim"), "meshward.io/inject-",
+                                check=False)
+    assert proc.returncode != 0 and "cannot change" in proc.stderr, (proc.stdout, proc.stderr)

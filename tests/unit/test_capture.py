@@ -64,12 +64,16 @@ def test_ipv6_link_local_side_door_inbound_and_outbound_tcp_over_ipv6_is_reset()
     reset_in = r.index("-A MESHWARD_INBOUND -p tcp -j REJECT --reject-with tcp-reset")
     reset_out = r.index("-A MESHWARD_OUTPUT -p tcp -j REJECT --reject-with tcp-reset")
     passed_in = [x for x in r[:reset_in] if x.startswith("-A MESHWARD_INBOUND")]
-    assert passed_in == ["-A MESHWARD_INBOUND -i lo -j RETURN",
+    established = "-m conntrack --ctstate ESTABLISHED,RELATED -j RETURN"
+    assert passed_in == [f"-A MESHWARD_INBOUND {established}", "-A MESHWARD_INBOUND -i lo -j RETURN",
                          *(f"-A MESHWARD_INBOUND -p tcp --dport {p} -j RETURN"
                            for p in sorted((9090, AGENT_ADMIN_PORT, PROXY_HEALTH_PORT)))]
     passed_out = [x for x in r[:reset_out] if x.startswith("-A MESHWARD_OUTPUT")]
-    assert passed_out == ["-A MESHWARD_OUTPUT -o lo -j RETURN", f"-A MESHWARD_OUTPUT -m owner --uid-owner {PROXY_UID} "
-                          "-j RETURN", "-A MESHWARD_OUTPUT -p tcp --dport 5432 -j RETURN"]
+    # The replies of an allowed connection (an excluded port's SYN-ACK leaves toward the client's ephemeral port)
+    # pass by the conntrack rule first: without it the allowed flows themselves were reset.
+    assert passed_out == [f"-A MESHWARD_OUTPUT {established}", "-A MESHWARD_OUTPUT -o lo -j RETURN",
+                          f"-A MESHWARD_OUTPUT -m owner --uid-owner {PROXY_UID} -j RETURN",
+                          "-A MESHWARD_OUTPUT -p tcp --dport 5432 -j RETURN"]
 
 
 def test_kubelets_probes_reach_the_agent_and_envoys_health_uncaptured() -> None:

@@ -35,7 +35,8 @@ def test_chart_renders_the_operator_its_services_budget_and_rbac(helm: str) -> N
     assert kinds == sorted(["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                             "CustomResourceDefinition", "CustomResourceDefinition", "Deployment",
                             "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
-                            "Service", "Service", "ServiceAccount", "ValidatingWebhookConfiguration"])
+                            "Service", "Service", "ServiceAccount", "ValidatingAdmissionPolicy",
+                            "ValidatingAdmissionPolicyBinding", "ValidatingWebhookConfiguration"])
 
 
 def test_chart_refuses_a_cluster_older_than_1_30(helm: str) -> None:
@@ -130,3 +131,23 @@ def test_the_operator_is_told_which_webhooks_to_keep_and_what_to_inject(helm: st
     assert custom["MESHWARD_INJECT_PULL_POLICY"] == "Never"
     kinds = {d["kind"] for d in docs(helm, "--set", "injection.enabled=false", "--set", "validation.enabled=false")}
     assert not kinds & {"MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"}
+
+
+def test_the_api_server_itself_refuses_pods_that_imitate_the_mesh_or_leave_it_by_label(helm: str) -> None:
+    """Two ways around the injection webhook, which sees only pods that opt in at creation: a pod carrying the mesh's
+    containers without the opt-in label (a hand-made imitation, `kubectl debug --copy-to`), later labelled to look
+    meshed; and an injected pod unlabelled so the debug webhook no longer sees it. A ValidatingAdmissionPolicy (no
+    operator needed) refuses both."""
+    rendered = docs(helm)
+    policy = next(d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy")
+    binding = next(d for d in rendered if d["kind"] == "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == [
+        "Deny"]
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert policy["spec"]["matchConstraints"]["resourceRules"] == [
+        {"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]
+    rules = [v["expression"] for v in policy["spec"]["validations"]]
+    assert rules[0] == "!variables.meshed || variables.label == 'enabled'"
+    assert "oldObject.spec.initContainers.exists(c, c.name == 'meshward-agent')" in rules[1]
+    kinds = {d["kind"] for d in docs(helm, "--set", "injection.enabled=false")}
+    assert "ValidatingAdmissionPolicy" not in kinds

@@ -149,8 +149,11 @@ def _app(**fields: Any) -> dict[str, Any]:
     (_pod(containers=[_app(volumeDevices=[{"name": "meshward-bundle", "devicePath": "/dev/x"}])]),
      "spec.containers[0].volumeDevices[0].name"),
     (_pod(shareProcessNamespace=True), "spec.shareProcessNamespace"),
+    (_pod(volumes=[{"name": "t", "projected": {"sources": [{"serviceAccountToken": {"audience": "meshward",
+                                                                                   "path": "t"}}]}}]),
+     "spec.volumes[0].projected.sources[0].serviceAccountToken.audience: 'meshward' is the mesh's own"),
 ], ids=["app-mounts-the-sds-socket-volume", "init-mounts-the-token", "device-of-a-mesh-volume",
-        "share-process-namespace-reads-proc-pid-mem"])
+        "share-process-namespace-reads-proc-pid-mem", "own-token-with-the-mesh-audience-asks-the-signer"])
 def test_key_theft_through_a_mesh_volume_or_the_agents_processes_is_refused(pod: dict[str, Any], says: str) -> None:
     """Workload key theft: an app container mounting the mesh's socket volume asked the SDS socket for the key and
     minted context tokens naming any user; with shareProcessNamespace a root app switching to the proxy's UID read
@@ -222,7 +225,11 @@ def test_a_container_another_webhook_adds_after_injection_gets_its_probe_rewritt
      "is a volume of the mesh"),
     ({"name": "dbg", "image": "x", "securityContext": {"runAsUser": PROXY_UID}}, f"runs as UID {PROXY_UID}"),
     ({"name": "dbg", "image": "x", "securityContext": {"runAsGroup": PROXY_UID}}, "runAsGroup"),
-], ids=["target-the-agent", "mount-the-socket-volume", "proxy-uid", "proxy-gid"])
+    ({"name": "dbg", "image": "x", "securityContext": {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}}},
+     "rewrite the pod's traffic capture"),
+    ({"name": "dbg", "image": "x", "securityContext": {"privileged": True}}, "rewrite the pod's traffic capture"),
+], ids=["target-the-agent", "mount-the-socket-volume", "proxy-uid", "proxy-gid", "profile-netadmin-flushes-capture",
+        "profile-sysadmin"])
 def test_kubectl_debug_ephemeral_containers_get_the_same_refusals(container: dict[str, Any], says: str) -> None:
     """Ephemeral containers (`kubectl debug`) had no admission review: one could run as the proxy's UID (uncaptured),
     mount the socket volume or share the agent's processes."""
@@ -252,8 +259,25 @@ def test_meshward_check_warns_of_apps_that_may_setuid_to_the_proxy(app: dict[str
 
 def test_an_ordinary_debug_container_is_allowed() -> None:
     pod = inject(_pod(), SETTINGS)
-    pod["spec"]["ephemeralContainers"] = [{"name": "dbg", "image": "x", "targetContainerName": "app"}]
-    check_ephemeral(pod)
+    pod["spec"]["ephemeralContainers"] = [{"name": "dbg", "image": "x", "targetContainerName": "app",
+                                           "securityContext": {"capabilities": {"add": ["SYS_PTRACE"]}}}]
+    check_ephemeral(pod)  # kubectl debug --profile=general
+
+
+@pytest.mark.parametrize("probe", [
+    {"httpGet": {"path": "/app-health/other/livez", "port": AGENT_ADMIN_PORT, "host": "10.0.0.9"}},
+    {"httpGet": {"path": "/app-health/app/livez", "port": AGENT_ADMIN_PORT}},
+], ids=["another-containers-path-on-another-host", "the-agents-path-by-hand"])
+def test_a_probe_aimed_at_the_agent_by_hand_is_not_restored_from_forged_originals(probe: dict[str, Any]) -> None:
+    """Re-injection restores only the probes the injector itself rewrote: a hand-written probe at the agent's port
+    must not become whatever a forged originals list says, and injecting twice changes nothing."""
+    forged = inject(_pod(containers=[_app(ports=[{"containerPort": 8080}], livenessProbe=probe)]), SETTINGS)
+    env = forged["spec"]["initContainers"][1].setdefault("env", [])
+    env[:] = [e for e in env if e["name"] != PROBES_ENV] + [{"name": PROBES_ENV, "value": json.dumps(
+        {"/app-health/other/livez": {"tcpSocket": {"port": 22}, "httpGet": {"port": 1}}})}]
+    again = inject(forged, SETTINGS)
+    assert inject(again, SETTINGS) == again
+    assert "tcpSocket" not in again["spec"]["containers"][0]["livenessProbe"]
 
 
 @pytest.mark.parametrize(("annotation", "value"), [
