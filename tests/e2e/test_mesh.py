@@ -738,7 +738,10 @@ def test_an_app_port_excluded_from_capture_is_named_by_the_policy_and_meshward_c
         def outside() -> dict[str, Any]:
             conds = c.get_json("-n", ns, "authpolicy", "metrics").get("status", {}).get("conditions", [])
             return next((x for x in conds if x["type"] == "Degraded" and x["reason"] == "PortsOutsideMesh"), {})
-        cond = wait_until("PortsOutsideMesh on the metrics policy", outside, timeout=60)
+        def settled() -> dict[str, Any]:
+            status = c.get_json("-n", ns, "authpolicy", "metrics").get("status", {})
+            return outside() if status.get("workloads") == "1/1" else {}
+        cond = wait_until("PortsOutsideMesh on the metrics policy, enforced by its pod", settled, timeout=60)
         assert f"{ns}/{pod}:8080" in cond["message"]
         status = c.get_json("-n", ns, "authpolicy", "metrics")["status"]
         ready = next(x for x in status["conditions"] if x["type"] == "Ready")

@@ -226,12 +226,12 @@ def test_an_inflated_mesh_annotation_is_refused_at_admission_naming_it(boundary:
     assert len(refusal) < 2000, "the refusal does not echo the value back"
 
 
-def _agent_metric(mesh: Mesh, app: str, name: str) -> float:
-    """A metric of `app`'s agent, read from inside its pod."""
+def _agent_metric(mesh: Mesh, app: str, name: str, label: str = "") -> float:
+    """A metric of `app`'s agent (the samples whose labels contain `label`), read from inside its pod."""
     code, body = mesh.curl(app, "http://127.0.0.1:15020/metrics")
     assert code == 200, body
     return sum(float(line.rpartition(" ")[2]) for line in body.splitlines()
-               if line.split("{")[0].split(" ")[0] == name)
+               if line.split("{")[0].split(" ")[0] == name and label in line)
 
 
 def test_destination_map_inflation_in_one_namespace_never_reaches_another_namespaces_stream(
@@ -277,7 +277,7 @@ def test_destination_map_inflation_in_one_namespace_never_reaches_another_namesp
         wait_until("the Revocation enforced", revocation_ready, timeout=30)
         for app in ("client", "victim"):
             assert _agent_metric(mesh, app, "meshward_policy_connected") == 1, app
-            assert _agent_metric(mesh, app, "meshward_policy_stream_errors_total") == 0, app
+            assert _agent_metric(mesh, app, "meshward_policy_stream_errors_total", 'code="RESOURCE_EXHAUSTED"') == 0, app
     finally:
         c.kubectl("-n", evil, "delete", "pod/around-0", "pod/around-1", "deployment/inflater", "--wait=false",
                   check=False)
@@ -296,7 +296,8 @@ def test_a_hand_made_imitation_or_a_relabelled_meshed_pod_is_refused_by_the_api_
         {"name": AGENT, "image": mesh.echo, "restartPolicy": "Always", "command": ["sleep", "1d"]}])
     imitation["metadata"]["labels"] = {"app": "imitation"}
     refusal = _refusal(mesh, imitation)
-    assert "did not opt in to the mesh" in refusal, refusal
-    proc = mesh.cluster.kubectl("-n", mesh.ns, "label", "pod", mesh.pod("victim"), "meshward.io/inject-",
-                                check=False)
-    assert proc.returncode != 0 and "cannot change" in proc.stderr, (proc.stdout, proc.stderr)
+    assert "without the label meshward.io/inject=enabled" in refusal, refusal
+    for change in ("meshward.io/inject-", "meshward.io/inject=disabled"):
+        proc = mesh.cluster.kubectl("-n", mesh.ns, "label", "pod", "--overwrite", mesh.pod("victim"), change,
+                                    check=False)
+        assert proc.returncode != 0 and "keeps its label" in proc.stderr, (change, proc.stdout, proc.stderr)
