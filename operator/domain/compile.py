@@ -14,8 +14,12 @@ user applied by rules anyone can read and test:
   which tokens to refuse, not whom they name); a subject revoked for one issuer only
   reaches workloads that trust that issuer;
 - a workload's config holds only what that workload needs: its own namespace's policies,
-  and for context minimization the claim lists of identities in its own namespace, so
-  nothing another namespace applies can make it grow or fail (docs/security.md).
+  and for context minimization the claim lists of identities in its own namespace and, by
+  namespace only (`spiffe://<td>/ns/<ns>/sa/*`, no ServiceAccount), the claim names each
+  other namespace's policies reference (issue 19: a user crosses namespaces minimized to
+  them). What another namespace applies reaches it only as claim names, bounded per
+  namespace and in total (`namespace_claims`), and left out first when the config would be
+  too large, so it can never make it fail (docs/security.md).
 Validation runs the sidecar's own parser and compiler on the translated policy, so a
 policy the operator accepts is a policy every agent accepts (CEL, globs, URLs).
 """
@@ -37,7 +41,15 @@ from meshward.sidecar.config.schema import KIND as SIDECAR_KIND
 from meshward.sidecar.config.schema import ConfigError, hashed_revocation, parse_config
 from meshward.sidecar.domain.snapshot import compile_snapshot
 
-# Pods carrying this label have opted in (the injection webhook only mutates those).
+# What one namespace's claim-name union may take of every other namespace's configs (compact JSON of the list).
+# Claim names are short ("tenant", "groups"): 4 KiB is a few hundred of them, more than any namespace's policies
+# use; a namespace over it is left out (its workloads then receive users with `sub` only, which its policies
+# needing more refuse: failing closed for that namespace alone).
+MAX_NAMESPACE_CLAIMS_BYTES = 4 * 1024
+# What all other namespaces' claim names may take of one config together, keys included: with the per-namespace
+# bound, at least 64 namespaces at their cap, thousands at a usual few names; the largest are left out first.
+# Well under the hub's MAX_CONFIG_BYTES (3 MiB), and dropped whole when a config would exceed it.
+MAX_FOREIGN_CLAIMS_BYTES = 256 * 1024
 # Claims a CEL condition reads: claims.name or claims['name'].
 _CEL_CLAIM = re.compile(r"""\bclaims(?:\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*['"]([^'"]+)['"]\s*\])""")
 
@@ -251,6 +263,56 @@ def destination_claims(workloads: Iterable[Workload], policies: Sequence[PolicyO
     return {spiffe: claims for spiffe, claims in out.items() if claims != ["sub"]}
 
 
+def namespace_audience_of(namespace: str, trust_domain: str) -> str:
+    """The audience of a context token for any workload of `namespace` (sidecar/domain/context.py)."""
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/*"
+
+
+def claims_of_namespace(workloads: Iterable[Workload], policies: Sequence[PolicyObject], trust_domain: str
+                        ) -> list[str]:
+    """The claim names the policies selecting any of `workloads` (one namespace's) reference, `sub` included."""
+    return sorted({"sub", *(c for claims in destination_claims(workloads, policies, trust_domain).values()
+                            for c in claims)})
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def namespace_claims(by_namespace: Mapping[str, list[str]], trust_domain: str,
+                     max_namespace_bytes: int = MAX_NAMESPACE_CLAIMS_BYTES,
+                     max_total_bytes: int = MAX_FOREIGN_CLAIMS_BYTES) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """Each namespace's claim-name union keyed by its namespace audience, bounded; and why any was left out.
+
+    Namespaces needing only `sub` are not listed (every token carries it). A namespace over its share is left
+    out; then, while the whole is over its bound, the largest left. Every workload's config gets the same map,
+    minus its own namespace (`compile_workload`).
+    """
+    cut: dict[str, str] = {}
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for ns, claims in sorted(by_namespace.items()):
+        if claims == ["sub"]:
+            continue
+        size = _json_size(claims)
+        if size > max_namespace_bytes:
+            cut[ns] = (f"the claim names the AuthPolicies of namespace {ns} reference take {size} bytes, more than "
+                       f"the {max_namespace_bytes} other namespaces' configs carry for one namespace: users reach "
+                       f"its workloads from other namespaces with `sub` only. Reference fewer claims")
+            continue
+        entries[ns] = (namespace_audience_of(ns, trust_domain), claims)
+    sizes = {ns: _json_size({key: claims}) for ns, (key, claims) in entries.items()}
+    total = sum(sizes.values())
+    for ns in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        if total <= max_total_bytes:
+            break
+        cut[ns] = (f"other namespaces' claim names would take {total} bytes of every config, more than "
+                   f"{max_total_bytes}; namespace {ns}, the largest left ({sizes[ns]} bytes), is left out: users "
+                   "reach its workloads from other namespaces with `sub` only")
+        total -= sizes[ns]
+        del entries[ns]
+    return dict(entries.values()), cut
+
+
 def _context(chosen: Sequence[PolicyObject], destinations: Mapping[str, list[str]]) -> dict[str, Any]:
     ttls = [_seconds((p.spec.get("context") or {}).get("ttl", "30s")) for p in chosen]
     headers = [(p.spec.get("context") or {}).get("header") for p in chosen]
@@ -260,11 +322,13 @@ def _context(chosen: Sequence[PolicyObject], destinations: Mapping[str, list[str
 
 
 def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations: Iterable[RevocationEntry],
-                     now: dt.datetime, destinations: Mapping[str, list[str]] | None = None) -> Compiled:
+                     now: dt.datetime, destinations: Mapping[str, list[str]] | None = None,
+                     foreign: Mapping[str, list[str]] | None = None) -> Compiled:
     """The sidecar config for one workload: its selecting policies (oldest first) and the revocation set.
 
-    `destinations` other than the workload's own namespace's are dropped: a config never carries what
-    another namespace applied.
+    `destinations` other than the workload's own namespace's exact identities are dropped: a config never
+    carries another namespace's ServiceAccounts. `foreign` (`namespace_claims`) adds other namespaces' claim
+    names by namespace audience; its entry for the workload's own namespace is dropped (exact identities serve).
     """
     chosen = sorted((p for p in policies if p.namespace == w.namespace and selects(p.spec, w.labels)),
                     key=lambda p: (p.created, p.name))
@@ -284,7 +348,8 @@ def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations:
             d["jwt"] = merged
         docs.append(d)
     own = f"/ns/{w.namespace}/sa/"
-    local = {k: v for k, v in (destinations or {}).items() if own in k}
+    local = {k: v for k, v in (destinations or {}).items() if own in k and not k.endswith("/sa/*")}
+    local.update((k, v) for k, v in (foreign or {}).items() if k.endswith("/sa/*") and own not in k)
     issuers = [i["issuer"] for d in docs for i in d.get("jwt", [])]
     document: dict[str, Any] = {"apiVersion": SIDECAR_API_VERSION, "kind": SIDECAR_KIND, "workload": w.key,
                                 "policies": docs, "revocations": revocation_section(revocations, now, issuers),
@@ -297,13 +362,14 @@ def compile_workload(w: Workload, policies: Sequence[PolicyObject], revocations:
 
 def workload_config(w: Workload, policies: Sequence[PolicyObject], revocations: Iterable[RevocationEntry],
                     now: dt.datetime, neighbours: Iterable[Workload], trust_domain: str,
-                    destinations: Mapping[str, list[str]] | None = None) -> Compiled:
+                    destinations: Mapping[str, list[str]] | None = None,
+                    foreign: Mapping[str, list[str]] | None = None) -> Compiled:
     """A workload's config exactly as the operator compiles it, from valid policies (see `validate`).
 
-    Its namespace's policies, revocations, and the context claims of its namespace's identities
-    (`destinations`, when the caller already computed them for the namespace).
+    Its namespace's policies, revocations, the context claims of its namespace's identities (`destinations`,
+    when the caller already computed them for the namespace) and other namespaces' (`foreign`, by namespace).
     """
     own = [p for p in policies if p.namespace == w.namespace]
     if destinations is None:
         destinations = destination_claims([n for n in neighbours if n.namespace == w.namespace], own, trust_domain)
-    return compile_workload(w, own, revocations, now, destinations)
+    return compile_workload(w, own, revocations, now, destinations, foreign)

@@ -10,9 +10,15 @@ workload. What keeps one tenant from hurting another (docs/security.md):
 - compiling (and validating a policy, which compiles its CEL) runs in a worker thread on
   copies of the inputs: the event loop that serves the sidecars' streams only moves
   results, however large a namespace's objects are;
-- a config never carries another namespace's objects (domain/compile.py), and one over
-  MAX_CONFIG_BYTES is not sent: the workload keeps its last config and the policies
-  selecting it report ConfigTooLarge, in their own namespace;
+- a config never carries another namespace's objects (domain/compile.py), only, for context
+  tokens crossing namespaces (issue 19), each other namespace's claim-name union, bounded per
+  namespace and in total (compile.namespace_claims) and left out of a config that would
+  otherwise be too large; one over MAX_CONFIG_BYTES is not sent: the workload keeps its
+  last config and the policies selecting it report ConfigTooLarge, in their own namespace;
+- a namespace's claim-name union is recomputed (in the worker thread) when its policies
+  or pods change; only when the bounded map of unions changes does every connected
+  workload recompile, as for a Revocation: a policy change that references no new claim
+  name stays in its namespace;
 - every live subscription of a pod receives every update (a second stream never
   silences the first);
 - only configs of connected workloads are compiled, so a cached config may predate a
@@ -50,7 +56,9 @@ from meshward.operator.domain.compile import (
     RevocationEntry,
     Workload,
     applies_to,
+    claims_of_namespace,
     destination_claims,
+    namespace_claims,
     policy_object,
     revocation_entries,
     selects,
@@ -139,9 +147,15 @@ class _Job:
     epoch: int
 
 
-def _compile_all(jobs: list[_Job], revocations: list[RevocationEntry], now: dt.datetime, trust_domain: str
+def _compile_all(jobs: list[_Job], revocations: list[RevocationEntry], now: dt.datetime, trust_domain: str,
+                 foreign: Mapping[str, list[str]] | None = None, max_bytes: int | None = None
                  ) -> list[tuple[_Job, Compiled | Exception]]:
-    """Compile every job (in a worker thread: pure functions on copies)."""
+    """Compile every job (in a worker thread: pure functions on copies).
+
+    A config over `max_bytes` with other namespaces' claim names (`foreign`) is compiled again without them:
+    what other namespaces reference never makes a workload's config too large (its calls to them then carry
+    the user's `sub` only).
+    """
     destinations: dict[str, dict[str, list[str]]] = {}
     out: list[tuple[_Job, Compiled | Exception]] = []
     for job in jobs:
@@ -149,11 +163,33 @@ def _compile_all(jobs: list[_Job], revocations: list[RevocationEntry], now: dt.d
         try:
             if ns not in destinations:
                 destinations[ns] = destination_claims(job.neighbours, job.policies, trust_domain)
-            out.append((job, workload_config(job.workload, job.policies, revocations, now, job.neighbours,
-                                             trust_domain, destinations[ns])))
+            compiled = workload_config(job.workload, job.policies, revocations, now, job.neighbours, trust_domain,
+                                       destinations[ns], foreign)
+            if foreign and max_bytes is not None and compiled.size > max_bytes:
+                compiled = workload_config(job.workload, job.policies, revocations, now, job.neighbours,
+                                           trust_domain, destinations[ns])
+            out.append((job, compiled))
         except Exception as e:  # a bug compiling one workload must not stop every other's updates
             out.append((job, e))
     return out
+
+
+def _claim_unions(inputs: Mapping[str, tuple[tuple[PolicyObject, ...], tuple[Workload, ...]]],
+                  known: Mapping[str, list[str]], trust_domain: str
+                  ) -> tuple[dict[str, list[str]], dict[str, list[str]], dict[str, str]]:
+    """Each namespace's claim-name union, the bounded map of them every config carries, and what was left out.
+
+    `known` holds the unions so far; those of `inputs` are recomputed (in a worker thread: pure functions on copies).
+    """
+    unions = dict(known)
+    for ns, (policies, pods) in inputs.items():
+        claims = claims_of_namespace(pods, policies, trust_domain)
+        if claims == ["sub"]:
+            unions.pop(ns, None)
+        else:
+            unions[ns] = claims
+    foreign, cut = namespace_claims(unions, trust_domain)
+    return unions, foreign, cut
 
 
 def _labels(body: Mapping[str, Any]) -> dict[str, str]:
@@ -184,6 +220,10 @@ class PolicyHub:
         self._changed: dict[str, int] = {}                      # namespace -> epoch of its last input change
         self._changed_everywhere = 0                             # epoch of the last change every workload sees
         self._dirty_namespaces: set[str] = set()
+        self._claims_dirty: set[str] = set()                    # namespaces whose claim-name union may have changed
+        self._claims: dict[str, list[str]] = {}                  # namespace -> its claim-name union (beyond `sub`)
+        self._foreign: dict[str, list[str]] = {}                 # the bounded union map every config carries
+        self.claims_left_out: dict[str, str] = {}                # namespace -> why its claim names are not carried
         self._dirty_pods: set[str] = set()
         self._dirty_everything = False
         self._dirty = asyncio.Event()
@@ -203,6 +243,7 @@ class PolicyHub:
             self._dirty_pods.add(pod)  # inputs unchanged: its config is (re)compiled, e.g. for a new subscriber
         elif namespace is not None:
             self._dirty_namespaces.add(namespace)
+            self._claims_dirty.add(namespace)
             self._changed[namespace] = self._epoch
         else:
             self._dirty_everything = True
@@ -435,17 +476,39 @@ class PolicyHub:
 
         Returns how many workloads got a new config.
         """
+        t0 = time.perf_counter()
+        await self._settle_claims()
         jobs = self._take_jobs()
         if not jobs:
             return 0
-        t0 = time.perf_counter()
-        results = await self._offload(_compile_all, jobs, self._all_revocations(), self._clock(), self._trust_domain)
+        results = await self._offload(_compile_all, jobs, self._all_revocations(), self._clock(), self._trust_domain,
+                                      self._foreign, self._max_bytes)
         pushed = sum(self._apply(job, result) for job, result in results)
         self.recompiles += 1
         self.compiled_workloads += len(jobs)
         self.recompile_seconds += time.perf_counter() - t0
         self.pushes += pushed
         return pushed
+
+    async def _settle_claims(self) -> None:
+        """Recompute the claim-name unions of the namespaces that changed.
+
+        When the map every config carries changes, every connected workload recompiles (the configs taken next).
+        """
+        if not self._claims_dirty:
+            return
+        inputs = {ns: (tuple(self._policies.get(ns, {}).values()), tuple(self._pods.get(ns, {}).values()))
+                  for ns in sorted(self._claims_dirty)}
+        self._claims_dirty.clear()
+        self._claims, foreign, cut = await self._offload(_claim_unions, inputs, dict(self._claims),
+                                                         self._trust_domain)
+        for ns, why in cut.items():
+            if self.claims_left_out.get(ns) != why:
+                log.warning("context claims of namespace %s are not carried to other namespaces: %s", ns, why)
+        self.claims_left_out = cut
+        if foreign != self._foreign:
+            self._foreign = foreign
+            self._touch()
 
     async def run(self) -> None:
         """Recompile whenever something changed or a revocation entry expired, until cancelled."""

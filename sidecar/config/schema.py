@@ -177,8 +177,9 @@ class JwksSettings:
 class ContextSettings:
     """The user context this workload receives (minted by its sidecar for context propagation).
 
-    `destinations` maps each mesh identity to the claims its own policies let through, so
-    that on an outbound call the context token is cut down to what the callee needs.
+    `destinations` maps each mesh identity to the claims its own policies let through, and
+    another namespace's `spiffe://<td>/ns/<ns>/sa/*` to what any of its policies let through,
+    so that on an outbound call the context token is cut down to what the callee needs.
     """
 
     claims: tuple[str, ...] = ("sub",)

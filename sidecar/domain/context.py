@@ -9,7 +9,10 @@ shared signing key may exist in the mesh. So:
   SPIFFE ID in its URI SAN;
 - `iss` is the minter's SPIFFE ID and must equal the mTLS peer of the connection it
   arrives on (a token captured anywhere cannot be replayed from another workload);
-- `aud` is exactly one SPIFFE ID, the receiver's own;
+- `aud` is exactly one SPIFFE ID, the receiver's own, or, when the minter knows no single
+  receiver (another namespace, whose ServiceAccounts it must not learn; a Service of several
+  ServiceAccounts), its namespace's `spiffe://<td>/ns/<ns>/sa/*` (`audience_for`): then any
+  workload of that namespace accepts it, still only straight from the minter;
 - `typ` is fixed and the algorithm is ES256 only (workload keys are P-256): an
   end-user token cannot pass for a context token, nor the reverse (end-user
   validation never reads `x5c` and rejects this `typ`), and no `alg` can be swapped;
@@ -66,6 +69,10 @@ MAX_TTL_S = 60.0
 CLOCK_SKEW_S = 5.0
 # A mesh chain is a leaf and at most a few intermediates; more is not ours.
 MAX_X5C = 4
+# The last path segment of a namespace audience: "any ServiceAccount of that namespace", as the destination map
+# names another namespace's workloads (operator/domain/destinations.py). Never a ServiceAccount name (RFC 1123
+# subdomains have no `*`), so a namespace audience is never a workload's own SPIFFE ID.
+ANY_SERVICE_ACCOUNT = "*"
 # The longest call path a user travels with context, in workloads: each one adds a hop proof (~1.4 KB, measured
 # in docs/performance.md) to the header every later hop and app receives, and a signature check to every later
 # hop's first sight of it. Eight keeps the header under ~13 KB (Envoy's limit for all request headers: 60 KiB)
@@ -87,7 +94,7 @@ class ContextToken:
     """A verified context token."""
 
     minter: str                 # iss: the SPIFFE ID that signed it
-    audience: str               # aud: the workload it is for
+    audience: str               # aud: the workload it is for, or that workload's namespace (`.../sa/*`)
     user_issuer: str
     subject: str
     claims: Mapping[str, Any]   # the end-user claims it carries (sub included), none of RESERVED
@@ -143,6 +150,31 @@ def act_chain(claim: Any) -> tuple[str, ...]:
             raise ContextError("context token: act chain too long")
         claim = claim.get("act")
     return tuple(out)
+
+
+def namespace_audience(spiffe_id: str) -> str | None:
+    """`spiffe://<td>/ns/<ns>/sa/*` for a workload's `spiffe://<td>/ns/<ns>/sa/<sa>` (or its namespace's); else None."""
+    if not spiffe_id.startswith("spiffe://"):
+        return None
+    parts = spiffe_id[len("spiffe://"):].split("/")
+    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa" or not all(parts):
+        return None
+    return f"spiffe://{parts[0]}/ns/{parts[2]}/sa/{ANY_SERVICE_ACCOUNT}"
+
+
+def audience_for(identities: Sequence[str]) -> str | None:
+    """The one audience a token for a destination of these identities takes, or None when there is none.
+
+    One exact SPIFFE ID: itself. Several, or another namespace's `.../sa/*`, all of one namespace: that
+    namespace's audience. Identities of several namespaces (which one address never has: a Service selects
+    pods of its own namespace) or not of the `ns/<ns>/sa/<sa>` form: None (no user crosses).
+    """
+    if len(identities) == 1 and not identities[0].endswith(f"/sa/{ANY_SERVICE_ACCOUNT}"):
+        return identities[0]
+    audiences = {namespace_audience(i) for i in identities}
+    if len(audiences) != 1:
+        return None
+    return audiences.pop()
 
 
 def minimized(user_claims: Mapping[str, Any], wanted: Iterable[str]) -> dict[str, Any]:
@@ -282,12 +314,21 @@ def _number(claims: Mapping[str, Any], name: str) -> float:
     return float(v)
 
 
-def check_binding(minter: Any, aud: Any, peer: str | None, audience: str) -> None:
-    """The token is from the peer of this connection (its minter) and for this workload; else ContextError."""
+def accepted_audience(aud: Any, audience: str, namespace_ok: bool) -> bool:
+    """Whether `aud` names this workload (`audience`), or, when `namespace_ok`, this workload's namespace."""
+    return isinstance(aud, str) and (aud == audience or (namespace_ok and aud == namespace_audience(audience)))
+
+
+def check_binding(minter: Any, aud: Any, peer: str | None, audience: str, namespace_ok: bool = False) -> None:
+    """The token is from the peer of this connection (its minter) and for this workload; else ContextError.
+
+    With `namespace_ok`, a token for this workload's namespace (`.../ns/<ns>/sa/*`) is for this workload too.
+    """
     if not isinstance(minter, str) or not peer or minter != peer:
         raise ContextError("context token: not minted by the peer of this connection")
-    if aud != audience:
-        raise ContextError("context token: audience is not this workload")
+    if not accepted_audience(aud, audience, namespace_ok):
+        raise ContextError("context token: audience is not this workload" + (" nor its namespace"
+                                                                               if namespace_ok else ""))
 
 
 def check_unexpired(exp: float, now: float) -> None:
@@ -296,7 +337,8 @@ def check_unexpired(exp: float, now: float) -> None:
         raise ContextError("context token: expired")
 
 
-def check_bound(token: ParsedToken, peer: str | None, audience: str, now: float) -> dict[str, Any]:
+def check_bound(token: ParsedToken, peer: str | None, audience: str, now: float, namespace_ok: bool = False
+                ) -> dict[str, Any]:
     """The header, binding and time checks that need no cryptography; return the claims."""
     h, c = token.header, token.claims
     if h.get("typ") != CONTEXT_TYP:
@@ -305,7 +347,7 @@ def check_bound(token: ParsedToken, peer: str | None, audience: str, now: float)
         raise ContextError("context token: signing algorithm not allowed")
     if "crit" in h:
         raise ContextError("context token: unsupported critical header parameter")
-    check_binding(c.get("iss"), c.get("aud"), peer, audience)
+    check_binding(c.get("iss"), c.get("aud"), peer, audience, namespace_ok)
     exp, iat = _number(c, "exp"), _number(c, "iat")
     check_unexpired(exp, now)
     if iat > now + CLOCK_SKEW_S:
@@ -380,7 +422,8 @@ def check_path(claims: Mapping[str, Any], act: Sequence[str], proofs: Sequence[s
                roots: Sequence[x509.Certificate], now: float, proof_of: ProofOf = _verify_proof) -> None:
     """Every workload of `act` is proven by its hop proof in `proofs`, linked down from the token; else ContextError.
 
-    Proof i was signed by act[i], for the workload after it (the token's audience for the first), for the
+    Proof i was signed by act[i], for the workload after it (the token's audience for the first), or for that
+    workload's namespace when act[i] knew no single receiver (docs/context-tokens.md), for the
     token's user, and the token (for the first) or proof i-1 signs its digest. Lifetimes nest: a proof expires
     no sooner and was issued no later (within CLOCK_SKEW_S) than what was minted from it, so a proof is good
     only while the chain it was minted for is.
@@ -389,7 +432,7 @@ def check_path(claims: Mapping[str, Any], act: Sequence[str], proofs: Sequence[s
         raise ContextError(f"context token: act names {len(act)} workloads but {len(proofs)} hop proofs came "
                            "with it (an act entry without a proof is an assertion, not a path)")
     newer: Mapping[str, Any] = claims
-    receiver = claims.get("aud")
+    receiver = str(claims.get("aud"))  # a string: check_bound accepted it
     for actor, proof in zip(act, proofs, strict=True):
         digest = proof_digest(proof)
         if newer.get(PROOF_DIGEST) != digest:
@@ -398,7 +441,8 @@ def check_path(claims: Mapping[str, Any], act: Sequence[str], proofs: Sequence[s
         p = proof_of(proof, digest, roots, now)
         if p["iss"] != actor:
             raise ContextError("context token: an act entry is not proven by a hop proof of that workload")
-        if p["aud"] != receiver:
+        # A proof may name its receiver's namespace: its signer minted for "a workload of that namespace".
+        if not accepted_audience(p["aud"], receiver, True):
             raise ContextError("context token: a hop proof was minted for another workload than the next one")
         if p["sub"] != claims.get("sub") or p[USER_ISS] != claims.get(USER_ISS):
             raise ContextError("context token: a hop proof names another user")
@@ -413,8 +457,12 @@ def check_path(claims: Mapping[str, Any], act: Sequence[str], proofs: Sequence[s
 
 
 def verify_context(raw: str, peer: str | None, audience: str, roots: Sequence[x509.Certificate],
-                   now: float, leaf_of: LeafOf = chain_leaf, proof_of: ProofOf = _verify_proof) -> ContextToken:
+                   now: float, leaf_of: LeafOf = chain_leaf, proof_of: ProofOf = _verify_proof,
+                   namespace_ok: bool = False) -> ContextToken:
     """Verify a context token and its hop proofs arriving from `peer` for `audience`; raise ContextError if not.
+
+    With `namespace_ok` (inbound, from another workload), a token for `audience`'s namespace is accepted too
+    (`ContextToken.audience` then names the namespace); an app's own token must name its workload exactly.
 
     Order: the number of hop proofs, strict parsing, then the checks that cost nothing (type, algorithm, binding
     to the peer, audience, times), then the certificate chain to `roots` (`leaf_of`), the SAN, the signature,
@@ -424,12 +472,16 @@ def verify_context(raw: str, peer: str | None, audience: str, roots: Sequence[x5
     if len(proofs) > MAX_ACT_DEPTH:
         raise ContextError(f"context token: more than {MAX_ACT_DEPTH} hop proofs")
     token = _parsed(token_raw, MAX_CONTEXT_BYTES)
-    c = check_bound(token, peer, audience, now)
+    c = check_bound(token, peer, audience, now, namespace_ok)
     _signed_by_iss(token, c["iss"], roots, now, leaf_of, False)
     act = act_chain(c.get("act"))
+    if act and act[0] != c["iss"] and c["iss"] != c["aud"]:
+        # Every exchange names its minter first; only an app's own token (iss = aud) carries the chain as received.
+        # So a proof for a namespace is never presented as the minter's own passing of the user.
+        raise ContextError("context token: act does not name its minter first")
     check_path(c, act, proofs, roots, now, proof_of)
     user = {k: v for k, v in c.items() if k not in RESERVED}
-    return ContextToken(minter=c["iss"], audience=audience, user_issuer=c[USER_ISS], subject=c["sub"], claims=user,
+    return ContextToken(minter=c["iss"], audience=c["aud"], user_issuer=c[USER_ISS], subject=c["sub"], claims=user,
                         act=act, jti=c["jti"], issued_at=_number(c, "iat"), expires_at=_number(c, "exp"),
                         proofs=tuple(proofs))
 

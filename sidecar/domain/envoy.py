@@ -17,7 +17,8 @@ the same Envoy config, whose security properties are the point:
   domain (policy decides who may call), outbound pins the exact SPIFFE ID of its peer;
 - context tokens (docs/context-tokens.md): the wire header `x-meshward-context` is the
   one `x-meshward-*` header let through inbound (the agent verifies it); outbound, a
-  request carrying the app's context header to a meshed workload of one identity is
+  request carrying the app's context header to a meshed address whose identities have
+  one audience (one workload, or one namespace: domain/context.py, audience_for) is
   checked by the agent, which exchanges the token; toward anything else the header is
   removed (plaintext HTTP/1 to non-meshed addresses is recognized for that).
 """
@@ -30,13 +31,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from meshward.sidecar.domain.capture import INBOUND_PORT, OUTBOUND_PORT, PROXY_HEALTH_PORT
-from meshward.sidecar.domain.context import WIRE_HEADER, context_headers
+from meshward.sidecar.domain.context import WIRE_HEADER, audience_for, context_headers
 
 # Request attributes the HTTP transport receives as headers, set by Envoy itself.
 ATTR_PEER = "x-meshward-authz-peer"
 ATTR_PORT = "x-meshward-authz-port"
 ATTR_HOST = "x-meshward-authz-host"
-# Set only by the outbound listener: the destination's SPIFFE ID (the check is a context exchange).
+# Set only by the outbound listener: the destination's SPIFFE IDs, comma-separated (the check is a context exchange).
 ATTR_DEST = "x-meshward-authz-dest"
 ATTRIBUTE_HEADERS = (ATTR_PEER, ATTR_PORT, ATTR_HOST, ATTR_DEST)
 OWNED_PREFIX = "x-meshward-"
@@ -448,16 +449,20 @@ def _mesh_cluster(name: str, identities: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _exchange_filter(destination: str, header: str) -> dict[str, Any]:
-    """The outbound ext_authz filter: the agent exchanges the app's context token (in `header`) for `destination`."""
+    """The outbound ext_authz filter: the agent exchanges the app's context token (in `header`) for `destination`.
+
+    `destination` is the address's identities, comma-separated (SPIFFE IDs hold no comma): the agent derives
+    the audience and the claims from them, and Envoy sets it, so an app cannot choose either.
+    """
     return _ext_authz_filter((header, "x-request-id"), {"http_service": _http_service(
         DEFAULT_AUTHZ_TIMEOUT_S, [{"key": ATTR_DEST, "value": destination}], [{"exact": WIRE_HEADER}])})
 
 
 def _mesh_routes(cluster: str, destination: str | None, header: str) -> dict[str, Any]:
-    """Everything to `cluster`, through the context exchange when `destination` is one workload.
+    """Everything to `cluster`, through the context exchange when `destination` has one audience.
 
-    Requests carrying `header` go through the exchange; the others, and every request to a group of several
-    identities (no exact audience to mint for), lose the context headers.
+    Requests carrying `header` go through the exchange; the others, and every request to a group without one
+    audience (identities of several namespaces), lose the context headers.
     """
     carriers = list(context_headers(header))
     if destination is None:
@@ -485,9 +490,13 @@ def _mesh_chain(cluster: str, ips: list[str], port: int | None, destination: str
             "filters": [{"name": _HCM, "typed_config": hcm}]}
 
 
-def _one_workload(identities: tuple[str, ...]) -> str | None:
-    """The one exact identity of a destination group (a context token's audience), or None."""
-    return identities[0] if len(identities) == 1 and not identities[0].endswith("/sa/*") else None
+def _exchange_destination(identities: tuple[str, ...]) -> str | None:
+    """What the exchange is told of a destination group (its identities), or None when they have no one audience.
+
+    One workload, several of one namespace (a Service over several ServiceAccounts) or another namespace's
+    `.../sa/*`: a context token can be minted for them (docs/context-tokens.md).
+    """
+    return ",".join(identities) if audience_for(identities) is not None else None
 
 
 # How long the outbound listener waits for a client's first bytes to tell plaintext HTTP/1 (whose context header
@@ -516,8 +525,8 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
 
     A connection to a meshed address goes out over mTLS to one of its identities; any other (non-meshed
     addresses, a meshed address's plaintext ports, this pod's own address) passes through untouched, but for
-    the app's `context_header` (and the wire header), which only a meshed workload of one identity receives,
-    exchanged.
+    the app's `context_header` (and the wire header), which only a meshed address of one audience (one
+    workload or one namespace) receives, exchanged.
     """
     meshed = {ip: d for ip, d in destinations.items() if ip != own_ip and d.identities}
     groups: dict[tuple[str, ...], list[str]] = {}
@@ -527,12 +536,13 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
     # Envoy matches the destination port first and never falls back to port-less chains for a port some chain
     # names: so every plaintext port gets a copy of the meshed chains, without the addresses that leave it plain.
     ports = sorted({p for d in meshed.values() for p in d.plaintext_ports})
-    chains = [_mesh_chain(names[ids], ips, None, _one_workload(ids), context_header) for ids, ips in groups.items()]
+    chains = [_mesh_chain(names[ids], ips, None, _exchange_destination(ids), context_header)
+              for ids, ips in groups.items()]
     for port in ports:
         for ids, ips in groups.items():
             kept = [ip for ip in ips if port not in meshed[ip].plaintext_ports]
             if kept:
-                chains.append(_mesh_chain(names[ids], kept, port, _one_workload(ids), context_header))
+                chains.append(_mesh_chain(names[ids], kept, port, _exchange_destination(ids), context_header))
         chains.append({**_plaintext_http(context_header), "name": f"passthrough_http|{port}",
                        "filter_chain_match": {"destination_port": port,
                                               "application_protocols": ["http/1.0", "http/1.1"]}})

@@ -12,7 +12,9 @@ Verified tokens are cached by the SHA-256 of the raw token (the
 binding to the peer, the audience and the expiry are re-checked on every hit, and a
 new trust bundle empties the cache); minted tokens are cached per (what they were
 minted from, audience) for at most half their life, so the receiver always has at
-least half of it left.
+least half of it left. A token for a namespace (`.../sa/*`, docs/context-tokens.md) is cached
+like any other: its key is what it was minted from and the destination as Envoy names it
+(which fixes both its audience and its claims), and a hit re-checks the audience it names.
 """
 
 from __future__ import annotations
@@ -145,11 +147,12 @@ class ContextService:
         self._proofs.put(digest, verified)
         return verified[0]
 
-    def verify(self, raw: str, key: bytes, peer: str | None, audience: str) -> tuple[ContextToken, dict[str, Any]]:
-        """A context token from `peer` for `audience`, and a memo living as long as its cache entry.
+    def verify(self, raw: str, key: bytes, peer: str | None, audience: str, namespace_ok: bool = False
+               ) -> tuple[ContextToken, dict[str, Any]]:
+        """A context token from `peer` for `audience` (or its namespace, with `namespace_ok`), and a memo.
 
-        `key` is the token's TokenCache.key (callers need it too: it is computed once). Raises ContextError
-        naming the failed check.
+        The memo lives as long as the cache entry. `key` is the token's TokenCache.key (callers need it too: it
+        is computed once). Raises ContextError naming the failed check.
         """
         roots = self.keys.roots()
         if self._generation != self.keys.generation:
@@ -160,11 +163,11 @@ class ContextService:
         now = self._clock()
         hit: tuple[ContextToken, dict[str, Any]] | None = self._verified.get(key)
         if hit is not None:
-            check_binding(hit[0].minter, hit[0].audience, peer, audience)
+            check_binding(hit[0].minter, hit[0].audience, peer, audience, namespace_ok)
             check_unexpired(hit[0].expires_at, now)
             return hit
         verified: tuple[ContextToken, dict[str, Any]] = (verify_context(raw, peer, audience, roots, now, self._leaf,
-                                                                                self._proof),
+                                                                                self._proof, namespace_ok),
                                                          {})
         self._verified.put(key, verified)
         return verified

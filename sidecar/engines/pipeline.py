@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from meshward.sidecar.config.schema import Issuer
-from meshward.sidecar.domain.context import WIRE_HEADER, ContextError, ContextToken, context_headers, minimized
+from meshward.sidecar.domain.context import (
+    WIRE_HEADER,
+    ContextError,
+    ContextToken,
+    audience_for,
+    context_headers,
+    minimized,
+)
 from meshward.sidecar.domain.decision import AuditRecord, Decision, Outcome
 from meshward.sidecar.domain.jwt import JwtError, ParsedToken, UnknownKey, VerifiedToken, parse, verify
 from meshward.sidecar.domain.policy import AuthzResult, identity_headers, path_is_safe
@@ -162,7 +169,7 @@ class ContextAuthenticator:
             return self._jwt.authenticate(inp, may_refetch)
         key = TokenCache.key(raw)
         try:
-            ctx, memo = self._service.verify(raw, key, inp.peer, me)
+            ctx, memo = self._service.verify(raw, key, inp.peer, me, namespace_ok=True)
         except ContextError as e:
             return Identity(failure=e.reason)
         issuers = self._s.issuers
@@ -356,28 +363,37 @@ class Pipeline:
     def exchange(self, inp: CheckInput, transport: str) -> Decision:
         """Outbound: verify the app's context token and exchange it for one scoped to `inp.destination`.
 
-        Without the app's header the call carries no user (the header names are removed); a token that does
-        not verify (expired, not this workload's) is refused with 401, so the app learns why.
+        `inp.destination` lists the identities that may answer (comma-separated, as Envoy's outbound chain names
+        them): the token's audience is the one exact identity, or their namespace's `.../sa/*`
+        (`domain.context.audience_for`), and its claims the union of what each identity's policies reference
+        (`spec.context.destinations` by identity, another namespace's by its `.../sa/*`). Without the app's
+        header, or with no single audience, the call carries no user (the header names are removed); a token
+        that does not verify (expired, not this workload's) is refused with 401, so the app learns why.
         """
         t0 = time.perf_counter()
         destination = inp.destination or ""
+        identities = destination.split(",")
+        audience = audience_for(identities) if destination else None
         settings = self.snapshot.config.context
         service = self._context
         raw = inp.headers.get(settings.header)
         me = service.keys.spiffe_id if service is not None else None
         identity = Identity()
         try:
-            if raw is None or service is None or me is None or not destination:
-                d = Decision(Outcome.ALLOW, self._ids(), "no user context", headers_to_remove=[
-                    *self._context_headers])
+            if raw is None or service is None or me is None or audience is None:
+                d = Decision(Outcome.ALLOW, self._ids(), "no user context" if audience or raw is None else
+                             "no single audience for the destination: no user context", headers_to_remove=[
+                                 *self._context_headers])
             else:
                 key = TokenCache.key(raw)
                 ctx, _ = service.verify(raw, key, me, me)
                 identity = Identity(context=ctx)
                 did = self._ids()
-                minted = service.mint(key + destination.encode(), destination, ctx.user_issuer,
-                                      minimized(ctx.claims, settings.destinations.get(destination, ())),
-                                      (me, *ctx.act), did, settings.ttl_s, ctx.expires_at, ctx.proofs)
+                wanted = {c for i in identities for c in settings.destinations.get(i, ())}
+                # Cached per (source, destination as Envoy names it): the destination fixes audience and claims.
+                minted = service.mint(key + destination.encode(), audience, ctx.user_issuer,
+                                      minimized(ctx.claims, wanted), (me, *ctx.act), did, settings.ttl_s,
+                                      ctx.expires_at, ctx.proofs)
                 if minted is None:
                     d = self._deny(Outcome.UNAVAILABLE, "no workload certificate to sign the context with")
                 else:

@@ -319,6 +319,36 @@ def test_context_tokens_are_verified_at_a_real_inbound_before_any_rule(crds: Clu
     assert status == 401 and "does not chain" in body["reason"], body
 
 
+def test_a_namespace_audience_is_accepted_at_a_real_inbound_only_from_the_minter_and_for_its_namespace(
+        crds: Cluster, operator: Operator, mesh: Mesh) -> None:
+    """Issue 19, at the backend's real Envoy and agent over real mTLS: a token the frontend minted for the
+    backend's namespace (`ns/<ns>/sa/*`, as toward a Service of several ServiceAccounts or from another namespace)
+    reaches the app as the backend's own token; the same token from a workload of that namespace that is not the
+    peer, and the minter's token for another namespace, are refused before any rule."""
+    assert wait_until("a request through both Envoys", lambda: mesh.get() == 200, timeout=30)
+    ca = _mesh_ca(crds, operator)
+    namespace = f"spiffe://cluster.local/ns/{mesh.ns}/sa/*"
+    frontend, batch = _minter(ca, mesh.frontend.spiffe), _minter(ca, f"spiffe://cluster.local/ns/{mesh.ns}/sa/batch")
+
+    def send(key: MintingKey, audience: str) -> tuple[int, dict[str, Any]]:
+        token, _ = mint(key, audience, "https://idp.example.com", {"sub": "alice", "email": "alice@example.com"},
+                        (key.spiffe_id,), "ns-hop", time.time(), 30)
+        status, body = mesh.call("/ctx", {WIRE_HEADER: token})
+        return status, json.loads(body)
+
+    status, body = send(frontend, namespace)
+    assert status == 200, body
+    app = jwt.decode(body["headers"][WIRE_HEADER].split("~")[0], options={"verify_signature": False})
+    assert (app["iss"], app["aud"], app["act"]) == (mesh.backend.spiffe, mesh.backend.spiffe,
+                                                     {"sub": mesh.frontend.spiffe})
+    # A workload of the namespace replaying a namespace token over the frontend's connection: not the peer.
+    status, body = send(batch, namespace)
+    assert status == 401 and "not minted by the peer" in body["reason"], body
+    # The minter's token for another namespace presented here: not this namespace.
+    status, body = send(frontend, "spiffe://cluster.local/ns/billing/sa/*")
+    assert status == 401 and "nor its namespace" in body["reason"], body
+
+
 def _signed(key: MintingKey, header: dict[str, Any], claims: dict[str, Any]) -> str:
     """A JWS with this header and these claims, validly signed with `key` (what a compromised minter can sign)."""
     def b64(doc: dict[str, Any]) -> str:

@@ -765,3 +765,188 @@ def test_a_remembered_hop_proof_is_still_checked_for_its_place_in_the_chain(monk
                   ctx.expires_at, ctx.proofs)
     assert service.verify(app, TokenCache.key(app), PAYMENTS, PAYMENTS)[0].act == (ORDERS, FRONTEND)
     assert checked == []
+
+
+# ------------------------------------------------------------------------------------------ across namespaces
+# Issue 19: frontend (namespace shop) knows billing's workloads only as `ns/billing/sa/*` (tenant isolation), so
+# it mints for the namespace; the token stays bound to frontend's mTLS identity, so only what frontend sends
+# itself is accepted, and only in billing. `intruder` is a workload of a third namespace with its own genuine
+# certificate; `ledger` a workload of billing that is not the peer.
+
+TDOMAIN = "spiffe://cluster.local/ns"
+BILLING_NS = f"{TDOMAIN}/billing/sa/*"
+BILLING_PAYMENTS, LEDGER, INTRUDER = f"{TDOMAIN}/billing/sa/payments", f"{TDOMAIN}/billing/sa/ledger", \
+    f"{TDOMAIN}/intruder/sa/intruder"
+NS_CERTS = {w: workload(CHAIN_CA, w) for w in (FRONTEND, ORDERS, PAYMENTS, BILLING_PAYMENTS, LEDGER, INTRUDER)}
+TENANT_ONLY = policy("payments", rules=[{"name": "acme-only", "when": ["claims.tenant == 'acme'"]}])
+
+
+def _frontend_sends(destination: str, destinations: dict[str, list[str]]) -> tuple[str, Any]:
+    """What frontend's Envoy sends toward `destination` (as its outbound chain names it) for alice, who holds
+    every claim of USER, frontend's policies carrying all of them; and the exchange's decision."""
+    clock = Clock(NOW)
+    front, _ = agent(NS_CERTS[FRONTEND], policy("frontend", rules=ANYONE), clock,
+                     claims=["tenant", "email", "scope"], destinations=destinations)
+    app, _ = mint(minting_key(NS_CERTS[FRONTEND]), FRONTEND, ISSUER, USER, (), "edge", NOW, 30)
+    d = front.exchange(_outbound(app, destination), "outbound")
+    return set_headers(d).get(WIRE_HEADER, ""), d
+
+
+def _received(wire: str, at: str, peer: str, policy_doc: dict[str, Any] | None = None) -> Any:
+    """The decision of `at`'s agent on `wire`, sent by `peer` over mTLS."""
+    receiver, _ = agent(NS_CERTS[at], policy_doc or TENANT_ONLY, Clock(NOW + 1))
+    return receiver.decide_now(request(peer=peer, **{WIRE_HEADER: wire}), "http")
+
+
+def test_a_user_crosses_namespaces_minimized_to_what_that_namespaces_policies_use() -> None:
+    """frontend (shop) -> payments (billing): the token names billing's namespace, carries the union of claim
+    names billing's policies reference (compiled into frontend's config by namespace, no ServiceAccount), and
+    payments' policy sees the user; its app's own token names payments exactly."""
+    wire, d = _frontend_sends(BILLING_NS, {BILLING_NS: ["sub", "tenant"], ORDERS: ["sub", "email"]})
+    assert d.outcome is Outcome.ALLOW and d.reason == "context exchanged"
+    ctx = verify_context(wire, FRONTEND, BILLING_PAYMENTS, roots_of(CHAIN_CA.cert_pem()), NOW, namespace_ok=True)
+    assert ctx.audience == BILLING_NS and dict(ctx.claims) == {"sub": "alice", "tenant": "acme"}
+    assert ctx.act == (FRONTEND,)
+    got = _received(wire, BILLING_PAYMENTS, FRONTEND)
+    assert got.outcome is Outcome.ALLOW and got.rule == "acme-only", got
+    app = verify_context(set_headers(got)[WIRE_HEADER], BILLING_PAYMENTS, BILLING_PAYMENTS,
+                         roots_of(CHAIN_CA.cert_pem()), NOW)
+    assert app.audience == BILLING_PAYMENTS and dict(app.claims) == {"sub": "alice"}  # its own policies: none
+
+
+def test_a_namespace_without_listed_claims_receives_the_user_alone() -> None:
+    """A namespace whose policies reference nothing but `sub` (or that the operator left out: over its bound) is
+    not listed in frontend's config: its workloads get the user's `sub`, never frontend's other claims."""
+    wire, _ = _frontend_sends(BILLING_NS, {ORDERS: ["sub", "email", "tenant"]})
+    ctx = verify_context(wire, FRONTEND, LEDGER, roots_of(CHAIN_CA.cert_pem()), NOW, namespace_ok=True)
+    assert dict(ctx.claims) == {"sub": "alice"}
+
+
+def test_attack_namespace_token_replayed_by_another_workload_of_that_namespace_token_binding() -> None:
+    """ledger (billing) captures the token frontend minted for billing (payments' app logged it) and presents it
+    to payments over its own mTLS connection: the audience is right, the binding is not."""
+    wire, _ = _frontend_sends(BILLING_NS, {BILLING_NS: ["sub", "tenant"]})
+    got = _received(wire, BILLING_PAYMENTS, LEDGER)
+    assert got.outcome is Outcome.UNAUTHENTICATED and "not minted by the peer" in got.reason
+
+
+@pytest.mark.parametrize("peer", [INTRUDER, FRONTEND], ids=["replayed-by-the-intruder", "sent-by-the-minter"])
+def test_attack_namespace_token_presented_in_a_third_namespace_rfc7519_4_1_3(peer: str) -> None:
+    """A token for billing presented in namespace intruder: by the intruder that captured it (binding and
+    audience), and even by its minter, frontend, over its own connection (audience: billing only)."""
+    wire, _ = _frontend_sends(BILLING_NS, {BILLING_NS: ["sub", "tenant"]})
+    got = _received(wire, INTRUDER, peer, policy("intruder", rules=ANYONE))
+    assert got.outcome is Outcome.UNAUTHENTICATED
+    assert ("audience is not this workload nor its namespace" if peer == FRONTEND else "not minted by the peer") \
+        in got.reason
+
+
+@pytest.mark.parametrize("audience", [
+    f"{TDOMAIN}/shop/sa/*",                                  # a token for namespace shop presented in billing
+    f"{TDOMAIN}/bill/sa/*",                                  # a prefix of the receiver's namespace
+    f"{TDOMAIN}/billing/sa/*/x",                             # more path after the wildcard
+    f"{TDOMAIN}/billing/*",                                  # not the map's form
+    "spiffe://evil.example/ns/billing/sa/*",                 # the same namespace in another trust domain
+    f"{TDOMAIN}/billing/sa/",                                # an empty ServiceAccount
+    "*",
+])
+def test_attack_namespace_audience_accepted_only_for_the_receivers_own_namespace(audience: str) -> None:
+    """frontend (the real peer, its own key) mints for lookalikes of billing's audience: none is billing's."""
+    token = mint(minting_key(NS_CERTS[FRONTEND]), audience, ISSUER, {"sub": "alice"}, (FRONTEND,), "d", NOW, 30)[0]
+    with pytest.raises(ContextError, match="audience"):
+        verify_context(token, FRONTEND, BILLING_PAYMENTS, roots_of(CHAIN_CA.cert_pem()), NOW + 1, namespace_ok=True)
+
+
+def test_attack_a_namespace_token_passed_off_as_the_apps_own_at_the_exchange() -> None:
+    """The app's token must name its workload exactly: a token for the workload's namespace, minted by the
+    workload itself (toward a Service of its namespace that it also backs, so it arrived inbound and sits in the
+    verified cache), is refused when the app presents it to the exchange, cached or not."""
+    clock = Clock(NOW)
+    service = ContextService(ContextKeys(lambda: NS_CERTS[ORDERS]), clock)
+    shop_ns = f"{TDOMAIN}/shop/sa/*"
+    token = mint(minting_key(NS_CERTS[ORDERS]), shop_ns, ISSUER, {"sub": "alice"}, (ORDERS,), "d", NOW, 30)[0]
+    with pytest.raises(ContextError, match="audience is not this workload"):
+        service.verify(token, TokenCache.key(token), ORDERS, ORDERS)
+    assert service.verify(token, TokenCache.key(token), ORDERS, ORDERS, namespace_ok=True)[0].audience == shop_ns
+    with pytest.raises(ContextError, match="audience is not this workload"):
+        service.verify(token, TokenCache.key(token), ORDERS, ORDERS)
+
+
+def test_a_service_over_two_service_accounts_receives_the_user_minimized_to_their_union() -> None:
+    """Issue 19: a Service in frontend's own namespace backed by orders and payments: the token names namespace
+    shop, carries what either's policies reference and nothing else, and either pod accepts it from frontend."""
+    wire, d = _frontend_sends(f"{ORDERS},{PAYMENTS}", {ORDERS: ["sub", "email"], PAYMENTS: ["sub", "tenant"],
+                                                        f"{TDOMAIN}/shop/sa/admin": ["sub", "scope"]})
+    assert d.outcome is Outcome.ALLOW
+    for at in (ORDERS, PAYMENTS):
+        ctx = verify_context(wire, FRONTEND, at, roots_of(CHAIN_CA.cert_pem()), NOW, namespace_ok=True)
+        assert ctx.audience == f"{TDOMAIN}/shop/sa/*"
+        assert dict(ctx.claims) == {"sub": "alice", "email": "alice@example.com", "tenant": "acme"}
+    assert _received(wire, PAYMENTS, FRONTEND).outcome is Outcome.ALLOW
+
+
+def test_a_destination_spanning_namespaces_gets_no_user() -> None:
+    """Identities of two namespaces behind one address (a malformed map: Envoy asks no exchange there): the agent
+    mints nothing and removes the context headers rather than pick an audience."""
+    wire, d = _frontend_sends(f"{ORDERS},{BILLING_NS}", {BILLING_NS: ["sub", "tenant"]})
+    assert wire == "" and d.outcome is Outcome.ALLOW and "no single audience" in d.reason
+    assert WIRE_HEADER in d.headers_to_remove
+
+
+def test_the_path_through_a_namespace_audience_is_proven_past_it() -> None:
+    """frontend -> (billing) payments -> ledger: frontend's hop proof names billing, the workload after it in
+    `act` is payments, of billing: ledger sees act = (payments, frontend), both proven."""
+    wire, _ = _frontend_sends(BILLING_NS, {BILLING_NS: ["sub"]})
+    received = verify_context(wire, FRONTEND, BILLING_PAYMENTS, roots_of(CHAIN_CA.cert_pem()), NOW,
+                              namespace_ok=True)
+    onward = mint(minting_key(NS_CERTS[BILLING_PAYMENTS]), LEDGER, ISSUER, {"sub": "alice"},
+                  (BILLING_PAYMENTS, *received.act), "d2", NOW, 30, received.expires_at, received.proofs)[0]
+    ctx = verify_context(onward, BILLING_PAYMENTS, LEDGER, roots_of(CHAIN_CA.cert_pem()), NOW + 1, namespace_ok=True)
+    assert ctx.act == (BILLING_PAYMENTS, FRONTEND)
+
+
+def test_attack_a_namespace_hop_proof_claimed_by_a_workload_of_another_namespace() -> None:
+    """intruder (a third namespace) got frontend's proof for billing (from a log of the chain) and claims frontend
+    passed it alice: the proof names billing, not the intruder's namespace. What it does prove: frontend passed
+    alice to *a* workload of billing (docs/context-tokens.md, what a namespace audience gives up)."""
+    wire, _ = _frontend_sends(BILLING_NS, {BILLING_NS: ["sub"]})
+    received = verify_context(wire, FRONTEND, BILLING_PAYMENTS, roots_of(CHAIN_CA.cert_pem()), NOW,
+                              namespace_ok=True)
+    for claimant, match in ((INTRUDER, "minted for another workload"), (LEDGER, None)):
+        claimed = mint(minting_key(NS_CERTS[claimant]), ORDERS, ISSUER, {"sub": "alice"}, (claimant, FRONTEND),
+                       "d2", NOW, 30, received.expires_at, received.proofs)[0]
+        if match is None:  # pinned: a workload of billing can claim it (documented)
+            assert verify_context(claimed, claimant, ORDERS, roots_of(CHAIN_CA.cert_pem()), NOW + 1).act == (
+                LEDGER, FRONTEND)
+            continue
+        with pytest.raises(ContextError, match=match):
+            verify_context(claimed, claimant, ORDERS, roots_of(CHAIN_CA.cert_pem()), NOW + 1)
+
+
+def test_namespace_tokens_are_cached_per_destination_not_per_audience() -> None:
+    """Two destinations of one audience (a Service over orders and payments, and one over orders and admin) need
+    different claims: each gets its own minted token, neither the other's."""
+    clock = Clock(NOW)
+    front, _ = agent(NS_CERTS[FRONTEND], policy("frontend", rules=ANYONE), clock, claims=["tenant", "email"],
+                     destinations={ORDERS: ["sub"], PAYMENTS: ["sub", "tenant"], f"{TDOMAIN}/shop/sa/admin": ["sub",
+                                                                                                           "email"]})
+    app, _ = mint(minting_key(NS_CERTS[FRONTEND]), FRONTEND, ISSUER, USER, (), "edge", NOW, 30)
+    claims = []
+    for dest in (f"{ORDERS},{PAYMENTS}", f"{TDOMAIN}/shop/sa/admin,{ORDERS}"):
+        wire = set_headers(front.exchange(_outbound(app, dest), "outbound"))[WIRE_HEADER]
+        claims.append(set(verify_context(wire, FRONTEND, ORDERS, roots_of(CHAIN_CA.cert_pem()), NOW,
+                                         namespace_ok=True).claims))
+    assert claims == [{"sub", "tenant"}, {"sub", "email"}]
+
+
+def test_attack_a_namespace_hop_proof_passed_off_as_the_peers_first_hop() -> None:
+    """ledger (billing) holds frontend's proof for billing and sends payments a token naming only frontend in
+    `act`, the proof behind it, as an app's own token carries the chain: payments would see frontend as the
+    workload that handed it alice, ledger hidden. A token passed on must name its minter first."""
+    wire, _ = _frontend_sends(BILLING_NS, {BILLING_NS: ["sub"]})
+    received = verify_context(wire, FRONTEND, LEDGER, roots_of(CHAIN_CA.cert_pem()), NOW, namespace_ok=True)
+    hiding = mint(minting_key(NS_CERTS[LEDGER]), BILLING_PAYMENTS, ISSUER, {"sub": "alice"}, received.act, "d2",
+                  NOW, 30, received.expires_at, received.proofs)[0]
+    got = _received(hiding, BILLING_PAYMENTS, LEDGER, policy("payments", rules=[
+        {"name": "via-frontend", "when": [f"'{FRONTEND}' in source.act"]}]))
+    assert got.outcome is Outcome.UNAUTHENTICATED and "act does not name its minter first" in got.reason

@@ -180,11 +180,30 @@ def test_context_is_exchanged_only_toward_one_exact_workload() -> None:
     assert without["request_headers_to_remove"] == ["x-user-context", WIRE_HEADER]
 
 
-@pytest.mark.parametrize("group", [f"outbound|{ORDERS},{PAYMENTS}|*", "outbound|spiffe://cluster.local/ns/web/sa/*|*"])
-def test_context_never_goes_to_a_destination_of_several_identities(group: str) -> None:
-    """Several workloads (or any of another namespace) behind one address: no single audience, so the context
-    headers are removed and the agent is not asked."""
+@pytest.mark.parametrize(("group", "destination"), [
+    (f"outbound|{ORDERS},{PAYMENTS}|*", f"{ORDERS},{PAYMENTS}"),
+    ("outbound|spiffe://cluster.local/ns/web/sa/*|*", "spiffe://cluster.local/ns/web/sa/*")])
+def test_context_is_exchanged_toward_a_namespace_when_no_single_workload_is_known(group: str, destination: str
+                                                                                  ) -> None:
+    """Issue 19: a Service over two ServiceAccounts, or a workload of another namespace (known only as its
+    namespace): the exchange is asked, told every identity that may answer (set by Envoy), and mints for the
+    namespace; a request without the app's header still skips the agent and loses the context headers."""
     chain = _outbound_chains()[group]
+    assert _http_filters(chain) == ["envoy.filters.http.ext_authz", "envoy.filters.http.router"]
+    authz = chain["filters"][0]["typed_config"]["http_filters"][0]["typed_config"]
+    assert authz["http_service"]["authorization_request"]["headers_to_add"] == [
+        {"key": ATTR_DEST, "value": destination}]
+    _, without = _route_config(chain)["virtual_hosts"][0]["routes"]
+    assert without["request_headers_to_remove"] == [WIRE_HEADER]
+
+
+def test_context_never_goes_to_a_destination_spanning_namespaces() -> None:
+    """Identities of two namespaces behind one address (a Service selects pods of its own namespace, so only a
+    malformed map has this): no one audience, so the context headers are removed and the agent is not asked."""
+    spanning = {"10.96.0.40": Destination((ORDERS, "spiffe://cluster.local/ns/web/sa/*"))}
+    listeners, _ = outbound_resources(spanning, OWN_IP)
+    chain = {c["name"]: c for c in listeners[0]["filter_chains"]}[
+        f"outbound|{ORDERS},spiffe://cluster.local/ns/web/sa/*|*"]
     assert _http_filters(chain) == ["envoy.filters.http.router"]
     assert _route_config(chain)["request_headers_to_remove"] == [WIRE_HEADER]
 

@@ -151,6 +151,22 @@ def test_each_identity_gets_only_the_claims_its_policies_reference() -> None:
     assert "spiffe://cluster.local/ns/shop/sa/billing" not in cfg.context.destinations
 
 
+def test_other_namespaces_claim_names_are_bounded_per_namespace_and_in_total() -> None:
+    """Issue 19: every config carries each other namespace's claim-name union (by namespace audience); a namespace
+    over its share is left out, then the largest while the whole is over its bound, each with why."""
+    from meshward.operator.domain.compile import namespace_claims
+
+    unions = {"billing": ["sub", "tenant"], "hr": ["salary_band", "sub"], "web": ["sub"],
+              "evil": ["sub", *(f"c{n:04d}" for n in range(1000))], "big": ["sub", *(f"b{n:03d}" for n in range(300))]}
+    carried, cut = namespace_claims(unions, "cluster.local", max_total_bytes=1024)
+    assert carried == {"spiffe://cluster.local/ns/billing/sa/*": ["sub", "tenant"],
+                       "spiffe://cluster.local/ns/hr/sa/*": ["salary_band", "sub"]}
+    assert set(cut) == {"evil", "big"} and "more than the 4096" in cut["evil"] and "largest left" in cut["big"]
+    # Its own namespace's entry never lands in a workload's config: exact identities serve there.
+    doc = compile_workload(Workload("billing", "p-1", "payments", {}), [], [], NOW, {}, carried).document
+    assert doc["context"]["destinations"] == {"spiffe://cluster.local/ns/hr/sa/*": ["salary_band", "sub"]}
+
+
 @pytest.mark.parametrize(("context", "field"), [
     ({"header": "Authorization"}, "context.header"),
     ({"ttlSeconds": 600}, "context.ttlSeconds"),
