@@ -551,6 +551,184 @@ def test_a_context_header_written_after_the_sniffing_window_reaches_an_unmeshed_
     assert late(1.5).get("x-meshward-context") == "secret-user-context"  # after it: passed through, as documented
 
 
+@pytest.fixture(scope="module")
+def billing(mesh: Mesh) -> Iterator[Mesh]:
+    """Namespace billing: payments (admits the mesh namespace's frontend for users of tenant acme, and its own
+    namespace's payments on /api) and ledger (admits payments' users on /api and lists `region`), both behind the
+    Service `api` (two ServiceAccounts); payments also behind its own Service."""
+    c = mesh.cluster
+    ns = c.new_namespace("billing")
+
+    def spiffe(namespace: str, sa: str) -> str:
+        return f"spiffe://cluster.local/ns/{namespace}/sa/{sa}"
+    try:
+        for sa in ("payments", "ledger"):
+            c.kubectl("-n", ns, "create", "serviceaccount", sa)
+        policies = [
+            {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": "payments", "namespace": ns},
+             "spec": {"selector": {"matchLabels": {"app": "payments"}}, "rules": [
+                 {"name": "acme-from-frontend", "from": {"principals": [spiffe(mesh.ns, "frontend")],
+                                                          "requestPrincipals": [f"{ISSUER}/*"]},
+                  "when": ["claims.tenant == 'acme'"]},
+                 {"name": "own-api", "from": {"principals": [spiffe(ns, "payments")]}, "to": {"paths": ["/api/*"]}}]}},
+            {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": "ledger", "namespace": ns},
+             "spec": {"selector": {"matchLabels": {"app": "ledger"}}, "rules": [
+                 {"name": "from-payments", "from": {"principals": [spiffe(ns, "payments")],
+                                                     "requestPrincipals": [f"{ISSUER}/*"]},
+                  "to": {"paths": ["/api/*"]}}],
+                 "context": {"claims": ["region"]}}},
+        ]
+        c.apply(*(service_identity(ns, sa) for sa in ("payments", "ledger")), *policies)
+        c.trust_bundle(ns, timeout=60)
+        apps = []
+        for name in ("payments", "ledger"):
+            d = deployment(ns, name, mesh.echo, inject=True)
+            d["spec"]["template"]["metadata"]["labels"]["tier"] = "api"
+            apps.append(d)
+        api = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api", "namespace": ns},
+               "spec": {"selector": {"tier": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+        c.apply(*apps, service(ns, "payments"), api)
+        for name in ("payments", "ledger"):
+            c.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", timeout=200)
+        other = Mesh(mesh.release, ns, mesh.echo)
+        for svc in ("payments", "api"):
+            def routable(svc: str = svc) -> bool:
+                return mesh.curl("client", f"http://{svc}.{ns}/warm-up")[0] not in (0, 503)
+            wait_until(f"Service {svc}.{ns} routable", routable, timeout=60)
+        yield other
+    finally:
+        c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _payments_in(billing: Mesh, mesh: Mesh, tenant: str = "acme", path: str = "/pay") -> tuple[int, str]:
+    """client -> frontend (end-user JWT, mesh namespace) -> payments.<billing> (another namespace)."""
+    return mesh.curl("client", _via(f"http://frontend.{mesh.ns}", f"http://payments.{billing.ns}{path}"), "-H",
+                     f"authorization: Bearer {token(KEY, **{**USER, 'tenant': tenant})}")
+
+
+def test_the_user_crosses_namespaces_minimized_to_what_that_namespaces_policies_use(mesh: Mesh, billing: Mesh
+                                                                                   ) -> None:
+    """Issue 19 (the header used to be removed toward another namespace, the user lost): frontend knows billing's
+    workloads only as `ns/billing/sa/*`, mints for that namespace, and payments' policy sees alice and her tenant;
+    payments' app gets its own token (exact audience, act = frontend, frontend's hop proof naming billing's
+    namespace) with nothing its policies do not use. Another tenant is refused by payments' rule, not lost."""
+    frontend = f"spiffe://cluster.local/ns/{mesh.ns}/sa/frontend"
+    payments = f"spiffe://cluster.local/ns/{billing.ns}/sa/payments"
+    # frontend's config learns billing's claim names once the operator compiled billing's policies.
+    wait_until("frontend minting for billing", lambda: _payments_in(billing, mesh)[0] == 200, timeout=60)
+    code, body = _payments_in(billing, mesh)
+    assert code == 200, body
+    seen = json.loads(body)["headers"]
+    assert "authorization" not in seen
+    claims = _claims(seen["x-meshward-context"])
+    assert claims["iss"] == claims["aud"] == payments
+    assert (claims["sub"], claims["tenant"]) == ("alice", "acme")
+    assert "email" not in claims and "scope" not in claims
+    assert claims["act"] == {"sub": frontend}
+    proofs = [_claims(p) for p in seen["x-meshward-context"].split("~")[1:]]
+    assert [(p["iss"], p["aud"]) for p in proofs] == [(frontend, f"spiffe://cluster.local/ns/{billing.ns}/sa/*")]
+    # The decision at payments: the rule that reads the tenant, the user from frontend's token.
+    allowed = [d for d in billing.decisions("payments") if d["path"] == "/pay" and d["outcome"] == "allow"]
+    assert allowed and allowed[-1]["rule"] == "acme-from-frontend" and allowed[-1]["act"] == frontend
+    # The exchange at frontend names billing's namespace, never a ServiceAccount of it.
+    exchanges = [d for d in mesh.decisions("frontend") if d.get("transport") == "outbound"
+                 and billing.ns in d.get("destination", "")]
+    assert exchanges and {d["destination"] for d in exchanges} == {f"spiffe://cluster.local/ns/{billing.ns}/sa/*"}
+    code, body = _payments_in(billing, mesh, tenant="globex")
+    assert code == 403 and "acme-from-frontend" in body, body
+
+
+def test_a_service_over_two_service_accounts_receives_the_user(mesh: Mesh, billing: Mesh) -> None:
+    """Issue 19: billing's Service `api` is backed by payments and ledger (two ServiceAccounts of billing).
+    payments' Envoy knows both exactly, mints for billing's namespace with the union of their claims, and
+    whichever pod kube-proxy picks receives alice (its own token, act = payments, frontend). Tried until both
+    pods answered, so each ServiceAccount is shown to accept it."""
+    ns = billing.ns
+    frontend = f"spiffe://cluster.local/ns/{mesh.ns}/sa/frontend"
+    payments = f"spiffe://cluster.local/ns/{ns}/sa/payments"
+    url = _via(f"http://frontend.{mesh.ns}", f"http://payments.{ns}", f"http://api.{ns}/api/look")
+    answered: dict[str, dict[str, Any]] = {}
+
+    def both() -> bool:
+        code, body = mesh.curl("client", url, "-H", f"authorization: Bearer {token(KEY, **USER)}")
+        assert code == 200, body
+        claims = _claims(json.loads(body)["headers"]["x-meshward-context"])
+        answered[claims["aud"]] = claims
+        return len(answered) == 2
+    wait_until("both pods behind api answering with the user", both, timeout=60)
+    for sa in ("payments", "ledger"):
+        claims = answered[f"spiffe://cluster.local/ns/{ns}/sa/{sa}"]
+        assert claims["sub"] == "alice" and claims["act"] == {"sub": payments, "act": {"sub": frontend}}
+        assert "email" not in claims and "scope" not in claims
+    # payments' exchange named both identities (set by its Envoy), never a foreign one.
+    dests = {d["destination"] for d in billing.decisions("payments") if d.get("transport") == "outbound"}
+    assert f"spiffe://cluster.local/ns/{ns}/sa/ledger,{payments}" in dests
+
+
+def test_a_third_namespace_cannot_use_a_captured_context_token(mesh: Mesh, billing: Mesh) -> None:
+    """A compromised workload of a third namespace (its own genuine identity; its Envoy passes headers to billing's
+    payments unchanged): the token payments' app received (captured from its logs) is refused at payments
+    (binding: the intruder is not its minter); a token the intruder mints for frontend's namespace is refused
+    (audience: not billing's); one it mints for billing's namespace is its own statement, which passes the
+    checks and meets payments' policy (frontend only): 403, not a user handed over."""
+    c = mesh.cluster
+    third = c.new_namespace("intruder")
+    intruder = f"spiffe://cluster.local/ns/{third}/sa/rogue"
+    payments_id = f"spiffe://cluster.local/ns/{billing.ns}/sa/payments"
+    try:
+        c.kubectl("-n", third, "create", "serviceaccount", "rogue")
+        c.apply(service_identity(third, "rogue"))
+        c.trust_bundle(third, timeout=60)
+        wait_until("the intruder's ServiceIdentity Ready", lambda: any(
+            x["type"] == "Ready" and x["status"] == "True" for x in c.get_json(
+                "-n", third, "serviceidentity", "rogue").get("status", {}).get("conditions", [])), timeout=60)
+        target_ip = c.get_json("-n", billing.ns, "pod", billing.pod("payments"))["status"]["podIP"]
+        manifests = rogue_pod(mesh, target_ip, payments_id)
+        for m in manifests:  # the same pod, in the third namespace
+            m["metadata"]["namespace"] = third
+        cfg = json.loads(manifests[0]["data"]["agent.json"])
+        cfg["workload"] = f"{third}/rogue"
+        manifests[0]["data"]["agent.json"] = json.dumps(cfg)
+        c.apply(*manifests)
+        wait_ready(c, third, "pod/rogue")
+
+        def send(header: str | None, path: str = "/pay") -> tuple[int, str]:
+            args = ["-H", f"x-meshward-context: {header}"] if header else []
+            proc = c.kubectl("-n", third, "exec", "rogue", "-c", "app", "--", "curl", "-sS", "--max-time", "5",
+                             "-w", "\n%{http_code}", *args, f"http://127.0.0.1:9000{path}", check=False)
+            body, _, code = proc.stdout.rpartition("\n")
+            return (int(code) if code.isdigit() else 0), body
+        wait_until("the intruder reaching billing's payments over mTLS", lambda: send(None)[0] == 403, timeout=90)
+
+        # Captured: what payments' app received for alice (its token and frontend's hop proof for billing).
+        code, body = _payments_in(billing, mesh, path="/capture")
+        assert code == 200, body
+        captured = json.loads(body)["headers"]["x-meshward-context"]
+        code, body = send(captured, "/replayed")
+        assert code == 401 and "not minted by the peer" in body, body
+
+        # The intruder's own key (a certificate for its own SPIFFE ID from the mesh CA, as its agent holds one).
+        secret = c.get_json("-n", mesh.release.namespace, "secret", "meshward-mesh-ca")["data"]
+        ca = CertificateAuthority.from_pem(base64.b64decode(secret["tls.crt"]), base64.b64decode(secret["tls.key"]))
+        key = new_key()
+        leaf = issue_leaf(ca, check_csr(build_csr(key, intruder), intruder), intruder, dt.timedelta(minutes=5),
+                          dt.datetime.now(dt.UTC), random_serial(os.urandom))
+        minter = MintingKey(intruder, key, x5c_of(leaf.public_bytes(Encoding.PEM)),
+                            leaf.not_valid_after_utc.timestamp())
+
+        def minted(audience: str) -> str:
+            return mint(minter, audience, ISSUER, {"sub": "alice", "tenant": "acme"}, (intruder,), "intruder",
+                        time.time(), 30)[0]
+        code, body = send(minted(f"spiffe://cluster.local/ns/{mesh.ns}/sa/*"), "/other-namespace")
+        assert code == 401 and "nor its namespace" in body, body
+        code, body = send(minted(f"spiffe://cluster.local/ns/{billing.ns}/sa/*"), "/own-statement")
+        assert code == 403 and "no rule allows" in body, body
+        assert not [d for d in billing.decisions("payments") if d["path"] in ("/replayed", "/other-namespace")
+                    and d["outcome"] == "allow"]
+    finally:
+        c.kubectl("delete", "namespace", third, "--wait=false", check=False)
+
+
 def test_a_context_header_never_leaves_the_mesh_and_no_header_means_no_user(mesh: Mesh) -> None:
     """Toward an unmeshed Service and a meshed pod's plaintext port the header is removed by the caller's Envoy;
     a garbage token toward a meshed workload is refused by the caller's own agent; without the header the
