@@ -624,7 +624,9 @@ class PolicyHub:
                 lagging.append(f"{key}: {why}")
         disconnected = self.disconnected()
         selected += [d.split(": ", 1)[0] for d in disconnected]
-        return Enforcement(sorted(selected), sorted(enforcing), disconnected + sorted(lagging), disconnected)
+        # Connected laggards first: any tenant can run a pod with no stream (a NetworkPolicy suffices), and a status
+        # listing only the first few must not let such pods hide the workloads that really fail to enforce.
+        return Enforcement(sorted(selected), sorted(enforcing), sorted(lagging) + disconnected, disconnected)
 
     def lagging(self) -> int:
         """Live subscriptions that have not acknowledged their latest config."""
