@@ -21,6 +21,7 @@ from meshward.sidecar.domain.envoy import (
     ENVOY_ADMIN_SOCKET,
     SNIFF_TIMEOUT_S,
     Destination,
+    HttpSettings,
     PodProxy,
     build_pod_bootstrap,
     check_bootstrap,
@@ -59,6 +60,14 @@ def test_pod_bootstrap_matches_golden(plaintext: bool, request: pytest.FixtureRe
            build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext)), request)
 
 
+# A workload that set every HTTP annotation (meshward.io/route-timeout, stream-idle-timeout, accept-http10).
+TUNED = HttpSettings(route_timeout_s=30, stream_idle_timeout_s=3600, accept_http10=True)
+
+
+def test_pod_bootstrap_with_a_workloads_http_settings_matches_golden(request: pytest.FixtureRequest) -> None:
+    golden("pod-http-settings", build_pod_bootstrap(PodProxy("shop/orders-1", http=TUNED)), request)
+
+
 def test_outbound_resources_match_golden(request: pytest.FixtureRequest) -> None:
     listeners, clusters = outbound_resources(MAP, OWN_IP)
     golden("outbound", {"listeners": listeners, "clusters": clusters}, request)
@@ -74,12 +83,14 @@ def _validate(doc: dict[str, Any], tmp_path: Path) -> str:
     return out
 
 
-@pytest.mark.parametrize("plaintext", [False, True], ids=["strict", "plaintext-allowed"])
-def test_envoy_accepts_the_pod_bootstrap_and_the_outbound_resources(plaintext: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("plaintext", "http"), [(False, HttpSettings()), (True, HttpSettings()), (False, TUNED)],
+                         ids=["strict", "plaintext-allowed", "http-settings"])
+def test_envoy_accepts_the_pod_bootstrap_and_the_outbound_resources(plaintext: bool, http: HttpSettings,
+                                                                    tmp_path: Path) -> None:
     """`envoy --mode validate` on the bootstrap with the outbound listener and clusters made static: valid, and
     no deprecated field, no warning."""
-    boot = build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext))
-    listeners, clusters = outbound_resources(MAP, OWN_IP)
+    boot = build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext, http=http))
+    listeners, clusters = outbound_resources(MAP, OWN_IP, http=http)
     boot["static_resources"]["listeners"] += listeners
     boot["static_resources"]["clusters"] += clusters
     check_bootstrap(boot)
