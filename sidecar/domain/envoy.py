@@ -137,6 +137,28 @@ DEFAULT_STREAM_IDLE_TIMEOUT_S = 300.0
 MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 86_400.0
 
 
+_DURATION = re.compile(r"(\d{1,6}(?:\.\d{1,3})?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, *, zero_is_none: bool = False) -> float:
+    """Seconds of a duration written like Kubernetes' and Istio's (`30s`, `5m`, `1.5h`; `0` where `zero_is_none`).
+
+    Raises ValueError saying the form and the bounds (MIN_TIMEOUT_S to MAX_TIMEOUT_S).
+    """
+    if zero_is_none and text.strip() in ("0", "0s"):
+        return 0.0
+    form = f"a duration from {MIN_TIMEOUT_S:g}s to {MAX_TIMEOUT_S / 3600:g}h like 30s, 5m or 1h" + \
+        (" (0: none)" if zero_is_none else "")
+    m = _DURATION.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not {form}")
+    seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"{text!r} is out of bounds: want {form}")
+    return seconds
+
+
 @dataclass(frozen=True)
 class HttpSettings:
     """How one workload's Envoy treats HTTP streams, on its inbound and outbound routes alike.
