@@ -47,6 +47,7 @@ from meshward.sidecar.domain.capture import (
     parse_cidrs,
     parse_ports,
 )
+from meshward.sidecar.domain.envoy import parse_duration
 from meshward.sidecar.domain.probes import PROBES_ENV
 
 INJECT_LABEL = "meshward.io/inject"
@@ -59,6 +60,12 @@ EXCLUDE_OUTBOUND_PORTS = "meshward.io/exclude-outbound-ports"
 EXCLUDE_OUTBOUND_CIDRS = "meshward.io/exclude-outbound-cidrs"
 INBOUND_PLAINTEXT = "meshward.io/inbound-plaintext"
 PLAINTEXT_VALUES = ("refuse", "allow")
+# How the workload's Envoy treats HTTP streams, inbound and outbound (sidecar/domain/envoy.py, HttpSettings): a route
+# timeout (none by default: the app's own timeouts rule), a stream idle timeout (5 minutes by default), HTTP/1.0.
+ROUTE_TIMEOUT = "meshward.io/route-timeout"
+STREAM_IDLE_TIMEOUT = "meshward.io/stream-idle-timeout"
+ACCEPT_HTTP10 = "meshward.io/accept-http10"
+BOOLEAN_VALUES = ("true", "false")
 # Bounds of each mesh annotation: (characters, comma-separated items). Generous for real workloads (Istio's users list
 # a handful of ports), and what keeps one pod's settings from growing what every agent of the mesh receives: the
 # excluded inbound ports go into the destination map (domain/destinations.py), the rest into the pod's own spec.
@@ -69,9 +76,13 @@ ANNOTATION_BOUNDS: Mapping[str, tuple[int, int]] = {
     EXCLUDE_OUTBOUND_PORTS: (512, 64),
     EXCLUDE_OUTBOUND_CIDRS: (1536, 64),
     INBOUND_PLAINTEXT: (16, 1),
+    ROUTE_TIMEOUT: (16, 1),
+    STREAM_IDLE_TIMEOUT: (16, 1),
+    ACCEPT_HTTP10: (16, 1),
 }
 _EXAMPLES = {EXCLUDE_INBOUND_PORTS: "9090,9100", EXCLUDE_OUTBOUND_PORTS: "5432",
-             EXCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8", INBOUND_PLAINTEXT: "refuse"}
+             EXCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8", INBOUND_PLAINTEXT: "refuse", ROUTE_TIMEOUT: "30s",
+             STREAM_IDLE_TIMEOUT: "5m", ACCEPT_HTTP10: "true"}
 # Namespaces never injected, whatever their labels say: the operator's own (it would wait for itself) and
 # the cluster's system pods.
 NEVER_INJECTED = ("kube-system", "kube-public", "kube-node-lease")
@@ -327,6 +338,30 @@ def _check(pod: Mapping[str, Any]) -> None:
     if plaintext not in PLAINTEXT_VALUES:
         raise InjectRefused(f"metadata.annotations[{INBOUND_PLAINTEXT}]: {plaintext!r} must be refuse (the "
                             "default) or allow (while migrating: plaintext callers reach the app with no peer)")
+    _http_args(pod)
+
+
+def _http_args(pod: Mapping[str, Any]) -> list[str]:
+    """The HTTP settings of the workload's Envoy as flags of meshward-proxy and meshward-sidecar alike (none if unset).
+
+    Raises InjectRefused naming the annotation that is malformed or out of its bounds.
+    """
+    args: list[str] = []
+    for key, flag, zero_is_none in ((ROUTE_TIMEOUT, "--route-timeout", True),
+                                    (STREAM_IDLE_TIMEOUT, "--stream-idle-timeout", False)):
+        value = _annotation(pod, key).strip()
+        if not value:
+            continue
+        try:
+            parse_duration(value, zero_is_none=zero_is_none)
+        except ValueError as e:
+            raise InjectRefused(f"metadata.annotations[{key}]: {e}") from e
+        args += [flag, value]
+    http10 = _annotation(pod, ACCEPT_HTTP10).strip() or "false"
+    if http10 not in BOOLEAN_VALUES:
+        raise InjectRefused(f"metadata.annotations[{ACCEPT_HTTP10}]: {http10!r} must be true (HTTP/1.0 requests are "
+                            "served) or false (the default: Envoy answers them 426)")
+    return [*args, "--accept-http10"] if http10 == "true" else args
 
 
 # Capabilities with which a container can change the pod's network namespace (the capture rules) or leave it.
@@ -409,6 +444,8 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
         cidrs = parse_cidrs(_annotation(out, EXCLUDE_OUTBOUND_CIDRS), f"annotation {EXCLUDE_OUTBOUND_CIDRS}")
     except CaptureError as e:
         raise InjectRefused(f"metadata.{e}") from e
+    # The agent serves the outbound listener (LDS), Envoy's bootstrap holds the inbound one: both get the settings.
+    http_args = _http_args(out)
     spec = out.setdefault("spec", {})
     originals: dict[str, Any] = {}
     for n, c in enumerate(spec.get("containers") or []):
@@ -441,7 +478,7 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
                     "--identity-signer-name", f"meshward-signer.{ns}.svc",
                     "--policy-server", f"meshward-policy.{ns}.svc:15013",
                     "--trust-domain", settings.trust_domain,
-                    "--log-level", settings.log_level],
+                    "--log-level", settings.log_level, *http_args],
         "env": _env(*probes_env),
         "startupProbe": _http_probe("/readyz", AGENT_ADMIN_PORT, 1, STARTUP_FAILURE_THRESHOLD),
         "readinessProbe": _http_probe("/readyz", AGENT_ADMIN_PORT, 5, 3),
@@ -455,7 +492,7 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
     proxy = {
         "name": PROXY, **common, "restartPolicy": "Always",
         "command": ["meshward-proxy", "--inbound-plaintext", _annotation(out, INBOUND_PLAINTEXT) or "refuse",
-                    "--log-level", "warn"],
+                    "--log-level", "warn", *http_args],
         "env": _env(),
         "startupProbe": _http_probe("/healthz/ready", PROXY_HEALTH_PORT, 1, STARTUP_FAILURE_THRESHOLD),
         "readinessProbe": _http_probe("/healthz/ready", PROXY_HEALTH_PORT, 5, 3),

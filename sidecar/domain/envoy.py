@@ -20,14 +20,20 @@ the same Envoy config, whose security properties are the point:
   request carrying the app's context header to a meshed address whose identities have
   one audience (one workload, or one namespace: domain/context.py, audience_for) is
   checked by the agent, which exchanges the token; toward anything else the header is
-  removed (plaintext HTTP/1 to non-meshed addresses is recognized for that).
+  removed (plaintext HTTP/1 to non-meshed addresses is recognized for that);
+- every HTTP an app speaks goes through (HttpSettings, per workload): WebSocket upgrades on
+  the inbound and outbound routes (authorized at the handshake like any request), no route
+  timeout by default (the app's own timeouts rule, as under Istio: Envoy's default 15 s cut
+  SSE, long polls and slow downloads), a stream idle timeout (5 minutes), HTTP/1.0 only
+  when the workload asks for it (Envoy answers it 426 otherwise).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from meshward.sidecar.domain.capture import INBOUND_PORT, OUTBOUND_PORT, PROXY_HEALTH_PORT
@@ -119,9 +125,72 @@ class InboundConfig:
     outbound: tuple[Outbound, ...] = ()
     authz_timeout_s: float = DEFAULT_AUTHZ_TIMEOUT_S
     allowed_headers: tuple[str, ...] = DEFAULT_ALLOWED_HEADERS
+    http: HttpSettings = field(default_factory=lambda: HttpSettings())
 
 
 _HCM = "envoy.filters.network.http_connection_manager"
+
+# A stream with no bytes either way for this long is reset: Envoy's and Istio's default, kept explicit so a workload
+# can change it (meshward.io/stream-idle-timeout). A slow but flowing download or a chatty WebSocket never idles.
+DEFAULT_STREAM_IDLE_TIMEOUT_S = 300.0
+# Bounds of the per-workload timeouts (the injector refuses annotations outside them): a day is longer than any
+# request a proxy should hold open, and under a second cuts ordinary requests.
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 86_400.0
+
+
+_DURATION = re.compile(r"(\d{1,6}(?:\.\d{1,3})?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, *, zero_is_none: bool = False) -> float:
+    """Seconds of a duration written like Kubernetes' and Istio's (`30s`, `5m`, `1.5h`; `0` where `zero_is_none`).
+
+    Raises ValueError saying the form and the bounds (MIN_TIMEOUT_S to MAX_TIMEOUT_S).
+    """
+    if zero_is_none and text.strip() in ("0", "0s"):
+        return 0.0
+    form = f"a duration from {MIN_TIMEOUT_S:g}s to {MAX_TIMEOUT_S / 3600:g}h like 30s, 5m or 1h" + \
+        (" (0: none)" if zero_is_none else "")
+    m = _DURATION.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(f"{text!r} is not {form}")
+    seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"{text!r} is out of bounds: want {form}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """How one workload's Envoy treats HTTP streams, on its inbound and outbound routes alike.
+
+    `route_timeout_s` 0 is no route timeout (Envoy's own default is 15 s from the end of the request to the end of
+    the response: it cut SSE, long polls and slow clients' downloads); WebSocket sessions are never bounded by it,
+    only by `stream_idle_timeout_s`. `accept_http10`: HTTP/1.0 requests (and 0.9) instead of Envoy's 426.
+    """
+
+    route_timeout_s: float = 0.0
+    stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    accept_http10: bool = False
+
+    def hcm(self) -> dict[str, Any]:
+        """The HTTP connection manager's settings for these (WebSocket upgrades are always on)."""
+        return {"stream_idle_timeout": _duration(self.stream_idle_timeout_s),
+                "http_protocol_options": {"accept_http_10": self.accept_http10},
+                "upgrade_configs": [{"upgrade_type": "websocket"}]}
+
+    def routes(self, match: dict[str, Any], action: dict[str, Any], **extra: Any) -> list[dict[str, Any]]:
+        """The routes sending `match` to `action`: with the route timeout, and WebSocket upgrades without it."""
+        def route(match: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+            # Copies: one object shared by two routes would be one YAML anchor in the golden files.
+            return copy.deepcopy({"match": match, "route": {**action, "timeout": _duration(timeout_s)}, **extra})
+
+        routes = [route(match, self.route_timeout_s)]
+        if self.route_timeout_s:
+            websocket = {**match, "headers": [*match.get("headers", []), {
+                "name": "upgrade", "string_match": {"exact": "websocket", "ignore_case": True}}]}
+            routes.insert(0, route(websocket, 0))
+        return routes
 
 
 def _router() -> dict[str, Any]:
@@ -138,10 +207,10 @@ def _hcm(stat_prefix: str, route_config: dict[str, Any], http_filters: list[dict
             "http_filters": http_filters if http_filters is not None else [_router()]}
 
 
-def _to_cluster(name: str, host: str, cluster: str) -> dict[str, Any]:
+def _to_cluster(name: str, host: str, cluster: str, http: HttpSettings) -> dict[str, Any]:
     """A route config sending every request to `cluster`."""
-    return {"name": name, "virtual_hosts": [{"name": host, "domains": ["*"], "routes": [
-        {"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]}
+    return {"name": name, "virtual_hosts": [{"name": host, "domains": ["*"], "routes": http.routes(
+        {"prefix": "/"}, {"cluster": cluster})}]}
 
 
 def _duration(seconds: float) -> str:
@@ -239,7 +308,7 @@ def _upstream_mtls(peers: list[dict[str, str]]) -> dict[str, Any]:
         }}}
 
 
-def _outbound(out: Outbound) -> tuple[dict[str, Any], dict[str, Any]]:
+def _outbound(out: Outbound, http: HttpSettings) -> tuple[dict[str, Any], dict[str, Any]]:
     cluster = _cluster(f"outbound_{out.name}", out.upstream, http2=False)
     cluster["transport_socket"] = _upstream_mtls([{"exact": out.peer}])
     if out.max_requests_per_connection is not None:
@@ -249,7 +318,7 @@ def _outbound(out: Outbound) -> tuple[dict[str, Any], dict[str, Any]]:
                 "common_http_protocol_options": {"max_requests_per_connection": out.max_requests_per_connection},
                 "explicit_http_config": {"http_protocol_options": {}}}}
     name = f"outbound_{out.name}"
-    hcm = _hcm(name, _to_cluster(name, out.name, name))
+    hcm = _hcm(name, _to_cluster(name, out.name, name, http), **http.hcm())
     listener = {"name": name, "address": out.listen.address(), "filter_chains": [{"filters": [
         {"name": _HCM, "typed_config": hcm}]}]}
     return listener, cluster
@@ -265,10 +334,14 @@ def owned_except(kept: str) -> str:
     return f"{OWNED_PREFIX}(?:{'|'.join(alternatives)})"
 
 
-def _inbound_hcm(authz: dict[str, Any], cluster: str) -> dict[str, Any]:
-    """The inbound HTTP connection manager: header and path hygiene, then ext_authz, then `cluster`."""
+def _inbound_hcm(authz: dict[str, Any], cluster: str, http: HttpSettings) -> dict[str, Any]:
+    """The inbound HTTP connection manager: header and path hygiene, then ext_authz, then `cluster`.
+
+    A WebSocket handshake is a GET like any other to ext_authz: refused, it never upgrades.
+    """
     return _hcm(
-        "inbound", _to_cluster("inbound", "app", cluster), [authz, _router()],
+        "inbound", _to_cluster("inbound", "app", cluster, http), [authz, _router()],
+        **http.hcm(),
         common_http_protocol_options={"headers_with_underscores_action": "DROP_HEADER"},
         strip_trailing_host_dot=True,
         normalize_path=True,
@@ -290,7 +363,7 @@ def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
     """Return the Envoy bootstrap (as data) for a workload's inbound listener and its outbound peers."""
     if cfg.outbound and not isinstance(cfg.tls, SdsTls):
         raise ValueError("outbound listeners need the workload certificate: set tls=SdsTls(...)")
-    hcm = _inbound_hcm(_ext_authz(cfg.transport, cfg.authz_timeout_s, cfg.allowed_headers), "app")
+    hcm = _inbound_hcm(_ext_authz(cfg.transport, cfg.authz_timeout_s, cfg.allowed_headers), "app", cfg.http)
     chain: dict[str, Any] = {"filters": [{"name": _HCM, "typed_config": hcm}]}
     if cfg.tls is not None:
         chain["transport_socket"] = _downstream_tls(cfg.tls)
@@ -300,7 +373,7 @@ def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
     if isinstance(cfg.tls, SdsTls):
         clusters.append(_cluster("meshward_sds", cfg.tls.sds, http2=True))
     for out in cfg.outbound:
-        listener, cluster = _outbound(out)
+        listener, cluster = _outbound(out, cfg.http)
         listeners.append(listener)
         clusters.append(cluster)
     return {
@@ -324,6 +397,7 @@ class PodProxy:
     transport: Transport = "http"
     authz_timeout_s: float = DEFAULT_AUTHZ_TIMEOUT_S
     allowed_headers: tuple[str, ...] = DEFAULT_ALLOWED_HEADERS
+    http: HttpSettings = field(default_factory=lambda: HttpSettings())
 
 
 # Envoy's admin interface in an injected pod: a Unix socket in the agent's socket directory, created mode 0600
@@ -367,7 +441,7 @@ def _xds_source() -> dict[str, Any]:
 
 def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
     """The Envoy bootstrap of an injected pod: inbound (mTLS, ext_authz), health, and outbound from the agent's xDS."""
-    hcm = _inbound_hcm(_ext_authz(p.transport, p.authz_timeout_s, p.allowed_headers), INBOUND_APP)
+    hcm = _inbound_hcm(_ext_authz(p.transport, p.authz_timeout_s, p.allowed_headers), INBOUND_APP, p.http)
     chains: list[dict[str, Any]] = [{
         "filter_chain_match": {"transport_protocol": "tls"},
         "transport_socket": _downstream_tls(SdsTls(Endpoint(unix=f"{p.socket_dir}/sds.sock"))),
@@ -458,7 +532,7 @@ def _exchange_filter(destination: str, header: str) -> dict[str, Any]:
         DEFAULT_AUTHZ_TIMEOUT_S, [{"key": ATTR_DEST, "value": destination}], [{"exact": WIRE_HEADER}])})
 
 
-def _mesh_routes(cluster: str, destination: str | None, header: str) -> dict[str, Any]:
+def _mesh_routes(cluster: str, destination: str | None, header: str, http: HttpSettings) -> dict[str, Any]:
     """Everything to `cluster`, through the context exchange when `destination` has one audience.
 
     Requests carrying `header` go through the exchange; the others, and every request to a group without one
@@ -466,23 +540,22 @@ def _mesh_routes(cluster: str, destination: str | None, header: str) -> dict[str
     """
     carriers = list(context_headers(header))
     if destination is None:
-        config = _to_cluster(cluster, cluster, cluster)
+        config = _to_cluster(cluster, cluster, cluster, http)
         config["request_headers_to_remove"] = carriers
         return config
     off = {_EXT_AUTHZ: {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
                         "disabled": True}}
+    to = {"cluster": cluster}
     return {"name": cluster, "virtual_hosts": [{"name": cluster, "domains": ["*"], "routes": [
-        {"match": {"prefix": "/", "headers": [{"name": header, "present_match": True}]},
-         "route": {"cluster": cluster}},
-        {"match": {"prefix": "/"}, "route": {"cluster": cluster}, "typed_per_filter_config": off,
-         "request_headers_to_remove": carriers},
+        *http.routes({"prefix": "/", "headers": [{"name": header, "present_match": True}]}, to),
+        *http.routes({"prefix": "/"}, to, typed_per_filter_config=off, request_headers_to_remove=carriers),
     ]}]}
 
 
-def _mesh_chain(cluster: str, ips: list[str], port: int | None, destination: str | None, header: str
-                ) -> dict[str, Any]:
+def _mesh_chain(cluster: str, ips: list[str], port: int | None, destination: str | None, header: str,
+                http: HttpSettings) -> dict[str, Any]:
     filters = [_exchange_filter(destination, header), _router()] if destination else None
-    hcm = _hcm("outbound", _mesh_routes(cluster, destination, header), filters)
+    hcm = _hcm("outbound", _mesh_routes(cluster, destination, header, http), filters, **http.hcm())
     match: dict[str, Any] = {"prefix_ranges": [{"address_prefix": ip, "prefix_len": 32} for ip in ips]}
     if port is not None:
         match["destination_port"] = port
@@ -506,28 +579,34 @@ def _exchange_destination(identities: tuple[str, ...]) -> str | None:
 SNIFF_TIMEOUT_S = 1.0
 
 
-def _plaintext_http(header: str) -> dict[str, Any]:
-    """Plaintext HTTP/1 to a non-meshed address: passed on unchanged but for the context headers, removed."""
+def _plaintext_http(header: str, http: HttpSettings) -> dict[str, Any]:
+    """Plaintext HTTP/1 to a non-meshed address: passed on unchanged but for the context headers, removed.
+
+    Never a route timeout (the mesh has no say in how long a call outside it takes); HTTP/1.0 as the workload says.
+    """
     route = {"name": "passthrough_http", "request_headers_to_remove": list(context_headers(header)),
              "virtual_hosts": [{"name": "passthrough_http", "domains": ["*"], "routes": [
                  {"match": {"prefix": "/"}, "route": {"cluster": PASSTHROUGH, "timeout": "0s"}}]}]}
     router = _router()
     router["typed_config"]["suppress_envoy_headers"] = True
     hcm = _hcm("passthrough_http", route, [router], generate_request_id=False,
-               server_header_transformation="PASS_THROUGH", upgrade_configs=[{"upgrade_type": "websocket"}])
+               server_header_transformation="PASS_THROUGH", **http.hcm())
     return {"name": "passthrough_http", "filter_chain_match": {"application_protocols": ["http/1.0", "http/1.1"]},
             "filters": [{"name": _HCM, "typed_config": hcm}]}
 
 
 def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = "",
-                       context_header: str = WIRE_HEADER) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                       context_header: str = WIRE_HEADER, http: HttpSettings | None = None
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The outbound listener and its clusters (LDS, CDS) for the meshed `destinations` (by IPv4 address).
 
     A connection to a meshed address goes out over mTLS to one of its identities; any other (non-meshed
     addresses, a meshed address's plaintext ports, this pod's own address) passes through untouched, but for
     the app's `context_header` (and the wire header), which only a meshed address of one audience (one
-    workload or one namespace) receives, exchanged.
+    workload or one namespace) receives, exchanged. `http`: the workload's stream settings (HttpSettings'
+    defaults if None).
     """
+    http = http or HttpSettings()
     meshed = {ip: d for ip, d in destinations.items() if ip != own_ip and d.identities}
     groups: dict[tuple[str, ...], list[str]] = {}
     for ip in sorted(meshed):
@@ -536,17 +615,17 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
     # Envoy matches the destination port first and never falls back to port-less chains for a port some chain
     # names: so every plaintext port gets a copy of the meshed chains, without the addresses that leave it plain.
     ports = sorted({p for d in meshed.values() for p in d.plaintext_ports})
-    chains = [_mesh_chain(names[ids], ips, None, _exchange_destination(ids), context_header)
+    chains = [_mesh_chain(names[ids], ips, None, _exchange_destination(ids), context_header, http)
               for ids, ips in groups.items()]
     for port in ports:
         for ids, ips in groups.items():
             kept = [ip for ip in ips if port not in meshed[ip].plaintext_ports]
             if kept:
-                chains.append(_mesh_chain(names[ids], kept, port, _exchange_destination(ids), context_header))
-        chains.append({**_plaintext_http(context_header), "name": f"passthrough_http|{port}",
+                chains.append(_mesh_chain(names[ids], kept, port, _exchange_destination(ids), context_header, http))
+        chains.append({**_plaintext_http(context_header, http), "name": f"passthrough_http|{port}",
                        "filter_chain_match": {"destination_port": port,
                                               "application_protocols": ["http/1.0", "http/1.1"]}})
-    chains.append(_plaintext_http(context_header))
+    chains.append(_plaintext_http(context_header, http))
     passthrough = {"name": "passthrough", "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": "passthrough", "cluster": PASSTHROUGH}}]}

@@ -34,6 +34,7 @@ from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
 from meshward.sidecar.engines.context import ContextKeys
 from meshward.sidecar.engines.destinations import MeshDestinations
 from meshward.sidecar.engines.observe import DEFAULT_AUDIT_FLUSH_S, JsonLineAudit, Metrics
+from meshward.sidecar.entrypoints.proxy import add_http_flags, http_settings
 from meshward.sidecar.servers.admin import Admin
 from meshward.sidecar.servers.authz_http import HttpAuthz
 from meshward.sidecar.servers.http1 import Handler, serve_tcp, serve_unix
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"seconds audit lines may wait to be written together (default {DEFAULT_AUDIT_FLUSH_S}; "
                         "0: once per event-loop iteration); shutdown writes them all")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_http_flags(p)  # of the outbound listener this agent serves its Envoy (LDS)
     return p
 
 
@@ -248,7 +250,7 @@ async def _start_servers(args: argparse.Namespace, r: _Running) -> tuple[list[as
         if r.subscription is not None and r.subscription.destinations is not None:
             from meshward.sidecar.servers import xds
 
-            outbound = xds.OutboundDiscovery(r.subscription.destinations)
+            outbound = xds.OutboundDiscovery(r.subscription.destinations, http_settings(args))
 
             def also(server: grpc.aio.Server) -> None:
                 xds.register(outbound, server)

@@ -17,7 +17,44 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meshward._version import __version__
-from meshward.sidecar.domain.envoy import PodProxy, build_pod_bootstrap
+from meshward.sidecar.domain.envoy import (
+    DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    HttpSettings,
+    PodProxy,
+    build_pod_bootstrap,
+    parse_duration,
+)
+
+
+def _route_timeout(text: str) -> float:
+    try:
+        return parse_duration(text, zero_is_none=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _stream_idle_timeout(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def add_http_flags(p: argparse.ArgumentParser) -> None:
+    """Add the workload's HTTP settings (meshward.io/route-timeout, stream-idle-timeout, accept-http10) to `p`.
+
+    Both meshward-proxy (the inbound listener) and meshward-sidecar (the outbound one it serves over LDS) take them.
+    """
+    p.add_argument("--route-timeout", type=_route_timeout, default=0.0, metavar="DURATION",
+                   help="end of request to end of response, e.g. 30s (default 0: none, the app's timeouts rule)")
+    p.add_argument("--stream-idle-timeout", type=_stream_idle_timeout, default=DEFAULT_STREAM_IDLE_TIMEOUT_S,
+                   metavar="DURATION", help="reset a stream with no bytes either way for this long (default 5m)")
+    p.add_argument("--accept-http10", action="store_true", help="serve HTTP/1.0 requests (default: 426)")
+
+
+def http_settings(args: argparse.Namespace) -> HttpSettings:
+    """The HttpSettings the flags of add_http_flags say."""
+    return HttpSettings(args.route_timeout, args.stream_idle_timeout, args.accept_http10)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warn", help="Envoy's log level (default warn)")
     p.add_argument("--envoy", default="envoy", help="the Envoy binary (default: envoy on $PATH)")
     p.add_argument("--print", action="store_true", help="print the bootstrap instead of starting Envoy")
+    add_http_flags(p)
     return p
 
 
@@ -42,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     node = f"{os.environ.get('POD_NAMESPACE', 'default')}/{os.environ.get('POD_NAME', 'unknown')}"
     bootstrap = build_pod_bootstrap(PodProxy(node, args.socket_dir, args.inbound_plaintext == "allow",
-                                             args.transport))
+                                             args.transport, http=http_settings(args)))
     text = json.dumps(bootstrap, indent=1)
     if args.print:
         print(text)

@@ -30,7 +30,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.listener.v3 import lds_pb2_grpc
 from google.protobuf import any_pb2, json_format
 
-from meshward.sidecar.domain.envoy import outbound_resources
+from meshward.sidecar.domain.envoy import HttpSettings, outbound_resources
 from meshward.sidecar.engines.destinations import MeshDestinations
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -52,13 +52,14 @@ class OutboundDiscovery(lds_pb2_grpc.ListenerDiscoveryServiceServicer,  # type: 
                         cds_pb2_grpc.ClusterDiscoveryServiceServicer):  # type: ignore[misc]
     """LDS and CDS from the current destination map."""
 
-    def __init__(self, destinations: MeshDestinations) -> None:
+    def __init__(self, destinations: MeshDestinations, http: HttpSettings | None = None) -> None:
         self._destinations = destinations
+        self._http = http or HttpSettings()
 
     def response(self, type_url: str, version: int) -> Any:
         """The whole state of `type_url` for the map at `version`."""
         d = self._destinations
-        listeners, clusters = outbound_resources(d.current, d.own_ip, d.context_header)
+        listeners, clusters = outbound_resources(d.current, d.own_ip, d.context_header, self._http)
         if type_url == LISTENER_TYPE:
             resources = pack_resources(listeners, listener_pb2.Listener)
         else:

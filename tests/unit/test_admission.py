@@ -156,7 +156,8 @@ pods = st.fixed_dictionaries({
         "labels": st.dictionaries(st.sampled_from(["meshward.io/inject", "app"]),
                                   st.sampled_from(["enabled", "disabled", "true", ""]), max_size=2),
         "annotations": st.dictionaries(st.sampled_from(["meshward.io/exclude-inbound-ports",
-                                                        "meshward.io/inbound-plaintext", "x"]), json_values, max_size=2),
+                                                        "meshward.io/inbound-plaintext", "meshward.io/route-timeout",
+                                                        "meshward.io/accept-http10", "x"]), json_values, max_size=2),
         "name": json_values}),
     "spec": st.fixed_dictionaries({}, optional={"containers": containers, "initContainers": containers,
                                                 "volumes": json_values, "hostNetwork": json_values,
@@ -203,7 +204,10 @@ def _annotated(annotation: str, value: str) -> dict[str, Any]:
 _MAXIMAL = {"meshward.io/exclude-inbound-ports": ",".join(str(65535 - n) for n in range(64)),
             "meshward.io/exclude-outbound-ports": ",".join(str(10000 + n) for n in range(64)),
             "meshward.io/exclude-outbound-cidrs": ",".join(f"255.255.255.{n}/32" for n in range(64)),
-            "meshward.io/inbound-plaintext": "allow"}
+            "meshward.io/inbound-plaintext": "allow",
+            "meshward.io/route-timeout": "86400.000s",
+            "meshward.io/stream-idle-timeout": "1440m",
+            "meshward.io/accept-http10": "false"}
 
 
 @pytest.mark.parametrize("annotation", sorted(_MAXIMAL))

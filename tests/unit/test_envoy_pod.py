@@ -21,12 +21,14 @@ from meshward.sidecar.domain.envoy import (
     ENVOY_ADMIN_SOCKET,
     SNIFF_TIMEOUT_S,
     Destination,
+    HttpSettings,
     PodProxy,
     build_pod_bootstrap,
     check_bootstrap,
     outbound_resources,
     owned_except,
     parse_destinations,
+    parse_duration,
 )
 from tests.support.procs import envoy_binary, free_port, http_status, run_envoy, unix_get
 
@@ -59,6 +61,14 @@ def test_pod_bootstrap_matches_golden(plaintext: bool, request: pytest.FixtureRe
            build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext)), request)
 
 
+# A workload that set every HTTP annotation (meshward.io/route-timeout, stream-idle-timeout, accept-http10).
+TUNED = HttpSettings(route_timeout_s=30, stream_idle_timeout_s=3600, accept_http10=True)
+
+
+def test_pod_bootstrap_with_a_workloads_http_settings_matches_golden(request: pytest.FixtureRequest) -> None:
+    golden("pod-http-settings", build_pod_bootstrap(PodProxy("shop/orders-1", http=TUNED)), request)
+
+
 def test_outbound_resources_match_golden(request: pytest.FixtureRequest) -> None:
     listeners, clusters = outbound_resources(MAP, OWN_IP)
     golden("outbound", {"listeners": listeners, "clusters": clusters}, request)
@@ -74,12 +84,14 @@ def _validate(doc: dict[str, Any], tmp_path: Path) -> str:
     return out
 
 
-@pytest.mark.parametrize("plaintext", [False, True], ids=["strict", "plaintext-allowed"])
-def test_envoy_accepts_the_pod_bootstrap_and_the_outbound_resources(plaintext: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("plaintext", "http"), [(False, HttpSettings()), (True, HttpSettings()), (False, TUNED)],
+                         ids=["strict", "plaintext-allowed", "http-settings"])
+def test_envoy_accepts_the_pod_bootstrap_and_the_outbound_resources(plaintext: bool, http: HttpSettings,
+                                                                    tmp_path: Path) -> None:
     """`envoy --mode validate` on the bootstrap with the outbound listener and clusters made static: valid, and
     no deprecated field, no warning."""
-    boot = build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext))
-    listeners, clusters = outbound_resources(MAP, OWN_IP)
+    boot = build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext, http=http))
+    listeners, clusters = outbound_resources(MAP, OWN_IP, http=http)
     boot["static_resources"]["listeners"] += listeners
     boot["static_resources"]["clusters"] += clusters
     check_bootstrap(boot)
@@ -311,3 +323,49 @@ def test_a_late_first_request_to_a_non_meshed_address_is_passed_through_header_a
     removing = [c for c in listener["filter_chains"] if c["name"].startswith("passthrough_http")]
     assert removing and all(c["filter_chain_match"]["application_protocols"] == ["http/1.0", "http/1.1"]
                             for c in removing)
+
+
+def _hcms(http: HttpSettings) -> list[dict[str, Any]]:
+    """Every HTTP connection manager of a pod's Envoy (inbound, plaintext inbound, outbound chains)."""
+    boot = build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=True, http=http))
+    listeners, _ = outbound_resources(MAP, OWN_IP, http=http)
+    chains = [c for lis in [*boot["static_resources"]["listeners"], *listeners] if lis["name"] != "health"
+              for c in lis["filter_chains"]]
+    return [f["typed_config"] for c in chains for f in c["filters"] if f["name"].endswith("http_connection_manager")]
+
+
+@pytest.mark.parametrize("http", [HttpSettings(), TUNED], ids=["default", "tuned"])
+def test_every_route_upgrades_websockets_and_none_cuts_them(http: HttpSettings) -> None:
+    """Issue 19: a WebSocket through the mesh got 403 (`downstream_rq_ws_on_non_ws_route`) and SSE, long polls
+    and slow downloads were cut at Envoy's default 15 s route timeout."""
+    hcms = _hcms(http)
+    assert len(hcms) >= 8
+    for hcm in hcms:
+        assert hcm["upgrade_configs"] == [{"upgrade_type": "websocket"}]
+        assert hcm["stream_idle_timeout"] == f"{http.stream_idle_timeout_s:.3f}s"
+        assert hcm["http_protocol_options"] == {"accept_http_10": http.accept_http10}
+        for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
+            if "route" not in route:
+                continue
+            headers = route["match"].get("headers", [])
+            websocket = any(h["name"] == "upgrade" for h in headers)
+            passthrough = hcm["stat_prefix"] == "passthrough_http"
+            want = 0 if websocket or passthrough else http.route_timeout_s
+            assert route["route"]["timeout"] in (f"{want:.3f}s", f"{want:g}s"), route
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("1.5m", 90), ("24h", 86400), ("1500ms", 1.5),
+                                               (" 5m ", 300)])
+def test_durations_parse(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "0", "0s", "-1s", "0.5s", "25h", "1h30m", "1e3s", "30 s", "3x",
+                                  "9999999s"])
+def test_durations_out_of_form_or_bounds_are_refused_with_the_form(text: str) -> None:
+    with pytest.raises(ValueError, match="like 30s, 5m or 1h"):
+        parse_duration(text)
+
+
+def test_zero_is_no_route_timeout_only_where_allowed() -> None:
+    assert parse_duration("0", zero_is_none=True) == parse_duration("0s", zero_is_none=True) == 0

@@ -286,6 +286,16 @@ def test_a_probe_aimed_at_the_agent_by_hand_is_not_restored_from_forged_original
     ("meshward.io/exclude-outbound-cidrs", "10.0.0.0/33"),
     ("meshward.io/exclude-outbound-cidrs", "fd00::/8"),
     ("meshward.io/inbound-plaintext", "yes"),
+    ("meshward.io/route-timeout", "30"),        # no unit: seconds or milliseconds?
+    ("meshward.io/route-timeout", "-5s"),
+    ("meshward.io/route-timeout", "0.5s"),      # under a second cuts ordinary requests
+    ("meshward.io/route-timeout", "25h"),       # over a day
+    ("meshward.io/route-timeout", "1h30m"),
+    ("meshward.io/stream-idle-timeout", "0"),   # no idle timeout at all: a stuck peer holds a stream for ever
+    ("meshward.io/stream-idle-timeout", "forever"),
+    ("meshward.io/stream-idle-timeout", "90000s"),
+    ("meshward.io/accept-http10", "yes"),
+    ("meshward.io/accept-http10", "True"),
 ])
 def test_bad_settings_are_refused_naming_the_annotation(annotation: str, value: str) -> None:
     pod = _pod()
@@ -293,6 +303,41 @@ def test_bad_settings_are_refused_naming_the_annotation(annotation: str, value: 
     with pytest.raises(InjectRefused) as e:
         inject(pod, SETTINGS)
     assert annotation in str(e.value)
+
+
+def _commands(pod: dict[str, Any]) -> dict[str, list[str]]:
+    return {c["name"]: c["command"] for c in pod["spec"]["initContainers"]}
+
+
+@pytest.mark.parametrize(("annotations", "flags"), [
+    ({}, []),
+    ({"meshward.io/route-timeout": "0"}, ["--route-timeout", "0"]),
+    ({"meshward.io/route-timeout": "1.5m", "meshward.io/stream-idle-timeout": "30s"},
+     ["--route-timeout", "1.5m", "--stream-idle-timeout", "30s"]),
+    ({"meshward.io/accept-http10": "true"}, ["--accept-http10"]),
+    ({"meshward.io/accept-http10": "false"}, []),
+])
+def test_http_settings_reach_both_envoy_and_the_agent_serving_its_outbound_listener(
+        annotations: dict[str, str], flags: list[str]) -> None:
+    """The inbound listener is in Envoy's bootstrap (meshward-proxy), the outbound one comes from the agent (LDS):
+    a setting given to one only would hold on one side of the workload's traffic."""
+    pod = _pod()
+    pod["metadata"]["annotations"] = annotations
+    commands = _commands(inject(pod, SETTINGS))
+    for name in ("meshward-proxy", "meshward-sidecar"):
+        command = commands["meshward-proxy" if name == "meshward-proxy" else "meshward-agent"]
+        assert command[0] == name
+        assert [a for a in command if a in {"--route-timeout", "--stream-idle-timeout", "--accept-http10"} or
+                command[command.index(a) - 1] in {"--route-timeout", "--stream-idle-timeout"}] == flags
+
+
+def test_the_injected_flags_parse_into_the_settings_the_annotations_say() -> None:
+    from meshward.sidecar.domain.envoy import HttpSettings
+    from meshward.sidecar.entrypoints.proxy import _parser, http_settings
+
+    pod = load(GOLDEN / "http-settings.yaml")
+    command = _commands(inject(pod, SETTINGS))["meshward-proxy"]
+    assert http_settings(_parser().parse_args(command[1:])) == HttpSettings(30, 3600, True)
 
 
 def test_an_operator_without_an_image_refuses_instead_of_injecting_nothing() -> None:
