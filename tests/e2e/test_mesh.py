@@ -106,13 +106,16 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
                            "metadata": {"name": "server", "namespace": ns},
                            "spec": {"selector": {"matchLabels": {"app": "server"}}, "rules": [
                                {"name": "client-reads", "from": {"principals": [
-                                   f"spiffe://cluster.local/ns/{ns}/sa/client"]}, "to": {"methods": ["GET"]}}]}})
+                                   f"spiffe://cluster.local/ns/{ns}/sa/client",
+                                   f"spiffe://cluster.local/ns/{ns}/sa/legacy"]}, "to": {"methods": ["GET"]}}]}})
             cluster.trust_bundle(ns, timeout=60)
             cluster.apply(deployment(ns, "server", echo, inject=True), service(ns, "server"),
                           deployment(ns, "client", echo, inject=True, probe=False),
                           deployment(ns, "orders", echo, inject=True), service(ns, "orders"),
                           deployment(ns, "legacy", echo, inject=True,
-                                     annotations={"meshward.io/inbound-plaintext": "allow"}), service(ns, "legacy"),
+                                     annotations={"meshward.io/inbound-plaintext": "allow",
+                                                  "meshward.io/accept-http10": "true",
+                                                  "meshward.io/route-timeout": "3s"}), service(ns, "legacy"),
                           deployment(ns, "metrics", echo, inject=True,
                                      annotations={"meshward.io/exclude-inbound-ports": "8080"}),
                           service(ns, "metrics"),
@@ -930,6 +933,208 @@ def test_an_app_port_excluded_from_capture_is_named_by_the_policy_and_meshward_c
         assert f"OUTSIDE-MESH {ns}/{pod} port 8080" in check.stdout, check.stdout
     finally:
         c.kubectl("-n", ns, "delete", "authpolicy", "metrics", check=False)
+
+
+STREAM_PORT = 8090
+# A WebSocket echo (greets first), SSE (`/sse?events=N&every=S`) and a large body (`/bytes?n=N`), stdlib only.
+STREAM_SERVER = r'''
+import base64, hashlib, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+def frame(p): return bytes([0x81, len(p)]) + p
+def read_frame(r):
+    h = r.read(2)
+    if len(h) < 2: return 8, b""
+    n = h[1] & 0x7F; m = r.read(4) if h[1] & 0x80 else b"\0\0\0\0"
+    return h[0] & 0x0F, bytes(b ^ m[i % 4] for i, b in enumerate(r.read(n)))
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        u = urlsplit(self.path); q = {k: v[0] for k, v in parse_qs(u.query).items()}
+        if u.path == "/ws":
+            key = self.headers["sec-websocket-key"]
+            self.send_response(101); self.send_header("upgrade", "websocket"); self.send_header("connection", "Upgrade")
+            self.send_header("sec-websocket-accept", base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode())
+            self.end_headers(); self.wfile.write(frame(b"hello")); self.wfile.flush()
+            while True:
+                op, p = read_frame(self.rfile)
+                if op == 8 or not p: break
+                self.wfile.write(frame(b"echo: " + p)); self.wfile.flush()
+            self.close_connection = True
+        elif u.path == "/sse":
+            self.send_response(200); self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked"); self.end_headers()
+            for n in range(int(q["events"])):
+                d = f"data: {n}\n\n".encode(); self.wfile.write(b"%x\r\n%s\r\n" % (len(d), d)); self.wfile.flush()
+                time.sleep(float(q.get("every", "1")))
+            self.wfile.write(b"0\r\n\r\n")
+        elif u.path == "/bytes":
+            n = int(q["n"]); self.send_response(200); self.send_header("content-length", str(n)); self.end_headers()
+            for s in range(0, n, 65536): self.wfile.write(b"x" * min(65536, n - s))
+        else:
+            self.send_response(200); self.send_header("content-length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+'''
+# Run in a caller's app container: argv = host port mode [args]; prints one JSON line.
+CALLER = r'''
+import base64, json, os, socket, sys, time
+host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def head(s):
+    d = b""
+    while b"\r\n\r\n" not in d:
+        c = s.recv(4096)
+        if not c: break
+        d += c
+    h, _, rest = d.partition(b"\r\n\r\n"); return h.decode(errors="replace"), rest
+start = time.monotonic()
+if mode == "ws":
+    seconds = float(sys.argv[4]); s = socket.create_connection((host, port), timeout=10)
+    s.sendall(f"GET /ws HTTP/1.1\r\nhost: {host}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+              f"sec-websocket-key: {base64.b64encode(os.urandom(16)).decode()}\r\nsec-websocket-version: 13\r\n\r\n".encode())
+    h, buf = head(s); status = int(h.split(" ")[1]) if h else 0; got = []
+    def read(n):
+        global buf
+        while len(buf) < n:
+            c = s.recv(4096)
+            if not c: raise EOFError
+            buf += c
+        out, buf = buf[:n], buf[n:]; return out
+    def frame():
+        hd = read(2); return read(hd[1] & 0x7F).decode()
+    try:
+        if status == 101:
+            got.append(frame()); n = 0
+            while time.monotonic() - start < seconds:
+                m = os.urandom(4); p = f"tick {n}".encode()
+                s.sendall(bytes([0x81, 0x80 | len(p)]) + m + bytes(b ^ m[i % 4] for i, b in enumerate(p)))
+                got.append(frame()); n += 1; time.sleep(1)
+    except (EOFError, OSError) as e:
+        got.append(type(e).__name__)
+    print(json.dumps({"status": status, "messages": got, "held": time.monotonic() - start}))
+elif mode == "sse":
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(f"GET /sse?events={sys.argv[4]}&every={sys.argv[5]} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
+    h, data = head(s)
+    while True:
+        try:
+            c = s.recv(4096)
+        except OSError:
+            break
+        if not c or b"\r\n0\r\n\r\n" in data + c: data += c; break
+        data += c
+    events = [l[6:] for l in data.decode(errors="replace").splitlines() if l.startswith("data: ")]
+    print(json.dumps({"status": int(h.split(" ")[1]) if h else 0, "events": events, "held": time.monotonic() - start}))
+elif mode == "slow":
+    size, rate = int(sys.argv[4]), float(sys.argv[5])
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536); s.settimeout(10)
+    s.connect((host, port)); s.sendall(f"GET /bytes?n={size} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode())
+    h, rest = head(s); got = len(rest)
+    while got < size:
+        ahead = got / rate - (time.monotonic() - start)
+        if ahead > 0: time.sleep(ahead)
+        try:
+            c = s.recv(16384)
+        except OSError:
+            break
+        if not c: break
+        got += len(c)
+    print(json.dumps({"status": int(h.split(" ")[1]) if h else 0, "bytes": got, "held": time.monotonic() - start}))
+elif mode == "http10":
+    s = socket.create_connection((host, port), timeout=10)
+    s.sendall(f"GET /plain HTTP/1.0\r\nhost: {host}\r\n\r\n".encode()); h, _ = head(s)
+    print(json.dumps({"status": int(h.split(" ")[1]) if h else 0}))
+'''
+
+
+def _server_ip(mesh: Mesh) -> str:
+    ip: str = mesh.cluster.get_json("-n", mesh.ns, "pod", mesh.pod("server"))["status"]["podIP"]
+    return ip
+
+
+def _start_stream_server(mesh: Mesh) -> str:
+    """The stream server in the meshed `server` pod's app container (behind its Envoy); its pod IP."""
+    pod = mesh.pod("server")
+    mesh.cluster.kubectl("-n", mesh.ns, "exec", pod, "-c", "app", "--", "sh", "-c",
+                         f"nohup python3 -c '{STREAM_SERVER}' {STREAM_PORT} >/dev/null 2>&1 &")
+    ip = _server_ip(mesh)
+    wait_until("the stream server answers through the mesh",
+               lambda: mesh.curl("client", f"http://{ip}:{STREAM_PORT}/ready")[0] == 200, timeout=30)
+    return ip
+
+
+def _call(mesh: Mesh, app: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [mesh.cluster.kubectl_bin, "--kubeconfig", str(mesh.cluster.kubeconfig), "-n", mesh.ns, "exec",
+         mesh.pod(app), "-c", "app", "--", "python3", "-c", CALLER, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def test_websocket_sse_and_a_slow_download_outlive_15s_between_meshed_pods(mesh: Mesh) -> None:
+    """Issue 19: a WebSocket got 403 at the handshake (`downstream_rq_ws_on_non_ws_route`), SSE and a slow client's
+    download were cut at 15 s (Envoy's default route timeout, `upstream request timeout`). Side by side for 20 s:
+    a WebSocket exchanging a message a second both ways, an SSE stream of 20 events a second apart, and 40 MiB read
+    at 2 MiB/s, from the meshed client to the meshed server's pod IP (both sidecars)."""
+    ip = _start_stream_server(mesh)
+    port = str(STREAM_PORT)
+    ws = _call(mesh, "client", ip, port, "ws", "20")
+    sse = _call(mesh, "client", ip, port, "sse", "20", "1")
+    slow = _call(mesh, "client", ip, port, "slow", str(40 * 1024 * 1024), str(2 * 1024 * 1024))
+    w, e, d = _result(ws), _result(sse), _result(slow)
+    assert w["status"] == 101 and w["messages"][0] == "hello" and w["held"] >= 19, w
+    assert all(m == f"echo: tick {n}" for n, m in enumerate(w["messages"][1:])) and len(w["messages"]) >= 19, w
+    assert e["status"] == 200 and e["events"] == [str(n) for n in range(20)], e
+    assert d["status"] == 200 and d["bytes"] == 40 * 1024 * 1024, d
+    stats = envoy_admin(mesh.cluster, mesh.ns, mesh.pod("client"), "/stats?filter=upstream_rq_timeout")
+    assert all(line.endswith(": 0") for line in stats.splitlines() if line.strip()), stats
+
+
+def test_a_websocket_handshake_the_policy_denies_never_upgrades_between_pods(mesh: Mesh) -> None:
+    """Authorization bypass through an upgrade: `orders` is not admitted by the server's policy; its handshake is a
+    GET that the server's agent decides like any other (a 403, logged as a decision), and no tunnel opens."""
+    ip = _start_stream_server(mesh)
+    w = _result(_call(mesh, "orders", ip, str(STREAM_PORT), "ws", "2"))
+    assert w["status"] == 403 and w["messages"] == [], w
+    denied = [d for d in mesh.decisions("server") if d["path"] == "/ws" and d["outcome"] != "allow"]
+    assert any(d["peer"].endswith("/sa/orders") for d in denied), denied
+
+
+def test_a_workloads_route_timeout_cuts_its_responses_but_not_its_websockets(mesh: Mesh) -> None:
+    """meshward.io/route-timeout: "3s" on `legacy`: its SSE call is cut at 3 s by its own Envoy, its WebSocket
+    outlives it (sessions are bounded by the stream idle timeout only)."""
+    ip = _start_stream_server(mesh)
+    e = _result(_call(mesh, "legacy", ip, str(STREAM_PORT), "sse", "10", "1"))
+    assert len(e["events"]) < 10 and e["held"] < 8, e
+    w = _result(_call(mesh, "legacy", ip, str(STREAM_PORT), "ws", "6"))
+    assert w["status"] == 101 and len(w["messages"]) >= 6 and not w["messages"][-1].endswith("Error"), w
+
+
+def test_http10_is_426_unless_the_calling_workload_accepts_it(mesh: Mesh) -> None:
+    """HTTP/1.0 from the client app: Envoy's 426 by default (as Istio), served through both sidecars when the
+    calling workload sets meshward.io/accept-http10 (its Envoy speaks HTTP/1.1 onward, so the server needs
+    nothing). curl --http1.0 says the same."""
+    ip = _start_stream_server(mesh)
+    assert _result(_call(mesh, "client", ip, str(STREAM_PORT), "http10"))["status"] == 426
+    assert _result(_call(mesh, "legacy", ip, str(STREAM_PORT), "http10"))["status"] == 200
+    assert mesh.curl("client", f"http://server.{mesh.ns}/old", "--http1.0")[0] == 426
+    assert mesh.curl("legacy", f"http://server.{mesh.ns}/old", "--http1.0")[0] == 200
+
+
+def test_h2c_upgrade_is_stripped_between_meshed_pods(mesh: Mesh) -> None:
+    """h2c smuggling (Bishop Fox, 2020): `curl --http2` over cleartext sends `Upgrade: h2c`; the mesh removes it
+    (as Istio's Envoy does), the server app sees HTTP/1.1 and no upgrade header, and the answer is HTTP/1.1."""
+    code, body = mesh.curl("client", f"http://server.{mesh.ns}/h2c", "--http2")
+    assert code == 200, body
+    headers = json.loads(body)["headers"]
+    assert "upgrade" not in headers and "http2-settings" not in headers
 
 
 def test_the_agent_killed_means_denied_until_kubelet_restarts_it(mesh: Mesh) -> None:
