@@ -365,39 +365,13 @@ def test_a_compromised_workload_cannot_replay_or_redirect_context_tokens(mesh: M
     the token captured at hop 1 (frontend's) is refused by payments (binding: rogue is not its minter), and a
     genuine token rogue minted for checkout is refused by payments (audience). A genuine token rogue minted for
     payments passes the checks, and payments' policy (checkout only) decides: 403, not 401."""
-    c, ns = mesh.cluster, mesh.ns
-    payments = c.get_json("-n", ns, "pod", mesh.pod("payments"))["status"]["podIP"]
-    spiffe = {app: f"spiffe://cluster.local/ns/{ns}/sa/{app}" for app in ("rogue", *CHAIN)}
-    c.kubectl("-n", ns, "create", "serviceaccount", "rogue")
-    c.apply(service_identity(ns, "rogue"))
-    wait_until("rogue's ServiceIdentity Ready", lambda: any(
-        x["type"] == "Ready" and x["status"] == "True" for x in c.get_json(
-            "-n", ns, "serviceidentity", "rogue").get("status", {}).get("conditions", [])), timeout=60)
-    c.apply(*rogue_pod(mesh, payments, spiffe["payments"]))
-    wait_ready(c, ns, "pod/rogue")
-
-    def send(header: str | None) -> tuple[int, str]:
-        args = ["-H", f"x-meshward-context: {header}"] if header else []
-        proc = c.kubectl("-n", ns, "exec", "rogue", "-c", "app", "--", "curl", "-sS", "--max-time", "5", "-w",
-                         "\n%{http_code}", *args, "http://127.0.0.1:9000/pay", check=False)
-        body, _, code = proc.stdout.rpartition("\n")
-        return (int(code) if code.isdigit() else 0), body
-    wait_until("rogue reaching payments over mTLS", lambda: send(None)[0] == 403, timeout=90)
-
+    minter, send, spiffe = _rogue(mesh)
+    ns = mesh.ns
     code, body = mesh.curl("client", f"http://frontend.{ns}/capture", "-H", f"authorization: Bearer {token(KEY, **USER)}")
     assert code == 200, body
     captured = json.loads(body)["headers"]["x-meshward-context"]
     code, body = send(captured)
     assert code == 401 and "not minted by the peer" in body, body
-
-    secret = c.get_json("-n", mesh.release.namespace, "secret", "meshward-mesh-ca")["data"]
-    ca = CertificateAuthority.from_pem(base64.b64decode(secret["tls.crt"]), base64.b64decode(secret["tls.key"]))
-    key = new_key()
-    now = dt.datetime.now(dt.UTC)
-    leaf = issue_leaf(ca, check_csr(build_csr(key, spiffe["rogue"]), spiffe["rogue"]), spiffe["rogue"],
-                      dt.timedelta(minutes=5), now, random_serial(os.urandom))
-    minter = MintingKey(spiffe["rogue"], key, x5c_of(leaf.public_bytes(Encoding.PEM)),
-                        leaf.not_valid_after_utc.timestamp())
 
     def minted(audience: str) -> str:
         token_, _ = mint(minter, audience, ISSUER, {"sub": "alice", "tenant": "acme"}, (spiffe["rogue"],), "rogue",
