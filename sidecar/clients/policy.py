@@ -28,6 +28,11 @@ class PolicyStreamError(Exception):
         self.code = code
 
 
+async def decode(raw: bytes) -> Any:
+    """One stream message decoded from JSON, in a worker thread."""
+    return await asyncio.to_thread(json.loads, raw)
+
+
 class PolicyClient:
     """Opens subscriptions to the operator."""
 
@@ -63,7 +68,7 @@ class PolicyClient:
                     metadata=(("authorization", f"Bearer {token}"),))
                 await call.write({"pod": pod})
                 async for raw in call:
-                    msg = await asyncio.to_thread(json.loads, raw)
+                    msg = await decode(raw)
                     on_connected()
                     if "destinations" in msg:
                         if on_destinations is not None:

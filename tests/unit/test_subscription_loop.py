@@ -4,6 +4,7 @@ compiled away from the event loop that answers Envoy's checks (issue 21), from t
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import threading
@@ -189,6 +190,7 @@ def test_a_rejected_push_is_acknowledged_with_the_field_and_the_last_good_config
         assert sub.version == "v1" and agent.pipeline is in_force and _outcome(agent) is Outcome.ALLOW
         assert registry.get_sample_value("meshward_policy_snapshots_total", {"result": "rejected"}) == 1
         assert registry.get_sample_value("meshward_config_reloads_total", {"result": "failure"}) == 1
+        assert gc.isenabled()  # paused while compiling, never left off
         assert await sub._apply("v3", DENY_ALL) is None
         assert sub.version == "v3" and _outcome(agent) is Outcome.FORBIDDEN
 
