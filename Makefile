@@ -69,6 +69,7 @@ test-unit: install
 bench: install control-plane host-deps
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 2; }
 	$(BIN)/python bench/authz_inprocess.py
+	$(BIN)/python bench/config_push_bench.py --old
 	$(BIN)/python bench/authz_bench.py
 	$(BIN)/python bench/issuance_bench.py
 	$(BIN)/python bench/policy_bench.py

@@ -7,18 +7,21 @@ caBundle equal to the trust bundle, old and new roots during a rotation, so no a
 fails across it). The decisions are pure (domain/admission.py); this module only moves
 bytes, and never answers 500: a malformed review gets 400 with the reason, and an
 unexpected error while injecting an opted-in pod refuses the pod (it must never run
-unprotected) rather than letting it through.
+unprotected) rather than letting it through. Reading a review and deciding it (compiling
+an AuthPolicy's CEL, building an injection patch) runs in a worker thread: the operator's
+event loop also streams configs to every agent and renews leases (issue 21).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import os
 import ssl
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
@@ -36,22 +39,35 @@ from meshward.operator.domain.inject import InjectSettings
 # An AdmissionReview carries the object twice on update; pods with large env or many containers stay far below.
 MAX_REVIEW_BYTES = 8 * 1024 * 1024
 log = logging.getLogger("meshward.operator.webhook")
+T = TypeVar("T")
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.to_thread(fn, *args)
 
 
 class AdmissionWebhooks:
     """The routes, with the settings and clock they decide with."""
 
     def __init__(self, settings: InjectSettings, trust_domain: str, clock: Callable[[], dt.datetime],
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, *,
+                 offload: Callable[..., Awaitable[Any]] = _in_thread) -> None:
+        """`offload` runs reading and deciding a review (fn, *args) away from the event loop."""
+        self._offload = offload
         self._settings = settings
         self._trust_domain = trust_domain
         self._clock = clock
         self._reviews = Counter("meshward_admission_reviews", "Admission reviews answered, by webhook and result.",
                                 ["webhook", "result"], registry=registry)
 
-    def _decide(self, webhook: str, request: dict[str, Any]) -> dict[str, Any]:
+    def _answer(self, webhook: str, body: bytes, now: dt.datetime) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the review's request, the response to it); raise ReviewError when the review cannot be read."""
+        request = parse_review(body)
+        return request, self._decide(webhook, request, now)
+
+    def _decide(self, webhook: str, request: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
         if webhook == "validate":
-            return validate_response(request, self._trust_domain, self._clock())
+            return validate_response(request, self._trust_domain, now)
         if webhook == "ephemeral":
             return ephemeral_response(request)
         try:
@@ -64,14 +80,13 @@ class AdmissionWebhooks:
 
     async def _handle(self, webhook: str, req: web.Request) -> web.Response:
         try:
-            request = parse_review(await req.read())
+            request, response = await self._offload(self._answer, webhook, await req.read(), self._clock())
         except ReviewError as e:
             self._reviews.labels(webhook, "malformed").inc()
             return web.Response(status=400, text=f"meshward: {e}\n")
         except web.HTTPRequestEntityTooLarge:
             self._reviews.labels(webhook, "malformed").inc()
             return web.Response(status=413, text=f"meshward: reviews are limited to {MAX_REVIEW_BYTES} bytes\n")
-        response = self._decide(webhook, request)
         result = "patched" if "patch" in response else "allowed" if response["allowed"] else "denied"
         self._reviews.labels(webhook, result).inc()
         if not response["allowed"]:

@@ -3,11 +3,14 @@
 mTLS with the workload certificate the agent holds (the operator learns the agent's
 identity from it), and the pod's projected ServiceAccount token in the call's metadata
 (the operator learns from TokenReview which pod the token is bound to, so the pod name
-the agent sends is proven, not just claimed); JSON messages, as on the server.
+the agent sends is proven, not just claimed); JSON messages, as on the server, decoded
+in a worker thread: a 3 MiB config takes tens of milliseconds to decode, and the loop
+receiving it also answers Envoy's ext_authz checks (issue 21).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +26,11 @@ class PolicyStreamError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+
+async def decode(raw: bytes) -> Any:
+    """One stream message decoded from JSON, in a worker thread."""
+    return await asyncio.to_thread(json.loads, raw)
 
 
 class PolicyClient:
@@ -56,11 +64,11 @@ class PolicyClient:
                    ("grpc.keepalive_time_ms", 10_000)]
         try:
             async with grpc.aio.secure_channel(self._address, channel_creds, options=options) as channel:
-                call = channel.stream_stream(METHOD, request_serializer=lambda d: json.dumps(d).encode(),
-                                             response_deserializer=json.loads)(
+                call = channel.stream_stream(METHOD, request_serializer=lambda d: json.dumps(d).encode())(
                     metadata=(("authorization", f"Bearer {token}"),))
                 await call.write({"pod": pod})
-                async for msg in call:
+                async for raw in call:
+                    msg = await decode(raw)
                     on_connected()
                     if "destinations" in msg:
                         if on_destinations is not None:

@@ -1,6 +1,8 @@
 """Keeps the agent subscribed to its workload's config on the operator.
 
-Every config received is validated and compiled by the same code as a config file;
+Every config received is validated and compiled by the same code as a config file,
+from the document as received (never serialized and parsed again) and in a worker
+thread, so a large config does not hold up the checks the agent answers meanwhile;
 the meshed-destination maps in between go to the xDS side (engines/destinations.py);
 an accepted one replaces the pipeline atomically and is acknowledged, a rejected one
 is acknowledged with the error and the last good config stays in force. When the
@@ -14,7 +16,6 @@ the operator sees the same agent as NotConnected.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -81,7 +82,7 @@ class PolicySubscription:
         if version and version == self.version:
             return None  # a reconnect resumes at the version in force
         try:
-            self._agent.reload(json.dumps(config))
+            await self._agent.apply(config)
         except ConfigRejected as e:
             self._applied.labels("rejected").inc()
             return str(e)

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from meshward._version import __version__
 from meshward.sidecar.clients.fetch import HttpFetcher
 from meshward.sidecar.domain.probes import PROBES_ENV, AppProbe, parse_probes
-from meshward.sidecar.engines.agent import Agent, ConfigRejected, load_snapshot
+from meshward.sidecar.engines.agent import GIL_SWITCH_INTERVAL_S, Agent, ConfigRejected, load_snapshot
 from meshward.sidecar.engines.context import ContextKeys
 from meshward.sidecar.engines.destinations import MeshDestinations
 from meshward.sidecar.engines.observe import DEFAULT_AUDIT_FLUSH_S, JsonLineAudit, Metrics
@@ -278,6 +278,7 @@ async def run(args: argparse.Namespace) -> int:
     snapshot = _load(args.config)
     if snapshot is None:
         return 2
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # new configs compile in a thread beside the loop
     try:
         probes = parse_probes(args.app_probes)
     except ValueError as e:

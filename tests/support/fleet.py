@@ -72,13 +72,13 @@ class Fleet:
         self.tasks = [asyncio.run_coroutine_threadsafe(s.run(), self.loop) for s in self.subs]
 
     def _record(self, agent: Agent, pod: str) -> None:
-        reload = agent.reload
+        apply = agent.apply
 
-        def recording(text: str) -> None:
-            reload(text)
-            self.applied[pod].append((self.clock(), json.loads(text)))
+        async def recording(doc: Any) -> None:
+            await apply(doc)
+            self.applied[pod].append((self.clock(), doc))
 
-        agent.reload = recording  # type: ignore[method-assign]
+        agent.apply = recording  # type: ignore[method-assign]
 
     def first_time(self, pod: str, marker: Callable[[dict[str, Any]], bool]) -> float | None:
         """When `pod` first applied a config satisfying `marker`."""

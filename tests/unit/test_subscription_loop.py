@@ -1,17 +1,25 @@
-"""The agent's policy subscription loop survives what it does not expect, keeping its config."""
+"""The agent's policy subscription loop survives what it does not expect, keeping its config; a new config is
+compiled away from the event loop that answers Envoy's checks (issue 21), from the document as received."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from meshward.sidecar.clients.policy import PolicyStreamError
+from meshward.sidecar.domain.decision import Outcome
+from meshward.sidecar.domain.request import CheckInput
+from meshward.sidecar.engines import agent as agent_module
 from meshward.sidecar.engines.agent import Agent, load_snapshot
 from meshward.sidecar.engines.observe import JsonLineAudit, Metrics
 from meshward.sidecar.engines.subscription import PolicySubscription
@@ -96,14 +104,151 @@ def test_an_agent_whose_stream_keeps_failing_says_so_in_its_metrics() -> None:
 def test_until_its_first_config_an_agent_answers_unavailable_not_forbidden() -> None:
     """A restarted agent that has not heard from the operator cannot decide: 503, which clients retry, never a
     403 the policy might not mean; its first config ends that."""
-    from meshward.sidecar.domain.decision import Outcome
-    from meshward.sidecar.domain.request import CheckInput
-
     registry = CollectorRegistry()
     awaiting = load_snapshot(json.dumps({**CONFIG, "policies": [{"name": "p", "rules": []}]}))
     agent = Agent(awaiting, _NoFetch(), Metrics(registry), JsonLineAudit(io.StringIO()), awaiting="no policy yet")
     first = agent.pipeline.decide_now(CheckInput("GET", "/orders/1"), "http")
     assert first.outcome is Outcome.UNAVAILABLE and first.reason == "no policy yet"  # type: ignore[union-attr]
-    agent.reload(json.dumps(CONFIG))
+    asyncio.run(agent.reload(json.dumps(CONFIG)))
     after = agent.pipeline.decide_now(CheckInput("GET", "/orders/1"), "http")
     assert after.outcome is Outcome.ALLOW  # type: ignore[union-attr]
+
+
+_COMPILE = agent_module.compile_config  # the real one, whatever a test patches
+DENY_ALL = {**CONFIG, "generation": "deny-all", "policies": [{"name": "p", "rules": []}]}
+
+
+def _agent(config: dict[str, Any] = DENY_ALL) -> tuple[Agent, CollectorRegistry]:
+    registry = CollectorRegistry()
+    return Agent(_COMPILE(config), _NoFetch(), Metrics(registry), JsonLineAudit(io.StringIO())), registry
+
+
+def _outcome(agent: Agent) -> Outcome:
+    decision = agent.pipeline.decide_now(CheckInput("GET", "/orders/1"), "http")
+    return decision.outcome  # type: ignore[union-attr]
+
+
+def test_a_pushed_config_is_compiled_while_the_loop_keeps_deciding_with_the_old_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large push (3 MiB: seconds of parsing) used to run on the loop that answers Envoy, which fails closed
+    after 0.5 s. The compile now waits until the loop has decided a check, with the config still in force; had it
+    run on the loop, that would deadlock (and the assertion in the worker fail)."""
+    decided: list[Outcome] = []
+    loop_decided = threading.Event()
+    real = agent_module.compile_config
+
+    def compile_config(doc: Any) -> Any:
+        assert loop_decided.wait(10), "the event loop decided nothing while the config was being compiled"
+        return real(doc)
+
+    monkeypatch.setattr(agent_module, "compile_config", compile_config)
+
+    async def scenario() -> tuple[str | None, Outcome]:
+        agent, registry = _agent()
+        sub = PolicySubscription(None, agent, "orders-1", registry)  # type: ignore[arg-type]
+
+        def decide() -> None:
+            decided.append(_outcome(agent))
+            loop_decided.set()
+        asyncio.get_running_loop().call_later(0.05, decide)
+        error = await asyncio.wait_for(sub._apply("v2", {**CONFIG, "generation": "v2"}), 20)
+        return error, _outcome(agent)
+
+    error, after = asyncio.run(scenario())
+    assert error is None and decided == [Outcome.FORBIDDEN] and after is Outcome.ALLOW
+
+
+def test_a_config_from_the_operator_is_applied_as_received_never_through_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's dict was turned into JSON and parsed again with PyYAML (0.86 s for 250 KB, against 3 ms
+    for json.loads): the document received is validated as it is."""
+    def no_yaml(_text: Any) -> Any:
+        raise AssertionError("a received config went through YAML")
+
+    monkeypatch.setattr("meshward.sidecar.engines.agent.yaml.safe_load", no_yaml)
+
+    async def scenario() -> tuple[str | None, str | None, Outcome, float | None]:
+        agent, registry = _agent()
+        sub = PolicySubscription(None, agent, "orders-1", registry)  # type: ignore[arg-type]
+        error = await sub._apply("v2", {**CONFIG, "generation": "v2"})
+        return error, sub.version, _outcome(agent), registry.get_sample_value("meshward_policy_snapshots_total",
+                                                                               {"result": "applied"})
+
+    assert asyncio.run(scenario()) == (None, "v2", Outcome.ALLOW, 1.0)
+
+
+def test_a_rejected_push_is_acknowledged_with_the_field_and_the_last_good_config_stays() -> None:
+    """Unchanged by compiling in a worker: CEL that does not compile is the error the operator is sent back
+    (naming the rule), the version and the pipeline in force stay, and the next good config is adopted."""
+    async def scenario() -> None:
+        agent, registry = _agent(CONFIG)
+        sub = PolicySubscription(None, agent, "orders-1", registry)  # type: ignore[arg-type]
+        assert await sub._apply("v1", CONFIG) is None
+        in_force = agent.pipeline
+        bad = {**CONFIG, "policies": [{"name": "p", "rules": [{"name": "r", "when": ["request.path =="]}]}]}
+        error = await sub._apply("v2", bad)
+        assert error is not None and "policies[0].rules[0].when[0]" in error, error
+        assert sub.version == "v1" and agent.pipeline is in_force and _outcome(agent) is Outcome.ALLOW
+        assert registry.get_sample_value("meshward_policy_snapshots_total", {"result": "rejected"}) == 1
+        assert registry.get_sample_value("meshward_config_reloads_total", {"result": "failure"}) == 1
+        assert gc.isenabled()  # paused while compiling, never left off
+        assert await sub._apply("v3", DENY_ALL) is None
+        assert sub.version == "v3" and _outcome(agent) is Outcome.FORBIDDEN
+
+    asyncio.run(scenario())
+
+
+def test_an_older_config_finishing_its_compile_late_never_overtakes_a_newer_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiling off the loop opens a race: the file's reload and the operator's push (or two pushes) compile at
+    once, and the slower, older one would be swapped in last. Reloads are adopted in the order they were asked."""
+    release_first = threading.Event()
+    real = agent_module.compile_config
+
+    def compile_config(doc: Any) -> Any:
+        if doc.get("generation") == "old":
+            assert release_first.wait(10)
+        return real(doc)
+
+    monkeypatch.setattr(agent_module, "compile_config", compile_config)
+
+    async def scenario() -> str:
+        agent, _ = _agent()
+        old = asyncio.create_task(agent.apply({**CONFIG, "generation": "old"}))
+        await asyncio.sleep(0)
+        new = asyncio.create_task(agent.apply({**DENY_ALL, "generation": "new"}))
+        asyncio.get_running_loop().call_later(0.05, release_first.set)
+        await asyncio.wait_for(asyncio.gather(old, new), 20)
+        return agent.pipeline.snapshot.config.generation
+
+    assert asyncio.run(scenario()) == "new"
+
+
+def test_a_changed_config_file_is_read_and_parsed_off_the_loop(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """`--config` with `--reload-interval`: the file's YAML is parsed in the worker (it waits until the loop ran
+    another task), and the new config is adopted."""
+    loop_ran = threading.Event()
+    real = agent_module.load_snapshot
+
+    def load_snapshot_(text: str) -> Any:
+        assert loop_ran.wait(10), "the event loop did not run while the file was being parsed"
+        return real(text)
+
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(DENY_ALL))
+
+    async def scenario() -> Outcome:
+        agent, _ = _agent()
+        watching = asyncio.create_task(agent.watch(path, 0.01))
+        try:
+            while path.stat().st_size and agent.pipeline.snapshot.config.generation == "deny-all":
+                await asyncio.sleep(0.01)
+                if not loop_ran.is_set():  # the watch has read the file once: now change it
+                    monkeypatch.setattr(agent_module, "load_snapshot", load_snapshot_)
+                    path.write_text(f"# YAML this time\n{json.dumps({**CONFIG, 'generation': 'file'})}\n")
+                    asyncio.get_running_loop().call_later(0.05, loop_ran.set)
+            return _outcome(agent)
+        finally:
+            watching.cancel()
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 20)) is Outcome.ALLOW

@@ -8,10 +8,13 @@ import datetime as dt
 import json
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 
 from meshward.operator.domain.inject import InjectSettings
@@ -96,3 +99,41 @@ def test_a_reissued_certificate_is_presented_on_the_next_handshake(pki: tuple[Te
             assert before.serial_number != after.serial_number
             assert after.serial_number == x509.load_pem_x509_certificate(_pems(second)[0]).serial_number
     asyncio.run(scenario())
+
+
+POLICY_REVIEW = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+    "uid": "u-8", "kind": {"group": "meshward.io", "version": "v1alpha1", "kind": "AuthPolicy"},
+    "operation": "CREATE", "namespace": "shop",
+    "object": {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": "p"},
+               "spec": {"selector": {"matchLabels": {"app": "orders"}},
+                        "rules": [{"name": "r", "when": ["request.path == '/x'"]}]}}}}
+
+
+@pytest.mark.parametrize(("webhook", "path", "review"), [("validate_response", "/validate", POLICY_REVIEW),
+                                                         ("inject_response", "/inject/pod", POD_REVIEW)])
+def test_deciding_a_review_never_blocks_the_operators_loop(monkeypatch: pytest.MonkeyPatch, webhook: str, path: str,
+                                                           review: dict[str, Any]) -> None:
+    """Validating an AuthPolicy compiles its CEL (seconds for a large one) and injecting builds a patch, both on
+    the loop that also streams every agent's config. The decision now waits until the loop has run another
+    task: on the loop it would deadlock until the assertion failed (a 500)."""
+    import meshward.operator.webhooks.admission as admission
+
+    loop_ran = threading.Event()
+    real = getattr(admission, webhook)
+
+    def deciding(*args: Any, **kwargs: Any) -> Any:
+        assert loop_ran.wait(10), "the event loop did not run while the review was being decided"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(admission, webhook, deciding)
+
+    async def scenario() -> tuple[int, dict[str, Any]]:
+        hooks = AdmissionWebhooks(InjectSettings(image="localhost/meshward:t"), "cluster.local",
+                                  lambda: dt.datetime(2026, 6, 1, tzinfo=dt.UTC))
+        async with TestClient(TestServer(hooks.app(), host="127.0.0.1")) as client:
+            asyncio.get_running_loop().call_later(0.05, loop_ran.set)
+            answer = await asyncio.wait_for(client.post(path, data=json.dumps(review)), 20)
+            return answer.status, await answer.json()
+
+    status, answer = asyncio.run(scenario())
+    assert status == 200 and answer["response"]["allowed"] is True, answer
