@@ -126,7 +126,7 @@ class SilentSubscriber:
     """A subscriber process that receives its configs and never acknowledges them (tests/support)."""
 
     def __init__(self, plane: Plane, pod_name: str, token: Path | None = None, spiffe_ns: str = "",
-                 name: str = "") -> None:
+                 name: str = "", sign_token: Path | None = None) -> None:
         import subprocess
         import sys
 
@@ -139,7 +139,8 @@ class SilentSubscriber:
                  "--server-name", f"meshward-signer.{op.namespace}.svc", "--bundle", str(plane.bundle),
                  "--token", str(token or plane.tokens[pod_name]),
                  "--spiffe", f"spiffe://cluster.local/ns/{spiffe_ns or plane.ns}/sa/orders",
-                 "--pod", pod_name], stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+                 "--pod", pod_name, *(["--sign-token", str(sign_token)] if sign_token else [])],
+                stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
 
     def refusal(self, timeout: float = 30) -> str:
         """The error line of a refused subscription (waits for the process to end)."""
@@ -225,15 +226,18 @@ def test_a_pod_cannot_subscribe_as_a_sibling_of_its_service_account(plane: Plane
 
 
 def test_a_token_not_bound_to_a_pod_is_refused(plane: Plane) -> None:
+    """By the policy service (the subscriber holds a certificate got with the pod's own token), and by the signer."""
     unbound = plane.workdir / "unbound.token"
     unbound.write_text(plane.cluster.kubectl("-n", plane.ns, "create", "token", "orders", "--audience",
                                              "meshward").stdout.strip())
-    silent = SilentSubscriber(plane, "orders-3", token=unbound, name="unbound")
-    try:
-        err = silent.refusal()
-    finally:
-        silent.close()
-    assert err.startswith("error PERMISSION_DENIED") and "not bound to a pod" in err, err
+    for sign_token, who in ((plane.tokens["orders-3"], "policy"), (None, "signer")):
+        silent = SilentSubscriber(plane, "orders-3", token=unbound, name=f"unbound-{who}", sign_token=sign_token)
+        try:
+            err = silent.refusal()
+        finally:
+            silent.close()
+        assert err.startswith("error PERMISSION_DENIED") and "not bound to a pod" in err, (who, err)
+        assert ("(signer)" in err) == (who == "signer"), (who, err)
 
 
 def test_a_second_stream_of_a_pod_never_silences_the_first(plane: Plane) -> None:

@@ -2,7 +2,8 @@
 
 Runs as its own process (`python -m tests.support.silent_subscriber ...`) so that "the
 agent is gone" is a real process exit closing a real connection. It gets a workload
-certificate from the signing service with the given token, subscribes as `--pod`, and
+certificate from the signing service with the given token (or `--sign-token`), subscribes as `--pod` with
+`--token`, and
 prints one line per message: `version <v>` (a config), `destinations <v>` (the destination map),
 or `error <CODE> <details>` when refused.
 """
@@ -24,7 +25,13 @@ async def run(args: argparse.Namespace) -> int:
         bundle = f.read()
     with open(args.token) as f:
         token = f.read().strip()
-    key, chain, roots = await sign(args.signer, args.server_name, bundle, token, args.spiffe)
+    with open(args.sign_token or args.token) as f:
+        sign_token = f.read().strip()
+    try:
+        key, chain, roots = await sign(args.signer, args.server_name, bundle, sign_token, args.spiffe)
+    except grpc.aio.AioRpcError as e:
+        print("error", e.code().name, f"(signer) {e.details()}", flush=True)
+        return 1
     creds = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
     opts = [("grpc.ssl_target_name_override", args.server_name)]
     try:
@@ -49,6 +56,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     for name in ("signer", "policy", "server-name", "bundle", "token", "spiffe", "pod"):
         ap.add_argument(f"--{name}", required=True)
+    ap.add_argument("--sign-token", default="", help="the token for the signer, if not --token (the policy service's)")
     return asyncio.run(run(ap.parse_args()))
 
 
