@@ -301,3 +301,31 @@ def test_a_hand_made_imitation_or_a_relabelled_meshed_pod_is_refused_by_the_api_
         proc = mesh.cluster.kubectl("-n", mesh.ns, "label", "pod", "--overwrite", mesh.pod("victim"), change,
                                     check=False)
         assert proc.returncode != 0 and "keeps its label" in proc.stderr, (change, proc.stdout, proc.stderr)
+
+
+def test_a_meshed_namespace_keeps_pod_security_baseline_but_for_the_capture_container(
+        boundary: tuple[Mesh, Mesh]) -> None:
+    """Node takeover from a meshed namespace: such a namespace had to enforce Pod Security `privileged` (the capture
+    container needs NET_ADMIN and NET_RAW), so any pod there could mount the kubelet's pod directory (hostPath) and
+    talk to other namespaces' SDS sockets, or run privileged. The chart's baseline policy refuses that in namespaces
+    labelled for it, while injected pods (their meshward-init's two capabilities) are still admitted."""
+    mesh, _ = boundary
+    c = mesh.cluster
+    c.kubectl("label", "namespace", mesh.ns, "meshward.io/pod-security=baseline")
+    try:
+        steal = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "steal", "namespace": mesh.ns},
+                 "spec": {"containers": [{"name": "app", "image": mesh.echo, "volumeMounts": [
+                     {"name": "kubelet", "mountPath": "/kubelet"}]}],
+                          "volumes": [{"name": "kubelet", "hostPath": {"path": "/var/lib/kubelet/pods"}}]}}
+        refusal = _refusal(mesh, steal)
+        assert "hostPath volumes are not allowed in a meshed namespace" in refusal, refusal
+        privileged = _opted_in_pod(mesh.ns, "privileged", mesh.echo, app={"securityContext": {"privileged": True}})
+        privileged["metadata"]["labels"] = {"app": "privileged"}
+        assert "privileged containers" in _refusal(mesh, privileged)
+        netadmin = _opted_in_pod(mesh.ns, "netadmin", mesh.echo,
+                                 app={"securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}})
+        netadmin["metadata"]["labels"] = {"app": "netadmin"}
+        assert "capabilities beyond Pod Security baseline" in _refusal(mesh, netadmin)
+        assert _refusal(mesh, _opted_in_pod(mesh.ns, "meshed", mesh.echo)) == "", "an injected pod is admitted"
+    finally:
+        c.kubectl("label", "namespace", mesh.ns, "meshward.io/pod-security-")

@@ -36,6 +36,7 @@ def test_chart_renders_the_operator_its_services_budget_and_rbac(helm: str) -> N
                             "CustomResourceDefinition", "CustomResourceDefinition", "Deployment",
                             "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
                             "Service", "Service", "ServiceAccount", "ValidatingAdmissionPolicy",
+                            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
                             "ValidatingAdmissionPolicyBinding", "ValidatingWebhookConfiguration"])
 
 
@@ -139,8 +140,10 @@ def test_the_api_server_itself_refuses_pods_that_imitate_the_mesh_or_leave_it_by
     meshed; and an injected pod unlabelled so the debug webhook no longer sees it. A ValidatingAdmissionPolicy (no
     operator needed) refuses both."""
     rendered = docs(helm)
-    policy = next(d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy")
-    binding = next(d for d in rendered if d["kind"] == "ValidatingAdmissionPolicyBinding")
+    policy = next(d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy" and
+                  d["metadata"]["name"].endswith("-pods"))
+    binding = next(d for d in rendered if d["kind"] == "ValidatingAdmissionPolicyBinding" and
+                   d["metadata"]["name"].endswith("-pods"))
     assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == [
         "Deny"]
     assert policy["spec"]["failurePolicy"] == "Fail"
@@ -148,5 +151,21 @@ def test_the_api_server_itself_refuses_pods_that_imitate_the_mesh_or_leave_it_by
         {"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]
     rules = [v["expression"] for v in policy["spec"]["validations"]]
     assert rules == ["!variables.meshed || variables.label == 'enabled'"]  # on CREATE and on every UPDATE
-    kinds = {d["kind"] for d in docs(helm, "--set", "injection.enabled=false")}
-    assert "ValidatingAdmissionPolicy" not in kinds
+    assert not any(d["metadata"]["name"].endswith("-pods") for d in docs(helm, "--set", "injection.enabled=false"))
+
+
+def test_meshed_namespaces_keep_pod_security_baseline_but_for_the_capture_container(helm: str) -> None:
+    """A meshed namespace must enforce Pod Security `privileged` (the capture container's NET_ADMIN/NET_RAW); the
+    chart's ValidatingAdmissionPolicy enforces baseline there itself, with that one exception."""
+    policy = next(d for d in docs(helm) if d["kind"] == "ValidatingAdmissionPolicy" and
+                  d["metadata"]["name"].endswith("-baseline"))
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    [condition] = policy["spec"]["matchConditions"]
+    assert "'meshward.io/inject'" in condition["expression"] and "'baseline'" in condition["expression"]
+    rules = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    for check in ("hostNetwork", "hostPID", "hostIPC", "hostPath", "privileged", "hostPort", "procMount",
+                  "capabilities", "Unconfined", "sysctls"):
+        assert check in rules, check
+    assert "c.name == 'meshward-init' && (cap == 'NET_ADMIN' || cap == 'NET_RAW')" in rules
+    assert not any(d["kind"] == "ValidatingAdmissionPolicy" and d["metadata"]["name"].endswith("-baseline")
+                   for d in docs(helm, "--set", "podSecurity.enabled=false"))
