@@ -391,6 +391,21 @@ def test_a_rule_naming_a_peer_without_service_identity_is_flagged(plane: Plane) 
     c.kubectl("-n", ns, "delete", "authpolicy", "typo-demo")
 
 
+def _still_receives_a_change_and_a_revocation(plane: Plane, name: str, jti: str) -> None:
+    """The plane's namespace enforces a new JWT policy `name` within 10 s, then a Revocation of `jti` within 5 s."""
+    c, ns, idp = plane.cluster, plane.ns, plane.idp
+    c.apply(policy(ns, name, rules=READS, jwt=[{"issuer": idp.issuer, "audiences": ["orders"],
+                                                "jwksUri": idp.jwks_uri}]))
+    wait_until("the other namespace enforcing its change", lambda: plane.all_answer("/orders/1", 401), timeout=10)
+    auth = {"authorization": f"Bearer {idp.token(jti=jti)}"}
+    wait_until("the token accepted", lambda: plane.all_answer("/orders/1", 200, auth), timeout=15)
+    expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    c.apply({"apiVersion": API, "kind": "Revocation", "metadata": {"name": "incident-42"},
+             "spec": {"entries": [{"jti": jti, "expiresAt": expires}]}})
+    wait_until("the revocation enforced by the other namespace", lambda: plane.all_answer("/orders/1", 401, auth),
+               timeout=5)
+
+
 def inflated_policy(ns: str, name: str) -> dict[str, Any]:
     """A valid AuthPolicy of ~1 MB within the CRD's bounds: 64 rules of 16 `when` of ~1000 characters, each naming
     30 distinct claims (whose names once went into every config of the mesh)."""
@@ -409,7 +424,7 @@ def test_the_inflation_attack_leaves_other_namespaces_untouched(plane: Plane) ->
     a Revocation within the usual bounds (10 s, 5 s), and the inflated namespace's policies say what happened."""
     import json
 
-    c, ns, idp = plane.cluster, plane.ns, plane.idp
+    c, ns = plane.cluster, plane.ns
     evil = c.new_namespace("evil")
     try:
         c.kubectl("-n", evil, "create", "serviceaccount", "orders")
@@ -422,17 +437,7 @@ def test_the_inflation_attack_leaves_other_namespaces_untouched(plane: Plane) ->
             assert len(json.dumps(doc)) > 900_000
             c.kubectl("create", "-f", "-", stdin=json.dumps(doc), timeout=120)  # too big for apply's annotation
         # Meanwhile, in the other namespace: a change and a Revocation arrive as usual.
-        c.apply(policy(ns, "after-the-attack", rules=READS, jwt=[{"issuer": idp.issuer, "audiences": ["orders"],
-                                                                 "jwksUri": idp.jwks_uri}]))
-        wait_until("the other namespace enforcing its change", lambda: plane.all_answer("/orders/1", 401), timeout=10)
-        tok = idp.token(jti="stolen-3")
-        auth = {"authorization": f"Bearer {tok}"}
-        wait_until("the token accepted", lambda: plane.all_answer("/orders/1", 200, auth), timeout=15)
-        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        c.apply({"apiVersion": API, "kind": "Revocation", "metadata": {"name": "incident-42"},
-                 "spec": {"entries": [{"jti": "stolen-3", "expiresAt": expires}]}})
-        wait_until("the revocation enforced by the other namespace", lambda: plane.all_answer("/orders/1", 401, auth),
-                   timeout=5)
+        _still_receives_a_change_and_a_revocation(plane, "after-the-attack", "stolen-3")
         assert all(a.metric("meshward_policy_connected") == 1 for a in plane.agents)
 
         # The inflated namespace: its own policies report that its workload's config is too large.
@@ -475,7 +480,7 @@ def test_the_destination_map_inflation_leaves_other_namespaces_streams_untouched
     (10 s, 5 s), and the operator reports the ignored exclusions on the inflating pods."""
     import json
 
-    c, ns, idp, op = plane.cluster, plane.ns, plane.idp, plane.operator
+    c, ns, op = plane.cluster, plane.ns, plane.operator
     evil = c.new_namespace("evil")
     ports = ",".join(str(p) for p in range(1, 45001))  # ~253 KiB: about all one object's annotations may hold
     try:
@@ -496,16 +501,7 @@ def test_the_destination_map_inflation_leaves_other_namespaces_streams_untouched
         # The map with them is published (or, without the bounds, the streams have failed).
         wait_until("the operator to map the inflating pods", lambda: op.metric("meshward_mesh_annotations_ignored")
                    >= 17 or any(a.metric("meshward_policy_connected") == 0 for a in plane.agents), timeout=30)
-        c.apply(policy(ns, "after-the-map", rules=READS, jwt=[{"issuer": idp.issuer, "audiences": ["orders"],
-                                                              "jwksUri": idp.jwks_uri}]))
-        wait_until("the other namespace enforcing its change", lambda: plane.all_answer("/orders/1", 401), timeout=10)
-        auth = {"authorization": f"Bearer {idp.token(jti='stolen-4')}"}
-        wait_until("the token accepted", lambda: plane.all_answer("/orders/1", 200, auth), timeout=15)
-        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        c.apply({"apiVersion": API, "kind": "Revocation", "metadata": {"name": "incident-42"},
-                 "spec": {"entries": [{"jti": "stolen-4", "expiresAt": expires}]}})
-        wait_until("the revocation enforced by the other namespace", lambda: plane.all_answer("/orders/1", 401, auth),
-                   timeout=5)
+        _still_receives_a_change_and_a_revocation(plane, "after-the-map", "stolen-4")
         assert all(a.metric("meshward_policy_connected") == 1 for a in plane.agents)
         assert sum(a.metric("meshward_policy_stream_errors_total", code="RESOURCE_EXHAUSTED") for a in plane.agents) == 0
         assert op.metric("meshward_policy_messages_refused_total") == 0
