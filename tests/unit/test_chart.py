@@ -37,7 +37,8 @@ def test_chart_renders_the_operator_its_services_budget_and_rbac(helm: str) -> N
                             "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
                             "Service", "Service", "ServiceAccount", "ValidatingAdmissionPolicy",
                             "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
-                            "ValidatingAdmissionPolicyBinding", "ValidatingWebhookConfiguration"])
+                            "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicyBinding",
+                            "ValidatingWebhookConfiguration"])
 
 
 def test_chart_refuses_a_cluster_older_than_1_30(helm: str) -> None:
@@ -157,11 +158,16 @@ def test_the_api_server_itself_refuses_pods_that_imitate_the_mesh_or_leave_it_by
 def test_meshed_namespaces_keep_pod_security_baseline_but_for_the_capture_container(helm: str) -> None:
     """A meshed namespace must enforce Pod Security `privileged` (the capture container's NET_ADMIN/NET_RAW); the
     chart's ValidatingAdmissionPolicy enforces baseline there itself, with that one exception."""
-    policy = next(d for d in docs(helm) if d["kind"] == "ValidatingAdmissionPolicy" and
+    rendered = docs(helm)
+    policy = next(d for d in rendered if d["kind"] == "ValidatingAdmissionPolicy" and
                   d["metadata"]["name"].endswith("-baseline"))
     assert policy["spec"]["failurePolicy"] == "Fail"
-    [condition] = policy["spec"]["matchConditions"]
-    assert "'meshward.io/inject'" in condition["expression"] and "'baseline'" in condition["expression"]
+    selectors = [b["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] for b in rendered
+                 if b["kind"] == "ValidatingAdmissionPolicyBinding" and b["spec"]["policyName"] ==
+                 policy["metadata"]["name"]]
+    opted_out = {"key": "meshward.io/pod-security", "operator": "NotIn", "values": ["privileged"]}
+    assert selectors == [[{"key": "meshward.io/inject", "operator": "In", "values": ["enabled"]}, opted_out],
+                         [{"key": "meshward.io/pod-security", "operator": "In", "values": ["baseline"]}, opted_out]]
     rules = " ".join(v["expression"] for v in policy["spec"]["validations"])
     for check in ("hostNetwork", "hostPID", "hostIPC", "hostPath", "privileged", "hostPort", "procMount",
                   "capabilities", "Unconfined", "sysctls"):
