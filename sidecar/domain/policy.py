@@ -346,7 +346,10 @@ def _generate_one(rules: Sequence[tuple[CompiledRule, Any]], default: Any
         lines.append(f"        return r{n}")
     lines.append("    return default")
     exec("\n".join(lines), namespace)  # noqa: S102 - generated from fixed templates; config values are constants
-    fn: Callable[[CheckInput, VerifiedToken | None], Any] = namespace["evaluate"]
+    # Out of its own globals: the function and its namespace would otherwise be a reference cycle, so a replaced
+    # config's rules would wait for a full collection of the GC (which holds the GIL ~0.2 s for a 3 MiB config)
+    # instead of being freed by reference counting the moment the pipeline is swapped. It never calls itself.
+    fn: Callable[[CheckInput, VerifiedToken | None], Any] = namespace.pop("evaluate")
     return fn
 
 

@@ -68,15 +68,23 @@ def load_snapshot(text: str) -> Snapshot:
 
 
 def _without_gc(load: Callable[[T], Snapshot], source: T) -> Snapshot:
-    """`load(source)` with the cyclic GC paused (for the whole process) while it runs.
+    """`load(source)` with the cyclic GC paused (for the whole process) while it runs; what it built, frozen.
 
     Each full collection scans the config being built while holding the GIL, ~0.1 s for a 3 MiB one, several
-    per compile: as long a stall of the loop as if it compiled there.
+    per compile: as long a stall of the loop as if it compiled there. Once built, the snapshot is moved out of
+    the collector's generations (`gc.freeze`, as the entry point does with the start-up objects): otherwise
+    the first young collection after the pause scans all of it (everything allocated while paused sits in
+    the youngest generation), and a full collection follows once it reaches the oldest. Freezing is safe to
+    repeat because a snapshot holds no reference cycles: a replaced one is freed by reference counting, frozen
+    or not (tests/unit/test_subscription_loop.py). Cyclic garbage the loop made meanwhile is frozen with it
+    and never freed: a few objects per push (docs/performance.md).
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return load(source)
+        snapshot = load(source)
+        gc.freeze()
+        return snapshot
     finally:
         if enabled:
             gc.enable()
