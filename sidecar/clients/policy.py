@@ -29,8 +29,17 @@ class PolicyStreamError(Exception):
         self.code = code
 
 
+def _handover(obj: dict[str, Any]) -> dict[str, Any]:
+    """Called by json's C parser for each object it built: a Python frame, where the GIL can change hands.
+
+    json.loads is one C call that holds the GIL throughout (30-40 ms for 3 MiB); a waiting thread (the event
+    loop, answering Envoy) gets it only where Python code runs. This costs ~10 % of the parse.
+    """
+    return obj
+
+
 def _loads(raw: bytes) -> Any:
-    """`json.loads(raw)` with the cyclic GC paused (for the whole process) while it runs.
+    """`json.loads(raw)` with the cyclic GC paused (for the whole process), handing the GIL over at each object.
 
     A 3 MiB message is ~100,000 new containers: enough to trigger full collections in the middle of the
     parse, each scanning the half-built document while holding the GIL (tens of ms, issue 21). A JSON
@@ -39,7 +48,7 @@ def _loads(raw: bytes) -> Any:
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_hook=_handover)
     finally:
         if enabled:
             gc.enable()

@@ -307,17 +307,20 @@ def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
 RULES_PER_FUNCTION = 100
 
 
-def _generate(rules: Sequence[tuple[CompiledRule, Any]], default: Any
-              ) -> Callable[[CheckInput, VerifiedToken | None], Any]:
+Generated = Callable[[CheckInput, VerifiedToken | None], Any]
+
+
+def _generate(rules: Sequence[tuple[CompiledRule, Any]], default: Any) -> tuple[Generated, tuple[Generated, ...]]:
     """Build a function that tries `rules` in order and returns the paired result of the first match.
 
     Flat generated code instead of a loop over rules and closures per condition: the rules
     cost ~1 µs instead of ~6 on the hot path. Only fixed templates become code. Up to
     RULES_PER_FUNCTION rules it is one function; more are split into functions of that many,
-    tried in order.
+    tried in order. Returned with the generated functions it calls (itself, when it is one).
     """
     if len(rules) <= RULES_PER_FUNCTION:
-        return _generate_one(rules, default)
+        one = _generate_one(rules, default)
+        return one, (one,)
     chunks = tuple(_generate_one(rules[i:i + RULES_PER_FUNCTION], None)
                    for i in range(0, len(rules), RULES_PER_FUNCTION))
 
@@ -328,7 +331,7 @@ def _generate(rules: Sequence[tuple[CompiledRule, Any]], default: Any
                 return result
         return default
 
-    return evaluate
+    return evaluate, chunks
 
 
 def _generate_one(rules: Sequence[tuple[CompiledRule, Any]], default: Any
@@ -385,8 +388,19 @@ class CompiledPolicies:
             return AuthzResult(True, "", "", "no policy selects this workload")
 
         ordered = [*self.deny, *self.allow]
-        self._enforced = _generate(results([r for r in ordered if r.enforced]), default(default_deny_policy))
-        self._all = _generate(results(ordered), default(audit_default_deny_policy))
+        self._enforced, enforced = _generate(results([r for r in ordered if r.enforced]), default(default_deny_policy))
+        self._all, every = _generate(results(ordered), default(audit_default_deny_policy))
+        self._generated = (*enforced, *every)
+
+    def pieces(self) -> list[object]:
+        """What it is made of, leaves first: CEL programs, the rules' constants (RE2 automata, sets), rules, code.
+
+        Dropped from the end one at a time, each frees a few objects: a 3 MiB config's ~14,000 RE2 automata and
+        ~7,000 CEL programs freed in one cascade held the GIL ~0.1 s (the agent frees a replaced config so).
+        """
+        rules = (*self.deny, *self.allow)
+        return [*(w for r in rules for w in r.when), *(c for r in rules for _, c in r.parts), *rules,
+                *self._generated]
 
     def near_miss(self, inp: CheckInput, token: VerifiedToken | None) -> str:
         """For a default deny: which condition of which Allow rule failed, or empty.

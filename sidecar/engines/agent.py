@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from meshward.sidecar.config.schema import ConfigError, parse_config
-from meshward.sidecar.domain.snapshot import Snapshot, compile_snapshot
+from meshward.sidecar.domain.snapshot import Snapshot, compile_snapshot, pieces
 from meshward.sidecar.engines.context import ContextKeys, ContextService
 from meshward.sidecar.engines.keystore import Fetcher, KeyStore
 from meshward.sidecar.engines.observe import Metrics
@@ -90,6 +90,20 @@ def _without_gc(load: Callable[[T], Snapshot], source: T) -> Snapshot:
             gc.enable()
 
 
+def _release(replaced: list[Pipeline]) -> None:
+    """Free replaced pipelines a piece at a time: their rules, constants and code, then the rest.
+
+    Reference counting frees a dropped config at once, in one C cascade that holds the GIL throughout: ~0.1 s
+    for a 3 MiB config (mostly its RE2 automata and CEL programs), on whichever thread drops it. Popped one by
+    one here, in the worker, each piece costs microseconds and the loop gets the GIL back between them. A check
+    still holding the old pipeline (one awaiting a JWKS fetch) keeps it whole; its last reference frees it.
+    """
+    parts = [p for pipeline in replaced for p in pieces(pipeline.snapshot)]
+    replaced.clear()
+    while parts:
+        parts.pop()
+
+
 def _load_file(data: bytes) -> Snapshot:
     """A config file's bytes compiled (undecodable bytes become U+FFFD, which validation then names)."""
     return load_snapshot(data.decode("utf-8", "replace"))
@@ -146,9 +160,11 @@ class Agent:
                           self.pipeline.snapshot.config.generation, e)
                 raise
             self.keys.update(snapshot.issuers, snapshot.config.jwks)
+            replaced = [self.pipeline]
             self.pipeline = self._build(snapshot)
             self._metrics.reloaded(True, snapshot.config.generation)
             log.info("config generation %r in force", snapshot.config.generation)
+            await self._offload(_release, replaced)
 
     @property
     def ready(self) -> bool:

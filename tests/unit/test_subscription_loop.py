@@ -334,9 +334,9 @@ def test_a_stream_message_is_decoded_with_the_collector_paused_and_resumed_even_
     seen: list[bool] = []
     real = json.loads
 
-    def loads(raw: Any) -> Any:
+    def loads(raw: Any, **kwargs: Any) -> Any:
         seen.append(gc.isenabled())
-        return real(raw)
+        return real(raw, **kwargs)
 
     monkeypatch.setattr(json, "loads", loads)
     assert asyncio.run(decode(b'{"version": "v1", "config": {}}')) == {"version": "v1", "config": {}}
