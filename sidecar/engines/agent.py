@@ -6,7 +6,8 @@ Reading, parsing, validating and compiling a new config run in a worker thread: 
 event loop that does it also answers Envoy's ext_authz checks, and Envoy fails closed
 after 0.5 s, while a 3 MiB config once took seconds to parse (issue 21). Only the swap
 of the pipeline (and the key store's issuer set, whose fetchers belong to the loop)
-happens on the loop, at once, so a check sees the old config or the new one.
+happens on the loop, at once, so a check sees the old config or the new one; the replaced
+one is freed in the worker, a piece at a time.
 """
 
 from __future__ import annotations
