@@ -156,9 +156,10 @@ class _NoFetch:
 class _Stream:
     """Stands in for PolicyClient's stream: raw messages, decoded and applied as PolicyClient does it."""
 
-    def __init__(self) -> None:
+    def __init__(self, phases: list[tuple[str, float, float]]) -> None:
         self.messages: asyncio.Queue[bytes] = asyncio.Queue()
         self.acks: asyncio.Queue[tuple[float, float, str | None]] = asyncio.Queue()
+        self.phases = phases
 
     async def subscribe(self, pod: str, on_config: Callable[[str, dict[str, Any]], Awaitable[str | None]],
                         on_connected: Callable[[], None], on_destinations: Callable[[Any], object] | None = None,
@@ -167,9 +168,53 @@ class _Stream:
             raw = await self.messages.get()
             start = time.monotonic()
             msg = await decode(raw)
+            self.phases.append(("decode", start, time.monotonic()))
             on_connected()
             error = await on_config(str(msg["version"]), msg["config"])
+            self.phases.append(("ack", time.monotonic(), time.monotonic()))
             await self.acks.put((start, time.monotonic(), error))
+
+
+def _timed_offload(phases: list[tuple[str, float, float]]) -> Callable[..., Awaitable[Any]]:
+    """The agent's worker-thread offload, recording when each call ran (compile, release) and when the loop resumed."""
+
+    async def offload(fn: Callable[..., Any], *args: Any) -> Any:
+        name = getattr(fn, "__name__", "offload").strip("_")
+
+        def timed() -> Any:
+            begun = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                phases.append((name, begun, time.monotonic()))
+
+        result = await asyncio.to_thread(timed)
+        phases.append((f"loop after {name}", time.monotonic(), time.monotonic()))
+        return result
+
+    return offload
+
+
+def _stalls(samples: list[tuple[float, float, int]], pauses: list[tuple[float, float, int]],
+            phases: list[tuple[str, float, float]], spans: list[tuple[float, float]], worst: int = 6) -> list[str]:
+    """The window's worst episodes of slow checks (over 20 ms, overlapping), with the GC passes and phases meanwhile."""
+    slow = sorted((due, due + lat) for due, lat, _ in samples
+                  if lat > 0.02 and any(a <= due <= b for a, b in spans))
+    episodes: list[tuple[float, float, float]] = []  # (start, end, the slowest check's latency)
+    for due, end in slow:
+        if episodes and due <= episodes[-1][1]:
+            a, b, top = episodes[-1]
+            episodes[-1] = (a, max(b, end), max(top, end - due))
+        else:
+            episodes.append((due, end, end - due))
+    origin = spans[0][0] if spans else 0.0
+    lines = []
+    for a, b, top in sorted(episodes, key=lambda e: -e[2])[:worst]:
+        gcs = [f"gen{g} {ms:.0f} ms" for at, ms, g in pauses if at <= b and at + ms / 1000 >= a]
+        during = sorted({name for name, pa, pb in phases if pa <= b and pb >= a})
+        lines.append(f"  {top * 1000:6.1f} ms, checks due +{a - origin:.2f} to +{b - origin:.2f} s: "
+                     f"GC [{', '.join(gcs)}] phases [{', '.join(during)}]")
+    return lines
 
 
 async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
@@ -203,12 +248,15 @@ async def agent_main(args: argparse.Namespace) -> dict[str, list[float]]:
     rules = count * RULES_PER_POLICY
     print(f"config: {count} policies, {rules} rules, {len(messages[1]) / 2**20:.2f} MiB per message "
           f"(built in {time.perf_counter() - t0:.1f} s)", flush=True)
+    phases: list[tuple[str, float, float]] = []
     agent = Agent(compile_config(docs[0][0]), _NoFetch(), Metrics(CollectorRegistry()),
-                  JsonLineAudit(open(os.devnull, "w")))  # noqa: SIM115 - lives as long as the process
+                  JsonLineAudit(open(os.devnull, "w")),  # noqa: SIM115 - lives as long as the process
+                  offload=_timed_offload(phases))
     del docs  # only the messages stay, as bytes: the heap is the agent's, as in a pod
     gc.collect()
     gc.freeze()  # as meshward-sidecar does once serving
-    stream = _Stream()
+    frozen = gc.get_freeze_count()
+    stream = _Stream(phases)
     sub = PolicySubscription(stream, agent, "orders-1", CollectorRegistry())  # type: ignore[arg-type]
     subscribing = asyncio.create_task(sub.run())
     windows: dict[str, list[tuple[float, float]]] = {"baseline": [], "push": [], "old": []}
@@ -251,11 +299,14 @@ async def agent_main(args: argparse.Namespace) -> dict[str, list[float]]:
             server.close()
             subscribing.cancel()
     samples = json.loads(out)
+    print(f"objects outside the GC's scans (gc.freeze): {frozen} before the pushes, {gc.get_freeze_count()} after")
     for name, spans in windows.items():
         during = [(ms, g) for at, ms, g in pauses if any(a <= at <= b for a, b in spans)]
         if during:
             ms, g = max(during)
             print(f"GC passes during {name}: {len(during)}, the longest {ms:.0f} ms (generation {g})")
+        if spans and name != "baseline":
+            print(f"longest waits during {name} (from its start):", *_stalls(samples, pauses, phases, spans), sep="\n")
     bad = [s for s in samples if s[2] != 200]
     if bad:
         raise SystemExit(f"{len(bad)} of {len(samples)} checks were not allowed (first status {bad[0][2]})")

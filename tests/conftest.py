@@ -14,6 +14,7 @@ for both.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import tempfile
@@ -64,6 +65,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     e2e = config.stash.get(E2E_SEEN, None)
     if e2e:
         terminalreporter.write_line(f"e2e tests ran on: {e2e}")
+
+
+@pytest.fixture(autouse=True)
+def _collectable_heap() -> Iterator[None]:
+    """An agent freezes the heap after each config it compiles (`gc.freeze`): thawed after each test, so what one
+    test leaves behind stays collectable for the next."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

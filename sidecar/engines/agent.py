@@ -6,7 +6,8 @@ Reading, parsing, validating and compiling a new config run in a worker thread: 
 event loop that does it also answers Envoy's ext_authz checks, and Envoy fails closed
 after 0.5 s, while a 3 MiB config once took seconds to parse (issue 21). Only the swap
 of the pipeline (and the key store's issuer set, whose fetchers belong to the loop)
-happens on the loop, at once, so a check sees the old config or the new one.
+happens on the loop, at once, so a check sees the old config or the new one; the replaced
+one is freed in the worker, a piece at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 import yaml
 
 from meshward.sidecar.config.schema import ConfigError, parse_config
-from meshward.sidecar.domain.snapshot import Snapshot, compile_snapshot
+from meshward.sidecar.domain.snapshot import Snapshot, compile_snapshot, pieces
 from meshward.sidecar.engines.context import ContextKeys, ContextService
 from meshward.sidecar.engines.keystore import Fetcher, KeyStore
 from meshward.sidecar.engines.observe import Metrics
@@ -37,6 +38,8 @@ T = TypeVar("T")
 # check: the loop's wake-ups ran 77 ms late at p99 during a 3 MiB compile, 7 ms with 0.5 ms. It costs nothing
 # while only one thread runs.
 GIL_SWITCH_INTERVAL_S = 0.0005
+# The longest the worker sleeps between two generated rule functions of a config it compiles (see _pacer).
+PACE_MAX_S = 0.005
 # How the agent runs a slow pure function away from the loop: fn(*args) awaited (tests inject their own).
 Offload = Callable[..., Awaitable[Any]]
 
@@ -50,10 +53,29 @@ class ConfigRejected(Exception):
     """A config document was not accepted; the previous one stays in force."""
 
 
+def _pacer() -> Callable[[], None]:
+    """A pause that sleeps as long as the work since the previous one (at most PACE_MAX_S): a 50 % duty cycle.
+
+    Each generated rule function of a large config is one `compile()` of 100 rules, ~2.5 ms holding the GIL;
+    back to back, they left the event loop waiting that long for the GIL at every socket call: it answered fewer
+    checks than arrived, and 400 checks/s queued up to 0.3-0.5 s by the end of a 3 MiB compile (issue 21).
+    Sleeping between them gives the loop the GIL for as long; that phase of the compile takes twice as long.
+    Smaller functions would hold it less, but cost the hot path a call per function.
+    """
+    last = time.perf_counter()
+
+    def pause() -> None:
+        nonlocal last
+        time.sleep(min(time.perf_counter() - last, PACE_MAX_S))
+        last = time.perf_counter()
+
+    return pause
+
+
 def compile_config(doc: Any) -> Snapshot:
     """Validate and compile a decoded config document, or raise ConfigRejected naming the field."""
     try:
-        return compile_snapshot(parse_config(doc))
+        return compile_snapshot(parse_config(doc), _pacer())
     except ConfigError as e:
         raise ConfigRejected(str(e)) from e
 
@@ -68,18 +90,40 @@ def load_snapshot(text: str) -> Snapshot:
 
 
 def _without_gc(load: Callable[[T], Snapshot], source: T) -> Snapshot:
-    """`load(source)` with the cyclic GC paused (for the whole process) while it runs.
+    """`load(source)` with the cyclic GC paused (for the whole process) while it runs; what it built, frozen.
 
     Each full collection scans the config being built while holding the GIL, ~0.1 s for a 3 MiB one, several
-    per compile: as long a stall of the loop as if it compiled there.
+    per compile: as long a stall of the loop as if it compiled there. Once built, the snapshot is moved out of
+    the collector's generations (`gc.freeze`, as the entry point does with the start-up objects): otherwise
+    the first young collection after the pause scans all of it (everything allocated while paused sits in
+    the youngest generation), and a full collection follows once it reaches the oldest. Freezing is safe to
+    repeat because a snapshot holds no reference cycles: a replaced one is freed by reference counting, frozen
+    or not (tests/unit/test_subscription_loop.py). Cyclic garbage the loop made meanwhile is frozen with it
+    and never freed: a few objects per push (docs/performance.md).
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return load(source)
+        snapshot = load(source)
+        gc.freeze()
+        return snapshot
     finally:
         if enabled:
             gc.enable()
+
+
+def _release(replaced: list[Pipeline]) -> None:
+    """Free replaced pipelines a piece at a time: their rules, constants and code, then the rest.
+
+    Reference counting frees a dropped config at once, in one C cascade that holds the GIL throughout: ~0.1 s
+    for a 3 MiB config (mostly its RE2 automata and CEL programs), on whichever thread drops it. Popped one by
+    one here, in the worker, each piece costs microseconds and the loop gets the GIL back between them. A check
+    still holding the old pipeline (one awaiting a JWKS fetch) keeps it whole; its last reference frees it.
+    """
+    parts = [p for pipeline in replaced for p in pieces(pipeline.snapshot)]
+    replaced.clear()
+    while parts:
+        parts.pop()
 
 
 def _load_file(data: bytes) -> Snapshot:
@@ -138,9 +182,11 @@ class Agent:
                           self.pipeline.snapshot.config.generation, e)
                 raise
             self.keys.update(snapshot.issuers, snapshot.config.jwks)
+            replaced = [self.pipeline]
             self.pipeline = self._build(snapshot)
             self._metrics.reloaded(True, snapshot.config.generation)
             log.info("config generation %r in force", snapshot.config.generation)
+            await self._offload(_release, replaced)
 
     @property
     def ready(self) -> bool:
