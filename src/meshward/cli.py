@@ -140,7 +140,7 @@ def _check(args: argparse.Namespace) -> int:
               "was bypassed, or labelled afterwards); restart it to inject it")
     for pod in pods:
         meta = pod.get("metadata", {})
-        names = may_become_the_proxy(pod) if is_injected(pod) else []
+        names = may_become_the_proxy(pod) if is_injected(pod) and not meta.get("deletionTimestamp") else []
         if names:
             print(f"WARNING {meta.get('namespace')}/{meta.get('name')}: container(s) {', '.join(names)} may run as "
                   "root with CAP_SETUID and so could switch to the mesh proxy's UID 1337, whose traffic is not "
