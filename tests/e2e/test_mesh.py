@@ -532,7 +532,7 @@ def test_a_context_header_written_after_the_sniffing_window_reaches_an_unmeshed_
 def billing(mesh: Mesh) -> Iterator[Mesh]:
     """Namespace billing: payments (admits the mesh namespace's frontend for users of tenant acme, and its own
     namespace's payments on /api) and ledger (admits payments' users on /api and lists `region`), both behind the
-    Service `api` (two ServiceAccounts); payments also behind its own Service."""
+    Service `api` (two ServiceAccounts: port 80 reaches payments, 81 ledger); payments also behind its own Service."""
     c = mesh.cluster
     ns = c.new_namespace("billing")
 
@@ -561,17 +561,25 @@ def billing(mesh: Mesh) -> Iterator[Mesh]:
         for name in ("payments", "ledger"):
             d = deployment(ns, name, mesh.echo, inject=True)
             d["spec"]["template"]["metadata"]["labels"]["tier"] = "api"
+            # Each pod names its port differently, so that each of api's ports reaches exactly one of them (the
+            # EndpointSlice of a named target port holds the pods that name it): a test reaches each pod on
+            # purpose, not by kube-proxy's luck on a connection Envoy then keeps.
+            app = d["spec"]["template"]["spec"]["containers"][0]
+            app["ports"] = [{"name": f"{name}-api", "containerPort": 8080}]
+            app["readinessProbe"]["httpGet"]["port"] = 8080
             apps.append(d)
         api = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api", "namespace": ns},
-               "spec": {"selector": {"tier": "api"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+               "spec": {"selector": {"tier": "api"}, "ports": [
+                   {"name": "payments", "port": 80, "targetPort": "payments-api"},
+                   {"name": "ledger", "port": 81, "targetPort": "ledger-api"}]}}
         c.apply(*apps, service(ns, "payments"), api)
         for name in ("payments", "ledger"):
             c.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", timeout=200)
         other = Mesh(mesh.release, ns, mesh.echo)
-        for svc in ("payments", "api"):
-            def routable(svc: str = svc) -> bool:
-                return mesh.curl("client", f"http://{svc}.{ns}/warm-up")[0] not in (0, 503)
-            wait_until(f"Service {svc}.{ns} routable", routable, timeout=60)
+        for host in (f"payments.{ns}", f"api.{ns}", f"api.{ns}:81"):
+            def routable(host: str = host) -> bool:
+                return mesh.curl("client", f"http://{host}/warm-up")[0] not in (0, 503)
+            wait_until(f"Service {host} routable", routable, timeout=60)
         yield other
     finally:
         c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
@@ -618,23 +626,18 @@ def test_the_user_crosses_namespaces_minimized_to_what_that_namespaces_policies_
 def test_a_service_over_two_service_accounts_receives_the_user(mesh: Mesh, billing: Mesh) -> None:
     """Issue 19: billing's Service `api` is backed by payments and ledger (two ServiceAccounts of billing).
     payments' Envoy knows both exactly, mints for billing's namespace with the union of their claims, and
-    whichever pod kube-proxy picks receives alice (its own token, act = payments, frontend). Tried until both
-    pods answered, so each ServiceAccount is shown to accept it."""
+    each pod behind it receives alice (its own token, act = payments, frontend): api's port 80 reaches payments,
+    81 ledger, so each ServiceAccount is shown to accept it (the Service's address is the same, so is the
+    audience payments mints for)."""
     ns = billing.ns
     frontend = f"spiffe://cluster.local/ns/{mesh.ns}/sa/frontend"
     payments = f"spiffe://cluster.local/ns/{ns}/sa/payments"
-    url = _via(f"http://frontend.{mesh.ns}", f"http://payments.{ns}", f"http://api.{ns}/api/look")
-    answered: dict[str, dict[str, Any]] = {}
-
-    def both() -> bool:
+    for port, sa in ((80, "payments"), (81, "ledger")):
+        url = _via(f"http://frontend.{mesh.ns}", f"http://payments.{ns}", f"http://api.{ns}:{port}/api/look")
         code, body = mesh.curl("client", url, "-H", f"authorization: Bearer {token(KEY, **USER)}")
         assert code == 200, body
         claims = _claims(json.loads(body)["headers"]["x-meshward-context"])
-        answered[claims["aud"]] = claims
-        return len(answered) == 2
-    wait_until("both pods behind api answering with the user", both, timeout=60)
-    for sa in ("payments", "ledger"):
-        claims = answered[f"spiffe://cluster.local/ns/{ns}/sa/{sa}"]
+        assert claims["aud"] == f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
         assert claims["sub"] == "alice" and claims["act"] == {"sub": payments, "act": {"sub": frontend}}
         assert "email" not in claims and "scope" not in claims
     # payments' exchange named both identities (set by its Envoy), never a foreign one.
