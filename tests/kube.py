@@ -173,7 +173,7 @@ def kind_session_for(kubeconfig: Path | None, failed: Callable[[], bool]) -> Ite
         from pytest_kind import KindCluster
     except ImportError as e:
         raise AssertionError(f"the e2e tier needs pytest-kind: pip install -e '.[dev]' ({e})") from e
-    from meshward.kindcluster import DEFAULT_CONFIG, Kind, capture, differences
+    from meshward.kindcluster import Kind, capture, differences, dual_stack_config, ipv6_enabled
 
     built = kind_paths()
     kind = Kind.here(built["kind"])
@@ -185,11 +185,14 @@ def kind_session_for(kubeconfig: Path | None, failed: Callable[[], bool]) -> Ite
     before = capture()
     kind.guard_host()
     config = work / "kind.yaml"
-    config.write_text(DEFAULT_CONFIG)
+    if not ipv6_enabled():
+        raise AssertionError("the e2e tier runs a dual-stack kind cluster (IPv6 capture is tested on it), and this "
+                             "machine's kernel has IPv6 disabled: set net.ipv6.conf.all.disable_ipv6=0")
+    config.write_text(dual_stack_config(work))
     handle = KindCluster(name, work / "kubeconfig", image=built["node-image"] or None,
                          kind_path=Path(built["kind"]), kubectl_path=Path(paths["kubectl"]))
     try:
-        kind.guard_egress()
+        kind.guard_egress(dual_stack=True)
         handle.create(config)
         cluster = Cluster(work / "kubeconfig", paths["kubectl"], paths["helm"], "kind")
         cluster.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=120s", timeout=150)

@@ -40,6 +40,9 @@ CONTAINERS_CONF = """\
 # (CONTAINERS_CONF points here; the host's own containers.conf is not read while it does).
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+# A kind node is one container for all its pods: podman's default of 2048 processes ran out at ~30 pods
+# ("fork rejected by pids controller" on kubectl exec). 16384 holds a few hundred of our pods.
+pids_limit = 16384
 
 [network]
 network_config_dir = "{networks}"
@@ -367,12 +370,21 @@ class Kind:
         self.record.unlink()
         return problems
 
-    def guard_egress(self) -> None:
-        """Create the kind network (as kind would) and drop everything it would route off this machine (podman)."""
+    def guard_egress(self, dual_stack: bool = False) -> None:
+        """Create the kind network (with IPv6 for dual stack) and drop all it would route off this machine (podman)."""
         if self.provider != "podman":
             return  # Docker's network is Docker's to police (DOCKER-USER): not changed behind its back
+        if not self.run("podman", "network", "exists", KIND_NETWORK, check=False).returncode:
+            has_ipv6 = self.run("podman", "network", "inspect", KIND_NETWORK, "--format",
+                                "{{.IPv6Enabled}}").stdout.strip() == "true"
+            if dual_stack and not has_ipv6:
+                if self.clusters():
+                    raise KindError(f"a dual-stack cluster needs IPv6 on the podman network {KIND_NETWORK}, which "
+                                    "an IPv4-only kind cluster still uses: delete it (`make down`) and try again")
+                self.run("podman", "network", "rm", KIND_NETWORK)
         if self.run("podman", "network", "exists", KIND_NETWORK, check=False).returncode:
-            self.run("podman", "network", "create", "-d=bridge", KIND_NETWORK)
+            # `--ipv6` without subnets: podman picks a free IPv4 and a free IPv6 (ULA) subnet, as kind does.
+            self.run("podman", "network", "create", "-d=bridge", *(["--ipv6"] if dual_stack else []), KIND_NETWORK)
         bridge = self.run("podman", "network", "inspect", KIND_NETWORK, "--format",
                           "{{.NetworkInterface}}").stdout.strip()
         if not bridge:
@@ -387,10 +399,11 @@ class Kind:
             if self.run(family, "-w", "-C", "FORWARD", "-j", EGRESS_CHAIN, check=False).returncode:
                 self.run(family, "-w", "-I", "FORWARD", "1", "-j", EGRESS_CHAIN)
 
-    def create(self, name: str, kubeconfig: Path, image: str | None, config: str = "") -> None:
+    def create(self, name: str, kubeconfig: Path, image: str | None, config: str = "",
+               dual_stack: bool = False) -> None:
         """`kind create cluster` (after guarding the host and its egress)."""
         self.guard_host()
-        self.guard_egress()
+        self.guard_egress(dual_stack)
         args = ["create", "cluster", "--name", name, "--kubeconfig", str(kubeconfig), "--wait", "120s"]
         if image:
             args += ["--image", image]
@@ -428,6 +441,60 @@ networking:
   apiServerAddress: 127.0.0.1
 nodes:
   - role: control-plane
+"""
+
+
+# The node image's bridge CNI configuration (hack/images/node/10-bridge.conflist) with an IPv6 range beside the
+# IPv4 one, for a dual-stack cluster (kind's `ipFamily: dual`: pods in 10.244.0.0/16 and fd00:10:244::/56, Services
+# in 10.96.0.0/16 and fd00:10:96::/112; this one node takes the first /24 and /64). Mounted over the image's file,
+# so one node image serves both kinds of cluster.
+DUAL_STACK_CNI = """\
+{
+  "cniVersion": "0.4.0",
+  "name": "meshward-kind",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cni0",
+      "isGateway": true,
+      "ipMasq": true,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "10.244.0.0/24"}], [{"subnet": "fd00:10:244::/64"}]],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
+      }
+    },
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+"""
+
+
+def ipv6_enabled(proc: Path = Path("/proc/sys/net/ipv6/conf/all/disable_ipv6")) -> bool:
+    """Whether this machine's kernel has IPv6 on (a dual-stack kind cluster needs it)."""
+    try:
+        return proc.read_text().strip() == "0"
+    except OSError:
+        return False
+
+
+def dual_stack_config(directory: Path) -> str:
+    """A kind config for one dual-stack node; writes the CNI configuration it mounts into `directory`."""
+    conflist = directory / "10-bridge-dual.conflist"
+    conflist.write_text(DUAL_STACK_CNI)
+    return f"""\
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+networking:
+  apiServerAddress: 127.0.0.1
+  ipFamily: dual
+nodes:
+  - role: control-plane
+    extraMounts:
+      - hostPath: {conflist.resolve()}
+        containerPath: /etc/cni/net.d/10-bridge.conflist
+        readOnly: true
 """
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from meshward.kindcluster import (
     CONTAINERS_CONF,
@@ -17,6 +19,8 @@ from meshward.kindcluster import (
     capture,
     container_env,
     differences,
+    dual_stack_config,
+    ipv6_enabled,
     parse_iptables_save,
     provider,
     read_sysctls,
@@ -150,6 +154,7 @@ def test_podman_settings_live_in_the_cache_and_keep_rlimits_within_what_the_vm_g
     assert 'default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]' in conf
     assert str(tmp_path) in conf and str(tmp_path) in Path(env["CONTAINERS_STORAGE_CONF"]).read_text()
     assert CONTAINERS_CONF.startswith("# Written by meshward.kindcluster")
+    assert "pids_limit = 16384" in conf  # a node runs all its pods in one container (podman's default: 2048)
     assert container_env(tmp_path, "docker") == {}
 
 
@@ -166,3 +171,27 @@ def test_the_provider_is_docker_only_where_an_engine_answers(monkeypatch: pytest
     monkeypatch.setenv("MESHWARD_KIND_PROVIDER", "lxc")
     with pytest.raises(KindError, match="use docker or podman"):
         provider(engine(True))
+
+
+def test_the_dual_stack_config_mounts_the_node_images_cni_configuration_with_an_ipv6_range(tmp_path: Path) -> None:
+    """The dual-stack CNI configuration is the node image's (hack/images/node) plus IPv6 only, so the two cannot drift."""
+    config = yaml.safe_load(dual_stack_config(tmp_path))
+    assert config["networking"]["ipFamily"] == "dual"
+    (mount,) = config["nodes"][0]["extraMounts"]
+    assert mount["containerPath"] == "/etc/cni/net.d/10-bridge.conflist" and mount["readOnly"]
+    dual = json.loads(Path(mount["hostPath"]).read_text())
+    image = json.loads((Path(__file__).parents[2] / "hack/images/node/10-bridge.conflist").read_text())
+    ipam = dual["plugins"][0]["ipam"]
+    assert ipam["ranges"][1] == [{"subnet": "fd00:10:244::/64"}] and ipam["routes"][1] == {"dst": "::/0"}
+    ipam["ranges"], ipam["routes"] = ipam["ranges"][:1], ipam["routes"][:1]
+    assert dual == image
+
+
+def test_ipv6_is_on_only_when_the_kernel_says_so(tmp_path: Path) -> None:
+    """A dual-stack cluster is asked for only where IPv6 is enabled (and not where the sysctl is missing)."""
+    flag = tmp_path / "disable_ipv6"
+    assert not ipv6_enabled(flag)
+    flag.write_text("1\n")
+    assert not ipv6_enabled(flag)
+    flag.write_text("0\n")
+    assert ipv6_enabled(flag)
