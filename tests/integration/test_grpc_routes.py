@@ -371,7 +371,8 @@ def test_a_deadline_propagates_and_its_expiry_cancels_the_server_side(mesh: Mesh
             == grpc.StatusCode.DEADLINE_EXCEEDED
     record = mesh.greeter.seen[before]
     wait_for("the server side cancelled", lambda: bool(record["cancelled"]), timeout=5)
-    assert record["time_remaining"] is not None and 0 < record["time_remaining"] <= 1.5
+    # The app's deadline comes from grpc-timeout (None without it); its clock and the encoding round a little.
+    assert record["time_remaining"] is not None and 0 < record["time_remaining"] < 2
 
 
 def test_a_cancelled_stream_is_cancelled_at_the_server(mesh: Mesh) -> None:
