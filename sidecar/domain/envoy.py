@@ -25,7 +25,19 @@ the same Envoy config, whose security properties are the point:
   the inbound and outbound routes (authorized at the handshake like any request), no route
   timeout by default (the app's own timeouts rule, as under Istio: Envoy's default 15 s cut
   SSE, long polls and slow downloads), a stream idle timeout (5 minutes), HTTP/1.0 only
-  when the workload asks for it (Envoy answers it 426 otherwise).
+  when the workload asks for it (Envoy answers it 426 otherwise);
+- Protocols: a request keeps the protocol the calling app spoke, on every hop. The connection managers' codec is
+  AUTO (Envoy's default): the client's outbound listener takes HTTP/1.1 and HTTP/2 (gRPC, h2c with prior
+  knowledge: the preface is detected). The mesh cluster and the server's `inbound_app` cluster follow the
+  downstream's protocol (`use_downstream_protocol_config`), so an HTTP/2 request crosses the mTLS hop as HTTP/2
+  and reaches the app as cleartext HTTP/2 with prior knowledge (what a gRPC server expects), and an HTTP/1.1
+  request stays HTTP/1.1 on a connection of its own pool. The server's inbound needs no ALPN to tell them apart:
+  no `alpn_protocols` is set on its TLS context, so none is negotiated and its AUTO codec reads the bytes (the
+  HTTP/2 preface). Decided: HTTP/1.1 callers are never multiplexed onto HTTP/2 between the pods (Linkerd's way),
+  so the HTTP/1.1 hop is exactly what it was (the same codec, pool and connection reuse; WebSocket upgrades and
+  HTTP/1.0 unchanged); upgrading them was not measured and is not needed for correctness. An `Upgrade: h2c`
+  request is HTTP/1.1 and stays so (Envoy strips the upgrade). Measured (tests/integration/test_grpc_routes.py):
+  before, every RPC failed `UNAVAILABLE ... protocol error` and an h2c-only app answered 502.
 """
 
 from __future__ import annotations
@@ -259,6 +271,23 @@ def _ext_authz(transport: Transport, timeout_s: float, allowed_headers: tuple[st
     return _ext_authz_filter(allowed_headers, service)
 
 
+_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _protocol_options(config: dict[str, Any], **common: Any) -> dict[str, Any]:
+    """A cluster's `typed_extension_protocol_options`: which HTTP it speaks upstream (`config`), and `common`."""
+    return {_PROTOCOL_OPTIONS: {"@type": f"type.googleapis.com/{_PROTOCOL_OPTIONS}",
+                                **({"common_http_protocol_options": common} if common else {}),
+                                **copy.deepcopy(config)}}  # a copy: one object twice is a YAML anchor
+
+
+# The mesh's hops (client Envoy -> server Envoy -> app) speak the protocol the app's client spoke: an HTTP/1.1
+# request goes out on an HTTP/1.1 connection of its own pool, exactly as before HTTP/2 was carried; an HTTP/2
+# request (gRPC, h2c) on an HTTP/2 connection (module docstring, "Protocols").
+FOLLOW_DOWNSTREAM: dict[str, Any] = {"use_downstream_protocol_config": {
+    "http_protocol_options": {}, "http2_protocol_options": {}}}
+
+
 def _cluster(name: str, ep: Endpoint, http2: bool) -> dict[str, Any]:
     c: dict[str, Any] = {
         "name": name, "type": "STATIC", "connect_timeout": "0.25s",
@@ -266,10 +295,8 @@ def _cluster(name: str, ep: Endpoint, http2: bool) -> dict[str, Any]:
             {"endpoint": {"address": ep.address()}}]}]},
     }
     if http2:
-        c["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}}
+        c["typed_extension_protocol_options"] = _protocol_options({"explicit_http_config": {
+            "http2_protocol_options": {}}})
     return c
 
 
@@ -311,12 +338,9 @@ def _upstream_mtls(peers: list[dict[str, str]]) -> dict[str, Any]:
 def _outbound(out: Outbound, http: HttpSettings) -> tuple[dict[str, Any], dict[str, Any]]:
     cluster = _cluster(f"outbound_{out.name}", out.upstream, http2=False)
     cluster["transport_socket"] = _upstream_mtls([{"exact": out.peer}])
-    if out.max_requests_per_connection is not None:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "common_http_protocol_options": {"max_requests_per_connection": out.max_requests_per_connection},
-                "explicit_http_config": {"http_protocol_options": {}}}}
+    common = {} if out.max_requests_per_connection is None else \
+        {"max_requests_per_connection": out.max_requests_per_connection}
+    cluster["typed_extension_protocol_options"] = _protocol_options(FOLLOW_DOWNSTREAM, **common)
     name = f"outbound_{out.name}"
     hcm = _hcm(name, _to_cluster(name, out.name, name, http), **http.hcm())
     listener = {"name": name, "address": out.listen.address(), "filter_chains": [{"filters": [
@@ -369,7 +393,8 @@ def build_inbound_bootstrap(cfg: InboundConfig) -> dict[str, Any]:
         chain["transport_socket"] = _downstream_tls(cfg.tls)
     listeners = [{"name": "inbound", "address": cfg.listen.address(), "filter_chains": [chain]}]
     clusters = [_cluster("meshward_authz", cfg.authz, http2=cfg.transport == "grpc"),
-                _cluster("app", cfg.app, http2=False)]
+                {**_cluster("app", cfg.app, http2=False),
+                 "typed_extension_protocol_options": _protocol_options(FOLLOW_DOWNSTREAM)}]
     if isinstance(cfg.tls, SdsTls):
         clusters.append(_cluster("meshward_sds", cfg.tls.sds, http2=True))
     for out in cfg.outbound:
@@ -464,7 +489,8 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
         _cluster("meshward_authz", Endpoint(unix=f"{p.socket_dir}/authz.sock"), http2=p.transport == "grpc"),
         _cluster(XDS, Endpoint(unix=f"{p.socket_dir}/sds.sock"), http2=True),
         _cluster("envoy_admin", Endpoint(unix=admin), http2=False),
-        _original_dst_cluster(INBOUND_APP),
+        {**_original_dst_cluster(INBOUND_APP),
+         "typed_extension_protocol_options": _protocol_options(FOLLOW_DOWNSTREAM)},
         _original_dst_cluster(PASSTHROUGH),
     ]
     return {
@@ -519,7 +545,8 @@ def _identity_matcher(identity: str) -> dict[str, str]:
 def _mesh_cluster(name: str, identities: tuple[str, ...]) -> dict[str, Any]:
     """An outbound cluster: to the original destination, mTLS, the peer's SPIFFE ID one of `identities`."""
     return {**_original_dst_cluster(name), "alt_stat_name": name.replace("/", "_").replace(":", "_"),
-            "transport_socket": _upstream_mtls([_identity_matcher(i) for i in identities])}
+            "transport_socket": _upstream_mtls([_identity_matcher(i) for i in identities]),
+            "typed_extension_protocol_options": _protocol_options(FOLLOW_DOWNSTREAM)}
 
 
 def _exchange_filter(destination: str, header: str) -> dict[str, Any]:
