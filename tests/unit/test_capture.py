@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +191,28 @@ def test_meshward_init_captures_ipv6_else_resets_it_else_fails(
         assert installed6.read_text().startswith(took)
     assert ("IPv6 reset, not captured" in out.out) == (took == "*filter")
     assert ("cannot capture or close IPv6" in out.err) == (code == 1)
+
+
+def _disabled_ipv6_netns_available() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("on", True), ("off", False)])
+def test_meshward_proxy_takes_ipv6_as_told(flag: str, expected: bool) -> None:
+    proc = subprocess.run([str(Path(sys.executable).parent / "meshward-proxy"), "--print", "--ipv6", flag],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert ('"address": "::"' in proc.stdout) is expected
+
+
+@pytest.mark.skipif(not _disabled_ipv6_netns_available(), reason="needs root and unshare (a network namespace)")
+def test_meshward_proxy_auto_leaves_ipv6_out_where_the_pod_has_none() -> None:
+    """Binding `[::]` fails where IPv6 is off, and Envoy then refuses the whole listener: `--ipv6 auto` (the
+    injected default) adds the IPv6 sockets only where the pod's network namespace can bind its IPv6 loopback."""
+    exe = str(Path(sys.executable).parent / "meshward-proxy")
+    script = f"ip link set lo up; sysctl -qw net.ipv6.conf.all.disable_ipv6=$0; exec {exe} --print"
+    for disabled, expected in (("1", False), ("0", True)):
+        proc = subprocess.run(["unshare", "-n", "sh", "-c", script, disabled], capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert ('"address": "::"' in proc.stdout) is expected, disabled
