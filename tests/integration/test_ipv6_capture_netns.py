@@ -274,7 +274,7 @@ def test_ipv6_side_door_an_unmeshed_caller_over_ipv6_is_refused(pods: Pods) -> N
     sees the request (before, the app on `::` answered 200, spoofed headers and all)."""
     for host, path in ((SERVER_IP, "/orders/unmeshed-global"), (pods.server_link_local, "/orders/unmeshed-ll")):
         got = pods.get(host, path, uid=PROXY_UID)
-        assert not got.startswith("HTTP/"), (host, got)
+        assert got.startswith("refused"), (host, got)  # reset by the inbound listener: no filter chain for plaintext
         assert not _app_saw(pods, path), host
 
 
@@ -283,7 +283,8 @@ def test_a_meshed_caller_dialling_a_link_local_address_fails_closed(pods: Pods) 
     neighbour table) is passed through by its Envoy, which cannot dial a link-local original destination (no zone):
     no connection reaches the server in plaintext."""
     got = pods.get(pods.server_link_local, "/orders/meshed-ll")
-    assert not got.startswith("HTTP/1.1 200"), got
+    # Observed: the connection never completes (the client times out); a 503 from its Envoy would do as well.
+    assert got.startswith("refused") or got.startswith("HTTP/1.1 503"), got
     assert not _app_saw(pods, "/orders/meshed-ll")
 
 
