@@ -2,8 +2,10 @@
 
 Every injected pod's Envoy sends a connection to a meshed address over mTLS, pinned
 to the SPIFFE IDs that may answer there, and any other connection through untouched
-(sidecar/domain/envoy.py, outbound_resources). The map holds:
-- each injected pod's IP: its ServiceAccount's SPIFFE ID, and the ports it leaves
+(sidecar/domain/envoy.py, outbound_resources). The map holds, by address of either
+family (every address of `status.podIPs` and `spec.clusterIPs`: on a dual-stack cluster a
+pod or Service is in it by its IPv4 and its IPv6 address, with the same entry):
+- each injected pod's IPs: its ServiceAccount's SPIFFE ID, and the ports it leaves
   uncaptured as plaintext. Both are read from the pod's spec as the injector made it (the
   opt-in label and the mesh's containers; the capture container's exclusions), never from
   annotations, which anyone who can edit the pod can write after admission: an annotation
@@ -41,6 +43,7 @@ unaffected; the engine reports what it left out (engines/mesh_directory.py).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -57,8 +60,9 @@ from meshward.operator.domain.inject import (
 from meshward.sidecar.domain.capture import CaptureError, parse_ports
 
 # One namespace's share of the map. An entry is ~100 bytes (an address, one identity, a few ports), ~500 with the
-# 64 ports the injector allows a pod; so this holds thousands of pods and Services, and six namespaces at the cap
-# still fit in MAX_MAP_BYTES.
+# 64 ports the injector allows a pod; so this holds thousands of pods and Services (half as many on a dual-stack
+# cluster, where each has an entry per family; sizes are counted from the entries as sent, so the bound holds
+# whatever the families), and six namespaces at the cap still fit in MAX_MAP_BYTES.
 MAX_NAMESPACE_BYTES = 512 * 1024
 # The whole map, as sent: gRPC's default message limit is 4 MiB (servers/policy.py, MAX_MESSAGE_BYTES), and the
 # `{"destinations": {"version", "peers"}}` envelope around it is a few dozen bytes.
@@ -71,7 +75,7 @@ class MeshPod:
 
     namespace: str
     name: str
-    ip: str
+    ips: tuple[str, ...]  # every address of status.podIPs (both families on a dual-stack cluster), canonical
     service_account: str
     labels: tuple[tuple[str, str], ...]
     injected: bool
@@ -91,11 +95,31 @@ class MeshService:
     ports: tuple[tuple[int, int | str], ...]
 
 
+def _addresses(texts: Iterable[Any]) -> tuple[str, ...]:
+    """The first IPv4 and the first IPv6 address among `texts`, canonical, in their order.
+
+    Anything else (`None`, a zone, a second address of a family) is left out. Kubernetes gives a pod
+    (`status.podIPs`) and a Service (`spec.clusterIPs`) at most one address per family; the map takes no more
+    whatever it is sent, so an entry's count is bounded where it enters.
+    """
+    out: dict[int, str] = {}
+    for text in texts:
+        if not isinstance(text, str) or "%" in text:
+            continue
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        out.setdefault(address.version, str(address))
+    return tuple(out.values())
+
+
 def mesh_pod(body: Mapping[str, Any]) -> MeshPod | None:
-    """The pod as the map sees it; None for a pod without an IPv4 address yet or on its way out."""
+    """The pod as the map sees it, by every address of `status.podIPs`; None without an address or on its way out."""
     meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {})
-    ip = status.get("podIP") or ""
-    if not ip or ":" in ip or meta.get("deletionTimestamp") or spec.get("hostNetwork") or \
+    ips = _addresses([*(p.get("ip") for p in status.get("podIPs") or [] if isinstance(p, Mapping)),
+                      status.get("podIP")])
+    if not ips or meta.get("deletionTimestamp") or spec.get("hostNetwork") or \
             status.get("phase") in ("Succeeded", "Failed"):
         return None
     labels = meta.get("labels") or {}
@@ -110,7 +134,7 @@ def mesh_pod(body: Mapping[str, Any]) -> MeshPod | None:
             plaintext = parse_ports(value, "--exclude-inbound-ports")
         except CaptureError as e:
             ignored = str(e)
-    return MeshPod(meta.get("namespace", ""), meta.get("name", ""), ip, spec.get("serviceAccountName") or "default",
+    return MeshPod(meta.get("namespace", ""), meta.get("name", ""), ips, spec.get("serviceAccountName") or "default",
                    tuple(sorted(labels.items())), injected, plaintext, ignored, str(meta.get("uid") or ""))
 
 
@@ -146,10 +170,9 @@ def ports_outside_mesh(pods: Iterable[Mapping[str, Any]]) -> list[tuple[str, tup
 
 
 def mesh_service(body: Mapping[str, Any]) -> MeshService | None:
-    """The Service as the map sees it; None for Services that select no pods or have no cluster IP."""
+    """The Service as the map sees it, by every address of `spec.clusterIPs`; None without a selector or cluster IP."""
     meta, spec = body.get("metadata", {}), body.get("spec", {})
-    ips = tuple(ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")])
-                if ip and ip != "None" and ":" not in ip)
+    ips = _addresses(spec.get("clusterIPs") or [spec.get("clusterIP")])
     selector = spec.get("selector") or {}
     if not ips or not selector or spec.get("type") == "ExternalName":
         return None
@@ -167,13 +190,17 @@ Entries = dict[str, dict[str, list[Any]]]
 
 def namespace_entries(pods: Iterable[MeshPod], services: Iterable[MeshService], trust_domain: str
                       ) -> dict[str, Entries]:
-    """Each namespace's entries by IPv4 address: `{"identities": [...], "plaintextPorts": [...]}` (the wire form)."""
+    """Each namespace's entries by address: `{"identities": [...], "plaintextPorts": [...]}` (the wire form).
+
+    A pod or Service with an address of each family (dual-stack) has the same entry at each.
+    """
     out: dict[str, Entries] = {}
     by_namespace: dict[str, list[MeshPod]] = {}
     for pod in pods:
         by_namespace.setdefault(pod.namespace, []).append(pod)
         if pod.injected:
-            out.setdefault(pod.namespace, {})[pod.ip] = {"identities": [_spiffe(trust_domain, pod)],
+            for ip in pod.ips:
+                out.setdefault(pod.namespace, {})[ip] = {"identities": [_spiffe(trust_domain, pod)],
                                                          "plaintextPorts": list(pod.plaintext_ports)}
     for svc in services:
         selected = [p for p in by_namespace.get(svc.namespace, []) if set(svc.selector) <= set(p.labels)]
@@ -224,7 +251,7 @@ def bounded(by_namespace: Mapping[str, Entries], max_namespace_bytes: int = MAX_
 
 
 def mesh_destinations(pods: Iterable[MeshPod], services: Iterable[MeshService], trust_domain: str) -> Entries:
-    """The map by IPv4 address, every namespace included (unbounded: `bounded` is what agents receive)."""
+    """The map by address, every namespace included (unbounded: `bounded` is what agents receive)."""
     return dict(sorted((ip, entry) for entries in namespace_entries(pods, services, trust_domain).values()
                        for ip, entry in entries.items()))
 

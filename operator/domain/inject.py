@@ -174,7 +174,10 @@ def _security(uid: int, *, add: tuple[str, ...] = ()) -> dict[str, Any]:
 def _env(*extra: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}, *extra]
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            # Both families' addresses on a dual-stack cluster, comma-separated: the agent's outbound calls to them
+            # stay in the pod (sidecar/domain/envoy.py, outbound_resources).
+            {"name": "POD_IPS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIPs"}}}, *extra]
 
 
 def _http_probe(path: str, port: int, period_s: int, failures: int) -> dict[str, Any]:

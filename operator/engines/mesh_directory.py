@@ -153,7 +153,7 @@ class MeshDirectory:
                 continue  # reported when it was first left out (its sizes may change meanwhile)
             log.warning("%s", why)
             entries = by_namespace.get(ns, {})
-            pods = [p for p in self._pods.values() if p.namespace == ns and p.ip in entries]
+            pods = [p for p in self._pods.values() if p.namespace == ns and set(p.ips) & set(entries)]
             if pods:
                 biggest = max(pods, key=lambda p: (len(p.plaintext_ports), p.name))
                 self._report(biggest, "MeshDestinationsCut", why)

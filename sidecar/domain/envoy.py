@@ -37,12 +37,18 @@ the same Envoy config, whose security properties are the point:
   so the HTTP/1.1 hop is exactly what it was (the same codec, pool and connection reuse; WebSocket upgrades and
   HTTP/1.0 unchanged); upgrading them was not measured and is not needed for correctness. An `Upgrade: h2c`
   request is HTTP/1.1 and stays so (Envoy strips the upgrade). Measured (tests/integration/test_grpc_routes.py):
-  before, every RPC failed `UNAVAILABLE ... protocol error` and an h2c-only app answered 502.
+  before, every RPC failed `UNAVAILABLE ... protocol error` and an h2c-only app answered 502;
+- both IP families where the pod has IPv6 (`ipv6`): the inbound and health listeners take
+  connections on `[::]` as well as `0.0.0.0`, the outbound one on `[::1]` as well as
+  `127.0.0.1` (where the kernel redirects the app's connections over IPv6, domain/capture.py),
+  each as one listener with an additional address, so both families meet the same filter
+  chains; meshed IPv6 addresses are matched by /128 prefixes like IPv4 ones by /32.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -423,6 +429,8 @@ class PodProxy:
     authz_timeout_s: float = DEFAULT_AUTHZ_TIMEOUT_S
     allowed_headers: tuple[str, ...] = DEFAULT_ALLOWED_HEADERS
     http: HttpSettings = field(default_factory=lambda: HttpSettings())
+    # The pod has IPv6 (decided at start: binding `[::]` fails where it is off): the listeners take it too.
+    ipv6: bool = False
 
 
 # Envoy's admin interface in an injected pod: a Unix socket in the agent's socket directory, created mode 0600
@@ -433,6 +441,19 @@ ENVOY_ADMIN_SOCKET = "envoy-admin.sock"
 ADMIN_SOCKET_MODE = 0o600
 # The pod's inbound and health listeners take connections on every address of the pod (capture sends them there).
 ANY_ADDRESS = "0.0.0.0"  # noqa: S104
+# ... and, where the pod has IPv6, on every IPv6 address: a second socket (IPV6_V6ONLY, Envoy's default without
+# `ipv4_compat`, so it does not collide with the IPv4 one on the same port).
+ANY_ADDRESS_6 = "::"
+# The outbound listener's addresses: the kernel redirects a connection the pod opens to its family's loopback.
+LOOPBACK, LOOPBACK_6 = "127.0.0.1", "::1"
+
+
+def _addresses(host: str, host6: str, port: int, ipv6: bool) -> dict[str, Any]:
+    """A listener's `address` on `host`, and where `ipv6`, the `additional_addresses` on `host6`, same port."""
+    out: dict[str, Any] = {"address": Endpoint(host=host, port=port).address()}
+    if ipv6:
+        out["additional_addresses"] = [{"address": Endpoint(host=host6, port=port).address()}]
+    return out
 # Open downstream connections one pod's Envoy accepts (inbound, outbound and health together).
 MAX_DOWNSTREAM_CONNECTIONS = 20_000
 # Where captured connections go: the address they were sent to (Envoy's own connections are never captured).
@@ -479,9 +500,9 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
         {"match": {"path": "/healthz/ready"}, "route": {"cluster": "envoy_admin", "prefix_rewrite": "/ready"}},
         {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]})
     listeners = [
-        {"name": "inbound", "address": Endpoint(host=ANY_ADDRESS, port=INBOUND_PORT).address(),
+        {"name": "inbound", **_addresses(ANY_ADDRESS, ANY_ADDRESS_6, INBOUND_PORT, p.ipv6),
          "listener_filters": [_original_dst(), _tls_inspector()], "filter_chains": chains},
-        {"name": "health", "address": Endpoint(host=ANY_ADDRESS, port=PROXY_HEALTH_PORT).address(),
+        {"name": "health", **_addresses(ANY_ADDRESS, ANY_ADDRESS_6, PROXY_HEALTH_PORT, p.ipv6),
          "filter_chains": [{"filters": [{"name": _HCM, "typed_config": health}]}]},
     ]
     admin = f"{p.socket_dir}/{ENVOY_ADMIN_SOCKET}"
@@ -516,9 +537,10 @@ class Destination:
 
 
 def parse_destinations(doc: Any) -> dict[str, Destination]:
-    """The operator's destination map (`{ip: {"identities": [...], "plaintextPorts": [...]}}`).
+    """The operator's destination map (`{ip: {"identities": [...], "plaintextPorts": [...]}}`), IPv4 and IPv6.
 
-    Raises ValueError naming the entry that is malformed.
+    Each key is taken in its canonical form (`fd00::a`, never `FD00:0::000A`). Raises ValueError naming the entry
+    that is malformed.
     """
     if not isinstance(doc, dict):
         raise ValueError(f"destinations must be a mapping, got {type(doc).__name__}")  # noqa: TRY004
@@ -526,13 +548,32 @@ def parse_destinations(doc: Any) -> dict[str, Destination]:
     for ip, entry in doc.items():
         ids = entry.get("identities") if isinstance(entry, dict) else None
         ports = entry.get("plaintextPorts", []) if isinstance(entry, dict) else None
-        if not isinstance(ip, str) or not ip.count(".") == 3 or not isinstance(ids, list) or \
+        address = _address(ip)
+        if address is None or not isinstance(ids, list) or \
                 not all(isinstance(i, str) and i.startswith("spiffe://") for i in ids) or \
                 not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
-            raise ValueError(f"destinations[{ip!r}]: want an IPv4 address -> {{identities: [spiffe://...], "
-                             "plaintextPorts: [port...]}")
-        out[ip] = Destination(tuple(ids), tuple(ports))
+            raise ValueError(f"destinations[{ip!r}]: want an IPv4 or IPv6 address (no zone) -> "
+                             "{identities: [spiffe://...], plaintextPorts: [port...]}")
+        out[address] = Destination(tuple(ids), tuple(ports))
     return out
+
+
+def _address(text: Any) -> str | None:
+    """`text` as a canonical IPv4 or IPv6 address; None if it is not one, or has a zone (`fe80::1%eth0`).
+
+    A zone names an interface of the sender's own pod: no other pod's Envoy can match or dial it.
+    """
+    if not isinstance(text, str) or "%" in text:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+def own_addresses(text: str) -> frozenset[str]:
+    """The pod's own addresses, canonical, from `status.podIPs` as the downward API writes it (comma-separated)."""
+    return frozenset(a for a in (_address(t.strip()) for t in text.split(",")) if a)
 
 
 def _identity_matcher(identity: str) -> dict[str, str]:
@@ -583,7 +624,8 @@ def _mesh_chain(cluster: str, ips: list[str], port: int | None, destination: str
                 http: HttpSettings) -> dict[str, Any]:
     filters = [_exchange_filter(destination, header), _router()] if destination else None
     hcm = _hcm("outbound", _mesh_routes(cluster, destination, header, http), filters, **http.hcm())
-    match: dict[str, Any] = {"prefix_ranges": [{"address_prefix": ip, "prefix_len": 32} for ip in ips]}
+    match: dict[str, Any] = {"prefix_ranges": [{"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32}
+                                               for ip in ips]}
     if port is not None:
         match["destination_port"] = port
     return {"name": f"{cluster}|{port or '*'}", "filter_chain_match": match,
@@ -623,18 +665,20 @@ def _plaintext_http(header: str, http: HttpSettings) -> dict[str, Any]:
 
 
 def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = "",
-                       context_header: str = WIRE_HEADER, http: HttpSettings | None = None
+                       context_header: str = WIRE_HEADER, http: HttpSettings | None = None, ipv6: bool = False
                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The outbound listener and its clusters (LDS, CDS) for the meshed `destinations` (by IPv4 address).
+    """The outbound listener and its clusters (LDS, CDS) for the meshed `destinations` (by IPv4 and IPv6 address).
 
     A connection to a meshed address goes out over mTLS to one of its identities; any other (non-meshed
     addresses, a meshed address's plaintext ports, this pod's own address) passes through untouched, but for
     the app's `context_header` (and the wire header), which only a meshed address of one audience (one
-    workload or one namespace) receives, exchanged. `http`: the workload's stream settings (HttpSettings'
-    defaults if None).
+    workload or one namespace) receives, exchanged. `own_ip`: this pod's addresses, comma-separated (its
+    `status.podIPs`). `http`: the workload's stream settings (HttpSettings' defaults if None). `ipv6`: the pod has
+    IPv6, so the listener takes the app's connections redirected to `[::1]` too.
     """
     http = http or HttpSettings()
-    meshed = {ip: d for ip, d in destinations.items() if ip != own_ip and d.identities}
+    own = own_addresses(own_ip)
+    meshed = {ip: d for ip, d in destinations.items() if ip not in own and d.identities}
     groups: dict[tuple[str, ...], list[str]] = {}
     for ip in sorted(meshed):
         groups.setdefault(tuple(sorted(set(meshed[ip].identities))), []).append(ip)
@@ -656,7 +700,7 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
     passthrough = {"name": "passthrough", "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": "passthrough", "cluster": PASSTHROUGH}}]}
-    listener = {"name": "outbound", "address": Endpoint(port=OUTBOUND_PORT).address(),
+    listener = {"name": "outbound", **_addresses(LOOPBACK, LOOPBACK_6, OUTBOUND_PORT, ipv6),
                 "listener_filters": [_original_dst(), _http_inspector()],
                 "listener_filters_timeout": _duration(SNIFF_TIMEOUT_S), "continue_on_listener_filters_timeout": True,
                 "filter_chains": chains, "default_filter_chain": passthrough}

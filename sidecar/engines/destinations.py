@@ -22,7 +22,7 @@ class MeshDestinations:
     """The current destination map, the app's context header, and a version that moves with each change."""
 
     def __init__(self, own_ip: str = "") -> None:
-        self.own_ip = own_ip
+        self.own_ip = own_ip  # this pod's addresses, comma-separated (status.podIPs)
         self.current: dict[str, Destination] = {}
         self.context_header = WIRE_HEADER
         self.version = 0

@@ -5,8 +5,16 @@ in the pod's network namespace: it loads the rules of domain/capture.py with
 `iptables-restore` and, for IPv6, `ip6tables-restore` (nftables back end first, the
 legacy one if the kernel has no nf_tables), prints them for `kubectl logs`, and fails
 the pod loudly if they cannot be installed: a pod must never run opted in but
-uncaptured. The IPv6 rules are skipped only where the pod has no IPv6 at all (a kernel
-without it, or IPv6 disabled in the pod: nothing to close then).
+uncaptured.
+
+IPv6, in order:
+1. the nat rules (`ip6tables_rules`): TCP over IPv6 captured like IPv4;
+2. where no back end takes them (a kernel without an IPv6 nat table, `ip6table_nat`),
+   the reset rules (`ip6tables_reset_rules`): TCP over IPv6 into the pod and out of its
+   app is reset, and the log says "IPv6 reset, not captured" and why;
+3. where neither is installed, the pod fails if it has IPv6 (a way around the mesh), and
+   starts if it has none at all (a kernel without it, or IPv6 disabled in the pod:
+   nothing to close then).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from meshward._version import __version__
 from meshward.sidecar.domain.capture import (
     Capture,
     CaptureError,
+    ip6tables_reset_rules,
     ip6tables_rules,
     iptables_rules,
     parse_cidrs,
@@ -58,22 +67,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CaptureError as e:
         print(f"meshward-init: {e}", file=sys.stderr)
         return 2
-    rules, rules6 = iptables_rules(capture), ip6tables_rules(capture)
+    rules, rules6, reset6 = iptables_rules(capture), ip6tables_rules(capture), ip6tables_reset_rules(capture)
     print(rules, end="")
     print(rules6, end="")
     if args.dry_run:
+        print("# where the kernel has no IPv6 nat table, instead:")
+        print(reset6, end="")
         return 0
     error = _restore(RESTORE_COMMANDS, rules)
     if error:
         print(f"meshward-init: cannot install traffic capture: {error}", file=sys.stderr)
         return 1
     error = _restore(RESTORE6_COMMANDS, rules6)
-    if error and _has_ipv6():
-        print(f"meshward-init: cannot close IPv6 (the pod has IPv6, so it would be a way around the mesh): {error}",
-              file=sys.stderr)
+    if not error:
+        return 0
+    print(f"meshward-init: cannot capture IPv6 ({error}); resetting TCP over IPv6 instead:")
+    print(reset6, end="")
+    reset_error = _restore(RESTORE6_COMMANDS, reset6)
+    if not reset_error:
+        print("meshward-init: IPv6 reset, not captured: TCP over IPv6 into this pod and out of its app is refused")
+        return 0
+    if _has_ipv6():
+        print("meshward-init: cannot capture or close IPv6 (the pod has IPv6, so it would be a way around the mesh): "
+              f"{error}; {reset_error}", file=sys.stderr)
         return 1
-    if error:
-        print("meshward-init: no IPv6 in this pod; IPv6 rules not needed")
+    print("meshward-init: no IPv6 in this pod; IPv6 rules not needed")
     return 0
 
 

@@ -34,7 +34,7 @@ from meshward.sidecar.engines.agent import GIL_SWITCH_INTERVAL_S, Agent, ConfigR
 from meshward.sidecar.engines.context import ContextKeys
 from meshward.sidecar.engines.destinations import MeshDestinations
 from meshward.sidecar.engines.observe import DEFAULT_AUDIT_FLUSH_S, JsonLineAudit, Metrics
-from meshward.sidecar.entrypoints.proxy import add_http_flags, http_settings
+from meshward.sidecar.entrypoints.proxy import add_http_flags, add_ipv6_flag, http_settings, ipv6_enabled
 from meshward.sidecar.servers.admin import Admin
 from meshward.sidecar.servers.authz_http import HttpAuthz
 from meshward.sidecar.servers.http1 import Handler, serve_tcp, serve_unix
@@ -85,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pod-name", default=os.environ.get("POD_NAME", ""),
                    help="this pod's name, sent when subscribing (default $POD_NAME)")
     p.add_argument("--pod-ip", default=os.environ.get("POD_IP", ""),
-                   help="this pod's IP (default $POD_IP): the app's probes go there, and outbound calls to it stay "
-                        "in the pod")
+                   help="this pod's IP (default $POD_IP): the app's probes go there")
+    p.add_argument("--pod-ips", default=os.environ.get("POD_IPS", ""),
+                   help="this pod's IPs, comma-separated (default $POD_IPS, else --pod-ip): outbound calls to them "
+                        "stay in the pod")
     p.add_argument("--app-probes", default=os.environ.get(PROBES_ENV, ""),
                    help=f"the app's original probes, JSON path -> probe (default ${PROBES_ENV}, set by the injector)")
     p.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config file checks")
@@ -95,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                         "0: once per event-loop iteration); shutdown writes them all")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     add_http_flags(p)  # of the outbound listener this agent serves its Envoy (LDS)
+    add_ipv6_flag(p)  # of that listener too
     return p
 
 
@@ -164,7 +167,8 @@ def _subscription(args: argparse.Namespace, agent: Agent, identity: IdentityMana
         return (cert.bundle_pem, cert.key_pem, cert.chain_pem) if cert else None
 
     client = PolicyClient(args.policy_server, args.identity_signer_name, credentials, args.identity_token.read_text)
-    return PolicySubscription(client, agent, args.pod_name, registry, destinations=MeshDestinations(args.pod_ip))
+    return PolicySubscription(client, agent, args.pod_name, registry,
+                              destinations=MeshDestinations(args.pod_ips or args.pod_ip))
 
 
 def _load(path: Path | None) -> Snapshot | None:
@@ -250,7 +254,8 @@ async def _start_servers(args: argparse.Namespace, r: _Running) -> tuple[list[as
         if r.subscription is not None and r.subscription.destinations is not None:
             from meshward.sidecar.servers import xds
 
-            outbound = xds.OutboundDiscovery(r.subscription.destinations, http_settings(args))
+            outbound = xds.OutboundDiscovery(r.subscription.destinations, http_settings(args),
+                                             ipv6=ipv6_enabled(args.ipv6))
 
             def also(server: grpc.aio.Server) -> None:
                 xds.register(outbound, server)

@@ -3,7 +3,9 @@
 The bootstrap is built by the same pure function the tests check (domain/envoy.py,
 build_pod_bootstrap), for this pod ($POD_NAMESPACE/$POD_NAME), written to the shared
 socket directory (the root filesystem is read-only) and Envoy replaces this process, so
-kubelet signals Envoy itself.
+kubelet signals Envoy itself. Whether its listeners take IPv6 too is decided here, at
+start, from the pod's own network namespace (`ipv6_enabled`): binding `[::]` fails where
+IPv6 is off, and Envoy then refuses the whole listener.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +55,28 @@ def add_http_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-http10", action="store_true", help="serve HTTP/1.0 requests (default: 426)")
 
 
+def add_ipv6_flag(p: argparse.ArgumentParser) -> None:
+    """Add `--ipv6 auto|on|off` to `p`: whether Envoy's listeners take IPv6 too (meshward-proxy and the agent)."""
+    p.add_argument("--ipv6", choices=["auto", "on", "off"], default="auto",
+                   help="Envoy's listeners on IPv6 too: auto (default) where this network namespace has IPv6")
+
+
+def ipv6_enabled(choice: str) -> bool:
+    """Whether the listeners take IPv6: as `choice` says, or (auto) whether this pod can bind its IPv6 loopback.
+
+    `::1` is where capture sends the app's connections over IPv6 (domain/capture.py); it is there whenever the
+    pod's IPv6 is on, and binding it is what fails where it is off (no IPv6 in the kernel, or disabled in the pod).
+    """
+    if choice != "auto":
+        return choice == "on"
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
 def http_settings(args: argparse.Namespace) -> HttpSettings:
     """The HttpSettings the flags of add_http_flags say."""
     return HttpSettings(args.route_timeout, args.stream_idle_timeout, args.accept_http10)
@@ -69,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--envoy", default="envoy", help="the Envoy binary (default: envoy on $PATH)")
     p.add_argument("--print", action="store_true", help="print the bootstrap instead of starting Envoy")
     add_http_flags(p)
+    add_ipv6_flag(p)
     return p
 
 
@@ -80,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     node = f"{os.environ.get('POD_NAMESPACE', 'default')}/{os.environ.get('POD_NAME', 'unknown')}"
     bootstrap = build_pod_bootstrap(PodProxy(node, args.socket_dir, args.inbound_plaintext == "allow",
-                                             args.transport, http=http_settings(args)))
+                                             args.transport, http=http_settings(args),
+                                             ipv6=ipv6_enabled(args.ipv6)))
     text = json.dumps(bootstrap, indent=1)
     if args.print:
         print(text)

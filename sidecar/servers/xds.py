@@ -53,14 +53,16 @@ class OutboundDiscovery(lds_pb2_grpc.ListenerDiscoveryServiceServicer,  # type: 
                         cds_pb2_grpc.ClusterDiscoveryServiceServicer):  # type: ignore[misc]
     """LDS and CDS from the current destination map."""
 
-    def __init__(self, destinations: MeshDestinations, http: HttpSettings | None = None) -> None:
+    def __init__(self, destinations: MeshDestinations, http: HttpSettings | None = None, *, ipv6: bool = False
+                 ) -> None:
         self._destinations = destinations
         self._http = http or HttpSettings()
+        self._ipv6 = ipv6  # the pod has IPv6: the outbound listener takes [::1] too
 
     def response(self, type_url: str, version: int) -> Any:
         """The whole state of `type_url` for the map at `version`."""
         d = self._destinations
-        listeners, clusters = outbound_resources(d.current, d.own_ip, d.context_header, self._http)
+        listeners, clusters = outbound_resources(d.current, d.own_ip, d.context_header, self._http, self._ipv6)
         if type_url == LISTENER_TYPE:
             resources = pack_resources(listeners, listener_pb2.Listener)
         else:

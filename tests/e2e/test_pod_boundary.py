@@ -77,8 +77,10 @@ def _link_local(mesh: Mesh, app: str) -> str:
 def test_ipv6_link_local_side_door_into_a_meshed_app_is_closed(boundary: tuple[Mesh, Mesh]) -> None:
     """IPv6 side door: capture was IPv4 only, so an unmeshed pod in another namespace reached a meshed app listening
     on `::` over its link-local address: a denied path answered 200, a spoofed identity header reached the app, and
-    no audit line was written. Now TCP over IPv6 into a meshed pod is reset, from unmeshed and meshed callers alike
-    (meshed peers are known by IPv4 only: nothing goes around mTLS), while IPv4 still decides as before."""
+    no audit line was written. Now TCP over IPv6 is captured like IPv4: the unmeshed caller meets Envoy's inbound
+    listener, which takes mTLS only; a meshed caller dialling a link-local address is not in the destination map,
+    and its Envoy cannot dial a link-local original destination: neither reaches the app, and IPv4 still decides
+    as before."""
     mesh, outside = boundary
     address = _link_local(mesh, "victim")
     url = f"http://[{address}%25eth0]:8080/admin"

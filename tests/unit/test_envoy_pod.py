@@ -247,7 +247,8 @@ def test_inbound_strips_every_meshward_header_but_the_context_token(header: str,
 
 @pytest.mark.parametrize("doc", [
     [], {"10.0.0.1": {"identities": "spiffe://x"}}, {"10.0.0.1": {"identities": ["https://x"]}},
-    {"fd00::1": {"identities": ["spiffe://td/ns/a/sa/b"]}},
+    {"fe80::1%eth0": {"identities": ["spiffe://td/ns/a/sa/b"]}},  # a zone: an interface of the sender's pod
+    {"10.0.0": {"identities": ["spiffe://td/ns/a/sa/b"]}}, {"orders.shop": {"identities": ["spiffe://td/ns/a/sa/b"]}},
     {"10.0.0.1": {"identities": ["spiffe://td/ns/a/sa/b"], "plaintextPorts": [0]}},
 ])
 def test_a_malformed_destination_map_is_refused(doc: Any) -> None:
@@ -256,8 +257,9 @@ def test_a_malformed_destination_map_is_refused(doc: Any) -> None:
 
 
 def test_the_wire_form_parses_into_the_map() -> None:
-    got = parse_destinations({"10.0.0.1": {"identities": [ORDERS], "plaintextPorts": [9090]}})
-    assert got == {"10.0.0.1": Destination((ORDERS,), (9090,))}
+    got = parse_destinations({"10.0.0.1": {"identities": [ORDERS], "plaintextPorts": [9090]},
+                              "FD00:10:0::0007": {"identities": [ORDERS]}})
+    assert got == {"10.0.0.1": Destination((ORDERS,), (9090,)), "fd00:10::7": Destination((ORDERS,))}
 
 
 def _tcp_addresses(doc: Any) -> list[dict[str, Any]]:
@@ -369,3 +371,99 @@ def test_durations_out_of_form_or_bounds_are_refused_with_the_form(text: str) ->
 
 def test_zero_is_no_route_timeout_only_where_allowed() -> None:
     assert parse_duration("0", zero_is_none=True) == parse_duration("0s", zero_is_none=True) == 0
+
+
+# ------------------------------------------------------------------------------ both families (issue 18, item 1)
+
+# The same workloads on a dual-stack cluster: each pod and Service by its IPv6 address too (status.podIPs,
+# spec.clusterIPs), with the same entry.
+DUAL_MAP = {
+    **MAP,
+    "fd00:10:244::7": Destination((ORDERS,), (9090,)),
+    "fd00:10:244::8": Destination((ORDERS,)),
+    "fd00:10:96::20": Destination((ORDERS,)),
+    "fd00:10:96::30": Destination((PAYMENTS, ORDERS)),
+    "fd00:10:244::9": Destination((PAYMENTS,)),
+    "fd00:10:244:1::4": Destination(("spiffe://cluster.local/ns/web/sa/*",)),
+}
+OWN_IPS = "10.244.0.9,fd00:10:244::9"
+
+
+def test_dual_stack_pod_bootstrap_matches_golden(request: pytest.FixtureRequest) -> None:
+    golden("pod-dual-stack", build_pod_bootstrap(PodProxy("shop/orders-1", ipv6=True)), request)
+
+
+def test_dual_stack_outbound_resources_match_golden(request: pytest.FixtureRequest) -> None:
+    listeners, clusters = outbound_resources(DUAL_MAP, OWN_IPS, ipv6=True)
+    golden("outbound-dual-stack", {"listeners": listeners, "clusters": clusters}, request)
+
+
+def test_envoy_accepts_the_dual_stack_bootstrap_and_outbound_resources(tmp_path: Path) -> None:
+    """`envoy --mode validate`: the additional addresses and the /128 prefixes are Envoy's spelling."""
+    boot = build_pod_bootstrap(PodProxy("shop/orders-1", ipv6=True))
+    listeners, clusters = outbound_resources(DUAL_MAP, OWN_IPS, ipv6=True)
+    boot["static_resources"]["listeners"] += listeners
+    boot["static_resources"]["clusters"] += clusters
+    check_bootstrap(boot)
+    out = _validate(boot, tmp_path)
+    assert "deprecated" not in out.lower() and "[warning]" not in out, out
+
+
+def _sockets(listener: dict[str, Any]) -> list[tuple[str, int]]:
+    addresses = [listener["address"], *(a["address"] for a in listener.get("additional_addresses", []))]
+    return [(a["socket_address"]["address"], a["socket_address"]["port_value"]) for a in addresses]
+
+
+def test_ipv6_side_door_every_listener_takes_the_family_capture_sends_it() -> None:
+    """IPv6 side door: TCP over IPv6 is now redirected to Envoy (domain/capture.py), inbound to [::]:15006 and
+    outbound to [::1]:15001. Each listener takes both families on one socket pair, so an IPv6 connection meets the
+    same filter chains (mTLS only inbound); without IPv6 in the pod, no IPv6 socket (binding it would fail)."""
+    def listeners(ipv6: bool) -> dict[str, dict[str, Any]]:
+        boot = build_pod_bootstrap(PodProxy("shop/orders-1", ipv6=ipv6))
+        outbound = outbound_resources(DUAL_MAP, OWN_IPS, ipv6=ipv6)[0]
+        return {lis["name"]: lis for lis in [*boot["static_resources"]["listeners"], *outbound]}
+
+    dual = listeners(True)
+    assert _sockets(dual["inbound"]) == [("0.0.0.0", 15006), ("::", 15006)]
+    assert _sockets(dual["health"]) == [("0.0.0.0", PROXY_HEALTH_PORT), ("::", PROXY_HEALTH_PORT)]
+    assert _sockets(dual["outbound"]) == [("127.0.0.1", 15001), ("::1", 15001)]
+    # Envoy's default without ipv4_compat is IPV6_V6ONLY: the [::] socket does not collide with 0.0.0.0's.
+    assert "ipv4_compat" not in str(dual)
+    single = listeners(False)
+    assert [_sockets(single[n]) for n in ("inbound", "health", "outbound")] == [
+        [("0.0.0.0", 15006)], [("0.0.0.0", PROXY_HEALTH_PORT)], [("127.0.0.1", 15001)]]
+
+
+def test_meshed_ipv6_addresses_go_out_over_mtls_like_their_ipv4_ones() -> None:
+    """A meshed pod or Service dialled by its IPv6 address is matched by a /128 prefix in the same chain as its IPv4
+    address (/32), pinned to the same identities; this pod's own IPv6 address stays in the pod, and an IPv6 address's
+    plaintext ports are carved out like an IPv4 one's."""
+    listeners, clusters = outbound_resources(DUAL_MAP, OWN_IPS, ipv6=True)
+    chains = {c["name"]: c for c in listeners[0]["filter_chains"]}
+    ranges = {(r["address_prefix"], r["prefix_len"]) for r in chains[f"outbound|{ORDERS}|*"]["filter_chain_match"][
+        "prefix_ranges"]}
+    assert ranges == {("10.244.0.7", 32), ("10.244.0.8", 32), ("10.96.0.20", 32),
+                      ("fd00:10:244::7", 128), ("fd00:10:244::8", 128), ("fd00:10:96::20", 128)}
+    assert {c["name"] for c in clusters} == {f"outbound|{ORDERS}", f"outbound|{ORDERS},{PAYMENTS}",
+                                             "outbound|spiffe://cluster.local/ns/web/sa/*"}
+    everywhere = {r["address_prefix"] for c in chains.values() for r in c["filter_chain_match"].get("prefix_ranges", [])}
+    assert "fd00:10:244::9" not in everywhere and "10.244.0.9" not in everywhere
+    on_9090 = {r["address_prefix"] for c in chains.values() if c["filter_chain_match"].get("destination_port") == 9090
+               for r in c["filter_chain_match"].get("prefix_ranges", [])}
+    assert "fd00:10:244::7" not in on_9090 and "fd00:10:244::8" in on_9090
+
+
+def test_own_addresses_are_recognised_in_any_spelling() -> None:
+    """`status.podIPs` as the downward API writes it; a non-canonical spelling of this pod's IPv6 address still
+    keeps calls to it in the pod."""
+    listeners, _ = outbound_resources(DUAL_MAP, "10.244.0.9, FD00:10:244:0::9", ipv6=True)
+    everywhere = {r["address_prefix"] for c in listeners[0]["filter_chains"]
+                  for r in c["filter_chain_match"].get("prefix_ranges", [])}
+    assert "fd00:10:244::9" not in everywhere and "fd00:10:244::8" in everywhere
+
+
+def test_the_app_cannot_reach_envoys_admin_on_ipv6_loopback_either() -> None:
+    """With IPv6 the bootstrap still neither listens on nor dials `::1` (the outbound listener, from the agent, is
+    the only socket there, and it is captured traffic's)."""
+    boot = build_pod_bootstrap(PodProxy("shop/orders-1", ipv6=True))
+    assert [a for a in _tcp_addresses(boot) if a["address"] in ("::1", "127.0.0.1")] == []

@@ -284,7 +284,7 @@ def test_a_probe_aimed_at_the_agent_by_hand_is_not_restored_from_forged_original
     ("meshward.io/exclude-inbound-ports", "http"),
     ("meshward.io/exclude-outbound-ports", "70000"),
     ("meshward.io/exclude-outbound-cidrs", "10.0.0.0/33"),
-    ("meshward.io/exclude-outbound-cidrs", "fd00::/8"),
+    ("meshward.io/exclude-outbound-cidrs", "fe80::%eth0/64"),  # a zone: no CIDR ip6tables takes
     ("meshward.io/inbound-plaintext", "yes"),
     ("meshward.io/route-timeout", "30"),        # no unit: seconds or milliseconds?
     ("meshward.io/route-timeout", "-5s"),
@@ -307,6 +307,14 @@ def test_bad_settings_are_refused_naming_the_annotation(annotation: str, value: 
 
 def _commands(pod: dict[str, Any]) -> dict[str, list[str]]:
     return {c["name"]: c["command"] for c in pod["spec"]["initContainers"]}
+
+
+def test_excluded_cidrs_of_both_families_reach_the_capture_container() -> None:
+    """Each family's capture rules take their own excluded CIDRs (sidecar/domain/capture.py)."""
+    pod = _pod()
+    pod["metadata"]["annotations"] = {"meshward.io/exclude-outbound-cidrs": "10.1.0.0/16, fd00:1::/64"}
+    command = _commands(inject(pod, SETTINGS))["meshward-init"]
+    assert command[command.index("--exclude-outbound-cidrs") + 1] == "10.1.0.0/16,fd00:1::/64"
 
 
 @pytest.mark.parametrize(("annotations", "flags"), [

@@ -358,3 +358,74 @@ def test_meshward_check_names_an_app_port_excluded_from_capture() -> None:
     pods = [pod("orders-1", "8080,9090,7000"), pod("orders-2", "7000,5353"), pod("plain", "8080", injected=False),
             pod("done", "8080", phase="Succeeded"), pod("bad", "not-a-port")]
     assert ports_outside_mesh(pods) == [("shop/orders-1", (8080, 9090))]
+
+
+# ------------------------------------------------------------------------------ dual-stack (issue 18, item 1)
+
+
+def dual_pod(name: str, ip: str, ip6: str, **kwargs: Any) -> dict[str, Any]:
+    """A running pod of a dual-stack cluster: `status.podIPs` has an address of each family, podIP the first."""
+    body = pod(name, ip, **kwargs)
+    body["status"]["podIPs"] = [{"ip": ip}, {"ip": ip6}]
+    return body
+
+
+def dual_service(name: str, ip: str, ip6: str, **kwargs: Any) -> dict[str, Any]:
+    body = service(name, ip, **kwargs)
+    body["spec"]["clusterIPs"] = [ip, ip6]
+    body["spec"]["ipFamilies"] = ["IPv4", "IPv6"]
+    return body
+
+
+def test_dual_stack_pods_and_services_are_meshed_by_both_families_alike() -> None:
+    """A meshed caller dialling a pod or Service over IPv6 must get the same mTLS, pinned to the same identities,
+    with the same plaintext ports, as over IPv4: the IPv6 addresses were left out and went out in plaintext."""
+    excl = {"meshward.io/exclude-inbound-ports": "9090"}
+    got = dmap([dual_pod("o-1", "10.0.0.1", "fd00:10::1", annotations=excl),
+                dual_pod("o-2", "10.0.0.2", "fd00:10::2", annotations=excl, sa="orders-v2")],
+               [dual_service("orders", "10.96.0.1", "fd00:96::1")])
+    for v4, v6 in (("10.0.0.1", "fd00:10::1"), ("10.0.0.2", "fd00:10::2"), ("10.96.0.1", "fd00:96::1")):
+        assert got[v6] == got[v4]
+    assert got["fd00:10::1"] == {"identities": [f"spiffe://{TD}/ns/shop/sa/orders"], "plaintextPorts": [9090]}
+    assert got["fd00:96::1"]["identities"] == [f"spiffe://{TD}/ns/shop/sa/orders", f"spiffe://{TD}/ns/shop/sa/orders-v2"]
+    assert len(got) == 6
+    view = view_for(got, "web", TD)
+    assert view["fd00:96::1"]["identities"] == [f"spiffe://{TD}/ns/shop/sa/*"]
+
+
+def test_an_ipv6_only_pod_and_service_are_meshed() -> None:
+    """Single-stack IPv6: `podIP` is an IPv6 address (it was skipped for containing ':')."""
+    v6 = pod("o-1", "fd00:10::1")
+    got = dmap([v6], [service("orders", "fd00:96::1")])
+    assert set(got) == {"fd00:10::1", "fd00:96::1"}
+
+
+def test_addresses_are_canonical_and_at_most_one_per_family() -> None:
+    """Addresses enter the map as Envoy and the agent's own-address check compare them (canonical), and a pod or
+    Service takes at most one per family, whatever its status or spec lists: an entry's count is bounded."""
+    odd = pod("o-1", "10.0.0.1")
+    odd["status"]["podIPs"] = [{"ip": "10.0.0.1"}, {"ip": "FD00:10:0::0001"}, {"ip": "fd00:10::99"},
+                               {"ip": "10.0.0.99"}, {"ip": "fe80::1%eth0"}, {"ip": "nonsense"}, "10.0.0.5", {}]
+    many = service("orders", "10.96.0.1")
+    many["spec"]["clusterIPs"] = ["10.96.0.1", *(f"fd00:96::{n:x}" for n in range(1, 1000)), "None"]
+    got = dmap([odd], [many])
+    assert set(got) == {"10.0.0.1", "fd00:10::1", "10.96.0.1", "fd00:96::1"}
+
+
+def test_dual_stack_entries_count_against_their_namespaces_share() -> None:
+    """The per-namespace bound is of the entries as sent: a namespace whose IPv4 entries alone fit its share but
+    whose IPv4 and IPv6 ones together do not is left out as a whole, both families, and only it."""
+    async def scenario(dual: bool) -> MeshDirectory:
+        d = MeshDirectory(TD, max_namespace_bytes=4096)
+        d.apply_pod(dual_pod("o-1", "10.0.0.1", "fd00:10::1"))
+        for n in range(30):
+            body = dual_pod(f"e-{n}", f"10.9.0.{n}", f"fd00:9::{n:x}", ns="evil") if dual else \
+                pod(f"e-{n}", f"10.9.0.{n}", ns="evil")
+            d.apply_pod(body)
+        d.publish()
+        return d
+    single = asyncio.run(scenario(False))
+    assert single.cut == {} and "10.9.0.0" in single.view("shop")
+    dual = asyncio.run(scenario(True))
+    assert list(dual.cut) == ["evil"]
+    assert set(dual.view("shop")) == set(dual.view("evil")) == {"10.0.0.1", "fd00:10::1"}

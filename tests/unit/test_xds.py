@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from google.protobuf import json_format
@@ -29,8 +30,10 @@ def _unpacked(packed: list[Any], message: Any) -> list[dict[str, Any]]:
     return out
 
 
-def test_every_outbound_resource_encodes_and_decodes_unchanged() -> None:
-    listeners, clusters = outbound_resources(MAP, "10.244.0.9")
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "dual-stack"])
+def test_every_outbound_resource_encodes_and_decodes_unchanged(ipv6: bool) -> None:
+    dual = {**MAP, "fd00:10:244::7": MAP["10.244.0.7"], "fd00:10:96::30": MAP["10.96.0.30"]} if ipv6 else MAP
+    listeners, clusters = outbound_resources(dual, "10.244.0.9,fd00:10:244::9", ipv6=ipv6)
     assert clusters and listeners
     for resources, message in ((listeners, listener_pb2.Listener), (clusters, cluster_pb2.Cluster)):
         back = _unpacked(pack_resources(resources, message), message)
@@ -38,3 +41,4 @@ def test_every_outbound_resource_encodes_and_decodes_unchanged() -> None:
         for original, decoded in zip(resources, back, strict=True):
             assert decoded["name"] == original["name"]
             assert set(decoded) == set(original), (set(original) ^ set(decoded))
+            assert decoded.get("additional_addresses") == original.get("additional_addresses")
