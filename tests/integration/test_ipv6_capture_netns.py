@@ -11,8 +11,9 @@ policy. What is not: certificates come from files instead of the agent's SDS, th
 listener is static instead of served over LDS, and the agent's socket is opened to
 PROXY_UID by a chmod (in a pod, the agent runs as PROXY_UID).
 
-Needs root (network namespaces, ip6tables); skipped elsewhere. Every namespace is deleted
-afterwards, whatever happens.
+Needs root (network namespaces, ip6tables), as the e2e tier does: marked `netns`, it fails
+where it cannot run (deselect with `-m "not netns"`). Every namespace is deleted afterwards,
+whatever happens.
 """
 
 from __future__ import annotations
@@ -73,7 +74,14 @@ def _envoy_executable() -> str:
         return envoy_binary()
 
 
-pytestmark = pytest.mark.skipif(bool(_can_run()), reason=_can_run() or "runs")
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _runs_here() -> None:
+    """Fail (never skip) where network namespaces and ip6tables are out of reach."""
+    if why := _can_run():
+        pytest.fail(f"this test {why}; run it as root, or deselect it with -m 'not netns'")
 
 
 def _run(*argv: str, stdin: str | None = None) -> str:
