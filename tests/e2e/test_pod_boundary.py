@@ -6,7 +6,7 @@ workload key), and as a namespace admin writing pods (mesh volumes, shared proce
 imitations, annotations that claim what only the injector decides).
 
 One release and one namespace: `victim` (meshed, the echo app listening on `::`, an AuthPolicy that admits only
-`GET /public` from `client`), `client` (meshed, its app running as root, as many images do), `plain` (unmeshed,
+`GET /public` from `client`, behind a dual-stack Service: the e2e cluster is dual-stack), `client` (meshed, its app running as root, as many images do), `plain` (unmeshed,
 behind a Service), and an unmeshed `attacker` pod in a namespace of its own.
 """
 
@@ -47,7 +47,7 @@ def boundary(kind_session: KindSession) -> Iterator[tuple[Mesh, Mesh]]:
             c.kubectl("-n", other, "create", "serviceaccount", "attacker")
             c.apply(service_identity(ns, "victim"), service_identity(ns, "client"), victim_policy(ns))
             c.trust_bundle(ns, timeout=60)
-            c.apply(deployment(ns, "victim", echo, inject=True, env={"HOST": "::"}), service(ns, "victim"),
+            c.apply(deployment(ns, "victim", echo, inject=True, env={"HOST": "::"}), dual_stack_service(ns, "victim"),
                     deployment(ns, "client", echo, inject=True, probe=False,
                                security={"runAsUser": 0, "runAsNonRoot": False}),
                     deployment(ns, "plain", echo, inject=False), service(ns, "plain"),
@@ -61,6 +61,24 @@ def boundary(kind_session: KindSession) -> Iterator[tuple[Mesh, Mesh]]:
         finally:
             for n in (ns, other):
                 c.kubectl("delete", "namespace", n, "--wait=false", check=False)
+
+
+def dual_stack_service(ns: str, name: str) -> dict[str, Any]:
+    """A Service on port 80 in front of `name`'s 8080 with a ClusterIP of each family (the cluster is dual-stack)."""
+    svc = service(ns, name)
+    svc["spec"].update(ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv4", "IPv6"])
+    return svc
+
+
+def _addresses(mesh: Mesh, kind: str, name: str) -> tuple[str, str]:
+    """(IPv4, IPv6) of pod or Service `name`."""
+    if kind == "pod":
+        ips = [p["ip"] for p in mesh.cluster.get_json("-n", mesh.ns, "pod", mesh.pod(name))["status"]["podIPs"]]
+    else:
+        ips = mesh.cluster.get_json("-n", mesh.ns, "service", name)["spec"]["clusterIPs"]
+    v4, v6 = [ip for ip in ips if ":" not in ip], [ip for ip in ips if ":" in ip]
+    assert v4 and v6, f"{kind} {name} is not dual-stack: {ips} (the e2e cluster is)"
+    return v4[0], v6[0]
 
 
 def _link_local(mesh: Mesh, app: str) -> str:
@@ -77,20 +95,63 @@ def _link_local(mesh: Mesh, app: str) -> str:
 def test_ipv6_link_local_side_door_into_a_meshed_app_is_closed(boundary: tuple[Mesh, Mesh]) -> None:
     """IPv6 side door: capture was IPv4 only, so an unmeshed pod in another namespace reached a meshed app listening
     on `::` over its link-local address: a denied path answered 200, a spoofed identity header reached the app, and
-    no audit line was written. Now TCP over IPv6 is captured like IPv4: the unmeshed caller meets Envoy's inbound
-    listener, which takes mTLS only; a meshed caller dialling a link-local address is not in the destination map,
-    and its Envoy cannot dial a link-local original destination: neither reaches the app, and IPv4 still decides
-    as before."""
+    no audit line was written. Now IPv6 is captured like IPv4 (the capture container loaded the ip6tables nat rules,
+    not the reset fallback; Envoy's inbound listener has a `[::]` socket): plaintext over link-local IPv6 meets the
+    inbound listener, which takes mTLS only. A meshed caller dialling a link-local address is not in the
+    destination map and Envoy cannot dial a link-local destination (no zone): it fails closed, never reaching the
+    app around mTLS."""
     mesh, outside = boundary
+    victim = mesh.pod("victim")
+    init_log = mesh.cluster.kubectl("-n", mesh.ns, "logs", victim, "-c", INIT).stdout
+    assert "-A MESHWARD_OUTPUT -d ::1/128 -j RETURN" in init_log, init_log
+    assert "IPv6 reset, not captured" not in init_log, init_log
+    assert init_log.count("rules installed with") == 2, init_log  # IPv4, then IPv6: both nat tables
+    statuses = json.loads(envoy_admin(mesh.cluster, mesh.ns, victim, "/listeners?format=json"))["listener_statuses"]
+    inbound = next(st for st in statuses if st["name"] == "inbound")
+    assert [a["socket_address"]["address"] for a in inbound.get("additional_local_addresses", [])] == ["::"]
+
     address = _link_local(mesh, "victim")
-    url = f"http://[{address}%25eth0]:8080/admin"
-    code, body = outside.curl("attacker", url, "-g", "-H", "x-meshward-sub: admin")
-    assert code == 0, f"an unmeshed pod in another namespace reached the app over IPv6: {code} {body}"
-    code, body = mesh.curl("client", url, "-g")
-    assert code == 0, f"a meshed pod reached the app over IPv6 around mTLS: {code} {body}"
-    assert not any(d["path"] == "/admin" for d in mesh.decisions("victim"))
+    for path in ("/admin", "/public"):
+        code, body = outside.curl("attacker", f"http://[{address}%25eth0]:8080{path}", "-g", "-H",
+                                  "x-meshward-sub: admin")
+        assert code == 0, f"an unmeshed pod in another namespace reached the app over IPv6: {code} {body}"
+    code, body = mesh.curl("client", f"http://[{address}%25eth0]:8080/admin", "-g")
+    assert code in (0, 503), f"a meshed pod reached the app over link-local IPv6 around mTLS: {code} {body}"
+    assert not any(d["path"] in ("/admin", "/public") and not d.get("peer") for d in mesh.decisions("victim"))
+    assert not any(d["path"] == "/admin" and d["outcome"] == "allow" for d in mesh.decisions("victim"))
     assert mesh.curl("client", f"http://victim.{mesh.ns}/admin")[0] == 403  # IPv4: mTLS, and the policy decides
     assert outside.curl("attacker", f"http://victim.{mesh.ns}/public")[0] == 0  # plaintext refused
+
+
+def test_dual_stack_meshed_calls_over_ipv6_are_mtls_and_the_policy_decides(boundary: tuple[Mesh, Mesh]) -> None:
+    """Pod to pod over IPv6 on the dual-stack cluster: the client app dials the victim's global IPv6 pod address and
+    its Service's IPv6 ClusterIP in plaintext; its Envoy sends both over mTLS pinned to the victim's identity (the
+    destination map has both families), and the victim's agent decides with the caller's SPIFFE ID: GET /public
+    200, /admin 403. Before, IPv6 was reset (and before that went around the mesh)."""
+    mesh, _ = boundary
+    _, pod6 = _addresses(mesh, "pod", "victim")
+    _, svc6 = _addresses(mesh, "service", "victim")
+    client = f"spiffe://cluster.local/ns/{mesh.ns}/sa/client"
+    for url in (f"http://[{pod6}]:8080", f"http://[{svc6}]:80"):
+        code, body = mesh.curl("client", f"{url}/public", "-g")
+        assert code == 200, (url, code, body)
+        code, body = mesh.curl("client", f"{url}/admin", "-g")
+        assert code == 403, (url, code, body)
+    decided = {(d["path"], d["outcome"], d.get("peer")) for d in mesh.decisions("victim")}
+    assert {("/public", "allow", client), ("/admin", "deny", client)} <= decided
+
+
+def test_dual_stack_unmeshed_caller_over_ipv6_is_refused(boundary: tuple[Mesh, Mesh]) -> None:
+    """An unmeshed pod in another namespace dialling the meshed victim over IPv6 (its global pod address and its
+    Service's IPv6 ClusterIP) in plaintext, with a spoofed identity header, meets the victim's inbound `[::]`
+    socket, which takes mTLS only: no HTTP answer, no decision."""
+    mesh, outside = boundary
+    _, pod6 = _addresses(mesh, "pod", "victim")
+    _, svc6 = _addresses(mesh, "service", "victim")
+    for url in (f"http://[{pod6}]:8080/v6-unmeshed", f"http://[{svc6}]:80/v6-unmeshed"):
+        code, body = outside.curl("attacker", url, "-g", "-H", "x-meshward-sub: admin")
+        assert code == 0, f"an unmeshed pod reached the app over IPv6: {url} {code} {body}"
+    assert not any(d["path"] == "/v6-unmeshed" for d in mesh.decisions("victim"))
 
 
 def test_a_root_app_calling_setgid_1337_is_still_captured(boundary: tuple[Mesh, Mesh]) -> None:
