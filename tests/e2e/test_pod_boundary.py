@@ -138,7 +138,7 @@ def test_dual_stack_meshed_calls_over_ipv6_are_mtls_and_the_policy_decides(bound
         code, body = mesh.curl("client", f"{url}/admin", "-g")
         assert code == 403, (url, code, body)
     decided = {(d["path"], d["outcome"], d.get("peer")) for d in mesh.decisions("victim")}
-    assert {("/public", "allow", client), ("/admin", "deny", client)} <= decided
+    assert {("/public", "allow", client), ("/admin", "forbidden", client)} <= decided
 
 
 def test_dual_stack_unmeshed_caller_over_ipv6_is_refused(boundary: tuple[Mesh, Mesh]) -> None:
