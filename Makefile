@@ -57,7 +57,7 @@ lint: install
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m meshward.operator.api.crdgen --check
 	"$$(hack/build-control-plane paths | sed -n 's/^helm=//p')" lint --strict charts/meshward
-	$(BIN)/hadolint Dockerfile hack/images/echo/Dockerfile
+	$(BIN)/hadolint Dockerfile hack/images/echo/Dockerfile hack/images/compat/Dockerfile
 
 # The fixtures build what is missing (control plane, kind, node image, images: cached).
 test: lint host-deps

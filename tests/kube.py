@@ -166,7 +166,7 @@ def kind_session_for(kubeconfig: Path | None, failed: Callable[[], bool]) -> Ite
     paths = tool_paths()
     if kubeconfig is not None:
         built = kind_paths(build=False)
-        images = {"meshward": built["meshward-image"], "echo": built["echo-image"]}
+        images = {"meshward": built["meshward-image"], "echo": built["echo-image"], "compat": built["compat-image"]}
         yield KindSession(Cluster(kubeconfig, paths["kubectl"], paths["helm"], "external"), "external", images)
         return
     try:
@@ -197,7 +197,7 @@ def kind_session_for(kubeconfig: Path | None, failed: Callable[[], bool]) -> Ite
         cluster = Cluster(work / "kubeconfig", paths["kubectl"], paths["helm"], "kind")
         cluster.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=120s", timeout=150)
         cluster.kubectl("-n", "kube-system", "rollout", "status", "deployment/coredns", "--timeout=120s", timeout=150)
-        images = {"meshward": built["meshward-image"], "echo": built["echo-image"]}
+        images = {"meshward": built["meshward-image"], "echo": built["echo-image"], "compat": built["compat-image"]}
         kind.load(name, list(images.values()))
         yield KindSession(cluster, name, images, built["node-image"], kind.provider)
     finally:

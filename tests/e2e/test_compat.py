@@ -1,0 +1,467 @@
+"""Does an app's traffic still work once its pods are meshed? Third-party servers and clients, unmeshed and meshed.
+
+Issue 19's table, one test per row: each case runs twice in the same test, from an unmeshed caller to an
+unmeshed server and from a meshed caller to the meshed server, and both runs must end the same way (statuses,
+bytes, events received, RPC results, what the server saw); the meshed run must also be in the server's audit
+log, allowed, with the caller's SPIFFE ID. The servers and clients are Debian's, not ours (the compat image,
+hack/images/compat): nginx, Apache with mod_http2, python3-websockets, a python3-grpcio greeter in
+helloworld's shape, curl, h2load; SSE and the long poll are held by a little stdlib glue, as neither web server
+holds them by itself.
+
+One release, one namespace, five pods (the kind node is small): `compat-plain` and `compat-meshed` are the
+same pod (one container per server, on the image's five ports) behind a multi-port Service and a headless one,
+one of them opted in; `caller-plain` and `caller` are the same client pod; `caller-http10` is a meshed caller
+that accepts HTTP/1.0 (meshward.io/accept-http10: the setting belongs to the workload that speaks it, and
+`caller` must keep the default to show the 426). The Jobs row adds two short-lived pods. Unmeshed and meshed
+runs of a case go concurrently, so the 60 s row takes 60 s, not 120.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.e2e.conftest import Mesh, installed
+from tests.kube import KindSession, service_identity, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+T = TypeVar("T")
+
+# The servers of the compat image (its `run ROLE`), each a container of the server pod, and their ports.
+PORTS = {"nginx": 8080, "apache": 8081, "glue": 8082, "websocket": 8083, "greeter": 50051}
+# Each Service port as an app would name it; nginx behind port 80, as web servers are.
+SERVICE_PORTS = {"nginx": 80, "apache": 8081, "glue": 8082, "websocket": 8083, "greeter": 50051}
+MB = 1024 * 1024
+# The long-lived rows: what the issue asks (60 s held; a slow client reading 30 MB at 1 MiB/s, as in its table:
+# "What to build" says 200 MB, which would hold the module 200 s for the same finding).
+HELD_S = 60
+EVERY_S = 5
+SLOW_BYTES = 30 * MB
+# What cut SSE, long polls and slow downloads before (Envoy's default route timeout).
+ENVOY_DEFAULT_ROUTE_TIMEOUT_S = 15
+GREETER = "/helloworld.Greeter/"
+
+
+@dataclass(frozen=True)
+class Side:
+    """One run of a case: who calls, and which server it calls."""
+
+    name: str
+    caller: str
+    server: str
+
+
+UNMESHED = Side("unmeshed", "caller-plain", "compat-plain")
+MESHED = Side("meshed", "caller", "compat-meshed")
+SIDES = (UNMESHED, MESHED)
+
+
+def spiffe(ns: str, sa: str) -> str:
+    return f"spiffe://cluster.local/ns/{ns}/sa/{sa}"
+
+
+def server_deployment(ns: str, name: str, image: str, *, inject: bool) -> dict[str, Any]:
+    """The server pod: one container per server of the compat image, each with a readiness probe."""
+    def probe(role: str) -> dict[str, Any]:
+        port = PORTS[role]
+        paths = {"nginx": "/ok/ready", "apache": "/h2c/ready", "glue": "/ready"}
+        handler = ({"httpGet": {"path": paths[role], "port": port}} if role in paths
+                   else {"tcpSocket": {"port": port}})
+        return {**handler, "periodSeconds": 2}
+    containers = [{"name": role, "image": image, "imagePullPolicy": "Never", "args": [role],
+                   "ports": [{"name": role, "containerPort": port}], "readinessProbe": probe(role),
+                   "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False}}
+                  for role, port in PORTS.items()]
+    return _deployment(ns, name, inject, containers)
+
+
+def caller_deployment(ns: str, name: str, image: str, *, inject: bool,
+                      annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """A client pod: the compat image idle, for the tests to exec its clients in."""
+    container = {"name": "app", "image": image, "imagePullPolicy": "Never", "args": ["idle"],
+                 "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False}}
+    return _deployment(ns, name, inject, [container], annotations)
+
+
+def _deployment(ns: str, name: str, inject: bool, containers: list[dict[str, Any]],
+                annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    labels = {"app": name, **({"meshward.io/inject": "enabled"} if inject else {})}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                "metadata": {"labels": labels, **({"annotations": annotations} if annotations else {})},
+                "spec": {"serviceAccountName": name, "terminationGracePeriodSeconds": 5,
+                         "containers": containers}}}}
+
+
+def services(ns: str, name: str) -> list[dict[str, Any]]:
+    """A multi-port Service in front of the server pod, and a headless one (its DNS name gives the pod's IP)."""
+    ports = [{"name": role, "port": SERVICE_PORTS[role], "targetPort": PORTS[role]} for role in PORTS]
+    return [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": n, "namespace": ns},
+             "spec": {"selector": {"app": name}, "ports": ports, **extra}}
+            for n, extra in ((name, {}), (f"{name}-headless", {"clusterIP": "None"}))]
+
+
+def server_policy(ns: str) -> dict[str, Any]:
+    """The meshed server admits its two meshed callers, to any path and method."""
+    return {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
+            "metadata": {"name": MESHED.server, "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": MESHED.server}}, "rules": [
+                {"name": "callers", "from": {"principals": [spiffe(ns, MESHED.caller), spiffe(ns, "caller-http10")]}}]}}
+
+
+@dataclass(frozen=True)
+class Compat:
+    """The module's namespace: run commands in its pods, unmeshed and meshed side by side."""
+
+    mesh: Mesh
+
+    @property
+    def ns(self) -> str:
+        return self.mesh.ns
+
+    def sh(self, app: str, script: str, container: str = "app", timeout: float = 120) -> str:
+        """The stdout of `sh -c script` in `app`'s pod; a non-zero exit fails, with its stderr."""
+        proc = self.mesh.cluster.kubectl("-n", self.ns, "exec", self.mesh.pod(app), "-c", container, "--",
+                                         "sh", "-c", script, check=False, timeout=timeout)
+        if proc.returncode:
+            raise AssertionError(f"`{script}` in {app}/{container} exited {proc.returncode}:\n"
+                                 f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        return proc.stdout
+
+    def target(self, side: Side, role: str) -> str:
+        """host:port of `side`'s server `role`, through its Service."""
+        return f"{side.server}.{self.ns}:{SERVICE_PORTS[role]}"
+
+    def url(self, side: Side, role: str, path: str, scheme: str = "http") -> str:
+        """The URL of `path` on `side`'s server `role`, through its Service."""
+        return f"{scheme}://{self.target(side, role)}{path}"
+
+    def server_log(self, side: Side, role: str) -> list[str]:
+        """The lines `side`'s server `role` wrote to stdout and stderr."""
+        return self.mesh.cluster.kubectl("-n", self.ns, "logs", self.mesh.pod(side.server), "-c", role).stdout \
+            .splitlines()
+
+    def logged(self, side: Side, role: str, needle: str, count: int = 1) -> list[str]:
+        """Wait for `count` lines containing `needle` in the log of `side`'s server `role` (a server logs a call
+        as it ends, and kubelet's log lags a little behind); return them."""
+        def found() -> list[str]:
+            lines = [line for line in self.server_log(side, role) if needle in line]
+            return lines if len(lines) >= count else []
+        lines: list[str] = wait_until(f"{count} line(s) with {needle!r} in {side.server}/{role}'s log", found,
+                                      timeout=30, interval=0.5)
+        return lines
+
+    def events(self, side: Side, role: str, needle: str, count: int = 1) -> list[dict[str, Any]]:
+        """The JSON lines (the glue, websocket and greeter servers write one per call) with `needle`, waited for."""
+        return [json.loads(line) for line in self.logged(side, role, needle, count) if line.startswith("{")]
+
+    def audited(self, *paths: str, caller: str = MESHED.caller) -> None:
+        """Wait for the meshed server's allowed decisions on `paths` with `caller`'s SPIFFE ID as the peer."""
+        peer = spiffe(self.ns, caller)
+
+        def seen() -> set[str]:
+            return {d["path"] for d in self.mesh.decisions(MESHED.server)
+                    if d["peer"] == peer and d["outcome"] == "allow"} & set(paths)
+        wait_until(f"the meshed server's audit lines for {paths} from {peer}", lambda: seen() == set(paths),
+                   timeout=30, interval=1)
+
+
+def both(case: Callable[[Side], T]) -> tuple[T, T]:
+    """(unmeshed, meshed) outcomes of `case`, run at the same time."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        plain, meshed = pool.map(case, SIDES)
+    return plain, meshed
+
+
+@pytest.fixture(scope="module")
+def compat(kind_session: KindSession) -> Iterator[Compat]:
+    with installed(kind_session) as rel:
+        c = rel.cluster
+        ns = c.new_namespace("compat")
+        image = kind_session.images["compat"]
+        try:
+            for sa in (*(s.server for s in SIDES), *(s.caller for s in SIDES), "caller-http10"):
+                c.kubectl("-n", ns, "create", "serviceaccount", sa)
+            c.apply(*(service_identity(ns, sa) for sa in (MESHED.server, MESHED.caller, "caller-http10")),
+                    server_policy(ns))
+            c.trust_bundle(ns, timeout=60)
+            c.apply(server_deployment(ns, UNMESHED.server, image, inject=False), *services(ns, UNMESHED.server),
+                    server_deployment(ns, MESHED.server, image, inject=True), *services(ns, MESHED.server),
+                    caller_deployment(ns, UNMESHED.caller, image, inject=False),
+                    caller_deployment(ns, MESHED.caller, image, inject=True),
+                    caller_deployment(ns, "caller-http10", image, inject=True,
+                                      annotations={"meshward.io/accept-http10": "true"}))
+            for name in (UNMESHED.server, MESHED.server, UNMESHED.caller, MESHED.caller, "caller-http10"):
+                c.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", timeout=200)
+            compat = Compat(Mesh(rel, ns, image))
+            # Ready pods are not yet routable Services (kube-proxy, the callers' destination maps): until then a
+            # connection is refused or answered 503. Any other answer will do.
+            for side, caller in (*((s, s.caller) for s in SIDES), (MESHED, "caller-http10")):
+                def answers(side: Side = side, caller: str = caller) -> bool:
+                    return compat.sh(caller, f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 5 "
+                                             f"{compat.url(side, 'nginx', '/ok/warm-up')} || true") \
+                        not in ("000", "503")
+                wait_until(f"{side.server} routable from {caller}", answers, timeout=90, interval=1)
+            yield compat
+        finally:
+            c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+# ------------------------------------------------------------------------------------------------ HTTP/1.1
+
+
+def test_http11_keep_alive_reuses_the_connection_to_the_caller_and_at_the_server(compat: Compat) -> None:
+    """Two requests in one curl: the second rides the first's connection (curl opens one), and at the server it
+    arrives on a connection that had served a request before (nginx's $connection_requests)."""
+    def case(side: Side) -> tuple[str, int]:
+        urls = " ".join(compat.url(side, "nginx", f"/ok/keepalive-{n}") for n in (1, 2))
+        out = compat.sh(side.caller, f"curl -sS -o /dev/null -o /dev/null -w '%{{http_code}} %{{num_connects}}\\n' "
+                                     f"--max-time 10 {urls}")
+        second = compat.logged(side, "nginx", '"GET /ok/keepalive-2"')
+        reused = re.search(r"reqs=(\d+)", second[0])
+        assert len(second) == 1 and reused, second
+        return out, min(int(reused.group(1)), 2)  # 2: not its connection's first (the meshed hop may warm it up)
+    plain, meshed = both(case)
+    assert plain == meshed == ("200 1\n200 0\n", 2), (plain, meshed)
+    compat.audited("/ok/keepalive-1", "/ok/keepalive-2")
+
+
+def test_head_204_and_304_keep_their_headers_and_send_no_body(compat: Compat) -> None:
+    """HEAD of a 200 MB file: its Content-Length and no body; a 204 with no body; a conditional GET with the ETag
+    of the first: 304 with no body."""
+    def case(side: Side) -> tuple[str, str, str, str]:
+        head = compat.sh(side.caller, f"curl -sS -I --max-time 10 {compat.url(side, 'nginx', '/files/200m')}")
+        length = re.search(r"^content-length: *(\d+)", head, re.I | re.M)
+        no_content = compat.sh(side.caller, f"curl -sS -o /dev/null -w '%{{http_code}} %{{size_download}}' "
+                                            f"--max-time 10 {compat.url(side, 'nginx', '/status/204/none')}")
+        url = compat.url(side, "nginx", "/files/small")
+        first = compat.sh(side.caller, f"curl -sS -D - -o /dev/null --max-time 10 {url}")
+        etag = re.search(r"^etag: *(\S+)", first, re.I | re.M)
+        assert etag, first
+        not_modified = compat.sh(side.caller, f"curl -sS -o /dev/null -w '%{{http_code}} %{{size_download}}' "
+                                              f"--max-time 10 -H 'If-None-Match: {etag.group(1)}' {url}")
+        return head.split(None, 2)[1], length.group(1) if length else "", no_content, not_modified
+    plain, meshed = both(case)
+    assert plain == meshed == ("200", str(200 * MB), "204 0", "304 0"), (plain, meshed)
+    compat.audited("/files/200m", "/status/204/none", "/files/small")
+
+
+def test_a_50_mb_chunked_upload_arrives_whole(compat: Compat) -> None:
+    """50 MB of random bytes PUT from stdin (curl sends chunked, with Expect: 100-continue): 201, and the file
+    nginx stored has the caller's SHA-256."""
+    def case(side: Side) -> tuple[str, bool, str]:
+        url = compat.url(side, "nginx", "/upload/chunked-50m")
+        out = compat.sh(side.caller, f"head -c {50 * MB} /dev/urandom > /tmp/up && sha256sum < /tmp/up && "
+                                     f"curl -sS -v -T - -o /dev/null -w '%{{http_code}}\\n' --max-time 150 {url} "
+                                     f"< /tmp/up 2>/tmp/trace; grep -ci '^> transfer-encoding: chunked' /tmp/trace; "
+                                     f"rm -f /tmp/up", timeout=180)
+        digest, code, chunked = out.split()[0], out.split()[-2], out.split()[-1]
+        stored = compat.sh(side.server, "sha256sum /tmp/compat/www/upload/chunked-50m", container="nginx").split()[0]
+        return code, stored == digest, chunked
+    plain, meshed = both(case)
+    assert plain == meshed == ("201", True, "1"), (plain, meshed)
+    compat.audited("/upload/chunked-50m")
+
+
+def test_a_200_mb_download_arrives_whole(compat: Compat) -> None:
+    def case(side: Side) -> str:
+        return compat.sh(side.caller, f"curl -sS -o /dev/null -w '%{{http_code}} %{{size_download}}' --max-time 150 "
+                                      f"{compat.url(side, 'nginx', '/files/200m')}", timeout=180)
+    plain, meshed = both(case)
+    assert plain == meshed == f"200 {200 * MB}", (plain, meshed)
+    compat.audited("/files/200m")
+
+
+def test_expect_100_continue_gets_the_interim_response_then_the_upload_is_stored(compat: Compat) -> None:
+    """A 2 MB PUT with `Expect: 100-continue`: curl waits for `100 Continue` before the body, then 201 and the
+    stored bytes are the caller's (meshed, the caller's Envoy answers the 100 itself, as Envoy does by default)."""
+    def case(side: Side) -> tuple[int, str, bool]:
+        url = compat.url(side, "nginx", "/upload/continue-2m")
+        out = compat.sh(side.caller, f"head -c {2 * MB} /dev/urandom > /tmp/c && sha256sum < /tmp/c && "
+                                     f"curl -sS -v -T /tmp/c -H 'Expect: 100-continue' -o /dev/null "
+                                     f"-w '%{{http_code}}\\n' --max-time 30 {url} 2>/tmp/trace; "
+                                     f"grep -c '^< HTTP/1.1 100' /tmp/trace; rm -f /tmp/c")
+        digest, code, interim = out.split()[0], out.split()[-2], int(out.split()[-1])
+        stored = compat.sh(side.server, "sha256sum /tmp/compat/www/upload/continue-2m", container="nginx").split()[0]
+        return interim, code, stored == digest
+    plain, meshed = both(case)
+    assert plain == meshed == (1, "201", True), (plain, meshed)
+    compat.audited("/upload/continue-2m")
+
+
+def test_pod_ip_headless_and_multi_port_services_and_jobs(compat: Compat) -> None:
+    """The server by its pod IP, through its headless Service, and on a second port of its multi-port Service
+    (Apache, HTTP/1.1); and a Job (it completes: the mesh's native sidecars end with its app) calling it."""
+    c = compat.mesh.cluster
+    image = compat.mesh.echo  # the module's Mesh holds the compat image
+
+    def job(side: Side) -> dict[str, Any]:
+        labels = {"app": f"job-{side.name}", **({"meshward.io/inject": "enabled"} if side is MESHED else {})}
+        return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"job-{side.name}", "namespace": compat.ns},
+                "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": labels}, "spec": {
+                    "serviceAccountName": side.caller, "restartPolicy": "Never",
+                    "containers": [{"name": "app", "image": image, "imagePullPolicy": "Never",
+                                    "command": ["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}\n",
+                                                compat.url(side, "nginx", "/ok/job")],
+                                    "securityContext": {"runAsNonRoot": True,
+                                                        "allowPrivilegeEscalation": False}}]}}}}
+
+    c.apply(*(job(side) for side in SIDES))
+
+    def case(side: Side) -> tuple[str, str, str, str]:
+        ip = c.kubectl("-n", compat.ns, "get", "pod", compat.mesh.pod(side.server), "-o",
+                       "jsonpath={.status.podIP}").stdout.strip()
+        def get(url: str) -> str:
+            return compat.sh(side.caller, f"curl -sS -w ' %{{http_code}}' --max-time 10 {url}")
+        by_ip = get(f"http://{ip}:{PORTS['nginx']}/ok/pod-ip")
+        headless = get(f"http://{side.server}-headless.{compat.ns}:{PORTS['nginx']}/ok/headless")
+        second_port = get(compat.url(side, "apache", "/h2c/multi-port"))
+        c.kubectl("-n", compat.ns, "wait", "--for=condition=Complete", f"job/job-{side.name}", "--timeout=120s",
+                  timeout=150)
+        return by_ip, headless, second_port, c.kubectl("-n", compat.ns, "logs", f"job/job-{side.name}",
+                                                       "-c", "app").stdout
+    try:
+        plain, meshed = both(case)
+    finally:
+        c.kubectl("-n", compat.ns, "delete", "job", "job-unmeshed", "job-meshed", "--wait=false", check=False)
+    assert plain == meshed == ("ok\n 200", "ok\n 200", "served by apache\n 200", "ok\n\n200\n"), (plain, meshed)
+    compat.audited("/ok/pod-ip", "/ok/headless", "/h2c/multi-port", "/ok/job")
+
+
+# ------------------------------------------------------------------------------------------------ gRPC and h2c
+
+
+def test_grpc_unary_server_stream_client_stream_bidi_deadline_and_cancel(compat: Compat) -> None:
+    """The greeter's client makes every kind of call (grpcio, over HTTP/2): the replies are the same; the
+    1 s deadline ends in DEADLINE_EXCEEDED and reaches the server (it saw at most ~1 s left, then the call end);
+    a cancelled server stream ends there too."""
+    tag = f"compat-{uuid.uuid4().hex[:6]}"
+
+    def case(side: Side) -> dict[str, Any]:
+        out = compat.sh(side.caller, f"/usr/bin/python3 /compat/greeter.py call {compat.target(side, 'greeter')} {tag}",
+                        timeout=90)
+        result: dict[str, Any] = json.loads(out)
+        slow = compat.events(side, "greeter", f'"name": "{tag}-deadline"')
+        cancelled = compat.events(side, "greeter", f'"name": "{tag}-cancel"')
+        result["server_saw_deadline"] = len(slow) == 1 and 0 < slow[0]["time_remaining"] <= 1.1 and \
+            slow[0]["cancelled"]
+        result["server_saw_cancel"] = len(cancelled) == 1 and cancelled[0]["cancelled"] and \
+            cancelled[0]["sent"] < 1000
+        return result
+    plain, meshed = both(case)
+    names = [f"{tag}-{i}" for i in range(3)]
+    assert plain == meshed == {
+        "unary": f"Hello, {tag}!",
+        "server_stream": [f"Hello number {i}, {tag}!" for i in range(5)],
+        "client_stream": f"Hello, {' and '.join(names)}!",
+        "bidi": [f"Hello, {n}!" for n in names],
+        "deadline": "DEADLINE_EXCEEDED", "deadline_within_3s": True,
+        "cancel": "CANCELLED", "cancel_received": 3,
+        "server_saw_deadline": True, "server_saw_cancel": True}, (plain, meshed)
+    compat.audited(*(GREETER + m for m in ("SayHello", "SayHelloStreamReply", "SayHelloClientStream",
+                                           "SayHelloBidiStream", "SayHelloSlowly")))
+
+
+def test_h2c_with_prior_knowledge_reaches_the_server_as_http2(compat: Compat) -> None:
+    """curl --http2-prior-knowledge and h2load (100 requests, 10 streams at a time on each of 2 connections)
+    against Apache's mod_http2: HTTP/2 answers, and Apache says (header and access log) it served HTTP/2."""
+    def case(side: Side) -> tuple[str, str, list[str], set[str]]:
+        head = compat.sh(side.caller, f"curl -sS --http2-prior-knowledge -D - -o /dev/null --max-time 10 "
+                                      f"{compat.url(side, 'apache', '/h2c/curl')}")
+        load = compat.sh(side.caller, f"h2load -n 100 -c 2 -m 10 {compat.url(side, 'apache', '/h2c/h2load')}",
+                         timeout=90)
+        summary = [line for line in load.splitlines()
+                   if line.startswith(("requests:", "status codes:", "Application protocol:"))]
+        served = re.search(r"^x-served-protocol: *(\S+)", head, re.I | re.M)
+        lines = compat.logged(side, "apache", '"GET /h2c/curl"') + compat.logged(side, "apache", '"GET /h2c/h2load"',
+                                                                                 count=100)
+        seen = {m.group(1) for line in lines if (m := re.search(r"proto=(\S+)", line))}
+        return head.split(None, 2)[0] + " " + head.split(None, 2)[1], served.group(1) if served else "", summary, seen
+    plain, meshed = both(case)
+    assert plain == meshed == ("HTTP/2 200", "HTTP/2.0", [
+        "Application protocol: h2c",
+        "requests: 100 total, 100 started, 100 done, 100 succeeded, 0 failed, 0 errored, 0 timeout",
+        "status codes: 100 2xx, 0 3xx, 0 4xx, 0 5xx"], {"HTTP/2.0"}), (plain, meshed)
+    compat.audited("/h2c/curl", "/h2c/h2load")
+
+
+# ------------------------------------------------------------------------------------------------ long-lived
+
+
+def test_websocket_both_ways_sse_and_a_long_poll_are_held_60_s(compat: Compat) -> None:
+    """At the same time, for 60 s: a WebSocket session (python3-websockets) exchanging a message each way every
+    5 s, an SSE stream of an event every 5 s (curl -N), and a long poll answered after 60 s. All complete on
+    both sides, with every message and event, and each server saw its client to the end."""
+    every, events = EVERY_S, HELD_S // EVERY_S
+
+    def case(side: Side) -> dict[str, Any]:
+        ws = f"/usr/bin/python3 /compat/websocket.py talk {compat.url(side, 'websocket', '/ws/held', 'ws')} " \
+             f"{events + 1} {every}"
+        sse = f"curl -sS -N --max-time {HELD_S + 30} -w '\\n%{{http_code}}' " \
+              f"'{compat.url(side, 'glue', '/sse/held')}?events={events}&every={every}'"
+        poll = f"curl -sS --max-time {HELD_S + 30} -w '\\n%{{http_code}} %{{time_total}}' " \
+               f"'{compat.url(side, 'glue', '/poll/held')}?wait={HELD_S}'"
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            talked, streamed, polled = pool.map(lambda s: compat.sh(side.caller, s, timeout=HELD_S + 60),
+                                                (ws, sse, poll))
+        session = json.loads(talked)
+        poll_body, _, poll_status = polled.rpartition("\n")
+        code, took = poll_status.split()
+        return {"websocket": {k: session[k] for k in ("sent", "echoed", "close_code")},
+                "websocket_held": session["held_s"] >= HELD_S - 1,
+                "websocket_server": [{k: e[k] for k in ("received", "close_code")}
+                                     for e in compat.events(side, "websocket", '"path": "/ws/held"')],
+                "sse": (re.findall(r"^data: (.*)$", streamed, re.M), streamed.rsplit("\n", 1)[-1]),
+                "sse_server": [{k: e[k] for k in ("sent", "complete")}
+                               for e in compat.events(side, "glue", '"path": "/sse/held"')],
+                "poll": (json.loads(poll_body), code, float(took) >= HELD_S),
+                "poll_server": [e["complete"] for e in compat.events(side, "glue", '"path": "/poll/held"')]}
+    plain, meshed = both(case)
+    assert plain == meshed == {
+        "websocket": {"sent": events + 1, "echoed": events + 1, "close_code": 1000}, "websocket_held": True,
+        "websocket_server": [{"received": events + 1, "close_code": 1000}],
+        "sse": ([f"tick {i}" for i in range(events)], "200"), "sse_server": [{"sent": events, "complete": True}],
+        "poll": ({"event": "late", "waited_s": HELD_S}, "200", True), "poll_server": [True]}, (plain, meshed)
+    compat.audited("/ws/held", "/sse/held", "/poll/held")
+
+
+def test_a_slow_client_reads_30_mb_at_1_mib_per_s(compat: Compat) -> None:
+    """curl --limit-rate 1M: about 30 s of a flowing download, all of it (the mesh's stream idle timeout is for
+    streams with no byte either way; there is no route timeout to cut it)."""
+    def case(side: Side) -> tuple[str, str, bool]:
+        out = compat.sh(side.caller, f"curl -sS --limit-rate 1M -o /dev/null --max-time 120 "
+                                     f"-w '%{{http_code}} %{{size_download}} %{{time_total}}' "
+                                     f"{compat.url(side, 'nginx', '/files/30m')}", timeout=150)
+        code, size, took = out.split()
+        # Held past Envoy's default route timeout (15 s, which cut it at 26 MB); not 30 s exactly: curl's rate
+        # limit lets bursts through (22 to 29 s seen for two such downloads at once on loopback).
+        return code, size, float(took) > ENVOY_DEFAULT_ROUTE_TIMEOUT_S
+    plain, meshed = both(case)
+    assert plain == meshed == ("200", str(SLOW_BYTES), True), (plain, meshed)
+    compat.audited("/files/30m")
+
+
+# ------------------------------------------------------------------------------------------------ HTTP/1.0
+
+
+def test_http10_is_served_to_a_workload_that_accepts_it_and_426_otherwise(compat: Compat) -> None:
+    """curl -0: unmeshed, nginx answers; meshed, the caller's Envoy answers 426 unless the caller's workload
+    sets meshward.io/accept-http10 (then the request crosses as HTTP/1.1 and nginx answers the same)."""
+    def get(caller: str, side: Side) -> str:
+        return compat.sh(caller, f"curl -sS -0 -w ' %{{http_code}}' --max-time 10 "
+                                 f"{compat.url(side, 'nginx', '/ok/http10')}")
+    plain, accepting, default = (get(UNMESHED.caller, UNMESHED), get("caller-http10", MESHED),
+                                 get(MESHED.caller, MESHED))
+    assert plain == accepting == "ok\n 200", (plain, accepting)
+    assert default.endswith(" 426"), default
+    compat.audited("/ok/http10", caller="caller-http10")
+    seen = compat.logged(MESHED, "nginx", '"GET /ok/http10"')
+    assert len(seen) == 1 and "proto=HTTP/1.1" in seen[0], seen
