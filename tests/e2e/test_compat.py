@@ -14,21 +14,30 @@ one of them opted in; `caller-plain` and `caller` are the same client pod; `call
 that accepts HTTP/1.0 (meshward.io/accept-http10: the setting belongs to the workload that speaks it, and
 `caller` must keep the default to show the 426). The Jobs row adds two short-lived pods. Unmeshed and meshed
 runs of a case go concurrently, so the 60 s row takes 60 s, not 120.
+
+The release caps leaf certificates at 30 s (as test_mesh.py's does), so every row above runs while the meshed
+pods renew their certificates every ~15 s, and the last test can rotate the CA within a minute: a rotation's
+steps each wait one maximum leaf lifetime (24 h without the cap), and a ServiceIdentity's own ttl cannot go
+below 5 min. The CA rotation is release-wide, so that test is the module's last (tests run in file order).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from tests.e2e.conftest import Mesh, installed
+from tests.e2e.conftest import Mesh, envoy_admin, installed
 from tests.kube import KindSession, service_identity, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -48,6 +57,9 @@ SLOW_BYTES = 30 * MB
 # What cut SSE, long polls and slow downloads before (Envoy's default route timeout).
 ENVOY_DEFAULT_ROUTE_TIMEOUT_S = 15
 GREETER = "/helloworld.Greeter/"
+# Leaves live 30 s (renewed every ~15 s) and the operator checks the CA every 2 s, so a rotation's two steps take
+# about a minute; the same values as test_mesh.py's release (docs/identity.md, "Operator settings").
+SHORT_LEAVES = ("--set", "operator.extraArgs={--max-leaf-ttl=30s,--ca-interval=2,--status-interval=2}")
 
 
 @dataclass(frozen=True)
@@ -183,7 +195,7 @@ def both(case: Callable[[Side], T]) -> tuple[T, T]:
 
 @pytest.fixture(scope="module")
 def compat(kind_session: KindSession) -> Iterator[Compat]:
-    with installed(kind_session) as rel:
+    with installed(kind_session, *SHORT_LEAVES) as rel:
         c = rel.cluster
         ns = c.new_namespace("compat")
         image = kind_session.images["compat"]
@@ -465,3 +477,247 @@ def test_http10_is_served_to_a_workload_that_accepts_it_and_426_otherwise(compat
     compat.audited("/ok/http10", caller="caller-http10")
     seen = compat.logged(MESHED, "nginx", '"GET /ok/http10"')
     assert len(seen) == 1 and "proto=HTTP/1.1" in seen[0], seen
+
+
+# ------------------------------------------------------------------------------------------------ rotation (last)
+
+# How long the held calls run: across several leaf renewals (every ~15 s) and a whole CA rotation (two steps of
+# 30 s, then the server's next renewal to drop the old root), with room for a slow node.
+HELD_GRPC_S = 120
+BIDI_EVERY_S = 0.5
+UNARY_EVERY_S = 0.2
+# The unary loop opens a new channel (a new HTTP/2 connection to the caller's Envoy) this often.
+RECONNECT_S = 5.0
+# greeter.py pauses this long between the messages of a stream longer than 10: the server stream's length.
+STREAM_PACE_S = 0.05
+HELD_SCRIPT = "/tmp/held-grpc.py"
+HELD_RESULTS = "/tmp/held-grpc.jsonl"
+# Runs in the caller pod (Debian's python3 with python3-grpcio, greeter.py's message helpers), in the background:
+# a bidi conversation (a message every BIDI_EVERY_S, each reply awaited), one long server stream, and a unary
+# loop, for SECONDS. Writes JSON lines to OUT: `open` as each call is under way, every failure as it happens,
+# a summary per call, then `done`.
+HELD_GRPC = r"""
+import json, math, queue, sys, threading, time
+sys.path.insert(0, "/compat")
+import grpc
+from greeter import SERVICE, decode, hello_request
+
+target, seconds, tag, path = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+bidi_every, unary_every, reconnect, pace = (float(a) for a in sys.argv[5:9])
+out, lock, start = open(path, "a", buffering=1), threading.Lock(), time.monotonic()
+
+
+def emit(**fields):
+    with lock:
+        out.write(json.dumps({"t": round(time.monotonic() - start, 2), **fields}, sort_keys=True) + "\n")
+
+
+def failure(kind, e, **fields):
+    code = e.code().name if isinstance(e, grpc.RpcError) and hasattr(e, "code") else type(e).__name__
+    detail = e.details() if isinstance(e, grpc.RpcError) and hasattr(e, "details") else str(e)
+    emit(kind=kind, error=code, detail=str(detail)[:300], **fields)
+
+
+def channel():
+    ch = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
+    grpc.channel_ready_future(ch).result(timeout=20)
+    return ch
+
+
+def bidi(ch):
+    outbox, sent, received, mismatched = queue.Queue(), 0, 0, 0
+    total = math.ceil(seconds / bidi_every)
+    try:
+        call = ch.stream_stream(f"/{SERVICE}/SayHelloBidiStream")(iter(outbox.get, None), timeout=seconds + 60)
+        began = time.monotonic()
+        for n in range(total):
+            pause = began + n * bidi_every - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            outbox.put(hello_request(f"{tag}-bidi-{n}"))
+            sent += 1
+            mismatched += decode(next(call))[1] != f"Hello, {tag}-bidi-{n}!"
+            received += 1
+            if n == 0:
+                emit(kind="bidi", open=True)
+        outbox.put(None)
+        received += sum(1 for _ in call)  # nothing more is due: the server answers each message once
+        emit(kind="bidi", end=True, sent=sent, received=received, mismatched=mismatched, status=call.code().name)
+    except Exception as e:
+        outbox.put(None)
+        failure("bidi", e, sent=sent, received=received)
+
+
+def server_stream(ch):
+    asked, received, mismatched = int(seconds / pace), 0, 0
+    try:
+        call = ch.unary_stream(f"/{SERVICE}/SayHelloStreamReply")(hello_request(f"{tag}-stream", asked),
+                                                                  timeout=3 * seconds + 60)
+        for reply in call:
+            mismatched += decode(reply)[1] != f"Hello number {received}, {tag}-stream!"
+            received += 1
+            if received == 1:
+                emit(kind="server_stream", open=True)
+        emit(kind="server_stream", end=True, asked=asked, received=received, mismatched=mismatched,
+             status=call.code().name)
+    except Exception as e:
+        failure("server_stream", e, asked=asked, received=received)
+
+
+def unary():
+    calls = ok = channels = 0
+    ch, opened = None, 0.0
+    while time.monotonic() - start < seconds:
+        try:
+            if ch is None or time.monotonic() - opened > reconnect:
+                if ch is not None:
+                    ch.close()
+                ch, opened = channel(), time.monotonic()
+                channels += 1
+            calls += 1
+            reply = ch.unary_unary(f"/{SERVICE}/SayHello")(hello_request(f"{tag}-unary-{calls}"), timeout=5)
+            if decode(reply)[1] == f"Hello, {tag}-unary-{calls}!":
+                ok += 1
+            else:
+                emit(kind="unary", error="wrong reply", detail=decode(reply)[1])
+            if calls == 1:
+                emit(kind="unary", open=True)
+        except Exception as e:
+            failure("unary", e, call=calls)
+            ch = None
+        time.sleep(unary_every)
+    emit(kind="unary", end=True, calls=calls, ok=ok, channels=channels)
+
+
+try:
+    shared = channel()
+except Exception as e:
+    failure("channel", e)
+else:
+    workers = [threading.Thread(target=bidi, args=(shared,)), threading.Thread(target=server_stream, args=(shared,)),
+               threading.Thread(target=unary)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+emit(kind="done")
+"""
+# The agent's line for each certificate it obtains (sidecar/engines/certificate.py).
+RENEWAL = re.compile(r"certificate for (\S+) \(serial ([0-9a-f]+)\)")
+
+
+def _meshward(*args: str) -> subprocess.CompletedProcess[str]:
+    """The `meshward` CLI of this virtualenv, against the module's cluster."""
+    return subprocess.run([str(Path(sys.executable).parent / "meshward"), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def _ca(compat: Compat) -> tuple[str, dict[str, int]]:
+    """The CA's rotation phase and its roots' serials by role (active, next, previous), from `meshward ca status`."""
+    proc = _meshward("ca", "status", "--namespace", compat.mesh.release.namespace, "--kubeconfig",
+                     str(compat.mesh.cluster.kubeconfig))
+    if proc.returncode:
+        return "", {}
+    lines = proc.stdout.splitlines()
+    roots = {m.group(1): int(m.group(2), 16) for line in lines[1:] if (m := re.match(r"(\w+) +serial ([0-9a-f]+)", line))}
+    return lines[0].split()[1], roots
+
+
+def _served(compat: Compat) -> tuple[set[int], set[int]]:
+    """(leaf serials for the meshed server's SPIFFE ID, CA serials it validates peers with) from its Envoy's /certs."""
+    doc = json.loads(envoy_admin(compat.mesh.cluster, compat.ns, compat.mesh.pod(MESHED.server), "/certs"))
+    me = spiffe(compat.ns, MESHED.server)
+    leaves, roots = set(), set()
+    for context in doc.get("certificates", []):
+        for cert in context.get("cert_chain") or []:
+            if any(san.get("uri") == me for san in cert.get("subject_alt_names") or []):
+                leaves.add(int(cert["serial_number"], 16))
+        roots |= {int(cert["serial_number"], 16) for cert in context.get("ca_cert") or []}
+    return leaves, roots
+
+
+def _renewals(compat: Compat) -> list[int]:
+    """The serials of the certificates the meshed server's agent obtained, in order."""
+    log = compat.mesh.cluster.kubectl("-n", compat.ns, "logs", compat.mesh.pod(MESHED.server), "-c",
+                                      "meshward-agent").stdout
+    me = spiffe(compat.ns, MESHED.server)
+    return [int(m.group(2), 16) for m in RENEWAL.finditer(log) if m.group(1) == me]
+
+
+def _held(compat: Compat) -> list[dict[str, Any]]:
+    """The held calls' JSON lines so far."""
+    out = compat.sh(MESHED.caller, f"cat {HELD_RESULTS} 2>/dev/null || true")
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_grpc_streams_held_across_leaf_renewals_and_a_ca_rotation_fail_no_rpc(compat: Compat) -> None:
+    """In the meshed caller, for 120 s: a bidi conversation (a message every 0.5 s, each reply awaited), one
+    server stream of 2,400 messages (one every 50 ms), and a unary loop (every 0.2 s, a new channel every 5 s).
+    Meanwhile both pods renew their 30 s leaves and the CA rotates (`meshward ca rotate`: staged, retiring,
+    steady). Not one RPC fails; every message of both streams arrives, in order, and the server saw them all; the
+    streams are still open once the server's Envoy serves a new leaf and trusts only the new root. The module's
+    last test: the rotation is release-wide."""
+    c, ns = compat.mesh.cluster, compat.ns
+    wait_until("the CA steady", lambda: _ca(compat)[0] == "steady", timeout=60)
+    old_root = _ca(compat)[1]["active"]
+    leaves, roots = wait_until("the server's Envoy serving its leaf", lambda: (s := _served(compat))[0] and s,
+                               timeout=30)
+    assert roots == {old_root}, (roots, old_root)
+    renewed_before = len(_renewals(compat))
+    tag = f"held-{uuid.uuid4().hex[:6]}"
+    c.kubectl("-n", ns, "exec", "-i", compat.mesh.pod(MESHED.caller), "-c", "app", "--", "sh", "-c",
+              f"cat > {HELD_SCRIPT} && rm -f {HELD_RESULTS}", stdin=HELD_GRPC)
+    # In the background (its output to files), so no kubectl exec is held open for two minutes.
+    compat.sh(MESHED.caller, f"nohup /usr/bin/python3 {HELD_SCRIPT} {compat.target(MESHED, 'greeter')} {HELD_GRPC_S} "
+                             f"{tag} {HELD_RESULTS} {BIDI_EVERY_S} {UNARY_EVERY_S} {RECONNECT_S} {STREAM_PACE_S} "
+                             f"</dev/null >/tmp/held-grpc.log 2>&1 &")
+
+    def under_way() -> bool:
+        lines = _held(compat)
+        return {x["kind"] for x in lines if x.get("open")} == {"bidi", "server_stream", "unary"} or \
+            any("error" in x for x in lines)  # a failure: the assertions below say which
+    try:
+        wait_until("the three held calls under way", under_way, timeout=30, interval=1)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{compat.sh(MESHED.caller, 'cat /tmp/held-grpc.log')}") from e
+
+    rotate = _meshward("ca", "rotate", "--namespace", compat.mesh.release.namespace, "--kubeconfig", str(c.kubeconfig))
+    assert rotate.returncode == 0, rotate.stderr
+    wait_until("the rotation staged", lambda: _ca(compat)[0] == "staged", timeout=30, interval=1)
+    wait_until("the rotation done", lambda: _ca(compat)[0] == "steady", timeout=100, interval=1)
+    new_root = _ca(compat)[1]["active"]
+    assert new_root != old_root
+
+    def rotated() -> set[int] | None:
+        # The old root leaves the server's Envoy with the first leaf after the rotation (the bundle comes with
+        # it), and Envoy serves the leaf its agent obtained last.
+        now_leaves, now_roots = _served(compat)
+        return now_leaves if now_roots == {new_root} and now_leaves == set(_renewals(compat)[-1:]) else None
+    now_leaves = wait_until("the server's Envoy on its agent's last leaf, trusting only the new root", rotated,
+                            timeout=45, interval=1)
+    assert now_leaves != leaves
+    so_far = _held(compat)
+    assert not any(x.get("end") and x["kind"] != "unary" for x in so_far), \
+        f"the streams ended before the rotation was over: lengthen HELD_GRPC_S\n{so_far}"
+
+    lines = wait_until("the held calls' end", lambda: (h := _held(compat)) and h[-1]["kind"] == "done" and h,
+                       timeout=2 * HELD_GRPC_S + 60, interval=2)
+    failures = [x for x in lines if "error" in x]
+    ends = {x["kind"]: {k: v for k, v in x.items() if k not in ("kind", "end", "t")} for x in lines if x.get("end")}
+    assert failures == [], failures
+    messages = math.ceil(HELD_GRPC_S / BIDI_EVERY_S)
+    streamed = int(HELD_GRPC_S / STREAM_PACE_S)
+    unary = ends.get("unary", {})
+    assert ends.get("bidi") == {"sent": messages, "received": messages, "mismatched": 0, "status": "OK"}, ends
+    assert ends.get("server_stream") == {"asked": streamed, "received": streamed, "mismatched": 0, "status": "OK"}, \
+        ends
+    assert unary.get("ok") == unary.get("calls") and unary["calls"] >= HELD_GRPC_S / UNARY_EVERY_S / 2, ends
+    assert unary["channels"] >= HELD_GRPC_S / RECONNECT_S / 2, ends
+    # The server's side of both streams: every message, to the end.
+    bidi = compat.events(MESHED, "greeter", f'"{tag}-bidi-0"')
+    assert [len(e["names"]) for e in bidi] == [messages], bidi
+    stream = compat.events(MESHED, "greeter", f'"name": "{tag}-stream"')
+    assert [(e["sent"], e["cancelled"]) for e in stream] == [(streamed, False)], stream
+    renewed = _renewals(compat)[renewed_before:]
+    assert len(renewed) >= 4, renewed  # leaves of ~15 s: about eight renewals in the two minutes
+    compat.audited(*(GREETER + m for m in ("SayHello", "SayHelloStreamReply", "SayHelloBidiStream")))
