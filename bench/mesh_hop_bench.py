@@ -453,7 +453,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=20, help="each throughput run")
     ap.add_argument("--rate", type=float, default=100.0, help="requests per second of the latency runs")
     ap.add_argument("--latency-seconds", type=float, default=20.0)
-    ap.add_argument("--hops", default="http,grpc", help="which hops to run, in this order: http, grpc or both")
+    ap.add_argument("--hops", default="http,grpc", help="http, grpc or http,grpc (the default; HTTP/1.1 always first)")
     ap.add_argument("--grpc-connections", type=int, default=4, help="h2load's connections (-c)")
     ap.add_argument("--grpc-streams", type=int, default=8, help="h2load's concurrent streams per connection (-m)")
     args = ap.parse_args()
