@@ -624,15 +624,17 @@ def _ca(compat: Compat) -> tuple[str, dict[str, int]]:
 
 
 def _served(compat: Compat) -> tuple[set[int], set[int]]:
-    """(leaf serials for the meshed server's SPIFFE ID, CA serials it validates peers with) from its Envoy's /certs."""
+    """(leaf serials for the meshed server's SPIFFE ID, CA serials it validates peers with) from its Envoy's /certs:
+    the mesh's TLS contexts, inbound and outbound, are those presenting that leaf."""
     doc = json.loads(envoy_admin(compat.mesh.cluster, compat.ns, compat.mesh.pod(MESHED.server), "/certs"))
     me = spiffe(compat.ns, MESHED.server)
     leaves, roots = set(), set()
     for context in doc.get("certificates", []):
-        for cert in context.get("cert_chain") or []:
-            if any(san.get("uri") == me for san in cert.get("subject_alt_names") or []):
-                leaves.add(int(cert["serial_number"], 16))
-        roots |= {int(cert["serial_number"], 16) for cert in context.get("ca_cert") or []}
+        mine = {int(cert["serial_number"], 16) for cert in context.get("cert_chain") or []
+                if any(san.get("uri") == me for san in cert.get("subject_alt_names") or [])}
+        if mine:
+            leaves |= mine
+            roots |= {int(cert["serial_number"], 16) for cert in context.get("ca_cert") or []}
     return leaves, roots
 
 
