@@ -48,7 +48,7 @@ def boundary(kind_session: KindSession) -> Iterator[tuple[Mesh, Mesh]]:
             c.apply(service_identity(ns, "victim"), service_identity(ns, "client"), victim_policy(ns))
             c.trust_bundle(ns, timeout=60)
             c.apply(deployment(ns, "victim", echo, inject=True, env={"HOST": "::"}), dual_stack_service(ns, "victim"),
-                    deployment(ns, "client", echo, inject=True, probe=False,
+                    deployment(ns, "client", echo, inject=True, probe=False, env={"HOST": "::"},
                                security={"runAsUser": 0, "runAsNonRoot": False}),
                     deployment(ns, "plain", echo, inject=False), service(ns, "plain"),
                     deployment(other, "attacker", echo, inject=False, probe=False))
@@ -127,7 +127,9 @@ def test_dual_stack_meshed_calls_over_ipv6_are_mtls_and_the_policy_decides(bound
     """Pod to pod over IPv6 on the dual-stack cluster: the client app dials the victim's global IPv6 pod address and
     its Service's IPv6 ClusterIP in plaintext; its Envoy sends both over mTLS pinned to the victim's identity (the
     destination map has both families), and the victim's agent decides with the caller's SPIFFE ID: GET /public
-    200, /admin 403. Before, IPv6 was reset (and before that went around the mesh)."""
+    200, /admin 403. The other way too: the victim's app dials the client's IPv6 pod address, and the client's
+    agent (no policy selects it: it allows) sees the victim's SPIFFE ID. Before, IPv6 was reset (and before that
+    went around the mesh)."""
     mesh, _ = boundary
     _, pod6 = _addresses(mesh, "pod", "victim")
     _, svc6 = _addresses(mesh, "service", "victim")
@@ -139,6 +141,12 @@ def test_dual_stack_meshed_calls_over_ipv6_are_mtls_and_the_policy_decides(bound
         assert code == 403, (url, code, body)
     decided = {(d["path"], d["outcome"], d.get("peer")) for d in mesh.decisions("victim")}
     assert {("/public", "allow", client), ("/admin", "forbidden", client)} <= decided
+    _, client6 = _addresses(mesh, "pod", "client")
+    code, body = mesh.curl("victim", f"http://[{client6}]:8080/from-victim", "-g")
+    assert code == 200, (code, body)
+    victim = f"spiffe://cluster.local/ns/{mesh.ns}/sa/victim"
+    wait_until("the client's audit line naming the victim", lambda: any(
+        d["path"] == "/from-victim" and d.get("peer") == victim for d in mesh.decisions("client")), timeout=15)
 
 
 def test_dual_stack_unmeshed_caller_over_ipv6_is_refused(boundary: tuple[Mesh, Mesh]) -> None:
