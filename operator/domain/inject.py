@@ -23,8 +23,9 @@ the node), app containers running as PROXY_UID or with its GID (their traffic wo
 bypass capture, or reach the mesh's files), any container of the pod's own mounting a
 mesh volume (the SDS socket hands out the workload's key), a shared process namespace
 (the app would see the agent's and Envoy's processes), names that clash with Meshward's,
-mesh annotations it cannot parse or over their bounds (ANNOTATION_BOUNDS), probes on
-ports the container does not declare. Ephemeral containers (`kubectl debug`) are
+mesh annotations it cannot parse or over their bounds (ANNOTATION_BOUNDS; the sidecars'
+CPU and memory within RESOURCE_BOUNDS, no request above its limit), probes on ports the
+container does not declare. Ephemeral containers (`kubectl debug`) are
 reviewed with the same rules (`check_ephemeral`). A pod that arrives with the mesh
 already in it (`meshward inject`, a reinvocation, or a hand-made imitation) is injected
 again from what it is without the mesh (`uninject`): what runs is always exactly what
@@ -37,8 +38,10 @@ import copy
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
+from meshward.operator.domain.quantity import QuantityError, parse_quantity
 from meshward.sidecar.domain.capture import (
     AGENT_ADMIN_PORT,
     PROXY_HEALTH_PORT,
@@ -71,6 +74,36 @@ BOOLEAN_VALUES = ("true", "false")
 # excluded inbound ports go into the destination map (domain/destinations.py), the rest into the pod's own spec.
 # A 256 KiB exclusion once pushed that map past gRPC's 4 MiB for every agent (issue 18). The map applies the
 # same bounds to pods it reads, since annotations can be edited after admission.
+# The sidecars' CPU and memory for one workload: each annotation replaces one field of the mesh's resources for that
+# container (the chart's injection.resources, InjectSettings); the fields it does not name stay the mesh's.
+AGENT_CPU, AGENT_CPU_LIMIT = "meshward.io/agent-cpu", "meshward.io/agent-cpu-limit"
+AGENT_MEMORY, AGENT_MEMORY_LIMIT = "meshward.io/agent-memory", "meshward.io/agent-memory-limit"
+PROXY_CPU, PROXY_CPU_LIMIT = "meshward.io/proxy-cpu", "meshward.io/proxy-cpu-limit"
+PROXY_MEMORY, PROXY_MEMORY_LIMIT = "meshward.io/proxy-memory", "meshward.io/proxy-memory-limit"
+# Each resource annotation's container, field (requests or limits) and resource.
+RESOURCE_ANNOTATIONS: Mapping[str, tuple[str, str, str]] = {
+    AGENT_CPU: ("agent", "requests", "cpu"), AGENT_CPU_LIMIT: ("agent", "limits", "cpu"),
+    AGENT_MEMORY: ("agent", "requests", "memory"), AGENT_MEMORY_LIMIT: ("agent", "limits", "memory"),
+    PROXY_CPU: ("proxy", "requests", "cpu"), PROXY_CPU_LIMIT: ("proxy", "limits", "cpu"),
+    PROXY_MEMORY: ("proxy", "requests", "memory"), PROXY_MEMORY_LIMIT: ("proxy", "limits", "memory"),
+}
+# The least and most a sidecar's request or limit may be (Kubernetes quantities), with why. Measured
+# (docs/performance.md, "Pod-to-pod hop"): ~69 MiB RSS per Envoy and ~68 MiB per agent with a small config, the agent
+# 65.5 MiB with 10,000 cached tokens ("Authorization hot path"); Envoy 0.13-0.18 vCPU per 1,000 rps, the agent 0.05.
+# - a memory limit under 96 Mi is less than ~40 % above that idle footprint: lower still, the sidecar is OOM-killed at
+#   its start and the pod never serves; the headroom is for cached tokens and a config push (decoded beside the
+#   config in force);
+# - a CPU limit under 50m throttles Envoy at ~300 requests per second (and slows every start);
+# - the request floors catch unit typos: "64" is 64 bytes and "64m" 0.064 of one (16 Mi is the mesh's own smallest
+#   request, the init container's); a CPU request of 0 gives the sidecar no share under contention;
+# - the ceilings catch the other typos ("64Gi" for "64Mi", "100" for "100m"): Envoy runs two workers and the agent one
+#   event loop, neither can use 16 cores, and nothing measured comes near 8 Gi.
+RESOURCE_BOUNDS: Mapping[tuple[str, str], tuple[str, str]] = {
+    ("requests", "cpu"): ("1m", "16"),
+    ("limits", "cpu"): ("50m", "16"),
+    ("requests", "memory"): ("16Mi", "8Gi"),
+    ("limits", "memory"): ("96Mi", "8Gi"),
+}
 ANNOTATION_BOUNDS: Mapping[str, tuple[int, int]] = {
     EXCLUDE_INBOUND_PORTS: (512, 64),
     EXCLUDE_OUTBOUND_PORTS: (512, 64),
@@ -79,10 +112,14 @@ ANNOTATION_BOUNDS: Mapping[str, tuple[int, int]] = {
     ROUTE_TIMEOUT: (16, 1),
     STREAM_IDLE_TIMEOUT: (16, 1),
     ACCEPT_HTTP10: (16, 1),
+    **{key: (16, 1) for key in RESOURCE_ANNOTATIONS},
 }
 _EXAMPLES = {EXCLUDE_INBOUND_PORTS: "9090,9100", EXCLUDE_OUTBOUND_PORTS: "5432",
              EXCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8", INBOUND_PLAINTEXT: "refuse", ROUTE_TIMEOUT: "30s",
-             STREAM_IDLE_TIMEOUT: "5m", ACCEPT_HTTP10: "true"}
+             STREAM_IDLE_TIMEOUT: "5m", ACCEPT_HTTP10: "true",
+             **{key: {"cpu": "200m", "memory": "128Mi"}[resource] if kind == "requests" else
+                {"cpu": "1", "memory": "512Mi"}[resource]
+                for key, (_, kind, resource) in RESOURCE_ANNOTATIONS.items()}}
 # Namespaces never injected, whatever their labels say: the operator's own (it would wait for itself) and
 # the cluster's system pods.
 NEVER_INJECTED = ("kube-system", "kube-public", "kube-node-lease")
@@ -294,6 +331,8 @@ def annotation_problem(key: str, value: str) -> str | None:
         return (f"metadata.annotations[{key}]: {len(value)} characters, more than the {chars} allowed; list at "
                 f"most {items} values, e.g. \"{_EXAMPLES[key]}\"")
     count = sum(1 for item in value.split(",") if item.strip())
+    if count > items == 1:
+        return f"metadata.annotations[{key}]: {count} values; it takes one, e.g. \"{_EXAMPLES[key]}\""
     if count > items:
         return (f"metadata.annotations[{key}]: {count} values, more than the {items} allowed; list only what the "
                 f"mesh must leave alone, e.g. \"{_EXAMPLES[key]}\"")
@@ -365,6 +404,76 @@ def _http_args(pod: Mapping[str, Any]) -> list[str]:
         raise InjectRefused(f"metadata.annotations[{ACCEPT_HTTP10}]: {http10!r} must be true (HTTP/1.0 requests are "
                             "served) or false (the default: Envoy answers them 426)")
     return [*args, "--accept-http10"] if http10 == "true" else args
+
+
+def mesh_resources_problem(resources: Mapping[str, Any], where: str) -> str | None:
+    """Why the mesh's resources of one injected container (`where` names the setting) are unusable, or None."""
+    amounts: dict[tuple[str, str], Fraction] = {}
+    for kind in ("requests", "limits"):
+        given = resources.get(kind) or {}
+        if not isinstance(given, dict):
+            return f"{where}.{kind}: want an object such as {{cpu: 50m, memory: 64Mi}}"
+        for resource, value in given.items():
+            try:
+                amounts[kind, str(resource)] = parse_quantity(str(value))
+            except QuantityError as e:
+                return f"{where}.{kind}.{resource}: {e}"
+    for resource in ("cpu", "memory"):
+        request, limit = amounts.get(("requests", resource)), amounts.get(("limits", resource))
+        if request is not None and limit is not None and request > limit:
+            return f"{where}.requests.{resource}: above {where}.limits.{resource}; lower it or raise the limit"
+    return None
+
+
+def _sidecar_resources(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, dict[str, Any]]:
+    """The agent's and Envoy's resources ("agent", "proxy"): the mesh's, with the pod's resource annotations in place.
+
+    Raises InjectRefused naming the annotation that is malformed, out of RESOURCE_BOUNDS, or a request above its
+    container's limit (or a limit below its request).
+    """
+    mesh = {"agent": settings.agent_resources, "proxy": settings.proxy_resources}
+    out = {role: copy.deepcopy(dict(resources)) for role, resources in mesh.items()}
+    given: set[tuple[str, str, str]] = set()
+    for key, (role, kind, resource) in RESOURCE_ANNOTATIONS.items():
+        value = _annotation(pod, key).strip()
+        if not value:
+            continue
+        try:
+            amount = parse_quantity(value)
+        except QuantityError as e:
+            raise InjectRefused(f"metadata.annotations[{key}]: {e}; write e.g. \"{_EXAMPLES[key]}\", or remove it "
+                                "for the mesh's") from e
+        least, most = RESOURCE_BOUNDS[kind, resource]
+        if not parse_quantity(least) <= amount <= parse_quantity(most):
+            raise InjectRefused(f"metadata.annotations[{key}]: {value} is outside {least} to {most}, the "
+                                f"bounds of a sidecar's {resource} {kind[:-1]} (docs/app-teams.md); e.g. "
+                                f"\"{_EXAMPLES[key]}\", or remove it for the mesh's")
+        out[role][kind] = {**(out[role].get(kind) or {}), resource: value}
+        given.add((role, kind, resource))
+    keys = {v: k for k, v in RESOURCE_ANNOTATIONS.items()}
+    for role, resource in sorted({(role, resource) for role, _, resource in given}):
+        request, limit = ((out[role].get(kind) or {}).get(resource) for kind in ("requests", "limits"))
+        if request is None or limit is None:
+            continue
+        try:
+            over = parse_quantity(str(request)) > parse_quantity(str(limit))
+        except QuantityError as e:
+            raise InjectRefused(f"the mesh's resources of its {role} (the chart's injection.resources.{role}): {e}; "
+                                "fix the operator's installation") from e
+        if not over:
+            continue
+        request_key, limit_key = keys[role, "requests", resource], keys[role, "limits", resource]
+        if (role, "requests", resource) not in given:
+            raise InjectRefused(f"metadata.annotations[{limit_key}]: {limit} is below the {role}'s {resource} request "
+                                f"{request} (the mesh's, the chart's injection.resources.{role}.requests.{resource}); "
+                                f"set {request_key} too, at most as high, or allow more")
+        if (role, "limits", resource) in given:
+            raise InjectRefused(f"metadata.annotations[{request_key}]: {request} is above {limit_key}, {limit}; "
+                                "a request cannot exceed its limit: lower one or raise the other")
+        raise InjectRefused(f"metadata.annotations[{request_key}]: {request} is above the {role}'s {resource} limit "
+                            f"{limit} (the mesh's, the chart's injection.resources.{role}.limits.{resource}); set "
+                            f"{limit_key} too, at least as high, or ask for less")
+    return out
 
 
 # Capabilities with which a container can change the pod's network namespace (the capture rules) or leave it.
@@ -449,6 +558,7 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
         raise InjectRefused(f"metadata.{e}") from e
     # The agent serves the outbound listener (LDS), Envoy's bootstrap holds the inbound one: both get the settings.
     http_args = _http_args(out)
+    resources = _sidecar_resources(out, settings)
     spec = out.setdefault("spec", {})
     originals: dict[str, Any] = {}
     for n, c in enumerate(spec.get("containers") or []):
@@ -487,7 +597,7 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
         "readinessProbe": _http_probe("/readyz", AGENT_ADMIN_PORT, 5, 3),
         "livenessProbe": _http_probe("/healthz", AGENT_ADMIN_PORT, 10, 3),
         "securityContext": _security(PROXY_UID),
-        "resources": dict(settings.agent_resources),
+        "resources": resources["agent"],
         "volumeMounts": [{"name": SOCKETS, "mountPath": SOCKET_DIR},
                          {"name": BUNDLE, "mountPath": f"{SOCKET_DIR}/bundle", "readOnly": True},
                          {"name": TOKEN, "mountPath": "/var/run/secrets/meshward", "readOnly": True}],
@@ -500,7 +610,7 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
         "startupProbe": _http_probe("/healthz/ready", PROXY_HEALTH_PORT, 1, STARTUP_FAILURE_THRESHOLD),
         "readinessProbe": _http_probe("/healthz/ready", PROXY_HEALTH_PORT, 5, 3),
         "securityContext": _security(PROXY_UID),
-        "resources": dict(settings.proxy_resources),
+        "resources": resources["proxy"],
         "volumeMounts": [{"name": SOCKETS, "mountPath": SOCKET_DIR}],
     }
     spec["initContainers"] = [init, agent, proxy, *(spec.get("initContainers") or [])]

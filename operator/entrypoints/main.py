@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from meshward._version import __version__
 from meshward.operator.clients.kube import KubeClient, KubeError
 from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, random_serial, spiffe_id
-from meshward.operator.domain.inject import InjectSettings
+from meshward.operator.domain.inject import InjectSettings, mesh_resources_problem
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identity_directory import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
@@ -192,6 +192,10 @@ def _inject_settings(args: argparse.Namespace) -> InjectSettings:
         resources = json.loads(args.inject_resources)
         if not isinstance(resources, dict) or not set(resources) <= {"agent", "proxy", "init"}:
             raise ValueError("want an object with keys agent, proxy, init")
+        for role, given in resources.items():
+            problem = mesh_resources_problem(given, role) if isinstance(given, dict) else f"{role}: want an object"
+            if problem is not None:
+                raise ValueError(f"{problem} (the chart's injection.resources)")
     except ValueError as e:
         raise SystemExit(f"meshward-operator: --inject-resources: {e}") from e
     return dataclasses.replace(base, agent_resources=resources.get("agent", base.agent_resources),
