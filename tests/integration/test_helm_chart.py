@@ -18,8 +18,11 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "meshward"
 
 
 def test_every_rendered_object_passes_the_api_servers_dry_run(cluster: Cluster) -> None:
-    """`helm template | kubectl apply --dry-run=server`: the API server validates every object the chart makes."""
-    rendered = subprocess.run([cluster.helm_bin, "template", "mw", str(CHART), "-n", "default", "--include-crds"],
+    """`helm template | kubectl apply --dry-run=server`: the API server validates every object the chart makes (with
+    a topology spread constraint too, which the defaults leave out)."""
+    spread = '[{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}]'
+    rendered = subprocess.run([cluster.helm_bin, "template", "mw", str(CHART), "-n", "default", "--include-crds",
+                               "--set-json", f"operator.topologySpreadConstraints={spread}"],
                               capture_output=True, text=True, check=True).stdout
     crds = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "CustomResourceDefinition"]
     others = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] != "CustomResourceDefinition"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ def test_chart_refuses_a_cluster_older_than_1_30(helm: str) -> None:
     ("podDisruptionBudget.enabled=yes", "at '/podDisruptionBudget/enabled': got string, want boolean"),
     ("imge.tag=1", "additional properties 'imge' not allowed"),
     ("injection.timeoutSeconds=10", "at '/injection/timeoutSeconds': maximum"),
+    ("operator.topologySpreadConstraints[0].maxSkew=1", "missing properties 'topologyKey', 'whenUnsatisfiable'"),
+    ("operator.topologySpreadConstraints[0].maxskew=1", "additional properties 'maxskew' not allowed"),
+    ("operator.affinity=close", "at '/operator/affinity': got string, want object"),
 ])
 def test_values_schema_refuses_mistyped_and_wrong_typed_values(helm: str, value: str, message: str) -> None:
     proc = render(helm, "--set", value)
@@ -75,6 +79,35 @@ def test_services_reach_the_leader_alone_while_every_replica_is_ready(helm: str)
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
     role = next(d for d in rendered if d["kind"] == "Role")
     assert {"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]} in role["rules"]
+
+
+def _pod_spec(helm: str, *args: str) -> dict[str, Any]:
+    spec: dict[str, Any] = next(d for d in docs(helm, *args) if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+SELECTOR = {"app.kubernetes.io/name": "meshward", "app.kubernetes.io/instance": "mw",
+            "app.kubernetes.io/component": "operator"}
+
+
+def test_replicas_prefer_different_nodes_unless_the_values_say_otherwise(helm: str) -> None:
+    """By default a preferred anti-affinity (one node: both replicas still schedule); topology spread constraints
+    are added when given, their labelSelector the operator's pods unless one is given; an affinity replaces the
+    chart's."""
+    default = _pod_spec(helm)
+    assert default["affinity"] == {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                            "labelSelector": {"matchLabels": SELECTOR}}}]}}
+    assert "topologySpreadConstraints" not in default
+    zone = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}
+    own = {"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+           "labelSelector": {"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, "minDomains": 2}
+    spread = _pod_spec(helm, "--set-json", f"operator.topologySpreadConstraints={json.dumps([zone, own])}")
+    assert spread["topologySpreadConstraints"] == [{**zone, "labelSelector": {"matchLabels": SELECTOR}}, own]
+    assert spread["affinity"] == default["affinity"], "the anti-affinity stays beside the constraints"
+    node = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "node-role.kubernetes.io/infra", "operator": "Exists"}]}]}}}
+    assert _pod_spec(helm, "--set-json", f"operator.affinity={json.dumps(node)}")["affinity"] == node
 
 
 def test_the_disruption_budget_comes_with_two_or_more_replicas(helm: str) -> None:
