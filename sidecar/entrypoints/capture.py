@@ -42,6 +42,9 @@ RESTORE_COMMANDS = ("iptables-restore", "iptables-legacy-restore")
 RESTORE6_COMMANDS = ("ip6tables-restore", "ip6tables-legacy-restore")
 # 1 when IPv6 is off in this network namespace; absent when the kernel has no IPv6.
 IPV6_DISABLED = Path("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+# The namespace's IPv6 addresses, one per line, the interface last. Read too: `all` can say 1 while an interface's
+# own setting (an unsafe sysctl a pod may be allowed) says 0 and it has an address, uncaptured if we believed `all`.
+IF_INET6 = Path("/proc/net/if_inet6")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,9 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _has_ipv6() -> bool:
-    """Whether this network namespace has IPv6 turned on."""
+    """Whether this network namespace has IPv6: turned on for all, or an address on any interface but loopback."""
     try:
-        return IPV6_DISABLED.read_text().strip() == "0"
+        if IPV6_DISABLED.read_text().strip() == "0":
+            return True
+    except OSError:
+        pass
+    try:
+        return any(line.split()[-1] != "lo" for line in IF_INET6.read_text().splitlines() if line.split())
     except OSError:
         return False
 

@@ -182,6 +182,9 @@ def test_meshward_init_captures_ipv6_else_resets_it_else_fails(
     disabled = tmp_path / "disable_ipv6"
     disabled.write_text("0\n" if has_ipv6 else "1\n")
     monkeypatch.setattr(init, "IPV6_DISABLED", disabled)
+    addresses = tmp_path / "if_inet6"
+    addresses.write_text("00000000000000000000000000000001 01 80 10 80       lo\n")
+    monkeypatch.setattr(init, "IF_INET6", addresses)
     assert init.main([]) == code
     out = capsys.readouterr()
     installed6 = tmp_path / "fake6-restore.took"
@@ -191,6 +194,24 @@ def test_meshward_init_captures_ipv6_else_resets_it_else_fails(
         assert installed6.read_text().startswith(took)
     assert ("IPv6 reset, not captured" in out.out) == (took == "*filter")
     assert ("cannot capture or close IPv6" in out.err) == (code == 1)
+
+
+def test_an_interface_with_ipv6_turned_on_behind_all_counts_as_ipv6(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-interface sysctl trick: `all.disable_ipv6=1` but `eth0.disable_ipv6=0` (unsafe sysctls a pod may be
+    allowed) left eth0 with IPv6 while the init container, reading `all`, judged the pod IPv6-free and started it
+    uncaptured when neither IPv6 rule set went in. The namespace's addresses are read too."""
+    from meshward.sidecar.entrypoints import capture as init
+
+    disabled = tmp_path / "disable_ipv6"
+    disabled.write_text("1\n")
+    addresses = tmp_path / "if_inet6"
+    addresses.write_text("00000000000000000000000000000001 01 80 10 80       lo\n")
+    monkeypatch.setattr(init, "IPV6_DISABLED", disabled)
+    monkeypatch.setattr(init, "IF_INET6", addresses)
+    assert not init._has_ipv6()
+    addresses.write_text(addresses.read_text() + "fe8000000000000004d772fffe76a907 02 40 20 80     eth0\n")
+    assert init._has_ipv6()
 
 
 def _disabled_ipv6_netns_available() -> bool:
@@ -205,10 +226,12 @@ def test_meshward_proxy_takes_ipv6_as_told(flag: str, expected: bool) -> None:
     assert ('"address": "::"' in proc.stdout) is expected
 
 
-@pytest.mark.skipif(not _disabled_ipv6_netns_available(), reason="needs root and unshare (a network namespace)")
+@pytest.mark.netns
 def test_meshward_proxy_auto_leaves_ipv6_out_where_the_pod_has_none() -> None:
     """Binding `[::]` fails where IPv6 is off, and Envoy then refuses the whole listener: `--ipv6 auto` (the
     injected default) adds the IPv6 sockets only where the pod's network namespace can bind its IPv6 loopback."""
+    if not _disabled_ipv6_netns_available():
+        pytest.fail("this test needs root and unshare (a network namespace); deselect it with -m 'not netns'")
     exe = str(Path(sys.executable).parent / "meshward-proxy")
     script = f"ip link set lo up; sysctl -qw net.ipv6.conf.all.disable_ipv6=$0; exec {exe} --print"
     for disabled, expected in (("1", False), ("0", True)):
