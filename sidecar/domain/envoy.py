@@ -54,7 +54,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from meshward.sidecar.domain.capture import INBOUND_PORT, OUTBOUND_PORT, PROXY_HEALTH_PORT
+from meshward.sidecar.domain.capture import INBOUND_PORT, OUTBOUND_PORT, PROXY_DSCP, PROXY_HEALTH_PORT
 from meshward.sidecar.domain.context import WIRE_HEADER, audience_for, context_headers
 
 # Request attributes the HTTP transport receives as headers, set by Envoy itself.
@@ -476,8 +476,21 @@ def _tls_inspector() -> dict[str, Any]:
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}
 
 
+# Linux's IPPROTO_IP and IP_TOS: the socket option that marks the upstream sockets of a pod's Envoy.
+_SOL_IP, _IP_TOS = 0, 1
+
+
 def _original_dst_cluster(name: str) -> dict[str, Any]:
-    return {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s"}
+    """A cluster to the address a captured connection was sent to, its sockets marked as the proxy's.
+
+    The mark (PROXY_DSCP, IP_TOS) is how the pod's capture rules track Envoy's connections apart from the app's,
+    which share their 4-tuples (domain/capture.py); a socket keeps it after Envoy closes it. IP_TOS is taken by
+    sockets of both families but marks IPv4 packets only (IPv6 has its traffic class, refused by IPv4 sockets).
+    """
+    return {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s",
+            "upstream_bind_config": {"socket_options": [{
+                "description": "the proxy's DSCP (meshward capture tracks these connections apart)",
+                "level": _SOL_IP, "name": _IP_TOS, "int_value": PROXY_DSCP << 2, "state": "STATE_PREBIND"}]}}
 
 
 def _xds_source() -> dict[str, Any]:
