@@ -45,16 +45,18 @@ redirected: the end of an upload through passthrough was lost (measured). An app
 DSCP on its own sockets: its connections are then tracked in the proxy's zone, still captured (the
 nat rules decide by user). A reset the kernel sends for no process's socket (the answer to a
 segment of a connection already gone) carries the DSCP of that segment, not of any socket: such
-resets go to the proxy's zone too. Envoy's need it (left in the app's zone, one that met the app's
+resets go to the proxy's zone too: Envoy's need it (left in the app's zone, one that met the app's
 old entry of the same 4-tuple was redirected to Envoy's own listener, the peer's socket lived on,
-and Envoy's next connection from that port met it and timed out: 39 `503`s in 14,400 requests on
-kind); an app's then finds no entry and goes to the address the app dialled, where nobody holds the
-connection, instead of to Envoy's listener, whose socket (closed already) waits for its
-retransmissions to time out. Measured on kind with an abandoning client at ~500 requests per
-second: no request failed (30,000 requests), and the client pod's TCP retransmission timeouts went
-from none to about two per second (docs/app-teams.md, "Known issue"): connections already closed,
-whose last segments go astray. IPv6: IP_TOS marks IPv4 packets only, so Envoy's connections over
-IPv6 share the app's zone as before.
+and Envoy's next connection from that port met it and timed out: 39 `503`s in ~29,000 requests on
+kind). But for the resets of the app's kernel answering Envoy's outbound listener (the rest of a
+response arriving after the app closed): in the proxy's zone they found no entry and went to the
+address the app dialled instead of to Envoy's listener, whose socket then waited for its
+retransmissions to time out (on kind, the client pod's retransmission timeouts went from none to
+about two per second under an abandoning client; the lost reset reproduced in network namespaces). So
+the outbound listener's sockets carry a DSCP of their own (OUTBOUND_LISTENER_DSCP, on loopback only),
+which the kernel copies into its reset, and a reset carrying it stays in the app's zone (verified in
+network namespaces; not yet measured on kind). IPv6: IP_TOS marks IPv4 packets only, so Envoy's
+connections over IPv6 share the app's zone as before.
 
 Where the kernel has no IPv6 nat table (no `ip6table_nat`), the init container falls back
 to `ip6tables_reset_rules` (filter table): TCP over IPv6 into the pod and out of its app
@@ -90,6 +92,9 @@ PROXY_CONNTRACK_ZONE = 1337
 # packets whatever their socket's state: from RFC 2474's pool 2 (xxxx11, for experimental or local use), and
 # cleared (mangle POSTROUTING) before a packet leaves the pod.
 PROXY_DSCP = 0x1B
+# The DSCP of the sockets of Envoy's outbound listener (the app's side of its captured connections, on loopback
+# only): the kernel's resets answering them copy it, and stay in the app's zone. Pool 2 as well.
+OUTBOUND_LISTENER_DSCP = 0x17
 
 _CHAIN_IN = "MESHWARD_INBOUND"
 _CHAIN_OUT = "MESHWARD_OUTPUT"
@@ -111,6 +116,7 @@ class Capture:
     outbound_port: int = OUTBOUND_PORT
     proxy_conntrack_zone: int = PROXY_CONNTRACK_ZONE
     proxy_dscp: int = PROXY_DSCP
+    outbound_listener_dscp: int = OUTBOUND_LISTENER_DSCP
 
 
 def parse_ports(text: str, setting: str) -> tuple[int, ...]:
@@ -177,20 +183,26 @@ def _nat_rules(c: Capture, version: int) -> str:
     return "\n".join(lines)
 
 
-def _raw_rules(c: Capture) -> str:
+def _raw_rules(c: Capture, version: int) -> str:
     """The raw and mangle tables: the proxy's TCP (by its DSCP) in a conntrack zone of its own, the DSCP cleared."""
     dscp = f"-p tcp -m dscp --dscp {c.proxy_dscp:#04x}"
+    listener = f"-p tcp -m dscp --dscp {c.outbound_listener_dscp:#04x}"
     zone = f"-j CT --zone-orig {c.proxy_conntrack_zone}"
     return "\n".join(["*raw", f"-A OUTPUT {dscp} {zone}",
-                      # A reset the kernel sends for no process's socket (the answer to a segment of a connection
-                      # already gone) copies the segment's DSCP, not a socket's: the proxy's zone (module docstring).
+                      # The app's side, and the kernel's resets answering Envoy's outbound listener: the app's zone.
+                      f"-A OUTPUT {listener} -j ACCEPT",
+                      # Any other reset the kernel sends for no process's socket (the answer to a segment of a
+                      # connection already gone) copies the segment's DSCP, not a socket's: the proxy's zone.
                       f"-A OUTPUT -p tcp --tcp-flags RST RST -m owner ! --uid-owner 0-4294967294 {zone}", "COMMIT",
-                      "*mangle", f"-A POSTROUTING {dscp} -j DSCP --set-dscp 0", "COMMIT", ""])
+                      "*mangle", f"-A POSTROUTING {dscp} -j DSCP --set-dscp 0",
+                      # ... and the listener's own DSCP on what leaves the pod (the app's resets; Envoy's listener
+                      # itself speaks from loopback only).
+                      f"-A POSTROUTING ! -s {_LOOPBACK[version]} {listener} -j DSCP --set-dscp 0", "COMMIT", ""])
 
 
 def iptables_rules(c: Capture) -> str:
     """The `iptables-restore` input (nat, raw and mangle tables) that captures the pod's TCP traffic over IPv4."""
-    return _nat_rules(c, 4) + _raw_rules(c)
+    return _nat_rules(c, 4) + _raw_rules(c, 4)
 
 
 def ip6tables_rules(c: Capture) -> str:
@@ -199,7 +211,7 @@ def ip6tables_rules(c: Capture) -> str:
     Envoy's inbound listener takes redirected connections on `[::]`, its outbound one on `::1` (where the kernel
     redirects a connection the pod itself opens).
     """
-    return _nat_rules(c, 6) + _raw_rules(c)
+    return _nat_rules(c, 6) + _raw_rules(c, 6)
 
 
 def ip6tables_reset_rules(c: Capture) -> str:
@@ -226,4 +238,4 @@ def ip6tables_reset_rules(c: Capture) -> str:
     lines += [f"-A {_CHAIN_OUT} -p tcp -j REJECT --reject-with tcp-reset", "COMMIT", ""]
     # The proxy's connections apart here too: an app SYN let through on an entry of the proxy's counted as
     # ESTABLISHED and passed the first rule of the app's chain (measured).
-    return "\n".join(lines) + _raw_rules(c)
+    return "\n".join(lines) + _raw_rules(c, 6)

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from meshward.sidecar.domain.capture import OUTBOUND_PORT, PROXY_DSCP, PROXY_UID, Capture, iptables_rules
+from meshward.sidecar.domain.capture import (
+    OUTBOUND_LISTENER_DSCP,
+    OUTBOUND_PORT,
+    PROXY_DSCP,
+    PROXY_UID,
+    Capture,
+    iptables_rules,
+)
 
 CLIENT_IP, SERVER_IP = "10.77.0.1", "10.77.0.2"  # on the veth pair only
 SERVER_PORT = 80
@@ -93,6 +100,7 @@ def opened_by(uid):
     return s
 enter(server_ns); server = listener(server_ip, int(server_port))
 enter(client_ns); outbound = listener("127.0.0.1", int(outbound_port))
+outbound.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, int(sys.argv[13]))  # as Envoy marks its outbound listener
 first = opened_by(first_uid)
 first.connect((server_ip, int(server_port)))
 peer = accepted(outbound, 2) or accepted(server, 2)
@@ -129,7 +137,7 @@ class Pods:
         """Where a connection from `source_port` by `second_uid` arrives after `first_uid`'s ended as `ending`."""
         out = _run(sys.executable, "-c", _CASE, self.client_ns, self.server_ns, CLIENT_IP, SERVER_IP,
                    str(SERVER_PORT), str(OUTBOUND_PORT), str(first_uid), ending, str(second_uid), str(source_port),
-                   str(PROXY_UID), str(PROXY_DSCP << 2))
+                   str(PROXY_UID), str(PROXY_DSCP << 2), str(OUTBOUND_LISTENER_DSCP << 2))
         where: str = json.loads(out)
         return where
 
@@ -229,6 +237,50 @@ def test_what_envoy_wrote_before_closing_reaches_the_server(pods: Pods) -> None:
                str(3 << 20), str(PROXY_UID), str(PROXY_DSCP << 2))
     sent, got = (int(x) for x in out.split())
     assert sent > 1 << 20 and got == sent, (sent, got)
+
+
+# The app (APP_UID) opens a connection (redirected to the stand-in for Envoy's outbound listener, its socket marked as
+# Envoy marks it), reads the first part of the response and closes (a FIN: nothing was left unread in the kernel);
+# the rest of the response arrives at its closed socket and the kernel answers with a reset, from no process's socket.
+# Prints whether that reset reached the listener's socket.
+_APP_RESET = r"""
+import ctypes, os, socket, sys, time
+client_ns, server_ip, outbound_port, app_uid, listener_tos = sys.argv[1:6]
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+fd = os.open(f"/run/netns/{client_ns}", os.O_RDONLY)
+assert libc.setns(fd, 0x40000000) == 0, ctypes.get_errno()
+outbound = socket.socket(); outbound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+outbound.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, int(listener_tos))
+outbound.bind(("127.0.0.1", int(outbound_port))); outbound.listen(1)
+os.seteuid(int(app_uid))
+try:
+    app = socket.socket()
+finally:
+    os.seteuid(0)
+app.connect((server_ip, 82))
+envoy, _ = outbound.accept()
+app.sendall(b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n"); envoy.recv(100)
+envoy.sendall(b"x" * 500); time.sleep(0.05)
+app.recv(500)
+app.close()
+time.sleep(0.05)
+envoy.sendall(b"y" * 500)
+time.sleep(0.3)
+try:
+    envoy.sendall(b"z"); time.sleep(0.2); envoy.sendall(b"z")
+    print("no reset")
+except OSError:
+    print("reset")
+"""
+
+
+def test_the_apps_kernel_reset_reaches_envoys_outbound_listener(pods: Pods) -> None:
+    """The kernel's resets are tracked by what they answer: the app's, answering the rest of a response that reached
+    its closed socket, stays in the app's zone (by the DSCP of Envoy's outbound listener, which the kernel copies
+    into it) and reaches Envoy's socket, which would otherwise retransmit until it times out."""
+    out = _run(sys.executable, "-c", _APP_RESET, pods.client_ns, SERVER_IP, str(OUTBOUND_PORT), str(APP_UID),
+               str(OUTBOUND_LISTENER_DSCP << 2))
+    assert out.strip() == "reset"
 
 
 def test_the_proxys_connections_are_tracked_in_their_own_zone(pods: Pods) -> None:

@@ -13,6 +13,7 @@ import pytest
 from meshward.sidecar.domain.capture import (
     AGENT_ADMIN_PORT,
     INBOUND_PORT,
+    OUTBOUND_LISTENER_DSCP,
     OUTBOUND_PORT,
     PROXY_CONNTRACK_ZONE,
     PROXY_DSCP,
@@ -60,16 +61,22 @@ def test_port_reuse_bypass_the_proxys_connections_are_tracked_apart_from_the_app
     conntrack zone of its own for the original direction, so replies still find their entries in the default zone,
     and clears the DSCP on the way out."""
     dscp = f"-p tcp -m dscp --dscp {PROXY_DSCP:#04x}"
-    for text in (iptables_rules(Capture()), ip6tables_rules(Capture()), ip6tables_reset_rules(Capture())):
+    for text, loopback in ((iptables_rules(Capture()), "127.0.0.0/8"), (ip6tables_rules(Capture()), "::1/128"),
+                           (ip6tables_reset_rules(Capture()), "::1/128")):
         lines = text.splitlines()
         zone = f"-j CT --zone-orig {PROXY_CONNTRACK_ZONE}"
+        listener = f"-p tcp -m dscp --dscp {OUTBOUND_LISTENER_DSCP:#04x}"
         assert lines[lines.index("*raw"):] == [
             "*raw", f"-A OUTPUT {dscp} {zone}",
-            # the kernel's own resets (no process's socket): they carry the DSCP of what they answer, not a socket's
+            # the kernel's own resets (no process's socket) carry the DSCP of what they answer, not a socket's: those
+            # answering Envoy's outbound listener are the app's, the others the proxy's
+            f"-A OUTPUT {listener} -j ACCEPT",
             f"-A OUTPUT -p tcp --tcp-flags RST RST -m owner ! --uid-owner 0-4294967294 {zone}", "COMMIT",
-            "*mangle", f"-A POSTROUTING {dscp} -j DSCP --set-dscp 0", "COMMIT"], text
+            "*mangle", f"-A POSTROUTING {dscp} -j DSCP --set-dscp 0",
+            f"-A POSTROUTING ! -s {loopback} {listener} -j DSCP --set-dscp 0", "COMMIT"], text
     assert PROXY_CONNTRACK_ZONE != 0  # 0 is the default zone, the app's
-    assert PROXY_DSCP & 0b11 == 0b11  # RFC 2474 pool 2: experimental or local use
+    assert PROXY_DSCP & 0b11 == OUTBOUND_LISTENER_DSCP & 0b11 == 0b11  # RFC 2474 pool 2: experimental or local use
+    assert PROXY_DSCP != OUTBOUND_LISTENER_DSCP
 
 
 def test_runas_group_1337_bypass_the_proxys_group_exempts_nothing() -> None:
