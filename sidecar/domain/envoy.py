@@ -54,7 +54,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from meshward.sidecar.domain.capture import INBOUND_PORT, OUTBOUND_PORT, PROXY_HEALTH_PORT
+from meshward.sidecar.domain.capture import (
+    INBOUND_PORT,
+    OUTBOUND_LISTENER_DSCP,
+    OUTBOUND_PORT,
+    PROXY_DSCP,
+    PROXY_HEALTH_PORT,
+)
 from meshward.sidecar.domain.context import WIRE_HEADER, audience_for, context_headers
 
 # Request attributes the HTTP transport receives as headers, set by Envoy itself.
@@ -476,8 +482,25 @@ def _tls_inspector() -> dict[str, Any]:
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}
 
 
+# Linux's IPPROTO_IP and IP_TOS: the socket option that marks the upstream sockets of a pod's Envoy.
+_SOL_IP, _IP_TOS = 0, 1
+
+
+def _tos(dscp: int, why: str) -> dict[str, Any]:
+    """A socket option setting IP_TOS to `dscp` before bind (taken by sockets of both families; marks IPv4 only)."""
+    return {"description": why, "level": _SOL_IP, "name": _IP_TOS, "int_value": dscp << 2, "state": "STATE_PREBIND"}
+
+
 def _original_dst_cluster(name: str) -> dict[str, Any]:
-    return {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s"}
+    """A cluster to the address a captured connection was sent to, its sockets marked as the proxy's.
+
+    The mark (PROXY_DSCP, IP_TOS) is how the pod's capture rules track Envoy's connections apart from the app's,
+    which share their 4-tuples (domain/capture.py); a socket keeps it after Envoy closes it. IP_TOS is taken by
+    sockets of both families but marks IPv4 packets only (IPv6 has its traffic class, refused by IPv4 sockets).
+    """
+    return {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s",
+            "upstream_bind_config": {"socket_options": [
+                _tos(PROXY_DSCP, "the proxy's DSCP (meshward capture tracks these connections apart)")]}}
 
 
 def _xds_source() -> dict[str, Any]:
@@ -700,7 +723,10 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
     passthrough = {"name": "passthrough", "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": "passthrough", "cluster": PASSTHROUGH}}]}
+    # Its sockets' DSCP, copied by the kernel into a reset answering them: capture keeps those in the app's
+    # conntrack zone (domain/capture.py).
     listener = {"name": "outbound", **_addresses(LOOPBACK, LOOPBACK_6, OUTBOUND_PORT, ipv6),
+                "socket_options": [_tos(OUTBOUND_LISTENER_DSCP, "the app's side (meshward capture's conntrack zones)")],
                 "listener_filters": [_original_dst(), _http_inspector()],
                 "listener_filters_timeout": _duration(SNIFF_TIMEOUT_S), "continue_on_listener_filters_timeout": True,
                 "filter_chains": chains, "default_filter_chain": passthrough}

@@ -124,7 +124,7 @@ def envoy_admin(cluster: Cluster, ns: str, pod: str, path: str, check: bool = Tr
 def image_values(image: str) -> list[str]:
     """`helm --set` arguments for a locally built image (never pulled: it is not in any registry)."""
     repository, _, tag = image.rpartition(":")
-    return ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never"]
+    return ["--set", f"image.repository={repository}", "--set-string", f"image.tag={tag}", "--set", "image.pullPolicy=Never"]
 
 
 def pod(namespace: str, name: str, image: str, command: list[str], **spec: Any) -> dict[str, Any]:

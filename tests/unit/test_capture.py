@@ -13,7 +13,10 @@ import pytest
 from meshward.sidecar.domain.capture import (
     AGENT_ADMIN_PORT,
     INBOUND_PORT,
+    OUTBOUND_LISTENER_DSCP,
     OUTBOUND_PORT,
+    PROXY_CONNTRACK_ZONE,
+    PROXY_DSCP,
     PROXY_HEALTH_PORT,
     PROXY_UID,
     Capture,
@@ -32,6 +35,7 @@ def rules(c: Capture | None = None) -> list[str]:
 
 def test_every_tcp_connection_in_and_out_is_redirected_to_envoy() -> None:
     r = rules()
+    r = r[:r.index("COMMIT") + 1]  # the nat table
     assert r[0] == "*nat" and r[-1] == "COMMIT"
     assert "-A PREROUTING -p tcp -j MESHWARD_INBOUND" in r
     assert "-A OUTPUT -p tcp -j MESHWARD_OUTPUT" in r
@@ -47,6 +51,32 @@ def test_the_proxys_own_traffic_is_never_captured_so_nothing_loops() -> None:
     redirect = r.index(f"-A MESHWARD_OUTPUT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}")
     assert r.index(f"-A MESHWARD_OUTPUT -m owner --uid-owner {PROXY_UID} -j RETURN") < redirect
     assert r.index("-A MESHWARD_OUTPUT -d 127.0.0.0/8 -j RETURN") < redirect
+
+
+def test_port_reuse_bypass_the_proxys_connections_are_tracked_apart_from_the_apps() -> None:
+    """Capture bypass by port reuse: a SYN meeting a conntrack entry the kernel does not reopen (the proxy's last
+    connection of that 4-tuple, aborted or reset by its peer) rode on it, skipping the nat rules, so the app's
+    connection went out uncaptured (tests/integration/test_capture_conntrack_netns.py shows it on the kernel). Every
+    rule set puts TCP carrying the proxy's DSCP (a socket keeps it after Envoy closes it; its owner it loses) in a
+    conntrack zone of its own for the original direction, so replies still find their entries in the default zone,
+    and clears the DSCP on the way out."""
+    dscp = f"-p tcp -m dscp --dscp {PROXY_DSCP:#04x}"
+    for text, loopback in ((iptables_rules(Capture()), "127.0.0.0/8"), (ip6tables_rules(Capture()), "::1/128"),
+                           (ip6tables_reset_rules(Capture()), "::1/128")):
+        lines = text.splitlines()
+        zone = f"-j CT --zone-orig {PROXY_CONNTRACK_ZONE}"
+        listener = f"-p tcp -m dscp --dscp {OUTBOUND_LISTENER_DSCP:#04x}"
+        assert lines[lines.index("*raw"):] == [
+            "*raw", f"-A OUTPUT {dscp} {zone}",
+            # the kernel's own resets (no process's socket) carry the DSCP of what they answer, not a socket's: those
+            # answering Envoy's outbound listener are the app's, the others the proxy's
+            f"-A OUTPUT {listener} -j ACCEPT",
+            f"-A OUTPUT -p tcp --tcp-flags RST RST -m owner ! --uid-owner 0-4294967294 {zone}", "COMMIT",
+            "*mangle", f"-A POSTROUTING {dscp} -j DSCP --set-dscp 0",
+            f"-A POSTROUTING ! -s {loopback} {listener} -j DSCP --set-dscp 0", "COMMIT"], text
+    assert PROXY_CONNTRACK_ZONE != 0  # 0 is the default zone, the app's
+    assert PROXY_DSCP & 0b11 == OUTBOUND_LISTENER_DSCP & 0b11 == 0b11  # RFC 2474 pool 2: experimental or local use
+    assert PROXY_DSCP != OUTBOUND_LISTENER_DSCP
 
 
 def test_runas_group_1337_bypass_the_proxys_group_exempts_nothing() -> None:
