@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from meshward.sidecar.domain.capture import (
     Capture,
     iptables_rules,
 )
+from tests.support.netns import missing, require, run
 
 CLIENT_IP, SERVER_IP = "10.77.0.1", "10.77.0.2"  # on the veth pair only
 SERVER_PORT = 80
@@ -47,25 +47,13 @@ pytestmark = pytest.mark.netns
 
 
 def _can_run() -> str:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, iptables)"
-    for tool in ("ip", "iptables-restore", "nsenter"):
-        if shutil.which(tool) is None:
-            return f"needs {tool}"
-    return ""
+    return missing("ip", "iptables-restore", "nsenter")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _runs_here() -> None:
     """Fail (never skip) where network namespaces and iptables are out of reach."""
-    if why := _can_run():
-        pytest.fail(f"this test {why}; run it as root, or deselect it with -m 'not netns'")
-
-
-def _run(*argv: str, stdin: str | None = None) -> str:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
-    assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr}"
-    return proc.stdout
+    require(_can_run())
 
 
 # One case, in one process (root) that moves between the two namespaces (setns) and opens each socket as its user
@@ -135,7 +123,7 @@ class Pods:
 
     def second_connection_lands(self, first_uid: int, ending: str, second_uid: int, source_port: int) -> str:
         """Where a connection from `source_port` by `second_uid` arrives after `first_uid`'s ended as `ending`."""
-        out = _run(sys.executable, "-c", _CASE, self.client_ns, self.server_ns, CLIENT_IP, SERVER_IP,
+        out = run(sys.executable, "-c", _CASE, self.client_ns, self.server_ns, CLIENT_IP, SERVER_IP,
                    str(SERVER_PORT), str(OUTBOUND_PORT), str(first_uid), ending, str(second_uid), str(source_port),
                    str(PROXY_UID), str(PROXY_DSCP << 2), str(OUTBOUND_LISTENER_DSCP << 2))
         where: str = json.loads(out)
@@ -148,15 +136,15 @@ def pods() -> Iterator[Pods]:
     client_ns, server_ns = f"{tag}-c", f"{tag}-s"
     try:
         for ns in (client_ns, server_ns):
-            _run("ip", "netns", "add", ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "link", "add", "ctc0", "netns", client_ns, "type", "veth", "peer", "name", "cts0", "netns",
+            run("ip", "netns", "add", ns)
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "link", "add", "ctc0", "netns", client_ns, "type", "veth", "peer", "name", "cts0", "netns",
              server_ns)
         for ns, dev, ip in ((client_ns, "ctc0", CLIENT_IP), (server_ns, "cts0", SERVER_IP)):
-            _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            _run("ip", "-n", ns, "link", "set", dev, "up")
+            run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            run("ip", "-n", ns, "link", "set", dev, "up")
         # The client pod's capture, as meshward-init loads it.
-        _run("nsenter", f"--net=/run/netns/{client_ns}", "--", "iptables-restore", "--noflush",
+        run("nsenter", f"--net=/run/netns/{client_ns}", "--", "iptables-restore", "--noflush",
              stdin=iptables_rules(Capture()))
         yield Pods(client_ns, server_ns)
     finally:
@@ -233,7 +221,7 @@ def test_what_envoy_wrote_before_closing_reaches_the_server(pods: Pods) -> None:
     """A socket Envoy closed still sends what was written to it (the end of an upload through passthrough); it has
     no owner then. Tracked apart by their user, such packets missed their entry and were redirected into Envoy's
     own listener: the server got 114 KB of 3 MB. By the DSCP the socket keeps, every byte arrives."""
-    out = _run(sys.executable, "-c", _ORPHAN, pods.client_ns, pods.server_ns, CLIENT_IP, SERVER_IP,
+    out = run(sys.executable, "-c", _ORPHAN, pods.client_ns, pods.server_ns, CLIENT_IP, SERVER_IP,
                str(3 << 20), str(PROXY_UID), str(PROXY_DSCP << 2))
     sent, got = (int(x) for x in out.split())
     assert sent > 1 << 20 and got == sent, (sent, got)
@@ -278,7 +266,7 @@ def test_the_apps_kernel_reset_reaches_envoys_outbound_listener(pods: Pods) -> N
     """The kernel's resets are tracked by what they answer: the app's, answering the rest of a response that reached
     its closed socket, stays in the app's zone (by the DSCP of Envoy's outbound listener, which the kernel copies
     into it) and reaches Envoy's socket, which would otherwise retransmit until it times out."""
-    out = _run(sys.executable, "-c", _APP_RESET, pods.client_ns, SERVER_IP, str(OUTBOUND_PORT), str(APP_UID),
+    out = run(sys.executable, "-c", _APP_RESET, pods.client_ns, SERVER_IP, str(OUTBOUND_PORT), str(APP_UID),
                str(OUTBOUND_LISTENER_DSCP << 2))
     assert out.strip() == "reset"
 
@@ -287,7 +275,7 @@ def test_the_proxys_connections_are_tracked_in_their_own_zone(pods: Pods) -> Non
     """What `iptables-save` shows in a captured pod: TCP with the proxy's DSCP in conntrack zone 1337 (original
     direction), the DSCP cleared on the way out."""
     def saved(table: str) -> str:
-        return _run("nsenter", f"--net=/run/netns/{pods.client_ns}", "--", "iptables-save", "-t", table)
+        return run("nsenter", f"--net=/run/netns/{pods.client_ns}", "--", "iptables-save", "-t", table)
     assert f"-A OUTPUT -p tcp -m dscp --dscp {PROXY_DSCP:#04x} -j CT --zone-orig 1337" in saved("raw")
     assert "-A OUTPUT -p tcp -m tcp --tcp-flags RST RST -m owner ! --uid-owner 0-4294967294 -j CT --zone-orig 1337" \
         in saved("raw")

@@ -40,6 +40,7 @@ from meshward.sidecar.domain.envoy import (
     outbound_resources,
 )
 from tests.integration.test_http_routes import BACKEND, FRONTEND, _file_tls, backend_policy
+from tests.support.netns import missing, require, run
 from tests.support.pki import TestCA
 from tests.support.procs import Agent, envoy_binary, unix_get, wait_for
 
@@ -54,14 +55,8 @@ SYSTEM_PYTHON = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or 
 
 def _can_run() -> str:
     """Why this test cannot run here ('' if it can)."""
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, ip6tables)"
-    for tool in ("ip", "iptables-restore", "ip6tables-restore", "ip6tables-save", "nsenter"):
-        if shutil.which(tool) is None:
-            return f"needs {tool}"
-    if not SYSTEM_PYTHON:
-        return "needs a system python3 (the unmeshed caller runs as PROXY_UID)"
-    return ""
+    why = missing("ip", "iptables-restore", "ip6tables-restore", "ip6tables-save", "nsenter")
+    return why or ("" if SYSTEM_PYTHON else "needs a system python3 (the unmeshed caller runs as PROXY_UID)")
 
 
 def _envoy_executable() -> str:
@@ -80,14 +75,7 @@ pytestmark = pytest.mark.netns
 @pytest.fixture(autouse=True, scope="module")
 def _runs_here() -> None:
     """Fail (never skip) where network namespaces and ip6tables are out of reach."""
-    if why := _can_run():
-        pytest.fail(f"this test {why}; run it as root, or deselect it with -m 'not netns'")
-
-
-def _run(*argv: str, stdin: str | None = None) -> str:
-    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
-    assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr}"
-    return proc.stdout
+    require(_can_run())
 
 
 def _in(ns: str, *argv: str, uid: int | None = None) -> list[str]:
@@ -153,7 +141,7 @@ class Pods:
     def get(self, host: str, path: str, *, uid: int | None = None) -> str:
         """The status line a GET from the client pod's namespace got (as `uid`; root is the app, captured)."""
         python = sys.executable if uid is None else SYSTEM_PYTHON
-        return _run(*_in(self.client_ns, python, "-c", _CLIENT, host, str(APP_PORT), path, uid=uid)).strip()
+        return run(*_in(self.client_ns, python, "-c", _CLIENT, host, str(APP_PORT), path, uid=uid)).strip()
 
 
 def _envoy(ns: str, boot: dict[str, Any], workdir: Path, name: str) -> subprocess.Popen[bytes]:
@@ -199,19 +187,19 @@ def pods() -> Iterator[Pods]:
     try:
         workdir.chmod(0o755)
         for ns in (client_ns, server_ns):
-            _run("ip", "netns", "add", ns)
-        _run("ip", "link", "add", "c0", "netns", client_ns, "type", "veth", "peer", "name", "s0", "netns", server_ns)
+            run("ip", "netns", "add", ns)
+        run("ip", "link", "add", "c0", "netns", client_ns, "type", "veth", "peer", "name", "s0", "netns", server_ns)
         for ns, dev, ip in ((client_ns, "c0", CLIENT_IP), (server_ns, "s0", SERVER_IP)):
-            _run(*_in(ns, "ip", "link", "set", "lo", "up"))
-            _run(*_in(ns, "ip", "addr", "add", f"{ip}/64", "dev", dev, "nodad"))
-            _run(*_in(ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.accept_dad=0"))
-            _run(*_in(ns, "ip", "link", "set", dev, "up"))
+            run(*_in(ns, "ip", "link", "set", "lo", "up"))
+            run(*_in(ns, "ip", "addr", "add", f"{ip}/64", "dev", dev, "nodad"))
+            run(*_in(ns, "sysctl", "-qw", f"net.ipv6.conf.{dev}.accept_dad=0"))
+            run(*_in(ns, "ip", "link", "set", dev, "up"))
             # The capture container's rules, as meshward-init loads them (the real PROXY_UID exempt).
-            _run(*_in(ns, "iptables-restore", "--noflush"), stdin=iptables_rules(Capture()))
-            _run(*_in(ns, "ip6tables-restore", "--noflush"), stdin=ip6tables_rules(Capture()))
+            run(*_in(ns, "iptables-restore", "--noflush"), stdin=iptables_rules(Capture()))
+            run(*_in(ns, "ip6tables-restore", "--noflush"), stdin=ip6tables_rules(Capture()))
 
         def link_local() -> str:
-            out = _run(*_in(server_ns, "ip", "-6", "-o", "addr", "show", "dev", "s0", "scope", "link"))
+            out = run(*_in(server_ns, "ip", "-6", "-o", "addr", "show", "dev", "s0", "scope", "link"))
             return out.split()[3].split("/")[0] if out.strip() else ""
         wait_for("the server's link-local address", lambda: bool(link_local()))
         server_ll = f"{link_local()}%c0"
@@ -298,6 +286,6 @@ def test_a_meshed_caller_dialling_a_link_local_address_fails_closed(pods: Pods) 
 
 def test_ipv6_capture_rules_are_loaded_in_the_pods_namespace(pods: Pods) -> None:
     """What `ip6tables-save` shows in a captured pod: the nat redirects, not the reset fallback."""
-    saved = _run(*_in(pods.server_ns, "ip6tables-save", "-t", "nat"))
+    saved = run(*_in(pods.server_ns, "ip6tables-save", "-t", "nat"))
     assert "-A MESHWARD_INBOUND -p tcp -j REDIRECT --to-ports 15006" in saved
     assert "-A MESHWARD_OUTPUT -p tcp -j REDIRECT --to-ports 15001" in saved
