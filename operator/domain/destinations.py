@@ -43,7 +43,6 @@ unaffected; the engine reports what it left out (engines/mesh_directory.py).
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from meshward.operator.domain.inject import (
     is_injected,
 )
 from meshward.sidecar.domain.capture import CaptureError, parse_ports
+from meshward.sidecar.domain.envoy import canonical_address
 
 # One namespace's share of the map. An entry is ~100 bytes (an address, one identity, a few ports), ~500 with the
 # 64 ports the injector allows a pod; so this holds thousands of pods and Services (half as many on a dual-stack
@@ -103,14 +103,8 @@ def _addresses(texts: Iterable[Any]) -> tuple[str, ...]:
     whatever it is sent, so an entry's count is bounded where it enters.
     """
     out: dict[int, str] = {}
-    for text in texts:
-        if not isinstance(text, str) or "%" in text:
-            continue
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            continue
-        out.setdefault(address.version, str(address))
+    for address in filter(None, map(canonical_address, texts)):
+        out.setdefault(6 if ":" in address else 4, address)
     return tuple(out.values())
 
 

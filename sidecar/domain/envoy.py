@@ -571,7 +571,7 @@ def parse_destinations(doc: Any) -> dict[str, Destination]:
     for ip, entry in doc.items():
         ids = entry.get("identities") if isinstance(entry, dict) else None
         ports = entry.get("plaintextPorts", []) if isinstance(entry, dict) else None
-        address = _address(ip)
+        address = canonical_address(ip)
         if address is None or not isinstance(ids, list) or \
                 not all(isinstance(i, str) and i.startswith("spiffe://") for i in ids) or \
                 not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
@@ -581,7 +581,7 @@ def parse_destinations(doc: Any) -> dict[str, Destination]:
     return out
 
 
-def _address(text: Any) -> str | None:
+def canonical_address(text: Any) -> str | None:
     """`text` as a canonical IPv4 or IPv6 address; None if it is not one, or has a zone (`fe80::1%eth0`).
 
     A zone names an interface of the sender's own pod: no other pod's Envoy can match or dial it.
@@ -596,7 +596,7 @@ def _address(text: Any) -> str | None:
 
 def own_addresses(text: str) -> frozenset[str]:
     """The pod's own addresses, canonical, from `status.podIPs` as the downward API writes it (comma-separated)."""
-    return frozenset(a for a in (_address(t.strip()) for t in text.split(",")) if a)
+    return frozenset(a for a in (canonical_address(t.strip()) for t in text.split(",")) if a)
 
 
 def _identity_matcher(identity: str) -> dict[str, str]:
