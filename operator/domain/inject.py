@@ -117,8 +117,8 @@ ANNOTATION_BOUNDS: Mapping[str, tuple[int, int]] = {
 _EXAMPLES = {EXCLUDE_INBOUND_PORTS: "9090,9100", EXCLUDE_OUTBOUND_PORTS: "5432",
              EXCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8", INBOUND_PLAINTEXT: "refuse", ROUTE_TIMEOUT: "30s",
              STREAM_IDLE_TIMEOUT: "5m", ACCEPT_HTTP10: "true",
-             **{key: {"cpu": "200m", "memory": "128Mi"}[resource] if kind == "requests" else
-                {"cpu": "1", "memory": "512Mi"}[resource]
+             **{key: {("requests", "cpu"): "200m", ("requests", "memory"): "128Mi",
+                      ("limits", "cpu"): "1", ("limits", "memory"): "512Mi"}[kind, resource]
                 for key, (_, kind, resource) in RESOURCE_ANNOTATIONS.items()}}
 # Namespaces never injected, whatever their labels say: the operator's own (it would wait for itself) and
 # the cluster's system pods.

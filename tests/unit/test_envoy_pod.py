@@ -91,7 +91,13 @@ def test_envoy_accepts_the_pod_bootstrap_and_the_outbound_resources(plaintext: b
     """`envoy --mode validate` on the bootstrap with the outbound listener and clusters made static: valid, and
     no deprecated field, no warning."""
     boot = build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext, http=http))
-    listeners, clusters = outbound_resources(MAP, OWN_IP, http=http)
+    _assert_envoy_accepts(boot, *outbound_resources(MAP, OWN_IP, http=http), tmp_path)
+
+
+def _assert_envoy_accepts(boot: dict[str, Any], listeners: list[dict[str, Any]], clusters: list[dict[str, Any]],
+                          tmp_path: Path) -> None:
+    """`boot` with `listeners` and `clusters` made static passes `envoy --mode validate`, with no deprecated field
+    and no warning."""
     boot["static_resources"]["listeners"] += listeners
     boot["static_resources"]["clusters"] += clusters
     check_bootstrap(boot)
@@ -401,12 +407,7 @@ def test_dual_stack_outbound_resources_match_golden(request: pytest.FixtureReque
 def test_envoy_accepts_the_dual_stack_bootstrap_and_outbound_resources(tmp_path: Path) -> None:
     """`envoy --mode validate`: the additional addresses and the /128 prefixes are Envoy's spelling."""
     boot = build_pod_bootstrap(PodProxy("shop/orders-1", ipv6=True))
-    listeners, clusters = outbound_resources(DUAL_MAP, OWN_IPS, ipv6=True)
-    boot["static_resources"]["listeners"] += listeners
-    boot["static_resources"]["clusters"] += clusters
-    check_bootstrap(boot)
-    out = _validate(boot, tmp_path)
-    assert "deprecated" not in out.lower() and "[warning]" not in out, out
+    _assert_envoy_accepts(boot, *outbound_resources(DUAL_MAP, OWN_IPS, ipv6=True), tmp_path)
 
 
 def _sockets(listener: dict[str, Any]) -> list[tuple[str, int]]:
