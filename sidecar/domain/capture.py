@@ -25,8 +25,8 @@ Envoy cannot dial a link-local address (no zone in an original-destination addre
 fails closed either way.
 
 The proxy's own connections are tracked apart: Envoy marks the sockets of its upstream connections
-with a DSCP of its own (PROXY_DSCP, set with IP_TOS: domain/envoy.py), and the raw table puts every
-TCP packet carrying it in conntrack zone PROXY_CONNTRACK_ZONE for the original direction; the
+with a DSCP of its own (PROXY_DSCP, set with IP_TOS, over IPv6 with IPV6_TCLASS: domain/envoy.py), and
+the raw table puts every TCP packet carrying it in conntrack zone PROXY_CONNTRACK_ZONE for the original direction; the
 mangle table clears the DSCP before the packet leaves. Why: the app and Envoy open connections
 from the same pod address to the same destinations (Envoy's upstream goes to the original
 destination), so they share one space of 4-tuples, and the kernel hands a port to one as soon as
@@ -55,8 +55,9 @@ retransmissions to time out (on kind, the client pod's retransmission timeouts w
 about two per second under an abandoning client; the lost reset reproduced in network namespaces). So
 the outbound listener's sockets carry a DSCP of their own (OUTBOUND_LISTENER_DSCP, on loopback only),
 which the kernel copies into its reset, and a reset carrying it stays in the app's zone (verified in
-network namespaces; not yet measured on kind). IPv6: IP_TOS marks IPv4 packets only, so Envoy's
-connections over IPv6 share the app's zone as before.
+network namespaces; not yet measured on kind). IPv6 the same way, with the same rules in ip6tables: an IPv6
+socket takes IPV6_TCLASS (IP_TOS on it marks only IPv4-mapped packets), so Envoy sets each family's own option
+(both families verified in network namespaces).
 
 Where the kernel has no IPv6 nat table (no `ip6table_nat`), the init container falls back
 to `ip6tables_reset_rules` (filter table): TCP over IPv6 into the pod and out of its app

@@ -454,11 +454,20 @@ ANY_ADDRESS_6 = "::"
 LOOPBACK, LOOPBACK_6 = "127.0.0.1", "::1"
 
 
-def _addresses(host: str, host6: str, port: int, ipv6: bool) -> dict[str, Any]:
-    """A listener's `address` on `host`, and where `ipv6`, the `additional_addresses` on `host6`, same port."""
+def _addresses(host: str, host6: str, port: int, ipv6: bool, dscp: tuple[int, str] | None = None
+               ) -> dict[str, Any]:
+    """A listener's `address` on `host`, and where `ipv6`, the `additional_addresses` on `host6`, same port.
+
+    `dscp` (value, why) marks the listener's sockets, with each family's own option.
+    """
     out: dict[str, Any] = {"address": Endpoint(host=host, port=port).address()}
+    if dscp is not None:
+        out["socket_options"] = [_tos(*dscp)]
     if ipv6:
-        out["additional_addresses"] = [{"address": Endpoint(host=host6, port=port).address()}]
+        extra: dict[str, Any] = {"address": Endpoint(host=host6, port=port).address()}
+        if dscp is not None:  # an additional address's options replace the listener's
+            extra["socket_options"] = {"socket_options": [_tclass(*dscp)]}
+        out["additional_addresses"] = [extra]
     return out
 # Open downstream connections one pod's Envoy accepts (inbound, outbound and health together).
 MAX_DOWNSTREAM_CONNECTIONS = 20_000
@@ -482,25 +491,40 @@ def _tls_inspector() -> dict[str, Any]:
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}
 
 
-# Linux's IPPROTO_IP and IP_TOS: the socket option that marks the upstream sockets of a pod's Envoy.
+# Linux's IPPROTO_IP/IP_TOS and IPPROTO_IPV6/IPV6_TCLASS: the socket options that mark a pod Envoy's sockets, one
+# per family (an IPv4 socket refuses IPV6_TCLASS; IP_TOS on an IPv6 socket marks IPv4-mapped packets only).
 _SOL_IP, _IP_TOS = 0, 1
+_SOL_IPV6, _IPV6_TCLASS = 41, 67
 
 
 def _tos(dscp: int, why: str) -> dict[str, Any]:
-    """A socket option setting IP_TOS to `dscp` before bind (taken by sockets of both families; marks IPv4 only)."""
+    """A socket option setting IP_TOS to `dscp` before bind (marks IPv4 packets)."""
     return {"description": why, "level": _SOL_IP, "name": _IP_TOS, "int_value": dscp << 2, "state": "STATE_PREBIND"}
 
 
-def _original_dst_cluster(name: str) -> dict[str, Any]:
+def _tclass(dscp: int, why: str) -> dict[str, Any]:
+    """A socket option setting IPV6_TCLASS to `dscp` before bind (marks IPv6 packets; IPv6 sockets only)."""
+    return {"description": why, "level": _SOL_IPV6, "name": _IPV6_TCLASS, "int_value": dscp << 2,
+            "state": "STATE_PREBIND"}
+
+
+def _original_dst_cluster(name: str, ipv6: bool) -> dict[str, Any]:
     """A cluster to the address a captured connection was sent to, its sockets marked as the proxy's.
 
-    The mark (PROXY_DSCP, IP_TOS) is how the pod's capture rules track Envoy's connections apart from the app's,
-    which share their 4-tuples (domain/capture.py); a socket keeps it after Envoy closes it. IP_TOS is taken by
-    sockets of both families but marks IPv4 packets only (IPv6 has its traffic class, refused by IPv4 sockets).
+    The mark (PROXY_DSCP) is how the pod's capture rules track Envoy's connections apart from the app's, which share
+    their 4-tuples (domain/capture.py); a socket keeps it after Envoy closes it. Where the pod has IPv6, each family
+    gets its own option: Envoy picks the source address of the destination's family (both any-address, port 0, and
+    Envoy sets IP_BIND_ADDRESS_NO_PORT, so the kernel still chooses address and port at connect, as without a bind;
+    seen with strace) and applies that address's options; without IPv6 no source is bound.
     """
+    why = "the proxy's DSCP (meshward capture tracks these connections apart)"
+    bind: dict[str, Any] = {"socket_options": [_tos(PROXY_DSCP, why)]}
+    if ipv6:
+        bind = {"source_address": {"address": ANY_ADDRESS, "port_value": 0}, **bind,
+                "extra_source_addresses": [{"address": {"address": ANY_ADDRESS_6, "port_value": 0},
+                                            "socket_options": {"socket_options": [_tclass(PROXY_DSCP, why)]}}]}
     return {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "1s",
-            "upstream_bind_config": {"socket_options": [
-                _tos(PROXY_DSCP, "the proxy's DSCP (meshward capture tracks these connections apart)")]}}
+            "upstream_bind_config": bind}
 
 
 def _xds_source() -> dict[str, Any]:
@@ -533,9 +557,9 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
         _cluster("meshward_authz", Endpoint(unix=f"{p.socket_dir}/authz.sock"), http2=p.transport == "grpc"),
         _cluster(XDS, Endpoint(unix=f"{p.socket_dir}/sds.sock"), http2=True),
         _cluster("envoy_admin", Endpoint(unix=admin), http2=False),
-        {**_original_dst_cluster(INBOUND_APP),
+        {**_original_dst_cluster(INBOUND_APP, p.ipv6),
          "typed_extension_protocol_options": _protocol_options(FOLLOW_DOWNSTREAM)},
-        _original_dst_cluster(PASSTHROUGH),
+        _original_dst_cluster(PASSTHROUGH, p.ipv6),
     ]
     return {
         "node": {"id": p.node, "cluster": p.node},
@@ -606,9 +630,9 @@ def _identity_matcher(identity: str) -> dict[str, str]:
     return {"exact": identity}
 
 
-def _mesh_cluster(name: str, identities: tuple[str, ...]) -> dict[str, Any]:
+def _mesh_cluster(name: str, identities: tuple[str, ...], ipv6: bool) -> dict[str, Any]:
     """An outbound cluster: to the original destination, mTLS, the peer's SPIFFE ID one of `identities`."""
-    return {**_original_dst_cluster(name), "alt_stat_name": name.replace("/", "_").replace(":", "_"),
+    return {**_original_dst_cluster(name, ipv6), "alt_stat_name": name.replace("/", "_").replace(":", "_"),
             "transport_socket": _upstream_mtls([_identity_matcher(i) for i in identities]),
             "typed_extension_protocol_options": _protocol_options(FOLLOW_DOWNSTREAM)}
 
@@ -725,12 +749,12 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
         "stat_prefix": "passthrough", "cluster": PASSTHROUGH}}]}
     # Its sockets' DSCP, copied by the kernel into a reset answering them: capture keeps those in the app's
     # conntrack zone (domain/capture.py).
-    listener = {"name": "outbound", **_addresses(LOOPBACK, LOOPBACK_6, OUTBOUND_PORT, ipv6),
-                "socket_options": [_tos(OUTBOUND_LISTENER_DSCP, "the app's side (meshward capture's conntrack zones)")],
+    listener = {"name": "outbound", **_addresses(LOOPBACK, LOOPBACK_6, OUTBOUND_PORT, ipv6, (
+                    OUTBOUND_LISTENER_DSCP, "the app's side (meshward capture's conntrack zones)")),
                 "listener_filters": [_original_dst(), _http_inspector()],
                 "listener_filters_timeout": _duration(SNIFF_TIMEOUT_S), "continue_on_listener_filters_timeout": True,
                 "filter_chains": chains, "default_filter_chain": passthrough}
-    return [listener], [_mesh_cluster(names[ids], ids) for ids in groups]
+    return [listener], [_mesh_cluster(names[ids], ids, ipv6) for ids in groups]
 
 
 # The typed messages of every extension the builder uses: envoy-data-plane resolves `@type`s only for the

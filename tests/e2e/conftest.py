@@ -115,6 +115,13 @@ def service(ns: str, name: str) -> dict[str, Any]:
             "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}}
 
 
+def dual_stack_service(ns: str, name: str) -> dict[str, Any]:
+    """A Service on port 80 in front of `name`'s 8080 with a ClusterIP of each family (the cluster is dual-stack)."""
+    svc = service(ns, name)
+    svc["spec"].update(ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv4", "IPv6"])
+    return svc
+
+
 def envoy_admin(cluster: Cluster, ns: str, pod: str, path: str, check: bool = True) -> str:
     """The body of GET `path` (query URL-encoded) from the admin interface of an injected pod's Envoy."""
     return cluster.kubectl("-n", ns, "exec", pod, "-c", PROXY, "--", "python3", "-c", _ADMIN_GET,

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from meshward.operator.domain.inject import AGENT, INIT, PROXY
-from tests.e2e.conftest import Mesh, deployment, envoy_admin, installed, service
+from tests.e2e.conftest import Mesh, deployment, dual_stack_service, envoy_admin, installed, service
 from tests.kube import KindSession, service_identity, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -61,13 +61,6 @@ def boundary(kind_session: KindSession) -> Iterator[tuple[Mesh, Mesh]]:
         finally:
             for n in (ns, other):
                 c.kubectl("delete", "namespace", n, "--wait=false", check=False)
-
-
-def dual_stack_service(ns: str, name: str) -> dict[str, Any]:
-    """A Service on port 80 in front of `name`'s 8080 with a ClusterIP of each family (the cluster is dual-stack)."""
-    svc = service(ns, name)
-    svc["spec"].update(ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv4", "IPv6"])
-    return svc
 
 
 def _addresses(mesh: Mesh, kind: str, name: str) -> tuple[str, str]:

@@ -11,8 +11,9 @@ in 90 s (33 of the reading client), each one a `no_filter_chain_match` on the se
 (capture tracks Envoy's connections in a conntrack zone of their own) are in sidecar/domain/capture.py; the kernel's
 side of it, without pods, in tests/integration/test_capture_conntrack_netns.py.
 
-One release, one namespace: `server` (the echo app, meshed, behind a Service) and `client` (the echo image, meshed,
-the narrowed port range) running the abandoning and the reading client side by side.
+One release, one namespace: `server` (the echo app, meshed, behind a dual-stack Service) and `client` (the echo
+image, meshed, the narrowed port range) running the abandoning and the reading client side by side, once over each IP
+family (the Service's name, its IPv6 ClusterIP): over IPv6, Envoy's connections are marked with IPV6_TCLASS.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Mesh, deployment, envoy_admin, installed, service
+from tests.e2e.conftest import Mesh, deployment, dual_stack_service, envoy_admin, installed
 from tests.kube import KindSession, service_identity, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -80,7 +81,8 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
             client = deployment(ns, "client", echo, inject=True, probe=False)
             client["spec"]["template"]["spec"]["securityContext"] = {
                 "sysctls": [{"name": "net.ipv4.ip_local_port_range", "value": PORT_RANGE}]}
-            cluster.apply(deployment(ns, "server", echo, inject=True), service(ns, "server"), client)
+            cluster.apply(deployment(ns, "server", echo, inject=True, env={"HOST": "::"}), dual_stack_service(ns, "server"),
+                          client)
             for name in ("server", "client"):
                 cluster.kubectl("-n", ns, "rollout", "status", f"deployment/{name}", "--timeout=180s", timeout=200)
             mesh = Mesh(rel, ns, echo)
@@ -112,12 +114,24 @@ def _plaintext_arrivals(mesh: Mesh) -> int:
     return sum(int(v) for _, _, v in (line.partition(": ") for line in text.splitlines()) if v.strip().isdigit())
 
 
-def test_a_client_abandoning_responses_gets_no_request_of_its_pod_reset(mesh: Mesh) -> None:
+def _url(mesh: Mesh, family: str) -> str:
+    """The Service's URL over `family`: its name (IPv4, the primary family) or its IPv6 ClusterIP."""
+    if family == "IPv4":
+        return f"http://server.{mesh.ns}/resets"
+    ips = mesh.cluster.get_json("-n", mesh.ns, "service", "server")["spec"]["clusterIPs"]
+    v6 = [ip for ip in ips if ":" in ip]
+    assert v6, f"Service server has no IPv6 ClusterIP: {ips} (the e2e cluster is dual-stack)"
+    return f"http://[{v6[0]}]/resets"
+
+
+@pytest.mark.parametrize("family", ["IPv4", "IPv6"])
+def test_a_client_abandoning_responses_gets_no_request_of_its_pod_reset(mesh: Mesh, family: str) -> None:
     """Capture bypass by port reuse, seen as resets: an abandoning client beside a reading one in the same pod, both
     through the mesh to the same Service. Not one request of either is reset, and no connection of the pod reaches
     the server without its Envoy. Before the fix, this test on kind: 14 of 16,036 reading and 4 of 16,372 abandoning
-    requests reset, and 18 plaintext arrivals at the server, one per reset; after: none of 30,304."""
-    url = f"http://server.{mesh.ns}/resets"
+    requests reset, and 18 plaintext arrivals at the server, one per reset; after: none of 30,304. Over IPv6, before
+    Envoy marked its IPv6 sockets (IPV6_TCLASS), its connections shared the app's conntrack zone as before the fix."""
+    url = _url(mesh, family)
     before = _plaintext_arrivals(mesh)
     abandon, read = _load(mesh, "abandon", url), _load(mesh, "read", url)
     abandoned, reading = _result(abandon), _result(read)

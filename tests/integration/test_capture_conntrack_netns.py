@@ -13,7 +13,8 @@ What is real: two network namespaces joined by a veth pair (a client "pod" with 
 `iptables_rules` loaded as `meshward-init` loads them, and a server "pod"), the kernel's conntrack and NAT, sockets
 of the app's user and of PROXY_UID. What is not: Envoy (a listening socket on 127.0.0.1:15001 stands for its
 outbound listener) and the server (a listening socket on its address). Each case pins the first connection's
-source port and reuses it, as the kernel's port allocator does under load.
+source port and reuses it, as the kernel's port allocator does under load. Every case runs over IPv4 and over IPv6
+(the same rules from `ip6tables_rules`; Envoy marks an IPv6 socket with IPV6_TCLASS, an IPv4 one with IP_TOS).
 
 Needs root, marked `netns` like tests/integration/test_ipv6_capture_netns.py: it fails where it cannot run.
 """
@@ -35,11 +36,11 @@ from meshward.sidecar.domain.capture import (
     PROXY_DSCP,
     PROXY_UID,
     Capture,
+    ip6tables_rules,
     iptables_rules,
 )
 from tests.support.netns import missing, require, run
 
-CLIENT_IP, SERVER_IP = "10.77.0.1", "10.77.0.2"  # on the veth pair only
 SERVER_PORT = 80
 APP_UID = 65532  # the echo app's user in the e2e pods
 
@@ -47,7 +48,7 @@ pytestmark = pytest.mark.netns
 
 
 def _can_run() -> str:
-    return missing("ip", "iptables-restore", "nsenter")
+    return missing("ip", "iptables-restore", "ip6tables-restore", "iptables-save", "ip6tables-save", "nsenter")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,39 +57,50 @@ def _runs_here() -> None:
     require(_can_run())
 
 
+# What each script below starts with: the family's socket, loopback and marking option (IP_TOS or IPV6_TCLASS).
+_FAMILY = r"""
+import socket
+def family_of(version):
+    if version == "6":
+        return socket.AF_INET6, "::1", socket.IPPROTO_IPV6, socket.IPV6_TCLASS
+    return socket.AF_INET, "127.0.0.1", socket.IPPROTO_IP, socket.IP_TOS
+"""
+
+
 # One case, in one process (root) that moves between the two namespaces (setns) and opens each socket as its user
 # (the nat rules read the socket's user), the proxy's marked with its DSCP as Envoy marks them: a first connection from SOURCE_PORT by FIRST_UID, ended as ENDING says,
 # then a second one from the same port by SECOND_UID. Prints where the second connection's SYN arrived: "outbound"
 # (the stand-in for Envoy's outbound listener), "server", or "nowhere".
-_CASE = r"""
+_CASE = _FAMILY + r"""
 import ctypes, json, os, select, socket, struct, sys, time
 client_ns, server_ns, client_ip, server_ip, server_port, outbound_port = sys.argv[1:7]
 first_uid, ending, second_uid, source_port = int(sys.argv[7]), sys.argv[8], int(sys.argv[9]), int(sys.argv[10])
 proxy_uid, proxy_tos = int(sys.argv[11]), int(sys.argv[12])
+family, loopback, mark_level, mark_name = family_of(sys.argv[14])
 libc = ctypes.CDLL("libc.so.6", use_errno=True)
 def enter(ns):
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     assert libc.setns(fd, 0x40000000) == 0, ctypes.get_errno()
     os.close(fd)
 def listener(ip, port):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((ip, port)); s.listen(8)
+    s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((ip, port)); s.listen(8)
     return s
 def accepted(s, timeout):
     return s.accept()[0] if select.select([s], [], [], timeout)[0] else None
 def opened_by(uid):
     os.seteuid(uid)
     try:
-        s = socket.socket()
+        s = socket.socket(family)
     finally:
         os.seteuid(0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if uid == proxy_uid:
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, proxy_tos)  # as Envoy marks its upstream sockets
+        s.setsockopt(mark_level, mark_name, proxy_tos)  # as Envoy marks its upstream sockets
     s.bind((client_ip, source_port))
     return s
 enter(server_ns); server = listener(server_ip, int(server_port))
-enter(client_ns); outbound = listener("127.0.0.1", int(outbound_port))
-outbound.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, int(sys.argv[13]))  # as Envoy marks its outbound listener
+enter(client_ns); outbound = listener(loopback, int(outbound_port))
+outbound.setsockopt(mark_level, mark_name, int(sys.argv[13]))  # as Envoy marks its outbound listener
 first = opened_by(first_uid)
 first.connect((server_ip, int(server_port)))
 peer = accepted(outbound, 2) or accepted(server, 2)
@@ -120,19 +132,28 @@ print(json.dumps("outbound" if accepted(outbound, 2) else "server" if accepted(s
 class Pods:
     client_ns: str
     server_ns: str
+    version: int  # the IP family the case's connections use
+    client_ip: str
+    server_ip: str
 
     def second_connection_lands(self, first_uid: int, ending: str, second_uid: int, source_port: int) -> str:
         """Where a connection from `source_port` by `second_uid` arrives after `first_uid`'s ended as `ending`."""
-        out = run(sys.executable, "-c", _CASE, self.client_ns, self.server_ns, CLIENT_IP, SERVER_IP,
+        out = run(sys.executable, "-c", _CASE, self.client_ns, self.server_ns, self.client_ip, self.server_ip,
                    str(SERVER_PORT), str(OUTBOUND_PORT), str(first_uid), ending, str(second_uid), str(source_port),
-                   str(PROXY_UID), str(PROXY_DSCP << 2), str(OUTBOUND_LISTENER_DSCP << 2))
+                   str(PROXY_UID), str(PROXY_DSCP << 2), str(OUTBOUND_LISTENER_DSCP << 2), str(self.version))
         where: str = json.loads(out)
         return where
 
 
-@pytest.fixture(scope="module")
-def pods() -> Iterator[Pods]:
-    tag = f"mwct-{os.getpid()}"
+# The two pods' addresses on their veth pair (nothing else routes there), per IP family.
+ADDRESSES = {4: ("10.77.0.1", "10.77.0.2", 24), 6: ("fd77::1", "fd77::2", 64)}
+
+
+@pytest.fixture(scope="module", params=[4, 6], ids=["IPv4", "IPv6"])
+def pods(request: pytest.FixtureRequest) -> Iterator[Pods]:
+    version: int = request.param
+    client_ip, server_ip, prefix = ADDRESSES[version]
+    tag = f"mwct{version}-{os.getpid()}"
     client_ns, server_ns = f"{tag}-c", f"{tag}-s"
     try:
         for ns in (client_ns, server_ns):
@@ -140,13 +161,13 @@ def pods() -> Iterator[Pods]:
             run("ip", "-n", ns, "link", "set", "lo", "up")
         run("ip", "link", "add", "ctc0", "netns", client_ns, "type", "veth", "peer", "name", "cts0", "netns",
              server_ns)
-        for ns, dev, ip in ((client_ns, "ctc0", CLIENT_IP), (server_ns, "cts0", SERVER_IP)):
-            run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+        for ns, dev, ip in ((client_ns, "ctc0", client_ip), (server_ns, "cts0", server_ip)):
+            run("ip", "-n", ns, "addr", "add", f"{ip}/{prefix}", "dev", dev, *(["nodad"] if version == 6 else []))
             run("ip", "-n", ns, "link", "set", dev, "up")
-        # The client pod's capture, as meshward-init loads it.
-        run("nsenter", f"--net=/run/netns/{client_ns}", "--", "iptables-restore", "--noflush",
-             stdin=iptables_rules(Capture()))
-        yield Pods(client_ns, server_ns)
+        # The client pod's capture, as meshward-init loads it (both families, as in a dual-stack pod).
+        for restore, rules in (("iptables-restore", iptables_rules), ("ip6tables-restore", ip6tables_rules)):
+            run("nsenter", f"--net=/run/netns/{client_ns}", "--", restore, "--noflush", stdin=rules(Capture()))
+        yield Pods(client_ns, server_ns, version, client_ip, server_ip)
     finally:
         for ns in (client_ns, server_ns):
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
@@ -177,24 +198,25 @@ def test_port_reuse_after_an_orderly_close_goes_where_it_always_went(pods: Pods,
 
 # The proxy (PROXY_UID, its DSCP) writes argv[5] bytes to the server, which does not read yet, and closes: the kernel
 # sends the rest from the orphaned socket, which has no owner any more. Prints how many bytes the server received.
-_ORPHAN = r"""
+_ORPHAN = _FAMILY + r"""
 import ctypes, os, socket, sys
 client_ns, server_ns, client_ip, server_ip, size, proxy_uid, proxy_tos = sys.argv[1:8]
+family, loopback, mark_level, mark_name = family_of(sys.argv[8])
 libc = ctypes.CDLL("libc.so.6", use_errno=True)
 def enter(ns):
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     assert libc.setns(fd, 0x40000000) == 0, ctypes.get_errno()
     os.close(fd)
 enter(server_ns)
-server = socket.socket(); server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server = socket.socket(family); server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536); server.bind((server_ip, 81)); server.listen(1)
 enter(client_ns)
 os.seteuid(int(proxy_uid))
 try:
-    proxy = socket.socket()
+    proxy = socket.socket(family)
 finally:
     os.seteuid(0)
-proxy.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, int(proxy_tos))
+proxy.setsockopt(mark_level, mark_name, int(proxy_tos))
 proxy.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
 proxy.connect((server_ip, 81))
 peer, _ = server.accept()
@@ -221,8 +243,8 @@ def test_what_envoy_wrote_before_closing_reaches_the_server(pods: Pods) -> None:
     """A socket Envoy closed still sends what was written to it (the end of an upload through passthrough); it has
     no owner then. Tracked apart by their user, such packets missed their entry and were redirected into Envoy's
     own listener: the server got 114 KB of 3 MB. By the DSCP the socket keeps, every byte arrives."""
-    out = run(sys.executable, "-c", _ORPHAN, pods.client_ns, pods.server_ns, CLIENT_IP, SERVER_IP,
-               str(3 << 20), str(PROXY_UID), str(PROXY_DSCP << 2))
+    out = run(sys.executable, "-c", _ORPHAN, pods.client_ns, pods.server_ns, pods.client_ip, pods.server_ip,
+               str(3 << 20), str(PROXY_UID), str(PROXY_DSCP << 2), str(pods.version))
     sent, got = (int(x) for x in out.split())
     assert sent > 1 << 20 and got == sent, (sent, got)
 
@@ -231,18 +253,19 @@ def test_what_envoy_wrote_before_closing_reaches_the_server(pods: Pods) -> None:
 # Envoy marks it), reads the first part of the response and closes (a FIN: nothing was left unread in the kernel);
 # the rest of the response arrives at its closed socket and the kernel answers with a reset, from no process's socket.
 # Prints whether that reset reached the listener's socket.
-_APP_RESET = r"""
+_APP_RESET = _FAMILY + r"""
 import ctypes, os, socket, sys, time
 client_ns, server_ip, outbound_port, app_uid, listener_tos = sys.argv[1:6]
+family, loopback, mark_level, mark_name = family_of(sys.argv[6])
 libc = ctypes.CDLL("libc.so.6", use_errno=True)
 fd = os.open(f"/run/netns/{client_ns}", os.O_RDONLY)
 assert libc.setns(fd, 0x40000000) == 0, ctypes.get_errno()
-outbound = socket.socket(); outbound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-outbound.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, int(listener_tos))
-outbound.bind(("127.0.0.1", int(outbound_port))); outbound.listen(1)
+outbound = socket.socket(family); outbound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+outbound.setsockopt(mark_level, mark_name, int(listener_tos))
+outbound.bind((loopback, int(outbound_port))); outbound.listen(1)
 os.seteuid(int(app_uid))
 try:
-    app = socket.socket()
+    app = socket.socket(family)
 finally:
     os.seteuid(0)
 app.connect((server_ip, 82))
@@ -266,16 +289,18 @@ def test_the_apps_kernel_reset_reaches_envoys_outbound_listener(pods: Pods) -> N
     """The kernel's resets are tracked by what they answer: the app's, answering the rest of a response that reached
     its closed socket, stays in the app's zone (by the DSCP of Envoy's outbound listener, which the kernel copies
     into it) and reaches Envoy's socket, which would otherwise retransmit until it times out."""
-    out = run(sys.executable, "-c", _APP_RESET, pods.client_ns, SERVER_IP, str(OUTBOUND_PORT), str(APP_UID),
-               str(OUTBOUND_LISTENER_DSCP << 2))
+    out = run(sys.executable, "-c", _APP_RESET, pods.client_ns, pods.server_ip, str(OUTBOUND_PORT), str(APP_UID),
+               str(OUTBOUND_LISTENER_DSCP << 2), str(pods.version))
     assert out.strip() == "reset"
 
 
 def test_the_proxys_connections_are_tracked_in_their_own_zone(pods: Pods) -> None:
     """What `iptables-save` shows in a captured pod: TCP with the proxy's DSCP in conntrack zone 1337 (original
     direction), the DSCP cleared on the way out."""
+    save = "iptables-save" if pods.version == 4 else "ip6tables-save"
+
     def saved(table: str) -> str:
-        return run("nsenter", f"--net=/run/netns/{pods.client_ns}", "--", "iptables-save", "-t", table)
+        return run("nsenter", f"--net=/run/netns/{pods.client_ns}", "--", save, "-t", table)
     assert f"-A OUTPUT -p tcp -m dscp --dscp {PROXY_DSCP:#04x} -j CT --zone-orig 1337" in saved("raw")
     assert "-A OUTPUT -p tcp -m tcp --tcp-flags RST RST -m owner ! --uid-owner 0-4294967294 -j CT --zone-orig 1337" \
         in saved("raw")

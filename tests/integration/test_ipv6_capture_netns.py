@@ -31,7 +31,14 @@ from typing import Any
 import pytest
 import yaml
 
-from meshward.sidecar.domain.capture import PROXY_UID, Capture, ip6tables_rules, iptables_rules
+from meshward.sidecar.domain.capture import (
+    PROXY_CONNTRACK_ZONE,
+    PROXY_DSCP,
+    PROXY_UID,
+    Capture,
+    ip6tables_rules,
+    iptables_rules,
+)
 from meshward.sidecar.domain.envoy import (
     XDS,
     Destination,
@@ -55,7 +62,7 @@ SYSTEM_PYTHON = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or 
 
 def _can_run() -> str:
     """Why this test cannot run here ('' if it can)."""
-    why = missing("ip", "iptables-restore", "ip6tables-restore", "ip6tables-save", "nsenter")
+    why = missing("ip", "iptables-restore", "ip6tables-restore", "ip6tables-save", "nsenter", "ss", "conntrack")
     return why or ("" if SYSTEM_PYTHON else "needs a system python3 (the unmeshed caller runs as PROXY_UID)")
 
 
@@ -295,3 +302,25 @@ def test_ipv6_capture_rules_are_loaded_in_the_pods_namespace(pods: Pods) -> None
     saved = run(*_in(pods.server_ns, "ip6tables-save", "-t", "nat"))
     assert "-A MESHWARD_INBOUND -p tcp -j REDIRECT --to-ports 15006" in saved
     assert "-A MESHWARD_OUTPUT -p tcp -j REDIRECT --to-ports 15001" in saved
+
+
+def test_envoys_ipv6_connections_are_tracked_in_the_proxys_conntrack_zone(pods: Pods) -> None:
+    """Capture bypass by port reuse, over IPv6: the capture rules track the proxy's connections in a conntrack zone
+    of their own by the DSCP Envoy sets on its sockets (domain/capture.py), but IP_TOS marks only IPv4 packets, so
+    Envoy's IPv6 connections shared the app's zone, where the app's next connection from a reused port could ride
+    one of them uncaptured. Both Envoys' upstream connections over IPv6 (the client's to the server pod, the
+    server's to its app) now carry PROXY_DSCP in their traffic class and are tracked in PROXY_CONNTRACK_ZONE."""
+    assert pods.get(SERVER_IP, "/orders/tclass") == "HTTP/1.1 200 OK"
+    # The client Envoy keeps its upstream connection alive: its socket shows the traffic class.
+    out = run(*_in(pods.client_ns, "ss", "-tnH", "--tos", "state", "established", "dst", f"[{SERVER_IP}]:{APP_PORT}"))
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines and all(f"tclass:{PROXY_DSCP << 2:#x}" in line for line in lines), lines
+
+    def zoned(ns: str) -> list[str]:
+        """The IPv6 conntrack entries to the server's app port in `ns` in the proxy's zone (closed ones stay a while;
+        `-w` filters on a zone of both directions, so the original direction's is read from the line)."""
+        out = run(*_in(ns, "conntrack", "-L", "-f", "ipv6", "-p", "tcp", "--dport", str(APP_PORT)))
+        return [line for line in out.splitlines()
+                if f"dst={SERVER_IP} " in line and f"zone-orig={PROXY_CONNTRACK_ZONE} " in line]
+    for ns in (pods.client_ns, pods.server_ns):
+        assert zoned(ns), ns
