@@ -12,8 +12,10 @@ pod or Service is in it by its IPv4 and its IPv6 address, with the same entry):
   naming a pod injected made its meshed callers fail (503), and a huge one inflated
   every agent's map;
 - each ClusterIP Service whose selected pods are all injected: the SPIFFE IDs of those
-  pods, and as plaintext the service ports whose (numeric) target port every one of
-  them leaves uncaptured. A Service with any non-injected pod behind it is not meshed:
+  pods, and as plaintext the service ports whose target port every one of its endpoints
+  leaves uncaptured (a named target port resolved per pod against its containers' ports,
+  as for the Service's EndpointSlices; before, only numeric ones were, so a caller sent
+  mTLS to an excluded port behind a name and failed). A Service with any non-injected pod behind it is not meshed:
   its callers speak plaintext, which injected pods behind it refuse unless they allow
   plaintext while migrating (docs/app-teams.md).
 Each agent receives its namespace's view (`view_for`): the identities of its own
@@ -53,6 +55,7 @@ from meshward.operator.domain.inject import (
     EXCLUDE_INBOUND_PORTS,
     INJECT_LABEL,
     annotation_problem,
+    declared_ports,
     excluded_inbound_ports,
     is_injected,
 )
@@ -82,6 +85,7 @@ class MeshPod:
     plaintext_ports: tuple[int, ...] = ()
     ignored: str = ""  # why its exclude-inbound-ports annotation was ignored (over the injector's bounds, unparsable)
     uid: str = ""
+    port_names: tuple[tuple[str, int], ...] = ()  # its containers' named TCP ports (a Service's targetPort names one)
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,8 @@ def mesh_pod(body: Mapping[str, Any]) -> MeshPod | None:
         except CaptureError as e:
             ignored = str(e)
     return MeshPod(meta.get("namespace", ""), meta.get("name", ""), ips, spec.get("serviceAccountName") or "default",
-                   tuple(sorted(labels.items())), injected, plaintext, ignored, str(meta.get("uid") or ""))
+                   tuple(sorted(labels.items())), injected, plaintext, ignored, str(meta.get("uid") or ""),
+                   tuple(sorted(declared_ports(body).items())))
 
 
 def uncaptured_app_ports(pod: Mapping[str, Any]) -> tuple[int, ...]:
@@ -175,6 +180,17 @@ def mesh_service(body: Mapping[str, Any]) -> MeshService | None:
     return MeshService(meta.get("namespace", ""), meta.get("name", ""), ips, tuple(sorted(selector.items())), ports)
 
 
+def _uncaptured_behind(target: int | str, pods: list[MeshPod]) -> bool:
+    """Whether every endpoint of a Service port with `target` among `pods` leaves it uncaptured (plaintext).
+
+    A named target port resolves per pod, as for the Service's EndpointSlices: a pod whose containers do not name it
+    is no endpoint of that port. With no endpoint at all it stays mTLS (there is nothing to reach either way).
+    """
+    resolved = [(p, dict(p.port_names).get(target) if isinstance(target, str) else target) for p in pods]
+    endpoints = [(p, port) for p, port in resolved if port is not None]
+    return bool(endpoints) and all(port in p.plaintext_ports for p, port in endpoints)
+
+
 def _spiffe(trust_domain: str, pod: MeshPod) -> str:
     return f"spiffe://{trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"
 
@@ -201,8 +217,7 @@ def namespace_entries(pods: Iterable[MeshPod], services: Iterable[MeshService], 
         if not selected or not all(p.injected for p in selected):
             continue
         identities = sorted({_spiffe(trust_domain, p) for p in selected})
-        plaintext = sorted(port for port, target in svc.ports
-                           if isinstance(target, int) and all(target in p.plaintext_ports for p in selected))
+        plaintext = sorted(port for port, target in svc.ports if _uncaptured_behind(target, selected))
         for ip in svc.cluster_ips:
             out.setdefault(svc.namespace, {})[ip] = {"identities": identities, "plaintextPorts": plaintext}
     return {ns: dict(sorted(entries.items())) for ns, entries in sorted(out.items())}

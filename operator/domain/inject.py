@@ -239,6 +239,38 @@ def _port_number(container: Mapping[str, Any], port: Any, where: str) -> int:
                         "a number")
 
 
+def declared_ports(pod: Mapping[str, Any]) -> dict[str, int]:
+    """The pod's named TCP container ports (every container, native sidecars too), name -> number."""
+    spec = pod.get("spec") or {}
+    out: dict[str, int] = {}
+    for c in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        for p in c.get("ports") or [] if isinstance(c, Mapping) else []:
+            if isinstance(p, Mapping) and p.get("protocol", "TCP") == "TCP" and isinstance(p.get("name"), str) \
+                    and isinstance(p.get("containerPort"), int):
+                out.setdefault(p["name"], int(p["containerPort"]))
+    return out
+
+
+def resolve_port_names(text: str, pod: Mapping[str, Any], setting: str) -> str:
+    """`text` (a comma-separated port list) with each port name replaced by the pod's container port of that name.
+
+    As a Service's `targetPort` may name a port, so may an exclusion: `"grpc,9100"` leaves out the port a container
+    declares as `grpc`. Raise InjectRefused naming `setting` for a name no container of the pod declares.
+    """
+    named = declared_ports(pod)
+    out = []
+    for item in (p.strip() for p in text.split(",")):
+        if item and not item.isdigit():
+            if item not in named:
+                known = ", ".join(f"{n}={v}" for n, v in sorted(named.items())) or "none"
+                raise InjectRefused(f"{setting}: {item!r} is neither a port number nor the name of a TCP port a "
+                                    f"container of the pod declares (ports[].name; declared: {known}); name one "
+                                    "of them or write the number")
+            item = str(named[item])
+        out.append(item)
+    return ",".join(out)
+
+
 def _rewrite_probes(container: dict[str, Any], where: str, excluded: tuple[int, ...],
                     originals: dict[str, Any]) -> None:
     """Point the container's network probes at the agent, recording the originals in `originals`."""
@@ -551,7 +583,9 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
     check_annotation_bounds(out)
     _check(out)
     try:
-        excluded_in = parse_ports(_annotation(out, EXCLUDE_INBOUND_PORTS), f"annotation {EXCLUDE_INBOUND_PORTS}")
+        setting = f"annotation {EXCLUDE_INBOUND_PORTS}"
+        named = resolve_port_names(_annotation(out, EXCLUDE_INBOUND_PORTS), out, f"metadata.{setting}")
+        excluded_in = parse_ports(named, setting)
         excluded_out = parse_ports(_annotation(out, EXCLUDE_OUTBOUND_PORTS), f"annotation {EXCLUDE_OUTBOUND_PORTS}")
         cidrs = parse_cidrs(_annotation(out, EXCLUDE_OUTBOUND_CIDRS), f"annotation {EXCLUDE_OUTBOUND_CIDRS}")
     except CaptureError as e:

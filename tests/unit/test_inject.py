@@ -306,7 +306,7 @@ def test_bad_settings_are_refused_naming_the_annotation(annotation: str, value: 
 
 
 def _commands(pod: dict[str, Any]) -> dict[str, list[str]]:
-    return {c["name"]: c["command"] for c in pod["spec"]["initContainers"]}
+    return {c["name"]: c.get("command", []) for c in pod["spec"]["initContainers"]}
 
 
 def test_excluded_cidrs_of_both_families_reach_the_capture_container() -> None:
@@ -315,6 +315,30 @@ def test_excluded_cidrs_of_both_families_reach_the_capture_container() -> None:
     pod["metadata"]["annotations"] = {"meshward.io/exclude-outbound-cidrs": "10.1.0.0/16, fd00:1::/64"}
     command = _commands(inject(pod, SETTINGS))["meshward-init"]
     assert command[command.index("--exclude-outbound-cidrs") + 1] == "10.1.0.0/16,fd00:1::/64"
+
+
+def test_excluded_inbound_ports_may_name_the_pods_container_ports() -> None:
+    """As a Service's targetPort may name a port, so may an exclusion: the name resolves to the container port of
+    that name (any container of the pod), and the capture container gets numbers."""
+    pod = _pod(initContainers=[{"name": "side", "image": "x", "restartPolicy": "Always",
+                                "ports": [{"name": "metrics", "containerPort": 9100}]}])
+    pod["spec"]["containers"][0]["ports"] = [{"name": "grpc", "containerPort": 50051},
+                                             {"name": "dns", "containerPort": 53, "protocol": "UDP"}]
+    pod["metadata"]["annotations"] = {"meshward.io/exclude-inbound-ports": "grpc, metrics,8081"}
+    command = _commands(inject(pod, SETTINGS))["meshward-init"]
+    assert command[command.index("--exclude-inbound-ports") + 1] == "8081,9100,50051"
+
+
+@pytest.mark.parametrize("value", ["grpc", "dns", "metrics-x"])
+def test_an_excluded_port_name_no_container_declares_is_refused_naming_the_annotation(value: str) -> None:
+    """A typo or a UDP port's name must not silently leave the port captured (or something else out)."""
+    pod = _pod()
+    pod["spec"]["containers"][0]["ports"] = [{"name": "dns", "containerPort": 53, "protocol": "UDP"},
+                                             {"name": "metrics", "containerPort": 9100}]
+    pod["metadata"]["annotations"] = {"meshward.io/exclude-inbound-ports": value}
+    with pytest.raises(InjectRefused, match=r"metadata\.annotation meshward\.io/exclude-inbound-ports: .*declared: "
+                                            r"metrics=9100"):
+        inject(pod, SETTINGS)
 
 
 @pytest.mark.parametrize(("annotations", "flags"), [

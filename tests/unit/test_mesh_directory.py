@@ -87,6 +87,30 @@ def test_uncaptured_ports_stay_plaintext_for_pods_and_for_services_whose_pods_al
     assert mixed["10.96.0.1"]["plaintextPorts"] == []
 
 
+def _named(body: dict[str, Any], ports: dict[str, int]) -> dict[str, Any]:
+    """`body` with its app container declaring `ports` (name -> number)."""
+    body["spec"]["containers"][0]["ports"] = [{"name": n, "containerPort": v} for n, v in ports.items()]
+    return body
+
+
+def test_a_named_target_port_excluded_behind_a_service_is_plaintext_for_its_callers() -> None:
+    """Excluded port behind a named targetPort: only numeric target ports counted, so callers of a Service whose
+    `targetPort: grpc` every pod excluded still originated mTLS to it and failed (UNAVAILABLE). The name resolves
+    per pod, as the Service's EndpointSlices do; pods that do not name it are no endpoint of that port."""
+    excl = {"meshward.io/exclude-inbound-ports": "50051"}
+    svc = service("greeter", "10.96.0.1", target="grpc")
+    both = [_named(pod("g-1", "10.0.0.1", annotations=excl), {"grpc": 50051}),
+            _named(pod("g-2", "10.0.0.2", annotations=excl), {"grpc": 50051}),
+            pod("g-3", "10.0.0.3")]  # names no `grpc`: not an endpoint of port 80
+    assert dmap(both, [svc])["10.96.0.1"]["plaintextPorts"] == [80]
+    # One endpoint resolves the name to a port it captures: mTLS, as for a numeric port some pod captures.
+    mixed = [_named(pod("g-1", "10.0.0.1", annotations=excl), {"grpc": 50051}),
+             _named(pod("g-2", "10.0.0.2", annotations=excl), {"grpc": 50052})]
+    assert dmap(mixed, [svc])["10.96.0.1"]["plaintextPorts"] == []
+    # No pod names it: no endpoint, nothing to call in plaintext.
+    assert dmap([pod("g-1", "10.0.0.1", annotations=excl)], [svc])["10.96.0.1"]["plaintextPorts"] == []
+
+
 def test_an_annotation_claiming_injection_does_not_make_a_pod_meshed() -> None:
     """Forged injected annotation: an unlabelled pod annotated meshward.io/injected was listed as meshed, so its meshed
     callers sent it mTLS it could not answer (503). Meshed is decided from the spec the injector made."""
