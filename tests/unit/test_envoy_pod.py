@@ -30,7 +30,7 @@ from meshward.sidecar.domain.envoy import (
     parse_destinations,
     parse_duration,
 )
-from tests.support.procs import envoy_binary, free_port, http_status, run_envoy, unix_get
+from tests.support.procs import envoy_binary, free_port, http_status, run_envoy, unix_get, wait_for
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 ORDERS = "spiffe://cluster.local/ns/shop/sa/orders"
@@ -309,7 +309,9 @@ def test_envoys_admin_answers_on_its_socket_only_and_kubelets_readiness_probe_st
             assert unix_get(socket_path, "/ready") == (200, "LIVE\n")
             status, certs = unix_get(socket_path, "/certs")
             assert status == 200 and "certificates" in certs, "tooling still reads the admin, from Envoy's container"
-            assert http_status(f"http://127.0.0.1:{health_port}/healthz/ready") == 200
+            # Envoy's admin says LIVE a moment before a worker takes connections on the listener: wait for it.
+            wait_for("the health listener answering /healthz/ready",
+                     lambda: _status_or_none(f"http://127.0.0.1:{health_port}/healthz/ready") == 200)
             for path in ("/certs", "/config_dump", "/ready", "/healthz/ready/../../certs"):
                 assert http_status(f"http://127.0.0.1:{health_port}{path}") == 404, path
             assert http_status(f"http://127.0.0.1:{health_port}/logging?level=debug", method="POST") == 404
@@ -468,3 +470,11 @@ def test_the_app_cannot_reach_envoys_admin_on_ipv6_loopback_either() -> None:
     the only socket there, and it is captured traffic's)."""
     boot = build_pod_bootstrap(PodProxy("shop/orders-1", ipv6=True))
     assert [a for a in _tcp_addresses(boot) if a["address"] in ("::1", "127.0.0.1")] == []
+
+
+def _status_or_none(url: str) -> int | None:
+    """The HTTP status of GET `url`, or None while nothing answers there."""
+    try:
+        return http_status(url)
+    except OSError:
+        return None
