@@ -63,6 +63,15 @@ def orders_policy(ns: str) -> dict[str, Any]:
                          "when": ["'orders:read' in scopes"]}]}}
 
 
+def server_policy(ns: str, methods: tuple[str, ...] = ("GET",)) -> dict[str, Any]:
+    """The server admits client and legacy, for `methods`."""
+    return {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy", "metadata": {"name": "server", "namespace": ns},
+            "spec": {"selector": {"matchLabels": {"app": "server"}}, "rules": [
+                {"name": "client-reads", "from": {"principals": [
+                    f"spiffe://cluster.local/ns/{ns}/sa/client", f"spiffe://cluster.local/ns/{ns}/sa/legacy"]},
+                 "to": {"methods": list(methods)}}]}}
+
+
 def chain_policies(ns: str) -> list[dict[str, Any]]:
     """client -> frontend -> checkout -> payments: the end user's JWT at frontend only (context ttl 10 s), checkout
     carrying `tenant` on (spec.context.claims), payments admitting checkout for users of tenant acme."""
@@ -102,12 +111,7 @@ def mesh(kind_session: KindSession) -> Iterator[Mesh]:
                 cluster.kubectl("-n", ns, "create", "serviceaccount", sa)
             cluster.apply(*(service_identity(ns, sa) for sa in MESHED),
                           orders_policy(ns), *chain_policies(ns),
-                          {"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
-                           "metadata": {"name": "server", "namespace": ns},
-                           "spec": {"selector": {"matchLabels": {"app": "server"}}, "rules": [
-                               {"name": "client-reads", "from": {"principals": [
-                                   f"spiffe://cluster.local/ns/{ns}/sa/client",
-                                   f"spiffe://cluster.local/ns/{ns}/sa/legacy"]}, "to": {"methods": ["GET"]}}]}})
+                          server_policy(ns))
             cluster.trust_bundle(ns, timeout=60)
             cluster.apply(deployment(ns, "server", echo, inject=True), service(ns, "server"),
                           deployment(ns, "client", echo, inject=True, probe=False),
@@ -1130,6 +1134,45 @@ def test_the_agent_killed_means_denied_until_kubelet_restarts_it(mesh: Mesh) -> 
     assert result["errors"].get("503", 0) >= 1, result
     assert set(result["errors"]) <= {"503"}, result
     assert mesh.curl("client", f"http://server.{mesh.ns}/after-restart")[0] == 200
+
+
+def test_an_agent_restarted_while_its_policy_changed_enforces_the_change(mesh: Mesh) -> None:
+    """Stale config after a restart (issue 21's regression, since f674ebd): the operator compiles configs for
+    connected agents only, and an agent that resubscribed was sent the one cached before it went away. So an agent
+    down while its policy changed came back enforcing the old rules: a route the change opened stayed 403 until
+    some other change reached its namespace. Here the server's agent is killed and, before kubelet has it back,
+    its policy is changed to allow POST: the restarted agent must allow it, and the policy must report the new
+    generation enforced. (The same sequence with a Revocation is covered in the local-control-plane tier:
+    tests/integration/test_policy_plane.py.)"""
+    c, ns, server = mesh.cluster, mesh.ns, mesh.pod("server")
+    url = f"http://server.{ns}/after-agent-restart"
+    assert mesh.curl("client", url, "-X", "POST")[0] == 403
+
+    def agent_status() -> dict[str, Any]:
+        statuses = c.get_json("-n", ns, "pod", server)["status"]["initContainerStatuses"]
+        status: dict[str, Any] = next(s for s in statuses if s["name"] == "meshward-agent")
+        return status
+    restarts = agent_status()["restartCount"]
+    try:
+        c.kubectl("-n", ns, "exec", server, "-c", "meshward-agent", "--", "python3", "-c",
+                  "import os, signal; os.kill(1, signal.SIGTERM)")
+        c.apply(server_policy(ns, ("GET", "POST")))  # while kubelet restarts the agent
+        generation = c.get_json("-n", ns, "authpolicy", "server")["metadata"]["generation"]
+        wait_until("the agent restarted", lambda: agent_status()["restartCount"] == restarts + 1 and
+                   "running" in agent_status()["state"], timeout=60, interval=0.5)
+        # Bounded like any change reaching a connected agent (docs/policies.md): seconds, not "until the next change".
+        wait_until("POST allowed by the restarted agent", lambda: mesh.curl("client", url, "-X", "POST")[0] == 200,
+                   timeout=30, interval=1)
+
+        def enforced() -> bool:
+            status = c.get_json("-n", ns, "authpolicy", "server").get("status", {})
+            ready = next((x for x in status.get("conditions", []) if x["type"] == "Ready"), {})
+            return status.get("observedGeneration") == generation and ready.get("status") == "True"
+        wait_until(f"AuthPolicy server Ready at generation {generation}", enforced, timeout=30, interval=1)
+    finally:
+        c.apply(server_policy(ns))
+        wait_until("POST denied again", lambda: mesh.curl("client", url, "-X", "POST")[0] == 403, timeout=30,
+                   interval=1)
 
 
 TRAFFIC = """
