@@ -69,7 +69,10 @@ ATTR_PORT = "x-meshward-authz-port"
 ATTR_HOST = "x-meshward-authz-host"
 # Set only by the outbound listener: the destination's SPIFFE IDs, comma-separated (the check is a context exchange).
 ATTR_DEST = "x-meshward-authz-dest"
-ATTRIBUTE_HEADERS = (ATTR_PEER, ATTR_PORT, ATTR_HOST, ATTR_DEST)
+# Set only by the inbound TCP chains (value L4_TCP): the check is for a TCP connection tunnelled over mTLS.
+ATTR_L4 = "x-meshward-authz-l4"
+L4_TCP = "tcp"
+ATTRIBUTE_HEADERS = (ATTR_PEER, ATTR_PORT, ATTR_HOST, ATTR_DEST, ATTR_L4)
 OWNED_PREFIX = "x-meshward-"
 # Deny responses carry these to the client; nothing else of the agent's response leaks.
 CLIENT_HEADERS = ("www-authenticate", "content-type", "x-meshward-decision-id")

@@ -269,33 +269,62 @@ def _when_part(programs: tuple[Any, ...], deny: bool) -> Callable[[CheckInput, V
     return check
 
 
+# The conditions a TCP connection cannot answer (it has no HTTP request and no end user). Istio's semantics: an
+# Allow rule with any of them never matches a connection; a Deny rule ignores them there, so it denies on its
+# connection-level conditions (principals, namespaces, ports) alone: fail closed.
+HTTP_ONLY = frozenset({"from.requestPrincipals", "to.methods", "to.paths", "to.hosts", "when"})
+# The first condition of an Allow rule with HTTP-only conditions: never true for a connection.
+NOT_L4 = "not inp.l4"
+# A Deny rule's HTTP-only condition is wrapped in this (and a closing parenthesis): true for a connection.
+L4_WRAP = "(inp.l4 or "
+
+
+def http_only_fields(rule: Rule) -> list[str]:
+    """The HTTP-only conditions `rule` sets (for status messages and explain)."""
+    f, t = rule.from_, rule.to
+    present = {"from.requestPrincipals": f.request_principals, "to.methods": t.methods, "to.paths": t.paths,
+               "to.hosts": t.hosts, "when": rule.when}
+    return [name for name, value in present.items() if value]
+
+
+def _l4_semantics(parts: list[tuple[str, str, Any]], deny: bool) -> list[tuple[str, Any]]:
+    """(field, template, constant) parts as a rule's parts with Istio's semantics for TCP connections."""
+    http = any(name in HTTP_ONLY for name, _, _ in parts)
+    if not http:
+        return [(t, c) for _, t, c in parts]
+    if deny:
+        return [(f"{L4_WRAP}{t})" if name in HTTP_ONLY else t, c) for name, t, c in parts]
+    return [(NOT_L4, None), *((t, c) for _, t, c in parts)]
+
+
 def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
-    """Precompile one rule's conditions."""
-    parts: list[tuple[str, Any]] = []
+    """Precompile one rule's conditions (for a TCP connection with Istio's L4 semantics: HTTP_ONLY)."""
+    named: list[tuple[str, str, Any]] = []
     f, t = rule.from_, rule.to
     deny = rule.action == "Deny"
     T = PART_TEMPLATES
     if f.principals:
-        parts.append((T["from.principals"], _wildcard(f.principals)))
+        named.append(("from.principals", T["from.principals"], _wildcard(f.principals)))
     if f.request_principals:
-        parts.append((T["from.requestPrincipals"], _principal_matcher(f.request_principals)))
+        named.append(("from.requestPrincipals", T["from.requestPrincipals"], _principal_matcher(f.request_principals)))
     if f.namespaces:
-        parts.append((T["from.namespaces"], frozenset(f.namespaces)))
+        named.append(("from.namespaces", T["from.namespaces"], frozenset(f.namespaces)))
     if t.methods:
-        parts.append((T["to.methods"], frozenset(t.methods)))
+        named.append(("to.methods", T["to.methods"], frozenset(t.methods)))
     if t.paths:
         # Deny rules match leniently unless told otherwise: an app that reads `/ADMIN;x` as `/admin`
         # must not be reachable around a Deny on `/admin/*`. Allow rules match strictly.
         lenient = (t.path_match or ("Lenient" if deny else "Strict")) == "Lenient"
-        parts.append((T["to.paths"], compile_paths(t.paths, lenient)))
+        named.append(("to.paths", T["to.paths"], compile_paths(t.paths, lenient)))
     if t.hosts:
-        parts.append((T["to.hosts"], _host_matcher(t.hosts)))
+        named.append(("to.hosts", T["to.hosts"], _host_matcher(t.hosts)))
     if t.ports:
-        parts.append((T["to.ports"], frozenset(t.ports)))
+        named.append(("to.ports", T["to.ports"], frozenset(t.ports)))
     when = tuple(compile_when(w, f"{path}.when[{n}]") for n, w in enumerate(rule.when))
     if when:
         # Last: CEL costs ~20 µs, so it runs only when everything else matched.
-        parts.append((T["when"], _when_part(when, deny)))
+        named.append(("when", T["when"], _when_part(when, deny)))
+    parts = _l4_semantics(named, deny)
     return CompiledRule(policy=policy.name, name=rule.name, deny=deny,
                         enforced=rule.mode == "Enforce" and policy.mode == "Enforce", parts=tuple(parts), when=when)
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# What a TCP connection's decision records as its method (audit lines, explain): no HTTP method is involved.
+L4_METHOD = "TCP"
+
 
 @dataclass(slots=True)
 class CheckInput:
@@ -25,6 +28,9 @@ class CheckInput:
     port: int | None = None
     # Outbound only: the SPIFFE ID of the meshed destination (set by Envoy's outbound listener).
     destination: str | None = None
+    # A TCP connection, not an HTTP request (Envoy's inbound TCP chain says so): only the peer and the port are
+    # known, and rules decide with Istio's L4 semantics (domain/policy.py, compile_rule).
+    l4: bool = False
 
     @property
     def peer_namespace(self) -> str | None:

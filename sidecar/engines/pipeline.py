@@ -124,7 +124,9 @@ class JwtAuthenticator:
         self._verify = verifier
 
     def authenticate(self, inp: CheckInput, may_refetch: bool) -> Identity | NeedKeys:
-        """Establish the end-user identity of `inp`."""
+        """Establish the end-user identity of `inp` (none for a TCP connection: no token, `requireJwt` is HTTP's)."""
+        if inp.l4:
+            return Identity()
         s = self._s
         raw, _ = extract_token(s.sources, inp.headers) if s.sources else (None, None)
         if raw is None:

@@ -24,7 +24,8 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 
 from meshward.sidecar.domain.decision import Decision, Outcome
-from meshward.sidecar.domain.request import CheckInput, split_path
+from meshward.sidecar.domain.envoy import ATTR_L4, L4_TCP
+from meshward.sidecar.domain.request import L4_METHOD, CheckInput, split_path
 from meshward.sidecar.engines.pipeline import Pipeline
 from meshward.sidecar.servers.authz_http import JSON_HEADER
 
@@ -34,13 +35,17 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 def input_from_grpc(req: Any) -> CheckInput:
     """Build the pipeline input from a gRPC CheckRequest."""
     attrs = req.attributes
+    port = attrs.destination.address.socket_address.port_value or None
+    if attrs.context_extensions.get(ATTR_L4) == L4_TCP:  # set by the inbound TCP chain's route, not the client
+        return CheckInput(L4_METHOD, "", attrs.request.http.host, {}, attrs.source.principal or None, "", port,
+                          None, True)
     http = attrs.request.http
     headers = http.headers  # the map itself: CheckInput only reads it
     path = http.path or headers.get(":path", "/")
     # Positional (method, path, host, headers, peer, request_id, port): keywords cost ~0.3 µs more.
     return CheckInput(http.method or headers.get(":method", ""), split_path(path),
                       http.host or headers.get(":authority", ""), headers, attrs.source.principal or None,
-                      headers.get("x-request-id", http.id), attrs.destination.address.socket_address.port_value or None)
+                      headers.get("x-request-id", http.id), port)
 
 
 def grpc_response(d: Decision) -> Any:

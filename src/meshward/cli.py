@@ -27,9 +27,9 @@ if TYPE_CHECKING:  # imported where used: `meshward --version` stays instant
     from meshward.sidecar.domain.envoy import Endpoint
 
 USAGE = ("usage: meshward [--version] {ca {status,rotate} | explain (--pod POD -n NS | --config FILE) "
-         "[--method M] [--path P] [--peer SPIFFE] [--token JWT | --claims JSON] | envoy-bootstrap --app PORT "
-         "[--listen PORT] [--authz ADDR] [--sds unix:PATH | --cert F --key F --ca F] | inject -f FILE --image IMAGE "
-         "| check} [--kubeconfig FILE]")
+         "[--method M] [--path P] [--peer SPIFFE] [--token JWT | --claims JSON] [--tcp --port N] "
+         "| envoy-bootstrap --app PORT [--listen PORT] [--authz ADDR] [--sds unix:PATH | --cert F --key F --ca F] "
+         "| inject -f FILE --image IMAGE | check} [--kubeconfig FILE]")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--host", default="")
     ex.add_argument("--port", type=int, default=None)
     ex.add_argument("--peer", default=None, help="the caller's SPIFFE ID (mTLS peer)")
+    ex.add_argument("--tcp", action="store_true",
+                    help="a TCP connection to --port instead of an HTTP request (only peer and port are known)")
     who = ex.add_mutually_exclusive_group()
     who.add_argument("--token", help="an end-user JWT, checked as the agent checks it but for its signature")
     who.add_argument("--claims", help='end-user claims as JSON, e.g. \'{"iss": "...", "sub": "alice"}\'; '
@@ -251,7 +253,7 @@ def _explain(args: argparse.Namespace) -> int:
     from meshward.operator.clients.kube import KubeError
     from meshward.sidecar.config.schema import ConfigError, parse_config
     from meshward.sidecar.domain.explain import render
-    from meshward.sidecar.domain.request import CheckInput, split_path
+    from meshward.sidecar.domain.request import L4_METHOD, CheckInput, split_path
     from meshward.sidecar.domain.snapshot import compile_snapshot
     from meshward.sidecar.engines.explain import explain
 
@@ -270,6 +272,9 @@ def _explain(args: argparse.Namespace) -> int:
         claims = json.loads(args.claims) if args.claims else None
         if claims is not None and not isinstance(claims, dict):
             raise ValueError("--claims must be a JSON object")
+        if args.tcp and (args.token or args.claims or args.port is None):
+            raise ValueError("--tcp explains a connection to --port: it needs --port and takes no --token or "
+                             "--claims (a TCP connection carries no end user)")
     except (KubeError, OSError) as e:
         print(f"meshward: {e}", file=sys.stderr)
         return 1
@@ -278,6 +283,8 @@ def _explain(args: argparse.Namespace) -> int:
         return 1
     inp = CheckInput(method=args.method.upper(), path=split_path(args.path), host=args.host, peer=args.peer,
                      port=args.port)
+    if args.tcp:
+        inp = CheckInput(L4_METHOD, "", args.host, {}, args.peer, "", args.port, None, True)
     result = explain(snapshot, inp, token=args.token, claims=claims)
     print(f"config: {source}")
     for note in notes:

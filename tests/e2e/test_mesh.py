@@ -1166,7 +1166,7 @@ def test_an_agent_restarted_while_its_policy_changed_enforces_the_change(mesh: M
 
         def enforced() -> bool:
             status = c.get_json("-n", ns, "authpolicy", "server").get("status", {})
-            ready = next((x for x in status.get("conditions", []) if x["type"] == "Ready"), {})
+            ready: dict[str, Any] = next((x for x in status.get("conditions", []) if x["type"] == "Ready"), {})
             return status.get("observedGeneration") == generation and ready.get("status") == "True"
         wait_until(f"AuthPolicy server Ready at generation {generation}", enforced, timeout=30, interval=1)
     finally:

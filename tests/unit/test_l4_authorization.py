@@ -1,0 +1,148 @@
+"""TCP connections are decided with Istio's L4 semantics (sidecar/domain/policy.py, HTTP_ONLY), by the pipeline
+and by `meshward explain` alike.
+
+A connection carries a peer and a port, no HTTP request and no end user: an Allow rule with any HTTP-only condition
+(requestPrincipals, methods, paths, hosts, when) never matches one; a Deny rule ignores those conditions there and
+denies on its connection-level ones (fail closed); `requireJwt` is HTTP's (a connection has no token to require).
+The Envoy side (the tunnel that asks for these decisions) is issue 20's next step; these are the agent's rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshward.sidecar.config.schema import parse_config
+from meshward.sidecar.domain.decision import Decision
+from meshward.sidecar.domain.explain import render
+from meshward.sidecar.domain.request import L4_METHOD, CheckInput
+from meshward.sidecar.domain.snapshot import compile_snapshot
+from meshward.sidecar.engines.explain import explain
+from meshward.sidecar.servers.authz_http import input_from_http
+from meshward.sidecar.servers.http1 import Request
+from tests.support.idp import SigningKey
+from tests.support.sidecar import ISSUER, Clock, config, issuer, pipeline, policy
+
+FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
+BATCH = "spiffe://cluster.local/ns/batch/sa/jobs"
+DB_PORT = 5432
+KEY = SigningKey("ES256", kid="k1")
+
+
+def connection(peer: str | None, port: int = DB_PORT) -> CheckInput:
+    """A TCP connection from `peer` to `port`, as the HTTP transport reads Envoy's TCP check."""
+    return CheckInput(L4_METHOD, "", "10.244.0.7:5432", {}, peer, "", port, None, True)
+
+
+def decide(cfg: dict[str, Any], inp: CheckInput) -> Decision:
+    real, _, _ = pipeline(cfg, {ISSUER: [KEY.jwk]} if any(p.get("jwt") for p in cfg["policies"]) else None,
+                          clock=Clock())
+    d = real.decide_now(inp, "http")
+    assert isinstance(d, Decision)
+    e = explain(compile_snapshot(parse_config(cfg)), inp, clock=Clock())
+    assert (e.status, e.outcome, e.policy, e.rule, e.reason) == (
+        d.wire.http, d.outcome.value, d.policy, d.rule, d.reason), render(e)
+    return d
+
+
+def test_an_allow_rule_on_connection_fields_admits_its_peers_only() -> None:
+    cfg = config(policy("db", rules=[{"name": "frontend", "from": {"principals": [FRONTEND]},
+                                      "to": {"ports": [DB_PORT]}}]))
+    assert decide(cfg, connection(FRONTEND)).wire.http == 200
+    assert decide(cfg, connection(BATCH)).wire.http == 403
+    assert decide(cfg, connection(FRONTEND, port=6379)).wire.http == 403
+    assert decide(cfg, connection(None)).wire.http == 403
+
+
+@pytest.mark.parametrize("to", [{"methods": ["GET"]}, {"paths": ["/*"]}, {"hosts": ["*"]}])
+def test_http_fields_in_an_allow_rule_never_admit_a_connection(to: dict[str, Any]) -> None:
+    """HTTP-only fields on a TCP port (Istio: an ALLOW with them does not allow TCP): `methods: [GET]` must not
+    read as "any connection from this peer"; the trace says why."""
+    cfg = config(policy("db", rules=[{"name": "reads", "from": {"principals": [FRONTEND]}, "to": to}]))
+    d = decide(cfg, connection(FRONTEND))
+    assert d.wire.http == 403
+    e = explain(compile_snapshot(parse_config(cfg)), connection(FRONTEND), clock=Clock())
+    assert "a TCP connection: an Allow rule with HTTP-only conditions" in render(e)
+
+
+def test_an_allow_rule_with_request_principals_or_when_never_admits_a_connection() -> None:
+    cfg = config(policy("db", jwt=[issuer()], rules=[
+        {"name": "users", "from": {"principals": [FRONTEND], "requestPrincipals": [f"{ISSUER}/*"]}},
+        {"name": "cel", "from": {"principals": [FRONTEND]}, "when": ["source.principal != ''"]}]))
+    assert decide(cfg, connection(FRONTEND)).wire.http == 403
+
+
+@pytest.mark.parametrize("to", [{"methods": ["DELETE"]}, {"paths": ["/admin/*"]}])
+def test_a_deny_rule_with_http_fields_denies_the_whole_connection(to: dict[str, Any]) -> None:
+    """Fail closed (Istio's DENY semantics): a Deny on `DELETE` from batch cannot be checked on a connection, so
+    batch's connections are denied, while frontend's are not."""
+    cfg = config(policy("db", rules=[
+        {"name": "no-batch-writes", "action": "Deny", "from": {"principals": [BATCH]}, "to": to},
+        {"name": "anyone", "from": {"principals": ["*"]}}]))
+    d = decide(cfg, connection(BATCH))
+    assert (d.wire.http, d.rule) == (403, "no-batch-writes")
+    assert decide(cfg, connection(FRONTEND)).wire.http == 200
+
+
+def test_require_jwt_does_not_apply_to_a_connection_the_rules_decide() -> None:
+    """A connection carries no token: `requireJwt` (an HTTP request's) neither denies it as 401 nor admits it."""
+    cfg = config(policy("db", jwt=[issuer()], requireJwt=True, rules=[
+        {"name": "frontend", "from": {"principals": [FRONTEND]}}]))
+    assert decide(cfg, connection(FRONTEND)).wire.http == 200
+    assert decide(cfg, connection(BATCH)).wire.http == 403
+
+
+def test_only_envoys_attribute_makes_a_check_a_connection() -> None:
+    """The HTTP transport reads a connection from Envoy's own attribute (x-meshward-authz-l4, which Envoy strips
+    from clients); without it, a `TCP` method or an empty path is an ordinary HTTP request."""
+    raw = {"x-meshward-authz-peer": FRONTEND, "x-meshward-authz-port": "5432", "x-meshward-authz-host": "db:5432",
+           "authorization": "Bearer x"}
+    tcp = input_from_http(Request("POST", "/meshward.tcp", {**raw, "x-meshward-authz-l4": "tcp"}))
+    assert (tcp.l4, tcp.method, tcp.path, dict(tcp.headers), tcp.port, tcp.peer) == (
+        True, L4_METHOD, "", {}, 5432, FRONTEND)
+    http = input_from_http(Request("TCP", "/", dict(raw)))
+    assert not http.l4
+
+
+# Generated policies: every field a rule may set, both actions and modes.
+rule_st = st.fixed_dictionaries({
+    "action": st.sampled_from(["Allow", "Deny"]),
+}, optional={
+    "from": st.fixed_dictionaries({}, optional={"principals": st.sampled_from([[FRONTEND], [BATCH], ["*"]]),
+                                                "namespaces": st.sampled_from([["shop"], ["batch"]])}),
+    "to": st.fixed_dictionaries({}, optional={"ports": st.sampled_from([[DB_PORT], [6379]]),
+                                              "methods": st.sampled_from([["GET"]]),
+                                              "paths": st.sampled_from([["/admin/*"]])}),
+    "when": st.just(["source.principal != ''"]),
+})
+
+
+def _l4_oracle(rules: list[dict[str, Any]], peer: str | None, port: int) -> bool:
+    """Istio's documented L4 semantics, written from the rules as given (not from the compiled code)."""
+    def l4_match(rule: dict[str, Any]) -> bool:
+        f, t = rule.get("from", {}), rule.get("to", {})
+        ns = peer.split("/")[4] if peer else None
+        return ((not f.get("principals") or (peer is not None and ("*" in f["principals"] or
+                                                                   peer in f["principals"])))
+                and (not f.get("namespaces") or ns in f["namespaces"])
+                and (not t.get("ports") or port in t["ports"]))
+
+    def http_only(rule: dict[str, Any]) -> bool:
+        return bool(rule.get("when") or {"methods", "paths"} & set(rule.get("to", {})))
+    if any(r["action"] == "Deny" and l4_match(r) for r in rules):
+        return False
+    # An Enforce policy selects the workload, so what no rule allows is denied (no rules at all included).
+    return any(r["action"] == "Allow" and not http_only(r) and l4_match(r) for r in rules)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rules=st.lists(rule_st, max_size=4), peer=st.sampled_from([None, FRONTEND, BATCH]),
+       port=st.sampled_from([DB_PORT, 6379]))
+def test_generated_policies_decide_connections_as_istio_documents_and_explain_agrees(
+        rules: list[dict[str, Any]], peer: str | None, port: int) -> None:
+    cfg = config(policy("db", rules=[{"name": f"r{n}", **r} for n, r in enumerate(rules)]))
+    d = decide(cfg, connection(peer, port))
+    assert (d.wire.http == 200) == _l4_oracle(rules, peer, port), (rules, peer, port, d.reason)
