@@ -11,6 +11,9 @@ pod or Service is in it by its IPv4 and its IPv6 address, with the same entry):
   annotations, which anyone who can edit the pod can write after admission: an annotation
   naming a pod injected made its meshed callers fail (503), and a huge one inflated
   every agent's map;
+- each injected pod's ports declared TCP (its proxy's `--tcp-ports`, from the spec too), where
+  callers tunnel what is not HTTP over mTLS (sidecar/domain/envoy.py, TCP_ALPN), and a Service's
+  service ports whose target port every endpoint declares TCP;
 - each ClusterIP Service whose selected pods are all injected: the SPIFFE IDs of those
   pods, and as plaintext the service ports whose target port every one of its endpoints
   leaves uncaptured (a named target port resolved per pod against its containers' ports,
@@ -54,8 +57,10 @@ from meshward.operator.domain.inject import (
     ENABLED,
     EXCLUDE_INBOUND_PORTS,
     INJECT_LABEL,
+    TCP_PORTS,
     annotation_problem,
     declared_ports,
+    declared_tcp_ports,
     excluded_inbound_ports,
     is_injected,
 )
@@ -86,6 +91,7 @@ class MeshPod:
     ignored: str = ""  # why its exclude-inbound-ports annotation was ignored (over the injector's bounds, unparsable)
     uid: str = ""
     port_names: tuple[tuple[str, int], ...] = ()  # its containers' named TCP ports (a Service's targetPort names one)
+    tcp_ports: tuple[int, ...] = ()  # the ports it declares TCP (its proxy's --tcp-ports): tunnelled over mTLS
 
 
 @dataclass(frozen=True)
@@ -132,9 +138,24 @@ def mesh_pod(body: Mapping[str, Any]) -> MeshPod | None:
             plaintext = parse_ports(value, "--exclude-inbound-ports")
         except CaptureError as e:
             ignored = str(e)
+    tcp = tcp_ports_of(body) if injected else ()
     return MeshPod(meta.get("namespace", ""), meta.get("name", ""), ips, spec.get("serviceAccountName") or "default",
                    tuple(sorted(labels.items())), injected, plaintext, ignored, str(meta.get("uid") or ""),
-                   tuple(sorted(declared_ports(body).items())))
+                   tuple(sorted(declared_ports(body).items())), tcp)
+
+
+def tcp_ports_of(pod: Mapping[str, Any]) -> tuple[int, ...]:
+    """The ports an injected pod declares TCP, from its spec (its proxy's --tcp-ports), within the injector's bounds.
+
+    The injector refuses values over its bounds or malformed: a pod made around it (no webhook) declares none.
+    """
+    declared = declared_tcp_ports(pod)
+    if not declared or annotation_problem(TCP_PORTS, declared):
+        return ()
+    try:
+        return parse_ports(declared, "--tcp-ports")
+    except CaptureError:
+        return ()
 
 
 def uncaptured_app_ports(pod: Mapping[str, Any]) -> tuple[int, ...]:
@@ -180,15 +201,27 @@ def mesh_service(body: Mapping[str, Any]) -> MeshService | None:
     return MeshService(meta.get("namespace", ""), meta.get("name", ""), ips, tuple(sorted(selector.items())), ports)
 
 
-def _uncaptured_behind(target: int | str, pods: list[MeshPod]) -> bool:
-    """Whether every endpoint of a Service port with `target` among `pods` leaves it uncaptured (plaintext).
+def _every_endpoint(target: int | str, pods: list[MeshPod], ports: str) -> bool:
+    """Whether every endpoint of a Service port with `target` among `pods` has it among its `ports`.
 
-    A named target port resolves per pod, as for the Service's EndpointSlices: a pod whose containers do not name it
-    is no endpoint of that port. With no endpoint at all it stays mTLS (there is nothing to reach either way).
+    `ports` names the MeshPod field: `plaintext_ports` or `tcp_ports`. A named target port resolves per pod, as
+    for the Service's EndpointSlices: a pod whose containers do not name it is no endpoint of that port. With no
+    endpoint at all it stays plain mTLS (there is nothing to reach either way).
     """
     resolved = [(p, dict(p.port_names).get(target) if isinstance(target, str) else target) for p in pods]
     endpoints = [(p, port) for p, port in resolved if port is not None]
-    return bool(endpoints) and all(port in p.plaintext_ports for p, port in endpoints)
+    return bool(endpoints) and all(port in getattr(p, ports) for p, port in endpoints)
+
+
+def _entry(identities: list[str], plaintext: list[int], tcp: list[int]) -> dict[str, list[Any]]:
+    """One address's entry in the wire form.
+
+    `tcpPorts` only when some port is declared TCP: the map stays as small as before for everyone else.
+    """
+    entry: dict[str, list[Any]] = {"identities": identities, "plaintextPorts": plaintext}
+    if tcp:
+        entry["tcpPorts"] = tcp
+    return entry
 
 
 def _spiffe(trust_domain: str, pod: MeshPod) -> str:
@@ -210,16 +243,17 @@ def namespace_entries(pods: Iterable[MeshPod], services: Iterable[MeshService], 
         by_namespace.setdefault(pod.namespace, []).append(pod)
         if pod.injected:
             for ip in pod.ips:
-                out.setdefault(pod.namespace, {})[ip] = {"identities": [_spiffe(trust_domain, pod)],
-                                                         "plaintextPorts": list(pod.plaintext_ports)}
+                out.setdefault(pod.namespace, {})[ip] = _entry([_spiffe(trust_domain, pod)], list(pod.plaintext_ports),
+                                                              list(pod.tcp_ports))
     for svc in services:
         selected = [p for p in by_namespace.get(svc.namespace, []) if set(svc.selector) <= set(p.labels)]
         if not selected or not all(p.injected for p in selected):
             continue
         identities = sorted({_spiffe(trust_domain, p) for p in selected})
-        plaintext = sorted(port for port, target in svc.ports if _uncaptured_behind(target, selected))
+        plaintext = sorted(port for port, target in svc.ports if _every_endpoint(target, selected, "plaintext_ports"))
+        tcp = sorted(port for port, target in svc.ports if _every_endpoint(target, selected, "tcp_ports"))
         for ip in svc.cluster_ips:
-            out.setdefault(svc.namespace, {})[ip] = {"identities": identities, "plaintextPorts": plaintext}
+            out.setdefault(svc.namespace, {})[ip] = _entry(identities, plaintext, tcp)
     return {ns: dict(sorted(entries.items())) for ns, entries in sorted(out.items())}
 
 

@@ -59,6 +59,10 @@ ENABLED, DISABLED = "enabled", "disabled"
 INJECTED_ANNOTATION = "meshward.io/injected"
 # Per-workload settings, on the pod template (docs/app-teams.md).
 EXCLUDE_INBOUND_PORTS = "meshward.io/exclude-inbound-ports"
+# Ports the workload declares TCP (numbers or its container ports' names): meshed callers may tunnel connections to
+# them over mTLS, decided by L4 rules (issue 20). Only declared ports: on any other, a tunnel is refused, so no
+# meshed caller can hand an HTTP app bytes its HTTP rules never saw.
+TCP_PORTS = "meshward.io/tcp-ports"
 EXCLUDE_OUTBOUND_PORTS = "meshward.io/exclude-outbound-ports"
 EXCLUDE_OUTBOUND_CIDRS = "meshward.io/exclude-outbound-cidrs"
 INBOUND_PLAINTEXT = "meshward.io/inbound-plaintext"
@@ -106,6 +110,7 @@ RESOURCE_BOUNDS: Mapping[tuple[str, str], tuple[str, str]] = {
 }
 ANNOTATION_BOUNDS: Mapping[str, tuple[int, int]] = {
     EXCLUDE_INBOUND_PORTS: (512, 64),
+    TCP_PORTS: (512, 64),
     EXCLUDE_OUTBOUND_PORTS: (512, 64),
     EXCLUDE_OUTBOUND_CIDRS: (1536, 64),
     INBOUND_PLAINTEXT: (16, 1),
@@ -114,7 +119,7 @@ ANNOTATION_BOUNDS: Mapping[str, tuple[int, int]] = {
     ACCEPT_HTTP10: (16, 1),
     **{key: (16, 1) for key in RESOURCE_ANNOTATIONS},
 }
-_EXAMPLES = {EXCLUDE_INBOUND_PORTS: "9090,9100", EXCLUDE_OUTBOUND_PORTS: "5432",
+_EXAMPLES = {EXCLUDE_INBOUND_PORTS: "9090,9100", TCP_PORTS: "5432,redis", EXCLUDE_OUTBOUND_PORTS: "5432",
              EXCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8", INBOUND_PLAINTEXT: "refuse", ROUTE_TIMEOUT: "30s",
              STREAM_IDLE_TIMEOUT: "5m", ACCEPT_HTTP10: "true",
              **{key: {("requests", "cpu"): "200m", ("requests", "memory"): "128Mi",
@@ -183,6 +188,19 @@ def excluded_inbound_ports(pod: Mapping[str, Any]) -> str:
             command = [str(x) for x in c.get("command") or []]
             if "--exclude-inbound-ports" in command[:-1]:
                 return command[command.index("--exclude-inbound-ports") + 1]
+    return ""
+
+
+def declared_tcp_ports(pod: Mapping[str, Any]) -> str:
+    """The ports an injected pod declares TCP, as given to its proxy container ('' if none).
+
+    The spec, not the annotation, for the reason `excluded_inbound_ports` gives.
+    """
+    for c in pod.get("spec", {}).get("initContainers") or []:
+        if isinstance(c, dict) and c.get("name") == PROXY:
+            command = [str(x) for x in c.get("command") or []]
+            if "--tcp-ports" in command[:-1]:
+                return command[command.index("--tcp-ports") + 1]
     return ""
 
 
@@ -586,10 +604,18 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
         setting = f"annotation {EXCLUDE_INBOUND_PORTS}"
         named = resolve_port_names(_annotation(out, EXCLUDE_INBOUND_PORTS), out, f"metadata.{setting}")
         excluded_in = parse_ports(named, setting)
+        tcp_setting = f"annotation {TCP_PORTS}"
+        tcp_ports = parse_ports(resolve_port_names(_annotation(out, TCP_PORTS), out, f"metadata.{tcp_setting}"),
+                                tcp_setting)
         excluded_out = parse_ports(_annotation(out, EXCLUDE_OUTBOUND_PORTS), f"annotation {EXCLUDE_OUTBOUND_PORTS}")
         cidrs = parse_cidrs(_annotation(out, EXCLUDE_OUTBOUND_CIDRS), f"annotation {EXCLUDE_OUTBOUND_CIDRS}")
     except CaptureError as e:
         raise InjectRefused(f"metadata.{e}") from e
+    both = sorted(set(tcp_ports) & set(excluded_in))
+    if both:
+        raise InjectRefused(f"metadata.annotations[{TCP_PORTS}]: port(s) {', '.join(map(str, both))} are also "
+                            f"in {EXCLUDE_INBOUND_PORTS}: tunnelled over mTLS or not captured at all, not both; "
+                            "keep each port in one of them")
     # The agent serves the outbound listener (LDS), Envoy's bootstrap holds the inbound one: both get the settings.
     http_args = _http_args(out)
     resources = _sidecar_resources(out, settings)
@@ -639,7 +665,8 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
     proxy = {
         "name": PROXY, **common, "restartPolicy": "Always",
         "command": ["meshward-proxy", "--inbound-plaintext", _annotation(out, INBOUND_PLAINTEXT) or "refuse",
-                    "--log-level", "warn", *http_args],
+                    "--log-level", "warn", *http_args,
+                    *(["--tcp-ports", ",".join(map(str, tcp_ports))] if tcp_ports else [])],
         "env": _env(),
         "startupProbe": _http_probe("/healthz/ready", PROXY_HEALTH_PORT, 1, STARTUP_FAILURE_THRESHOLD),
         "readinessProbe": _http_probe("/healthz/ready", PROXY_HEALTH_PORT, 5, 3),

@@ -112,3 +112,5 @@ class AuditRecord:
     parent: str = ""
     act: str = ""
     destination: str = ""
+    # A TCP connection's port (method TCP): the one thing it says besides its peer.
+    port: int | None = None

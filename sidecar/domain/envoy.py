@@ -38,6 +38,9 @@ the same Envoy config, whose security properties are the point:
   HTTP/1.0 unchanged); upgrading them was not measured and is not needed for correctness. An `Upgrade: h2c`
   request is HTTP/1.1 and stays so (Envoy strips the upgrade). Measured (tests/integration/test_grpc_routes.py):
   before, every RPC failed `UNAVAILABLE ... protocol error` and an h2c-only app answered 502;
+- TCP (issue 20): to a port its workload declares TCP, every connection is tunnelled over mTLS as one HTTP/2
+  POST (TCP_ALPN, TCP_TUNNEL_PATH), never sniffed; the receiving Envoy asks its agent about the connection (L4
+  rules) and carries the bytes to the app; other ports refuse the ALPN (the constants' comment says why);
 - both IP families where the pod has IPv6 (`ipv6`): the inbound and health listeners take
   connections on `[::]` as well as `0.0.0.0`, the outbound one on `[::1]` as well as
   `127.0.0.1` (where the kernel redirects the app's connections over IPv6, domain/capture.py),
@@ -50,7 +53,7 @@ from __future__ import annotations
 import copy
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -73,6 +76,15 @@ ATTR_DEST = "x-meshward-authz-dest"
 ATTR_L4 = "x-meshward-authz-l4"
 L4_TCP = "tcp"
 ATTRIBUTE_HEADERS = (ATTR_PEER, ATTR_PORT, ATTR_HOST, ATTR_DEST, ATTR_L4)
+# TCP over mTLS (issue 20): the calling Envoy opens mTLS with this ALPN and tunnels the connection as one HTTP/2
+# POST to this path (POST, not CONNECT: to the HTTP ext_authz transport it is an ordinary request); the receiving
+# Envoy takes it only on a port the workload declares TCP, asks its agent (ATTR_L4), and carries the bytes to the
+# app. ALPN `meshward-tcp` to any other port is refused: undeclared ports are HTTP's.
+TCP_ALPN = "meshward-tcp"
+TCP_TUNNEL_PATH = "/meshward.tcp"
+# A tunnelled connection with no byte either way for this long is closed: tcp_proxy's own default (and Istio's),
+# not the HTTP stream idle timeout (5 min), which would cut idle database connections.
+TCP_IDLE_TIMEOUT_S = 3600.0
 OWNED_PREFIX = "x-meshward-"
 # Deny responses carry these to the client; nothing else of the agent's response leaks.
 CLIENT_HEADERS = ("www-authenticate", "content-type", "x-meshward-decision-id")
@@ -440,6 +452,8 @@ class PodProxy:
     http: HttpSettings = field(default_factory=lambda: HttpSettings())
     # The pod has IPv6 (decided at start: binding `[::]` fails where it is off): the listeners take it too.
     ipv6: bool = False
+    # The ports the workload declares TCP (meshward.io/tcp-ports): only they take tunnelled connections.
+    tcp_ports: tuple[int, ...] = ()
 
 
 # Envoy's admin interface in an injected pod: a Unix socket in the agent's socket directory, created mode 0600
@@ -484,9 +498,21 @@ def _original_dst() -> dict[str, Any]:
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}
 
 
-def _http_inspector() -> dict[str, Any]:
-    return {"name": "envoy.filters.listener.http_inspector", "typed_config": {
+def _http_inspector(skip_ports: Sequence[int] = ()) -> dict[str, Any]:
+    """The HTTP inspector, off for `skip_ports` (declared TCP somewhere: their connections are never sniffed).
+
+    Why off there, not only unused: a client that writes a line and half-closes at once (`printf 'GET k' |
+    socat`) was reset while the inspector still waited for more bytes (measured on kind), and a server that speaks
+    first would wait out its timeout (SNIFF_TIMEOUT_S) for nothing.
+    """
+    out: dict[str, Any] = {"name": "envoy.filters.listener.http_inspector", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}
+    ranges = [{"destination_port_range": {"start": p, "end": p + 1}} for p in sorted(set(skip_ports))]
+    if len(ranges) == 1:
+        out["filter_disabled"] = ranges[0]
+    elif ranges:
+        out["filter_disabled"] = {"or_match": {"rules": ranges}}
+    return out
 
 
 def _tls_inspector() -> dict[str, Any]:
@@ -535,6 +561,56 @@ def _xds_source() -> dict[str, Any]:
         "api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [{"envoy_grpc": {"cluster_name": XDS}}]}}
 
 
+def _tcp_authz(transport: Transport, timeout_s: float) -> dict[str, Any]:
+    """The ext_authz filter of a TCP tunnel: the agent is told it decides a connection (ATTR_L4), no header passes."""
+    if transport == "grpc":  # the gRPC check carries the marker as a context extension of the route (below)
+        service: dict[str, Any] = {"grpc_service": {"envoy_grpc": {"cluster_name": "meshward_authz"},
+                                                    "timeout": _duration(timeout_s)}}
+    else:
+        service = {"http_service": _http_service(timeout_s, [
+            {"key": ATTR_PEER, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
+            {"key": ATTR_PORT, "value": "%DOWNSTREAM_LOCAL_PORT%"},
+            {"key": ATTR_HOST, "value": "%REQ(:AUTHORITY)%"},
+            {"key": ATTR_L4, "value": L4_TCP},
+        ], list(UPSTREAM_HEADERS))}  # nothing reaches the app of the tunnel's headers: it gets the bytes only
+    # Envoy wants at least one pattern; the agent reads none of a tunnel's headers (servers/authz_http.py).
+    return _ext_authz_filter(("x-request-id",), service)
+
+
+def _tcp_tunnel_chain(port: int, tls: SdsTls, transport: Transport, timeout_s: float) -> dict[str, Any]:
+    """The inbound chain of declared TCP port `port`: mTLS (ALPN TCP_ALPN), the tunnel's POST decided as a connection.
+
+    Allowed, the tunnel's bytes go to the app (Envoy's CONNECT termination, with `allow_post`).
+    """
+    route: dict[str, Any] = {
+        "match": {"path": TCP_TUNNEL_PATH, "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
+        "route": {"cluster": INBOUND_APP, "timeout": "0s",
+                  "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {"allow_post": True}}]}}
+    if transport == "grpc":
+        route["typed_per_filter_config"] = {_EXT_AUTHZ: {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute",
+            "check_settings": {"context_extensions": {ATTR_L4: L4_TCP}}}}
+    routes = {"name": f"inbound_tcp|{port}", "virtual_hosts": [{"name": "tunnel", "domains": ["*"], "routes": [
+        route, {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]}
+    hcm = _hcm(f"inbound_tcp_{port}", routes, [_tcp_authz(transport, timeout_s), _router()],
+               codec_type="HTTP2", stream_idle_timeout=_duration(TCP_IDLE_TIMEOUT_S),
+               upgrade_configs=[{"upgrade_type": "CONNECT"}])
+    tls_socket = _downstream_tls(tls)
+    tls_socket["typed_config"]["common_tls_context"]["alpn_protocols"] = [TCP_ALPN]
+    return {"name": f"inbound_tcp|{port}",
+            "filter_chain_match": {"destination_port": port, "transport_protocol": "tls",
+                                   "application_protocols": [TCP_ALPN]},
+            "transport_socket": tls_socket, "filters": [{"name": _HCM, "typed_config": hcm}]}
+
+
+def _refused_tcp_chain() -> dict[str, Any]:
+    """ALPN TCP_ALPN to a port the workload does not declare TCP: closed at once, nothing answered (no TLS either)."""
+    return {"name": "inbound_tcp_refused",
+            "filter_chain_match": {"transport_protocol": "tls", "application_protocols": [TCP_ALPN]},
+            "filters": [{"name": "envoy.filters.network.direct_response", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config"}}]}
+
+
 def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
     """The Envoy bootstrap of an injected pod: inbound (mTLS, ext_authz), health, and outbound from the agent's xDS."""
     hcm = _inbound_hcm(_ext_authz(p.transport, p.authz_timeout_s, p.allowed_headers), INBOUND_APP, p.http)
@@ -542,6 +618,9 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
         "filter_chain_match": {"transport_protocol": "tls"},
         "transport_socket": _downstream_tls(SdsTls(Endpoint(unix=f"{p.socket_dir}/sds.sock"))),
         "filters": [{"name": _HCM, "typed_config": hcm}]}]
+    sds = SdsTls(Endpoint(unix=f"{p.socket_dir}/sds.sock"))
+    chains += [_tcp_tunnel_chain(port, sds, p.transport, p.authz_timeout_s) for port in p.tcp_ports]
+    chains.append(_refused_tcp_chain())
     if p.inbound_plaintext:
         chains.append({"filter_chain_match": {"transport_protocol": "raw_buffer"},
                        "filters": [{"name": _HCM, "typed_config": {**hcm, "stat_prefix": "inbound_plaintext"}}]})
@@ -580,10 +659,15 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Destination:
-    """A meshed address (a pod IP or a Service's cluster IP): who answers there, and its ports left plaintext."""
+    """A meshed address (a pod IP or a Service's cluster IP): who answers there, and how its ports are reached.
+
+    `plaintext_ports` are left uncaptured at the destination; `tcp_ports` are declared TCP there (every connection
+    to them tunnelled over mTLS with TCP_ALPN, never sniffed).
+    """
 
     identities: tuple[str, ...]
     plaintext_ports: tuple[int, ...] = ()
+    tcp_ports: tuple[int, ...] = ()
 
 
 def parse_destinations(doc: Any) -> dict[str, Destination]:
@@ -598,13 +682,15 @@ def parse_destinations(doc: Any) -> dict[str, Destination]:
     for ip, entry in doc.items():
         ids = entry.get("identities") if isinstance(entry, dict) else None
         ports = entry.get("plaintextPorts", []) if isinstance(entry, dict) else None
+        tcp = entry.get("tcpPorts", []) if isinstance(entry, dict) else None
         address = canonical_address(ip)
         if address is None or not isinstance(ids, list) or \
                 not all(isinstance(i, str) and i.startswith("spiffe://") for i in ids) or \
-                not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+                not all(isinstance(x, list) and all(isinstance(p, int) and 0 < p < 65536 for p in x)
+                        for x in (ports, tcp)):
             raise ValueError(f"destinations[{ip!r}]: want an IPv4 or IPv6 address (no zone) -> "
-                             "{identities: [spiffe://...], plaintextPorts: [port...]}")
-        out[address] = Destination(tuple(ids), tuple(ports))
+                             "{identities: [spiffe://...], plaintextPorts: [port...], tcpPorts: [port...]}")
+        out[address] = Destination(tuple(ids), tuple(ports or ()), tuple(tcp or ()))
     return out
 
 
@@ -640,6 +726,32 @@ def _mesh_cluster(name: str, identities: tuple[str, ...], ipv6: bool) -> dict[st
             "typed_extension_protocol_options": _protocol_options(FOLLOW_DOWNSTREAM)}
 
 
+def tcp_cluster(name: str, identities: tuple[str, ...], ipv6: bool) -> dict[str, Any]:
+    """An outbound TCP cluster: to the original destination, mTLS with ALPN TCP_ALPN pinned like `_mesh_cluster`'s.
+
+    HTTP/2 carries the tunnel (one POST per connection); one stream per mTLS connection, so an app's connection
+    never waits behind another's flow control, and each is one connection at the receiving side as Istio has it.
+    """
+    mtls = _upstream_mtls([_identity_matcher(i) for i in identities])
+    mtls["typed_config"]["common_tls_context"]["alpn_protocols"] = [TCP_ALPN]
+    return {**_original_dst_cluster(name, ipv6), "alt_stat_name": name.replace("/", "_").replace(":", "_"),
+            "transport_socket": mtls, "typed_extension_protocol_options": _protocol_options(
+                {"explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1}}})}
+
+
+def tcp_tunnel(cluster: str) -> dict[str, Any]:
+    """The network filter carrying a connection to `cluster` as one POST to TCP_TUNNEL_PATH.
+
+    Its authority is the original destination's address, which the receiving agent sees as the host.
+    """
+    return {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": cluster.replace("/", "_").replace(":", "_"), "cluster": cluster,
+        "idle_timeout": _duration(TCP_IDLE_TIMEOUT_S),
+        "tunneling_config": {"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%", "use_post": True,
+                             "post_path": TCP_TUNNEL_PATH}}}
+
+
 def _exchange_filter(destination: str, header: str) -> dict[str, Any]:
     """The outbound ext_authz filter: the agent exchanges the app's context token (in `header`) for `destination`.
 
@@ -670,16 +782,26 @@ def _mesh_routes(cluster: str, destination: str | None, header: str, http: HttpS
     ]}]}
 
 
+def _prefixes(ips: list[str]) -> list[dict[str, Any]]:
+    return [{"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32} for ip in ips]
+
+
 def _mesh_chain(cluster: str, ips: list[str], port: int | None, destination: str | None, header: str,
                 http: HttpSettings) -> dict[str, Any]:
     filters = [_exchange_filter(destination, header), _router()] if destination else None
     hcm = _hcm("outbound", _mesh_routes(cluster, destination, header, http), filters, **http.hcm())
-    match: dict[str, Any] = {"prefix_ranges": [{"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32}
-                                               for ip in ips]}
+    match: dict[str, Any] = {"prefix_ranges": _prefixes(ips)}
     if port is not None:
         match["destination_port"] = port
     return {"name": f"{cluster}|{port or '*'}", "filter_chain_match": match,
             "filters": [{"name": _HCM, "typed_config": hcm}]}
+
+
+def _tcp_chain(cluster: str, ips: list[str], port: int) -> dict[str, Any]:
+    """Every connection to a declared TCP port of `ips`: tunnelled over mTLS to `cluster`."""
+    return {"name": f"{cluster}|{port}", "filter_chain_match": {"prefix_ranges": _prefixes(ips),
+                                                               "destination_port": port},
+            "filters": [tcp_tunnel(cluster)]}
 
 
 def _exchange_destination(identities: tuple[str, ...]) -> str | None:
@@ -734,15 +856,23 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
         groups.setdefault(tuple(sorted(set(meshed[ip].identities))), []).append(ip)
     names = {ids: "outbound|" + ",".join(ids) for ids in groups}
     # Envoy matches the destination port first and never falls back to port-less chains for a port some chain
-    # names: so every plaintext port gets a copy of the meshed chains, without the addresses that leave it plain.
-    ports = sorted({p for d in meshed.values() for p in d.plaintext_ports})
+    # names: so every plaintext or TCP port gets a copy of the meshed chains, without the addresses that leave it
+    # plain or declare it TCP; to those, every connection is tunnelled (TCP_ALPN), whatever its bytes look like
+    # (Envoy's HTTP inspector takes a line such as `hello x` for HTTP: measured, such a client was reset).
+    ports = sorted({p for d in meshed.values() for p in (*d.plaintext_ports, *d.tcp_ports)})
     chains = [_mesh_chain(names[ids], ips, None, _exchange_destination(ids), context_header, http)
               for ids, ips in groups.items()]
+    tunnelled: set[tuple[str, ...]] = set()
     for port in ports:
         for ids, ips in groups.items():
             kept = [ip for ip in ips if port not in meshed[ip].plaintext_ports]
-            if kept:
-                chains.append(_mesh_chain(names[ids], kept, port, _exchange_destination(ids), context_header, http))
+            tcp = [ip for ip in kept if port in meshed[ip].tcp_ports]
+            other = [ip for ip in kept if ip not in tcp]
+            if tcp:  # every byte to a declared TCP port is TCP (as Istio's declared ports): never sniffed as HTTP
+                tunnelled.add(ids)
+                chains.append(_tcp_chain(_tcp_name(ids), tcp, port))
+            if other:
+                chains.append(_mesh_chain(names[ids], other, port, _exchange_destination(ids), context_header, http))
         chains.append({**_plaintext_http(context_header, http), "name": f"passthrough_http|{port}",
                        "filter_chain_match": {"destination_port": port,
                                               "application_protocols": ["http/1.0", "http/1.1"]}})
@@ -754,10 +884,17 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
     # conntrack zone (domain/capture.py).
     listener = {"name": "outbound", **_addresses(LOOPBACK, LOOPBACK_6, OUTBOUND_PORT, ipv6, (
                     OUTBOUND_LISTENER_DSCP, "the app's side (meshward capture's conntrack zones)")),
-                "listener_filters": [_original_dst(), _http_inspector()],
+                "listener_filters": [_original_dst(), _http_inspector(sorted({p for d in meshed.values()
+                                                                               for p in d.tcp_ports}))],
                 "listener_filters_timeout": _duration(SNIFF_TIMEOUT_S), "continue_on_listener_filters_timeout": True,
                 "filter_chains": chains, "default_filter_chain": passthrough}
-    return [listener], [_mesh_cluster(names[ids], ids, ipv6) for ids in groups]
+    return [listener], [*(_mesh_cluster(names[ids], ids, ipv6) for ids in groups),
+                        *(tcp_cluster(_tcp_name(ids), ids, ipv6) for ids in groups if ids in tunnelled)]
+
+
+def _tcp_name(identities: tuple[str, ...]) -> str:
+    """The TCP cluster of a destination group."""
+    return "outbound_tcp|" + ",".join(identities)
 
 
 # The typed messages of every extension the builder uses: envoy-data-plane resolves `@type`s only for the
@@ -773,6 +910,7 @@ _TYPED_MODULES = (
     "envoy_data_plane.envoy.extensions.filters.listener.tls_inspector.v3",
     "envoy_data_plane.envoy.extensions.filters.listener.http_inspector.v3",
     "envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3",
+    "envoy_data_plane.envoy.extensions.filters.network.direct_response.v3",
     "envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3",
 )
 

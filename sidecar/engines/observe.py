@@ -67,7 +67,8 @@ class JsonLineAudit:
             f'"method":{e(r.method)},"path":{e(r.path)},"request_id":{e(r.request_id)},'
             f'"latency_us":{r.latency_us:.1f}'
             + (f',"parent":{e(r.parent)},"act":{e(r.act)}' if r.parent else "")
-            + (f',"destination":{e(r.destination)}' if r.destination else "") + "}\n")
+            + (f',"destination":{e(r.destination)}' if r.destination else "")
+            + (f',"port":{r.port:d}' if r.port is not None else "") + "}\n")
         if self._timer is not None:
             if len(self._pending) >= self.BATCH:
                 self.flush()

@@ -419,5 +419,6 @@ class Pipeline:
             self._clock(), decision.decision_id, self._workload, transport, decision.outcome,
             decision.would_deny, decision.policy, decision.rule, decision.reason, inp.peer or "",
             decision.subject_hash, inp.method, inp.path, inp.request_id, elapsed * 1e6,
-            ctx.jti if ctx else "", ",".join(ctx.act) if ctx else "", inp.destination or ""))
+            ctx.jti if ctx else "", ",".join(ctx.act) if ctx else "", inp.destination or "",
+            inp.port if inp.l4 else None))
         return decision

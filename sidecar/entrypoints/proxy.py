@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meshward._version import __version__
+from meshward.sidecar.domain.capture import CaptureError, parse_ports
 from meshward.sidecar.domain.envoy import (
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     HttpSettings,
@@ -27,6 +28,13 @@ from meshward.sidecar.domain.envoy import (
     build_pod_bootstrap,
     parse_duration,
 )
+
+
+def _tcp_ports(text: str) -> tuple[int, ...]:
+    try:
+        return parse_ports(text, "--tcp-ports")
+    except CaptureError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _route_timeout(text: str) -> float:
@@ -93,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warn", help="Envoy's log level (default warn)")
     p.add_argument("--envoy", default="envoy", help="the Envoy binary (default: envoy on $PATH)")
     p.add_argument("--print", action="store_true", help="print the bootstrap instead of starting Envoy")
+    p.add_argument("--tcp-ports", type=_tcp_ports, default=(), metavar="PORTS",
+                   help="ports the workload declares TCP (comma-separated): meshed callers may tunnel connections "
+                        "to them over mTLS (meshward.io/tcp-ports)")
     add_http_flags(p)
     add_ipv6_flag(p)
     return p
@@ -107,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     node = f"{os.environ.get('POD_NAMESPACE', 'default')}/{os.environ.get('POD_NAME', 'unknown')}"
     bootstrap = build_pod_bootstrap(PodProxy(node, args.socket_dir, args.inbound_plaintext == "allow",
                                              args.transport, http=http_settings(args),
-                                             ipv6=ipv6_enabled(args.ipv6)))
+                                             ipv6=ipv6_enabled(args.ipv6), tcp_ports=args.tcp_ports))
     text = json.dumps(bootstrap, indent=1)
     if args.print:
         print(text)

@@ -4,6 +4,7 @@ promise."""
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 import subprocess
@@ -18,11 +19,17 @@ from meshward.sidecar.domain.capture import PROXY_HEALTH_PORT
 from meshward.sidecar.domain.context import WIRE_HEADER
 from meshward.sidecar.domain.envoy import (
     ATTR_DEST,
+    ATTR_L4,
+    ATTR_PEER,
     ENVOY_ADMIN_SOCKET,
+    L4_TCP,
     SNIFF_TIMEOUT_S,
+    TCP_ALPN,
+    TCP_TUNNEL_PATH,
     Destination,
     HttpSettings,
     PodProxy,
+    Transport,
     build_pod_bootstrap,
     check_bootstrap,
     outbound_resources,
@@ -69,6 +76,16 @@ def test_pod_bootstrap_with_a_workloads_http_settings_matches_golden(request: py
     golden("pod-http-settings", build_pod_bootstrap(PodProxy("shop/orders-1", http=TUNED)), request)
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_pod_bootstrap_with_declared_tcp_ports_matches_golden(transport: Transport, request: pytest.FixtureRequest,
+                                                              tmp_path: Path) -> None:
+    """meshward.io/tcp-ports: 5432 (a tunnel chain per port; over gRPC the L4 marker is a context extension); Envoy
+    accepts it."""
+    boot = build_pod_bootstrap(PodProxy("shop/db-1", transport=transport, tcp_ports=(5432,)))
+    golden(f"pod-tcp-ports-{transport}", boot, request)
+    _validate(boot, tmp_path)
+
+
 def test_outbound_resources_match_golden(request: pytest.FixtureRequest) -> None:
     listeners, clusters = outbound_resources(MAP, OWN_IP)
     golden("outbound", {"listeners": listeners, "clusters": clusters}, request)
@@ -94,6 +111,38 @@ def test_envoy_accepts_the_pod_bootstrap_and_the_outbound_resources(plaintext: b
     _assert_envoy_accepts(boot, *outbound_resources(MAP, OWN_IP, http=http), tmp_path)
 
 
+DB = "spiffe://cluster.local/ns/shop/sa/db"
+# A database pod and its Service declaring 5432 TCP, and a second pod of the same identity that does not.
+TCP_MAP = {**MAP, "10.244.0.20": Destination((DB,), (), (5432,)), "10.96.0.40": Destination((DB,), (), (5432,)),
+           "10.244.0.21": Destination((DB,))}
+
+
+def test_outbound_resources_with_declared_tcp_ports_match_golden(request: pytest.FixtureRequest,
+                                                                   tmp_path: Path) -> None:
+    """To a declared TCP port every connection is tunnelled over mTLS (TCP_ALPN, the destination's identity pinned),
+    whatever its first bytes look like (the HTTP inspector took `hello x` for HTTP: a client was reset); the same
+    port of an address not declaring it is HTTP's as before. Envoy accepts it."""
+    listeners, clusters = outbound_resources(TCP_MAP, OWN_IP)
+    golden("outbound-tcp", {"listeners": listeners, "clusters": clusters}, request)
+    chains = {c["name"]: c for c in listeners[0]["filter_chains"]}
+    group, tcp = f"outbound|{DB}", f"outbound_tcp|{DB}"
+    tunnel = chains[f"{tcp}|5432"]
+    assert tunnel["filter_chain_match"] == {
+        "prefix_ranges": [{"address_prefix": "10.244.0.20", "prefix_len": 32},
+                          {"address_prefix": "10.96.0.40", "prefix_len": 32}], "destination_port": 5432}
+    assert tunnel["filters"][0]["typed_config"]["tunneling_config"]["post_path"] == TCP_TUNNEL_PATH
+    assert [p["address_prefix"] for p in chains[f"{group}|5432"]["filter_chain_match"]["prefix_ranges"]] == [
+        "10.244.0.21"]
+    assert not any("application_protocols" in c["filter_chain_match"] and
+                   "10.244.0.20" in str(c["filter_chain_match"]) for c in chains.values())
+    cluster = next(c for c in clusters if c["name"] == tcp)
+    tls = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["alpn_protocols"] == [TCP_ALPN]
+    assert tls["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "URI", "matcher": {"exact": DB}}]
+    _assert_envoy_accepts(build_pod_bootstrap(PodProxy("shop/orders-1")), listeners, clusters, tmp_path)
+
+
 def _assert_envoy_accepts(boot: dict[str, Any], listeners: list[dict[str, Any]], clusters: list[dict[str, Any]],
                           tmp_path: Path) -> None:
     """`boot` with `listeners` and `clusters` made static passes `envoy --mode validate`, with no deprecated field
@@ -108,7 +157,39 @@ def _assert_envoy_accepts(boot: dict[str, Any], listeners: list[dict[str, Any]],
 def _chains(plaintext: bool) -> dict[str, dict[str, Any]]:
     inbound = build_pod_bootstrap(PodProxy("shop/orders-1", inbound_plaintext=plaintext))["static_resources"][
         "listeners"][0]
-    return {c["filter_chain_match"]["transport_protocol"]: c for c in inbound["filter_chains"]}
+    return {c["filter_chain_match"]["transport_protocol"]: c for c in inbound["filter_chains"]
+            if "application_protocols" not in c["filter_chain_match"]}  # the HTTP chains (not TCP's: below)
+
+
+def test_tunnelled_tcp_is_taken_on_declared_ports_only_and_decided_as_a_connection() -> None:
+    """TCP smuggled to an HTTP port: a tunnel to any port would hand an HTTP app bytes its HTTP rules never saw (a
+    caller an L4 rule admits, sending what the HTTP inspector does not call HTTP). Only declared ports get a tunnel
+    chain; ALPN meshward-tcp anywhere else meets a chain that closes the connection. The tunnel's check carries
+    Envoy's L4 marker, and no header of the caller's."""
+    inbound = build_pod_bootstrap(PodProxy("shop/db-1", tcp_ports=(5432, 6379)))["static_resources"]["listeners"][0]
+    tcp = [c for c in inbound["filter_chains"] if TCP_ALPN in c["filter_chain_match"].get("application_protocols", [])]
+    assert [c["filter_chain_match"].get("destination_port") for c in tcp] == [5432, 6379, None]
+    refused = tcp[-1]
+    assert [f["name"] for f in refused["filters"]] == ["envoy.filters.network.direct_response"]
+    assert "transport_socket" not in refused
+    for chain in tcp[:2]:
+        tls = chain["transport_socket"]["typed_config"]
+        assert tls["require_client_certificate"] is True
+        assert tls["common_tls_context"]["alpn_protocols"] == [TCP_ALPN]
+        hcm = chain["filters"][0]["typed_config"]
+        authz = hcm["http_filters"][0]["typed_config"]
+        assert authz["failure_mode_allow"] is False
+        assert authz["allowed_headers"] == {"patterns": [{"exact": "x-request-id"}]}
+        added = {h["key"]: h["value"] for h in authz["http_service"]["authorization_request"]["headers_to_add"]}
+        assert added[ATTR_L4] == L4_TCP and added[ATTR_PEER] == "%DOWNSTREAM_PEER_URI_SAN%"
+        tunnel, rest = hcm["route_config"]["virtual_hosts"][0]["routes"]
+        assert tunnel["match"]["path"] == TCP_TUNNEL_PATH
+        assert tunnel["route"]["upgrade_configs"] == [
+            {"upgrade_type": "CONNECT", "connect_config": {"allow_post": True}}]
+        assert rest["direct_response"] == {"status": 404}
+    none = build_pod_bootstrap(PodProxy("shop/web-1"))["static_resources"]["listeners"][0]
+    assert [c["name"] for c in none["filter_chains"] if "application_protocols" in c["filter_chain_match"]] == [
+        "inbound_tcp_refused"]
 
 
 def test_inbound_takes_mtls_only_unless_plaintext_is_allowed() -> None:
@@ -478,3 +559,17 @@ def _status_or_none(url: str) -> int | None:
         return http_status(url)
     except OSError:
         return None
+
+
+def test_meshward_proxy_takes_declared_tcp_ports_and_refuses_a_bad_list(capsys: pytest.CaptureFixture[str]) -> None:
+    """The injected proxy container's --tcp-ports becomes one tunnel chain per port; a malformed list stops it
+    with the flag named (argparse: exit 2) instead of starting an Envoy that takes no TCP."""
+    from meshward.sidecar.entrypoints import proxy
+
+    assert proxy.main(["--print", "--ipv6", "off", "--tcp-ports", "6379,5432"]) == 0
+    boot = json.loads(capsys.readouterr().out)
+    names = [c.get("name") for c in boot["static_resources"]["listeners"][0]["filter_chains"]]
+    assert "inbound_tcp|5432" in names and "inbound_tcp|6379" in names
+    with pytest.raises(SystemExit) as exit_:
+        proxy.main(["--print", "--tcp-ports", "redis"])
+    assert exit_.value.code == 2 and "--tcp-ports" in capsys.readouterr().err

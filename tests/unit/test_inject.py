@@ -329,6 +329,24 @@ def test_excluded_inbound_ports_may_name_the_pods_container_ports() -> None:
     assert command[command.index("--exclude-inbound-ports") + 1] == "8081,9100,50051"
 
 
+def test_declared_tcp_ports_reach_the_proxy_by_number_and_clash_with_exclusions() -> None:
+    """meshward.io/tcp-ports (numbers or the pod's port names) becomes the proxy's --tcp-ports: only those ports take
+    tunnelled TCP. A port both declared TCP and excluded from capture is refused: it cannot be both."""
+    pod = _pod()
+    pod["spec"]["containers"][0]["ports"] = [{"name": "redis", "containerPort": 6379}]
+    pod["metadata"]["annotations"] = {"meshward.io/tcp-ports": "redis,5432"}
+    command = {c["name"]: c.get("command", []) for c in inject(pod, SETTINGS)["spec"]["initContainers"]}[PROXY]
+    assert command[command.index("--tcp-ports") + 1] == "5432,6379"
+    assert "--tcp-ports" not in {c["name"]: c.get("command", []) for c in inject(_pod(), SETTINGS)["spec"][
+        "initContainers"]}[PROXY]
+    pod["metadata"]["annotations"]["meshward.io/exclude-inbound-ports"] = "6379"
+    with pytest.raises(InjectRefused, match=r"meshward\.io/tcp-ports\]: port\(s\) 6379 are also in"):
+        inject(pod, SETTINGS)
+    pod["metadata"]["annotations"] = {"meshward.io/tcp-ports": "postgres"}
+    with pytest.raises(InjectRefused, match=r"annotation meshward\.io/tcp-ports: 'postgres' is neither"):
+        inject(pod, SETTINGS)
+
+
 @pytest.mark.parametrize("value", ["grpc", "dns", "metrics-x"])
 def test_an_excluded_port_name_no_container_declares_is_refused_naming_the_annotation(value: str) -> None:
     """A typo or a UDP port's name must not silently leave the port captured (or something else out)."""

@@ -146,3 +146,23 @@ def test_generated_policies_decide_connections_as_istio_documents_and_explain_ag
     cfg = config(policy("db", rules=[{"name": f"r{n}", **r} for n, r in enumerate(rules)]))
     d = decide(cfg, connection(peer, port))
     assert (d.wire.http == 200) == _l4_oracle(rules, peer, port), (rules, peer, port, d.reason)
+
+
+def test_meshward_explain_tcp_shows_a_connections_decision(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`meshward explain --tcp --port N --peer ID` decides a connection (exit 0 allowed, 3 denied) and refuses a
+    user for it (a connection carries none), naming the flags."""
+    import yaml
+
+    from meshward.cli import main
+
+    path = tmp_path / "db.yaml"
+    path.write_text(yaml.safe_dump(config(policy("db", rules=[
+        {"name": "reads", "from": {"principals": [FRONTEND]}, "to": {"methods": ["GET"]}},
+        {"name": "frontend", "from": {"principals": [FRONTEND]}, "to": {"ports": [DB_PORT]}}]))))
+    assert main(["explain", "--config", str(path), "--tcp", "--port", str(DB_PORT), "--peer", FRONTEND]) == 0
+    out = capsys.readouterr().out
+    assert "by db rule frontend" in out and "a TCP connection: an Allow rule with HTTP-only conditions" in out
+    assert main(["explain", "--config", str(path), "--tcp", "--port", str(DB_PORT), "--peer", BATCH]) == 3
+    capsys.readouterr()
+    assert main(["explain", "--config", str(path), "--tcp", "--peer", FRONTEND]) == 1
+    assert "--tcp explains a connection to --port" in capsys.readouterr().err

@@ -111,6 +111,31 @@ def test_a_named_target_port_excluded_behind_a_service_is_plaintext_for_its_call
     assert dmap([pod("g-1", "10.0.0.1", annotations=excl)], [svc])["10.96.0.1"]["plaintextPorts"] == []
 
 
+def _tcp_pod(name: str, ip: str, tcp: str, annotation: str | None = None) -> dict[str, Any]:
+    """An injected pod declaring `tcp` (meshward.io/tcp-ports) through the injector, its port named `pg`."""
+    body = {"metadata": {"name": name, "namespace": "shop", "labels": {"app": "orders", "meshward.io/inject": "enabled"},
+                         "annotations": {"meshward.io/tcp-ports": tcp}, "uid": f"uid-{name}"},
+            "spec": {"serviceAccountName": "db", "containers": [
+                {"name": "app", "image": "x", "ports": [{"name": "pg", "containerPort": 5432}]}]},
+            "status": {"podIP": ip, "phase": "Running"}}
+    out = inject(body, SETTINGS)
+    if annotation is not None:  # edited after admission: the capture and the proxy keep what they were given
+        out["metadata"]["annotations"]["meshward.io/tcp-ports"] = annotation
+    return out
+
+
+def test_declared_tcp_ports_reach_callers_from_the_spec_for_pods_and_services() -> None:
+    """Callers tunnel what is not HTTP to declared TCP ports only: a pod's come from its proxy's --tcp-ports (not
+    the annotation, editable after admission), a Service's port counts when every endpoint declares its target."""
+    got = dmap([_tcp_pod("db-1", "10.0.0.1", "pg", annotation="1-65535"), _tcp_pod("db-2", "10.0.0.2", "5432")],
+               [service("db", "10.96.0.1", target="pg")])
+    assert got["10.0.0.1"]["tcpPorts"] == [5432] and got["10.0.0.2"]["tcpPorts"] == [5432]
+    assert got["10.96.0.1"]["tcpPorts"] == [80] and got["10.96.0.1"]["plaintextPorts"] == []
+    mixed = dmap([_tcp_pod("db-1", "10.0.0.1", "pg"), _tcp_pod("db-2", "10.0.0.2", "")],
+                 [service("db", "10.96.0.1", target=5432)])
+    assert "tcpPorts" not in mixed["10.96.0.1"] and "tcpPorts" not in mixed["10.0.0.2"]
+
+
 def test_an_annotation_claiming_injection_does_not_make_a_pod_meshed() -> None:
     """Forged injected annotation: an unlabelled pod annotated meshward.io/injected was listed as meshed, so its meshed
     callers sent it mTLS it could not answer (503). Meshed is decided from the spec the injector made."""

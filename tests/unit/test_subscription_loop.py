@@ -293,12 +293,17 @@ def test_a_built_snapshot_and_pipeline_hold_no_reference_cycles() -> None:
     assert found == 0
 
 
+def _a_constant(agent: Any) -> Any:
+    """A matcher the last Allow rule's generated code holds (its L4 guard, `not inp.l4`, has no constant)."""
+    return next(c for _, c in agent.pipeline.snapshot.policies.allow[-1].parts if c is not None)
+
+
 def test_a_replaced_config_is_freed_the_moment_it_is_swapped_out() -> None:
     """With the collector off, as while the next push compiles: the old rules are gone once the new ones are in
     force, by reference counting alone."""
     async def scenario() -> tuple[bool, str]:
         agent, _ = _agent(_every_condition("v1"))
-        matcher = agent.pipeline.snapshot.policies.allow[-1].parts[0][1]  # a constant of the generated code
+        matcher = _a_constant(agent)  # a constant of the generated code
         assert callable(matcher)
         old = weakref.ref(matcher)
         del matcher
@@ -320,7 +325,7 @@ def test_a_replaced_config_is_freed_in_the_worker_not_on_the_loop() -> None:
 
     async def scenario() -> str:
         agent, _ = _agent(_every_condition("v1"))
-        weakref.finalize(agent.pipeline.snapshot.policies.allow[-1].parts[0][1],
+        weakref.finalize(_a_constant(agent),
                          lambda: freed_on.append(threading.current_thread().name))
         await agent.apply(_every_condition("v2"))
         return threading.current_thread().name

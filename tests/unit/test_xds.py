@@ -18,6 +18,7 @@ MAP = {
     "10.244.0.7": Destination(("spiffe://cluster.local/ns/shop/sa/orders",), (9090,)),
     "10.96.0.30": Destination(("spiffe://cluster.local/ns/shop/sa/orders", "spiffe://cluster.local/ns/shop/sa/pay")),
     "10.244.1.4": Destination(("spiffe://cluster.local/ns/web/sa/*",)),
+    "10.244.0.20": Destination(("spiffe://cluster.local/ns/shop/sa/db",), (), (5432,)),  # TCP declared: tunnelled
 }
 
 
@@ -42,6 +43,10 @@ def test_every_outbound_resource_encodes_and_decodes_unchanged(ipv6: bool) -> No
             assert decoded["name"] == original["name"]
             assert set(decoded) == set(original), (set(original) ^ set(decoded))
             assert _extra(decoded) == _extra(original)
+    tunnels = [f["typed_config"]["tunneling_config"] for c in _unpacked(pack_resources(listeners, listener_pb2.Listener),
+                                                                      listener_pb2.Listener)[0]["filter_chains"]
+               for f in c["filters"] if "tunneling_config" in f["typed_config"]]
+    assert tunnels and tunnels[0]["use_post"] is True
 
 
 def _extra(resource: dict[str, Any]) -> list[tuple[Any, list[tuple[int, int, int]]]]:
