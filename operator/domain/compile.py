@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshward.operator.domain.destinations import uncaptured_app_ports
+from meshward.operator.domain.destinations import tcp_ports_of, uncaptured_app_ports
 from meshward.operator.domain.duration import parse_duration
 from meshward.sidecar.config.schema import API_VERSION as SIDECAR_API_VERSION
 from meshward.sidecar.config.schema import KIND as SIDECAR_KIND
@@ -100,6 +100,8 @@ class Workload:
     uid: str = ""
     # Declared container ports excluded from capture: plaintext reaches the app there, outside every policy.
     uncaptured_ports: tuple[int, ...] = ()
+    # Ports declared TCP (meshward.io/tcp-ports): connections there are decided by L4 rules only.
+    tcp_ports: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
@@ -219,7 +221,8 @@ def workload_of(pod: Mapping[str, Any]) -> Workload:
     """The workload a Pod object is."""
     meta = pod["metadata"]
     return Workload(meta["namespace"], meta["name"], pod.get("spec", {}).get("serviceAccountName") or "default",
-                    dict(meta.get("labels") or {}), str(meta.get("uid") or ""), uncaptured_app_ports(pod))
+                    dict(meta.get("labels") or {}), str(meta.get("uid") or ""), uncaptured_app_ports(pod),
+                    tcp_ports_of(pod))
 
 
 def revocation_section(entries: Iterable[RevocationEntry], now: dt.datetime, issuers: Iterable[str]
@@ -373,3 +376,27 @@ def workload_config(w: Workload, policies: Sequence[PolicyObject], revocations: 
     if destinations is None:
         destinations = destination_claims([n for n in neighbours if n.namespace == w.namespace], own, trust_domain)
     return compile_workload(w, own, revocations, now, destinations, foreign)
+
+
+# Rule fields a TCP connection cannot answer (the agent's sidecar/domain/policy.py HTTP_ONLY, in the CRD's words).
+HTTP_ONLY_FIELDS = (("from", "requestPrincipals"), ("to", "methods"), ("to", "paths"), ("to", "hosts"))
+
+
+def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workload]) -> list[str]:
+    """`rule: namespace/pod:port` for each Allow rule with HTTP-only fields that covers a port a workload declares TCP.
+
+    Such a rule never admits a connection there (Istio's semantics): the policy's status says so, as the issue
+    asks, so that `to.methods: [GET]` on a database port is not read as "these peers may connect".
+    """
+    out = []
+    for rule in spec.get("rules") or []:
+        if not isinstance(rule, Mapping) or rule.get("action", "Allow") != "Allow":
+            continue
+        if not (rule.get("when") or any((rule.get(part) or {}).get(name) for part, name in HTTP_ONLY_FIELDS)):
+            continue
+        ports = set((rule.get("to") or {}).get("ports") or [])
+        for w in workloads:
+            for port in w.tcp_ports:
+                if not ports or port in ports:
+                    out.append(f"{rule.get('name', '?')}: {w.key}:{port}")
+    return out

@@ -42,6 +42,8 @@ class PolicyView:
     destinations_cut: str | None = None
     # `namespace/pod:port` of selected workloads' declared ports excluded from capture (outside the mesh).
     outside_mesh: tuple[str, ...] = ()
+    # `rule: namespace/pod:port`: Allow rules with HTTP-only fields covering a port declared TCP (they admit none).
+    http_on_tcp: tuple[str, ...] = ()
 
 
 def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.datetime) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
                    "capture (annotation meshward.io/exclude-inbound-ports), so no policy applies there")
         message = f"{message}; but {outside}" if ready else message
     degraded = v.invalid is not None or v.oversized is not None or v.conflict is not None or bool(
-        v.unknown_principals) or v.destinations_cut is not None or bool(v.outside_mesh)
+        v.unknown_principals) or v.destinations_cut is not None or bool(v.outside_mesh) or bool(v.http_on_tcp)
     if v.invalid is not None:
         d_reason, d_message = "InvalidSpec", message
     elif outside:
@@ -80,6 +82,11 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
         d_reason = "UnknownPrincipal"
         d_message = (f"no ServiceIdentity admits {', '.join(v.unknown_principals[:5])}: these peers cannot get a "
                      "certificate, so rules naming them never match; check the names or create the ServiceIdentity")
+    elif v.http_on_tcp:
+        d_reason = "HttpRulesOnTcpPorts"
+        d_message = (f"Allow rules with HTTP-only fields (requestPrincipals, methods, paths, hosts, when) admit no TCP "
+                     f"connection, and these cover ports declared TCP (meshward.io/tcp-ports): "
+                     f"{'; '.join(v.http_on_tcp[:5])}; give such ports a rule of principals, namespaces and ports only")
     else:
         d_reason, d_message = "AsExpected", "nothing to report"
     return {

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from meshward.operator.domain.ca import spiffe_id
+from meshward.operator.domain.compile import http_rules_on_tcp_ports
 from meshward.operator.domain.conditions import DEGRADED, READY, status_changed
 from meshward.operator.domain.identity_status import Observation, identity_status
 from meshward.operator.domain.policy_status import PolicyView, checkable_principals, policy_status, revocation_status
@@ -115,12 +116,15 @@ class StatusReports:
         unknown = tuple(sorted({p for p, ns, sa in own if self._directory.find(ns, sa) is None}))
         outside = tuple(f"{w.key}:{port}" for ns, _, pod in (k.partition("/") for k in enf.selected)
                         if (w := hub.workload(ns, pod)) is not None for port in w.uncaptured_ports)
+        selected = [w for ns, _, pod in (k.partition("/") for k in enf.selected)
+                    if (w := hub.workload(ns, pod)) is not None]
+        http_on_tcp = tuple(http_rules_on_tcp_ports(dict(body.get("spec") or {}), selected))
         view = PolicyView(generation, in_force.generation if in_force else None,
                           invalid[1] if invalid and invalid[0] == generation else None,
                           enf.selected, enf.enforcing, enf.lagging, hub.conflict(key), unknown, hub.oversized(key),
                           tuple(enf.disconnected),
                           self._mesh.cut.get(meta.get("namespace", "")) if self._mesh is not None else None,
-                          outside)
+                          outside, http_on_tcp)
         if in_force is not None and in_force.generation != generation and view.invalid is None:
             return Report()  # the hub has not seen this generation yet; report on the next pass
         old = dict(body.get("status") or {})

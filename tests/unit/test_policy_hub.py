@@ -375,6 +375,35 @@ def test_an_app_port_excluded_from_capture_is_not_reported_as_enforced() -> None
     assert "shop/orders-1:8080" in degraded["message"] and "9090" not in degraded["message"]  # 9090 is not declared
 
 
+def test_http_rules_covering_a_port_declared_tcp_are_reported_as_admitting_no_connection() -> None:
+    """`to.methods: [GET]` on a database's declared TCP port reads like "these peers may connect", but an Allow rule
+    with HTTP-only fields admits no TCP connection (Istio's semantics): the policy says so (Degraded=True,
+    HttpRulesOnTcpPorts, naming rule, pod and port); a rule of principals and ports only is not reported."""
+    app = pod("shop", "db-1", app="orders")
+    app["spec"]["initContainers"] = [{"name": "meshward-init", "command": ["meshward-init"]}, {"name": "meshward-agent"},
+                                     {"name": "meshward-proxy", "command": ["meshward-proxy", "--tcp-ports", "5432"]}]
+
+    async def scenario(rules: list[dict[str, Any]]) -> dict[str, Any]:
+        hub = PolicyHub(lambda: NOW)
+        hub.apply_pod(app)
+        body = policy("shop", "db", rules=rules)
+        assert await hub.apply_policy(body) is None
+        sub = sub_of(hub, "shop", "db-1")
+        await hub.settle()
+        hub.ack(sub, latest(sub).version, None)
+        status = (await _reports(hub).policy(body)).status
+        assert status is not None
+        return status
+
+    status = asyncio.run(scenario([{"name": "reads", "from": {"principals": ["*"]}, "to": {"methods": ["GET"]}},
+                                   {"name": "other-port", "to": {"ports": [8080], "paths": ["/x"]}}]))
+    degraded = status["conditions"][1]
+    assert (degraded["status"], degraded["reason"]) == ("True", "HttpRulesOnTcpPorts"), degraded
+    assert "reads: shop/db-1:5432" in degraded["message"] and "other-port" not in degraded["message"]
+    clean = asyncio.run(scenario([{"name": "l4", "from": {"principals": ["*"]}, "to": {"ports": [5432]}}]))
+    assert clean["conditions"][1]["reason"] == "AsExpected", clean
+
+
 def test_a_pod_that_opts_out_leaves_the_mesh_visibly() -> None:
     """Removing the meshward.io/inject label used to leave the pod's config in place until it was deleted."""
     async def scenario() -> None:
