@@ -177,31 +177,28 @@ def is_injected(pod: Mapping[str, Any]) -> bool:
     return any(isinstance(c, dict) and c.get("name") == AGENT for c in init)
 
 
-def excluded_inbound_ports(pod: Mapping[str, Any]) -> str:
-    """The inbound ports an injected pod leaves outside the mesh, as given to its capture init container ('' if none).
+def _mesh_flag(pod: Mapping[str, Any], container: str, flag: str) -> str:
+    """The value of `flag` in the command of the mesh's init container `container` ('' if absent).
 
     The spec, not the annotation: a pod's annotations can be edited after admission (and by then change nothing
-    of the capture), its init containers cannot.
+    the mesh's containers were given), its init containers cannot.
     """
     for c in pod.get("spec", {}).get("initContainers") or []:
-        if isinstance(c, dict) and c.get("name") == INIT:
+        if isinstance(c, dict) and c.get("name") == container:
             command = [str(x) for x in c.get("command") or []]
-            if "--exclude-inbound-ports" in command[:-1]:
-                return command[command.index("--exclude-inbound-ports") + 1]
+            if flag in command[:-1]:
+                return command[command.index(flag) + 1]
     return ""
+
+
+def excluded_inbound_ports(pod: Mapping[str, Any]) -> str:
+    """The inbound ports an injected pod leaves outside the mesh, as its capture container was given ('' if none)."""
+    return _mesh_flag(pod, INIT, "--exclude-inbound-ports")
 
 
 def declared_tcp_ports(pod: Mapping[str, Any]) -> str:
-    """The ports an injected pod declares TCP, as given to its proxy container ('' if none).
-
-    The spec, not the annotation, for the reason `excluded_inbound_ports` gives.
-    """
-    for c in pod.get("spec", {}).get("initContainers") or []:
-        if isinstance(c, dict) and c.get("name") == PROXY:
-            command = [str(x) for x in c.get("command") or []]
-            if "--tcp-ports" in command[:-1]:
-                return command[command.index("--tcp-ports") + 1]
-    return ""
+    """The ports an injected pod declares TCP, as given to its proxy container ('' if none)."""
+    return _mesh_flag(pod, PROXY, "--tcp-ports")
 
 
 def unprotected(pods: Sequence[Mapping[str, Any]], opted_in_namespaces: set[str], operator_namespace: str

@@ -284,8 +284,9 @@ def _ext_authz_filter(allowed_headers: tuple[str, ...], service: dict[str, Any])
         **service}}
 
 
-def _ext_authz(transport: Transport, timeout_s: float, allowed_headers: tuple[str, ...]) -> dict[str, Any]:
-    """The inbound ext_authz filter over `transport`."""
+def _ext_authz(transport: Transport, timeout_s: float, allowed_headers: tuple[str, ...],
+               extra: tuple[dict[str, str], ...] = ()) -> dict[str, Any]:
+    """The inbound ext_authz filter over `transport`; `extra` attributes Envoy adds over HTTP (gRPC: none)."""
     if transport == "grpc":
         service: dict[str, Any] = {"grpc_service": {"envoy_grpc": {"cluster_name": "meshward_authz"},
                                                     "timeout": _duration(timeout_s)}}
@@ -294,6 +295,7 @@ def _ext_authz(transport: Transport, timeout_s: float, allowed_headers: tuple[st
             {"key": ATTR_PEER, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
             {"key": ATTR_PORT, "value": "%DOWNSTREAM_LOCAL_PORT%"},
             {"key": ATTR_HOST, "value": "%REQ(:AUTHORITY)%"},
+            *extra,
         ], list(UPSTREAM_HEADERS))}
     return _ext_authz_filter(allowed_headers, service)
 
@@ -562,19 +564,12 @@ def _xds_source() -> dict[str, Any]:
 
 
 def _tcp_authz(transport: Transport, timeout_s: float) -> dict[str, Any]:
-    """The ext_authz filter of a TCP tunnel: the agent is told it decides a connection (ATTR_L4), no header passes."""
-    if transport == "grpc":  # the gRPC check carries the marker as a context extension of the route (below)
-        service: dict[str, Any] = {"grpc_service": {"envoy_grpc": {"cluster_name": "meshward_authz"},
-                                                    "timeout": _duration(timeout_s)}}
-    else:
-        service = {"http_service": _http_service(timeout_s, [
-            {"key": ATTR_PEER, "value": "%DOWNSTREAM_PEER_URI_SAN%"},
-            {"key": ATTR_PORT, "value": "%DOWNSTREAM_LOCAL_PORT%"},
-            {"key": ATTR_HOST, "value": "%REQ(:AUTHORITY)%"},
-            {"key": ATTR_L4, "value": L4_TCP},
-        ], list(UPSTREAM_HEADERS))}  # nothing reaches the app of the tunnel's headers: it gets the bytes only
-    # Envoy wants at least one pattern; the agent reads none of a tunnel's headers (servers/authz_http.py).
-    return _ext_authz_filter(("x-request-id",), service)
+    """The ext_authz filter of a TCP tunnel: the agent is told it decides a connection (ATTR_L4).
+
+    Over gRPC the marker is a context extension of the route (`_tcp_tunnel_chain`). Envoy wants at least one
+    allowed header; the agent reads none of a tunnel's (servers/authz_http.py), and the app gets its bytes only.
+    """
+    return _ext_authz(transport, timeout_s, ("x-request-id",), ({"key": ATTR_L4, "value": L4_TCP},))
 
 
 def _tcp_tunnel_chain(port: int, tls: SdsTls, transport: Transport, timeout_s: float) -> dict[str, Any]:
