@@ -386,9 +386,15 @@ def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workloa
     """`rule: namespace/pod:port` for each Allow rule with HTTP-only fields that covers a port a workload declares TCP.
 
     Such a rule never admits a connection there (Istio's semantics): the policy's status says so, as the issue
-    asks, so that `to.methods: [GET]` on a database port is not read as "these peers may connect".
+    asks, so that `to.methods: [GET]` on a database port is not read as "these peers may connect". Likewise a
+    policy requiring a JWT: it does not apply to connections there.
     """
     out = []
+    jwt = spec.get("jwt") or []
+    if (spec.get("requireJwt") if "requireJwt" in spec else bool(jwt)) and spec.get("mode", "Enforce") == "Enforce":
+        # requireJwt is an HTTP request's: a connection carries no token, so the rules alone decide it (not Istio's
+        # `requestPrincipals: ["*"]`, which never matches a connection).
+        out += [f"requireJwt (not applied to connections): {w.key}:{port}" for w in workloads for port in w.tcp_ports]
     for rule in spec.get("rules") or []:
         if not isinstance(rule, Mapping) or rule.get("action", "Allow") != "Allow":
             continue

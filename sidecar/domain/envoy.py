@@ -85,6 +85,8 @@ TCP_TUNNEL_PATH = "/meshward.tcp"
 # A tunnelled connection with no byte either way for this long is closed: tcp_proxy's own default (and Istio's),
 # not the HTTP stream idle timeout (5 min), which would cut idle database connections.
 TCP_IDLE_TIMEOUT_S = 3600.0
+# How long a tunnel's request head may take to arrive (a caller's Envoy sends it at once).
+TUNNEL_HEAD_TIMEOUT_S = 10.0
 OWNED_PREFIX = "x-meshward-"
 # Deny responses carry these to the client; nothing else of the agent's response leaks.
 CLIENT_HEADERS = ("www-authenticate", "content-type", "x-meshward-decision-id")
@@ -587,8 +589,13 @@ def _tcp_tunnel_chain(port: int, tls: SdsTls, transport: Transport, timeout_s: f
             "check_settings": {"context_extensions": {ATTR_L4: L4_TCP}}}}
     routes = {"name": f"inbound_tcp|{port}", "virtual_hosts": [{"name": "tunnel", "domains": ["*"], "routes": [
         route, {"match": {"prefix": "/"}, "direct_response": {"status": 404}}]}]}
+    # One tunnel per mTLS connection, as honest callers send (tcp_cluster): a peer multiplexing thousands of
+    # tunnels on one connection would escape the listener's connection limit. Its request head within 10 s.
     hcm = _hcm(f"inbound_tcp_{port}", routes, [_tcp_authz(transport, timeout_s), _router()],
                codec_type="HTTP2", stream_idle_timeout=_duration(TCP_IDLE_TIMEOUT_S),
+               request_headers_timeout=_duration(TUNNEL_HEAD_TIMEOUT_S),
+               http2_protocol_options={"max_concurrent_streams": 1},
+               common_http_protocol_options={"max_requests_per_connection": 1},
                upgrade_configs=[{"upgrade_type": "CONNECT"}])
     tls_socket = _downstream_tls(tls)
     tls_socket["typed_config"]["common_tls_context"]["alpn_protocols"] = [TCP_ALPN]

@@ -24,6 +24,7 @@ from meshward.sidecar.domain.envoy import (
     INBOUND_APP,
     TCP_TUNNEL_PATH,
     PodProxy,
+    Transport,
     build_pod_bootstrap,
     tcp_cluster,
     tcp_tunnel,
@@ -103,8 +104,11 @@ def _caller(name: str, listen: int, upstream: int, cert: CertFiles, ca: Path, wd
         "clusters": [cluster]}}, cert, ca), admin
 
 
-@pytest.fixture(scope="module")
-def tunnels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tunnels]:
+@pytest.fixture(scope="module", params=["http", "grpc"])
+def tunnels(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Tunnels]:
+    """The server's Envoy asking its agent over either ext_authz transport (`transport` in the pod's bootstrap): the
+    L4 marker is an Envoy-set header over HTTP, a context extension of the tunnel's route over gRPC."""
+    transport: Transport = request.param
     wd = tmp_path_factory.mktemp("tcp")
     server_dir = wd / "server"
     server_dir.mkdir()
@@ -114,8 +118,10 @@ def tunnels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tunnels]:
     echo = Echo()
     # Without capture, the inbound listener's own port is the destination port its chains see: declare that one.
     inbound_port, other_port = free_port(), free_port()
-    agent = Agent(wd, db_policy(inbound_port), http=f"unix:{server_dir / 'authz.sock'}").start()
-    server = build_pod_bootstrap(PodProxy("shop/db-1", socket_dir=str(server_dir), tcp_ports=(inbound_port,)))
+    sock = f"unix:{server_dir / 'authz.sock'}"
+    agent = Agent(wd, db_policy(inbound_port), **({"grpc": sock} if transport == "grpc" else {"http": sock})).start()
+    server = build_pod_bootstrap(PodProxy("shop/db-1", socket_dir=str(server_dir), transport=transport,
+                                          tcp_ports=(inbound_port,)))
     inbound = next(lis for lis in server["static_resources"]["listeners"] if lis["name"] == "inbound")
     inbound = {**inbound, "address": {"socket_address": {"address": "127.0.0.1", "port_value": inbound_port}},
                "additional_addresses": [{"address": {"socket_address": {"address": "127.0.0.1",

@@ -182,6 +182,9 @@ def test_tunnelled_tcp_is_taken_on_declared_ports_only_and_decided_as_a_connecti
         assert authz["allowed_headers"] == {"patterns": [{"exact": "x-request-id"}]}
         added = {h["key"]: h["value"] for h in authz["http_service"]["authorization_request"]["headers_to_add"]}
         assert added[ATTR_L4] == L4_TCP and added[ATTR_PEER] == "%DOWNSTREAM_PEER_URI_SAN%"
+        # One tunnel per mTLS connection: a peer cannot multiplex tunnels past the listener's connection limit.
+        assert hcm["http2_protocol_options"] == {"max_concurrent_streams": 1}
+        assert hcm["common_http_protocol_options"] == {"max_requests_per_connection": 1}
         tunnel, rest = hcm["route_config"]["virtual_hosts"][0]["routes"]
         assert tunnel["match"]["path"] == TCP_TUNNEL_PATH
         assert tunnel["route"]["upgrade_configs"] == [

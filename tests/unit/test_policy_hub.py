@@ -383,10 +383,10 @@ def test_http_rules_covering_a_port_declared_tcp_are_reported_as_admitting_no_co
     app["spec"]["initContainers"] = [{"name": "meshward-init", "command": ["meshward-init"]}, {"name": "meshward-agent"},
                                      {"name": "meshward-proxy", "command": ["meshward-proxy", "--tcp-ports", "5432"]}]
 
-    async def scenario(rules: list[dict[str, Any]]) -> dict[str, Any]:
+    async def scenario(rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
         hub = PolicyHub(lambda: NOW)
         hub.apply_pod(app)
-        body = policy("shop", "db", rules=rules)
+        body = policy("shop", "db", rules=rules, **spec)
         assert await hub.apply_policy(body) is None
         sub = sub_of(hub, "shop", "db-1")
         await hub.settle()
@@ -402,6 +402,12 @@ def test_http_rules_covering_a_port_declared_tcp_are_reported_as_admitting_no_co
     assert "reads: shop/db-1:5432" in degraded["message"] and "other-port" not in degraded["message"]
     clean = asyncio.run(scenario([{"name": "l4", "from": {"principals": ["*"]}, "to": {"ports": [5432]}}]))
     assert clean["conditions"][1]["reason"] == "AsExpected", clean
+    # requireJwt on the pod: a connection carries no token, the rules alone admit it (Istio's requestPrincipals
+    # would never match one): said the same way.
+    jwt = asyncio.run(scenario([{"name": "l4", "from": {"principals": ["*"]}, "to": {"ports": [5432]}}],
+                               jwt=[{"issuer": "https://idp.example.com", "audiences": ["db"],
+                                     "jwksUri": "https://idp.example.com/k"}]))
+    assert "requireJwt (not applied to connections): shop/db-1:5432" in jwt["conditions"][1]["message"], jwt
 
 
 def test_a_pod_that_opts_out_leaves_the_mesh_visibly() -> None:
