@@ -119,7 +119,8 @@ def tunnels(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     # Without capture, the inbound listener's own port is the destination port its chains see: declare that one.
     inbound_port, other_port = free_port(), free_port()
     sock = f"unix:{server_dir / 'authz.sock'}"
-    agent = Agent(wd, db_policy(inbound_port), **({"grpc": sock} if transport == "grpc" else {"http": sock})).start()
+    agent = (Agent(wd, db_policy(inbound_port), grpc=sock) if transport == "grpc"
+             else Agent(wd, db_policy(inbound_port), http=sock)).start()
     server = build_pod_bootstrap(PodProxy("shop/db-1", socket_dir=str(server_dir), transport=transport,
                                           tcp_ports=(inbound_port,)))
     inbound = next(lis for lis in server["static_resources"]["listeners"] if lis["name"] == "inbound")
