@@ -87,6 +87,10 @@ TCP_TUNNEL_PATH = "/meshward.tcp"
 TCP_IDLE_TIMEOUT_S = 3600.0
 # How long a tunnel's request head may take to arrive (a caller's Envoy sends it at once).
 TUNNEL_HEAD_TIMEOUT_S = 10.0
+# Open tunnels one declared port takes (the connection_limit filter of its chain): an admitted peer holding idle
+# tunnels crowds out that port's other callers at most, never the pod's HTTP, whose `inbound_app` cluster tunnels
+# do not share (they have INBOUND_TCP_APP). A database's connection pool stays far below it.
+TCP_TUNNELS_PER_PORT = 4096
 OWNED_PREFIX = "x-meshward-"
 # Deny responses carry these to the client; nothing else of the agent's response leaks.
 CLIENT_HEADERS = ("www-authenticate", "content-type", "x-meshward-decision-id")
@@ -494,6 +498,9 @@ def _addresses(host: str, host6: str, port: int, ipv6: bool, dscp: tuple[int, st
 MAX_DOWNSTREAM_CONNECTIONS = 20_000
 # Where captured connections go: the address they were sent to (Envoy's own connections are never captured).
 PASSTHROUGH, INBOUND_APP, XDS = "passthrough", "inbound_app", "meshward_sds"
+# Tunnelled TCP to the app: its own cluster, so tunnels never use up the HTTP cluster's connection budget, and
+# thresholds no lower than the listener's own limit (Envoy's default circuit breaker is 1,024 connections).
+INBOUND_TCP_APP = "inbound_tcp_app"
 
 
 def _original_dst() -> dict[str, Any]:
@@ -581,7 +588,7 @@ def _tcp_tunnel_chain(port: int, tls: SdsTls, transport: Transport, timeout_s: f
     """
     route: dict[str, Any] = {
         "match": {"path": TCP_TUNNEL_PATH, "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
-        "route": {"cluster": INBOUND_APP, "timeout": "0s",
+        "route": {"cluster": INBOUND_TCP_APP, "timeout": "0s",
                   "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {"allow_post": True}}]}}
     if transport == "grpc":
         route["typed_per_filter_config"] = {_EXT_AUTHZ: {
@@ -602,7 +609,11 @@ def _tcp_tunnel_chain(port: int, tls: SdsTls, transport: Transport, timeout_s: f
     return {"name": f"inbound_tcp|{port}",
             "filter_chain_match": {"destination_port": port, "transport_protocol": "tls",
                                    "application_protocols": [TCP_ALPN]},
-            "transport_socket": tls_socket, "filters": [{"name": _HCM, "typed_config": hcm}]}
+            "transport_socket": tls_socket, "filters": [
+                {"name": "envoy.filters.network.connection_limit", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit",
+                    "stat_prefix": f"inbound_tcp_{port}", "max_connections": TCP_TUNNELS_PER_PORT}},
+                {"name": _HCM, "typed_config": hcm}]}
 
 
 def _refused_tcp_chain() -> dict[str, Any]:
@@ -645,6 +656,10 @@ def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
          "typed_extension_protocol_options": _protocol_options(FOLLOW_DOWNSTREAM)},
         _original_dst_cluster(PASSTHROUGH, p.ipv6),
     ]
+    if p.tcp_ports:
+        clusters.append({**_original_dst_cluster(INBOUND_TCP_APP, p.ipv6), "circuit_breakers": {"thresholds": [
+            {"max_connections": MAX_DOWNSTREAM_CONNECTIONS, "max_pending_requests": MAX_DOWNSTREAM_CONNECTIONS,
+             "max_requests": MAX_DOWNSTREAM_CONNECTIONS}]}})
     return {
         "node": {"id": p.node, "cluster": p.node},
         "admin": {"address": Endpoint(unix=admin, mode=ADMIN_SOCKET_MODE).address()},
@@ -913,6 +928,7 @@ _TYPED_MODULES = (
     "envoy_data_plane.envoy.extensions.filters.listener.http_inspector.v3",
     "envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3",
     "envoy_data_plane.envoy.extensions.filters.network.direct_response.v3",
+    "envoy_data_plane.envoy.extensions.filters.network.connection_limit.v3",
     "envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3",
 )
 

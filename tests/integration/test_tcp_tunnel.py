@@ -22,6 +22,7 @@ import pytest
 
 from meshward.sidecar.domain.envoy import (
     INBOUND_APP,
+    INBOUND_TCP_APP,
     TCP_TUNNEL_PATH,
     PodProxy,
     Transport,
@@ -127,10 +128,11 @@ def tunnels(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReq
     inbound = {**inbound, "address": {"socket_address": {"address": "127.0.0.1", "port_value": inbound_port}},
                "additional_addresses": [{"address": {"socket_address": {"address": "127.0.0.1",
                                                                         "port_value": other_port}}}]}
-    clusters = [_static(INBOUND_APP, echo.port, c) if c["name"] == INBOUND_APP else c
+    apps = (INBOUND_APP, INBOUND_TCP_APP)  # both to the echo server here: no original destination on loopback
+    clusters = [_static(c["name"], echo.port, c) if c["name"] in apps else c
                 for c in server["static_resources"]["clusters"]]
-    server["static_resources"]["clusters"] = [c for c in clusters if c["name"] != INBOUND_APP]
-    server_boot = on_loopback(server, [inbound], [c for c in clusters if c["name"] == INBOUND_APP], db, ca.ca_file)
+    server["static_resources"]["clusters"] = [c for c in clusters if c["name"] not in apps]
+    server_boot = on_loopback(server, [inbound], [c for c in clusters if c["name"] in apps], db, ca.ca_file)
     ports = {FRONTEND: free_port(), BATCH: free_port()}
     undeclared = free_port()
     boots = [_caller("frontend", ports[FRONTEND], inbound_port, certs["frontend"], ca.ca_file, wd),

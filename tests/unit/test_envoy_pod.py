@@ -22,10 +22,12 @@ from meshward.sidecar.domain.envoy import (
     ATTR_L4,
     ATTR_PEER,
     ENVOY_ADMIN_SOCKET,
+    INBOUND_TCP_APP,
     L4_TCP,
     SNIFF_TIMEOUT_S,
     TCP_ALPN,
     TCP_TUNNEL_PATH,
+    TCP_TUNNELS_PER_PORT,
     Destination,
     HttpSettings,
     PodProxy,
@@ -176,7 +178,9 @@ def test_tunnelled_tcp_is_taken_on_declared_ports_only_and_decided_as_a_connecti
         tls = chain["transport_socket"]["typed_config"]
         assert tls["require_client_certificate"] is True
         assert tls["common_tls_context"]["alpn_protocols"] == [TCP_ALPN]
-        hcm = chain["filters"][0]["typed_config"]
+        limit, hcm_filter = chain["filters"]
+        assert limit["typed_config"]["max_connections"] == TCP_TUNNELS_PER_PORT  # per port, apart from HTTP's
+        hcm = hcm_filter["typed_config"]
         authz = hcm["http_filters"][0]["typed_config"]
         assert authz["failure_mode_allow"] is False
         assert authz["allowed_headers"] == {"patterns": [{"exact": "x-request-id"}]}
@@ -187,6 +191,7 @@ def test_tunnelled_tcp_is_taken_on_declared_ports_only_and_decided_as_a_connecti
         assert hcm["common_http_protocol_options"] == {"max_requests_per_connection": 1}
         tunnel, rest = hcm["route_config"]["virtual_hosts"][0]["routes"]
         assert tunnel["match"]["path"] == TCP_TUNNEL_PATH
+        assert tunnel["route"]["cluster"] == INBOUND_TCP_APP
         assert tunnel["route"]["upgrade_configs"] == [
             {"upgrade_type": "CONNECT", "connect_config": {"allow_post": True}}]
         assert rest["direct_response"] == {"status": 404}
