@@ -344,6 +344,19 @@ def test_a_policys_status_is_no_oracle_for_another_namespaces_service_identities
     assert "/ns/hr/" not in degraded["message"], degraded["message"]
 
 
+async def _enforced_status(app: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """The status of policy `body` once the agent of pod `app` (in namespace shop) enforces it."""
+    hub = PolicyHub(lambda: NOW)
+    hub.apply_pod(app)
+    assert await hub.apply_policy(body) is None
+    sub = sub_of(hub, "shop", app["metadata"]["name"])
+    await hub.settle()
+    hub.ack(sub, latest(sub).version, None)
+    status = (await _reports(hub).policy(body)).status
+    assert status is not None
+    return status
+
+
 def test_an_app_port_excluded_from_capture_is_not_reported_as_enforced() -> None:
     """`meshward.io/exclude-inbound-ports: "8080"` naming the app's own port: plaintext reached the app from anyone
     while the Enforce policy said `Enforced 1/1`. The policy still enforces on the captured ports, and says which
@@ -355,19 +368,7 @@ def test_an_app_port_excluded_from_capture_is_not_reported_as_enforced() -> None
     app["spec"]["initContainers"] = [{"name": "meshward-init", "command": ["meshward-init", "--exclude-inbound-ports",
                                                                            "8080,9090"]}, {"name": "meshward-agent"}]
 
-    async def scenario() -> dict[str, Any]:
-        hub = PolicyHub(lambda: NOW)
-        hub.apply_pod(app)
-        body = policy("shop", "orders-api")
-        assert await hub.apply_policy(body) is None
-        sub = sub_of(hub, "shop", "orders-1")
-        await hub.settle()
-        hub.ack(sub, latest(sub).version, None)
-        status = (await _reports(hub).policy(body)).status
-        assert status is not None
-        return status
-
-    status = asyncio.run(scenario())
+    status = asyncio.run(_enforced_status(app, policy("shop", "orders-api")))
     ready, degraded = status["conditions"]
     assert status["workloads"] == "1/1" and ready["reason"] == "Enforced"
     assert "shop/orders-1:8080 outside the mesh" in ready["message"], ready["message"]
@@ -383,17 +384,8 @@ def test_http_rules_covering_a_port_declared_tcp_are_reported_as_admitting_no_co
     app["spec"]["initContainers"] = [{"name": "meshward-init", "command": ["meshward-init"]}, {"name": "meshward-agent"},
                                      {"name": "meshward-proxy", "command": ["meshward-proxy", "--tcp-ports", "5432"]}]
 
-    async def scenario(rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-        hub = PolicyHub(lambda: NOW)
-        hub.apply_pod(app)
-        body = policy("shop", "db", rules=rules, **spec)
-        assert await hub.apply_policy(body) is None
-        sub = sub_of(hub, "shop", "db-1")
-        await hub.settle()
-        hub.ack(sub, latest(sub).version, None)
-        status = (await _reports(hub).policy(body)).status
-        assert status is not None
-        return status
+    def scenario(rules: list[dict[str, Any]], **spec: Any) -> Any:
+        return _enforced_status(app, policy("shop", "db", rules=rules, **spec))
 
     status = asyncio.run(scenario([{"name": "reads", "from": {"principals": ["*"]}, "to": {"methods": ["GET"]}},
                                    {"name": "other-port", "to": {"ports": [8080], "paths": ["/x"]}}]))
