@@ -39,6 +39,7 @@ from meshward.operator.domain.duration import parse_duration
 from meshward.sidecar.config.schema import API_VERSION as SIDECAR_API_VERSION
 from meshward.sidecar.config.schema import KIND as SIDECAR_KIND
 from meshward.sidecar.config.schema import ConfigError, hashed_revocation, parse_config
+from meshward.sidecar.domain.policy import HTTP_ONLY
 from meshward.sidecar.domain.snapshot import compile_snapshot
 
 # What one namespace's claim-name union may take of every other namespace's configs (compact JSON of the list).
@@ -378,8 +379,10 @@ def workload_config(w: Workload, policies: Sequence[PolicyObject], revocations: 
     return compile_workload(w, own, revocations, now, destinations, foreign)
 
 
-# Rule fields a TCP connection cannot answer (the agent's sidecar/domain/policy.py HTTP_ONLY, in the CRD's words).
-HTTP_ONLY_FIELDS = (("from", "requestPrincipals"), ("to", "methods"), ("to", "paths"), ("to", "hosts"))
+def _field(rule: Mapping[str, Any], dotted: str) -> Any:
+    """A rule's field by its dotted CRD name (`to.methods`, `when`)."""
+    part, _, name = dotted.partition(".")
+    return (rule.get(part) or {}).get(name) if name else rule.get(part)
 
 
 def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workload]) -> list[str]:
@@ -398,7 +401,7 @@ def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workloa
     for rule in spec.get("rules") or []:
         if not isinstance(rule, Mapping) or rule.get("action", "Allow") != "Allow":
             continue
-        if not (rule.get("when") or any((rule.get(part) or {}).get(name) for part, name in HTTP_ONLY_FIELDS)):
+        if not any(_field(rule, name) for name in HTTP_ONLY):  # the agent's list: the CRD has its field names
             continue
         ports = set((rule.get("to") or {}).get("ports") or [])
         for w in workloads:

@@ -128,16 +128,10 @@ def mesh_pod(body: Mapping[str, Any]) -> MeshPod | None:
         return None
     labels = meta.get("labels") or {}
     injected = labels.get(INJECT_LABEL) == ENABLED and is_injected(body)
-    value = excluded_inbound_ports(body) if injected else ""
     # The injector refuses such values; a pod created around the injector (where no webhook runs) gets no plaintext
     # ports (its callers use mTLS on every port) and is reported, so its size never reaches the map.
-    ignored = annotation_problem(EXCLUDE_INBOUND_PORTS, value) or ""
-    plaintext: tuple[int, ...] = ()
-    if not ignored:
-        try:
-            plaintext = parse_ports(value, "--exclude-inbound-ports")
-        except CaptureError as e:
-            ignored = str(e)
+    plaintext, ignored = _bounded_ports(EXCLUDE_INBOUND_PORTS, excluded_inbound_ports(body) if injected else "",
+                                        "--exclude-inbound-ports")
     tcp = tcp_ports_of(body) if injected else ()
     return MeshPod(meta.get("namespace", ""), meta.get("name", ""), ips, spec.get("serviceAccountName") or "default",
                    tuple(sorted(labels.items())), injected, plaintext, ignored, str(meta.get("uid") or ""),
@@ -149,13 +143,21 @@ def tcp_ports_of(pod: Mapping[str, Any]) -> tuple[int, ...]:
 
     The injector refuses values over its bounds or malformed: a pod made around it (no webhook) declares none.
     """
-    declared = declared_tcp_ports(pod)
-    if not declared or annotation_problem(TCP_PORTS, declared):
-        return ()
+    return _bounded_ports(TCP_PORTS, declared_tcp_ports(pod), "--tcp-ports")[0]
+
+
+def _bounded_ports(annotation: str, value: str, flag: str) -> tuple[tuple[int, ...], str]:
+    """The ports of `value` (as a mesh container's `flag` holds them), or none and why.
+
+    Why: over the injector's bounds for `annotation`, or unparsable.
+    """
+    problem = annotation_problem(annotation, value)
+    if problem:
+        return (), problem
     try:
-        return parse_ports(declared, "--tcp-ports")
-    except CaptureError:
-        return ()
+        return parse_ports(value, flag), ""
+    except CaptureError as e:
+        return (), str(e)
 
 
 def uncaptured_app_ports(pod: Mapping[str, Any]) -> tuple[int, ...]:

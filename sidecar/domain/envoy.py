@@ -627,11 +627,11 @@ def _refused_tcp_chain() -> dict[str, Any]:
 def build_pod_bootstrap(p: PodProxy) -> dict[str, Any]:
     """The Envoy bootstrap of an injected pod: inbound (mTLS, ext_authz), health, and outbound from the agent's xDS."""
     hcm = _inbound_hcm(_ext_authz(p.transport, p.authz_timeout_s, p.allowed_headers), INBOUND_APP, p.http)
+    sds = SdsTls(Endpoint(unix=f"{p.socket_dir}/sds.sock"))
     chains: list[dict[str, Any]] = [{
         "filter_chain_match": {"transport_protocol": "tls"},
-        "transport_socket": _downstream_tls(SdsTls(Endpoint(unix=f"{p.socket_dir}/sds.sock"))),
+        "transport_socket": _downstream_tls(sds),
         "filters": [{"name": _HCM, "typed_config": hcm}]}]
-    sds = SdsTls(Endpoint(unix=f"{p.socket_dir}/sds.sock"))
     chains += [_tcp_tunnel_chain(port, sds, p.transport, p.authz_timeout_s) for port in p.tcp_ports]
     chains.append(_refused_tcp_chain())
     if p.inbound_plaintext:

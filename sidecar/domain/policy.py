@@ -279,14 +279,6 @@ NOT_L4 = "not inp.l4"
 L4_WRAP = "(inp.l4 or "
 
 
-def http_only_fields(rule: Rule) -> list[str]:
-    """The HTTP-only conditions `rule` sets (for status messages and explain)."""
-    f, t = rule.from_, rule.to
-    present = {"from.requestPrincipals": f.request_principals, "to.methods": t.methods, "to.paths": t.paths,
-               "to.hosts": t.hosts, "when": rule.when}
-    return [name for name, value in present.items() if value]
-
-
 def _l4_semantics(parts: list[tuple[str, str, Any]], deny: bool) -> list[tuple[str, Any]]:
     """(field, template, constant) parts as a rule's parts with Istio's semantics for TCP connections."""
     http = any(name in HTTP_ONLY for name, _, _ in parts)

@@ -44,6 +44,11 @@ class CheckInput:
         return None
 
 
+def connection(host: str, peer: str | None, port: int | None) -> CheckInput:
+    """A TCP connection to decide: `peer` to `port` (`host` its original address); no request, no headers."""
+    return CheckInput(L4_METHOD, "", host, {}, peer, "", port, None, True)
+
+
 def split_path(raw: str) -> str:
     """Return the path without query string or fragment (rules match paths only)."""
     if "?" not in raw and "#" not in raw:

@@ -25,7 +25,7 @@ from google.rpc import status_pb2
 
 from meshward.sidecar.domain.decision import Decision, Outcome
 from meshward.sidecar.domain.envoy import ATTR_L4, L4_TCP
-from meshward.sidecar.domain.request import L4_METHOD, CheckInput, split_path
+from meshward.sidecar.domain.request import CheckInput, connection, split_path
 from meshward.sidecar.engines.pipeline import Pipeline
 from meshward.sidecar.servers.authz_http import JSON_HEADER
 
@@ -37,8 +37,7 @@ def input_from_grpc(req: Any) -> CheckInput:
     attrs = req.attributes
     port = attrs.destination.address.socket_address.port_value or None
     if attrs.context_extensions.get(ATTR_L4) == L4_TCP:  # set by the inbound TCP chain's route, not the client
-        return CheckInput(L4_METHOD, "", attrs.request.http.host, {}, attrs.source.principal or None, "", port,
-                          None, True)
+        return connection(attrs.request.http.host, attrs.source.principal or None, port)
     http = attrs.request.http
     headers = http.headers  # the map itself: CheckInput only reads it
     path = http.path or headers.get(":path", "/")

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from meshward.sidecar.domain.decision import Decision, Outcome
 from meshward.sidecar.domain.envoy import ATTR_DEST, ATTR_HOST, ATTR_L4, ATTR_PEER, ATTR_PORT, L4_TCP
-from meshward.sidecar.domain.request import L4_METHOD, CheckInput, split_path
+from meshward.sidecar.domain.request import CheckInput, connection, split_path
 from meshward.sidecar.engines.pipeline import Pipeline
 from meshward.sidecar.servers.http1 import Request, Response, head
 
@@ -34,7 +34,7 @@ def input_from_http(req: Request) -> CheckInput:
     host = h.pop(ATTR_HOST, None) or h.get("host", "")
     destination = h.pop(ATTR_DEST, None)
     if h.pop(ATTR_L4, None) == L4_TCP:  # a TCP connection: nothing of the tunnel's request is the app's
-        return CheckInput(L4_METHOD, "", host, {}, peer if peer and peer != "-" else None, "", port, None, True)
+        return connection(host, peer if peer and peer != "-" else None, port)
     # Positional: keyword arguments cost ~0.3 µs more per request here.
     return CheckInput(req.method, split_path(req.target), host, h, peer if peer and peer != "-" else None,
                       h.get("x-request-id", ""), port, destination)

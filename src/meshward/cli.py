@@ -253,7 +253,7 @@ def _explain(args: argparse.Namespace) -> int:
     from meshward.operator.clients.kube import KubeError
     from meshward.sidecar.config.schema import ConfigError, parse_config
     from meshward.sidecar.domain.explain import render
-    from meshward.sidecar.domain.request import L4_METHOD, CheckInput, split_path
+    from meshward.sidecar.domain.request import CheckInput, connection, split_path
     from meshward.sidecar.domain.snapshot import compile_snapshot
     from meshward.sidecar.engines.explain import explain
 
@@ -281,10 +281,8 @@ def _explain(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"meshward: cannot explain: {e}", file=sys.stderr)
         return 1
-    inp = CheckInput(method=args.method.upper(), path=split_path(args.path), host=args.host, peer=args.peer,
-                     port=args.port)
-    if args.tcp:
-        inp = CheckInput(L4_METHOD, "", args.host, {}, args.peer, "", args.port, None, True)
+    inp = connection(args.host, args.peer, args.port) if args.tcp else CheckInput(
+        method=args.method.upper(), path=split_path(args.path), host=args.host, peer=args.peer, port=args.port)
     result = explain(snapshot, inp, token=args.token, claims=claims)
     print(f"config: {source}")
     for note in notes:

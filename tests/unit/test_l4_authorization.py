@@ -19,6 +19,7 @@ from meshward.sidecar.config.schema import parse_config
 from meshward.sidecar.domain.decision import Decision
 from meshward.sidecar.domain.explain import render
 from meshward.sidecar.domain.request import L4_METHOD, CheckInput
+from meshward.sidecar.domain.request import connection as tcp_connection
 from meshward.sidecar.domain.snapshot import compile_snapshot
 from meshward.sidecar.engines.explain import explain
 from meshward.sidecar.servers.authz_http import input_from_http
@@ -34,7 +35,7 @@ KEY = SigningKey("ES256", kid="k1")
 
 def connection(peer: str | None, port: int = DB_PORT) -> CheckInput:
     """A TCP connection from `peer` to `port`, as the HTTP transport reads Envoy's TCP check."""
-    return CheckInput(L4_METHOD, "", "10.244.0.7:5432", {}, peer, "", port, None, True)
+    return tcp_connection("10.244.0.7:5432", peer, port)
 
 
 def decide(cfg: dict[str, Any], inp: CheckInput) -> Decision:
