@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -78,6 +79,14 @@ CNI_STATE = Path("/var/lib/cni/networks")
 # Directories a kind node's run creates on the host (kind mounts /lib/modules; CNI keeps state and
 # network namespaces): removed again when they did not exist before and hold nothing but empty folders.
 WATCHED_DIRS = ("/lib/modules", "/var/lib/cni", "/run/netns")
+# Podman 4 keeps a container's "running" state when every process is killed without a reboot (this
+# machine's /run is not a tmpfs, so podman sees no reboot), and once the container's network namespace
+# file is gone, every `podman ps` (so `kind get clusters`) fails on it: a run killed with its cluster
+# would fail every later one. The container and the path, as podman names them in that error.
+STALE_NETNS = re.compile(r"joining network namespace of container ([0-9a-f]{64}): retrieving network "
+                         r"namespace at (/run/netns/netns-[0-9a-f-]{36}): failed to Statfs")
+# Stale containers settled in one call at most (each failure names one): a bound, not a loop forever.
+MAX_STALE = 32
 # Built-in chains exist whenever their table does (iptables-nft creates tables on first use): only a
 # policy other than ACCEPT is state worth recording.
 BUILTIN_CHAINS = ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING")
@@ -327,7 +336,7 @@ class Kind:
     def run(self, *args: str, check: bool = True, timeout: float = 600,
             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run kind (or, with a first argument of `podman`/`docker`, the provider) in this environment."""
-        argv = list(args) if args[0] in ("podman", "docker", "iptables", "ip6tables") else [self.binary, *args]
+        argv = list(args) if args[0] in ("podman", "docker", "iptables", "ip6tables", "ip") else [self.binary, *args]
         proc = subprocess.run(argv, env={**os.environ, **self.env}, capture_output=True, text=True,
                               timeout=timeout, input=stdin)
         if check and proc.returncode:
@@ -335,8 +344,35 @@ class Kind:
         return proc
 
     def clusters(self) -> list[str]:
-        """The kind clusters that exist now (of any name)."""
-        return [c for c in self.run("get", "clusters").stdout.split() if c]
+        """The kind clusters that exist now (of any name), after removing nodes a killed run left dead."""
+        for _ in range(MAX_STALE):
+            proc = self.run("get", "clusters", check=False)
+            if not proc.returncode:
+                return [c for c in proc.stdout.split() if c]
+            if not self.remove_dead_node(proc.stderr):
+                break
+        raise KindError(f"{self.binary} get clusters failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+    def remove_dead_node(self, error: str) -> bool:
+        """Remove the container a podman error names as having lost its network namespace, if its process is dead."""
+        found = STALE_NETNS.search(error) if self.provider == "podman" else None
+        if not found:
+            return False
+        container, path = found.groups()
+        placeholder = Path(path).name
+        # Podman must join the namespace to read the container's state, also to remove it: give it an empty one.
+        self.run("ip", "netns", "add", placeholder)
+        try:
+            pid = self.run("podman", "inspect", container, "--format", "{{.State.Pid}}").stdout.strip()
+            if pid.isdigit() and int(pid) > 0 and Path("/proc", pid).exists():
+                raise KindError(f"podman container {container[:12]} runs (pid {pid}) but its network namespace "
+                                f"{path} is gone: remove it yourself (`podman rm -f {container[:12]}` in the "
+                                "environment `python -m meshward.kindcluster env` prints)")
+            print(f"[kind] removing container {container[:12]}, left dead by a killed run", file=sys.stderr)
+            self.run("podman", "rm", "--force", "--volumes", container)
+        finally:
+            self.run("ip", "netns", "delete", placeholder, check=False)
+        return True
 
     def settle(self) -> None:
         """Put the host back after an earlier run that was killed before it could (its record, no cluster left)."""
