@@ -386,11 +386,12 @@ def _field(rule: Mapping[str, Any], dotted: str) -> Any:
 
 
 def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workload]) -> list[str]:
-    """`rule: namespace/pod:port` for each Allow rule with HTTP-only fields that covers a port a workload declares TCP.
+    """`rule: namespace/pod:port` for each rule with HTTP-only fields that covers a port a workload declares TCP.
 
-    Such a rule never admits a connection there (Istio's semantics): the policy's status says so, as the issue
-    asks, so that `to.methods: [GET]` on a database port is not read as "these peers may connect". Likewise a
-    policy requiring a JWT: it does not apply to connections there.
+    Such an Allow rule never admits a connection there, and such a Deny rule denies every connection its other
+    fields match (Istio's semantics, fail closed): the policy's status says so, as the issue asks, so that
+    `to.methods: [GET]` on a database port is not read as "these peers may connect", nor a Deny on DELETE as "these
+    peers may not delete". Likewise a policy requiring a JWT: it does not apply to connections there.
     """
     out = []
     jwt = spec.get("jwt") or []
@@ -399,13 +400,14 @@ def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workloa
         # `requestPrincipals: ["*"]`, which never matches a connection).
         out += [f"requireJwt (not applied to connections): {w.key}:{port}" for w in workloads for port in w.tcp_ports]
     for rule in spec.get("rules") or []:
-        if not isinstance(rule, Mapping) or rule.get("action", "Allow") != "Allow":
+        if not isinstance(rule, Mapping):
             continue
         if not any(_field(rule, name) for name in HTTP_ONLY):  # the agent's list: the CRD has its field names
             continue
+        deny = " (Deny: every connection)" if rule.get("action", "Allow") == "Deny" else ""
         ports = set((rule.get("to") or {}).get("ports") or [])
         for w in workloads:
             for port in w.tcp_ports:
                 if not ports or port in ports:
-                    out.append(f"{rule.get('name', '?')}: {w.key}:{port}")
+                    out.append(f"{rule.get('name', '?')}{deny}: {w.key}:{port}")
     return out

@@ -85,9 +85,10 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
     elif v.http_on_tcp:
         d_reason = "HttpRulesOnTcpPorts"
         d_message = (f"Allow rules with HTTP-only fields (requestPrincipals, methods, paths, hosts, when) admit no TCP "
-                     f"connection, and requireJwt does not apply to one; these cover ports declared TCP "
-                     f"(meshward.io/tcp-ports): {'; '.join(v.http_on_tcp[:5])}; decide such ports with rules of "
-                     "principals, namespaces and ports only")
+                     f"connection, Deny rules with them deny every connection their other fields match, and "
+                     f"requireJwt does not apply to one; these cover ports declared TCP (meshward.io/tcp-ports): "
+                     f"{'; '.join(v.http_on_tcp[:5])}; decide such ports with rules of principals, namespaces and "
+                     "ports only")
     else:
         d_reason, d_message = "AsExpected", "nothing to report"
     return {

@@ -378,8 +378,9 @@ def test_an_app_port_excluded_from_capture_is_not_reported_as_enforced() -> None
 
 def test_http_rules_covering_a_port_declared_tcp_are_reported_as_admitting_no_connection() -> None:
     """`to.methods: [GET]` on a database's declared TCP port reads like "these peers may connect", but an Allow rule
-    with HTTP-only fields admits no TCP connection (Istio's semantics): the policy says so (Degraded=True,
-    HttpRulesOnTcpPorts, naming rule, pod and port); a rule of principals and ports only is not reported."""
+    with HTTP-only fields admits no TCP connection (Istio's semantics), and a Deny with them denies every connection
+    of its peers: the policy says so (Degraded=True, HttpRulesOnTcpPorts, naming rule, pod and port); a rule of
+    principals and ports only is not reported."""
     app = pod("shop", "db-1", app="orders")
     app["spec"]["initContainers"] = [{"name": "meshward-init", "command": ["meshward-init"]}, {"name": "meshward-agent"},
                                      {"name": "meshward-proxy", "command": ["meshward-proxy", "--tcp-ports", "5432"]}]
@@ -392,6 +393,11 @@ def test_http_rules_covering_a_port_declared_tcp_are_reported_as_admitting_no_co
     degraded = status["conditions"][1]
     assert (degraded["status"], degraded["reason"]) == ("True", "HttpRulesOnTcpPorts"), degraded
     assert "reads: shop/db-1:5432" in degraded["message"] and "other-port" not in degraded["message"]
+    # A Deny with an HTTP field denies every connection its peers open there (fail closed): said too.
+    deny = asyncio.run(scenario([{"name": "l4", "from": {"principals": ["*"]}, "to": {"ports": [5432]}},
+                                 {"name": "no-deletes", "action": "Deny", "from": {"namespaces": ["batch"]},
+                                  "to": {"methods": ["DELETE"]}}]))
+    assert "no-deletes (Deny: every connection): shop/db-1:5432" in deny["conditions"][1]["message"], deny
     clean = asyncio.run(scenario([{"name": "l4", "from": {"principals": ["*"]}, "to": {"ports": [5432]}}]))
     assert clean["conditions"][1]["reason"] == "AsExpected", clean
     # requireJwt on the pod: a connection carries no token, the rules alone admit it (Istio's requestPrincipals
