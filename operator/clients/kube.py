@@ -166,6 +166,15 @@ class KubeClient:
         out: list[dict[str, Any]] = self._core.api_client.sanitize_for_serialization(pods).get("items", [])
         return out
 
+    def list_services(self, namespace: str) -> list[dict[str, Any]]:
+        """The Services of `namespace`, as plain dicts."""
+        try:
+            services = self._core.list_namespaced_service(namespace)
+        except ApiException as e:
+            raise _failed(f"listing Services in {namespace}", e) from e
+        out: list[dict[str, Any]] = self._core.api_client.sanitize_for_serialization(services).get("items", [])
+        return out
+
     def namespaces(self, label_selector: str) -> list[str]:
         """The names of the namespaces matching `label_selector`."""
         try:

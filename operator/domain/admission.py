@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, spiffe_id
@@ -74,9 +74,24 @@ def _kind(request: Mapping[str, Any]) -> tuple[str, str]:
     return str(kind.get("group", "")), str(kind.get("kind", ""))
 
 
-def inject_response(request: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool
-                    ) -> dict[str, Any]:
-    """The answer for a pod CREATE: a JSON patch adding the mesh, nothing, or a refusal saying why."""
+def services_needed(request: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool) -> str | None:
+    """The namespace whose Services the injection of this review reads (a Pod CREATE that opts in), else None."""
+    pod = request.get("object")
+    if _kind(request) != ("", "Pod") or request.get("operation") != "CREATE" or not isinstance(pod, dict):
+        return None
+    namespace = str(request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "")
+    try:
+        return namespace if opted_in(pod, namespace, namespace_opted_in, settings.operator_namespace) else None
+    except (AttributeError, TypeError, KeyError, ValueError):
+        return None  # inject_response refuses the pod, saying why
+
+
+def inject_response(request: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool,
+                    services: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The answer for a pod CREATE: a JSON patch adding the mesh, nothing, or a refusal saying why.
+
+    `services`: the Services of the pod's namespace (the ports they declare TCP for it are declared).
+    """
     uid = str(request["uid"])
     pod = request.get("object")
     if _kind(request) != ("", "Pod") or request.get("operation") != "CREATE" or not isinstance(pod, dict):
@@ -85,7 +100,7 @@ def inject_response(request: Mapping[str, Any], settings: InjectSettings, namesp
     try:
         if not opted_in(pod, namespace, namespace_opted_in, settings.operator_namespace):
             return _allowed(uid)
-        patch = json_patch(pod, inject(pod, settings))
+        patch = json_patch(pod, inject(pod, settings, services))
     except InjectRefused as e:
         return _denied(uid, 403, f"meshward: this pod opted in to the mesh but cannot be protected: {e}")
     except (AttributeError, TypeError, KeyError, ValueError) as e:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -63,6 +63,12 @@ EXCLUDE_INBOUND_PORTS = "meshward.io/exclude-inbound-ports"
 # them over mTLS, decided by L4 rules (issue 20). Only declared ports: on any other, a tunnel is refused, so no
 # meshed caller can hand an HTTP app bytes its HTTP rules never saw.
 TCP_PORTS = "meshward.io/tcp-ports"
+# A Service port declares TCP for the pods it selects (issue 20, as Istio reads a port's protocol): its `appProtocol`
+# names one of these non-HTTP protocols, or its name is `tcp` or starts with `tcp-`. Its target port is then declared
+# as if the pod's annotation named it; read at admission, from the Services of the pod's namespace at that moment.
+# An explicit list, not "anything not HTTP": `https`, `tls` or a vendor's `example.com/x` keep today's behaviour.
+TCP_APP_PROTOCOLS = frozenset({"tcp", "mysql", "mysqlx", "postgresql", "postgres", "redis", "mongo", "mongodb",
+                               "kafka", "amqp", "mqtt", "nats", "zookeeper", "cassandra", "memcached", "smtp", "ldap"})
 EXCLUDE_OUTBOUND_PORTS = "meshward.io/exclude-outbound-ports"
 EXCLUDE_OUTBOUND_CIDRS = "meshward.io/exclude-outbound-cidrs"
 INBOUND_PLAINTEXT = "meshward.io/inbound-plaintext"
@@ -284,6 +290,38 @@ def resolve_port_names(text: str, pod: Mapping[str, Any], setting: str) -> str:
             item = str(named[item])
         out.append(item)
     return ",".join(out)
+
+
+def declares_tcp(port: Mapping[str, Any]) -> bool:
+    """Whether a Service port declares TCP: an appProtocol of TCP_APP_PROTOCOLS, or a name `tcp` or `tcp-…`."""
+    name = str(port.get("name") or "")
+    return str(port.get("appProtocol") or "").lower() in TCP_APP_PROTOCOLS or name == "tcp" \
+        or name.startswith("tcp-")
+
+
+def service_tcp_ports(services: Iterable[Mapping[str, Any]], pod: Mapping[str, Any]) -> list[int]:
+    """The pod's ports that Services selecting it declare TCP (declares_tcp), each target port resolved on the pod.
+
+    A Service selects the pod when its selector is a non-empty subset of the pod's labels (as the endpoints
+    controller reads it). A named target port the pod does not declare is skipped: that Service sends this pod no
+    traffic on it.
+    """
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    named = declared_ports(pod)
+    out: set[int] = set()
+    for svc in services:
+        spec = svc.get("spec") or {}
+        selector = spec.get("selector") or {}
+        if not selector or any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        for port in spec.get("ports") or []:
+            if not isinstance(port, Mapping) or port.get("protocol", "TCP") != "TCP" or not declares_tcp(port):
+                continue
+            target = port.get("targetPort", port.get("port"))
+            number = named.get(target) if isinstance(target, str) and not target.isdigit() else target
+            if number is not None and str(number).isdigit() and 0 < int(number) < 65536:
+                out.add(int(number))
+    return sorted(out)
 
 
 def _rewrite_probes(container: dict[str, Any], where: str, excluded: tuple[int, ...],
@@ -589,8 +627,13 @@ def uninject(pod: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
-    """`pod` with the mesh added (unchanged if it has it already); raise InjectRefused if it cannot be protected."""
+def inject(pod: Mapping[str, Any], settings: InjectSettings, services: Sequence[Mapping[str, Any]] = ()
+           ) -> dict[str, Any]:
+    """`pod` with the mesh added (unchanged if it has it already); raise InjectRefused if it cannot be protected.
+
+    `services` are the Services of the pod's namespace: the ports they declare TCP for it (service_tcp_ports) are
+    declared as if its annotation named them, but for ports it excludes from capture (the exclusion wins).
+    """
     out: dict[str, Any] = uninject(pod) if is_injected(pod) else copy.deepcopy(dict(pod))
     if not settings.image:
         raise InjectRefused("the operator has no image to inject (--inject-image, the chart's injection.image); "
@@ -613,6 +656,12 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings) -> dict[str, Any]:
         raise InjectRefused(f"metadata.annotations[{TCP_PORTS}]: port(s) {', '.join(map(str, both))} are also "
                             f"in {EXCLUDE_INBOUND_PORTS}: tunnelled over mTLS or not captured at all, not both; "
                             "keep each port in one of them")
+    by_services = [p for p in service_tcp_ports(services, out) if p not in excluded_in and p not in tcp_ports]
+    tcp_ports = (*tcp_ports, *by_services)
+    if len(tcp_ports) > ANNOTATION_BOUNDS[TCP_PORTS][1]:  # the bound the callers' destination map holds it to
+        raise InjectRefused(f"{len(tcp_ports)} ports declared TCP (annotation {TCP_PORTS} and the Service ports "
+                            f"selecting the pod that declare TCP: appProtocol or a tcp- name), more than the "
+                            f"{ANNOTATION_BOUNDS[TCP_PORTS][1]} allowed; declare fewer")
     # The agent serves the outbound listener (LDS), Envoy's bootstrap holds the inbound one: both get the settings.
     http_args = _http_args(out)
     resources = _sidecar_resources(out, settings)
@@ -691,19 +740,21 @@ _TEMPLATES = {"Deployment": ("spec", "template"), "StatefulSet": ("spec", "templ
               "CronJob": ("spec", "jobTemplate", "spec", "template")}
 
 
-def inject_manifest(doc: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool = False
-                    ) -> dict[str, Any]:
+def inject_manifest(doc: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool = False,
+                    services: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """A manifest with the mesh in its pods: a Pod, or a workload's pod template, if it opted in (else unchanged).
 
     What the webhook would do to each pod it creates, done before the manifest reaches the cluster (GitOps); the
-    pods it then creates are already injected, and the webhook leaves them alone.
+    pods it then creates are already injected, and the webhook leaves them alone. `services`: the Services known
+    (those of the same manifests): the ports those of the pod's namespace declare TCP are declared.
     """
     out: dict[str, Any] = copy.deepcopy(dict(doc))
     kind = out.get("kind")
     namespace = str((out.get("metadata") or {}).get("namespace") or "default")
+    services = [svc for svc in services if str((svc.get("metadata") or {}).get("namespace") or "default") == namespace]
     if kind == "Pod":
-        return inject(out, settings) if opted_in(out, namespace, namespace_opted_in, settings.operator_namespace) \
-            else out
+        return inject(out, settings, services) \
+            if opted_in(out, namespace, namespace_opted_in, settings.operator_namespace) else out
     path = _TEMPLATES.get(str(kind))
     if path is None:
         return out
@@ -716,7 +767,7 @@ def inject_manifest(doc: Mapping[str, Any], settings: InjectSettings, namespace_
     template = parent.get(path[-1])
     if isinstance(template, dict) and opted_in(template, namespace, namespace_opted_in, settings.operator_namespace):
         try:
-            parent[path[-1]] = inject(template, settings)
+            parent[path[-1]] = inject(template, settings, services)
         except InjectRefused as e:
             raise InjectRefused(f"{kind} {namespace}/{(out.get('metadata') or {}).get('name')}: "
                                 f"{'.'.join(path)}: {e}") from e

@@ -157,7 +157,9 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     rt = Runtime(kube, args.namespace, args.trust_domain, ca, hub, start_signer, start_policy,
                  [identities, policies, revocations], ca_interval_s=args.ca_interval, mesh=mesh)
     if args.webhook_listen != "off":
-        webhooks = AdmissionWebhooks(_inject_settings(args), args.trust_domain, clock, metrics)
+        def services(namespace: str) -> Awaitable[list[dict[str, object]]]:
+            return asyncio.to_thread(kube.list_services, namespace)
+        webhooks = AdmissionWebhooks(_inject_settings(args), args.trust_domain, clock, metrics, services=services)
 
         def start_webhooks() -> Awaitable[web.AppRunner]:
             return serve_webhooks(webhooks, args.webhook_listen, credentials)

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -32,6 +32,7 @@ from meshward.operator.domain.admission import (
     inject_response,
     parse_review,
     review,
+    services_needed,
     validate_response,
 )
 from meshward.operator.domain.inject import InjectSettings
@@ -51,36 +52,58 @@ class AdmissionWebhooks:
 
     def __init__(self, settings: InjectSettings, trust_domain: str, clock: Callable[[], dt.datetime],
                  registry: CollectorRegistry | None = None, *,
-                 offload: Callable[..., Awaitable[Any]] = _in_thread) -> None:
-        """`offload` runs reading and deciding a review (fn, *args) away from the event loop."""
+                 offload: Callable[..., Awaitable[Any]] = _in_thread,
+                 services: Callable[[str], Awaitable[Sequence[Mapping[str, Any]]]] | None = None) -> None:
+        """Decide reviews with these settings; `offload` runs fn(*args) away from the event loop.
+
+        `services` lists a namespace's Services: the ports they declare TCP are declared on the pods they select
+        (None: no Service is read).
+        """
         self._offload = offload
+        self._services = services
         self._settings = settings
         self._trust_domain = trust_domain
         self._clock = clock
         self._reviews = Counter("meshward_admission_reviews", "Admission reviews answered, by webhook and result.",
                                 ["webhook", "result"], registry=registry)
 
-    def _answer(self, webhook: str, body: bytes, now: dt.datetime) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(the review's request, the response to it); raise ReviewError when the review cannot be read."""
-        request = parse_review(body)
-        return request, self._decide(webhook, request, now)
-
-    def _decide(self, webhook: str, request: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    def _decide(self, webhook: str, request: dict[str, Any], now: dt.datetime,
+                services: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if webhook == "validate":
             return validate_response(request, self._trust_domain, now)
         if webhook == "ephemeral":
             return ephemeral_response(request)
         try:
-            return inject_response(request, self._settings, namespace_opted_in=webhook == "namespace")
+            return inject_response(request, self._settings, namespace_opted_in=webhook == "namespace",
+                                   services=services)
         except Exception as e:  # never a 500, never an unprotected opted-in pod
             log.exception("injection failed")
             return {"uid": request["uid"], "allowed": False,
                     "status": {"code": 500, "message": f"meshward: injection failed ({type(e).__name__}); "
                                                        "see the operator's log"}}
 
+    async def _services_of(self, webhook: str, request: dict[str, Any]) -> Sequence[Mapping[str, Any]] | str:
+        """The Services an injection reads (none for other reviews), or why they could not be listed."""
+        namespace = services_needed(request, self._settings, webhook == "namespace") \
+            if webhook in ("pod", "namespace") and self._services else None
+        if namespace is None or self._services is None:
+            return ()
+        try:
+            return await self._services(namespace)
+        except Exception as e:  # the pod is refused, not injected without the ports its Services declare TCP
+            log.warning("listing the Services of %s for an injection failed: %s", namespace, e)
+            return f"{type(e).__name__}: {e}"
+
     async def _handle(self, webhook: str, req: web.Request) -> web.Response:
         try:
-            request, response = await self._offload(self._answer, webhook, await req.read(), self._clock())
+            request = await self._offload(parse_review, await req.read())
+            services = await self._services_of(webhook, request)
+            if isinstance(services, str):
+                response = {"uid": request["uid"], "allowed": False, "status": {"code": 503, "message": (
+                    f"meshward: could not list the Services of namespace {request.get('namespace')!r}, which may "
+                    f"declare ports of this pod TCP ({services[:300]}); the pod's controller retries")}}
+            else:
+                response = await self._offload(self._decide, webhook, request, self._clock(), services)
         except ReviewError as e:
             self._reviews.labels(webhook, "malformed").inc()
             return web.Response(status=400, text=f"meshward: {e}\n")

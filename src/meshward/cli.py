@@ -111,12 +111,14 @@ def _inject(args: argparse.Namespace) -> int:
         print(f"meshward: -f {args.filename}: not YAML: {e}", file=sys.stderr)
         return 2
     out = []
+    # The manifests' own Services: the ports they declare TCP are declared on the pods they select, as in the cluster.
+    services = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Service"]
     for n, doc in enumerate(docs):
         if not isinstance(doc, dict):
             print(f"meshward: -f {args.filename}: document {n + 1} is not a manifest", file=sys.stderr)
             return 2
         try:
-            out.append(inject_manifest(doc, settings, args.namespace_opted_in))
+            out.append(inject_manifest(doc, settings, args.namespace_opted_in, services))
         except InjectRefused as e:
             print(f"meshward: document {n + 1}: {e}", file=sys.stderr)
             return 2

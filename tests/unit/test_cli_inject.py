@@ -57,6 +57,25 @@ def test_opted_in_templates_are_injected_and_everything_else_passes_unchanged() 
     assert again == out, "injecting an injected manifest changes nothing"
 
 
+def test_a_service_of_the_same_manifests_declares_its_tcp_ports_as_in_the_cluster() -> None:
+    """A Service in the manifests whose port declares TCP (appProtocol) declares it on the template it selects, as
+    the webhook would from the cluster's Services; one of another namespace does not."""
+    def service(namespace: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "orders-db", "namespace": namespace},
+                "spec": {"selector": {"app": "orders"}, "ports": [{"name": "db", "port": 5432,
+                                                                   "appProtocol": "postgresql"}]}}
+
+    def proxy(docs: list[dict[str, Any]]) -> list[str]:
+        proc = run(docs)
+        assert proc.returncode == 0, proc.stderr
+        inits = next(iter(yaml.safe_load_all(proc.stdout)))["spec"]["template"]["spec"]["initContainers"]
+        command: list[str] = next(c["command"] for c in inits if c["name"] == "meshward-proxy")
+        return command
+    declared = proxy([deployment({"meshward.io/inject": "enabled"}), service("shop")])
+    assert declared[declared.index("--tcp-ports") + 1] == "5432"
+    assert "--tcp-ports" not in proxy([deployment({"meshward.io/inject": "enabled"}), service("billing")])
+
+
 def test_a_labelled_namespace_is_said_with_a_flag() -> None:
     out = list(yaml.safe_load_all(run([deployment({})], "--namespace-opted-in").stdout))
     assert "initContainers" in out[0]["spec"]["template"]["spec"]

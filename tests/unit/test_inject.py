@@ -17,11 +17,13 @@ from meshward.operator.domain.inject import (
     InjectRefused,
     InjectSettings,
     check_ephemeral,
+    declares_tcp,
     inject,
     is_injected,
     json_patch,
     may_become_the_proxy,
     opted_in,
+    service_tcp_ports,
     unprotected,
 )
 from meshward.sidecar.domain.capture import AGENT_ADMIN_PORT, PROXY_UID
@@ -345,6 +347,46 @@ def test_declared_tcp_ports_reach_the_proxy_by_number_and_clash_with_exclusions(
     pod["metadata"]["annotations"] = {"meshward.io/tcp-ports": "postgres"}
     with pytest.raises(InjectRefused, match=r"annotation meshward\.io/tcp-ports: 'postgres' is neither"):
         inject(pod, SETTINGS)
+
+
+def _service(name: str, selector: dict[str, str], *ports: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "shop"}, "spec": {"selector": selector, "ports": list(ports)}}
+
+
+def test_service_ports_declaring_tcp_declare_the_pods_they_select() -> None:
+    """A Service port with a non-HTTP appProtocol (`postgresql`, `tcp`, any case) or a `tcp`/`tcp-…` name declares
+    its target port TCP on the pods the Service selects, as the annotation would: a named target port resolves on
+    the pod (skipped where the pod has no such port: that Service sends it nothing there), `targetPort` defaults to
+    `port`; HTTP-ish or vendor protocols, UDP, other selectors and selector-less Services declare nothing; a port
+    the pod excludes from capture stays excluded; the annotation's own ports come first."""
+    pod = _pod()
+    pod["metadata"]["labels"]["app"] = "db"
+    pod["spec"]["containers"][0]["ports"] = [{"name": "pg", "containerPort": 5432},
+                                             {"name": "metrics", "containerPort": 9187}]
+    pod["metadata"]["annotations"] = {"meshward.io/tcp-ports": "7000",
+                                      "meshward.io/exclude-inbound-ports": "9187"}
+    services = [
+        _service("db", {"app": "db"}, {"name": "sql", "port": 5432, "targetPort": "pg", "appProtocol": "PostgreSQL"},
+                 {"name": "tcp-replication", "port": 6000},
+                 {"name": "web", "port": 80, "targetPort": 8080, "appProtocol": "http"},
+                 {"name": "tls", "port": 443, "targetPort": 8443, "appProtocol": "https"},
+                 {"name": "vendor", "port": 7100, "appProtocol": "example.com/custom"},
+                 {"name": "tcp-metrics", "port": 9187, "targetPort": "metrics"},
+                 {"name": "tcp-missing", "port": 7200, "targetPort": "nope"},
+                 {"name": "tcp-dns", "port": 53, "protocol": "UDP"}),
+        _service("other", {"app": "cache"}, {"name": "tcp", "port": 6379}),
+        _service("no-selector", {}, {"name": "tcp", "port": 6380}),
+        {"metadata": {"name": "odd"}, "spec": {"selector": {"app": "db"}, "ports": [{"name": "tcp", "port": 7300}]}},
+    ]
+    assert declares_tcp({"name": "tcp"}) and declares_tcp({"name": "x", "appProtocol": "redis"})
+    assert not declares_tcp({"name": "tcpx"}) and not declares_tcp({"name": "h", "appProtocol": "kubernetes.io/h2c"})
+    assert service_tcp_ports(services, pod) == [5432, 6000, 7300, 9187]
+    command = _commands(inject(pod, SETTINGS, services))[PROXY]
+    assert command[command.index("--tcp-ports") + 1] == "7000,5432,6000,7300"  # 9187 stays excluded
+    assert "--tcp-ports" not in _commands(inject(_pod(), SETTINGS, services))[PROXY]  # not selected: app=db only
+    many = [_service("wide", {"app": "db"}, *({"name": f"tcp-{n}", "port": 20000 + n} for n in range(70)))]
+    with pytest.raises(InjectRefused, match=r"71 ports declared TCP .* more than the 64 allowed"):
+        inject(pod, SETTINGS, many)
 
 
 @pytest.mark.parametrize("value", ["grpc", "dns", "metrics-x"])

@@ -4,6 +4,7 @@ what is not a review, and presents a new certificate on the next handshake once 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import json
 import socket
@@ -137,3 +138,45 @@ def test_deciding_a_review_never_blocks_the_operators_loop(monkeypatch: pytest.M
 
     status, answer = asyncio.run(scenario())
     assert status == 200 and answer["response"]["allowed"] is True, answer
+
+
+def test_a_pod_is_injected_with_the_ports_its_services_declare_tcp_or_refused_when_they_cannot_be_listed() -> None:
+    """The injection reads the Services of the pod's namespace (a collaborator: the operator lists them from the API
+    server) and declares the ports they declare TCP for it; a listing that fails refuses the pod with a 503 naming
+    the namespace (its controller retries): a pod is never created without ports its Services declare TCP, which
+    would leave a server that speaks first hanging behind a declared Service. Reviews other than a Pod CREATE that
+    opts in list nothing."""
+    asked: list[str] = []
+    failing = [False]
+
+    async def services(namespace: str) -> list[dict[str, Any]]:
+        asked.append(namespace)
+        if failing[0]:
+            raise RuntimeError("apiserver unavailable")
+        return [{"metadata": {"name": "db"}, "spec": {"selector": {"meshward.io/inject": "enabled"},
+                                                      "ports": [{"name": "sql", "port": 5432,
+                                                                 "appProtocol": "postgresql"}]}}]
+
+    async def scenario() -> list[dict[str, Any]]:
+        hooks = AdmissionWebhooks(InjectSettings(image="localhost/meshward:t"), "cluster.local",
+                                  lambda: dt.datetime(2026, 6, 1, tzinfo=dt.UTC), services=services)
+        answers = []
+        async with TestClient(TestServer(hooks.app(), host="127.0.0.1")) as client:
+            for path, review in (("/inject/pod", POD_REVIEW), ("/validate", POLICY_REVIEW), ("/inject/pod", None)):
+                if review is None:
+                    failing[0], review = True, POD_REVIEW
+                answer = await client.post(path, data=json.dumps(review))
+                assert answer.status == 200
+                answers.append((await answer.json())["response"])
+        return answers
+
+    injected, validated, refused = asyncio.run(scenario())
+    patch = json.loads(base64.b64decode(injected["patch"]))
+    proxy = next(c for op in patch if op["path"] == "/spec/initContainers" for c in op["value"]
+                 if c["name"] == "meshward-proxy")
+    assert proxy["command"][proxy["command"].index("--tcp-ports") + 1] == "5432"
+    assert validated["allowed"] is True
+    assert refused["allowed"] is False and refused["status"]["code"] == 503
+    assert "Services of namespace 'shop'" in refused["status"]["message"], refused
+    assert "apiserver unavailable" in refused["status"]["message"]
+    assert asked == ["shop", "shop"]  # the AuthPolicy review listed nothing
