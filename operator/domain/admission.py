@@ -86,6 +86,13 @@ def services_needed(request: Mapping[str, Any], settings: InjectSettings, namesp
         return None  # inject_response refuses the pod, saying why
 
 
+def services_unavailable_response(request: Mapping[str, Any], namespace: str, reason: str) -> dict[str, Any]:
+    """The answer for an opted-in pod whose namespace's Services could not be listed: refused, to be retried."""
+    return _denied(str(request["uid"]), 503, f"meshward: could not list the Services of namespace {namespace!r}, "
+                                             f"which may declare ports of this pod TCP ({reason[:300]}); create it "
+                                             "again (a controller retries by itself)")
+
+
 def inject_response(request: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool,
                     services: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
     """The answer for a pod CREATE: a JSON patch adding the mesh, nothing, or a refusal saying why.

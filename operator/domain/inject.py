@@ -293,35 +293,45 @@ def resolve_port_names(text: str, pod: Mapping[str, Any], setting: str) -> str:
 
 
 def declares_tcp(port: Mapping[str, Any]) -> bool:
-    """Whether a Service port declares TCP: an appProtocol of TCP_APP_PROTOCOLS, or a name `tcp` or `tcp-…`."""
+    """Whether a Service port declares TCP: by its appProtocol (TCP_APP_PROTOCOLS), else by a name `tcp` or `tcp-…`.
+
+    As Istio reads a port's protocol, `appProtocol` comes first: `tcp-web` with `appProtocol: http` is HTTP.
+    """
+    app_protocol = port.get("appProtocol")
+    if app_protocol:
+        return str(app_protocol).lower() in TCP_APP_PROTOCOLS
     name = str(port.get("name") or "")
-    return str(port.get("appProtocol") or "").lower() in TCP_APP_PROTOCOLS or name == "tcp" \
-        or name.startswith("tcp-")
+    return name == "tcp" or name.startswith("tcp-")
 
 
-def service_tcp_ports(services: Iterable[Mapping[str, Any]], pod: Mapping[str, Any]) -> list[int]:
-    """The pod's ports that Services selecting it declare TCP (declares_tcp), each target port resolved on the pod.
+def service_tcp_ports(services: Iterable[Mapping[str, Any]], pod: Mapping[str, Any]) -> dict[int, str]:
+    """The pod's ports that Services selecting it declare TCP (declares_tcp), each with the Service port saying so.
 
-    A Service selects the pod when its selector is a non-empty subset of the pod's labels (as the endpoints
-    controller reads it). A named target port the pod does not declare is skipped: that Service sends this pod no
-    traffic on it.
+    Every target port is resolved on the pod. A Service selects the pod when its selector is a non-empty subset of
+    the pod's labels, as the EndpointSlice controller reads it (ExternalName Services select nothing). A named
+    target port the pod does not declare is skipped: that Service sends this pod no traffic on it. Malformed
+    Services declare nothing.
     """
     labels = (pod.get("metadata") or {}).get("labels") or {}
     named = declared_ports(pod)
-    out: set[int] = set()
+    out: dict[int, str] = {}
     for svc in services:
-        spec = svc.get("spec") or {}
-        selector = spec.get("selector") or {}
-        if not selector or any(labels.get(k) != v for k, v in selector.items()):
+        spec = svc.get("spec") if isinstance(svc, Mapping) else None
+        if not isinstance(spec, Mapping) or spec.get("type") == "ExternalName":
             continue
-        for port in spec.get("ports") or []:
+        selector, ports = spec.get("selector"), spec.get("ports")
+        if not isinstance(selector, Mapping) or not selector or not isinstance(ports, list) \
+                or any(labels.get(k) != v for k, v in selector.items()):
+            continue
+        for port in ports:
             if not isinstance(port, Mapping) or port.get("protocol", "TCP") != "TCP" or not declares_tcp(port):
                 continue
             target = port.get("targetPort", port.get("port"))
             number = named.get(target) if isinstance(target, str) and not target.isdigit() else target
             if number is not None and str(number).isdigit() and 0 < int(number) < 65536:
-                out.add(int(number))
-    return sorted(out)
+                out.setdefault(int(number), f"Service {(svc.get('metadata') or {}).get('name')} port "
+                                            f"{port.get('name') or port.get('port')}")
+    return dict(sorted(out.items()))
 
 
 def _rewrite_probes(container: dict[str, Any], where: str, excluded: tuple[int, ...],
@@ -656,12 +666,14 @@ def inject(pod: Mapping[str, Any], settings: InjectSettings, services: Sequence[
         raise InjectRefused(f"metadata.annotations[{TCP_PORTS}]: port(s) {', '.join(map(str, both))} are also "
                             f"in {EXCLUDE_INBOUND_PORTS}: tunnelled over mTLS or not captured at all, not both; "
                             "keep each port in one of them")
-    by_services = [p for p in service_tcp_ports(services, out) if p not in excluded_in and p not in tcp_ports]
+    by_services = {p: by for p, by in service_tcp_ports(services, out).items()
+                   if p not in excluded_in and p not in tcp_ports}
     tcp_ports = (*tcp_ports, *by_services)
     if len(tcp_ports) > ANNOTATION_BOUNDS[TCP_PORTS][1]:  # the bound the callers' destination map holds it to
-        raise InjectRefused(f"{len(tcp_ports)} ports declared TCP (annotation {TCP_PORTS} and the Service ports "
-                            f"selecting the pod that declare TCP: appProtocol or a tcp- name), more than the "
-                            f"{ANNOTATION_BOUNDS[TCP_PORTS][1]} allowed; declare fewer")
+        sources = sorted({by.rsplit(" port ", 1)[0] for by in by_services.values()})
+        raise InjectRefused(f"{len(tcp_ports)} ports declared TCP (annotation {TCP_PORTS} and the ports of "
+                            f"{', '.join(sources[:5])} selecting the pod, with an appProtocol such as postgresql or "
+                            f"a tcp- name), more than the {ANNOTATION_BOUNDS[TCP_PORTS][1]} allowed; declare fewer")
     # The agent serves the outbound listener (LDS), Envoy's bootstrap holds the inbound one: both get the settings.
     http_args = _http_args(out)
     resources = _sidecar_resources(out, settings)

@@ -86,7 +86,8 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
         d_reason = "HttpRulesOnTcpPorts"
         d_message = (f"Allow rules with HTTP-only fields (requestPrincipals, methods, paths, hosts, when) admit no TCP "
                      f"connection, Deny rules with them deny every connection their other fields match, and "
-                     f"requireJwt does not apply to one; these cover ports declared TCP (meshward.io/tcp-ports): "
+                     f"requireJwt does not apply to one; these cover ports declared TCP (meshward.io/tcp-ports, or a "
+                     f"Service port's appProtocol or tcp- name): "
                      f"{'; '.join(v.http_on_tcp[:5])}; decide such ports with rules of principals, namespaces and "
                      "ports only")
     else:

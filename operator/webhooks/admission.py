@@ -33,6 +33,7 @@ from meshward.operator.domain.admission import (
     parse_review,
     review,
     services_needed,
+    services_unavailable_response,
     validate_response,
 )
 from meshward.operator.domain.inject import InjectSettings
@@ -45,6 +46,15 @@ T = TypeVar("T")
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(fn, *args)
+
+
+class _ServicesUnavailable(Exception):
+    """The Services of `namespace` could not be listed for an injection."""
+
+    def __init__(self, namespace: str, reason: str) -> None:
+        super().__init__(reason)
+        self.namespace = namespace
+        self.reason = reason
 
 
 class AdmissionWebhooks:
@@ -82,8 +92,8 @@ class AdmissionWebhooks:
                     "status": {"code": 500, "message": f"meshward: injection failed ({type(e).__name__}); "
                                                        "see the operator's log"}}
 
-    async def _services_of(self, webhook: str, request: dict[str, Any]) -> Sequence[Mapping[str, Any]] | str:
-        """The Services an injection reads (none for other reviews), or why they could not be listed."""
+    async def _services_of(self, webhook: str, request: dict[str, Any]) -> Sequence[Mapping[str, Any]]:
+        """The Services an injection reads (none for other reviews); raise _ServicesUnavailable if unlistable."""
         namespace = services_needed(request, self._settings, webhook == "namespace") \
             if webhook in ("pod", "namespace") and self._services else None
         if namespace is None or self._services is None:
@@ -92,16 +102,15 @@ class AdmissionWebhooks:
             return await self._services(namespace)
         except Exception as e:  # the pod is refused, not injected without the ports its Services declare TCP
             log.warning("listing the Services of %s for an injection failed: %s", namespace, e)
-            return f"{type(e).__name__}: {e}"
+            raise _ServicesUnavailable(namespace, f"{type(e).__name__}: {e}") from e
 
     async def _handle(self, webhook: str, req: web.Request) -> web.Response:
         try:
             request = await self._offload(parse_review, await req.read())
-            services = await self._services_of(webhook, request)
-            if isinstance(services, str):
-                response = {"uid": request["uid"], "allowed": False, "status": {"code": 503, "message": (
-                    f"meshward: could not list the Services of namespace {request.get('namespace')!r}, which may "
-                    f"declare ports of this pod TCP ({services[:300]}); the pod's controller retries")}}
+            try:
+                services = await self._services_of(webhook, request)
+            except _ServicesUnavailable as e:
+                response = services_unavailable_response(request, e.namespace, e.reason)
             else:
                 response = await self._offload(self._decide, webhook, request, self._clock(), services)
         except ReviewError as e:

@@ -112,7 +112,7 @@ def _inject(args: argparse.Namespace) -> int:
         return 2
     out = []
     # The manifests' own Services: the ports they declare TCP are declared on the pods they select, as in the cluster.
-    services = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Service"]
+    services = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Service" and d.get("apiVersion") == "v1"]
     for n, doc in enumerate(docs):
         if not isinstance(doc, dict):
             print(f"meshward: -f {args.filename}: document {n + 1} is not a manifest", file=sys.stderr)

@@ -380,12 +380,23 @@ def test_service_ports_declaring_tcp_declare_the_pods_they_select() -> None:
     ]
     assert declares_tcp({"name": "tcp"}) and declares_tcp({"name": "x", "appProtocol": "redis"})
     assert not declares_tcp({"name": "tcpx"}) and not declares_tcp({"name": "h", "appProtocol": "kubernetes.io/h2c"})
-    assert service_tcp_ports(services, pod) == [5432, 6000, 7300, 9187]
+    # appProtocol first, as Istio reads it: a tcp- name with an HTTP appProtocol is HTTP.
+    assert not declares_tcp({"name": "tcp-web", "appProtocol": "http"})
+    assert not declares_tcp({"name": "tcp", "appProtocol": "grpc"})
+    assert service_tcp_ports(services, pod) == {5432: "Service db port sql", 6000: "Service db port tcp-replication",
+                                                7300: "Service odd port tcp", 9187: "Service db port tcp-metrics"}
+    # ExternalName Services select no pod (the EndpointSlice controller skips them); malformed ones declare nothing.
+    odd: list[dict[str, Any]] = [{"metadata": {"name": "ext"}, "spec": {"type": "ExternalName", "selector": {"app": "db"},
+                                                  "ports": [{"name": "tcp", "port": 7400}]}},
+           {"metadata": {"name": "bad"}, "spec": {"selector": ["app"], "ports": [{"name": "tcp", "port": 7500}]}},
+           {"metadata": {"name": "bad2"}, "spec": {"selector": {"app": "db"}, "ports": "tcp"}}, {"spec": None}]
+    assert service_tcp_ports(odd, pod) == {}
     command = _commands(inject(pod, SETTINGS, services))[PROXY]
     assert command[command.index("--tcp-ports") + 1] == "7000,5432,6000,7300"  # 9187 stays excluded
     assert "--tcp-ports" not in _commands(inject(_pod(), SETTINGS, services))[PROXY]  # not selected: app=db only
     many = [_service("wide", {"app": "db"}, *({"name": f"tcp-{n}", "port": 20000 + n} for n in range(70)))]
-    with pytest.raises(InjectRefused, match=r"71 ports declared TCP .* more than the 64 allowed"):
+    with pytest.raises(InjectRefused, match=r"71 ports declared TCP \(.* of Service wide selecting .* more than "
+                                            r"the 64 allowed"):
         inject(pod, SETTINGS, many)
 
 

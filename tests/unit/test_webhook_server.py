@@ -145,7 +145,7 @@ def test_a_pod_is_injected_with_the_ports_its_services_declare_tcp_or_refused_wh
     server) and declares the ports they declare TCP for it; a listing that fails refuses the pod with a 503 naming
     the namespace (its controller retries): a pod is never created without ports its Services declare TCP, which
     would leave a server that speaks first hanging behind a declared Service. Reviews other than a Pod CREATE that
-    opts in list nothing."""
+    opts in list nothing (an AuthPolicy, a pod that does not opt in)."""
     asked: list[str] = []
     failing = [False]
 
@@ -162,7 +162,10 @@ def test_a_pod_is_injected_with_the_ports_its_services_declare_tcp_or_refused_wh
                                   lambda: dt.datetime(2026, 6, 1, tzinfo=dt.UTC), services=services)
         answers = []
         async with TestClient(TestServer(hooks.app(), host="127.0.0.1")) as client:
-            for path, review in (("/inject/pod", POD_REVIEW), ("/validate", POLICY_REVIEW), ("/inject/pod", None)):
+            unopted = json.loads(json.dumps(POD_REVIEW))
+            unopted["request"]["object"]["metadata"]["labels"] = {"app": "x"}
+            for path, review in (("/inject/pod", POD_REVIEW), ("/validate", POLICY_REVIEW),
+                                 ("/inject/pod", unopted), ("/inject/pod", None)):
                 if review is None:
                     failing[0], review = True, POD_REVIEW
                 answer = await client.post(path, data=json.dumps(review))
@@ -170,13 +173,13 @@ def test_a_pod_is_injected_with_the_ports_its_services_declare_tcp_or_refused_wh
                 answers.append((await answer.json())["response"])
         return answers
 
-    injected, validated, refused = asyncio.run(scenario())
+    injected, validated, passed, refused = asyncio.run(scenario())
     patch = json.loads(base64.b64decode(injected["patch"]))
     proxy = next(c for op in patch if op["path"] == "/spec/initContainers" for c in op["value"]
                  if c["name"] == "meshward-proxy")
     assert proxy["command"][proxy["command"].index("--tcp-ports") + 1] == "5432"
-    assert validated["allowed"] is True
+    assert validated["allowed"] is True and passed["allowed"] is True and "patch" not in passed
     assert refused["allowed"] is False and refused["status"]["code"] == 503
     assert "Services of namespace 'shop'" in refused["status"]["message"], refused
     assert "apiserver unavailable" in refused["status"]["message"]
-    assert asked == ["shop", "shop"]  # the AuthPolicy review listed nothing
+    assert asked == ["shop", "shop"]  # the AuthPolicy review and the pod that does not opt in listed nothing
