@@ -63,6 +63,7 @@ from meshward.operator.domain.inject import (
     declared_tcp_ports,
     excluded_inbound_ports,
     is_injected,
+    service_tcp_ports,
 )
 from meshward.sidecar.domain.capture import CaptureError, parse_ports
 from meshward.sidecar.domain.envoy import canonical_address
@@ -188,6 +189,31 @@ def ports_outside_mesh(pods: Iterable[Mapping[str, Any]]) -> list[tuple[str, tup
         ports = uncaptured_app_ports(pod)
         if ports:
             out.append((f"{meta.get('namespace', '')}/{meta.get('name', '')}", ports))
+    return sorted(out)
+
+
+def tcp_declarations_pending(pods: Iterable[Mapping[str, Any]], services: Iterable[Mapping[str, Any]]
+                             ) -> list[tuple[str, dict[int, str]]]:
+    """(`namespace/pod`, {port: Service port}) of each injected, live pod a Service declares TCP on ports it does not.
+
+    The pod was created before (the injector reads Services at creation), so its callers still speak HTTP to it
+    there until it restarts. Ports the pod excludes from capture are left out.
+    """
+    by_namespace: dict[str, list[Mapping[str, Any]]] = {}
+    for svc in services:
+        by_namespace.setdefault(str((svc.get("metadata") or {}).get("namespace") or ""), []).append(svc)
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if not is_injected(pod) or meta.get("deletionTimestamp") or \
+                (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        have = set(tcp_ports_of(pod)) | set(_bounded_ports(EXCLUDE_INBOUND_PORTS, excluded_inbound_ports(pod),
+                                                           "--exclude-inbound-ports")[0])
+        pending = {port: by for port, by in service_tcp_ports(by_namespace.get(meta.get("namespace", ""), []),
+                                                               pod).items() if port not in have}
+        if pending:
+            out.append((f"{meta.get('namespace', '')}/{meta.get('name', '')}", pending))
     return sorted(out)
 
 

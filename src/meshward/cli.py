@@ -128,13 +128,15 @@ def _inject(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from meshward.operator.clients.kube import KubeClient, KubeError
-    from meshward.operator.domain.destinations import ports_outside_mesh
+    from meshward.operator.domain.destinations import ports_outside_mesh, tcp_declarations_pending
     from meshward.operator.domain.inject import INJECT_LABEL, is_injected, may_become_the_proxy, unprotected
 
     try:
         kube = KubeClient.from_kubeconfig(args.kubeconfig)
         pods = kube.list_pods(None, "")
         namespaces = set(kube.namespaces(f"{INJECT_LABEL}=enabled"))
+        meshed = sorted({str(p.get("metadata", {}).get("namespace", "")) for p in pods if is_injected(p)})
+        services = [svc for ns in meshed for svc in kube.list_services(ns)]
     except KubeError as e:
         print(f"meshward: {e}", file=sys.stderr)
         return 1
@@ -154,6 +156,10 @@ def _check(args: argparse.Namespace) -> int:
         print(f"OUTSIDE-MESH {key} port{'s' if len(ports) > 1 else ''} {','.join(map(str, ports))}: a declared "
               "container port excluded from capture (meshward.io/exclude-inbound-ports); plaintext reaches the "
               "app there from anyone and no AuthPolicy applies")
+    for key, pending in tcp_declarations_pending(pods, services):
+        print(f"RESTART {key}: {'; '.join(f'port {port} declared TCP by {by}' for port, by in pending.items())}, "
+              "after the pod was created: its callers speak HTTP to it there until it restarts "
+              "(kubectl rollout restart)")
     if not bad:
         print(f"ok: all {len(pods)} pods checked; none runs opted in without the mesh"
               + (f"; {len(outside)} leave declared ports outside it" if outside else ""))

@@ -16,6 +16,7 @@ from meshward.operator.domain.destinations import (
     mesh_destinations,
     mesh_pod,
     mesh_service,
+    tcp_declarations_pending,
     version_of,
     view_for,
 )
@@ -134,6 +135,21 @@ def test_declared_tcp_ports_reach_callers_from_the_spec_for_pods_and_services() 
     mixed = dmap([_tcp_pod("db-1", "10.0.0.1", "pg"), _tcp_pod("db-2", "10.0.0.2", "")],
                  [service("db", "10.96.0.1", target=5432)])
     assert "tcpPorts" not in mixed["10.96.0.1"] and "tcpPorts" not in mixed["10.0.0.2"]
+
+
+def test_pods_created_before_a_service_declared_their_port_tcp_are_named_for_a_restart() -> None:
+    """The injector reads Services when it creates a pod: a Service that declares a port TCP afterwards leaves the
+    running pods without it (callers keep speaking HTTP there). `meshward check` names each such pod, port and
+    Service port; a pod injected with it declared, a pod of another namespace, and an excluded port are not."""
+    db = {"metadata": {"name": "db", "namespace": "shop"}, "spec": {"selector": {"app": "orders"}, "ports": [
+        {"name": "sql", "port": 5432, "targetPort": "pg", "appProtocol": "postgresql"}]}}
+    before, after = _tcp_pod("db-1", "10.0.0.1", ""), inject(_tcp_pod("db-2", "10.0.0.2", ""), SETTINGS, [db])
+    other = _tcp_pod("db-3", "10.0.0.3", "")
+    other["metadata"]["namespace"] = "billing"
+    assert tcp_declarations_pending([before, after, other], [db]) == [("shop/db-1", {5432: "Service db port sql"})]
+    excluded = _tcp_pod("db-4", "10.0.0.4", "")
+    excluded["metadata"]["annotations"] = {"meshward.io/exclude-inbound-ports": "5432"}
+    assert tcp_declarations_pending([inject(excluded, SETTINGS)], [db]) == []
 
 
 def test_an_annotation_claiming_injection_does_not_make_a_pod_meshed() -> None:
