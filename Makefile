@@ -15,7 +15,7 @@ help:
 	@echo "make lint       ruff, mypy --strict, import-linter, CRD drift, helm lint"
 	@echo "make crds       regenerate crds/ and the chart's CRDs from operator/api/schema.py"
 	@echo "make down       stop the local cluster started by make dev"
-	@echo "make bench      authorization (vs Envoy's native jwt_authn; needs wrk), issuance, policy propagation, a pod-to-pod hop (HTTP/1.1, gRPC) and a context chain (kind)"
+	@echo "make bench      authorization (vs Envoy's native jwt_authn; needs wrk), issuance, policy propagation, a pod-to-pod hop (HTTP/1.1, gRPC, TCP) and a context chain (kind)"
 
 install: $(VENV)/.installed
 

@@ -24,7 +24,16 @@ server logged exactly one SayHello per request of the run (each run sends its ow
 run is grpcio's client (any status but OK counts as an error). The app is a Python server here, unlike the
 HTTP/1.1 hop's: it bounds the baseline, so the ratio says what the mesh costs a real grpcio service on these
 cores, and the added p90 is the hop's own. Its last lines: `mesh_grpc_hop_rps_ratio=<x>`,
-`mesh_grpc_hop_p90_added_ms=<x>` and `mesh_grpc_sidecar_vcpu_per_1000rps=<x>`. `--hops` runs one of the two.
+`mesh_grpc_hop_p90_added_ms=<x>` and `mesh_grpc_sidecar_vcpu_per_1000rps=<x>`.
+
+Then a TCP hop (issue 20), on its own idle node too: the compat image's iperf3 and redis-server in one server
+pod, which meshed declares both ports TCP (meshward.io/tcp-ports: every connection tunnelled over mTLS and
+decided by an L4 rule), and a client pod. Throughput is iperf3's (one stream, `--tcp-seconds`, bytes received
+by the server); the connection rate is new connections per second, each a redis PING answered +PONG then
+closed, from `--tcp-workers` threads in the client pod (meshed, each is a new mTLS connection, a tunnel and a
+decision: what a client without a connection pool costs). Its last lines: `mesh_tcp_hop_throughput_ratio=<x>`,
+`mesh_tcp_connect_rate_ratio=<x>` and `mesh_tcp_sidecar_vcpu_per_1000_connections=<x>`. `--hops` picks the
+hops to run.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ from tests.kube import Cluster, kind_session_for, service_identity, wait_until  
 from tests.support.idp import SigningKey  # noqa: E402
 
 ISSUER = "https://idp.meshward.test"
+# The hops, in the order they run.
+HOPS = ("http", "grpc", "tcp")
 SIDECARS = ("meshward-proxy", "meshward-agent")
 # The gRPC hop: the greeter of the compat image (hack/images/compat/greeter.py) and the method h2load calls.
 GREETER_PORT = 50051
@@ -357,7 +368,8 @@ def grpc_latency(c: Cluster, ns: str, side: str, token: str, rate: float, second
     return samples
 
 
-def grpc_hop(c: Cluster, ns: str, compat: str, key: SigningKey, token: str, args: argparse.Namespace) -> None:
+def grpc_hop(c: Cluster, ns: str, compat: str, key: SigningKey, token: str,
+             args: argparse.Namespace) -> list[dict[str, Any]]:
     """The gRPC hop, printed: h2load's throughput, grpcio's latency at a fixed rate, the sidecars' CPU."""
     docs = grpc_workloads(ns, compat, True, key) + grpc_workloads(ns, compat, False, key)
     c.apply(*docs)
@@ -389,6 +401,141 @@ def grpc_hop(c: Cluster, ns: str, compat: str, key: SigningKey, token: str, args
     print(f"mesh_grpc_hop_rps_ratio={mesh_rps / plain_rps:.2f}")
     print(f"mesh_grpc_hop_p90_added_ms={added[90]:.2f}")
     print(f"mesh_grpc_sidecar_vcpu_per_1000rps={cpu_s / (requests['mesh'] / 1000):.3f}", flush=True)
+    return docs
+
+
+# ------------------------------------------------------------------------------------------------ the TCP hop
+
+IPERF3_PORT = 5201
+REDIS_PORT = 6379
+# New connections for `seconds` from `workers` threads, each a redis PING answered +PONG, then closed (the client
+# closes first: its TIME_WAITs spread over the ephemeral range, which holds ~28,000, so a run stays short).
+CONNECT_RATE = r"""
+import json, socket, sys, threading, time
+host, port, seconds, workers = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+done, errors = [0] * workers, {}
+end = time.monotonic() + seconds
+def run(i):
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    done[i] += 1
+                    continue
+                errors["wrong reply"] = errors.get("wrong reply", 0) + 1
+        except OSError as e:
+            errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
+start = time.monotonic()
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"connections": sum(done), "seconds": time.monotonic() - start, "errors": errors}))
+"""
+
+
+def tcp_workloads(ns: str, compat: str, meshed: bool) -> list[dict[str, Any]]:
+    """The TCP server (iperf3 and redis, both ports declared TCP when meshed) and client pods of one side."""
+    side = "mesh" if meshed else "plain"
+    labels: dict[str, str] = {"meshward.io/inject": "enabled"} if meshed else {}
+    annotations = {"meshward.io/tcp-ports": f"{IPERF3_PORT},{REDIS_PORT}"} if meshed else {}
+    security = {"runAsNonRoot": True, "allowPrivilegeEscalation": False}
+
+    def container(role: str, port: int) -> dict[str, Any]:
+        return {"name": role, "image": compat, "imagePullPolicy": "Never", "securityContext": security,
+                "args": [role], "ports": [{"name": role, "containerPort": port}],
+                "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 2}}
+
+    def deployment(name: str, sa: str, containers: list[dict[str, Any]], notes: dict[str, str]) -> dict[str, Any]:
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
+                "spec": {"selector": {"matchLabels": {"app": name}}, "template": {
+                    "metadata": {"labels": {"app": name, **labels}, "annotations": notes},
+                    "spec": {"serviceAccountName": sa, "terminationGracePeriodSeconds": 5,
+                             "containers": containers}}}}
+    docs: list[dict[str, Any]] = [
+        deployment(f"tcp-server-{side}", "server",
+                   [container("iperf3", IPERF3_PORT), container("redis", REDIS_PORT)], annotations),
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"tcp-server-{side}", "namespace": ns},
+         "spec": {"selector": {"app": f"tcp-server-{side}"},
+                  "ports": [{"name": "iperf3", "port": IPERF3_PORT}, {"name": "redis", "port": REDIS_PORT}]}},
+        deployment(f"tcp-client-{side}", "client", [{"name": "app", "image": compat, "imagePullPolicy": "Never",
+                                                     "securityContext": security, "args": ["idle"]}], {}),
+    ]
+    if meshed:
+        docs.append({"apiVersion": "meshward.io/v1alpha1", "kind": "AuthPolicy",
+                     "metadata": {"name": "tcp-server", "namespace": ns},
+                     "spec": {"selector": {"matchLabels": {"app": "tcp-server-mesh"}},
+                              "rules": [{"name": "client", "from": {"principals": [
+                                  f"spiffe://cluster.local/ns/{ns}/sa/client"]},
+                                  "to": {"ports": [IPERF3_PORT, REDIS_PORT]}}]}})
+    return docs
+
+
+def tcp_exec(c: Cluster, ns: str, side: str, *argv: str, timeout: float = 120,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`argv` run in the TCP client pod of `side`."""
+    return c.kubectl("-n", ns, "exec", pod_of(c, ns, f"tcp-client-{side}"), "-c", "app", "--", *argv,
+                     timeout=timeout, check=check)
+
+
+def iperf3(c: Cluster, ns: str, side: str, seconds: int) -> float:
+    """Bits per second the server of `side` received in iperf3's run of `seconds` (one stream)."""
+    out = tcp_exec(c, ns, side, "iperf3", "--client", f"tcp-server-{side}", "--port", str(IPERF3_PORT),
+                   "--time", str(seconds), "--json", timeout=seconds + 60).stdout
+    doc = json.loads(out)
+    if "error" in doc:
+        raise SystemExit(f"{side}: iperf3 failed: {doc['error']}")
+    bps: float = doc["end"]["sum_received"]["bits_per_second"]
+    return bps
+
+
+def connect_rate(c: Cluster, ns: str, side: str, seconds: float, workers: int) -> float:
+    """New connections per second to the redis of `side` (PING, +PONG, close); any failed one ends the bench."""
+    out = tcp_exec(c, ns, side, "/usr/bin/python3", "-c", CONNECT_RATE, f"tcp-server-{side}", str(REDIS_PORT),
+                   str(seconds), str(workers), timeout=seconds + 60).stdout
+    doc = json.loads(out)
+    if doc["errors"]:
+        raise SystemExit(f"{side}: connections failed in the connection-rate run: {doc['errors']}")
+    rate: float = doc["connections"] / doc["seconds"]
+    return rate
+
+
+def tcp_answers(c: Cluster, ns: str, side: str, timeout: float = 90) -> None:
+    """Wait until redis answers PING from the client of `side` (Services and destination maps programmed)."""
+    def pong() -> bool:
+        out = tcp_exec(c, ns, side, "redis-cli", "-h", f"tcp-server-{side}", "-p", str(REDIS_PORT), "PING",
+                       check=False, timeout=30).stdout
+        return out.strip() == "PONG"
+    wait_until(f"redis of the {side} TCP server answering PING", pong, timeout=timeout, interval=1)
+
+
+def tcp_hop(c: Cluster, ns: str, compat: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The TCP hop, printed: iperf3's throughput, the connection rate and the sidecars' CPU per connection."""
+    docs = tcp_workloads(ns, compat, True) + tcp_workloads(ns, compat, False)
+    c.apply(*docs)
+    rolled_out(c, ns, docs)
+    for side in ("plain", "mesh"):
+        tcp_answers(c, ns, side)
+        iperf3(c, ns, side, 2)  # warm-up
+    bps = {side: iperf3(c, ns, side, args.tcp_seconds) for side in ("mesh", "plain")}
+    apps = ("tcp-client-mesh", "tcp-server-mesh")
+    connect_rate(c, ns, "mesh", 2, args.tcp_workers)  # warm-up: certificates, the agent's decisions
+    before = sidecar_usage(c, ns, apps)
+    mesh_rate = connect_rate(c, ns, "mesh", args.connect_seconds, args.tcp_workers)
+    after = sidecar_usage(c, ns, apps)
+    plain_rate = connect_rate(c, ns, "plain", args.connect_seconds, args.tcp_workers)
+    # The CPU window holds the run and the two exec calls around it (the sidecars idle then): slightly high.
+    cpu_s = sum(after[k]["cpu"] - before[k]["cpu"] for k in after)
+    connections = mesh_rate * args.connect_seconds
+    print(f"TCP throughput (iperf3, one stream, {args.tcp_seconds} s): without the mesh {bps['plain'] / 1e9:.2f} "
+          f"Gbit/s, through the mesh {bps['mesh'] / 1e9:.2f} Gbit/s")
+    print(f"new connections (redis PING, {args.tcp_workers} workers, {args.connect_seconds:g} s): without the mesh "
+          f"{plain_rate:.0f}/s, through the mesh {mesh_rate:.0f}/s (each a new mTLS connection, tunnel and decision)")
+    print_usage(before, after, args.connect_seconds)
+    print(f"mesh_tcp_hop_throughput_ratio={bps['mesh'] / bps['plain']:.2f}")
+    print(f"mesh_tcp_connect_rate_ratio={mesh_rate / plain_rate:.2f}")
+    print(f"mesh_tcp_sidecar_vcpu_per_1000_connections={cpu_s / (connections / 1000):.3f}", flush=True)
+    return docs
 
 
 def rolled_out(c: Cluster, ns: str, docs: list[dict[str, Any]]) -> None:
@@ -453,13 +600,18 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=20, help="each throughput run")
     ap.add_argument("--rate", type=float, default=100.0, help="requests per second of the latency runs")
     ap.add_argument("--latency-seconds", type=float, default=20.0)
-    ap.add_argument("--hops", default="http,grpc", help="http, grpc or http,grpc (the default; HTTP/1.1 always first)")
+    ap.add_argument("--hops", default=",".join(HOPS),
+                    help="the hops to run, comma-separated, of http, grpc and tcp (the default: all, in that order)")
     ap.add_argument("--grpc-connections", type=int, default=4, help="h2load's connections (-c)")
     ap.add_argument("--grpc-streams", type=int, default=8, help="h2load's concurrent streams per connection (-m)")
+    ap.add_argument("--tcp-seconds", type=int, default=10, help="iperf3's run")
+    ap.add_argument("--connect-seconds", type=float, default=8.0,
+                    help="each connection-rate run (short: the client's TIME_WAITs use up ephemeral ports)")
+    ap.add_argument("--tcp-workers", type=int, default=4, help="threads opening connections")
     args = ap.parse_args()
     hops = [h.strip() for h in args.hops.split(",") if h.strip()]
-    if not hops or set(hops) - {"http", "grpc"}:
-        ap.error(f"--hops: {args.hops!r}: name http, grpc or both (comma-separated)")
+    if not hops or set(hops) - set(HOPS):
+        ap.error(f"--hops: {args.hops!r}: name some of {', '.join(HOPS)} (comma-separated)")
     key = SigningKey("ES256")
     now = int(time.time())
     token = jwt.encode({"iss": ISSUER, "aud": "bench", "sub": "alice", "iat": now, "exp": now + 3600},
@@ -471,12 +623,17 @@ def main() -> int:
             c.kubectl("-n", ns, "create", "serviceaccount", sa)
         c.apply(service_identity(ns, "server"), service_identity(ns, "client"))
         c.trust_bundle(ns, timeout=60)
-        if "http" in hops:
-            docs = http_hop(c, ns, session.images["echo"], release.image, key, token, args)
-            if "grpc" in hops:
-                remove(c, ns, docs)
-        if "grpc" in hops:
-            grpc_hop(c, ns, session.images["compat"], key, token, args)
+        # One hop at a time, its pods gone before the next: each meets the same idle node.
+        for hop in HOPS:
+            if hop not in hops:
+                continue
+            if hop == "http":
+                docs = http_hop(c, ns, session.images["echo"], release.image, key, token, args)
+            elif hop == "grpc":
+                docs = grpc_hop(c, ns, session.images["compat"], key, token, args)
+            else:
+                docs = tcp_hop(c, ns, session.images["compat"], args)
+            remove(c, ns, docs)
         c.kubectl("delete", "namespace", ns, "--wait=false", check=False)
     return 0
 
