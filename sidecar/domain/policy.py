@@ -271,21 +271,35 @@ def _when_part(programs: tuple[Any, ...], deny: bool) -> Callable[[CheckInput, V
 
 # The conditions a TCP connection cannot answer (it has no HTTP request and no end user). Istio's semantics: an
 # Allow rule with any of them never matches a connection; a Deny rule ignores them there, so it denies on its
-# connection-level conditions (principals, namespaces, ports) alone: fail closed.
+# connection-level conditions (principals, namespaces, ports) alone: fail closed. `when` is one of them unless
+# every expression of the rule reads the connection only (when_reads_connection_only), as Istio evaluates a
+# `source.principal` condition on TCP.
 HTTP_ONLY = frozenset({"from.requestPrincipals", "to.methods", "to.paths", "to.hosts", "when"})
+# What a connection can answer in CEL: its peer (`source.principal`, `source.namespace`). `source.act` is the end
+# user's delegation chain, a token's: any expression whose text so much as contains `act` counts as HTTP-only (in
+# doubt, the HTTP semantics, which never admit and, in a Deny, deny).
+CONNECTION_CEL_VARIABLES = frozenset({"source"})
 # The first condition of an Allow rule with HTTP-only conditions: never true for a connection.
 NOT_L4 = "not inp.l4"
 # A Deny rule's HTTP-only condition is wrapped in this (and a closing parenthesis): true for a connection.
 L4_WRAP = "(inp.l4 or "
 
 
-def _l4_semantics(parts: list[tuple[str, str, Any]], deny: bool) -> list[tuple[str, Any]]:
+def when_reads_connection_only(exprs: Sequence[str], programs: Sequence[Any] = ()) -> bool:
+    """Whether every `when` expression reads only what a TCP connection has (CONNECTION_CEL_VARIABLES, no `act`)."""
+    compiled = programs or [compile_when(e, "when") for e in exprs]
+    return bool(exprs) and all("act" not in e for e in exprs) and \
+        all(set(p.variables()) <= CONNECTION_CEL_VARIABLES for p in compiled)
+
+
+def _l4_semantics(parts: list[tuple[str, str, Any]], deny: bool, http_only: frozenset[str] = HTTP_ONLY
+                  ) -> list[tuple[str, Any]]:
     """(field, template, constant) parts as a rule's parts with Istio's semantics for TCP connections."""
-    http = any(name in HTTP_ONLY for name, _, _ in parts)
+    http = any(name in http_only for name, _, _ in parts)
     if not http:
         return [(t, c) for _, t, c in parts]
     if deny:
-        return [(f"{L4_WRAP}{t})" if name in HTTP_ONLY else t, c) for name, t, c in parts]
+        return [(f"{L4_WRAP}{t})" if name in http_only else t, c) for name, t, c in parts]
     return [(NOT_L4, None), *((t, c) for _, t, c in parts)]
 
 
@@ -316,7 +330,8 @@ def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
     if when:
         # Last: CEL costs ~20 µs, so it runs only when everything else matched.
         named.append(("when", T["when"], _when_part(when, deny)))
-    parts = _l4_semantics(named, deny)
+    parts = _l4_semantics(named, deny, HTTP_ONLY - {"when"} if when_reads_connection_only(rule.when, when)
+                          else HTTP_ONLY)
     return CompiledRule(policy=policy.name, name=rule.name, deny=deny,
                         enforced=rule.mode == "Enforce" and policy.mode == "Enforce", parts=tuple(parts), when=when)
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from meshward.sidecar.config.schema import parse_config
 from meshward.sidecar.domain.decision import Decision
 from meshward.sidecar.domain.explain import render
+from meshward.sidecar.domain.policy import when_reads_connection_only
 from meshward.sidecar.domain.request import L4_METHOD, CheckInput
 from meshward.sidecar.domain.request import connection as tcp_connection
 from meshward.sidecar.domain.snapshot import compile_snapshot
@@ -69,11 +70,31 @@ def test_http_fields_in_an_allow_rule_never_admit_a_connection(to: dict[str, Any
     assert "a TCP connection: an Allow rule with HTTP-only conditions" in render(e)
 
 
-def test_an_allow_rule_with_request_principals_or_when_never_admits_a_connection() -> None:
+def test_an_allow_rule_with_request_principals_or_a_request_when_never_admits_a_connection() -> None:
     cfg = config(policy("db", jwt=[issuer()], rules=[
         {"name": "users", "from": {"principals": [FRONTEND], "requestPrincipals": [f"{ISSUER}/*"]}},
-        {"name": "cel", "from": {"principals": [FRONTEND]}, "when": ["source.principal != ''"]}]))
+        {"name": "cel", "from": {"principals": [FRONTEND]}, "when": ["request.method == 'GET'"]},
+        {"name": "act", "from": {"principals": [FRONTEND]}, "when": ["size(source.act) == 0"]}]))
     assert decide(cfg, connection(FRONTEND)).wire.http == 403
+
+
+def test_a_when_reading_only_the_peer_decides_a_connection_as_istio_does() -> None:
+    """`when` on `source.principal` / `source.namespace` is something a connection can answer (Istio evaluates such
+    conditions on TCP): an Allow rule with it admits the connections it holds for, a Deny rule denies only those
+    (before, any `when` was HTTP-only: the Allow never matched, the Deny denied every connection). One expression
+    reading the request, or the end user's `source.act`, keeps the rule HTTP-only."""
+    cfg = config(policy("db", rules=[
+        {"name": "no-batch", "action": "Deny", "when": ["source.namespace == 'batch'"]},
+        {"name": "shop", "when": ["source.namespace == 'shop'", "source.principal.endsWith('/frontend')"]}]))
+    assert (decide(cfg, connection(FRONTEND)).wire.http, decide(cfg, connection(FRONTEND)).rule) == (200, "shop")
+    assert (decide(cfg, connection(BATCH)).wire.http, decide(cfg, connection(BATCH)).rule) == (403, "no-batch")
+    assert when_reads_connection_only(["source.namespace == 'shop'"])
+    assert not when_reads_connection_only(["source.namespace == 'shop'", "request.path == '/'"])
+    assert not when_reads_connection_only(["size(source.act) == 0"]) and not when_reads_connection_only([])
+    e = explain(compile_snapshot(parse_config(config(policy("db", rules=[
+        {"name": "reads", "to": {"methods": ["GET"]}, "when": ["source.namespace == 'shop'"]}])))),
+        connection(FRONTEND), clock=Clock())
+    assert "HTTP-only conditions (to.methods) never matches" in render(e), render(e)
 
 
 @pytest.mark.parametrize("to", [{"methods": ["DELETE"]}, {"paths": ["/admin/*"]}])
@@ -117,7 +138,8 @@ rule_st = st.fixed_dictionaries({
     "to": st.fixed_dictionaries({}, optional={"ports": st.sampled_from([[DB_PORT], [6379]]),
                                               "methods": st.sampled_from([["GET"]]),
                                               "paths": st.sampled_from([["/admin/*"]])}),
-    "when": st.just(["source.principal != ''"]),
+    "when": st.sampled_from([["source.principal != ''"], ["request.method == 'GET'"],
+                             ["source.namespace == 'batch'"]]),
 })
 
 
@@ -126,13 +148,17 @@ def _l4_oracle(rules: list[dict[str, Any]], peer: str | None, port: int) -> bool
     def l4_match(rule: dict[str, Any]) -> bool:
         f, t = rule.get("from", {}), rule.get("to", {})
         ns = peer.split("/")[4] if peer else None
+        # `when` on the peer only: the connection answers it (source.principal/namespace are "" without a peer).
+        when = {"source.principal != ''": peer is not None, "source.namespace == 'batch'": ns == "batch"}
         return ((not f.get("principals") or (peer is not None and ("*" in f["principals"] or
                                                                    peer in f["principals"])))
                 and (not f.get("namespaces") or ns in f["namespaces"])
-                and (not t.get("ports") or port in t["ports"]))
+                and (not t.get("ports") or port in t["ports"])
+                and all(when.get(w, True) for w in rule.get("when", [])))
 
     def http_only(rule: dict[str, Any]) -> bool:
-        return bool(rule.get("when") or {"methods", "paths"} & set(rule.get("to", {})))
+        return bool(any(w.startswith("request.") for w in rule.get("when", []))
+                    or {"methods", "paths"} & set(rule.get("to", {})))
     if any(r["action"] == "Deny" and l4_match(r) for r in rules):
         return False
     # An Enforce policy selects the workload, so what no rule allows is denied (no rules at all included).

@@ -398,7 +398,8 @@ def test_http_rules_covering_a_port_declared_tcp_are_reported_as_admitting_no_co
                                  {"name": "no-deletes", "action": "Deny", "from": {"namespaces": ["batch"]},
                                   "to": {"methods": ["DELETE"]}}]))
     assert "no-deletes (Deny: every connection): shop/db-1:5432" in deny["conditions"][1]["message"], deny
-    clean = asyncio.run(scenario([{"name": "l4", "from": {"principals": ["*"]}, "to": {"ports": [5432]}}]))
+    clean = asyncio.run(scenario([{"name": "l4", "from": {"principals": ["*"]}, "to": {"ports": [5432]}},
+                                  {"name": "peer-cel", "when": ["source.namespace == 'shop'"]}]))
     assert clean["conditions"][1]["reason"] == "AsExpected", clean
     # requireJwt on the pod: a connection carries no token, the rules alone admit it (Istio's requestPrincipals
     # would never match one): said the same way.
