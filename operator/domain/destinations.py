@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,14 +178,19 @@ def uncaptured_app_ports(pod: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(sorted(port for port in excluded if port in declared))
 
 
+def _live_injected(pods: Iterable[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    """The injected pods that run or will: not being deleted, not finished."""
+    for pod in pods:
+        if is_injected(pod) and not (pod.get("metadata") or {}).get("deletionTimestamp") and \
+                (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed"):
+            yield pod
+
+
 def ports_outside_mesh(pods: Iterable[Mapping[str, Any]]) -> list[tuple[str, tuple[int, ...]]]:
     """(`namespace/pod`, its uncaptured declared ports) of every injected, live pod that has any."""
     out = []
-    for pod in pods:
+    for pod in _live_injected(pods):
         meta = pod.get("metadata") or {}
-        if not is_injected(pod) or meta.get("deletionTimestamp") or \
-                (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-            continue
         ports = uncaptured_app_ports(pod)
         if ports:
             out.append((f"{meta.get('namespace', '')}/{meta.get('name', '')}", ports))
@@ -203,11 +208,8 @@ def tcp_declarations_pending(pods: Iterable[Mapping[str, Any]], services: Iterab
     for svc in services:
         by_namespace.setdefault(str((svc.get("metadata") or {}).get("namespace") or ""), []).append(svc)
     out = []
-    for pod in pods:
+    for pod in _live_injected(pods):
         meta = pod.get("metadata") or {}
-        if not is_injected(pod) or meta.get("deletionTimestamp") or \
-                (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-            continue
         have = set(tcp_ports_of(pod)) | set(_bounded_ports(EXCLUDE_INBOUND_PORTS, excluded_inbound_ports(pod),
                                                            "--exclude-inbound-ports")[0])
         pending = {port: by for port, by in service_tcp_ports(by_namespace.get(meta.get("namespace", ""), []),
