@@ -224,10 +224,10 @@ def auth_rule_schema() -> Schema:
         "One authorization rule: it matches a request when every given part of `from`, `to` and "
         "`when` matches. Deny rules are checked first and win; when any policy selects a workload, "
         "a request that matches no Allow rule is denied. A TCP connection (a port the workload declares "
-        "with meshward.io/tcp-ports or a Service's appProtocol) has only a peer and a port: an Allow rule "
-        "with any HTTP-only field (from.requestPrincipals, to.methods, to.paths, to.hosts, and a `when` "
-        "that reads more than source.principal and source.namespace) never matches one, and a Deny rule "
-        "ignores those fields there and denies on the others.",
+        "with meshward.io/tcp-ports, or a Service port's appProtocol or tcp- name) has only a peer and a "
+        "port: an Allow rule with any HTTP-only field (from.requestPrincipals, to.methods, to.paths, "
+        "to.hosts, and a `when` that uses more than source.principal and source.namespace) never matches "
+        "one, and a Deny rule ignores those fields there and denies on the others.",
         {
             "name": string("Unique within the policy; appears in audit logs, metrics and "
                            "`meshward explain`.", maxLength=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),

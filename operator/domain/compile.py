@@ -407,6 +407,7 @@ def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workloa
         # requireJwt is an HTTP request's: a connection carries no token, so the rules alone decide it (not Istio's
         # `requestPrincipals: ["*"]`, which never matches a connection).
         out += [f"requireJwt (not applied to connections): {w.key}:{port}" for w in workloads for port in w.tcp_ports]
+    workloads = list(workloads)
     if not any(w.tcp_ports for w in workloads):
         return out
     for rule in spec.get("rules") or []:
@@ -417,7 +418,7 @@ def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workloa
             _connection_when(when) else HTTP_ONLY
         if not any(_field(rule, name) for name in http_only):  # the agent's lists: the CRD has its field names
             continue
-        deny = " (Deny: every connection)" if rule.get("action", "Allow") == "Deny" else ""
+        deny = " (Deny: every connection its other conditions match)" if rule.get("action", "Allow") == "Deny" else ""
         ports = set((rule.get("to") or {}).get("ports") or [])
         for w in workloads:
             for port in w.tcp_ports:

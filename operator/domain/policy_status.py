@@ -84,7 +84,7 @@ def policy_status(v: PolicyView, old_conditions: list[dict[str, Any]], now: dt.d
                      "certificate, so rules naming them never match; check the names or create the ServiceIdentity")
     elif v.http_on_tcp:
         d_reason = "HttpRulesOnTcpPorts"
-        d_message = (f"Allow rules with HTTP-only fields (requestPrincipals, methods, paths, hosts, a when reading "
+        d_message = (f"Allow rules with HTTP-only fields (requestPrincipals, methods, paths, hosts, a when using "
                      f"more than source.principal and source.namespace) admit no TCP "
                      f"connection, Deny rules with them deny every connection their other fields match, and "
                      f"requireJwt does not apply to one; these cover ports declared TCP (meshward.io/tcp-ports, or a "

@@ -179,6 +179,8 @@ def token_scopes(claims: Mapping[str, Any]) -> list[str]:
 
 def cel_context(inp: CheckInput, token: VerifiedToken | None) -> dict[str, Any]:
     """The variables a `when` expression sees: request, claims, scopes, source."""
+    if inp.l4:  # a connection: its peer and nothing else (CONNECTION_CEL_VARIABLES); any other read is an error
+        return {"source": {"principal": inp.peer or "", "namespace": inp.peer_namespace or ""}}
     scopes: list[str] = []
     if token is not None:
         scopes = token.memo.get("scopes") or token.memo.setdefault("scopes", token_scopes(token.claims))
@@ -221,10 +223,13 @@ def _eval_when(programs: Sequence[Any], inp: CheckInput, token: VerifiedToken | 
     ctx.update(cel_context(inp, token))
     for program in programs:
         try:
-            if program.execute(ctx) is not True:
-                return False
+            result = program.execute(ctx)
         except Exception:  # missing claim, type error: the rule cannot be decided
             return None
+        if not isinstance(result, bool):  # `source.namespace` alone: not a condition, so not decided either
+            return None
+        if not result:
+            return False
     return True
 
 
@@ -275,20 +280,37 @@ def _when_part(programs: tuple[Any, ...], deny: bool) -> Callable[[CheckInput, V
 # every expression of the rule reads the connection only (when_reads_connection_only), as Istio evaluates a
 # `source.principal` condition on TCP.
 HTTP_ONLY = frozenset({"from.requestPrincipals", "to.methods", "to.paths", "to.hosts", "when"})
-# What a connection can answer in CEL: its peer (`source.principal`, `source.namespace`). `source.act` is the end
-# user's delegation chain, a token's: any expression whose text so much as contains `act` counts as HTTP-only (in
-# doubt, the HTTP semantics, which never admit and, in a Deny, deny).
+# What a connection can answer in CEL: its peer, `source.principal` and `source.namespace`, written so. An expression
+# that names `source` any other way (`source.act`, the end user's delegation chain; `source['a' + 'ct']`; `source`
+# passed whole to a macro or function) counts as HTTP-only: in doubt, the HTTP semantics, which never admit and,
+# in a Deny, deny. And on a connection `source` has those two fields only, so a read of anything else is an
+# evaluation error, which never admits either (a second wall, should the text check miss a form).
 CONNECTION_CEL_VARIABLES = frozenset({"source"})
+# CEL string literals (raw ones first: a backslash escapes nothing there) and comments, blanked before identifiers
+# are looked at, so that `'source'` in a string is not a use of `source`, nor a quote in one hides one.
+_CEL_STRINGS = re.compile(
+    r"(?<!\w)(?:[bB]?[rR]|[rR][bB])(?:'''.*?'''|\"\"\".*?\"\"\"|'[^'\n]*'|\"[^\"\n]*\")"
+    r"|(?<!\w)[bB]?(?:'''(?:\\.|[^\\])*?'''|\"\"\"(?:\\.|[^\\])*?\"\"\"|'(?:\\.|[^'\\\n])*'|\"(?:\\.|[^\"\\\n])*\")"
+    r"|//[^\n]*", re.S)
+# `source` as an identifier (not a field named so), and its two connection fields.
+_SOURCE = re.compile(r"(?<![\w.])source\b")
+_SOURCE_FIELD = re.compile(r"source\s*\.\s*(?:principal|namespace)\b(?!\s*\()")
 # The first condition of an Allow rule with HTTP-only conditions: never true for a connection.
 NOT_L4 = "not inp.l4"
 # A Deny rule's HTTP-only condition is wrapped in this (and a closing parenthesis): true for a connection.
 L4_WRAP = "(inp.l4 or "
 
 
+def _reads_peer_fields_only(expr: str) -> bool:
+    """Whether every use of `source` in `expr` (strings and comments aside) is `source.principal`/`.namespace`."""
+    code = _CEL_STRINGS.sub(" ", expr)
+    return all(_SOURCE_FIELD.match(code, m.start()) for m in _SOURCE.finditer(code))
+
+
 def when_reads_connection_only(exprs: Sequence[str], programs: Sequence[Any] = ()) -> bool:
-    """Whether every `when` expression reads only what a TCP connection has (CONNECTION_CEL_VARIABLES, no `act`)."""
+    """Whether every `when` expression reads only what a TCP connection has: `source.principal`, `source.namespace`."""
     compiled = programs or [compile_when(e, "when") for e in exprs]
-    return bool(exprs) and all("act" not in e for e in exprs) and \
+    return bool(exprs) and all(_reads_peer_fields_only(e) for e in exprs) and \
         all(set(p.variables()) <= CONNECTION_CEL_VARIABLES for p in compiled)
 
 

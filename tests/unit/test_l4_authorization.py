@@ -2,9 +2,10 @@
 and by `meshward explain` alike.
 
 A connection carries a peer and a port, no HTTP request and no end user: an Allow rule with any HTTP-only condition
-(requestPrincipals, methods, paths, hosts, when) never matches one; a Deny rule ignores those conditions there and
-denies on its connection-level ones (fail closed); `requireJwt` is HTTP's (a connection has no token to require).
-The Envoy side (the tunnel that asks for these decisions) is issue 20's next step; these are the agent's rules.
+(requestPrincipals, methods, paths, hosts, a `when` reading more than `source.principal` and `source.namespace`)
+never matches one; a Deny rule ignores those conditions there and denies on its connection-level ones (fail
+closed); `requireJwt` is HTTP's (a connection has no token to require). The Envoy side (the tunnel that asks for
+these decisions) is tested with real Envoys in tests/integration/test_tcp_tunnel.py; these are the agent's rules.
 """
 
 from __future__ import annotations
@@ -95,6 +96,35 @@ def test_a_when_reading_only_the_peer_decides_a_connection_as_istio_does() -> No
         {"name": "reads", "to": {"methods": ["GET"]}, "when": ["source.namespace == 'shop'"]}])))),
         connection(FRONTEND), clock=Clock())
     assert "HTTP-only conditions (to.methods) never matches" in render(e), render(e)
+    # A name that merely contains `act`, in a string or a comment, is still the peer's.
+    assert when_reads_connection_only(["source.namespace == 'factory' // act", "source.principal != \"act\""])
+
+
+@pytest.mark.parametrize("expr", ["size(source['a' + 'ct']) > 0", "size(source['\\x61ct']) > 0",
+                                  "size([source][0]['a' + 'ct']) > 0", "size(dyn(source)['act']) > 0",
+                                  "r'\\' + string(source['act']) != ''", "source.exists(source, source == 'act')"])
+def test_the_end_users_act_chain_read_around_the_check_never_decides_a_connection(expr: str) -> None:
+    """`source.act` is the end user's, not the connection's: read by a computed key, through a list or `dyn`, behind
+    a raw string's backslash or by a macro variable named `source`, the expression is HTTP-only, so a Deny with it
+    denies every connection (fail closed) and an Allow with it admits none. Before, `source['a' + 'ct']` passed a
+    text check for `act`, saw an empty chain on the connection, and the Deny let every connection through."""
+    assert not when_reads_connection_only([expr])
+    deny = config(policy("db", rules=[{"name": "no-chains", "action": "Deny", "when": [expr]},
+                                      {"name": "anyone", "from": {"principals": ["*"]}}]))
+    assert (decide(deny, connection(FRONTEND)).wire.http, decide(deny, connection(FRONTEND)).rule) == (
+        403, "no-chains")
+    allow = config(policy("db", rules=[{"name": "chains", "when": [expr.replace("> 0", "== 0")]}]))
+    assert decide(allow, connection(FRONTEND)).wire.http == 403
+
+
+def test_a_when_that_is_no_condition_fails_closed_on_a_connection() -> None:
+    """`source.namespace` alone is a string, not a condition: a Deny with it is not decided, so it denies (it did
+    not match before: a non-boolean counted as false); an Allow with it admits nothing."""
+    deny = config(policy("db", rules=[{"name": "odd", "action": "Deny", "when": ["source.namespace"]},
+                                      {"name": "anyone", "from": {"principals": ["*"]}}]))
+    assert decide(deny, connection(FRONTEND)).wire.http == 403
+    allow = config(policy("db", rules=[{"name": "odd", "when": ["source.namespace"]}]))
+    assert decide(allow, connection(FRONTEND)).wire.http == 403
 
 
 @pytest.mark.parametrize("to", [{"methods": ["DELETE"]}, {"paths": ["/admin/*"]}])
@@ -148,13 +178,15 @@ def _l4_oracle(rules: list[dict[str, Any]], peer: str | None, port: int) -> bool
     def l4_match(rule: dict[str, Any]) -> bool:
         f, t = rule.get("from", {}), rule.get("to", {})
         ns = peer.split("/")[4] if peer else None
-        # `when` on the peer only: the connection answers it (source.principal/namespace are "" without a peer).
-        when = {"source.principal != ''": peer is not None, "source.namespace == 'batch'": ns == "batch"}
+        # `when` on the peer only: the connection answers it (source.principal/namespace are "" without a peer);
+        # one reading the request is HTTP-only, which a Deny ignores on a connection (an Allow never gets here).
+        when = {"source.principal != ''": peer is not None, "source.namespace == 'batch'": ns == "batch",
+                "request.method == 'GET'": True}
         return ((not f.get("principals") or (peer is not None and ("*" in f["principals"] or
                                                                    peer in f["principals"])))
                 and (not f.get("namespaces") or ns in f["namespaces"])
                 and (not t.get("ports") or port in t["ports"])
-                and all(when.get(w, True) for w in rule.get("when", [])))
+                and all(when[w] for w in rule.get("when", [])))
 
     def http_only(rule: dict[str, Any]) -> bool:
         return bool(any(w.startswith("request.") for w in rule.get("when", []))
