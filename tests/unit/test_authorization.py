@@ -121,6 +121,14 @@ def test_deny_rule_whose_condition_errors_denies() -> None:
     assert d.outcome is Outcome.FORBIDDEN and d.rule == "d"
 
 
+def test_a_when_that_is_no_boolean_is_undecided_a_deny_denies_and_an_allow_admits_nothing() -> None:
+    """`claims.sub` alone is a string, not a condition: undecided, like an error (a non-boolean used to count as
+    false, so a Deny written that way never denied)."""
+    d = decide([{"name": "allow-all"}, {"name": "d", "action": "Deny", "when": ["claims.sub"]}], request(token=token()))
+    assert d.outcome is Outcome.FORBIDDEN and d.rule == "d"
+    assert decide([{"name": "a", "when": ["claims.sub"]}], request(token=token())).outcome is Outcome.FORBIDDEN
+
+
 def test_no_policy_allows() -> None:
     p, _, _ = pipeline(config())
     d = p.decide_now(request(), "http")
