@@ -39,7 +39,7 @@ from meshward.operator.domain.duration import parse_duration
 from meshward.sidecar.config.schema import API_VERSION as SIDECAR_API_VERSION
 from meshward.sidecar.config.schema import KIND as SIDECAR_KIND
 from meshward.sidecar.config.schema import ConfigError, hashed_revocation, parse_config
-from meshward.sidecar.domain.policy import HTTP_ONLY, when_reads_connection_only
+from meshward.sidecar.domain.policy import HTTP_ONLY, http_only_fields
 from meshward.sidecar.domain.snapshot import compile_snapshot
 
 # What one namespace's claim-name union may take of every other namespace's configs (compact JSON of the list).
@@ -385,12 +385,15 @@ def _field(rule: Mapping[str, Any], dotted: str) -> Any:
     return (rule.get(part) or {}).get(name) if name else rule.get(part)
 
 
-def _connection_when(exprs: list[str]) -> bool:
-    """Whether the agent decides these `when` expressions on a connection (they read its peer only)."""
+def _http_only(rule: Mapping[str, Any]) -> frozenset[str]:
+    """The rule's fields a TCP connection cannot answer, as the agent compiles them (http_only_fields)."""
+    when = rule.get("when")
+    if not isinstance(when, list) or not all(isinstance(w, str) for w in when):
+        return HTTP_ONLY  # not a list of expressions: the spec is refused anyway
     try:
-        return when_reads_connection_only(exprs)
+        return http_only_fields(when)
     except ConfigError:
-        return False  # invalid CEL: the spec is refused anyway; say nothing more about it here
+        return HTTP_ONLY  # invalid CEL: the spec is refused anyway; say nothing more about it here
 
 
 def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workload]) -> list[str]:
@@ -402,21 +405,18 @@ def http_rules_on_tcp_ports(spec: Mapping[str, Any], workloads: Iterable[Workloa
     peers may not delete". Likewise a policy requiring a JWT: it does not apply to connections there.
     """
     out = []
+    workloads = list(workloads)
     jwt = spec.get("jwt") or []
     if (spec.get("requireJwt") if "requireJwt" in spec else bool(jwt)) and spec.get("mode", "Enforce") == "Enforce":
         # requireJwt is an HTTP request's: a connection carries no token, so the rules alone decide it (not Istio's
         # `requestPrincipals: ["*"]`, which never matches a connection).
         out += [f"requireJwt (not applied to connections): {w.key}:{port}" for w in workloads for port in w.tcp_ports]
-    workloads = list(workloads)
     if not any(w.tcp_ports for w in workloads):
         return out
     for rule in spec.get("rules") or []:
         if not isinstance(rule, Mapping):
             continue
-        when = rule.get("when")
-        http_only = HTTP_ONLY - {"when"} if isinstance(when, list) and all(isinstance(w, str) for w in when) and \
-            _connection_when(when) else HTTP_ONLY
-        if not any(_field(rule, name) for name in http_only):  # the agent's lists: the CRD has its field names
+        if not any(_field(rule, name) for name in _http_only(rule)):  # the agent's fields: the CRD has their names
             continue
         deny = " (Deny: every connection its other conditions match)" if rule.get("action", "Allow") == "Deny" else ""
         ports = set((rule.get("to") or {}).get("ports") or [])

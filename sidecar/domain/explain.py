@@ -13,7 +13,7 @@ from typing import Any
 
 from meshward.sidecar.config.schema import Rule
 from meshward.sidecar.domain.jwt import VerifiedToken
-from meshward.sidecar.domain.policy import HTTP_ONLY, L4_WRAP, NOT_L4, PART_TEMPLATES, when_reads_connection_only
+from meshward.sidecar.domain.policy import L4_WRAP, NOT_L4, PART_TEMPLATES
 from meshward.sidecar.domain.request import CheckInput
 from meshward.sidecar.domain.snapshot import Snapshot
 
@@ -70,9 +70,7 @@ def trace(snapshot: Snapshot, inp: CheckInput, token: VerifiedToken | None) -> l
         for template, const in cr.parts:
             ok = eval(template.format(c="c"), {"c": const, "inp": inp, "token": token})  # noqa: S307 - fixed templates
             if not ok and template == NOT_L4:
-                http_only = HTTP_ONLY - {"when"} if cr.when and when_reads_connection_only(
-                    rules_by_name[(cr.policy, cr.name)].when, cr.when) else HTTP_ONLY
-                fields = ", ".join(n for t, _ in cr.parts if (n := _FIELDS.get(t)) in http_only)
+                fields = ", ".join(n for t, _ in cr.parts if (n := _FIELDS.get(t)) in cr.http_only)
                 why = f"a TCP connection: an Allow rule with HTTP-only conditions ({fields}) never matches one"
                 break
             if not ok:

@@ -248,6 +248,14 @@ PART_TEMPLATES = {
 }
 
 
+# The conditions a TCP connection cannot answer (it has no HTTP request and no end user). Istio's semantics: an
+# Allow rule with any of them never matches a connection; a Deny rule ignores them there, so it denies on its
+# connection-level conditions (principals, namespaces, ports) alone: fail closed. `when` is one of them unless
+# every expression of the rule reads the connection only (when_reads_connection_only), as Istio evaluates a
+# `source.principal` condition on TCP.
+HTTP_ONLY = frozenset({"from.requestPrincipals", "to.methods", "to.paths", "to.hosts", "when"})
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledRule:
     """A rule as a conjunction of precompiled conditions.
@@ -264,6 +272,8 @@ class CompiledRule:
     parts: tuple[tuple[str, Any], ...]
     # The compiled `when` programs one by one, for saying which condition failed (near_miss).
     when: tuple[Any, ...] = ()
+    # The rule's conditions a TCP connection cannot answer (http_only_fields), for saying which (explain).
+    http_only: frozenset[str] = HTTP_ONLY
 
 
 def _when_part(programs: tuple[Any, ...], deny: bool) -> Callable[[CheckInput, VerifiedToken | None], bool]:
@@ -274,12 +284,6 @@ def _when_part(programs: tuple[Any, ...], deny: bool) -> Callable[[CheckInput, V
     return check
 
 
-# The conditions a TCP connection cannot answer (it has no HTTP request and no end user). Istio's semantics: an
-# Allow rule with any of them never matches a connection; a Deny rule ignores them there, so it denies on its
-# connection-level conditions (principals, namespaces, ports) alone: fail closed. `when` is one of them unless
-# every expression of the rule reads the connection only (when_reads_connection_only), as Istio evaluates a
-# `source.principal` condition on TCP.
-HTTP_ONLY = frozenset({"from.requestPrincipals", "to.methods", "to.paths", "to.hosts", "when"})
 # What a connection can answer in CEL: its peer, `source.principal` and `source.namespace`, written so. An expression
 # that names `source` any other way (`source.act`, the end user's delegation chain; `source['a' + 'ct']`; `source`
 # passed whole to a macro or function) counts as HTTP-only: in doubt, the HTTP semantics, which never admit and,
@@ -314,7 +318,15 @@ def when_reads_connection_only(exprs: Sequence[str], programs: Sequence[Any] = (
         all(set(p.variables()) <= CONNECTION_CEL_VARIABLES for p in compiled)
 
 
-def _l4_semantics(parts: list[tuple[str, str, Any]], deny: bool, http_only: frozenset[str] = HTTP_ONLY
+def http_only_fields(when: Sequence[str], programs: Sequence[Any] = ()) -> frozenset[str]:
+    """The fields a TCP connection cannot answer in a rule with these `when` expressions (HTTP_ONLY, or less).
+
+    `when` is not one of them if it reads the connection only; `programs`: the expressions compiled, if at hand.
+    """
+    return HTTP_ONLY - {"when"} if when and when_reads_connection_only(when, programs) else HTTP_ONLY
+
+
+def _l4_semantics(parts: list[tuple[str, str, Any]], deny: bool, http_only: frozenset[str]
                   ) -> list[tuple[str, Any]]:
     """(field, template, constant) parts as a rule's parts with Istio's semantics for TCP connections."""
     http = any(name in http_only for name, _, _ in parts)
@@ -352,10 +364,11 @@ def compile_rule(policy: Policy, rule: Rule, path: str) -> CompiledRule:
     if when:
         # Last: CEL costs ~20 µs, so it runs only when everything else matched.
         named.append(("when", T["when"], _when_part(when, deny)))
-    parts = _l4_semantics(named, deny, HTTP_ONLY - {"when"} if when_reads_connection_only(rule.when, when)
-                          else HTTP_ONLY)
+    http_only = http_only_fields(rule.when, when)
+    parts = _l4_semantics(named, deny, http_only)
     return CompiledRule(policy=policy.name, name=rule.name, deny=deny,
-                        enforced=rule.mode == "Enforce" and policy.mode == "Enforce", parts=tuple(parts), when=when)
+                        enforced=rule.mode == "Enforce" and policy.mode == "Enforce", parts=tuple(parts), when=when,
+                        http_only=http_only)
 
 
 # Rules per generated function. Compiling generated code is one call that holds the GIL throughout: the
