@@ -74,12 +74,20 @@ def _kind(request: Mapping[str, Any]) -> tuple[str, str]:
     return str(kind.get("group", "")), str(kind.get("kind", ""))
 
 
-def services_needed(request: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool) -> str | None:
-    """The namespace whose Services the injection of this review reads (a Pod CREATE that opts in), else None."""
+def _pod_created(request: Mapping[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """(the pod, its namespace) of a Pod CREATE review, else None: the only reviews that inject."""
     pod = request.get("object")
     if _kind(request) != ("", "Pod") or request.get("operation") != "CREATE" or not isinstance(pod, dict):
         return None
-    namespace = str(request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "")
+    return pod, str(request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "")
+
+
+def services_needed(request: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool) -> str | None:
+    """The namespace whose Services the injection of this review reads (a Pod CREATE that opts in), else None."""
+    created = _pod_created(request)
+    if created is None:
+        return None
+    pod, namespace = created
     try:
         return namespace if opted_in(pod, namespace, namespace_opted_in, settings.operator_namespace) else None
     except (AttributeError, TypeError, KeyError, ValueError):
@@ -100,10 +108,10 @@ def inject_response(request: Mapping[str, Any], settings: InjectSettings, namesp
     `services`: the Services of the pod's namespace (the ports they declare TCP for it are declared).
     """
     uid = str(request["uid"])
-    pod = request.get("object")
-    if _kind(request) != ("", "Pod") or request.get("operation") != "CREATE" or not isinstance(pod, dict):
+    created = _pod_created(request)
+    if created is None:
         return _allowed(uid)
-    namespace = str(request.get("namespace") or (pod.get("metadata") or {}).get("namespace") or "")
+    pod, namespace = created
     try:
         if not opted_in(pod, namespace, namespace_opted_in, settings.operator_namespace):
             return _allowed(uid)

@@ -94,9 +94,10 @@ class AdmissionWebhooks:
 
     async def _services_of(self, webhook: str, request: dict[str, Any]) -> Sequence[Mapping[str, Any]]:
         """The Services an injection reads (none for other reviews); raise _ServicesUnavailable if unlistable."""
-        namespace = services_needed(request, self._settings, webhook == "namespace") \
-            if webhook in ("pod", "namespace") and self._services else None
-        if namespace is None or self._services is None:
+        if self._services is None or webhook not in ("pod", "namespace"):
+            return ()
+        namespace = services_needed(request, self._settings, webhook == "namespace")
+        if namespace is None:
             return ()
         try:
             return await self._services(namespace)
