@@ -736,9 +736,14 @@ def _identity_matcher(identity: str) -> dict[str, str]:
     return {"exact": identity}
 
 
+def _stat_name(name: str) -> str:
+    """A cluster's name for stats: its `/` and `:` (a SPIFFE ID has both) replaced by `_`."""
+    return name.replace("/", "_").replace(":", "_")
+
+
 def _mesh_cluster(name: str, identities: tuple[str, ...], ipv6: bool) -> dict[str, Any]:
     """An outbound cluster: to the original destination, mTLS, the peer's SPIFFE ID one of `identities`."""
-    return {**_original_dst_cluster(name, ipv6), "alt_stat_name": name.replace("/", "_").replace(":", "_"),
+    return {**_original_dst_cluster(name, ipv6), "alt_stat_name": _stat_name(name),
             "transport_socket": _upstream_mtls([_identity_matcher(i) for i in identities]),
             "typed_extension_protocol_options": _protocol_options(FOLLOW_DOWNSTREAM)}
 
@@ -751,7 +756,7 @@ def tcp_cluster(name: str, identities: tuple[str, ...], ipv6: bool) -> dict[str,
     """
     mtls = _upstream_mtls([_identity_matcher(i) for i in identities])
     mtls["typed_config"]["common_tls_context"]["alpn_protocols"] = [TCP_ALPN]
-    return {**_original_dst_cluster(name, ipv6), "alt_stat_name": name.replace("/", "_").replace(":", "_"),
+    return {**_original_dst_cluster(name, ipv6), "alt_stat_name": _stat_name(name),
             "transport_socket": mtls, "typed_extension_protocol_options": _protocol_options(
                 {"explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1}}})}
 
@@ -763,7 +768,7 @@ def tcp_tunnel(cluster: str) -> dict[str, Any]:
     """
     return {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": cluster.replace("/", "_").replace(":", "_"), "cluster": cluster,
+        "stat_prefix": _stat_name(cluster), "cluster": cluster,
         "idle_timeout": _duration(TCP_IDLE_TIMEOUT_S),
         "tunneling_config": {"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%", "use_post": True,
                              "post_path": TCP_TUNNEL_PATH}}}
