@@ -78,7 +78,8 @@ class PolicyClient:
                         on_destinations: Callable[[Any], object] | None = None) -> None:
         """Stream configs to `on_config(version, config)` (which returns an error or None) until the stream ends.
 
-        The meshed-destination maps the operator sends between configs go to `on_destinations`, unacknowledged.
+        The meshed-destination maps the operator sends between configs (`{version, peers, egress}`) go to
+        `on_destinations`, unacknowledged.
         """
         creds = self._credentials()
         if creds is None:
@@ -102,8 +103,7 @@ class PolicyClient:
                     on_connected()
                     if "destinations" in msg:
                         if on_destinations is not None:
-                            on_destinations(msg["destinations"].get("peers") if isinstance(msg["destinations"], dict)
-                                            else None)
+                            on_destinations(msg["destinations"] if isinstance(msg["destinations"], dict) else None)
                         continue
                     version, config = str(msg.get("version", "")), msg.get("config")
                     error = await on_config(version, config) if isinstance(config, dict) else "no config in message"

@@ -65,6 +65,7 @@ from meshward.sidecar.domain.capture import (
     PROXY_HEALTH_PORT,
 )
 from meshward.sidecar.domain.context import WIRE_HEADER, audience_for, context_headers
+from meshward.sidecar.domain.egress import Allowed, Egress
 
 # Request attributes the HTTP transport receives as headers, set by Envoy itself.
 ATTR_PEER = "x-meshward-authz-peer"
@@ -842,10 +843,12 @@ def _exchange_destination(identities: tuple[str, ...]) -> str | None:
 SNIFF_TIMEOUT_S = 1.0
 
 
-def _plaintext_http(header: str, http: HttpSettings) -> dict[str, Any]:
-    """Plaintext HTTP/1 to a non-meshed address: passed on unchanged but for the context headers, removed.
+def _plaintext_http(header: str, http: HttpSettings, name: str = "passthrough_http",
+                    match: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plaintext HTTP/1 to a non-meshed address (`match`: which): passed on unchanged but for the context headers.
 
     Never a route timeout (the mesh has no say in how long a call outside it takes); HTTP/1.0 as the workload says.
+    Each request is logged to the agent (EGRESS_LOG: its metrics by destination).
     """
     route = {"name": "passthrough_http", "request_headers_to_remove": list(context_headers(header)),
              "virtual_hosts": [{"name": "passthrough_http", "domains": ["*"], "routes": [
@@ -853,14 +856,68 @@ def _plaintext_http(header: str, http: HttpSettings) -> dict[str, Any]:
     router = _router()
     router["typed_config"]["suppress_envoy_headers"] = True
     hcm = _hcm("passthrough_http", route, [router], generate_request_id=False,
-               server_header_transformation="PASS_THROUGH", **http.hcm())
-    return {"name": "passthrough_http", "filter_chain_match": {"application_protocols": ["http/1.0", "http/1.1"]},
+               server_header_transformation="PASS_THROUGH", access_log=[_egress_log("http")], **http.hcm())
+    return {"name": name, "filter_chain_match": {**(match or {}), "application_protocols": ["http/1.0", "http/1.1"]},
             "filters": [{"name": _HCM, "typed_config": hcm}]}
 
 
+# Connections (and plaintext HTTP requests) leaving the mesh are logged to the agent over gRPC (Envoy's access log
+# service, on the agent's xDS socket): its per-destination counters, and the audit line of each refused connection
+# (sidecar/engines/egress.py). The log name tells the agent which kind of entry it reads.
+EGRESS_LOG = "meshward_egress"
+# The cluster of a connection a locked pod may not make: no endpoint, so Envoy closes the app's connection at once
+# and nothing leaves the pod (Istio's BlackHoleCluster).
+EGRESS_REFUSED = "egress_refused"
+
+
+def _egress_log(kind: Literal["tcp", "http"]) -> dict[str, Any]:
+    """The access log of a chain leaving the mesh: to the agent's access log service."""
+    message = "TcpGrpcAccessLogConfig" if kind == "tcp" else "HttpGrpcAccessLogConfig"
+    return {"name": f"envoy.access_loggers.{kind}_grpc", "typed_config": {
+        "@type": f"type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.{message}",
+        "common_config": {"log_name": EGRESS_LOG, "transport_api_version": "V3",
+                          "grpc_service": {"envoy_grpc": {"cluster_name": XDS}}}}}
+
+
+def _passthrough_tcp(name: str, cluster: str, match: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A chain (or the default one, without `match`) carrying connections out of the mesh to `cluster`, logged."""
+    chain: dict[str, Any] = {"name": name, "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": name, "cluster": cluster, "access_log": [_egress_log("tcp")]}}]}
+    if match is not None:
+        chain["filter_chain_match"] = match
+    return chain
+
+
+def _allowed_here(egress: Egress, port: int | None, meshed_here: set[str]) -> list[str]:
+    """The allowed networks that apply at `port` (None: the port-less chains), but the meshed addresses there."""
+    nets = {a.network for a in egress.allow if a.port is None or a.port == port}
+    return sorted(n for n in nets if n.split("/")[0] not in meshed_here or n.split("/")[1] not in ("32", "128"))
+
+
+def _cidrs(networks: list[str]) -> list[dict[str, Any]]:
+    return [{"address_prefix": n.split("/")[0], "prefix_len": int(n.split("/")[1])} for n in networks]
+
+
+def _leaving_chains(egress: Egress, port: int | None, meshed: Mapping[str, Destination], header: str,
+                    http: HttpSettings) -> list[dict[str, Any]]:
+    """The chains out of the mesh at `port` (None: port-less): open, HTTP anywhere; locked, to the allowed only."""
+    match: dict[str, Any] = {} if port is None else {"destination_port": port}
+    suffix = "" if port is None else f"|{port}"
+    if not egress.locked:
+        return [_plaintext_http(header, http, f"passthrough_http{suffix}", match or None)]
+    meshed_here = {ip for ip, d in meshed.items() if port is None or port not in d.plaintext_ports}
+    allowed = _allowed_here(egress, port, meshed_here)
+    if not allowed:
+        return []
+    match["prefix_ranges"] = _cidrs(allowed)
+    return [_plaintext_http(header, http, f"passthrough_http{suffix}", copy.deepcopy(match)),
+            _passthrough_tcp(f"passthrough{suffix}", PASSTHROUGH, match)]
+
+
 def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = "",
-                       context_header: str = WIRE_HEADER, http: HttpSettings | None = None, ipv6: bool = False
-                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                       context_header: str = WIRE_HEADER, http: HttpSettings | None = None, ipv6: bool = False,
+                       egress: Egress | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The outbound listener and its clusters (LDS, CDS) for the meshed `destinations` (by IPv4 and IPv6 address).
 
     A connection to a meshed address goes out over mTLS to one of its identities; any other (non-meshed
@@ -868,20 +925,28 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
     the app's `context_header` (and the wire header), which only a meshed address of one audience (one
     workload or one namespace) receives, exchanged. `own_ip`: this pod's addresses, comma-separated (its
     `status.podIPs`). `http`: the workload's stream settings (HttpSettings' defaults if None). `ipv6`: the pod has
-    IPv6, so the listener takes the app's connections redirected to `[::1]` too.
+    IPv6, so the listener takes the app's connections redirected to `[::1]` too. `egress` locked: of the non-meshed
+    addresses only this pod's own, a meshed address's plaintext ports and the allowed networks pass; every other
+    connection goes to EGRESS_REFUSED (closed at once, logged).
     """
     http = http or HttpSettings()
+    egress = egress or Egress()
     own = own_addresses(own_ip)
     meshed = {ip: d for ip, d in destinations.items() if ip not in own and d.identities}
     groups: dict[tuple[str, ...], list[str]] = {}
     for ip in sorted(meshed):
         groups.setdefault(tuple(sorted(set(meshed[ip].identities))), []).append(ip)
     names = {ids: "outbound|" + ",".join(ids) for ids in groups}
+    if egress.locked:  # what a locked pod still reaches outside mTLS: itself, and meshed addresses' plaintext ports
+        plain = {Allowed(f"{ip}/{128 if ':' in ip else 32}", p) for ip, d in meshed.items() for p in d.plaintext_ports}
+        mine = {Allowed(f"{ip}/{128 if ':' in ip else 32}") for ip in own}
+        egress = Egress(True, tuple(sorted(set(egress.allow) | plain | mine)))
     # Envoy matches the destination port first and never falls back to port-less chains for a port some chain
-    # names: so every plaintext or TCP port gets a copy of the meshed chains, without the addresses that leave it
-    # plain or declare it TCP; to those, every connection is tunnelled (TCP_ALPN), whatever its bytes look like
-    # (Envoy's HTTP inspector takes a line such as `hello x` for HTTP: measured, such a client was reset).
-    ports = sorted({p for d in meshed.values() for p in (*d.plaintext_ports, *d.tcp_ports)})
+    # names: so every plaintext, TCP or allowed port gets a copy of the meshed chains, without the addresses that
+    # leave it plain or declare it TCP; to those, every connection is tunnelled (TCP_ALPN), whatever its bytes look
+    # like (Envoy's HTTP inspector takes a line such as `hello x` for HTTP: measured, such a client was reset).
+    ports = sorted({p for d in meshed.values() for p in (*d.plaintext_ports, *d.tcp_ports)}
+                   | {a.port for a in egress.allow if a.port is not None})
     chains = [_mesh_chain(names[ids], ips, None, _exchange_destination(ids), context_header, http)
               for ids, ips in groups.items()]
     tunnelled: set[tuple[str, ...]] = set()
@@ -895,13 +960,10 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
                 chains.append(_tcp_chain(_tcp_name(ids), tcp, port))
             if other:
                 chains.append(_mesh_chain(names[ids], other, port, _exchange_destination(ids), context_header, http))
-        chains.append({**_plaintext_http(context_header, http), "name": f"passthrough_http|{port}",
-                       "filter_chain_match": {"destination_port": port,
-                                              "application_protocols": ["http/1.0", "http/1.1"]}})
-    chains.append(_plaintext_http(context_header, http))
-    passthrough = {"name": "passthrough", "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": "passthrough", "cluster": PASSTHROUGH}}]}
+        chains += _leaving_chains(egress, port, meshed, context_header, http)
+    chains += _leaving_chains(egress, None, meshed, context_header, http)
+    default = _passthrough_tcp("egress_refused", EGRESS_REFUSED) if egress.locked else \
+        _passthrough_tcp("passthrough", PASSTHROUGH)
     # Its sockets' DSCP, copied by the kernel into a reset answering them: capture keeps those in the app's
     # conntrack zone (domain/capture.py).
     listener = {"name": "outbound", **_addresses(LOOPBACK, LOOPBACK_6, OUTBOUND_PORT, ipv6, (
@@ -909,9 +971,13 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
                 "listener_filters": [_original_dst(), _http_inspector(sorted({p for d in meshed.values()
                                                                                for p in d.tcp_ports}))],
                 "listener_filters_timeout": _duration(SNIFF_TIMEOUT_S), "continue_on_listener_filters_timeout": True,
-                "filter_chains": chains, "default_filter_chain": passthrough}
-    return [listener], [*(_mesh_cluster(names[ids], ids, ipv6) for ids in groups),
-                        *(tcp_cluster(_tcp_name(ids), ids, ipv6) for ids in groups if ids in tunnelled)]
+                "filter_chains": chains, "default_filter_chain": default}
+    clusters = [*(_mesh_cluster(names[ids], ids, ipv6) for ids in groups),
+                *(tcp_cluster(_tcp_name(ids), ids, ipv6) for ids in groups if ids in tunnelled)]
+    if egress.locked:
+        clusters.append({"name": EGRESS_REFUSED, "type": "STATIC", "connect_timeout": "1s",
+                         "load_assignment": {"cluster_name": EGRESS_REFUSED, "endpoints": []}})
+    return [listener], clusters
 
 
 def _tcp_name(identities: tuple[str, ...]) -> str:
@@ -934,6 +1000,7 @@ _TYPED_MODULES = (
     "envoy_data_plane.envoy.extensions.filters.network.tcp_proxy.v3",
     "envoy_data_plane.envoy.extensions.filters.network.direct_response.v3",
     "envoy_data_plane.envoy.extensions.filters.network.connection_limit.v3",
+    "envoy_data_plane.envoy.extensions.access_loggers.grpc.v3",
     "envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3",
 )
 

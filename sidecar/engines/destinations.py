@@ -13,17 +13,23 @@ import logging
 from typing import Any
 
 from meshward.sidecar.domain.context import WIRE_HEADER
+from meshward.sidecar.domain.egress import Egress, from_wire, with_nameservers
 from meshward.sidecar.domain.envoy import Destination, parse_destinations
 
 log = logging.getLogger("meshward.sidecar.destinations")
 
 
 class MeshDestinations:
-    """The current destination map, the app's context header, and a version that moves with each change."""
+    """The current destination map and egress, the app's context header, and a version that moves with each change.
 
-    def __init__(self, own_ip: str = "") -> None:
+    `nameservers`: the pod's (its resolv.conf), always reachable on TCP port 53 when egress is locked.
+    """
+
+    def __init__(self, own_ip: str = "", nameservers: tuple[str, ...] = ()) -> None:
         self.own_ip = own_ip  # this pod's addresses, comma-separated (status.podIPs)
+        self.nameservers = nameservers
         self.current: dict[str, Destination] = {}
+        self.egress = Egress()
         self.context_header = WIRE_HEADER
         self.version = 0
         self.received = False
@@ -40,16 +46,22 @@ class MeshDestinations:
             self.context_header = name
             self._bump()
 
-    def update(self, doc: Any) -> str | None:
-        """Take a map from the operator; the error, if it is malformed (the last good one stays)."""
+    def update(self, message: Any) -> str | None:
+        """Take a map (`{version, peers, egress}`) from the operator; the error if it is malformed (the last stays)."""
         try:
-            parsed = parse_destinations(doc)
+            if not isinstance(message, dict):
+                raise ValueError("want {version, peers, egress}")  # noqa: TRY004
+            parsed = parse_destinations(message.get("peers"))
+            egress = with_nameservers(from_wire(message.get("egress")), self.nameservers)
         except ValueError as e:
             log.warning("ignoring a malformed destination map: %s", e)
             return str(e)
         self.received = True
-        if parsed != self.current or self.version == 0:
-            self.current = parsed
+        if parsed != self.current or egress != self.egress or self.version == 0:
+            if egress != self.egress:
+                log.info("egress: %s", "locked, allowed: " + (", ".join(map(str, egress.allow)) or "nothing")
+                         if egress.locked else "open")
+            self.current, self.egress = parsed, egress
             self._bump()
         return None
 

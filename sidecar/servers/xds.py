@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2  # noqa: F401  (Any types ParseDict resolves)
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2  # noqa: F401  (Any types ParseDict resolves)
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2  # noqa: F401
@@ -62,7 +63,8 @@ class OutboundDiscovery(lds_pb2_grpc.ListenerDiscoveryServiceServicer,  # type: 
     def response(self, type_url: str, version: int) -> Any:
         """The whole state of `type_url` for the map at `version`."""
         d = self._destinations
-        listeners, clusters = outbound_resources(d.current, d.own_ip, d.context_header, self._http, self._ipv6)
+        listeners, clusters = outbound_resources(d.current, d.own_ip, d.context_header, self._http, self._ipv6,
+                                                 d.egress)
         if type_url == LISTENER_TYPE:
             resources = pack_resources(listeners, listener_pb2.Listener)
         else:

@@ -414,10 +414,9 @@ def test_a_late_first_request_to_a_non_meshed_address_is_passed_through_header_a
     listener = outbound_resources(MAP, OWN_IP, context_header="x-user-context")[0][0]
     assert SNIFF_TIMEOUT_S == 1.0 and listener["listener_filters_timeout"] == "1.000s"
     assert listener["continue_on_listener_filters_timeout"] is True
-    assert listener["default_filter_chain"] == {"name": "passthrough", "filters": [{
-        "name": "envoy.filters.network.tcp_proxy", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-            "stat_prefix": "passthrough", "cluster": "passthrough"}}]}
+    (proxy,) = listener["default_filter_chain"]["filters"]
+    assert proxy["name"] == "envoy.filters.network.tcp_proxy" and proxy["typed_config"]["cluster"] == "passthrough"
+    assert set(proxy["typed_config"]) == {"@type", "stat_prefix", "cluster", "access_log"}  # parses nothing
     # Only a connection the inspector recognized in time reaches a chain that removes the header.
     removing = [c for c in listener["filter_chains"] if c["name"].startswith("passthrough_http")]
     assert removing and all(c["filter_chain_match"]["application_protocols"] == ["http/1.0", "http/1.1"]

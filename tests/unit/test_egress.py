@@ -1,0 +1,236 @@
+"""Egress control (issue 20): the allowed list's grammar, how mesh and namespace locks combine, and the chains.
+
+The chains are checked here as Envoy matches them (port first, then the longest prefix, then the detected
+protocol) and validated by Envoy itself; what they do to real connections is tested in real pods
+(tests/e2e/test_egress.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshward.sidecar.domain.egress import (
+    Allowed,
+    Egress,
+    combine,
+    from_wire,
+    nameservers_of,
+    parse_allow,
+    parse_entry,
+    parse_mode,
+    with_nameservers,
+)
+from meshward.sidecar.domain.envoy import EGRESS_REFUSED, PodProxy, build_pod_bootstrap, outbound_resources
+from tests.unit.test_envoy_pod import MAP, OWN_IP, _assert_envoy_accepts, golden
+
+LOCKED = Egress(True, parse_allow("203.0.113.0/24:443, 198.51.100.7"))
+
+
+@pytest.mark.parametrize(("text", "entry"), [
+    ("10.0.0.0/8", Allowed("10.0.0.0/8")),
+    (" 10.0.0.0/8:5432 ", Allowed("10.0.0.0/8", 5432)),
+    ("192.0.2.7", Allowed("192.0.2.7/32")),
+    ("192.0.2.7:443", Allowed("192.0.2.7/32", 443)),
+    ("2001:db8::/32", Allowed("2001:db8::/32")),
+    ("[2001:db8::]/32:5432", Allowed("2001:db8::/32", 5432)),
+    ("[2001:db8::1]:443", Allowed("2001:db8::1/128", 443)),
+])
+def test_an_allowed_entry_is_a_network_with_an_optional_port(text: str, entry: Allowed) -> None:
+    assert parse_entry(text) == entry
+    assert parse_entry(str(entry)) == entry  # the wire form parses back
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("10.0.0.1/8", "CIDR"),            # host bits set: a typo for 10.0.0.0/8 or 10.0.0.1/32, refused, not guessed
+    ("example.com:443", "CIDR"),
+    ("10.0.0.0/8:http", "port"),
+    ("10.0.0.0/8:0", "port"),
+    ("10.0.0.0/8:70000", "port"),
+    ("0.0.0.0/0", "mode open"),         # allows everything: no lock at all
+    ("[2001:db8::/32:5432", "[2001:db8::]/32:5432"),
+])
+def test_a_wrong_entry_is_refused_naming_it_and_the_fix(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=r"(?s)" + repr(text.strip())[1:-1].replace("[", r"\[").replace(".", r"\.")
+                       + ".*" + says.replace("[", r"\[").replace(".", r"\.")):
+        parse_entry(text)
+
+
+def test_a_list_is_sorted_deduplicated_and_bounded() -> None:
+    assert parse_allow("10.0.0.0/8, 10.0.0.0/8,,192.0.2.0/24:53") == (Allowed("10.0.0.0/8"),
+                                                                      Allowed("192.0.2.0/24", 53))
+    with pytest.raises(ValueError, match="at most 64"):
+        parse_allow(",".join(f"10.0.{i}.0/24" for i in range(65)))
+
+
+def test_a_mode_is_open_or_meshed_only() -> None:
+    assert parse_mode("meshed-only") and not parse_mode("open")
+    with pytest.raises(ValueError, match="open or meshed-only"):
+        parse_mode("registry-only")
+
+
+def test_a_namespace_narrows_the_mesh_lock_and_never_widens_it() -> None:
+    """Where both lock, a connection must be allowed by both: a namespace adding a network the mesh does not allow
+    gains nothing; a namespace narrowing one keeps the narrower."""
+    mesh = Egress(True, (Allowed("10.0.0.0/8"), Allowed("192.0.2.0/24", 443)))
+    ns = Egress(True, (Allowed("10.1.0.0/16", 5432), Allowed("198.51.100.0/24"), Allowed("192.0.2.0/24", 80)))
+    assert combine(mesh, ns) == Egress(True, (Allowed("10.1.0.0/16", 5432),))
+    assert combine(mesh, Egress()) == mesh        # a namespace that says nothing, or open, keeps the mesh's lock
+    assert combine(Egress(), ns) == ns
+    assert combine(Egress(), Egress()) == Egress()
+
+
+def test_the_wire_form_round_trips_and_absent_means_open() -> None:
+    assert from_wire(LOCKED.to_wire()) == LOCKED
+    assert from_wire(None) == Egress()  # an operator that predates egress control
+    for bad in ([], {"mode": "meshed-only", "allow": "10.0.0.0/8"}, {"mode": "closed"}, {"allow": [7]}):
+        with pytest.raises(ValueError, match=r"egress|mode"):
+            from_wire(bad)
+
+
+def test_the_pods_nameservers_stay_reachable_over_tcp_dns_when_locked() -> None:
+    servers = nameservers_of("search shop.svc.cluster.local\nnameserver 10.96.0.10\nnameserver fd00::a\noptions x\n")
+    assert servers == ("10.96.0.10", "fd00::a")
+    assert with_nameservers(Egress(), servers) == Egress()
+    assert set(with_nameservers(Egress(True), servers).allow) == {Allowed("10.96.0.10/32", 53),
+                                                                  Allowed("fd00::a/128", 53)}
+
+
+def _chains(egress: Egress) -> dict[str, dict[str, Any]]:
+    (listener,), _ = outbound_resources(MAP, OWN_IP, egress=egress)
+    return {c["name"]: c for c in [*listener["filter_chains"], listener["default_filter_chain"]]}
+
+
+def _match(chains: dict[str, dict[str, Any]], ip: str, port: int, http: bool) -> str:
+    """The chain Envoy picks: destination port, then the longest prefix, then the detected protocol."""
+    import ipaddress
+
+    def prefix_len(c: dict[str, Any]) -> int:
+        ranges = c.get("filter_chain_match", {}).get("prefix_ranges")
+        if ranges is None:
+            return 0
+        hits = [r["prefix_len"] for r in ranges
+                if ipaddress.ip_address(ip) in ipaddress.ip_network(f"{r['address_prefix']}/{r['prefix_len']}")]
+        return max(hits) if hits else -1
+
+    listed = [c for c in chains.values() if "filter_chain_match" in c]
+    by_port = [c for c in listed if c["filter_chain_match"].get("destination_port") == port] or \
+        [c for c in listed if "destination_port" not in c["filter_chain_match"]]
+    best = max((prefix_len(c) for c in by_port), default=-1)
+    if best < 0:
+        return "default"
+    cands = [c for c in by_port if prefix_len(c) == best]
+    protocol = [c for c in cands if "application_protocols" in c["filter_chain_match"]]
+    plain = [c for c in cands if "application_protocols" not in c["filter_chain_match"]]
+    picked = (protocol if http and protocol else plain)
+    return picked[0]["name"] if picked else "default"
+
+
+@pytest.mark.parametrize(("ip", "port", "http", "chain"), [
+    ("10.244.0.8", 8080, True, "outbound|spiffe://cluster.local/ns/shop/sa/orders|*"),  # meshed: mTLS as ever
+    ("10.244.0.7", 9090, False, "passthrough|9090"),   # a meshed pod's uncaptured port: still reachable, plaintext
+    ("10.244.0.9", 8080, True, "passthrough_http"),    # this pod itself
+    ("203.0.113.9", 443, False, "passthrough|443"),    # allowed network and port
+    ("203.0.113.9", 80, True, "default"),              # allowed network, other port: refused
+    ("198.51.100.7", 5432, False, "passthrough"),      # allowed host, every port
+    ("198.51.100.7", 9090, False, "passthrough|9090"),  # ... also on a port some other chain names
+    ("192.0.2.1", 80, True, "default"),                # anything else: refused
+])
+def test_a_locked_pod_reaches_meshed_addresses_itself_and_the_allowed_list_only(ip: str, port: int, http: bool,
+                                                                                 chain: str) -> None:
+    chains = _chains(LOCKED)
+    got = _match(chains, ip, port, http)
+    assert got == chain
+    if got == "default":
+        assert chains["egress_refused"]["filters"][0]["typed_config"]["cluster"] == EGRESS_REFUSED
+
+
+def test_open_egress_passes_everything_through_and_logs_it() -> None:
+    chains = _chains(Egress())
+    assert _match(chains, "192.0.2.1", 80, True) == "passthrough_http"
+    assert chains["passthrough"]["filters"][0]["typed_config"]["cluster"] == "passthrough"
+    assert chains["passthrough"]["filters"][0]["typed_config"]["access_log"][0]["name"] == \
+        "envoy.access_loggers.tcp_grpc"
+
+
+def test_a_meshed_address_allowed_by_name_stays_mtls() -> None:
+    """An allowed /32 that is a meshed pod never turns its HTTP into plaintext passthrough (which would win over the
+    meshed chain on the detected protocol)."""
+    chains = _chains(Egress(True, (Allowed("10.244.0.8/32"),)))
+    assert _match(chains, "10.244.0.8", 8080, True) == "outbound|spiffe://cluster.local/ns/shop/sa/orders|*"
+
+
+def test_locked_outbound_matches_golden_and_envoy_accepts_it(request: pytest.FixtureRequest,
+                                                              tmp_path: Path) -> None:
+    listeners, clusters = outbound_resources(MAP, OWN_IP, egress=LOCKED)
+    golden("outbound-egress-locked", {"listeners": listeners, "clusters": clusters}, request)
+    assert yaml.safe_dump(clusters).count(EGRESS_REFUSED) >= 1
+    _assert_envoy_accepts(build_pod_bootstrap(PodProxy("shop/orders-1")), listeners, clusters, tmp_path)
+
+
+def _entry(address: str, port: int, cluster: str) -> Any:
+    from envoy.data.accesslog.v3 import accesslog_pb2
+
+    e = accesslog_pb2.TCPAccessLogEntry()
+    e.common_properties.downstream_local_address.socket_address.address = address
+    e.common_properties.downstream_local_address.socket_address.port_value = port
+    e.common_properties.upstream_cluster = cluster
+    e.common_properties.start_time.seconds = 1_800_000_000
+    return e
+
+
+class _Audit:
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def write(self, r: Any) -> None:
+        self.records.append(r)
+
+
+def test_envoys_egress_log_is_counted_by_destination_and_each_refusal_audited() -> None:
+    """The agent's access log service reads Envoy's stream (its messages as Envoy sends them: the log's name first,
+    then batches): allowed connections are counted, a refused one is counted and written as an audit line; entries
+    of another log name are ignored, and destinations past MAX_DESTINATIONS count as `other`."""
+    import asyncio
+
+    from envoy.service.accesslog.v3 import als_pb2
+    from prometheus_client import CollectorRegistry
+
+    from meshward.sidecar.domain.envoy import EGRESS_LOG
+    from meshward.sidecar.engines.egress import MAX_DESTINATIONS, EgressLog
+    from meshward.sidecar.servers.als import AccessLogs
+
+    registry, audit = CollectorRegistry(), _Audit()
+    servicer = AccessLogs(EgressLog(registry, audit, lambda: "shop/orders"))
+
+    def batch(*entries: Any, name: str = "") -> Any:
+        m = als_pb2.StreamAccessLogsMessage()
+        if name:
+            m.identifier.log_name = name
+        m.tcp_logs.log_entry.extend(entries)
+        return m
+
+    async def stream(*msgs: Any) -> Any:
+        for m in msgs:
+            yield m
+
+    asyncio.run(servicer.StreamAccessLogs(stream(
+        batch(_entry("203.0.113.9", 443, "passthrough"), name=EGRESS_LOG),
+        batch(_entry("192.0.2.1", 80, EGRESS_REFUSED), _entry("203.0.113.9", 443, "passthrough"))), None))
+    asyncio.run(servicer.StreamAccessLogs(stream(batch(_entry("192.0.2.1", 80, EGRESS_REFUSED), name="other")),
+                                          None))
+
+    def total(destination: str, outcome: str) -> float | None:
+        return registry.get_sample_value("meshward_egress_total", {"destination": destination, "protocol": "tcp",
+                                                                    "outcome": outcome})
+    assert total("203.0.113.9:443", "allowed") == 2
+    assert total("192.0.2.1:80", "refused") == 1
+    (line,) = audit.records
+    assert (line.outcome, line.destination, line.port, line.workload, line.method, line.transport) == \
+        ("forbidden", "192.0.2.1:80", 80, "shop/orders", "TCP", "egress")
+    many = [_entry(f"198.51.100.{i}", 80, "passthrough") for i in range(MAX_DESTINATIONS + 5)]
+    asyncio.run(servicer.StreamAccessLogs(stream(batch(*many, name=EGRESS_LOG)), None))
+    assert total("other", "allowed") == 7  # 64 labels in all: two taken above
