@@ -86,7 +86,8 @@ def test_a_namespace_narrows_the_mesh_lock_and_never_widens_it() -> None:
 def test_the_wire_form_round_trips_and_absent_means_open() -> None:
     assert from_wire(LOCKED.to_wire()) == LOCKED
     assert from_wire(None) == Egress()  # an operator that predates egress control
-    for bad in ([], {"mode": "meshed-only", "allow": "10.0.0.0/8"}, {"mode": "closed"}, {"allow": [7]}):
+    bads: list[Any] = [[], {"mode": "meshed-only", "allow": "10.0.0.0/8"}, {"mode": "closed"}, {"allow": [7]}]
+    for bad in bads:
         with pytest.raises(ValueError, match=r"egress|mode"):
             from_wire(bad)
 
