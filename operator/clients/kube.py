@@ -248,11 +248,15 @@ class KubeClient:
 
     def post_event(self, namespace: str, kind: str, name: str, type_: str, reason: str, message: str, *,
                    api_version: str = "v1", uid: str = "") -> None:
-        """Record a core/v1 Event about `kind/name` in `namespace` (the object's, or `default` for cluster-scoped)."""
+        """Record a core/v1 Event about `kind/name` in `namespace` (the object's, or `default` for cluster-scoped).
+
+        A Namespace's Event is recorded in that namespace itself (its tenants see it), about no namespace.
+        """
         now = dt.datetime.now(dt.UTC)
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
-            involved_object=client.V1ObjectReference(kind=kind, name=name, namespace=namespace,
+            involved_object=client.V1ObjectReference(kind=kind, name=name,
+                                                     namespace=None if kind == "Namespace" else namespace,
                                                      api_version=api_version, uid=uid or None),
             type=type_, reason=reason, message=message[:1024], first_timestamp=now, last_timestamp=now, count=1,
             source=client.V1EventSource(component="meshward-operator"))

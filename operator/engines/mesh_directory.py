@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
+from meshward.operator.domain.egress import namespace_egress
 from meshward.operator.domain.destinations import (
     MAX_MAP_BYTES,
     MAX_NAMESPACE_BYTES,
@@ -34,15 +35,22 @@ from meshward.operator.domain.destinations import (
     version_of,
     view_for,
 )
+from meshward.sidecar.domain.egress import Egress, combine
 
 # A burst of pod events (a rollout) is folded into one map this long after its first event.
 DEBOUNCE_S = 0.2
 log = logging.getLogger("meshward.operator.mesh")
 # post(namespace, pod name, pod uid, reason, message): a Warning Event on the pod.
 Post = Callable[[str, str, str, str, str], Coroutine[Any, Any, None]]
+# post_namespace(namespace, reason, message): a Warning Event on the Namespace.
+PostNamespace = Callable[[str, str, str], Coroutine[Any, Any, None]]
 
 
 async def _no_post(namespace: str, name: str, uid: str, reason: str, message: str) -> None:
+    return None
+
+
+async def _no_post_namespace(namespace: str, reason: str, message: str) -> None:
     return None
 
 
@@ -50,8 +58,13 @@ class MeshDirectory:
     """Pods and Services as the map needs them, and the map last published."""
 
     def __init__(self, trust_domain: str, debounce_s: float = DEBOUNCE_S, post: Post = _no_post, *,
-                 max_namespace_bytes: int = MAX_NAMESPACE_BYTES, max_map_bytes: int = MAX_MAP_BYTES) -> None:
+                 max_namespace_bytes: int = MAX_NAMESPACE_BYTES, max_map_bytes: int = MAX_MAP_BYTES,
+                 egress: Egress | None = None, post_namespace: PostNamespace = _no_post_namespace) -> None:
         self._trust_domain = trust_domain
+        self._mesh_egress = egress or Egress()  # the mesh-wide lock (Helm values), combined with each namespace's
+        self._namespace_egress: dict[str, Egress] = {}
+        self._post_namespace = post_namespace
+        self.egress_problems: dict[str, str] = {}  # namespace -> what is wrong with its egress annotations
         self._debounce_s = debounce_s
         self._post = post
         self._max_namespace_bytes = max_namespace_bytes
@@ -99,13 +112,7 @@ class MeshDirectory:
         if f"{pod.uid}/{message}" in reported:
             return
         reported.add(f"{pod.uid}/{message}")
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return  # outside the operator's loop (tests, tools): the log line is the report
-        task = loop.create_task(self._post(pod.namespace, pod.name, pod.uid, reason, message))
-        self._posting.add(task)
-        task.add_done_callback(self._posting.discard)
+        self._spawn(self._post(pod.namespace, pod.name, pod.uid, reason, message))
 
     def apply_service(self, body: Mapping[str, Any]) -> None:
         """Record a Service (one the map has no use for is forgotten)."""
@@ -114,6 +121,46 @@ class MeshDirectory:
     def remove_service(self, namespace: str, name: str) -> None:
         """Forget a Service."""
         self._drop(self._services, f"{namespace}/{name}")
+
+    def apply_namespace(self, body: Mapping[str, Any]) -> None:
+        """Record a Namespace's egress annotations (reporting a wrong one once, when it first appears)."""
+        meta = body.get("metadata") or {}
+        name = str(meta.get("name", ""))
+        egress, problem = namespace_egress(meta.get("annotations") or {})
+        if problem is not None and self.egress_problems.get(name) != problem:
+            log.warning("namespace %s: %s", name, problem)
+            self._spawn(self._post_namespace(name, "EgressAnnotationInvalid", problem))
+        if problem is None:
+            self.egress_problems.pop(name, None)
+        else:
+            self.egress_problems[name] = problem
+        if egress == Egress():
+            self.remove_namespace(name, keep_problem=True)
+        elif self._namespace_egress.get(name) != egress:
+            self._namespace_egress[name] = egress
+            self._dirty.set()
+
+    def remove_namespace(self, name: str, *, keep_problem: bool = False) -> None:
+        """Forget a Namespace's egress."""
+        if not keep_problem:
+            self.egress_problems.pop(name, None)
+        if self._namespace_egress.pop(name, None) is not None:
+            self._dirty.set()
+
+    def egress(self, namespace: str) -> Egress:
+        """The egress in force for pods of `namespace`: the mesh's and the namespace's together."""
+        return combine(self._mesh_egress, self._namespace_egress.get(namespace, Egress()))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the operator's loop (outside one, in tests and tools, it is dropped: the log line says it)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()
+            return
+        task = loop.create_task(coro)
+        self._posting.add(task)
+        task.add_done_callback(self._posting.discard)
 
     def _put(self, store: dict[str, Any], body: Mapping[str, Any], item: Any) -> None:
         """Keep `item` as what `body` is to the map (None: forget it); the map is dirty if that changed it."""
@@ -135,7 +182,9 @@ class MeshDirectory:
         by_namespace = namespace_entries(self._pods.values(), self._services.values(), self._trust_domain)
         doc, cut = bounded(by_namespace, self._max_namespace_bytes, self._max_map_bytes)
         self._note_cut(cut, by_namespace)
-        version = version_of(doc)
+        # The namespaces' egress moves the version too: every stream then sends its namespace's view again.
+        version = version_of({"peers": doc, "egress": {ns: e.to_wire() for ns, e in
+                                                       sorted(self._namespace_egress.items())}})
         if version == self.version:
             return False
         self.version, self.document, self._views = version, doc, {}
@@ -165,12 +214,13 @@ class MeshDirectory:
             self._views[namespace] = view_for(self.document, namespace, self._trust_domain)
         return self._views[namespace]
 
-    async def next(self, after: str, namespace: str) -> tuple[str, dict[str, Any]]:
-        """Wait for a map other than version `after` (the first one, for ""): its version and `namespace`'s view."""
+    async def next(self, after: str, namespace: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        """Wait for a map other than version `after` (the first one, for ""): its version, `namespace`'s view and
+        the egress in force there (sidecar/domain/egress.py, the wire form)."""
         while not self.version or self.version == after:
             published = self._published
             await published.wait()
-        return self.version, self.view(namespace)
+        return self.version, self.view(namespace), self.egress(namespace).to_wire()
 
     async def run(self) -> None:
         """Publish the first map, then a new one after each burst of changes, until cancelled."""

@@ -37,6 +37,8 @@ from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identity_directory import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
 from meshward.operator.engines.leader import LeaderElection, LeaderMarker
+from meshward.operator.domain.egress import mesh_egress
+from meshward.sidecar.domain.egress import MESHED_ONLY, OPEN
 from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.metrics import register_metrics
 from meshward.operator.engines.policy_hub import PolicyHub
@@ -74,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--signer-ip", default="127.0.0.1", help="comma-separated IPs of the signing service's certificate")
     p.add_argument("--max-leaf-ttl", default="", help="cap every workload certificate's lifetime, below the 5m "
                                                       "minimum if need be (e.g. 30s; tests and demos only)")
+    p.add_argument("--egress-mode", default=os.environ.get("MESHWARD_EGRESS_MODE", OPEN),
+                   help=f"egress of every meshed pod: {OPEN} (default; $MESHWARD_EGRESS_MODE) or "
+                   f"{MESHED_ONLY} (meshed destinations and --egress-allow only); a Namespace's "
+                   "meshward.io/egress annotations narrow it (docs/policies.md, Egress)")
+    p.add_argument("--egress-allow", default=os.environ.get("MESHWARD_EGRESS_ALLOW", ""),
+                   help="with --egress-mode meshed-only ($MESHWARD_EGRESS_ALLOW): networks (CIDR) with an "
+                   "optional port, comma-separated (10.0.0.0/8:5432,192.0.2.7), that every meshed pod may reach")
     p.add_argument("--status-interval", type=float, default=10.0, help="seconds between status refreshes")
     p.add_argument("--ca-interval", type=float, default=30.0, help="seconds between CA rotation checks")
     p.add_argument("--metrics-listen", default="0.0.0.0:15014", help="Prometheus metrics address ('off' to disable)")
@@ -137,7 +146,17 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
         except KubeError as e:
             log.warning("%s", e)
 
-    mesh = MeshDirectory(args.trust_domain, post=post_on_pod)
+    async def post_on_namespace(namespace: str, reason: str, message: str) -> None:
+        try:
+            await asyncio.to_thread(kube.post_event, namespace, "Namespace", namespace, "Warning", reason, message)
+        except KubeError as e:
+            log.warning("%s", e)
+
+    try:
+        egress = mesh_egress(args.egress_mode, args.egress_allow)
+    except ValueError as e:
+        raise SystemExit(f"meshward-operator: {e}") from e
+    mesh = MeshDirectory(args.trust_domain, post=post_on_pod, egress=egress, post_namespace=post_on_namespace)
     reports = StatusReports(kube, ca, engine.stats, hub, directory, args.trust_domain, clock, mesh)
     identities = StatusWriter("ServiceIdentity", "serviceidentities", kube, reports.identity, args.status_interval)
     policies = StatusWriter("AuthPolicy", "authpolicies", kube, reports.policy, args.status_interval)

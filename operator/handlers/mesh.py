@@ -1,4 +1,5 @@
-"""The mesh's watches: pods and Services feed the destination map, pods and namespaces the safety net.
+"""The mesh's watches: pods, Services and namespaces (egress) feed the destination map; pods and namespaces the
+safety net.
 
 Thin: each event goes straight into the engines (engines/mesh_directory.py,
 engines/safety_net.py). Kopf serves this pod handler and the policy plane's from one
@@ -38,3 +39,7 @@ def register(registry: kopf.OperatorRegistry, directory: MeshDirectory, safety: 
     @kopf.on.event("", "v1", "namespaces", id="mesh-namespaces", registry=registry)
     async def namespace_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         safety.apply_namespace(body, deleted=type == "DELETED")
+        if type == "DELETED":
+            directory.remove_namespace(body.get("metadata", {}).get("name", ""))
+        else:
+            directory.apply_namespace(body)

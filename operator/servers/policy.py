@@ -176,8 +176,8 @@ class PolicyService:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if destinations is not None:
                 if destinations.done():
-                    mapped, peers = destinations.result()
-                    yield {"destinations": {"version": mapped, "peers": peers}}
+                    mapped, peers, egress = destinations.result()
+                    yield {"destinations": {"version": mapped, "peers": peers, "egress": egress}}
                 else:
                     destinations.cancel()
             if not config.done():

@@ -7,6 +7,7 @@ protocol) and validated by Envoy itself; what they do to real connections is tes
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,107 @@ def test_envoys_egress_log_is_counted_by_destination_and_each_refusal_audited() 
     many = [_entry(f"198.51.100.{i}", 80, "passthrough") for i in range(MAX_DESTINATIONS + 5)]
     asyncio.run(servicer.StreamAccessLogs(stream(batch(*many, name=EGRESS_LOG)), None))
     assert total("other", "allowed") == 7  # 64 labels in all: two taken above
+
+
+def _namespace(name: str, **annotations: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "annotations": annotations}}
+
+
+def test_a_namespaces_annotations_lock_its_pods_and_only_its_pods() -> None:
+    """The operator's directory sends each namespace's agents the egress in force there; a change moves the map's
+    version (every stream resends), removing the annotation (or the Namespace) unlocks."""
+    from meshward.operator.engines.mesh_directory import MeshDirectory
+
+    d = MeshDirectory("cluster.local")
+    d.publish()
+    before = d.version
+    d.apply_namespace(_namespace("shop", **{"meshward.io/egress": "meshed-only",
+                                            "meshward.io/egress-allow": "192.0.2.0/24:5432"}))
+    d.publish()
+    assert d.version != before
+    assert asyncio_next(d, before, "shop")[2] == {"mode": "meshed-only", "allow": ["192.0.2.0/24:5432"]}
+    assert asyncio_next(d, before, "web")[2] == {"mode": "open", "allow": []}
+    d.apply_namespace(_namespace("shop"))
+    d.publish()
+    assert d.egress("shop") == Egress()
+    d.apply_namespace(_namespace("shop", **{"meshward.io/egress": "meshed-only"}))
+    d.remove_namespace("shop")
+    assert d.egress("shop") == Egress()
+
+
+def asyncio_next(d: Any, after: str, namespace: str) -> Any:
+    import asyncio
+
+    return asyncio.run(d.next(after, namespace))
+
+
+@pytest.mark.parametrize(("annotations", "says"), [
+    ({"meshward.io/egress": "meshd-only"}, "not a mode"),
+    ({"meshward.io/egress": "meshed-only", "meshward.io/egress-allow": "10.0.0.1/8"}, "CIDR"),
+    ({"meshward.io/egress-allow": "10.0.0.0/8"}, "without meshward.io/egress"),
+])
+def test_a_wrong_annotation_fails_closed_and_is_reported_on_the_namespace(annotations: dict[str, str],
+                                                                          says: str) -> None:
+    """A typo never opens what was meant to be locked: the namespace is locked with nothing allowed, a Warning Event
+    on the Namespace names the annotation and the fix, once; fixing it clears the report."""
+    import asyncio
+
+    from meshward.operator.engines.mesh_directory import MeshDirectory
+
+    posted: list[tuple[str, str, str]] = []
+
+    async def post(namespace: str, reason: str, message: str) -> None:
+        posted.append((namespace, reason, message))
+
+    async def run() -> MeshDirectory:
+        d = MeshDirectory("cluster.local", post_namespace=post)
+        d.apply_namespace(_namespace("shop", **annotations))
+        d.apply_namespace(_namespace("shop", **annotations))  # the same again (a resync): reported once
+        await asyncio.sleep(0)
+        return d
+
+    d = asyncio.run(run())
+    assert d.egress("shop") == Egress(True)
+    ((ns, reason, message),) = posted
+    assert (ns, reason) == ("shop", "EgressAnnotationInvalid") and says in message and "meshward.io/egress" in message
+    d.apply_namespace(_namespace("shop", **{"meshward.io/egress": "meshed-only"}))
+    assert "shop" not in d.egress_problems
+
+
+def test_the_mesh_lock_applies_everywhere_and_namespaces_narrow_it() -> None:
+    from meshward.operator.domain.egress import mesh_egress
+    from meshward.operator.engines.mesh_directory import MeshDirectory
+
+    mesh = mesh_egress("meshed-only", "10.0.0.0/8,192.0.2.0/24:443")
+    d = MeshDirectory("cluster.local", egress=mesh)
+    d.apply_namespace(_namespace("shop", **{"meshward.io/egress": "meshed-only",
+                                            "meshward.io/egress-allow": "10.1.0.0/16:5432,198.51.100.0/24"}))
+    d.apply_namespace(_namespace("web", **{"meshward.io/egress": "open"}))
+    assert d.egress("shop") == Egress(True, (Allowed("10.1.0.0/16", 5432),))
+    assert d.egress("web") == mesh  # a namespace cannot open what the platform locked
+
+
+@pytest.mark.parametrize(("mode", "allow", "says"), [
+    ("closed", "", "--egress-mode: 'closed' is not a mode"),
+    ("meshed-only", "10.0.0.0/33", "--egress-allow"),
+    ("open", "10.0.0.0/8", "--egress-mode is open"),
+])
+def test_the_operator_refuses_a_wrong_mesh_egress_naming_the_flag(mode: str, allow: str, says: str) -> None:
+    from meshward.operator.domain.egress import mesh_egress
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        mesh_egress(mode, allow)
+
+
+def test_the_charts_egress_values_reach_the_operator_and_its_schema_refuses_a_wrong_mode() -> None:
+    from tests.kube import tool_paths
+    from tests.unit.test_chart import docs, render
+
+    helm = tool_paths(only=("helm",))["helm"]
+    rendered = docs(helm, "--set", "egress.mode=meshed-only", "--set", "egress.allow={10.0.0.0/8:5432,192.0.2.7/32}")
+    env = {e["name"]: e.get("value") for e in next(d for d in rendered if d["kind"] == "Deployment")[
+        "spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MESHWARD_EGRESS_MODE"] == "meshed-only"
+    assert env["MESHWARD_EGRESS_ALLOW"] == "10.0.0.0/8:5432,192.0.2.7/32"
+    proc = render(helm, "--set", "egress.mode=registry-only")
+    assert proc.returncode != 0 and "egress" in proc.stderr

@@ -191,13 +191,13 @@ def test_an_agent_never_learns_another_namespaces_service_accounts() -> None:
     assert shop["10.96.0.1"]["identities"] == [f"spiffe://{TD}/ns/shop/sa/orders", f"spiffe://{TD}/ns/shop/sa/payments"]
     assert shop["10.0.1.1"]["identities"] == [f"spiffe://{TD}/ns/web/sa/*"]
 
-    async def views() -> tuple[tuple[str, dict[str, Any]], tuple[str, dict[str, Any]]]:
+    async def views() -> tuple[tuple[str, dict[str, Any], dict[str, Any]], tuple[str, dict[str, Any], dict[str, Any]]]:
         d = MeshDirectory(TD)
         for body in (pod("o-1", "10.0.0.1"), pod("w-1", "10.0.1.1", sa="frontend", ns="web")):
             d.apply_pod(body)
         d.publish()
         return await d.next("", "web"), await d.next("", "shop")
-    (v_web, doc_web), (v_shop, doc_shop) = asyncio.run(views())
+    (v_web, doc_web, _), (v_shop, doc_shop, _) = asyncio.run(views())
     assert v_web == v_shop and doc_web["10.0.0.1"]["identities"] == [f"spiffe://{TD}/ns/shop/sa/*"]
     assert doc_shop["10.0.0.1"]["identities"] == [f"spiffe://{TD}/ns/shop/sa/orders"]
 
@@ -210,7 +210,7 @@ def test_the_directory_publishes_a_burst_once_and_wakes_every_waiter() -> None:
     async def scenario() -> tuple[int, list[str], dict[str, Any]]:
         d = MeshDirectory(TD, debounce_s=0.01)
         runner = asyncio.create_task(d.run())
-        first, _ = await d.next("", "shop")
+        first, _, _ = await d.next("", "shop")
         waiters = [asyncio.create_task(d.next(first, "shop")) for _ in range(3)]
         published = 0
         original = d.publish
@@ -225,7 +225,7 @@ def test_the_directory_publishes_a_burst_once_and_wakes_every_waiter() -> None:
             d.apply_pod(pod(f"o-{n}", f"10.0.1.{n}"))
         results = await asyncio.gather(*waiters)
         runner.cancel()
-        return published, [v for v, _ in results], results[0][1]
+        return published, [v for v, _, _ in results], results[0][1]
     published, versions, doc = asyncio.run(scenario())
     assert published == 1 and len(set(versions)) == 1 and len(doc) == 20
 
