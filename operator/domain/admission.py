@@ -22,6 +22,7 @@ from typing import Any
 
 from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, spiffe_id
 from meshward.operator.domain.compile import PolicyInvalid, policy_object, revocation_entries, validate
+from meshward.operator.domain.egress import exclusions_problem
 from meshward.operator.domain.inject import (
     InjectRefused,
     InjectSettings,
@@ -102,10 +103,11 @@ def services_unavailable_response(request: Mapping[str, Any], namespace: str, re
 
 
 def inject_response(request: Mapping[str, Any], settings: InjectSettings, namespace_opted_in: bool,
-                    services: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+                    services: Sequence[Mapping[str, Any]] = (), egress_locked: bool = False) -> dict[str, Any]:
     """The answer for a pod CREATE: a JSON patch adding the mesh, nothing, or a refusal saying why.
 
     `services`: the Services of the pod's namespace (the ports they declare TCP for it are declared).
+    `egress_locked`: the namespace's egress is locked, so outbound exclusions are refused (domain/egress.py).
     """
     uid = str(request["uid"])
     created = _pod_created(request)
@@ -115,6 +117,9 @@ def inject_response(request: Mapping[str, Any], settings: InjectSettings, namesp
     try:
         if not opted_in(pod, namespace, namespace_opted_in, settings.operator_namespace):
             return _allowed(uid)
+        problem = exclusions_problem((pod.get("metadata") or {}).get("annotations") or {}) if egress_locked else None
+        if problem is not None:
+            raise InjectRefused(problem)
         patch = json_patch(pod, inject(pod, settings, services))
     except InjectRefused as e:
         return _denied(uid, 403, f"meshward: this pod opted in to the mesh but cannot be protected: {e}")

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from meshward.sidecar.domain.egress import MODES, Egress, parse_allow, parse_mode
+from meshward.operator.domain.inject import EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS
+from meshward.sidecar.domain.egress import DNS_PORT, MODES, Allowed, Egress, ordered, parse_allow, parse_mode
 
 EGRESS = "meshward.io/egress"
 EGRESS_ALLOW = "meshward.io/egress-allow"
@@ -59,3 +60,40 @@ def namespace_egress(annotations: Mapping[str, Any]) -> tuple[Egress, str | None
         return Egress(True, parse_allow(str(allow or ""))), None
     except ValueError as e:
         return Egress(True), f"{EGRESS_ALLOW}: {e}; egress is locked with nothing allowed until the list is fixed"
+
+
+# The cluster DNS Service (kubeadm's, kind's and most distributions' name for CoreDNS): its addresses on its TCP
+# ports stay reachable from locked pods (DNS over TCP). Settable (--egress-dns-service) for clusters naming it
+# otherwise.
+DNS_SERVICE = "kube-system/kube-dns"
+
+
+def dns_entries(service: Mapping[str, Any]) -> tuple[Allowed, ...]:
+    """What a locked pod may reach of the cluster DNS Service: each cluster IP on each TCP port (53 if none)."""
+    spec = service.get("spec") or {}
+    ips = [ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]) if isinstance(ip, str) and ip
+           and ip != "None"]
+    ports = {int(p["port"]) for p in spec.get("ports") or []
+             if isinstance(p, dict) and p.get("protocol", "TCP") == "TCP" and isinstance(p.get("port"), int)}
+    out = []
+    for ip in ips:
+        try:
+            out += [Allowed(f"{ip}/{128 if ':' in ip else 32}", port) for port in sorted(ports or {DNS_PORT})]
+        except ValueError:
+            continue
+    return ordered(out)
+
+
+def with_dns(egress: Egress, dns: tuple[Allowed, ...]) -> Egress:
+    """`egress` with the cluster DNS reachable, if it is locked."""
+    return Egress(True, ordered([*egress.allow, *dns])) if egress.locked else egress
+
+
+def exclusions_problem(annotations: Mapping[str, Any]) -> str | None:
+    """Why a pod may not be created in a namespace whose egress is locked: outbound exclusions would bypass it."""
+    named = [a for a in (EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS) if str(annotations.get(a) or "").strip()]
+    if not named:
+        return None
+    return (f"egress is locked in this namespace (meshed-only) and {' and '.join(named)} would let this pod's app "
+            f"connect around it; remove {'them' if len(named) > 1 else 'it'} and have the platform allow the "
+            f"destinations instead ({EGRESS_ALLOW} on the Namespace, or the chart's egress.allow)")

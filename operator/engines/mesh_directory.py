@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from meshward.operator.domain.egress import namespace_egress
+from meshward.operator.domain.egress import DNS_SERVICE, dns_entries, namespace_egress, with_dns
 from meshward.operator.domain.destinations import (
     MAX_MAP_BYTES,
     MAX_NAMESPACE_BYTES,
@@ -35,7 +35,7 @@ from meshward.operator.domain.destinations import (
     version_of,
     view_for,
 )
-from meshward.sidecar.domain.egress import Egress, combine
+from meshward.sidecar.domain.egress import Allowed, Egress, combine
 
 # A burst of pod events (a rollout) is folded into one map this long after its first event.
 DEBOUNCE_S = 0.2
@@ -59,10 +59,13 @@ class MeshDirectory:
 
     def __init__(self, trust_domain: str, debounce_s: float = DEBOUNCE_S, post: Post = _no_post, *,
                  max_namespace_bytes: int = MAX_NAMESPACE_BYTES, max_map_bytes: int = MAX_MAP_BYTES,
-                 egress: Egress | None = None, post_namespace: PostNamespace = _no_post_namespace) -> None:
+                 egress: Egress | None = None, post_namespace: PostNamespace = _no_post_namespace,
+                 dns_service: str = DNS_SERVICE) -> None:
         self._trust_domain = trust_domain
         self._mesh_egress = egress or Egress()  # the mesh-wide lock (Helm values), combined with each namespace's
         self._namespace_egress: dict[str, Egress] = {}
+        self._dns_service = dns_service  # namespace/name of the cluster DNS Service: reachable from locked pods
+        self._dns: tuple[Allowed, ...] = ()
         self._post_namespace = post_namespace
         self.egress_problems: dict[str, str] = {}  # namespace -> what is wrong with its egress annotations
         self._debounce_s = debounce_s
@@ -115,18 +118,31 @@ class MeshDirectory:
         self._spawn(self._post(pod.namespace, pod.name, pod.uid, reason, message))
 
     def apply_service(self, body: Mapping[str, Any]) -> None:
-        """Record a Service (one the map has no use for is forgotten)."""
+        """Record a Service (one the map has no use for is forgotten); the cluster DNS's addresses for egress."""
+        meta = body.get("metadata") or {}
+        if f"{meta.get('namespace', '')}/{meta.get('name', '')}" == self._dns_service:
+            self._set_dns(dns_entries(body))
         self._put(self._services, body, mesh_service(body))
 
     def remove_service(self, namespace: str, name: str) -> None:
         """Forget a Service."""
+        if f"{namespace}/{name}" == self._dns_service:
+            self._set_dns(())
         self._drop(self._services, f"{namespace}/{name}")
+
+    def _set_dns(self, entries: tuple[Allowed, ...]) -> None:
+        if entries != self._dns:
+            self._dns = entries
+            self._dirty.set()
 
     def apply_namespace(self, body: Mapping[str, Any]) -> None:
         """Record a Namespace's egress annotations (reporting a wrong one once, when it first appears)."""
         meta = body.get("metadata") or {}
         name = str(meta.get("name", ""))
-        egress, problem = namespace_egress(meta.get("annotations") or {})
+        try:
+            egress, problem = namespace_egress(meta.get("annotations") or {})
+        except Exception as e:  # noqa: BLE001 (whatever it is, a namespace meant to be locked never opens)
+            egress, problem = Egress(True), f"cannot read its egress annotations ({type(e).__name__}: {e})"
         if problem is not None and self.egress_problems.get(name) != problem:
             log.warning("namespace %s: %s", name, problem)
             self._spawn(self._post_namespace(name, "EgressAnnotationInvalid", problem))
@@ -149,7 +165,7 @@ class MeshDirectory:
 
     def egress(self, namespace: str) -> Egress:
         """The egress in force for pods of `namespace`: the mesh's and the namespace's together."""
-        return combine(self._mesh_egress, self._namespace_egress.get(namespace, Egress()))
+        return with_dns(combine(self._mesh_egress, self._namespace_egress.get(namespace, Egress())), self._dns)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run `coro` in the operator's loop (outside one, in tests and tools, it is dropped: the log line says it)."""
@@ -184,7 +200,8 @@ class MeshDirectory:
         self._note_cut(cut, by_namespace)
         # The namespaces' egress moves the version too: every stream then sends its namespace's view again.
         version = version_of({"peers": doc, "egress": {ns: e.to_wire() for ns, e in
-                                                       sorted(self._namespace_egress.items())}})
+                                                       sorted(self._namespace_egress.items())},
+                              "dns": [str(a) for a in self._dns]})
         if version == self.version:
             return False
         self.version, self.document, self._views = version, doc, {}

@@ -37,7 +37,7 @@ from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identity_directory import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
 from meshward.operator.engines.leader import LeaderElection, LeaderMarker
-from meshward.operator.domain.egress import mesh_egress
+from meshward.operator.domain.egress import DNS_SERVICE, mesh_egress
 from meshward.sidecar.domain.egress import MESHED_ONLY, OPEN
 from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.metrics import register_metrics
@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--egress-allow", default=os.environ.get("MESHWARD_EGRESS_ALLOW", ""),
                    help="with --egress-mode meshed-only ($MESHWARD_EGRESS_ALLOW): networks (CIDR) with an "
                    "optional port, comma-separated (10.0.0.0/8:5432,192.0.2.7), that every meshed pod may reach")
+    p.add_argument("--egress-dns-service", default=os.environ.get("MESHWARD_EGRESS_DNS_SERVICE", DNS_SERVICE),
+                   help=f"namespace/name of the cluster DNS Service, reachable over TCP from locked pods (default "
+                        f"$MESHWARD_EGRESS_DNS_SERVICE or {DNS_SERVICE})")
     p.add_argument("--status-interval", type=float, default=10.0, help="seconds between status refreshes")
     p.add_argument("--ca-interval", type=float, default=30.0, help="seconds between CA rotation checks")
     p.add_argument("--metrics-listen", default="0.0.0.0:15014", help="Prometheus metrics address ('off' to disable)")
@@ -156,7 +159,8 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
         egress = mesh_egress(args.egress_mode, args.egress_allow)
     except ValueError as e:
         raise SystemExit(f"meshward-operator: {e}") from e
-    mesh = MeshDirectory(args.trust_domain, post=post_on_pod, egress=egress, post_namespace=post_on_namespace)
+    mesh = MeshDirectory(args.trust_domain, post=post_on_pod, egress=egress, post_namespace=post_on_namespace,
+                         dns_service=args.egress_dns_service)
     reports = StatusReports(kube, ca, engine.stats, hub, directory, args.trust_domain, clock, mesh)
     identities = StatusWriter("ServiceIdentity", "serviceidentities", kube, reports.identity, args.status_interval)
     policies = StatusWriter("AuthPolicy", "authpolicies", kube, reports.policy, args.status_interval)
@@ -178,7 +182,8 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     if args.webhook_listen != "off":
         def services(namespace: str) -> Awaitable[list[dict[str, object]]]:
             return asyncio.to_thread(kube.list_services, namespace)
-        webhooks = AdmissionWebhooks(_inject_settings(args), args.trust_domain, clock, metrics, services=services)
+        webhooks = AdmissionWebhooks(_inject_settings(args), args.trust_domain, clock, metrics, services=services,
+                                     egress_locked=lambda namespace: mesh.egress(namespace).locked)
 
         def start_webhooks() -> Awaitable[web.AppRunner]:
             return serve_webhooks(webhooks, args.webhook_listen, credentials)

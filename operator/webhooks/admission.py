@@ -63,13 +63,16 @@ class AdmissionWebhooks:
     def __init__(self, settings: InjectSettings, trust_domain: str, clock: Callable[[], dt.datetime],
                  registry: CollectorRegistry | None = None, *,
                  offload: Callable[..., Awaitable[Any]] = _in_thread,
-                 services: Callable[[str], Awaitable[Sequence[Mapping[str, Any]]]] | None = None) -> None:
+                 services: Callable[[str], Awaitable[Sequence[Mapping[str, Any]]]] | None = None,
+                 egress_locked: Callable[[str], bool] | None = None) -> None:
         """Decide reviews with these settings; `offload` runs fn(*args) away from the event loop.
 
         `services` lists a namespace's Services: the ports they declare TCP are declared on the pods they select
-        (None: no Service is read).
+        (None: no Service is read). `egress_locked(namespace)`: whether its egress is locked (outbound exclusions
+        are then refused).
         """
         self._offload = offload
+        self._egress_locked = egress_locked or (lambda _ns: False)
         self._services = services
         self._settings = settings
         self._trust_domain = trust_domain
@@ -85,7 +88,8 @@ class AdmissionWebhooks:
             return ephemeral_response(request)
         try:
             return inject_response(request, self._settings, namespace_opted_in=webhook == "namespace",
-                                   services=services)
+                                   services=services,
+                                   egress_locked=self._egress_locked(str(request.get("namespace") or "")))
         except Exception as e:  # never a 500, never an unprotected opted-in pod
             log.exception("injection failed")
             return {"uid": request["uid"], "allowed": False,

@@ -32,12 +32,14 @@ MODES = (OPEN, MESHED_ONLY)
 # (an entry with a port, a copy of the meshed chains for that port), so the list stays a list of
 # networks, not of hosts.
 MAX_ALLOW = 64
-# The cluster DNS answers over TCP when an answer is too large for UDP (UDP is never captured):
-# the pod's nameservers (its /etc/resolv.conf) on this port are always allowed.
+# The cluster DNS answers over TCP when an answer is too large for UDP (UDP is never captured): the
+# cluster DNS Service's addresses on its TCP ports are always allowed. Taken from the Service by the
+# operator (engines/mesh_directory.py), never from the pod's resolv.conf, which its spec
+# (`dnsConfig.nameservers`) chooses.
 DNS_PORT = 53
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Allowed:
     """A network outside the mesh a locked pod may reach, on `port` or on every port (None)."""
 
@@ -54,6 +56,16 @@ class Allowed:
     def net(self) -> Network:
         """The network as an ipaddress object."""
         return ipaddress.ip_network(self.network)
+
+    def key(self) -> tuple[int, int, int, int]:
+        """The sort order: family, address, prefix length, then the port (every port, None, first)."""
+        net = self.net
+        return net.version, int(net.network_address), net.prefixlen, -1 if self.port is None else self.port
+
+
+def ordered(entries: Iterable[Allowed]) -> tuple[Allowed, ...]:
+    """`entries` without duplicates, in one order (equal lists, equal wire forms)."""
+    return tuple(sorted(set(entries), key=Allowed.key))
 
 
 @dataclass(frozen=True)
@@ -105,10 +117,10 @@ def _port(raw: str, text: str) -> int:
 
 def parse_allow(text: str) -> tuple[Allowed, ...]:
     """A comma-separated list of entries, sorted and without duplicates; ValueError naming the first bad one."""
-    entries = sorted({parse_entry(t) for t in text.split(",") if t.strip()})
+    entries = ordered(parse_entry(t) for t in text.split(",") if t.strip())
     if len(entries) > MAX_ALLOW:
         raise ValueError(f"{len(entries)} entries, at most {MAX_ALLOW}: allow networks, not single hosts")
-    return tuple(entries)
+    return entries
 
 
 def parse_mode(text: str) -> bool:
@@ -150,28 +162,4 @@ def combine(mesh: Egress, namespace: Egress) -> Egress:
     if not namespace.locked:
         return mesh
     both = {x for a in mesh.allow for b in namespace.allow if (x := _intersect(a, b)) is not None}
-    return Egress(True, tuple(sorted(both)))
-
-
-def with_nameservers(egress: Egress, nameservers: Iterable[str]) -> Egress:
-    """`egress` plus the pod's nameservers on DNS_PORT (TCP DNS), if it is locked."""
-    if not egress.locked:
-        return egress
-    extra = set()
-    for ns in nameservers:
-        try:
-            ip = ipaddress.ip_address(ns.split("%")[0])
-        except ValueError:
-            continue
-        extra.add(Allowed(str(ipaddress.ip_network(ip)), DNS_PORT))
-    return Egress(True, tuple(sorted(set(egress.allow) | extra)))
-
-
-def nameservers_of(resolv_conf: str) -> tuple[str, ...]:
-    """The `nameserver` addresses of a resolv.conf's text."""
-    out = []
-    for line in resolv_conf.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            out.append(parts[1])
-    return tuple(out)
+    return Egress(True, ordered(both))

@@ -65,7 +65,7 @@ from meshward.sidecar.domain.capture import (
     PROXY_HEALTH_PORT,
 )
 from meshward.sidecar.domain.context import WIRE_HEADER, audience_for, context_headers
-from meshward.sidecar.domain.egress import Allowed, Egress
+from meshward.sidecar.domain.egress import Allowed, Egress, ordered
 
 # Request attributes the HTTP transport receives as headers, set by Envoy itself.
 ATTR_PEER = "x-meshward-authz-peer"
@@ -863,19 +863,21 @@ def _plaintext_http(header: str, http: HttpSettings, name: str = "passthrough_ht
 
 # Connections (and plaintext HTTP requests) leaving the mesh are logged to the agent over gRPC (Envoy's access log
 # service, on the agent's xDS socket): its per-destination counters, and the audit line of each refused connection
-# (sidecar/engines/egress.py). The log name tells the agent which kind of entry it reads.
+# (sidecar/engines/egress.py). The log name tells the agent which kind of entry it reads: a refused connection's
+# entry names no upstream cluster (none was picked), so refusals have a log of their own.
 EGRESS_LOG = "meshward_egress"
+EGRESS_REFUSED_LOG = "meshward_egress_refused"
 # The cluster of a connection a locked pod may not make: no endpoint, so Envoy closes the app's connection at once
 # and nothing leaves the pod (Istio's BlackHoleCluster).
 EGRESS_REFUSED = "egress_refused"
 
 
-def _egress_log(kind: Literal["tcp", "http"]) -> dict[str, Any]:
-    """The access log of a chain leaving the mesh: to the agent's access log service."""
+def _egress_log(kind: Literal["tcp", "http"], refused: bool = False) -> dict[str, Any]:
+    """The access log of a chain leaving the mesh (or refusing to): to the agent's access log service."""
     message = "TcpGrpcAccessLogConfig" if kind == "tcp" else "HttpGrpcAccessLogConfig"
     return {"name": f"envoy.access_loggers.{kind}_grpc", "typed_config": {
         "@type": f"type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.{message}",
-        "common_config": {"log_name": EGRESS_LOG, "transport_api_version": "V3",
+        "common_config": {"log_name": EGRESS_REFUSED_LOG if refused else EGRESS_LOG, "transport_api_version": "V3",
                           "grpc_service": {"envoy_grpc": {"cluster_name": XDS}}}}}
 
 
@@ -883,7 +885,7 @@ def _passthrough_tcp(name: str, cluster: str, match: dict[str, Any] | None = Non
     """A chain (or the default one, without `match`) carrying connections out of the mesh to `cluster`, logged."""
     chain: dict[str, Any] = {"name": name, "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": name, "cluster": cluster, "access_log": [_egress_log("tcp")]}}]}
+        "stat_prefix": name, "cluster": cluster, "access_log": [_egress_log("tcp", cluster == EGRESS_REFUSED)]}}]}
     if match is not None:
         chain["filter_chain_match"] = match
     return chain
@@ -940,7 +942,7 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
     if egress.locked:  # what a locked pod still reaches outside mTLS: itself, and meshed addresses' plaintext ports
         plain = {Allowed(f"{ip}/{128 if ':' in ip else 32}", p) for ip, d in meshed.items() for p in d.plaintext_ports}
         mine = {Allowed(f"{ip}/{128 if ':' in ip else 32}") for ip in own}
-        egress = Egress(True, tuple(sorted(set(egress.allow) | plain | mine)))
+        egress = Egress(True, ordered([*egress.allow, *plain, *mine]))
     # Envoy matches the destination port first and never falls back to port-less chains for a port some chain
     # names: so every plaintext, TCP or allowed port gets a copy of the meshed chains, without the addresses that
     # leave it plain or declare it TCP; to those, every connection is tunnelled (TCP_ALPN), whatever its bytes look

@@ -13,21 +13,17 @@ import logging
 from typing import Any
 
 from meshward.sidecar.domain.context import WIRE_HEADER
-from meshward.sidecar.domain.egress import Egress, from_wire, with_nameservers
+from meshward.sidecar.domain.egress import Egress, from_wire
 from meshward.sidecar.domain.envoy import Destination, parse_destinations
 
 log = logging.getLogger("meshward.sidecar.destinations")
 
 
 class MeshDestinations:
-    """The current destination map and egress, the app's context header, and a version that moves with each change.
+    """The current destination map and egress, the app's context header, and a version that moves with each change."""
 
-    `nameservers`: the pod's (its resolv.conf), always reachable on TCP port 53 when egress is locked.
-    """
-
-    def __init__(self, own_ip: str = "", nameservers: tuple[str, ...] = ()) -> None:
+    def __init__(self, own_ip: str = "") -> None:
         self.own_ip = own_ip  # this pod's addresses, comma-separated (status.podIPs)
-        self.nameservers = nameservers
         self.current: dict[str, Destination] = {}
         self.egress = Egress()
         self.context_header = WIRE_HEADER
@@ -52,7 +48,7 @@ class MeshDestinations:
             if not isinstance(message, dict):
                 raise ValueError("want {version, peers, egress}")  # noqa: TRY004
             parsed = parse_destinations(message.get("peers"))
-            egress = with_nameservers(from_wire(message.get("egress")), self.nameservers)
+            egress = from_wire(message.get("egress"))
         except ValueError as e:
             log.warning("ignoring a malformed destination map: %s", e)
             return str(e)

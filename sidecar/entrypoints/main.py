@@ -29,7 +29,6 @@ from prometheus_client import CollectorRegistry
 
 from meshward._version import __version__
 from meshward.sidecar.clients.fetch import HttpFetcher
-from meshward.sidecar.domain.egress import nameservers_of
 from meshward.sidecar.domain.probes import PROBES_ENV, AppProbe, parse_probes
 from meshward.sidecar.engines.agent import GIL_SWITCH_INTERVAL_S, Agent, ConfigRejected, load_snapshot
 from meshward.sidecar.engines.context import ContextKeys
@@ -169,20 +168,8 @@ def _subscription(args: argparse.Namespace, agent: Agent, identity: IdentityMana
 
     client = PolicyClient(args.policy_server, args.identity_signer_name, credentials, args.identity_token.read_text)
     return PolicySubscription(client, agent, args.pod_name, registry,
-                              destinations=MeshDestinations(args.pod_ips or args.pod_ip, _nameservers()))
+                              destinations=MeshDestinations(args.pod_ips or args.pod_ip))
 
-
-# The pod's resolver configuration (kubelet writes it into every container): its nameservers stay reachable over TCP
-# when egress is locked (domain/egress.py, DNS_PORT).
-RESOLV_CONF = Path("/etc/resolv.conf")
-
-
-def _nameservers() -> tuple[str, ...]:
-    """The pod's nameservers (none if its resolv.conf cannot be read)."""
-    try:
-        return nameservers_of(RESOLV_CONF.read_text())
-    except OSError:
-        return ()
 
 
 def _load(path: Path | None) -> Snapshot | None:

@@ -59,12 +59,16 @@ class OutboundDiscovery(lds_pb2_grpc.ListenerDiscoveryServiceServicer,  # type: 
         self._destinations = destinations
         self._http = http or HttpSettings()
         self._ipv6 = ipv6  # the pod has IPv6: the outbound listener takes [::1] too
+        # LDS and CDS of one map are built once (both streams ask for the same version).
+        self._built: tuple[int, list[dict[str, Any]], list[dict[str, Any]]] | None = None
 
     def response(self, type_url: str, version: int) -> Any:
         """The whole state of `type_url` for the map at `version`."""
         d = self._destinations
-        listeners, clusters = outbound_resources(d.current, d.own_ip, d.context_header, self._http, self._ipv6,
-                                                 d.egress)
+        if self._built is None or self._built[0] != d.version:
+            self._built = (d.version, *outbound_resources(d.current, d.own_ip, d.context_header, self._http,
+                                                          self._ipv6, d.egress))
+        _, listeners, clusters = self._built
         if type_url == LISTENER_TYPE:
             resources = pack_resources(listeners, listener_pb2.Listener)
         else:

@@ -313,6 +313,63 @@ def test_postgresql_is_carried_over_mtls_and_a_deny_with_an_http_field_keeps_eve
                interval=1)
 
 
+def _metric(compat: Compat, app: str, name: str, **labels: str) -> float:
+    """A sample of `app`'s agent's /metrics (0 if absent), read from inside the pod."""
+    out = compat.sh(app, "curl -sS --max-time 5 http://127.0.0.1:15020/metrics")
+    for line in out.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_namespace_locked_to_meshed_only_egress_reaches_meshed_and_allowed_destinations_only(
+        compat: Compat) -> None:
+    """Egress control (issue 20, Istio's REGISTRY_ONLY): the namespace annotated `meshward.io/egress: meshed-only`
+    with the unmeshed server's redis and Apache ports allowed (by its ClusterIP). The meshed caller, where an
+    attacker in its app container stands, can no longer reach the unmeshed server's nginx (the connection is closed
+    before a byte leaves the pod: the unmeshed nginx logs nothing of it), while the allowed redis and Apache and
+    the meshed server still answer; the refusal is in the caller's audit log and counted in its agent's metrics by
+    destination, allowed connections too. The unmeshed caller is untouched (no Envoy), and removing the annotation
+    opens egress again."""
+    c, ns = compat.mesh.cluster, compat.ns
+    ip = c.kubectl("-n", ns, "get", "service", UNMESHED.server, "-o", "jsonpath={.spec.clusterIP}").stdout.strip()
+    mark = uuid.uuid4().hex[:6]
+
+    def nginx(caller: str, tag: str) -> str:
+        return compat.sh(caller, f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 5 "
+                                 f"http://{ip}:80/ok/{tag} 2>/dev/null || true")
+    assert nginx(MESHED.caller, f"open-{mark}") == "200"
+    c.kubectl("annotate", "namespace", ns, "meshward.io/egress=meshed-only",
+              f"meshward.io/egress-allow={ip}:6379,{ip}/32:8081", "--overwrite")
+    try:
+        wait_until("the meshed caller's egress to nginx refused", lambda: nginx(MESHED.caller, f"probe-{mark}")
+                   == "000", timeout=60, interval=1)
+        assert nginx(MESHED.caller, f"locked-{mark}") == "000"
+        assert nginx(UNMESHED.caller, f"unmeshed-{mark}") == "200"  # no Envoy there: not the mesh's to lock
+        assert compat.sh(MESHED.caller, f"redis-cli -h {ip} -p 6379 PING", timeout=60) == "PONG\n"
+        assert compat.sh(MESHED.caller, f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 5 "
+                                        f"http://{ip}:8081/h2c/ready") == "200"
+        assert compat.sh(MESHED.caller, f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 5 "
+                                        f"{compat.url(MESHED, 'nginx', f'/ok/meshed-{mark}')}") == "200"
+        assert not [line for line in compat.server_log(UNMESHED, "nginx") if f"locked-{mark}" in line]
+
+        def refused() -> list[dict[str, Any]]:
+            return [d for d in compat.mesh.decisions(MESHED.caller)
+                    if d["transport"] == "egress" and d.get("destination") == f"{ip}:80"]
+        (line, *_) = wait_until("the caller's audit line of the refused connection", refused, timeout=30,
+                                interval=1)
+        assert (line["outcome"], line["method"], line["port"]) == ("forbidden", "TCP", 80)
+        assert line["workload"].endswith(MESHED.caller)
+        wait_until("the refusal and the allowed connections counted by destination", lambda: _metric(
+            compat, MESHED.caller, "meshward_egress_total", destination=f"{ip}:80", outcome="refused") >= 1 and
+            _metric(compat, MESHED.caller, "meshward_egress_total", destination=f"{ip}:6379",
+                    outcome="allowed") >= 1, timeout=30, interval=1)
+    finally:
+        c.kubectl("annotate", "namespace", ns, "meshward.io/egress-", "meshward.io/egress-allow-")
+    wait_until("the meshed caller's egress open again", lambda: nginx(MESHED.caller, f"reopened-{mark}") == "200",
+               timeout=60, interval=1)
+
+
 # ------------------------------------------------------------------------------------------------ HTTP/1.1
 
 

@@ -19,11 +19,9 @@ from meshward.sidecar.domain.egress import (
     Egress,
     combine,
     from_wire,
-    nameservers_of,
     parse_allow,
     parse_entry,
     parse_mode,
-    with_nameservers,
 )
 from meshward.sidecar.domain.envoy import EGRESS_REFUSED, PodProxy, build_pod_bootstrap, outbound_resources
 from tests.unit.test_envoy_pod import MAP, OWN_IP, _assert_envoy_accepts, golden
@@ -93,12 +91,57 @@ def test_the_wire_form_round_trips_and_absent_means_open() -> None:
             from_wire(bad)
 
 
-def test_the_pods_nameservers_stay_reachable_over_tcp_dns_when_locked() -> None:
-    servers = nameservers_of("search shop.svc.cluster.local\nnameserver 10.96.0.10\nnameserver fd00::a\noptions x\n")
-    assert servers == ("10.96.0.10", "fd00::a")
-    assert with_nameservers(Egress(), servers) == Egress()
-    assert set(with_nameservers(Egress(True), servers).allow) == {Allowed("10.96.0.10/32", 53),
-                                                                  Allowed("fd00::a/128", 53)}
+def test_an_entry_for_every_port_and_one_for_a_port_of_the_same_network_sort_together() -> None:
+    """`10.0.0.0/8` and `10.0.0.0/8:5432` in one list (an entry for every port has no order against a port: before,
+    sorting them raised TypeError, which the operator's namespace handler did not catch, so the namespace stayed
+    open), and where a combination or the listener's own additions meet them."""
+    assert parse_allow("10.0.0.0/8:5432, 10.0.0.0/8") == (Allowed("10.0.0.0/8"), Allowed("10.0.0.0/8", 5432))
+    mesh = Egress(True, parse_allow("10.0.0.0/8, 10.1.0.0/16:80"))
+    assert set(combine(mesh, Egress(True, parse_allow("10.1.0.0/16"))).allow) == {
+        Allowed("10.1.0.0/16"), Allowed("10.1.0.0/16", 80)}
+    # an allowed /32 that is a meshed address with an uncaptured port, and this pod's own address with a port
+    outbound_resources(MAP, OWN_IP, egress=Egress(True, parse_allow(f"10.244.0.7/32, {OWN_IP}:8080")))
+
+
+def test_a_locked_namespace_reaches_the_cluster_dns_service_never_a_nameserver_the_pod_chose() -> None:
+    """TCP DNS stays open to the cluster DNS Service's addresses and TCP ports, which the operator reads from the
+    Service: a pod's resolv.conf is its spec's to choose (`dnsConfig.nameservers: [203.0.113.9]` would have opened
+    port 53 anywhere)."""
+    from meshward.operator.engines.mesh_directory import MeshDirectory
+
+    d = MeshDirectory("cluster.local")
+    d.apply_service({"metadata": {"namespace": "kube-system", "name": "kube-dns"}, "spec": {
+        "clusterIPs": ["10.96.0.10", "fd00:10:96::a"], "selector": {"k8s-app": "kube-dns"},
+        "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+                  {"name": "metrics", "port": 9153, "protocol": "TCP"}]}})
+    d.apply_namespace(_namespace("shop", **{"meshward.io/egress": "meshed-only"}))
+    assert set(d.egress("shop").allow) == {Allowed("10.96.0.10/32", 53), Allowed("fd00:10:96::a/128", 53),
+                                           Allowed("10.96.0.10/32", 9153), Allowed("fd00:10:96::a/128", 9153)}
+    assert d.egress("web") == Egress()  # open namespaces get nothing added
+    d.remove_service("kube-system", "kube-dns")
+    assert d.egress("shop") == Egress(True)
+
+
+@pytest.mark.parametrize("annotation", ["meshward.io/exclude-outbound-cidrs", "meshward.io/exclude-outbound-ports"])
+def test_outbound_exclusions_around_a_locked_egress_are_refused_at_admission(annotation: str) -> None:
+    """The trick: a tenant who may create pods in a locked namespace excludes the internet from capture
+    (`exclude-outbound-cidrs: 0.0.0.0/1,128.0.0.0/1`) and connects around its Envoy. In a locked namespace the
+    webhook refuses such a pod, naming the annotation and what to do instead; elsewhere it is injected as before."""
+    from meshward.operator.domain.admission import inject_response
+    from meshward.operator.domain.inject import InjectSettings
+
+    value = "0.0.0.0/1,128.0.0.0/1" if annotation.endswith("cidrs") else "443"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "p", "namespace": "shop", "labels": {"meshward.io/inject": "enabled"},
+        "annotations": {annotation: value}}, "spec": {"serviceAccountName": "orders", "containers": [
+            {"name": "app", "image": "app:1"}]}}
+    request = {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE",
+               "namespace": "shop", "object": pod}
+    settings = InjectSettings(image="meshward:1", operator_namespace="meshward-system")
+    refused = inject_response(request, settings, namespace_opted_in=False, egress_locked=True)
+    assert refused["allowed"] is False and refused["status"]["code"] == 403
+    assert annotation in refused["status"]["message"] and "meshward.io/egress-allow" in refused["status"]["message"]
+    assert "patch" in inject_response(request, settings, namespace_opted_in=False, egress_locked=False)
 
 
 def _chains(egress: Egress) -> dict[str, dict[str, Any]]:
@@ -201,7 +244,7 @@ def test_envoys_egress_log_is_counted_by_destination_and_each_refusal_audited() 
     from envoy.service.accesslog.v3 import als_pb2
     from prometheus_client import CollectorRegistry
 
-    from meshward.sidecar.domain.envoy import EGRESS_LOG
+    from meshward.sidecar.domain.envoy import EGRESS_LOG, EGRESS_REFUSED_LOG
     from meshward.sidecar.engines.egress import MAX_DESTINATIONS, EgressLog
     from meshward.sidecar.servers.als import AccessLogs
 
@@ -221,9 +264,9 @@ def test_envoys_egress_log_is_counted_by_destination_and_each_refusal_audited() 
 
     asyncio.run(servicer.StreamAccessLogs(stream(
         batch(_entry("203.0.113.9", 443, "passthrough"), name=EGRESS_LOG),
-        batch(_entry("192.0.2.1", 80, EGRESS_REFUSED), _entry("203.0.113.9", 443, "passthrough"))), None))
-    asyncio.run(servicer.StreamAccessLogs(stream(batch(_entry("192.0.2.1", 80, EGRESS_REFUSED), name="other")),
-                                          None))
+        batch(_entry("203.0.113.9", 443, "passthrough"))), None))
+    asyncio.run(servicer.StreamAccessLogs(stream(batch(_entry("192.0.2.1", 80, ""), name=EGRESS_REFUSED_LOG)), None))
+    asyncio.run(servicer.StreamAccessLogs(stream(batch(_entry("192.0.2.1", 80, ""), name="other")), None))
 
     def total(destination: str, outcome: str) -> float | None:
         return registry.get_sample_value("meshward_egress_total", {"destination": destination, "protocol": "tcp",
