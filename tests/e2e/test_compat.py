@@ -359,7 +359,7 @@ def test_a_namespace_locked_to_meshed_only_egress_reaches_meshed_and_allowed_des
         (line, *_) = wait_until("the caller's audit line of the refused connection", refused, timeout=30,
                                 interval=1)
         assert (line["outcome"], line["method"], line["port"]) == ("forbidden", "TCP", 80)
-        assert line["workload"].endswith(MESHED.caller)
+        assert line["workload"].startswith(f"{ns}/{MESHED.caller}-")  # the pod
         wait_until("the refusal and the allowed connections counted by destination", lambda: _metric(
             compat, MESHED.caller, "meshward_egress_total", destination=f"{ip}:80", outcome="refused") >= 1 and
             _metric(compat, MESHED.caller, "meshward_egress_total", destination=f"{ip}:6379",
