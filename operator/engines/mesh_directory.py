@@ -22,7 +22,6 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
-from meshward.operator.domain.egress import DNS_SERVICE, dns_entries, namespace_egress, with_dns
 from meshward.operator.domain.destinations import (
     MAX_MAP_BYTES,
     MAX_NAMESPACE_BYTES,
@@ -35,6 +34,7 @@ from meshward.operator.domain.destinations import (
     version_of,
     view_for,
 )
+from meshward.operator.domain.egress import DNS_SERVICE, dns_entries, namespace_egress, with_dns
 from meshward.sidecar.domain.egress import Allowed, Egress, combine
 
 # A burst of pod events (a rollout) is folded into one map this long after its first event.
@@ -141,7 +141,7 @@ class MeshDirectory:
         name = str(meta.get("name", ""))
         try:
             egress, problem = namespace_egress(meta.get("annotations") or {})
-        except Exception as e:  # noqa: BLE001 (whatever it is, a namespace meant to be locked never opens)
+        except Exception as e:
             egress, problem = Egress(True), f"cannot read its egress annotations ({type(e).__name__}: {e})"
         if problem is not None and self.egress_problems.get(name) != problem:
             log.warning("namespace %s: %s", name, problem)
@@ -232,8 +232,7 @@ class MeshDirectory:
         return self._views[namespace]
 
     async def next(self, after: str, namespace: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """Wait for a map other than version `after` (the first one, for ""): its version, `namespace`'s view and
-        the egress in force there (sidecar/domain/egress.py, the wire form)."""
+        """Wait for a map other than version `after` (the first, for ""): version, view and egress of `namespace`."""
         while not self.version or self.version == after:
             published = self._published
             await published.wait()

@@ -32,13 +32,12 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from meshward._version import __version__
 from meshward.operator.clients.kube import KubeClient, KubeError
 from meshward.operator.domain.ca import MAX_TTL, MIN_TTL, parse_ttl, random_serial, spiffe_id
+from meshward.operator.domain.egress import DNS_SERVICE, mesh_egress
 from meshward.operator.domain.inject import InjectSettings, mesh_resources_problem
 from meshward.operator.engines.ca_keeper import CaKeeper
 from meshward.operator.engines.identity_directory import IdentityDirectory
 from meshward.operator.engines.issuance import IssuanceEngine
 from meshward.operator.engines.leader import LeaderElection, LeaderMarker
-from meshward.operator.domain.egress import DNS_SERVICE, mesh_egress
-from meshward.sidecar.domain.egress import MESHED_ONLY, OPEN
 from meshward.operator.engines.mesh_directory import MeshDirectory
 from meshward.operator.engines.metrics import register_metrics
 from meshward.operator.engines.policy_hub import PolicyHub
@@ -53,6 +52,7 @@ from meshward.operator.handlers.lifecycle import Runtime
 from meshward.operator.servers.policy import serve_policy
 from meshward.operator.servers.signing import serve_rotating
 from meshward.operator.webhooks.admission import AdmissionWebhooks, serve_webhooks
+from meshward.sidecar.domain.egress import MESHED_ONLY, OPEN
 
 # The shortest leaf lifetime --max-leaf-ttl accepts (tests and demos only; see docs/identity.md).
 MIN_DEMO_TTL = dt.timedelta(seconds=10)

@@ -1,5 +1,4 @@
-"""The mesh's watches: pods, Services and namespaces (egress) feed the destination map; pods and namespaces the
-safety net.
+"""The mesh's watches: pods, Services and Namespaces (egress) feed the map; pods and Namespaces the safety net.
 
 Thin: each event goes straight into the engines (engines/mesh_directory.py,
 engines/safety_net.py). Kopf serves this pod handler and the policy plane's from one
