@@ -383,3 +383,25 @@ def test_the_charts_egress_values_reach_the_operator_and_its_schema_refuses_a_wr
     assert env["MESHWARD_EGRESS_ALLOW"] == "10.0.0.0/8:5432,192.0.2.7/32"
     proc = render(helm, "--set", "egress.mode=registry-only")
     assert proc.returncode != 0 and "egress" in proc.stderr
+
+
+def test_a_client_retrying_a_refused_destination_in_a_loop_cannot_flood_the_audit_log() -> None:
+    """The trick: an app (or an attacker in it) dials a refused address thousands of times a second, each refusal an
+    audit line. One line per destination a second is written; the next says how many were not, and the counter
+    counts every one."""
+    from prometheus_client import CollectorRegistry
+
+    from meshward.sidecar.engines.egress import EgressLog
+
+    now = [100.0]
+    registry, audit = CollectorRegistry(), _Audit()
+    log = EgressLog(registry, audit, lambda: "shop/orders-1", clock=lambda: now[0])
+    for _ in range(1000):
+        log.record("tcp", "192.0.2.1", 80, True, 0.0)
+    log.record("tcp", "192.0.2.2", 80, True, 0.0)  # another destination has its own budget
+    assert [r.destination for r in audit.records] == ["192.0.2.1:80", "192.0.2.2:80"]
+    now[0] += 1.0
+    log.record("tcp", "192.0.2.1", 80, True, 0.0)
+    assert len(audit.records) == 3 and "999 more refused" in audit.records[-1].reason
+    assert registry.get_sample_value("meshward_egress_total", {
+        "destination": "192.0.2.1:80", "protocol": "tcp", "outcome": "refused"}) == 1001
