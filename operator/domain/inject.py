@@ -292,16 +292,22 @@ def resolve_port_names(text: str, pod: Mapping[str, Any], setting: str) -> str:
     return ",".join(out)
 
 
+# Service port names that declare TCP without an appProtocol: Istio's non-HTTP names (`<protocol>` or
+# `<protocol>-<suffix>`: its port-naming convention, which charts follow: `tcp-redis`, `mysql`), and `mongodb`,
+# as MongoDB's charts name it.
+TCP_PORT_NAMES = ("tcp", "redis", "mysql", "mongo", "mongodb")
+
+
 def declares_tcp(port: Mapping[str, Any]) -> bool:
-    """Whether a Service port declares TCP: by its appProtocol (TCP_APP_PROTOCOLS), else by a name `tcp` or `tcp-…`.
+    """Whether a Service port declares TCP: by its appProtocol (TCP_APP_PROTOCOLS), else by its name (TCP_PORT_NAMES).
 
     As Istio reads a port's protocol, `appProtocol` comes first: `tcp-web` with `appProtocol: http` is HTTP.
     """
     app_protocol = port.get("appProtocol")
     if app_protocol:
         return str(app_protocol).lower() in TCP_APP_PROTOCOLS
-    name = str(port.get("name") or "")
-    return name == "tcp" or name.startswith("tcp-")
+    name = str(port.get("name") or "").lower()
+    return any(name == n or name.startswith(f"{n}-") for n in TCP_PORT_NAMES)
 
 
 def service_tcp_ports(services: Iterable[Mapping[str, Any]], pod: Mapping[str, Any]) -> dict[int, str]:

@@ -380,6 +380,11 @@ def test_service_ports_declaring_tcp_declare_the_pods_they_select() -> None:
     ]
     assert declares_tcp({"name": "tcp"}) and declares_tcp({"name": "x", "appProtocol": "redis"})
     assert not declares_tcp({"name": "tcpx"}) and not declares_tcp({"name": "h", "appProtocol": "kubernetes.io/h2c"})
+    # Istio's non-HTTP port names, as Helm charts name their ports (Bitnami's redis, mysql, mongodb)
+    for name in ("redis", "tcp-redis", "redis-sentinel", "mysql", "mysql-x", "mongo", "mongodb", "mongo-shard"):
+        assert declares_tcp({"name": name}), name
+    for name in ("redisui", "http-redis", "web", "mysqlweb", "grpc"):
+        assert not declares_tcp({"name": name}), name
     # appProtocol first, as Istio reads it: a tcp- name with an HTTP appProtocol is HTTP.
     assert not declares_tcp({"name": "tcp-web", "appProtocol": "http"})
     assert not declares_tcp({"name": "tcp", "appProtocol": "grpc"})
