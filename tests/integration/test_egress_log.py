@@ -22,23 +22,15 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshward.sidecar.domain.decision import AuditRecord
 from meshward.sidecar.domain.egress import Egress, parse_allow
 from meshward.sidecar.domain.envoy import PASSTHROUGH, XDS, outbound_resources
 from meshward.sidecar.engines.egress import EgressLog
 from meshward.sidecar.servers.als import AccessLogs, register
 from tests.integration.test_http_routes import _static
 from tests.support.procs import free_port, run_envoy, wait_for
+from tests.unit.test_egress import _Audit
 
 pytestmark = pytest.mark.integration
-
-
-class _Audit:
-    def __init__(self) -> None:
-        self.records: list[AuditRecord] = []
-
-    def write(self, r: AuditRecord) -> None:
-        self.records.append(r)
 
 
 def _echo() -> int:

@@ -228,6 +228,8 @@ def _entry(address: str, port: int, cluster: str) -> Any:
 
 
 class _Audit:
+    """The audit records written, in order."""
+
     def __init__(self) -> None:
         self.records: list[Any] = []
 
