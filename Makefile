@@ -74,6 +74,7 @@ bench: install control-plane host-deps
 	$(BIN)/python bench/issuance_bench.py
 	$(BIN)/python bench/policy_bench.py
 	$(BIN)/python bench/policy_scale_bench.py
+	$(BIN)/python bench/egress_bench.py
 	$(BIN)/python bench/mesh_hop_bench.py
 	$(BIN)/python bench/context_bench.py
 
