@@ -184,6 +184,32 @@ class KubeClient:
         items = doc.get("items") if isinstance(doc, dict) else None
         return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
 
+    def list_namespaces(self, timeout_s: float = SERVICES_TIMEOUT_S * 4) -> list[dict[str, Any]]:
+        """Every Namespace, as plain dicts (read as JSON)."""
+        try:
+            raw = cast(Any, self._core.list_namespace(_preload_content=False, _request_timeout=timeout_s))
+            doc = json.loads(raw.data)
+        except ApiException as e:
+            raise _failed("listing namespaces", e) from e
+        except (OSError, ValueError, urllib3.exceptions.HTTPError) as e:
+            raise KubeError(f"listing namespaces: {type(e).__name__}: {e}") from e
+        items = doc.get("items") if isinstance(doc, dict) else None
+        return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+    def read_service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A Service as a plain dict; None if it does not exist."""
+        try:
+            raw = cast(Any, self._core.read_namespaced_service(name, namespace, _preload_content=False,
+                                                               _request_timeout=SERVICES_TIMEOUT_S))
+            doc = json.loads(raw.data)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _failed(f"reading Service {namespace}/{name}", e) from e
+        except (OSError, ValueError, urllib3.exceptions.HTTPError) as e:
+            raise KubeError(f"reading Service {namespace}/{name}: {type(e).__name__}: {e}") from e
+        return doc if isinstance(doc, dict) else None
+
     def namespaces(self, label_selector: str) -> list[str]:
         """The names of the namespaces matching `label_selector`."""
         try:

@@ -14,6 +14,7 @@ Event on the Namespace) with the annotation and the fix.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,16 +70,14 @@ DNS_SERVICE = "kube-system/kube-dns"
 
 
 def dns_entries(service: Mapping[str, Any]) -> tuple[Allowed, ...]:
-    """What a locked pod may reach of the cluster DNS Service: each cluster IP on each TCP port (53 if none)."""
+    """What a locked pod may reach of the cluster DNS Service: each cluster IP on TCP port 53 (not its metrics)."""
     spec = service.get("spec") or {}
     ips = [ip for ip in (spec.get("clusterIPs") or [spec.get("clusterIP")]) if isinstance(ip, str) and ip
            and ip != "None"]
-    ports = {int(p["port"]) for p in spec.get("ports") or []
-             if isinstance(p, dict) and p.get("protocol", "TCP") == "TCP" and isinstance(p.get("port"), int)}
     out = []
     for ip in ips:
         try:
-            out += [Allowed(f"{ip}/{128 if ':' in ip else 32}", port) for port in sorted(ports or {DNS_PORT})]
+            out.append(Allowed(str(ipaddress.ip_network(ip)), DNS_PORT))
         except ValueError:
             continue
     return ordered(out)

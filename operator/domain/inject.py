@@ -296,6 +296,9 @@ def resolve_port_names(text: str, pod: Mapping[str, Any], setting: str) -> str:
 # `<protocol>-<suffix>`: its port-naming convention, which charts follow: `tcp-redis`, `mysql`), and `mongodb`,
 # as MongoDB's charts name it.
 TCP_PORT_NAMES = ("tcp", "redis", "mysql", "mongo", "mongodb")
+# ... but for the names Prometheus exporters' charts give their HTTP ports (prometheus-community's redis and mysql
+# exporters: `redis-exporter`, `mysql-exporter`), which Istio would take for Redis and MySQL (a `tcp-` name is TCP).
+HTTP_NAME_SUFFIXES = ("-exporter", "-metrics")
 
 
 def declares_tcp(port: Mapping[str, Any]) -> bool:
@@ -307,7 +310,9 @@ def declares_tcp(port: Mapping[str, Any]) -> bool:
     if app_protocol:
         return str(app_protocol).lower() in TCP_APP_PROTOCOLS
     name = str(port.get("name") or "").lower()
-    return any(name == n or name.startswith(f"{n}-") for n in TCP_PORT_NAMES)
+    if name == "tcp" or name.startswith("tcp-"):  # said outright
+        return True
+    return not name.endswith(HTTP_NAME_SUFFIXES) and any(name == n or name.startswith(f"{n}-") for n in TCP_PORT_NAMES)
 
 
 def service_tcp_ports(services: Iterable[Mapping[str, Any]], pod: Mapping[str, Any]) -> dict[int, str]:

@@ -163,6 +163,20 @@ class MeshDirectory:
         if self._namespace_egress.pop(name, None) is not None:
             self._dirty.set()
 
+    async def prime(self, namespaces: Callable[[], Coroutine[Any, Any, list[dict[str, Any]]]],
+                    service: Callable[[str, str], Coroutine[Any, Any, dict[str, Any] | None]]) -> None:
+        """Read every Namespace's egress and the cluster DNS Service before anything is served from this directory.
+
+        The watches deliver them too, but only once the operator runs its handlers: until then a namespace locked
+        by its annotations would look open to a reconnecting agent and to the webhook (fail open for a moment).
+        """
+        for body in await namespaces():
+            self.apply_namespace(body)
+        ns, _, name = self._dns_service.partition("/")
+        dns = await service(ns, name)
+        if dns is not None:
+            self.apply_service(dns)
+
     def egress(self, namespace: str) -> Egress:
         """The egress in force for pods of `namespace`: the mesh's and the namespace's together."""
         return with_dns(combine(self._mesh_egress, self._namespace_egress.get(namespace, Egress())), self._dns)

@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import grpc
 import kopf
@@ -179,6 +180,15 @@ def build(args: argparse.Namespace) -> tuple[kopf.OperatorRegistry, Runtime, Col
     metrics = CollectorRegistry()
     rt = Runtime(kube, args.namespace, args.trust_domain, ca, hub, start_signer, start_policy,
                  [identities, policies, revocations], ca_interval_s=args.ca_interval, mesh=mesh)
+
+    def prime_mesh() -> Awaitable[None]:
+        async def namespaces() -> list[dict[str, Any]]:
+            return await asyncio.to_thread(kube.list_namespaces)
+
+        async def service(namespace: str, name: str) -> dict[str, Any] | None:
+            return await asyncio.to_thread(kube.read_service, namespace, name)
+        return mesh.prime(namespaces, service)
+    rt.prime_mesh = prime_mesh
     if args.webhook_listen != "off":
         def services(namespace: str) -> Awaitable[list[dict[str, object]]]:
             return asyncio.to_thread(kube.list_services, namespace)

@@ -55,6 +55,8 @@ class Runtime:
     # Called once every server listens: the leader labels its Pod then, so the Services never send it traffic
     # it cannot take yet.
     on_serving: Callable[[], Awaitable[None]] | None = None
+    # Fills the mesh directory's namespace egress before the policy service and webhooks start (fails: retried).
+    prime_mesh: Callable[[], Awaitable[None]] | None = None
     servers: list[grpc.aio.Server] = field(default_factory=list)
     runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -95,6 +97,11 @@ def register(registry: kopf.OperatorRegistry, rt: Runtime) -> None:
             raise kopf.TemporaryError(f"cannot read the CA Secret: {e}", delay=RETRY_DELAY_S) from e
         except CaStoreError as e:
             raise kopf.PermanentError(str(e)) from e
+        if rt.prime_mesh is not None:
+            try:
+                await rt.prime_mesh()
+            except KubeError as e:
+                raise kopf.TemporaryError(f"cannot read the namespaces' egress: {e}", delay=RETRY_DELAY_S) from e
         rt.servers.append(await rt.start_signer())
         rt.servers.append(await rt.start_policy())
         if rt.webhook_bundle is not None:

@@ -104,8 +104,8 @@ def test_an_entry_for_every_port_and_one_for_a_port_of_the_same_network_sort_tog
 
 
 def test_a_locked_namespace_reaches_the_cluster_dns_service_never_a_nameserver_the_pod_chose() -> None:
-    """TCP DNS stays open to the cluster DNS Service's addresses and TCP ports, which the operator reads from the
-    Service: a pod's resolv.conf is its spec's to choose (`dnsConfig.nameservers: [203.0.113.9]` would have opened
+    """TCP DNS stays open to the cluster DNS Service's addresses on port 53 (not its metrics port), which the
+    operator reads from the Service: a pod's resolv.conf is its spec's to choose (`dnsConfig.nameservers: [203.0.113.9]` would have opened
     port 53 anywhere)."""
     from meshward.operator.engines.mesh_directory import MeshDirectory
 
@@ -115,8 +115,7 @@ def test_a_locked_namespace_reaches_the_cluster_dns_service_never_a_nameserver_t
         "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
                   {"name": "metrics", "port": 9153, "protocol": "TCP"}]}})
     d.apply_namespace(_namespace("shop", **{"meshward.io/egress": "meshed-only"}))
-    assert set(d.egress("shop").allow) == {Allowed("10.96.0.10/32", 53), Allowed("fd00:10:96::a/128", 53),
-                                           Allowed("10.96.0.10/32", 9153), Allowed("fd00:10:96::a/128", 9153)}
+    assert set(d.egress("shop").allow) == {Allowed("10.96.0.10/32", 53), Allowed("fd00:10:96::a/128", 53)}
     assert d.egress("web") == Egress()  # open namespaces get nothing added
     d.remove_service("kube-system", "kube-dns")
     assert d.egress("shop") == Egress(True)
@@ -407,3 +406,26 @@ def test_a_client_retrying_a_refused_destination_in_a_loop_cannot_flood_the_audi
     assert len(audit.records) == 3 and "999 more refused" in audit.records[-1].reason
     assert registry.get_sample_value("meshward_egress_total", {
         "destination": "192.0.2.1:80", "protocol": "tcp", "outcome": "refused"}) == 1001
+
+
+def test_a_locked_namespace_is_known_locked_before_the_first_map_and_webhook() -> None:
+    """The window: the operator's watches deliver Namespaces only once its handlers run, after its policy service
+    and webhook start; a new leader would have sent reconnecting agents `open` for a namespace locked by its
+    annotations, and admitted outbound exclusions there, until then. The directory is primed from a list of the
+    Namespaces and the DNS Service first (the operator's start-up waits for it)."""
+    import asyncio
+
+    from meshward.operator.engines.mesh_directory import MeshDirectory
+
+    async def namespaces() -> list[dict[str, Any]]:
+        return [_namespace("shop", **{"meshward.io/egress": "meshed-only"}), _namespace("web")]
+
+    async def service(namespace: str, name: str) -> dict[str, Any] | None:
+        assert (namespace, name) == ("kube-system", "kube-dns")
+        return {"metadata": {"namespace": namespace, "name": name}, "spec": {"clusterIP": "10.96.0.10"}}
+
+    d = MeshDirectory("cluster.local")
+    asyncio.run(d.prime(namespaces, service))
+    d.publish()
+    assert d.egress("shop") == Egress(True, (Allowed("10.96.0.10/32", 53),))
+    assert d.egress("web") == Egress()

@@ -383,7 +383,8 @@ def test_service_ports_declaring_tcp_declare_the_pods_they_select() -> None:
     # Istio's non-HTTP port names, as Helm charts name their ports (Bitnami's redis, mysql, mongodb)
     for name in ("redis", "tcp-redis", "redis-sentinel", "mysql", "mysql-x", "mongo", "mongodb", "mongo-shard"):
         assert declares_tcp({"name": name}), name
-    for name in ("redisui", "http-redis", "web", "mysqlweb", "grpc"):
+    for name in ("redisui", "http-redis", "web", "mysqlweb", "grpc", "redis-exporter", "mysql-exporter",
+                 "redis-metrics"):  # exporters' HTTP /metrics ports, as their charts name them
         assert not declares_tcp({"name": name}), name
     # appProtocol first, as Istio reads it: a tcp- name with an HTTP appProtocol is HTTP.
     assert not declares_tcp({"name": "tcp-web", "appProtocol": "http"})
