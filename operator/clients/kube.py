@@ -30,6 +30,27 @@ T = TypeVar("T")
 SERVICES_TIMEOUT_S = 4.0
 
 
+def _json(doing: str, call: Callable[[], Any], *, missing_ok: bool = False) -> Any:
+    """The decoded JSON body of `call` (a client call made with `_preload_content=False`); KubeError naming `doing`.
+
+    With `missing_ok`, None when the object does not exist (404).
+    """
+    try:
+        return json.loads(cast(Any, call()).data)
+    except ApiException as e:
+        if missing_ok and e.status == 404:
+            return None
+        raise _failed(doing, e) from e
+    except (OSError, ValueError, urllib3.exceptions.HTTPError) as e:
+        raise KubeError(f"{doing}: {type(e).__name__}: {e}") from e
+
+
+def _items(doc: Any) -> list[dict[str, Any]]:
+    """The object items of a list response."""
+    items = doc.get("items") if isinstance(doc, dict) else None
+    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+
+
 def _failed(doing: str, e: ApiException) -> KubeError:
     """The boundary's error for an API call that failed while `doing` something."""
     return KubeError(f"{doing} failed: HTTP {e.status} {e.reason}")
@@ -173,41 +194,18 @@ class KubeClient:
 
     def list_services(self, namespace: str, timeout_s: float = SERVICES_TIMEOUT_S) -> list[dict[str, Any]]:
         """The Services of `namespace`, as plain dicts (read as JSON, not through the client's models: far cheaper)."""
-        try:
-            raw = cast(Any, self._core.list_namespaced_service(namespace, _preload_content=False,
-                                                               _request_timeout=timeout_s))
-            doc = json.loads(raw.data)
-        except ApiException as e:
-            raise _failed(f"listing Services in {namespace}", e) from e
-        except (OSError, ValueError, urllib3.exceptions.HTTPError) as e:
-            raise KubeError(f"listing Services in {namespace}: {type(e).__name__}: {e}") from e
-        items = doc.get("items") if isinstance(doc, dict) else None
-        return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+        return _items(_json(f"listing Services in {namespace}", lambda: self._core.list_namespaced_service(
+            namespace, _preload_content=False, _request_timeout=timeout_s)))
 
     def list_namespaces(self, timeout_s: float = SERVICES_TIMEOUT_S * 4) -> list[dict[str, Any]]:
         """Every Namespace, as plain dicts (read as JSON)."""
-        try:
-            raw = cast(Any, self._core.list_namespace(_preload_content=False, _request_timeout=timeout_s))
-            doc = json.loads(raw.data)
-        except ApiException as e:
-            raise _failed("listing namespaces", e) from e
-        except (OSError, ValueError, urllib3.exceptions.HTTPError) as e:
-            raise KubeError(f"listing namespaces: {type(e).__name__}: {e}") from e
-        items = doc.get("items") if isinstance(doc, dict) else None
-        return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+        return _items(_json("listing namespaces", lambda: self._core.list_namespace(
+            _preload_content=False, _request_timeout=timeout_s)))
 
     def read_service(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A Service as a plain dict; None if it does not exist."""
-        try:
-            raw = cast(Any, self._core.read_namespaced_service(name, namespace, _preload_content=False,
-                                                               _request_timeout=SERVICES_TIMEOUT_S))
-            doc = json.loads(raw.data)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise _failed(f"reading Service {namespace}/{name}", e) from e
-        except (OSError, ValueError, urllib3.exceptions.HTTPError) as e:
-            raise KubeError(f"reading Service {namespace}/{name}: {type(e).__name__}: {e}") from e
+        doc = _json(f"reading Service {namespace}/{name}", lambda: self._core.read_namespaced_service(
+            name, namespace, _preload_content=False, _request_timeout=SERVICES_TIMEOUT_S), missing_ok=True)
         return doc if isinstance(doc, dict) else None
 
     def namespaces(self, label_selector: str) -> list[str]:

@@ -27,6 +27,7 @@ from meshward.sidecar.domain.envoy import PASSTHROUGH, XDS, outbound_resources
 from meshward.sidecar.engines.egress import EgressLog
 from meshward.sidecar.servers.als import AccessLogs, register
 from tests.integration.test_http_routes import _static
+from tests.kube import Cluster
 from tests.support.procs import free_port, run_envoy, wait_for
 from tests.unit.test_egress import _Audit
 
@@ -120,3 +121,16 @@ def test_a_locked_listener_passes_the_allowed_port_and_refuses_and_audits_the_ot
     assert refused and all((r.outcome, r.transport, r.method, r.port, r.workload) ==
                            ("forbidden", "egress", "TCP", other, "shop/orders") for r in refused)
     assert not [r for r in audit.records if r.port == allowed]
+
+
+def test_the_operator_reads_namespaces_and_the_dns_service_as_plain_json(cluster: Cluster) -> None:
+    """What the operator primes its egress from, on a real API server: every Namespace, a Service by name (None when
+    it does not exist, as `kube-system/kube-dns` on the local control plane), and a namespace's Services."""
+    from meshward.operator.clients.kube import KubeClient
+
+    kube = KubeClient.from_kubeconfig(str(cluster.kubeconfig))
+    assert {"default", "kube-system"} <= {n["metadata"]["name"] for n in kube.list_namespaces()}
+    service = kube.read_service("default", "kubernetes")
+    assert service is not None and service["spec"]["clusterIP"]
+    assert kube.read_service("default", "no-such-service") is None
+    assert "kubernetes" in {s["metadata"]["name"] for s in kube.list_services("default")}
