@@ -14,7 +14,6 @@ Event on the Namespace) with the annotation and the fix.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,7 +76,7 @@ def dns_entries(service: Mapping[str, Any]) -> tuple[Allowed, ...]:
     out = []
     for ip in ips:
         try:
-            out.append(Allowed(str(ipaddress.ip_network(ip)), DNS_PORT))
+            out.append(Allowed.host(ip, DNS_PORT))
         except ValueError:
             continue
     return ordered(out)

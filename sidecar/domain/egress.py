@@ -52,6 +52,11 @@ class Allowed:
         net = f"[{self.network.split('/')[0]}]/{self.network.split('/')[1]}" if ":" in self.network else self.network
         return f"{net}:{self.port}"
 
+    @classmethod
+    def host(cls, address: str, port: int | None = None) -> Allowed:
+        """One address (its /32 or /128), on `port` or every port; ValueError if it is not an IP address."""
+        return cls(str(ipaddress.ip_network(address)), port)
+
     @property
     def net(self) -> Network:
         """The network as an ipaddress object."""

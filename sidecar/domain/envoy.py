@@ -940,8 +940,8 @@ def outbound_resources(destinations: Mapping[str, Destination], own_ip: str = ""
         groups.setdefault(tuple(sorted(set(meshed[ip].identities))), []).append(ip)
     names = {ids: "outbound|" + ",".join(ids) for ids in groups}
     if egress.locked:  # what a locked pod still reaches outside mTLS: itself, and meshed addresses' plaintext ports
-        plain = {Allowed(f"{ip}/{128 if ':' in ip else 32}", p) for ip, d in meshed.items() for p in d.plaintext_ports}
-        mine = {Allowed(f"{ip}/{128 if ':' in ip else 32}") for ip in own}
+        plain = {Allowed.host(ip, p) for ip, d in meshed.items() for p in d.plaintext_ports}
+        mine = {Allowed.host(ip) for ip in own}
         egress = Egress(True, ordered([*egress.allow, *plain, *mine]))
     # Envoy matches the destination port first and never falls back to port-less chains for a port some chain
     # names: so every plaintext, TCP or allowed port gets a copy of the meshed chains, without the addresses that
