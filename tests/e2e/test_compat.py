@@ -39,6 +39,7 @@ import pytest
 
 from tests.e2e.conftest import Mesh, envoy_admin, installed
 from tests.kube import KindSession, service_identity, wait_until
+from tests.support.procs import metric_sum
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -314,12 +315,8 @@ def test_postgresql_is_carried_over_mtls_and_a_deny_with_an_http_field_keeps_eve
 
 
 def _metric(compat: Compat, app: str, name: str, **labels: str) -> float:
-    """A sample of `app`'s agent's /metrics (0 if absent), read from inside the pod."""
-    out = compat.sh(app, "curl -sS --max-time 5 http://127.0.0.1:15020/metrics")
-    for line in out.splitlines():
-        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """The sum of `app`'s agent's samples of `name` with `labels` (0 if none), read from inside the pod."""
+    return metric_sum(compat.sh(app, "curl -sS --max-time 5 http://127.0.0.1:15020/metrics"), name, **labels)
 
 
 def test_a_namespace_locked_to_meshed_only_egress_reaches_meshed_and_allowed_destinations_only(

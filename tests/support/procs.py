@@ -22,7 +22,7 @@ import yaml
 
 from meshward.localcluster import free_port
 
-__all__ = ["Agent", "Echo", "Operator", "free_port", "http_status", "metric_value", "run_envoy", "unix_get",
+__all__ = ["Agent", "Echo", "Operator", "free_port", "http_status", "metric_sum", "metric_value", "run_envoy", "unix_get",
            "wait_for"]
 
 
@@ -158,7 +158,11 @@ def run_envoy(bootstrap: dict[str, Any], workdir: Path, admin_port: int | str, n
 def metric_value(url: str, name: str, **labels: str) -> float:
     """The sum of the samples of metric `name` with `labels` scraped from `url`."""
     with urllib.request.urlopen(url, timeout=2) as r:
-        text = r.read().decode()
+        return metric_sum(r.read().decode(), name, **labels)
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of metric `name` with `labels` in Prometheus text `text`."""
     total = 0.0
     for line in text.splitlines():
         if line.startswith("#") or not line.startswith(name):
